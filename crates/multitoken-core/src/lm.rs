@@ -1,0 +1,78 @@
+//! The narrow interface between the multimodal machinery and a decoder LM.
+//!
+//! Core never names a concrete model: `multitoken-lm` implements
+//! [`LanguageModel`] for each family it loads.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::Result;
+
+/// Which positions the LM should return logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsSelection {
+    /// Logits for every position, `[batch, seq, vocab]` (training, parity tests).
+    All,
+    /// Logits for the last position only, `[batch, vocab]` (generation).
+    Last,
+}
+
+/// Per-layer key/value cache, passed explicitly to every forward call.
+///
+/// Keys and values are stored as `[batch, kv_heads, seq, head_dim]`. The cache
+/// also remembers the attention mask seen so far so that left-padded batches keep
+/// masking their padding during decode.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// One `(keys, values)` pair per decoder layer, `None` until first used.
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[batch, seen]` mask (1 = real token, 0 = padding) of every position cached.
+    pub attention_mask: Option<Tensor>,
+    /// Number of positions already cached.
+    pub seen: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `num_layers` decoder layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], attention_mask: None, seen: 0 }
+    }
+
+    /// Forget everything cached.
+    pub fn clear(&mut self) {
+        for layer in &mut self.layers {
+            *layer = None;
+        }
+        self.attention_mask = None;
+        self.seen = 0;
+    }
+}
+
+/// A decoder language model seen from the multimodal side.
+pub trait LanguageModel: Send + Sync {
+    /// Width of the embeddings / hidden states.
+    fn hidden_size(&self) -> usize;
+    /// Number of rows of the output projection.
+    fn vocab_size(&self) -> usize;
+    /// Number of decoder layers (the length of a [`KvCache`]).
+    fn num_layers(&self) -> usize;
+    /// Longest sequence the model accepts (`max_position_embeddings`).
+    fn max_context(&self) -> usize;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+    /// The activation dtype.
+    fn dtype(&self) -> DType;
+    /// Token ids `[batch, seq]` (u32) to embeddings `[batch, seq, hidden]`.
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor>;
+    /// Forward from input embeddings `[batch, seq, hidden]`.
+    ///
+    /// `attention_mask` is `[batch, seq]` for the new positions (1 = real, 0 =
+    /// left padding); `None` means all real. Position ids follow transformers:
+    /// the cumulative count of real tokens minus one. The cache is extended.
+    fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+    ) -> Result<Tensor>;
+}

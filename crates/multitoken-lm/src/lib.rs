@@ -1,0 +1,18 @@
+//! Decoder language models for multitoken, written on candle-nn.
+//!
+//! candle-transformers' models cannot take input embeddings or return
+//! full-sequence logits, both of which a multimodal model needs, so the families
+//! live here: llama (also Mistral's sliding window and Qwen2's qkv bias / tied
+//! embeddings) and phi-2. Weights come from HF directories (memory-mapped
+//! safetensors) or GGUF files (kept quantized); both go through [`WeightSource`].
+
+pub mod error;
+
+pub use error::{Error, Result};
+pub mod config;
+pub mod linear;
+pub mod weights;
+
+pub use config::{Activation, Family, ModelConfig, RopeStyle};
+pub use linear::{Linear, LinearWeight};
+pub use weights::WeightSource;

@@ -1,0 +1,85 @@
+//! The linear layer every projection of every family goes through.
+//!
+//! Quantization is a choice of this layer, not a second copy of each model: a
+//! weight is either a dense tensor or a quantized matrix kept in its GGUF blocks.
+//! LoRA adapters will wrap this type.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+use crate::Result;
+
+/// A linear weight: dense (`[out, in]`, as in PyTorch) or quantized.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A dense `[out, in]` matrix in the model dtype.
+    Dense(Tensor),
+    /// A quantized matrix multiplied without dequantizing the whole of it.
+    Quantized(Arc<QMatMul>),
+}
+
+/// `y = x W^T + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    /// A linear layer from a dense `[out, in]` weight.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        Ok(Self { weight: LinearWeight::Dense(weight), bias, in_dim, out_dim })
+    }
+
+    /// A linear layer from a quantized matrix of logical shape `[out, in]`.
+    pub fn quantized(weight: QMatMul, in_dim: usize, out_dim: usize, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Quantized(Arc::new(weight)), bias, in_dim, out_dim }
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &LinearWeight {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Apply to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => {
+                // Flatten leading dims so one GEMM covers the whole batch.
+                let dims = x.dims().to_vec();
+                let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+                let y = x.reshape((rows, self.in_dim))?.matmul(&w.t()?)?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_dim;
+                }
+                y.reshape(out_dims)?
+            }
+            LinearWeight::Quantized(q) => q.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! The `multitoken` command line.
+
+fn main() {}
