@@ -1,3 +1,22 @@
-//! `cargo xtask`: project automation.
+//! `cargo xtask`: project automation (fixtures, weights, bench, tidy).
+//!
+//! Each task lives in its own module; `main` only dispatches.
 
-fn main() {}
+mod bench;
+mod fixtures;
+mod tidy;
+mod weights;
+
+use anyhow::{bail, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or(&[]).to_vec();
+    match args.first().map(String::as_str) {
+        Some("fixtures") => fixtures::run(&rest),
+        Some("weights") => weights::run(&rest),
+        Some("bench") => bench::run(&rest),
+        Some("tidy") => tidy::run(&rest),
+        _ => bail!("usage: cargo xtask <fixtures|weights|bench|tidy> [args]"),
+    }
+}

@@ -6,13 +6,19 @@
 //! embeddings) and phi-2. Weights come from HF directories (memory-mapped
 //! safetensors) or GGUF files (kept quantized); both go through [`WeightSource`].
 
-pub mod error;
-
-pub use error::{Error, Result};
 pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod hf;
 pub mod linear;
+pub mod loader;
+pub mod model;
+pub mod sampling;
 pub mod weights;
 
 pub use config::{Activation, Family, ModelConfig, RopeStyle};
+pub use error::{Error, Result};
 pub use linear::{Linear, LinearWeight};
+pub use loader::{GenerationDefaults, LoadedModel, SpecialTokens};
 pub use weights::WeightSource;

@@ -1,0 +1,49 @@
+//! One entry point for every checkpoint format: an HF directory or a `.gguf` file.
+
+use std::sync::Arc;
+
+use multitoken_core::LanguageModel;
+
+/// Token ids and strings a tokenizer treats specially, as the checkpoint names them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpecialTokens {
+    /// Beginning-of-sequence token text (for chat templates' `bos_token`).
+    pub bos_token: Option<String>,
+    /// End-of-sequence token text (for chat templates' `eos_token`).
+    pub eos_token: Option<String>,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: Option<u32>,
+    /// Padding id, if the checkpoint has one.
+    pub pad_token_id: Option<u32>,
+}
+
+/// Generation defaults read from `generation_config.json` (or GGUF metadata).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    /// Every id that ends generation.
+    pub eos_token_ids: Vec<u32>,
+    /// Default temperature, if the checkpoint sets one.
+    pub temperature: Option<f64>,
+    /// Default top-p.
+    pub top_p: Option<f64>,
+    /// Default top-k.
+    pub top_k: Option<usize>,
+    /// Default repetition penalty.
+    pub repetition_penalty: Option<f32>,
+}
+
+/// A language model ready to run, with everything that came with its checkpoint.
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: Arc<dyn LanguageModel>,
+    /// The tokenizer (tokenizer.json, or rebuilt from GGUF metadata).
+    pub tokenizer: tokenizers::Tokenizer,
+    /// The model's own jinja chat template, if it ships one.
+    pub chat_template: Option<String>,
+    /// Special tokens.
+    pub special_tokens: SpecialTokens,
+    /// Generation defaults.
+    pub generation: GenerationDefaults,
+    /// A display name (directory or file name).
+    pub name: String,
+}
