@@ -2,7 +2,24 @@
 
 use std::sync::Arc;
 
+use candle_core::{DType, Device};
 use multitoken_core::LanguageModel;
+
+/// How to load a checkpoint: the activation dtype and the device.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Dtype of dense weights and activations (f32, f16 or bf16).
+    pub dtype: DType,
+    /// Where the weights live.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    /// f32 on the CPU.
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu }
+    }
+}
 
 /// Token ids and strings a tokenizer treats specially, as the checkpoint names them.
 #[derive(Debug, Clone, Default, PartialEq)]
