@@ -6,11 +6,47 @@
 //! labels and placeholder spans, the splice of projected embeddings into the token
 //! embeddings, batch collation, and the small [`LanguageModel`] trait through which
 //! everything else talks to a decoder.
+//!
+//! The data flow, in the order the modules are used:
+//!
+//! 1. [`ChatTemplate`] renders messages with the model's own jinja template.
+//! 2. [`InputPreparer`] splits the text at modality tokens, tokenizes the text
+//!    pieces, expands each modality token into `token_width` placeholder
+//!    positions and builds labels, giving a [`PreparedInput`] with its
+//!    [`PlaceholderSpan`]s.
+//! 3. Each [`Modality`] preprocesses and encodes its items; a [`Projector`] maps
+//!    the features to `[n, token_width, lm_hidden]`.
+//! 4. [`collate`] pads a batch; [`splice_embeddings`] writes the projected items
+//!    into the LM's token embeddings at the spans.
 
+// Tests may unwrap and panic: a failure there is the report.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod chat_template;
+pub mod collate;
 pub mod error;
 pub mod lm;
 pub mod modality;
+pub mod preparer;
+pub mod projector;
+pub mod registry;
+pub mod splice;
 
+/// Re-exported so that a modality crate can write
+/// `multitoken_core::inventory::submit!` without depending on `inventory`.
+pub use inventory;
+
+pub use chat_template::{ChatTemplate, Message, RenderedChat};
+pub use collate::{collate, Batch, CollateConfig, PaddingSide};
 pub use error::{Error, Result};
 pub use lm::{KvCache, LanguageModel, LogitsSelection};
 pub use modality::{Item, Modality};
+pub use preparer::{
+    InputPreparer, ItemsByKey, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
+    PreparerConfig, IGNORE_INDEX,
+};
+pub use projector::{Projector, ProjectorSpec};
+pub use registry::{
+    build_modality, builder_names, builders, find_builder, ModalityBuilder, ModalityContext,
+};
+pub use splice::{span_embeddings, splice_embeddings, SpanEmbedding};

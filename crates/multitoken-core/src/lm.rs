@@ -34,7 +34,11 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model with `num_layers` decoder layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], attention_mask: None, seen: 0 }
+        Self {
+            layers: vec![None; num_layers],
+            attention_mask: None,
+            seen: 0,
+        }
     }
 
     /// Forget everything cached.

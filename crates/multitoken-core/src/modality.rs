@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 
-use crate::Result;
+use crate::{ProjectorSpec, Result};
 
 /// One item given to a modality: an image, an audio clip, a document.
 ///
@@ -35,4 +35,7 @@ pub trait Modality: Send + Sync {
     fn preprocess(&self, item: &Item) -> Result<Tensor>;
     /// The frozen encoder on a batch of preprocessed items.
     fn encode(&self, batch: &Tensor) -> Result<Tensor>;
+    /// The projector that maps this modality's features into the LM's
+    /// embedding space (built with [`crate::Projector::load`]).
+    fn projector(&self) -> ProjectorSpec;
 }

@@ -1,0 +1,473 @@
+//! Input preparation: messages + items to token ids, labels and placeholder spans.
+//!
+//! This is multi_token's `encode_chat` generalised past Mistral's `[INST]`
+//! format. multi_token renders the chat, splits it at `[INST]...[/INST]`
+//! blocks, splits each block at modality tokens, tokenizes every text piece
+//! on its own without special tokens, and expands each modality token into
+//! `token_width` placeholder ids with label -100. Here the chat template itself
+//! says where the assistant turns are ([`ChatTemplate::render_with_assistant_spans`]),
+//! so any template works. Two deliberate differences: only assistant turns
+//! (through the end-of-turn token) get labels, where multi_token also labels
+//! text between instruction blocks such as the leading BOS; and placeholder
+//! positions are recorded as [`PlaceholderSpan`]s rather than found again by
+//! scanning for a magic negative id.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use tokenizers::Tokenizer;
+
+use crate::{ChatTemplate, Error, Item, Message, Modality, Result};
+
+/// Label of positions that take no part in the loss (torch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Items of one row per modality, keyed by the modality's data key
+/// (`images`, `speech_audios`, `documents`, ...), as in the dataset schema.
+pub type ItemsByKey = BTreeMap<String, Vec<Item>>;
+
+/// What the preparer needs to know of one modality.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModalityToken {
+    /// Builder name, e.g. `vision_clip`.
+    pub name: String,
+    /// The token in the text, e.g. `<image>`.
+    pub token: String,
+    /// The row key of its items, e.g. `images`.
+    pub data_key: String,
+    /// Placeholder positions per item.
+    pub token_width: usize,
+}
+
+impl ModalityToken {
+    /// A modality token from its parts.
+    pub fn new(
+        name: impl Into<String>,
+        token: impl Into<String>,
+        data_key: impl Into<String>,
+        token_width: usize,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            token: token.into(),
+            data_key: data_key.into(),
+            token_width,
+        }
+    }
+
+    /// The token, data key and width of a loaded modality.
+    pub fn of(modality: &dyn Modality) -> Self {
+        Self::new(
+            modality.name(),
+            modality.token(),
+            modality.data_key(),
+            modality.token_width(),
+        )
+    }
+}
+
+/// Whether and how the tokenizer's own leading special tokens (the BOS its
+/// post-processor adds, e.g. Llama's `<s>`) go in front of the ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeadingSpecialTokens {
+    /// Only what the chat template writes (transformers' `apply_chat_template`
+    /// and multi_token tokenize with `add_special_tokens=False`).
+    TemplateOnly,
+    /// Always once at the very start.
+    AddOnce,
+    /// Once at the start unless the rendered text already begins with them
+    /// (a template that writes `{{ bos_token }}`); never twice.
+    #[default]
+    AddOnceIfMissing,
+}
+
+/// Settings of an [`InputPreparer`]. The default writes placeholder id 0,
+/// keeps every position and adds the tokenizer's BOS once if missing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PreparerConfig {
+    /// Id written at placeholder positions; its embedding is replaced by the
+    /// splice, so any valid id works (0 or the pad id are usual).
+    pub placeholder_id: u32,
+    /// Longest sequence kept (`model_max_length`); `None` keeps everything.
+    pub model_max_length: Option<usize>,
+    /// How the tokenizer's leading special tokens are handled.
+    pub leading_special_tokens: LeadingSpecialTokens,
+}
+
+/// Where one item's placeholder positions are in a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlaceholderSpan {
+    /// Index of the modality in the preparer's modality list.
+    pub modality: usize,
+    /// Which item of that modality (the k-th token gets the k-th item).
+    pub item_index: usize,
+    /// First position.
+    pub start: usize,
+    /// Number of positions (the modality's token width).
+    pub len: usize,
+}
+
+impl PlaceholderSpan {
+    /// One past the last position.
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+
+    /// The positions as a range.
+    pub fn range(&self) -> Range<usize> {
+        self.start..self.end()
+    }
+}
+
+/// One row ready for the model.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PreparedInput {
+    /// Token ids, placeholders included.
+    pub input_ids: Vec<u32>,
+    /// Per position: the id to predict there, or [`IGNORE_INDEX`].
+    ///
+    /// Like transformers, labels are not shifted: the loss compares logits at
+    /// position `t` with the label at `t + 1`.
+    pub labels: Vec<i64>,
+    /// Placeholder spans in order of position.
+    pub spans: Vec<PlaceholderSpan>,
+}
+
+impl PreparedInput {
+    /// Number of positions.
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    /// Whether there are no positions.
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+}
+
+/// Turns messages and items into [`PreparedInput`]s for one model.
+#[derive(Debug, Clone)]
+pub struct InputPreparer {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    modalities: Vec<ModalityToken>,
+    config: PreparerConfig,
+    leading_ids: Vec<u32>,
+}
+
+impl InputPreparer {
+    /// A preparer for a model's tokenizer, chat template and modalities.
+    ///
+    /// Fails when a modality token is empty, repeated or has width 0, or when
+    /// two modalities share a data key.
+    pub fn new(
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        modalities: Vec<ModalityToken>,
+        config: PreparerConfig,
+    ) -> Result<Self> {
+        for (index, modality) in modalities.iter().enumerate() {
+            if modality.token.is_empty() {
+                return Err(Error::msg(format!(
+                    "modality `{}` has an empty token",
+                    modality.name
+                )));
+            }
+            if modality.token_width == 0 {
+                return Err(Error::msg(format!(
+                    "modality `{}` has token_width 0",
+                    modality.name
+                )));
+            }
+            if let Some(other) = modalities[..index]
+                .iter()
+                .find(|other| other.token == modality.token || other.data_key == modality.data_key)
+            {
+                return Err(Error::msg(format!(
+                    "modalities `{}` and `{}` share a token or data key (`{}`/`{}`)",
+                    other.name, modality.name, modality.token, modality.data_key
+                )));
+            }
+        }
+        let leading_ids = leading_special_ids(&tokenizer)?;
+        Ok(Self {
+            tokenizer,
+            template,
+            modalities,
+            config,
+            leading_ids,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The modalities; [`PlaceholderSpan::modality`] indexes this list.
+    pub fn modalities(&self) -> &[ModalityToken] {
+        &self.modalities
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PreparerConfig {
+        &self.config
+    }
+
+    /// The ids the tokenizer's post-processor puts before a single sequence.
+    pub fn leading_special_ids(&self) -> &[u32] {
+        &self.leading_ids
+    }
+
+    /// A finished conversation for training: assistant turns (through their
+    /// end-of-turn token) are labelled, everything else is [`IGNORE_INDEX`].
+    pub fn prepare_training(
+        &self,
+        messages: &[Message],
+        items: &ItemsByKey,
+    ) -> Result<PreparedInput> {
+        let rendered = self.template.render_with_assistant_spans(messages)?;
+        let mut segments = Vec::new();
+        let mut cursor = 0;
+        for range in &rendered.assistant_ranges {
+            segments.push((cursor..range.start, Labelled::No));
+            segments.push((range.clone(), Labelled::Yes));
+            cursor = range.end;
+        }
+        segments.push((cursor..rendered.text.len(), Labelled::No));
+        self.prepare_segments(&rendered.text, &segments, items)
+    }
+
+    /// A prompt for generation: the messages plus the opening of the assistant
+    /// turn, no labels.
+    pub fn prepare_generation(
+        &self,
+        messages: &[Message],
+        items: &ItemsByKey,
+    ) -> Result<PreparedInput> {
+        let text = self.template.render_prompt(messages)?;
+        self.prepare_text(&text, items)
+    }
+
+    /// Text used as is (no chat template, e.g. `generate --raw`), no labels.
+    pub fn prepare_text(&self, text: &str, items: &ItemsByKey) -> Result<PreparedInput> {
+        self.prepare_segments(text, &[(0..text.len(), Labelled::No)], items)
+    }
+
+    fn prepare_segments(
+        &self,
+        text: &str,
+        segments: &[(Range<usize>, Labelled)],
+        items: &ItemsByKey,
+    ) -> Result<PreparedInput> {
+        self.check_item_keys(items)?;
+        let mut prepared = PreparedInput::default();
+        let mut tokens_seen = vec![0usize; self.modalities.len()];
+        for (range, labelled) in segments {
+            let segment = text.get(range.clone()).ok_or_else(|| {
+                Error::msg(format!(
+                    "assistant range {range:?} does not fall on character boundaries"
+                ))
+            })?;
+            for piece in split_at_modality_tokens(segment, &self.modalities) {
+                match piece {
+                    Piece::Text(piece_text) => {
+                        let ids = self.encode(piece_text)?;
+                        let labels = ids.iter().map(|&id| match labelled {
+                            Labelled::Yes => i64::from(id),
+                            Labelled::No => IGNORE_INDEX,
+                        });
+                        prepared.labels.extend(labels);
+                        prepared.input_ids.extend(ids);
+                    }
+                    Piece::Modality(modality) => {
+                        let width = self.modalities[modality].token_width;
+                        prepared.spans.push(PlaceholderSpan {
+                            modality,
+                            item_index: tokens_seen[modality],
+                            start: prepared.input_ids.len(),
+                            len: width,
+                        });
+                        tokens_seen[modality] += 1;
+                        prepared
+                            .input_ids
+                            .extend(std::iter::repeat_n(self.config.placeholder_id, width));
+                        prepared
+                            .labels
+                            .extend(std::iter::repeat_n(IGNORE_INDEX, width));
+                    }
+                }
+            }
+        }
+        self.check_item_counts(&tokens_seen, items)?;
+        self.add_leading_special_tokens(&mut prepared);
+        self.truncate(&mut prepared)?;
+        Ok(prepared)
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|error| Error::Tokenizer(error.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    fn check_item_keys(&self, items: &ItemsByKey) -> Result<()> {
+        for (key, values) in items {
+            if !values.is_empty()
+                && !self
+                    .modalities
+                    .iter()
+                    .any(|modality| &modality.data_key == key)
+            {
+                let known: Vec<&str> = self
+                    .modalities
+                    .iter()
+                    .map(|modality| modality.data_key.as_str())
+                    .collect();
+                return Err(Error::msg(format!(
+                    "{} `{key}` item(s) given but no modality of this model reads `{key}`; it reads: {}",
+                    values.len(),
+                    if known.is_empty() { "nothing".to_string() } else { known.join(", ") }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_item_counts(&self, tokens_seen: &[usize], items: &ItemsByKey) -> Result<()> {
+        for (modality, &tokens) in self.modalities.iter().zip(tokens_seen) {
+            let given = items.get(&modality.data_key).map_or(0, Vec::len);
+            if given != tokens {
+                return Err(Error::ItemCountMismatch {
+                    token: modality.token.clone(),
+                    data_key: modality.data_key.clone(),
+                    tokens,
+                    items: given,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn add_leading_special_tokens(&self, prepared: &mut PreparedInput) {
+        let add = match self.config.leading_special_tokens {
+            LeadingSpecialTokens::TemplateOnly => false,
+            LeadingSpecialTokens::AddOnce => true,
+            LeadingSpecialTokens::AddOnceIfMissing => {
+                !prepared.input_ids.starts_with(&self.leading_ids)
+            }
+        };
+        if !add || self.leading_ids.is_empty() {
+            return;
+        }
+        let shift = self.leading_ids.len();
+        prepared
+            .input_ids
+            .splice(0..0, self.leading_ids.iter().copied());
+        prepared
+            .labels
+            .splice(0..0, std::iter::repeat_n(IGNORE_INDEX, shift));
+        for span in &mut prepared.spans {
+            span.start += shift;
+        }
+    }
+
+    /// Keeps the first `model_max_length` positions. Spans wholly past the cut
+    /// are dropped with their items; a span the cut would halve rejects the row.
+    fn truncate(&self, prepared: &mut PreparedInput) -> Result<()> {
+        let Some(max_length) = self.config.model_max_length else {
+            return Ok(());
+        };
+        if prepared.input_ids.len() <= max_length {
+            return Ok(());
+        }
+        if let Some(cut) = prepared
+            .spans
+            .iter()
+            .find(|span| span.start < max_length && span.end() > max_length)
+        {
+            return Err(Error::PlaceholderCut {
+                token: self.modalities[cut.modality].token.clone(),
+                item_index: cut.item_index,
+                start: cut.start,
+                end: cut.end(),
+                max_length,
+            });
+        }
+        prepared.spans.retain(|span| span.end() <= max_length);
+        prepared.input_ids.truncate(max_length);
+        prepared.labels.truncate(max_length);
+        Ok(())
+    }
+}
+
+/// Whether a stretch of text is learned (assistant turn) or only read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Labelled {
+    Yes,
+    No,
+}
+
+/// A stretch of text between modality tokens, or one modality token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece<'a> {
+    Text(&'a str),
+    /// Index into the modality list.
+    Modality(usize),
+}
+
+/// Splits `text` at every modality token, leftmost first; at one position the
+/// longest token wins so that `<image>` never shadows `<image_hd>`. Empty text
+/// pieces are left out (multi_token skips them too).
+fn split_at_modality_tokens<'a>(text: &'a str, modalities: &[ModalityToken]) -> Vec<Piece<'a>> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    loop {
+        let next = modalities
+            .iter()
+            .enumerate()
+            .filter_map(|(index, modality)| {
+                rest.find(&modality.token)
+                    .map(|at| (at, modality.token.len(), index))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let Some((at, token_len, modality)) = next else {
+            break;
+        };
+        if at > 0 {
+            pieces.push(Piece::Text(&rest[..at]));
+        }
+        pieces.push(Piece::Modality(modality));
+        rest = &rest[at + token_len..];
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Text(rest));
+    }
+    pieces
+}
+
+/// The ids a tokenizer's post-processor puts before a single sequence, found
+/// by encoding a probe with and without special tokens.
+fn leading_special_ids(tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    let probe = "x";
+    let with = tokenizer
+        .encode(probe, true)
+        .map_err(|error| Error::Tokenizer(error.to_string()))?;
+    let without = tokenizer
+        .encode(probe, false)
+        .map_err(|error| Error::Tokenizer(error.to_string()))?;
+    let (with, without) = (with.get_ids(), without.get_ids());
+    let position =
+        (0..=with.len().saturating_sub(without.len())).find(|&at| with[at..].starts_with(without));
+    Ok(position.map(|at| with[..at].to_vec()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests;

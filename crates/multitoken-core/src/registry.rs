@@ -1,0 +1,274 @@
+//! The registry of modality builders.
+//!
+//! A modality crate registers a [`ModalityBuilder`] with [`inventory::submit!`];
+//! linking the crate into a binary is the only other step. Nothing in `core`,
+//! `train`, `moe` or `serve` names a concrete modality: they look builders up by
+//! the name stored in the model's `multitoken.json`.
+//!
+//! ```
+//! use multitoken_core::{
+//!     Item, Modality, ModalityBuilder, ModalityContext, ProjectorSpec, Result,
+//! };
+//! use candle_core::Tensor;
+//!
+//! struct Thermometer;
+//!
+//! impl Modality for Thermometer {
+//!     fn name(&self) -> &str { "sensor_thermometer" }
+//!     fn token(&self) -> &str { "<temperature>" }
+//!     fn data_key(&self) -> &str { "temperatures" }
+//!     fn token_width(&self) -> usize { 1 }
+//!     fn feature_dim(&self) -> usize { 1 }
+//!     fn preprocess(&self, _item: &Item) -> Result<Tensor> { unimplemented!() }
+//!     fn encode(&self, batch: &Tensor) -> Result<Tensor> { Ok(batch.clone()) }
+//!     fn projector(&self) -> ProjectorSpec { ProjectorSpec::Linear }
+//! }
+//!
+//! fn build_thermometer(
+//!     _config: &serde_json::Value,
+//!     _context: &ModalityContext,
+//! ) -> Result<Box<dyn Modality>> {
+//!     Ok(Box::new(Thermometer))
+//! }
+//!
+//! // `multitoken_core::inventory` is re-exported, so the modality crate needs
+//! // no direct dependency on `inventory`.
+//! multitoken_core::inventory::submit! {
+//!     ModalityBuilder { name: "sensor_thermometer", build: build_thermometer }
+//! }
+//!
+//! # fn main() -> Result<()> {
+//! let context = ModalityContext::cpu_f32(".");
+//! let modality = multitoken_core::build_modality(
+//!     "sensor_thermometer", &serde_json::json!({}), &context)?;
+//! assert_eq!(modality.token(), "<temperature>");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::{Error, Modality, Result};
+
+/// What a builder gets besides its own config: where and in what precision to
+/// put weights, and the model directory its relative paths resolve against.
+#[derive(Debug, Clone)]
+pub struct ModalityContext {
+    /// Device the encoder weights are loaded on.
+    pub device: Device,
+    /// Activation dtype of the encoder.
+    pub dtype: DType,
+    /// The multimodal model directory (holds `multitoken.json`).
+    pub model_dir: PathBuf,
+}
+
+impl ModalityContext {
+    /// A context for `model_dir` on `device` with `dtype`.
+    pub fn new(device: Device, dtype: DType, model_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            device,
+            dtype,
+            model_dir: model_dir.into(),
+        }
+    }
+
+    /// A CPU, f32 context: what tests and small tools use.
+    pub fn cpu_f32(model_dir: impl Into<PathBuf>) -> Self {
+        Self::new(Device::Cpu, DType::F32, model_dir)
+    }
+
+    /// Resolves a path from a modality config against the model directory;
+    /// absolute paths are kept as they are.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+        self.model_dir.join(path)
+    }
+}
+
+/// Constructor of one modality: its registry name and a function from the
+/// modality's config (a serde value from `multitoken.json`) to the modality.
+#[derive(Debug)]
+pub struct ModalityBuilder {
+    /// Registry name, e.g. `vision_clip`; equals the built modality's `name()`.
+    pub name: &'static str,
+    /// Builds the modality from its config.
+    pub build: fn(&serde_json::Value, &ModalityContext) -> Result<Box<dyn Modality>>,
+}
+
+inventory::collect!(ModalityBuilder);
+
+/// Every builder linked into the running binary, in no particular order.
+pub fn builders() -> impl Iterator<Item = &'static ModalityBuilder> {
+    inventory::iter::<ModalityBuilder>.into_iter()
+}
+
+/// The builder registered as `name`, if exactly one is.
+pub fn find_builder(name: &str) -> Option<&'static ModalityBuilder> {
+    let mut matching = builders().filter(|builder| builder.name == name);
+    let first = matching.next()?;
+    // An ambiguous name is treated as absent here; `build_modality` reports it.
+    matching.next().is_none().then_some(first)
+}
+
+/// Names of every linked builder, sorted and without repeats.
+pub fn builder_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = builders().map(|builder| builder.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Builds the modality registered as `name` from its config.
+///
+/// Fails with [`Error::UnknownModality`] (listing the known names) when no crate
+/// registered `name`, and with [`Error::DuplicateModalityBuilder`] when several did.
+pub fn build_modality(
+    name: &str,
+    config: &serde_json::Value,
+    context: &ModalityContext,
+) -> Result<Box<dyn Modality>> {
+    let matching: Vec<&ModalityBuilder> =
+        builders().filter(|builder| builder.name == name).collect();
+    match matching.as_slice() {
+        [builder] => (builder.build)(config, context),
+        [] => {
+            let names = builder_names();
+            let known = if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            };
+            Err(Error::UnknownModality {
+                name: name.to_string(),
+                known,
+            })
+        }
+        several => Err(Error::DuplicateModalityBuilder {
+            name: name.to_string(),
+            count: several.len(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Tensor;
+
+    use super::*;
+    use crate::{Item, ProjectorSpec};
+
+    /// A modality whose width comes from its config, to see the config arrive.
+    struct CountingModality {
+        width: usize,
+    }
+
+    impl Modality for CountingModality {
+        fn name(&self) -> &str {
+            "test_counting"
+        }
+        fn token(&self) -> &str {
+            "<count>"
+        }
+        fn data_key(&self) -> &str {
+            "counts"
+        }
+        fn token_width(&self) -> usize {
+            self.width
+        }
+        fn feature_dim(&self) -> usize {
+            3
+        }
+        fn preprocess(&self, _item: &Item) -> Result<Tensor> {
+            Err(Error::msg("test modality does not preprocess"))
+        }
+        fn encode(&self, batch: &Tensor) -> Result<Tensor> {
+            Ok(batch.clone())
+        }
+        fn projector(&self) -> ProjectorSpec {
+            ProjectorSpec::Linear
+        }
+    }
+
+    fn build_counting(
+        config: &serde_json::Value,
+        _: &ModalityContext,
+    ) -> Result<Box<dyn Modality>> {
+        let width = config
+            .get("width")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| Error::msg("test_counting needs an integer `width`"))?;
+        Ok(Box::new(CountingModality {
+            width: width as usize,
+        }))
+    }
+
+    fn build_twice(_: &serde_json::Value, _: &ModalityContext) -> Result<Box<dyn Modality>> {
+        Ok(Box::new(CountingModality { width: 1 }))
+    }
+
+    inventory::submit! { ModalityBuilder { name: "test_counting", build: build_counting } }
+    inventory::submit! { ModalityBuilder { name: "test_twice", build: build_twice } }
+    inventory::submit! { ModalityBuilder { name: "test_twice", build: build_twice } }
+
+    /// Builds `name` with `config` and renders the outcome as a short string.
+    fn check(name: &str, config: serde_json::Value, expect: &str) {
+        let context = ModalityContext::cpu_f32("/models/demo");
+        let got = match build_modality(name, &config, &context) {
+            Ok(modality) => format!(
+                "ok {} {} width {}",
+                modality.name(),
+                modality.token(),
+                modality.token_width()
+            ),
+            Err(error) => format!("error: {error}"),
+        };
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn builds_registered_modalities_and_explains_failures() {
+        check(
+            "test_counting",
+            serde_json::json!({"width": 4}),
+            "ok test_counting <count> width 4",
+        );
+        check(
+            "test_counting",
+            serde_json::json!({}),
+            "error: test_counting needs an integer `width`",
+        );
+        check(
+            "vision_nope",
+            serde_json::json!({}),
+            "error: no modality builder named `vision_nope` is linked in; known builders: \
+             test_counting, test_twice",
+        );
+        check(
+            "test_twice",
+            serde_json::json!({}),
+            "error: modality builder `test_twice` is registered 2 times; each name must be unique",
+        );
+    }
+
+    #[test]
+    fn lookup_by_name() {
+        assert!(find_builder("test_counting").is_some());
+        assert!(
+            find_builder("test_twice").is_none(),
+            "an ambiguous name must not resolve"
+        );
+        assert!(find_builder("missing").is_none());
+        assert_eq!(builder_names(), vec!["test_counting", "test_twice"]);
+    }
+
+    #[test]
+    fn context_resolves_relative_paths_against_the_model_dir() {
+        let context = ModalityContext::cpu_f32("/models/demo");
+        assert_eq!(
+            context.resolve("clip/model.safetensors"),
+            PathBuf::from("/models/demo/clip/model.safetensors")
+        );
+        assert_eq!(context.resolve("/abs/x"), PathBuf::from("/abs/x"));
+    }
+}
