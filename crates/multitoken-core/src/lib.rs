@@ -16,7 +16,7 @@
 //!    [`PlaceholderSpan`]s.
 //! 3. Each [`Modality`] preprocesses and encodes its items; a [`Projector`] maps
 //!    the features to `[n, token_width, lm_hidden]`.
-//! 4. [`collate`] pads a batch; [`splice_embeddings`] writes the projected items
+//! 4. [`collate()`] pads a batch; [`splice_embeddings`] writes the projected items
 //!    into the LM's token embeddings at the spans.
 
 // Tests may unwrap and panic: a failure there is the report.
