@@ -1,9 +1,12 @@
 //! One entry point for every checkpoint format: an HF directory or a `.gguf` file.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use multitoken_core::LanguageModel;
+
+use crate::{Error, Result};
 
 /// How to load a checkpoint: the activation dtype and the device.
 #[derive(Debug, Clone)]
@@ -63,4 +66,30 @@ pub struct LoadedModel {
     pub generation: GenerationDefaults,
     /// A display name (directory or file name).
     pub name: String,
+}
+
+/// Load a checkpoint: an HF model directory, or a `.gguf` file.
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    if path.is_dir() {
+        return crate::hf::load_hf_dir(path, opts);
+    }
+    if !path.exists() {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory or file"),
+        });
+    }
+    let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if is_gguf {
+        return load_gguf(path, opts);
+    }
+    Err(Error::Msg(format!(
+        "{}: expected an HF model directory (with config.json) or a .gguf file",
+        path.display()
+    )))
+}
+
+fn load_gguf(path: &Path, _opts: &LoadOptions) -> Result<LoadedModel> {
+    // Switch to `crate::gguf::load_gguf(path, opts)` once gguf.rs provides it.
+    Err(Error::Msg(format!("{}: GGUF loading is not available yet", path.display())))
 }

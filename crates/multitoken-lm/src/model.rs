@@ -1,1 +1,453 @@
-//! (being written)
+//! The decoder: llama, mistral, qwen2 and phi-2 as one causal LM on candle-nn.
+//!
+//! Llama (Touvron et al. 2023, <https://arxiv.org/abs/2302.13971>), Mistral
+//! (<https://arxiv.org/abs/2310.06825>, sliding-window attention), Qwen2 (qkv bias,
+//! tied embeddings) and Phi-2 (partial rotary, parallel attention + MLP over one
+//! LayerNorm) differ only in a few switches of [`ModelConfig`], so they share one
+//! implementation. Reference code: transformers' `modeling_llama.py`,
+//! `modeling_mistral.py`, `modeling_qwen2.py`, `modeling_phi.py`; tensor names are
+//! transformers' own.
+//!
+//! Unlike candle-transformers' models, [`CausalLm`] runs from input embeddings
+//! (so projected images/audio can be spliced in), returns logits for every
+//! position or only the last, and takes left-padded batches with an attention
+//! mask; the KV cache is passed explicitly.
+
+mod attention;
+mod layers;
+mod rope;
+
+use candle_core::{DType, Device, Tensor};
+use multitoken_core::{KvCache, LanguageModel, LogitsSelection};
+
+use crate::config::{Family, ModelConfig};
+use crate::linear::{Linear, LinearWeight};
+use crate::weights::WeightSource;
+use crate::{Error, Result};
+use attention::{build_mask, Attention};
+use layers::Norm;
+pub use layers::{activate, FeedForward, Mlp};
+use rope::{Positions, RotaryEmbedding};
+
+/// A decoder-only causal language model of any supported [`Family`].
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Norm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    device: Device,
+    dtype: DType,
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: Norm,
+    /// `None` for phi-2, whose attention and MLP share `input_layernorm`.
+    post_attention_layernorm: Option<Norm>,
+    self_attn: Attention,
+    mlp: Mlp,
+    sliding_window: Option<usize>,
+}
+
+impl CausalLm {
+    /// Build the model from transformers-named tensors.
+    ///
+    /// Dtype and device are those of the tensors `weights` hands out. Every
+    /// tensor must be present with its exact shape; there is no random-init
+    /// fallback.
+    pub fn load(cfg: &ModelConfig, weights: &dyn WeightSource) -> Result<Self> {
+        check_config(cfg)?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens = weights.tensor("model.embed_tokens.weight", &[v, h])?;
+        let device = embed_tokens.device().clone();
+        let dtype = embed_tokens.dtype();
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(cfg, weights, &format!("model.layers.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = match cfg.family {
+            Family::Phi2 => load_norm(cfg, weights, "model.final_layernorm")?,
+            _ => load_norm(cfg, weights, "model.norm")?,
+        };
+        let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            // Tied: reuse the embedding table unless the source keeps it quantized.
+            let tied = weights.linear("model.embed_tokens", h, v, false)?;
+            match tied.weight() {
+                LinearWeight::Dense(_) => Linear::dense(embed_tokens.clone(), None)?,
+                LinearWeight::Quantized(_) => tied,
+            }
+        } else {
+            weights.linear("lm_head", h, v, cfg.family == Family::Phi2)?
+        };
+        let rotary = RotaryEmbedding::new(cfg, &device)?;
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary, device, dtype })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The MLP of layer `layer`, if it exists.
+    pub fn mlp(&self, layer: usize) -> Option<&Mlp> {
+        self.layers.get(layer).map(|l| &l.mlp)
+    }
+
+    /// Replace the MLP of layer `layer` (e.g. by a mixture of experts).
+    pub fn replace_mlp(&mut self, layer: usize, mlp: Mlp) -> Result<()> {
+        let n = self.layers.len();
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::Msg(format!("layer {layer} does not exist (the model has {n})")))?;
+        slot.mlp = mlp;
+        Ok(())
+    }
+
+    /// Set the sliding window of each layer separately (Qwen2's `layer_types`
+    /// mixes full and sliding layers); `windows` has one entry per layer.
+    pub fn set_layer_sliding_windows(&mut self, windows: &[Option<usize>]) -> Result<()> {
+        if windows.len() != self.layers.len() {
+            return Err(Error::Msg(format!(
+                "{} sliding windows given for {} layers",
+                windows.len(),
+                self.layers.len()
+            )));
+        }
+        for (layer, w) in self.layers.iter_mut().zip(windows) {
+            layer.sliding_window = *w;
+        }
+        Ok(())
+    }
+
+    /// Embed `ids` and run [`LanguageModel::forward_embeds`].
+    pub fn forward_ids(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+    ) -> Result<Tensor> {
+        let embeds = self.embed(ids)?;
+        self.forward(&embeds, attention_mask, cache, logits)
+    }
+
+    /// Token ids `[batch, seq]` to embeddings `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        if b * t > 0 {
+            let max = flat.max(0)?.to_scalar::<u32>()? as usize;
+            if max >= self.cfg.vocab_size {
+                return Err(Error::Msg(format!(
+                    "token id {max} is out of range for a vocabulary of {}",
+                    self.cfg.vocab_size
+                )));
+            }
+        }
+        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The forward pass from input embeddings; see [`LanguageModel::forward_embeds`].
+    /// Logits come back in the model dtype.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+    ) -> Result<Tensor> {
+        let (b, t, h) = embeds.dims3()?;
+        if h != self.cfg.hidden_size {
+            return Err(Error::Msg(format!(
+                "input embeddings have width {h}, the model expects {}",
+                self.cfg.hidden_size
+            )));
+        }
+        if t == 0 {
+            return Err(Error::Msg("forward called with an empty sequence".into()));
+        }
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.layers.len()];
+        } else if cache.layers.len() != self.layers.len() {
+            return Err(Error::Msg(format!(
+                "the KV cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let seen = cache.seen;
+        if seen + t > self.cfg.max_position_embeddings {
+            return Err(Error::Msg(format!(
+                "the sequence ({seen} cached + {t} new = {} positions) is longer than the model's context of {} positions",
+                seen + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some(Some((k, _))) = cache.layers.first() {
+            let cached_batch = k.dim(0)?;
+            if cached_batch != b {
+                return Err(Error::Msg(format!(
+                    "batch of {b} rows but the KV cache holds {cached_batch}"
+                )));
+            }
+        }
+
+        let full_mask = self.full_mask(attention_mask, cache, b, t)?;
+        let padding: Option<Vec<Vec<f32>>> = match &full_mask {
+            Some(m) if m.min_all()?.to_scalar::<f32>()? < 0.5 => Some(m.to_vec2::<f32>()?),
+            _ => None,
+        };
+        let positions = match &padding {
+            Some(_) => {
+                let m = full_mask.as_ref().ok_or_else(|| Error::Msg("mask vanished".into()))?;
+                // transformers' generate: cumsum(mask) - 1, padding clamped to 0.
+                let pos = (m.cumsum(1)? - 1.0)?.relu()?;
+                Positions::PerRow(pos.narrow(1, seen, t)?.contiguous()?)
+            }
+            None => Positions::Range { start: seen, len: t },
+        };
+        let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
+
+        // One mask per distinct window, shared by the layers that use it.
+        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        let mut x = if embeds.dtype() == self.dtype { embeds.clone() } else { embeds.to_dtype(self.dtype)? };
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let window = layer.sliding_window;
+            let mask = match masks.iter().find(|(w, _)| *w == window) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = build_mask(padding.as_deref(), b, seen, t, window, &self.device)?;
+                    masks.push((window, m.clone()));
+                    m
+                }
+            };
+            x = layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), layer_cache)?;
+        }
+        cache.seen = seen + t;
+        cache.attention_mask = full_mask;
+
+        let x = match logits {
+            LogitsSelection::All => x,
+            LogitsSelection::Last => x.narrow(1, t - 1, 1)?,
+        };
+        let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(match logits {
+            LogitsSelection::All => out,
+            LogitsSelection::Last => out.squeeze(1)?,
+        })
+    }
+
+    /// The `[b, seen + t]` f32 mask of every position, or `None` when no mask
+    /// was ever given (everything real).
+    fn full_mask(
+        &self,
+        attention_mask: Option<&Tensor>,
+        cache: &KvCache,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<Tensor>> {
+        let new = match attention_mask {
+            Some(m) => {
+                let dims = m.dims();
+                if dims != [b, t] {
+                    return Err(Error::Msg(format!(
+                        "attention mask has shape {dims:?}, expected [{b}, {t}] (batch, new positions)"
+                    )));
+                }
+                Some(m.to_dtype(DType::F32)?.to_device(&self.device)?)
+            }
+            None => None,
+        };
+        let seen = cache.seen;
+        Ok(match (&cache.attention_mask, new) {
+            (None, None) => None,
+            (Some(old), new) => {
+                let new = match new {
+                    Some(n) => n,
+                    None => Tensor::ones((b, t), DType::F32, &self.device)?,
+                };
+                Some(Tensor::cat(&[old, &new], 1)?)
+            }
+            (None, Some(new)) if seen == 0 => Some(new),
+            (None, Some(new)) => {
+                let old = Tensor::ones((b, seen), DType::F32, &self.device)?;
+                Some(Tensor::cat(&[&old, &new], 1)?)
+            }
+        })
+    }
+}
+
+impl DecoderLayer {
+    fn load(cfg: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let attn = format!("{prefix}.self_attn");
+        let o_name = match cfg.family {
+            Family::Phi2 => "dense",
+            _ => "o_proj",
+        };
+        let self_attn = Attention {
+            q_proj: w.linear(&format!("{attn}.q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias)?,
+            k_proj: w.linear(&format!("{attn}.k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+            v_proj: w.linear(&format!("{attn}.v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+            o_proj: w.linear(&format!("{attn}.{o_name}"), cfg.num_heads * hd, h, cfg.o_bias)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+        };
+        let (i, mb, act) = (cfg.intermediate_size, cfg.mlp_bias, cfg.hidden_act);
+        let mlp = match cfg.family {
+            Family::Phi2 => Mlp::Plain {
+                fc1: w.linear(&format!("{prefix}.mlp.fc1"), h, i, mb)?,
+                fc2: w.linear(&format!("{prefix}.mlp.fc2"), i, h, mb)?,
+                act,
+            },
+            _ => Mlp::Gated {
+                gate_proj: w.linear(&format!("{prefix}.mlp.gate_proj"), h, i, mb)?,
+                up_proj: w.linear(&format!("{prefix}.mlp.up_proj"), h, i, mb)?,
+                down_proj: w.linear(&format!("{prefix}.mlp.down_proj"), i, h, mb)?,
+                act,
+            },
+        };
+        let input_layernorm = load_norm(cfg, w, &format!("{prefix}.input_layernorm"))?;
+        let post_attention_layernorm = match cfg.family {
+            Family::Phi2 => None,
+            _ => Some(load_norm(cfg, w, &format!("{prefix}.post_attention_layernorm"))?),
+        };
+        Ok(Self {
+            input_layernorm,
+            post_attention_layernorm,
+            self_attn,
+            mlp,
+            sliding_window: cfg.sliding_window,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(x)?;
+        let attn = self.self_attn.forward(&normed, rope, cos_sin, mask, cache)?;
+        match &self.post_attention_layernorm {
+            // phi-2: x + attn(ln(x)) + mlp(ln(x))
+            None => Ok(((x + attn)? + self.mlp.forward(&normed)?)?),
+            Some(post) => {
+                let x = (x + attn)?;
+                let mlp = self.mlp.forward(&post.forward(&x)?)?;
+                Ok((x + mlp)?)
+            }
+        }
+    }
+}
+
+fn load_norm(cfg: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Norm> {
+    let h = cfg.hidden_size;
+    let weight = w.tensor(&format!("{prefix}.weight"), &[h])?;
+    let eps = cfg.norm_eps as f32;
+    Ok(match cfg.family {
+        Family::Phi2 => Norm::Layer { weight, bias: w.tensor(&format!("{prefix}.bias"), &[h])?, eps },
+        _ => Norm::Rms { weight, eps },
+    })
+}
+
+/// Reject configurations the model code cannot run, with the reason.
+fn check_config(cfg: &ModelConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::Msg(format!("invalid model configuration: {m}")));
+    let dims = [
+        ("vocab_size", cfg.vocab_size),
+        ("hidden_size", cfg.hidden_size),
+        ("intermediate_size", cfg.intermediate_size),
+        ("num_attention_heads", cfg.num_heads),
+        ("num_key_value_heads", cfg.num_kv_heads),
+        ("head_dim", cfg.head_dim),
+        ("max_position_embeddings", cfg.max_position_embeddings),
+    ];
+    if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
+        return bad(format!("{name} is 0"));
+    }
+    if cfg.num_heads % cfg.num_kv_heads != 0 {
+        return bad(format!(
+            "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+            cfg.num_heads, cfg.num_kv_heads
+        ));
+    }
+    if cfg.sliding_window == Some(0) {
+        return bad("sliding_window is 0".into());
+    }
+    Ok(())
+}
+
+impl LanguageModel for CausalLm {
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn max_context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn embed_tokens(&self, ids: &Tensor) -> multitoken_core::Result<Tensor> {
+        Ok(self.embed(ids)?)
+    }
+
+    fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+    ) -> multitoken_core::Result<Tensor> {
+        Ok(self.forward(embeds, attention_mask, cache, logits)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attention::build_mask;
+
+    /// Which keys each query may see, as strings of 1/0 per row.
+    fn visible(padding: Option<&[Vec<f32>]>, b: usize, seen: usize, t: usize, w: Option<usize>) -> Vec<String> {
+        let Ok(Some(m)) = build_mask(padding, b, seen, t, w, &candle_core::Device::Cpu) else {
+            return vec!["none".into()];
+        };
+        let Ok(rows) = m.flatten_to(3).and_then(|m| m.to_vec2::<f32>()) else {
+            return vec!["error".into()];
+        };
+        rows.iter().map(|r| r.iter().map(|v| if *v == 0.0 { '1' } else { '0' }).collect()).collect()
+    }
+
+    #[test]
+    fn masks() {
+        let check = |got: Vec<String>, expect: &[&str]| assert_eq!(got, expect);
+        check(visible(None, 1, 0, 3, None), &["100", "110", "111"]);
+        check(visible(None, 1, 0, 4, Some(2)), &["1000", "1100", "0110", "0011"]);
+        check(visible(None, 1, 3, 1, None), &["none"]);
+        check(visible(None, 1, 3, 1, Some(2)), &["0011"]);
+        let pad = vec![vec![0.0, 1.0, 1.0], vec![1.0, 1.0, 1.0]];
+        check(visible(Some(&pad), 2, 0, 3, None), &["000", "010", "011", "100", "110", "111"]);
+    }
+}

@@ -1,0 +1,116 @@
+//! Multi-head self-attention with grouped key/value heads, rotary positions, an
+//! explicit KV cache and additive masks (causal, sliding window, left padding).
+//!
+//! Masking follows transformers' `masking_utils.py`: query at absolute index `q`
+//! sees key `k` when `k <= q`, the key is not padding and, with a sliding window
+//! `w`, `k > q - w`. Grouped heads are never materialised by repeating keys:
+//! the `n_rep` query heads that share one key head are folded into the query
+//! sequence axis, so one batched matmul covers them.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::linear::Linear;
+use crate::model::rope::RotaryEmbedding;
+use crate::Result;
+
+/// The attention block of one decoder layer.
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    /// `o_proj` (llama family) or `dense` (phi).
+    pub(crate) o_proj: Linear,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl Attention {
+    /// `x`: `[b, t, hidden]`; `mask`: additive f32 `[b|1, 1, 1, t, kv]`;
+    /// `cache`: this layer's keys/values `[b, kv_heads, seen, head_dim]`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, nh)?;
+        let k = heads(self.k_proj.forward(x)?, nkv)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (cos, sin) = cos_sin;
+        let q = rope.apply(&q, cos, sin)?;
+        let k = rope.apply(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
+                Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
+            ),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let kv_len = k.dim(2)?;
+        let n_rep = nh / nkv;
+
+        // [b, nkv, n_rep * t, hd]: the query heads sharing a key head, stacked.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let dtype = scores.dtype();
+        let scores = if dtype == DType::F32 { scores } else { scores.to_dtype(DType::F32)? };
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, nkv, n_rep, t, kv_len))?
+                .broadcast_add(m)?
+                .reshape((b, nkv, n_rep * t, kv_len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if dtype == DType::F32 { probs } else { probs.to_dtype(dtype)? };
+        let out = probs.matmul(&v)?; // [b, nkv, n_rep * t, hd]
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Build the additive f32 mask `[b|1, 1, 1, t, kv]` for `t` new queries after
+/// `seen` cached positions, or `None` when nothing needs masking.
+///
+/// `padding` is the `[b, seen + t]` 0/1 mask of every position (None = no padding).
+pub(crate) fn build_mask(
+    padding: Option<&[Vec<f32>]>,
+    batch: usize,
+    seen: usize,
+    t: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let kv = seen + t;
+    let window_bites = window.is_some_and(|w| kv > w);
+    if padding.is_none() && t == 1 && !window_bites {
+        return Ok(None);
+    }
+    let rows = padding.map_or(1, |_| batch);
+    let mut data = vec![0f32; rows * t * kv];
+    for r in 0..rows {
+        for i in 0..t {
+            let q = seen + i;
+            let row = &mut data[(r * t + i) * kv..(r * t + i + 1) * kv];
+            for (k, slot) in row.iter_mut().enumerate() {
+                let causal = k <= q;
+                let in_window = window.is_none_or(|w| k + w > q);
+                let real = padding.is_none_or(|p| p[r][k] > 0.0);
+                if !(causal && in_window && real) {
+                    *slot = f32::MIN;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(data, (rows, 1, 1, t, kv), device)?))
+}

@@ -1,0 +1,95 @@
+//! The pieces of a decoder layer besides attention: norms and the MLP slot.
+//!
+//! The MLP is an enum with a [`Mlp::Custom`] arm so that a mixture of experts (or
+//! any other feed-forward) can replace a layer's MLP without touching the model.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use crate::config::Activation;
+use crate::linear::Linear;
+use crate::Result;
+
+/// A feed-forward block that can stand in for a layer's MLP (e.g. a mixture of experts).
+pub trait FeedForward: Send + Sync + Debug {
+    /// `[batch, seq, hidden]` to `[batch, seq, hidden]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// The MLP of one decoder layer.
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    /// `down(act(gate(x)) * up(x))` (llama, mistral, qwen2).
+    Gated {
+        /// `gate_proj`.
+        gate_proj: Linear,
+        /// `up_proj`.
+        up_proj: Linear,
+        /// `down_proj`.
+        down_proj: Linear,
+        /// The activation on the gate.
+        act: Activation,
+    },
+    /// `fc2(act(fc1(x)))` (phi-2).
+    Plain {
+        /// `fc1`.
+        fc1: Linear,
+        /// `fc2`.
+        fc2: Linear,
+        /// The activation between them.
+        act: Activation,
+    },
+    /// Any other feed-forward, e.g. a mixture of experts.
+    Custom(Arc<dyn FeedForward>),
+}
+
+impl Mlp {
+    /// Apply to `[batch, seq, hidden]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
+                let gate = activate(&gate_proj.forward(x)?, *act)?;
+                down_proj.forward(&(gate * up_proj.forward(x)?)?)
+            }
+            Mlp::Plain { fc1, fc2, act } => fc2.forward(&activate(&fc1.forward(x)?, *act)?),
+            Mlp::Custom(ff) => ff.forward(x),
+        }
+    }
+}
+
+/// Apply an activation.
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Silu => candle_nn::ops::silu(x)?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Gelu => x.gelu_erf()?,
+    })
+}
+
+/// RMSNorm (llama family) or LayerNorm with bias (phi-2).
+#[derive(Debug, Clone)]
+pub(crate) enum Norm {
+    Rms { weight: Tensor, eps: f32 },
+    Layer { weight: Tensor, bias: Tensor, eps: f32 },
+}
+
+impl Norm {
+    /// Normalise the last axis. Half types are normalised in f32 and cast back,
+    /// as transformers upcasts.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let f32 = |t: &Tensor| -> Result<Tensor> {
+            Ok(if dtype == DType::F32 { t.contiguous()? } else { t.to_dtype(DType::F32)? })
+        };
+        let x = f32(x)?;
+        let y = match self {
+            Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x, &f32(weight)?, *eps)?,
+            Norm::Layer { weight, bias, eps } => {
+                candle_nn::ops::layer_norm(&x, &f32(weight)?, &f32(bias)?, *eps)?
+            }
+        };
+        Ok(if dtype == DType::F32 { y } else { y.to_dtype(dtype)? })
+    }
+}
