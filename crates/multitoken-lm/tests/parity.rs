@@ -42,7 +42,12 @@ fn rows(v: &serde_json::Value) -> Vec<Vec<u32>> {
 }
 
 fn expected(family: &str) -> Result<Expected, BoxError> {
-    let dir = fixture_dir(family).join("parity");
+    expected_in(&fixture_dir(family))
+}
+
+fn expected_in(model_dir: &Path) -> Result<Expected, BoxError> {
+    let family = model_dir.display();
+    let dir = model_dir.join("parity");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
     let mut tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)?;
     let mut take = |name: &str| tensors.remove(name).ok_or(format!("{family}: no {name} in expected.safetensors"));
@@ -58,10 +63,17 @@ fn expected(family: &str) -> Result<Expected, BoxError> {
 }
 
 fn load(family: &str, dtype: DType) -> Result<CausalLm, BoxError> {
-    let dir = fixture_dir(family);
+    load_in(&fixture_dir(family), dtype)
+}
+
+fn load_in(dir: &Path, dtype: DType) -> Result<CausalLm, BoxError> {
     let cfg = parse_config(&dir.join("config.json"))?;
-    let weights = SafetensorsSource::from_dir(&dir, dtype, &Device::Cpu)?;
-    Ok(CausalLm::load(&cfg.model, &weights)?)
+    let weights = SafetensorsSource::from_dir(dir, dtype, &Device::Cpu)?;
+    let mut model = CausalLm::load(&cfg.model, &weights)?;
+    if let Some(windows) = &cfg.layer_sliding_windows {
+        model.set_layer_sliding_windows(windows)?;
+    }
+    Ok(model)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, BoxError> {
@@ -102,8 +114,16 @@ fn greedy(
 #[test]
 fn logits_match_transformers() -> TestResult {
     for family in FAMILIES {
-        let exp = expected(family)?;
-        let model = load(family, DType::F32)?;
+        check_logits(&fixture_dir(family))?;
+    }
+    Ok(())
+}
+
+fn check_logits(dir: &Path) -> TestResult {
+    let family = dir.display();
+    {
+        let exp = expected_in(dir)?;
+        let model = load_in(dir, DType::F32)?;
         let mut cache = KvCache::new(model.num_layers());
         let logits = model.forward_ids(&row_tensor(&exp.prompt_ids)?, None, &mut cache, LogitsSelection::All)?;
         let diff = max_abs_diff(&logits, &exp.logits)?;
@@ -116,8 +136,16 @@ fn logits_match_transformers() -> TestResult {
 #[test]
 fn greedy_ids_match_transformers() -> TestResult {
     for family in FAMILIES {
-        let exp = expected(family)?;
-        let model = load(family, DType::F32)?;
+        check_greedy(&fixture_dir(family))?;
+    }
+    Ok(())
+}
+
+fn check_greedy(dir: &Path) -> TestResult {
+    let family = dir.display();
+    {
+        let exp = expected_in(dir)?;
+        let model = load_in(dir, DType::F32)?;
         let got = greedy(&model, &row_tensor(&exp.prompt_ids)?, None, exp.greedy_ids.len())?;
         assert_eq!(got[0], exp.greedy_ids, "{family}: greedy ids");
     }
@@ -128,8 +156,16 @@ fn greedy_ids_match_transformers() -> TestResult {
 #[test]
 fn left_padded_batch_matches_transformers() -> TestResult {
     for family in FAMILIES {
-        let exp = expected(family)?;
-        let model = load(family, DType::F32)?;
+        check_batch(&fixture_dir(family))?;
+    }
+    Ok(())
+}
+
+fn check_batch(dir: &Path) -> TestResult {
+    let family = dir.display();
+    {
+        let exp = expected_in(dir)?;
+        let model = load_in(dir, DType::F32)?;
         let (b, t) = (exp.batch_ids.len(), exp.batch_ids[0].len());
         let ids = Tensor::new(exp.batch_ids.concat(), &Device::Cpu)?.reshape((b, t))?;
         let mask = Tensor::new(exp.batch_mask.concat(), &Device::Cpu)?.reshape((b, t))?;
@@ -161,8 +197,16 @@ fn left_padded_batch_matches_transformers() -> TestResult {
 #[test]
 fn cache_matches_full_pass() -> TestResult {
     for family in FAMILIES {
-        let exp = expected(family)?;
-        let model = load(family, DType::F32)?;
+        check_cache(&fixture_dir(family))?;
+    }
+    Ok(())
+}
+
+fn check_cache(dir: &Path) -> TestResult {
+    let family = dir.display();
+    {
+        let exp = expected_in(dir)?;
+        let model = load_in(dir, DType::F32)?;
         let ids = &exp.prompt_ids;
         let mut full_cache = KvCache::new(model.num_layers());
         let full = model.forward_ids(&row_tensor(ids)?, None, &mut full_cache, LogitsSelection::All)?;
@@ -263,6 +307,30 @@ fn interleaved_rope_matches_half() -> TestResult {
         let logits = model.forward_ids(&row_tensor(&exp.prompt_ids)?, None, &mut cache, LogitsSelection::All)?;
         let diff = max_abs_diff(&logits, &exp.logits)?;
         assert!(diff < 1e-4, "{family}: interleaved logits differ by {diff}");
+    }
+    Ok(())
+}
+
+/// More configurations, too big to commit: `lm.py --variants DIR` writes them and
+/// `MULTITOKEN_LM_PARITY_DIR=DIR` points this test at them.
+#[test]
+fn extra_parity_dirs() -> TestResult {
+    let Some(root) = std::env::var_os("MULTITOKEN_LM_PARITY_DIR") else {
+        eprintln!("skipped: set MULTITOKEN_LM_PARITY_DIR to a dir made by `xtask/fixtures/lm.py --variants DIR`");
+        return Ok(());
+    };
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("parity/expected.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "MULTITOKEN_LM_PARITY_DIR holds no model dirs with parity/expected.json");
+    for dir in &dirs {
+        check_logits(dir)?;
+        check_greedy(dir)?;
+        check_batch(dir)?;
+        check_cache(dir)?;
+        eprintln!("ok: {}", dir.display());
     }
     Ok(())
 }
