@@ -304,6 +304,7 @@ impl<'a> TextStream<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -358,7 +359,8 @@ mod tests {
     #[test]
     fn streams_whole_characters_and_cuts_at_stop_strings() {
         // (generated text, stop strings, expected streamed pieces, final text, stopped)
-        let cases: &[(&str, &[&str], &[&str], &str, bool)] = &[
+        type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a str, bool);
+        let cases: &[Case] = &[
             ("ab", &[], &["a", "b"], "ab", false),
             // "é" is two bytes and "🤖" four: each arrives in one piece.
             ("é🤖x", &[], &["é", "🤖", "x"], "é🤖x", false),

@@ -223,6 +223,7 @@ fn top_p_filter(candidates: &mut Vec<(f32, u32)>, probs: &mut Vec<f32>, top_p: f
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -233,7 +234,8 @@ mod tests {
     #[test]
     fn greedy_picks_argmax_after_penalty() {
         // (logits, previous ids, penalty, expected id)
-        let cases: &[(&[f32], &[u32], Option<f32>, u32)] = &[
+        type Case<'a> = (&'a [f32], &'a [u32], Option<f32>, u32);
+        let cases: &[Case] = &[
             (&[0.1, 2.0, 1.0], &[], None, 1),
             (&[3.0, 3.0, 1.0], &[], None, 0),
             (&[f32::NAN, -1.0, -2.0], &[], None, 1),

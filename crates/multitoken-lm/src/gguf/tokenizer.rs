@@ -272,6 +272,7 @@ fn post_processor(bos: Option<(u32, String)>, eos: Option<(u32, String)>) -> Jso
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -1,0 +1,298 @@
+//! GGUF loading on tiny files written here: the q/k row permutation with interleaved
+//! rope against transformers' layout with `rotate_half`, quantized against dequantized
+//! weights, the tokenizer rebuilt from metadata, and every kind of broken file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use multitoken_core::{KvCache, LanguageModel, LogitsSelection};
+use multitoken_lm::gguf::{load_gguf, load_gguf_with, GgufSource, GgufWeights};
+use multitoken_lm::loader::LoadOptions;
+use multitoken_lm::model::CausalLm;
+use multitoken_lm::{Linear, RopeStyle, WeightSource};
+
+const HIDDEN: usize = 64;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const FFN: usize = 128;
+const LAYERS: usize = 2;
+
+fn opts() -> LoadOptions {
+    LoadOptions { dtype: DType::F32, device: Device::Cpu }
+}
+
+/// Byte-level tokens (GPT-2 spelling), one merge, three control tokens.
+fn tokens() -> Vec<String> {
+    let table = multitoken_lm::gguf::bytes_to_unicode();
+    let mut t: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+    t.extend(["he", "<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from));
+    t
+}
+
+/// transformers-layout weights (q/k rows not permuted), deterministic.
+fn hf_weights(vocab: usize) -> HashMap<String, Tensor> {
+    let dev = Device::Cpu;
+    let mut seed = 1u64;
+    let mut rand = |shape: &[usize], scale: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 2.0 * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let mut w = HashMap::new();
+    w.insert("model.embed_tokens.weight".to_string(), rand(&[vocab, HIDDEN], 1.0));
+    w.insert("model.norm.weight".to_string(), (rand(&[HIDDEN], 0.2) + 1.0).unwrap());
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        w.insert(format!("{p}.input_layernorm.weight"), (rand(&[HIDDEN], 0.2) + 1.0).unwrap());
+        w.insert(format!("{p}.post_attention_layernorm.weight"), (rand(&[HIDDEN], 0.2) + 1.0).unwrap());
+        w.insert(format!("{p}.self_attn.q_proj.weight"), rand(&[HIDDEN, HIDDEN], 0.2));
+        w.insert(format!("{p}.self_attn.k_proj.weight"), rand(&[KV_HEADS * HEAD_DIM, HIDDEN], 0.2));
+        w.insert(format!("{p}.self_attn.v_proj.weight"), rand(&[KV_HEADS * HEAD_DIM, HIDDEN], 0.2));
+        w.insert(format!("{p}.self_attn.o_proj.weight"), rand(&[HIDDEN, HIDDEN], 0.2));
+        w.insert(format!("{p}.mlp.gate_proj.weight"), rand(&[FFN, HIDDEN], 0.2));
+        w.insert(format!("{p}.mlp.up_proj.weight"), rand(&[FFN, HIDDEN], 0.2));
+        w.insert(format!("{p}.mlp.down_proj.weight"), rand(&[HIDDEN, FFN], 0.2));
+    }
+    w
+}
+
+/// llama.cpp's `permute` of q/k rows: within each head, rows (i, i + d/2) become
+/// (2i, 2i + 1).
+fn permute(w: &Tensor, heads: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((heads, 2, out / heads / 2, inp)).unwrap().transpose(1, 2).unwrap().reshape((out, inp)).unwrap()
+}
+
+fn gguf_name(hf: &str) -> String {
+    let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight")];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (i, rest) = rest.split_once('.').unwrap();
+    let module = [
+        ("input_layernorm.weight", "attn_norm.weight"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ("self_attn.q_proj.weight", "attn_q.weight"),
+        ("self_attn.k_proj.weight", "attn_k.weight"),
+        ("self_attn.v_proj.weight", "attn_v.weight"),
+        ("self_attn.o_proj.weight", "attn_output.weight"),
+        ("mlp.gate_proj.weight", "ffn_gate.weight"),
+        ("mlp.up_proj.weight", "ffn_up.weight"),
+        ("mlp.down_proj.weight", "ffn_down.weight"),
+    ];
+    let g = module.iter().find(|(h, _)| *h == rest).unwrap().1;
+    format!("blk.{i}.{g}")
+}
+
+/// What to break in a written file.
+#[derive(Clone, Copy, PartialEq)]
+enum Breakage {
+    None,
+    Arch,
+    NoBlockCount,
+    DropTensor,
+    BadShape,
+    SentencePiece,
+}
+
+fn write_gguf(path: &Path, matrices: GgmlDType, breakage: Breakage) {
+    let toks = tokens();
+    let weights = hf_weights(toks.len());
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in &weights {
+        let gguf = gguf_name(name);
+        if breakage == Breakage::DropTensor && gguf == "blk.1.ffn_up.weight" {
+            continue;
+        }
+        let mut t = match gguf.rsplit('.').nth(1).unwrap() {
+            "attn_q" => permute(t, HEADS),
+            "attn_k" => permute(t, KV_HEADS),
+            _ => t.clone(),
+        };
+        if breakage == Breakage::BadShape && gguf == "blk.0.attn_v.weight" {
+            // A fresh storage: candle's quantize reads a view's whole storage.
+            let rows: Vec<f32> = t.narrow(0, 0, 16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            t = Tensor::from_vec(rows, (16, HIDDEN), &Device::Cpu).unwrap();
+        }
+        let dtype = if t.rank() == 2 { matrices } else { GgmlDType::F32 };
+        tensors.push((gguf, QTensor::quantize(&t, dtype).unwrap()));
+    }
+    let arch = if breakage == Breakage::Arch { "phi3" } else { "llama" };
+    let tok_model = if breakage == Breakage::SentencePiece { "llama" } else { "gpt2" };
+    let u32v = |v: usize| Value::U32(v as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.embedding_length"), u32v(HIDDEN)),
+        (format!("{arch}.feed_forward_length"), u32v(FFN)),
+        (format!("{arch}.attention.head_count"), u32v(HEADS)),
+        (format!("{arch}.attention.head_count_kv"), u32v(KV_HEADS)),
+        (format!("{arch}.context_length"), u32v(64)),
+        (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        ("tokenizer.ggml.model".into(), Value::String(tok_model.into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(toks.iter().map(|t| Value::String(t.clone())).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![Value::String("h e".into())])),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(toks.iter().map(|t| Value::I32(if t.starts_with("<|") { 3 } else { 1 })).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), u32v(toks.len() - 2)),
+        ("tokenizer.ggml.eos_token_id".into(), u32v(toks.len() - 1)),
+        ("tokenizer.chat_template".into(), Value::String("{{ messages }}".into())),
+    ];
+    if breakage != Breakage::NoBlockCount {
+        meta.push((format!("{arch}.block_count"), u32v(LAYERS)));
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("multitoken-gguf-tiny-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// The transformers layout (unpermuted q/k, `rotate_half`) served from memory.
+struct HfSource(HashMap<String, Tensor>);
+
+impl WeightSource for HfSource {
+    fn describe(&self) -> String {
+        "in-memory".into()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+    fn tensor(&self, name: &str, _shape: &[usize]) -> multitoken_lm::Result<Tensor> {
+        Ok(self.0[name].clone())
+    }
+    fn linear(&self, prefix: &str, _in: usize, _out: usize, _bias: bool) -> multitoken_lm::Result<Linear> {
+        Linear::dense(self.0[&format!("{prefix}.weight")].clone(), None)
+    }
+}
+
+fn logits(model: &dyn LanguageModel, ids: &[u32]) -> Vec<Vec<f32>> {
+    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let embeds = model.embed_tokens(&input).unwrap();
+    let mut cache = KvCache::new(model.num_layers());
+    let out = model.forward_embeds(&embeds, None, &mut cache, LogitsSelection::All).unwrap();
+    out.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn permuted_rows_with_interleaved_rope_equal_transformers_layout() {
+    let path = tmp("f32.gguf");
+    write_gguf(&path, GgmlDType::F32, Breakage::None);
+    let source = GgufSource::open(&path, &opts(), GgufWeights::Dequantized).unwrap();
+    let cfg = source.config().unwrap();
+    assert_eq!(cfg.rope_style, RopeStyle::Interleaved);
+    assert_eq!((cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), (LAYERS, HEADS, KV_HEADS, HEAD_DIM));
+    assert_eq!((cfg.vocab_size, cfg.max_position_embeddings), (tokens().len(), 64));
+    let ours = load_gguf_with(&path, &opts(), GgufWeights::Dequantized).unwrap();
+
+    let mut hf_cfg = cfg.clone();
+    hf_cfg.rope_style = RopeStyle::Half;
+    hf_cfg.tie_word_embeddings = true;
+    let reference = CausalLm::load(&hf_cfg, &HfSource(hf_weights(tokens().len()))).unwrap();
+    let ids: Vec<u32> = vec![5, 17, 200, 3, 99, 256, 42, 7, 8, 250];
+    let diff = max_diff(&logits(ours.model.as_ref(), &ids), &logits(&reference, &ids));
+    assert!(diff < 1e-4, "GGUF layout differs from transformers' by {diff}");
+}
+
+#[test]
+fn quantized_matrices_stay_close_to_dequantized() {
+    // (matrix type, largest logit difference allowed, as a fraction of the largest logit)
+    for (dtype, tolerance) in [(GgmlDType::Q8_0, 0.03f32), (GgmlDType::Q4_1, 0.15)] {
+        let path = tmp(&format!("{dtype:?}.gguf"));
+        write_gguf(&path, dtype, Breakage::None);
+        let q = load_gguf(&path, &opts()).unwrap();
+        let d = load_gguf_with(&path, &opts(), GgufWeights::Dequantized).unwrap();
+        let ids: Vec<u32> = vec![1, 2, 3, 4, 100, 200];
+        let dense = logits(d.model.as_ref(), &ids);
+        let scale = dense.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = max_diff(&logits(q.model.as_ref(), &ids), &dense);
+        assert!(diff < tolerance * scale, "{dtype:?}: quantized and dequantized logits differ by {diff} (largest {scale})");
+    }
+}
+
+#[test]
+fn tokenizer_and_special_tokens_come_from_metadata() {
+    let path = tmp("tok.gguf");
+    write_gguf(&path, GgmlDType::Q8_0, Breakage::None);
+    let m = load_gguf(&path, &opts()).unwrap();
+    let n = tokens().len() as u32;
+    assert_eq!(m.special_tokens.bos_token.as_deref(), Some("<|im_start|>"));
+    assert_eq!(m.special_tokens.bos_token_id, Some(n - 2));
+    assert_eq!(m.generation.eos_token_ids, vec![n - 1]);
+    assert_eq!(m.chat_template.as_deref(), Some("{{ messages }}"));
+    // (text, ids): bytes, the one merge, digits, control tokens kept whole, no BOS added.
+    let cases: &[(&str, &[u32])] = &[
+        ("he", &[256]),
+        ("h e", &[b'h' as u32, b' ' as u32, b'e' as u32]),
+        ("12", &[b'1' as u32, b'2' as u32]),
+        ("<|im_start|>he<|im_end|>", &[n - 2, 256, n - 1]),
+    ];
+    for (text, ids) in cases {
+        let enc = m.tokenizer.encode(*text, true).unwrap();
+        assert_eq!(enc.get_ids(), *ids, "{text:?}");
+        assert_eq!(m.tokenizer.decode(enc.get_ids(), false).unwrap(), *text);
+    }
+}
+
+#[test]
+fn broken_files_are_clear_errors() {
+    // (what is wrong, expected words in the error)
+    let cases: &[(Breakage, &str)] = &[
+        (Breakage::Arch, "GGUF architecture `phi3` is not supported"),
+        (Breakage::NoBlockCount, "no `llama.block_count`"),
+        (Breakage::DropTensor, "model.layers.1.mlp.up_proj.weight"),
+        (Breakage::BadShape, "blk.0.attn_v.weight` has shape [16, 64], expected [32, 64]"),
+        (Breakage::SentencePiece, "GGUF tokenizer `llama` is not supported"),
+    ];
+    for (i, (breakage, expected)) in cases.iter().enumerate() {
+        let path = tmp(&format!("broken-{i}.gguf"));
+        write_gguf(&path, GgmlDType::Q8_0, *breakage);
+        let err = load_gguf(&path, &opts()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(expected), "case {i}: `{err}` should mention `{expected}`");
+        assert!(err.contains(path.to_str().unwrap()), "case {i}: `{err}` should name the file");
+    }
+
+    // Files that are not GGUF at all, or cut short.
+    let good = tmp("good.gguf");
+    write_gguf(&good, GgmlDType::Q8_0, Breakage::None);
+    let bytes = std::fs::read(&good).unwrap();
+    let files: &[(&str, Vec<u8>, &str)] = &[
+        ("text.gguf", b"this is not a gguf file".to_vec(), "not a readable GGUF file"),
+        ("empty.gguf", Vec::new(), "not a readable GGUF file"),
+        ("header.gguf", bytes[..64].to_vec(), "not a readable GGUF file"),
+        ("cut.gguf", bytes[..bytes.len() - 100].to_vec(), "cut.gguf"),
+    ];
+    for (name, content, expected) in files {
+        let path = tmp(name);
+        std::fs::write(&path, content).unwrap();
+        let err = load_gguf(&path, &opts()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(expected), "{name}: `{err}` should mention `{expected}`");
+    }
+    let missing = tmp("missing.gguf");
+    let err = load_gguf(&missing, &opts()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("cannot read") && err.contains("missing.gguf"), "{err}");
+}
