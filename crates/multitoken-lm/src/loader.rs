@@ -81,15 +81,10 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf {
-        return load_gguf(path, opts);
+        return crate::gguf::load_gguf(path, opts);
     }
     Err(Error::Msg(format!(
         "{}: expected an HF model directory (with config.json) or a .gguf file",
         path.display()
     )))
-}
-
-fn load_gguf(path: &Path, _opts: &LoadOptions) -> Result<LoadedModel> {
-    // Switch to `crate::gguf::load_gguf(path, opts)` once gguf.rs provides it.
-    Err(Error::Msg(format!("{}: GGUF loading is not available yet", path.display())))
 }

@@ -1,3 +1,14 @@
-//! The `multitoken` command line.
+//! The `multitoken` command line: `generate`, `chat`, and (in later issues)
+//! `train`, `serve`, `moe`, `dataset`, `inspect`.
+//!
+//! Argument parsing and printing live here; the work is done by the libraries.
 
-fn main() {}
+mod cli;
+
+use anyhow::Result;
+use clap::Parser;
+
+fn main() -> Result<()> {
+    let args = cli::Cli::parse();
+    cli::run(args)
+}

@@ -1,0 +1,170 @@
+//! Options shared by every subcommand that loads a model and samples from it.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::Args;
+use multitoken_core::chat_template::{ChatTemplate, Message};
+use multitoken_lm::generate::GenerationParams;
+use multitoken_lm::gguf::{load_gguf_with, GgufWeights};
+use multitoken_lm::loader::{load_model, LoadOptions};
+use multitoken_lm::sampling::SamplingParams;
+use multitoken_lm::LoadedModel;
+
+/// Which model to load and how.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// An HF model directory or a `.gguf` file [default: SmolLM2 from `cargo xtask weights`].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Activation / weight dtype: f32, f16 or bf16. A GGUF keeps its quantized
+    /// matrices unless `--dequantize` is given.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Dequantize a GGUF's matrices to `--dtype` instead of keeping them quantized.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Chat template to use instead of the model's own: a built-in name
+    /// (chatml, mistral, llama2, idefics2, phi2) or a jinja file.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+}
+
+/// How to sample.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Penalise tokens already present (transformers' repetition_penalty).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler's random numbers.
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long = "stop")]
+    pub stop_strings: Vec<String>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl ModelArgs {
+    /// The model path given, or the default one if it is installed.
+    pub fn resolve_path(&self) -> Result<PathBuf> {
+        if let Some(path) = &self.model {
+            return Ok(path.clone());
+        }
+        let default = default_model_path();
+        if default.exists() {
+            return Ok(default);
+        }
+        bail!(
+            "no --model given and the default model {} is not installed; run `cargo xtask weights` or pass --model DIR|FILE.gguf",
+            default.display()
+        )
+    }
+
+    /// Load the model on the CPU.
+    pub fn load(&self) -> Result<LoadedModel> {
+        let path = self.resolve_path()?;
+        let dtype = parse_dtype(&self.dtype)?;
+        let options = LoadOptions { dtype, device: Device::Cpu };
+        let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let loaded = if is_gguf && self.dequantize {
+            load_gguf_with(&path, &options, GgufWeights::Dequantized)
+        } else {
+            load_model(&path, &options)
+        };
+        loaded.with_context(|| format!("loading model {}", path.display()))
+    }
+
+    /// The chat template: `--chat-template`, else the model's own, else ChatML.
+    /// The model's own BOS/EOS strings are always the ones the template sees.
+    pub fn chat_template(&self, model: &LoadedModel) -> Result<ChatTemplate> {
+        let special = &model.special_tokens;
+        let bos = special.bos_token.clone().unwrap_or_default();
+        let eos = special.eos_token.clone().unwrap_or_default();
+        let template = match &self.chat_template {
+            Some(spec) if std::path::Path::new(spec).is_file() => {
+                let source = std::fs::read_to_string(spec).with_context(|| format!("reading chat template {spec}"))?;
+                ChatTemplate::new(spec.clone(), source, bos, eos)?
+            }
+            Some(name) => ChatTemplate::builtin(name)?.with_special_tokens(bos, eos),
+            None => match &model.chat_template {
+                Some(source) => ChatTemplate::new(format!("{} chat_template", model.name), source.clone(), bos, eos)?,
+                None => ChatTemplate::builtin("chatml")?.with_special_tokens(bos, eos),
+            },
+        };
+        Ok(template)
+    }
+}
+
+impl SamplingArgs {
+    /// Generation parameters, with EOS ids from the checkpoint.
+    pub fn params(&self, model: &LoadedModel) -> GenerationParams {
+        GenerationParams {
+            sampling: SamplingParams {
+                temperature: Some(self.temperature),
+                top_k: self.top_k,
+                top_p: self.top_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: Some(self.seed),
+            },
+            max_new_tokens: self.max_new_tokens,
+            stop_strings: self.stop_strings.clone(),
+            eos_token_ids: model.generation.eos_token_ids.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+/// Where `cargo xtask weights` puts SmolLM2.
+pub fn default_model_path() -> PathBuf {
+    weights_dir().join("smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// `$MULTITOKEN_WEIGHTS`, default `~/.cache/multitoken`.
+pub fn weights_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MULTITOKEN_WEIGHTS") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("multitoken")
+}
+
+fn parse_dtype(name: &str) -> Result<DType> {
+    Ok(match name {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown --dtype {other:?}; expected f32, f16 or bf16"),
+    })
+}
+
+/// Render a conversation and tokenize it as transformers' `apply_chat_template`
+/// does: the template writes any BOS itself, so no special tokens are added.
+pub fn encode_chat(model: &LoadedModel, template: &ChatTemplate, messages: &[Message]) -> Result<Vec<u32>> {
+    let text = template.render_prompt(messages)?;
+    encode(model, &text, false)
+}
+
+/// Tokenize text, optionally with the tokenizer's own special tokens.
+pub fn encode(model: &LoadedModel, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+    let encoding = model
+        .tokenizer
+        .encode(text, add_special_tokens)
+        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    Ok(encoding.get_ids().to_vec())
+}
