@@ -448,6 +448,9 @@ mod tests {
         check(visible(None, 1, 3, 1, None), &["none"]);
         check(visible(None, 1, 3, 1, Some(2)), &["0011"]);
         let pad = vec![vec![0.0, 1.0, 1.0], vec![1.0, 1.0, 1.0]];
-        check(visible(Some(&pad), 2, 0, 3, None), &["000", "010", "011", "100", "110", "111"]);
+        check(visible(Some(&pad), 2, 0, 3, None), &["100", "010", "011", "100", "110", "111"]);
+        // Decode after a padded prefill: the cached padding stays masked.
+        let pad = vec![vec![0.0, 1.0, 1.0, 1.0]];
+        check(visible(Some(&pad), 1, 3, 1, Some(2)), &["0011"]);
     }
 }

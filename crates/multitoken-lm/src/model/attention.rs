@@ -83,6 +83,10 @@ impl Attention {
 /// `seen` cached positions, or `None` when nothing needs masking.
 ///
 /// `padding` is the `[b, seen + t]` 0/1 mask of every position (None = no padding).
+/// Masked entries are `-inf`, which `exp` handles on its fast path (a large
+/// finite value takes libm's slow underflow path). A padding query, whose row
+/// would otherwise be all `-inf` (NaN after softmax), may see itself; no real
+/// query ever sees a padding key, so that output is never read.
 pub(crate) fn build_mask(
     padding: Option<&[Vec<f32>]>,
     batch: usize,
@@ -101,13 +105,15 @@ pub(crate) fn build_mask(
     for r in 0..rows {
         for i in 0..t {
             let q = seen + i;
+            let query_is_padding = padding.is_some_and(|p| p[r][q] <= 0.0);
             let row = &mut data[(r * t + i) * kv..(r * t + i + 1) * kv];
             for (k, slot) in row.iter_mut().enumerate() {
                 let causal = k <= q;
                 let in_window = window.is_none_or(|w| k + w > q);
                 let real = padding.is_none_or(|p| p[r][k] > 0.0);
-                if !(causal && in_window && real) {
-                    *slot = f32::MIN;
+                let visible = (causal && in_window && real) || (query_is_padding && k == q);
+                if !visible {
+                    *slot = f32::NEG_INFINITY;
                 }
             }
         }
