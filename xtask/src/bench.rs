@@ -1,8 +1,415 @@
-//! (being written)
+//! `cargo xtask bench lm`: SmolLM2-135M on CPU, ours against transformers in one run.
+//!
+//! ```text
+//! cargo xtask bench lm [--threads N] [--prefill 512] [--decode 128] [--repeat 2]
+//!                      [--no-build] [--no-python]
+//! ```
+//!
+//! Our side is this very program built in release mode (into `target/bench`, so the
+//! release build never holds the lock of the normal `target/debug`), each measurement in
+//! a child process of its own so that its load time and peak RSS (VmHWM) are its own:
+//!
+//! - `ours f32`: the GGUF dequantized to f32 (what transformers runs);
+//! - `ours q4_1`: the GGUF matrices kept quantized (candle's q4_1 x q8_1 kernels);
+//! - `transformers`: `xtask/bench/lm.py` with the repo's venv python, f32, the same
+//!   thread count (`torch.set_num_threads`), the same prompt ids.
+//!
+//! Prefill is one forward over a 512-token prompt, decode 128 single-token forwards
+//! through the KV cache with greedy argmax and EOS ignored, both through
+//! `multitoken_lm::generate` exactly as the CLI runs them; best of `--repeat` after a
+//! warm-up. The roofline is the memory bandwidth (a multi-threaded sum over a buffer far
+//! larger than the caches) divided by the bytes of weights a decode step reads.
+//!
+//! `cargo xtask bench lm-parts GGUF [q4_1|f32]` (run it from the release binary,
+//! `target/bench/release/xtask bench lm-parts ...`) splits one decode step into its
+//! linears, the output projection and the rest, and compares a quantized prefill-sized
+//! matmul with dequantize + f32 matmul: the numbers behind optimisation choices.
 
-use anyhow::Result;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use multitoken_lm::generate::{generate_from_ids, GenerationParams};
+use multitoken_lm::gguf::{load_gguf_with, GgufWeights};
+use multitoken_lm::loader::LoadOptions;
+use serde_json::{json, Value};
+
+use crate::weights::{cache_dir, python, workspace_root};
+
+const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Settings of one bench run.
+#[derive(Debug, Clone)]
+struct Settings {
+    threads: usize,
+    prefill: usize,
+    decode: usize,
+    repeat: usize,
+    build: bool,
+    python: bool,
+}
 
 /// Run this task.
-pub fn run(_args: &[String]) -> Result<()> {
-    anyhow::bail!("not written yet")
+pub fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("lm") => lm(&args[1..]),
+        // Children spawned by `lm`, in the release build.
+        Some("lm-child") => child(&args[1..]),
+        Some("membw-child") => membw_child(&args[1..]),
+        Some("lm-parts") => parts(&args[1..]),
+        _ => bail!("usage: cargo xtask bench lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
+    }
+}
+
+fn parse_settings(args: &[String]) -> Result<Settings> {
+    let mut s = Settings {
+        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        prefill: 512,
+        decode: 128,
+        repeat: 2,
+        build: true,
+        python: true,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut number = |name: &str| -> Result<usize> {
+            let v = it.next().with_context(|| format!("{name} needs a number"))?;
+            v.parse().with_context(|| format!("{name} {v}: not a number"))
+        };
+        match arg.as_str() {
+            "--threads" => s.threads = number("--threads")?.max(1),
+            "--prefill" => s.prefill = number("--prefill")?.max(1),
+            "--decode" => s.decode = number("--decode")?.max(1),
+            "--repeat" => s.repeat = number("--repeat")?.max(1),
+            "--no-build" => s.build = false,
+            "--no-python" => s.python = false,
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    Ok(s)
+}
+
+fn lm(args: &[String]) -> Result<()> {
+    let s = parse_settings(args)?;
+    let root = workspace_root();
+    let gguf = cache_dir()?.join("smollm2").join(GGUF);
+    if !gguf.is_file() {
+        bail!("{} not found: run `cargo xtask weights --only smollm2` first", gguf.display());
+    }
+    let target = root.join("target").join("bench");
+    let exe = target.join("release").join("xtask");
+    if s.build || !exe.is_file() {
+        eprintln!("building the release bench binary into {} ...", target.display());
+        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--release", "-p", "xtask"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(&root)
+            .status()
+            .context("running cargo build --release")?;
+        if !status.success() {
+            bail!("cargo build --release -p xtask failed ({status})");
+        }
+    }
+    std::fs::create_dir_all(&target)?;
+    let prompt_file = target.join("prompt_ids.json");
+    std::fs::write(&prompt_file, serde_json::to_string(&prompt_ids(s.prefill))?)?;
+    let threads = s.threads.to_string();
+    let common = |cmd: &mut Command| {
+        cmd.env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads).env("MKL_NUM_THREADS", &threads);
+    };
+
+    eprintln!("measuring memory bandwidth ({} threads) ...", s.threads);
+    let mut cmd = Command::new(&exe);
+    cmd.args(["bench", "membw-child", "--threads", &threads]);
+    common(&mut cmd);
+    let bw = last_json_line(&mut cmd)?;
+
+    let mut results = Vec::new();
+    for mode in ["f32", "q4_1"] {
+        eprintln!("ours, {mode} ...");
+        let mut cmd = Command::new(&exe);
+        cmd.args(["bench", "lm-child", "--mode", mode, "--gguf"]).arg(&gguf).arg("--prompt-ids").arg(&prompt_file);
+        cmd.args(["--decode", &s.decode.to_string(), "--repeat", &s.repeat.to_string()]);
+        common(&mut cmd);
+        results.push(last_json_line(&mut cmd)?);
+    }
+    let reference = if s.python {
+        eprintln!("transformers, f32 ...");
+        let mut cmd = Command::new(python());
+        cmd.arg(root.join("xtask").join("bench").join("lm.py")).arg("--gguf").arg(&gguf).arg("--prompt-ids").arg(&prompt_file);
+        cmd.args(["--decode", &s.decode.to_string(), "--threads", &threads, "--repeat", &s.repeat.to_string()]);
+        common(&mut cmd);
+        Some(last_json_line(&mut cmd)?)
+    } else {
+        None
+    };
+    report(&s, &bw, &results, reference.as_ref());
+    Ok(())
+}
+
+/// A deterministic prompt of ordinary (non-special) token ids.
+fn prompt_ids(n: usize) -> Vec<u32> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            100 + ((state >> 33) % 48_000) as u32
+        })
+        .collect()
+}
+
+fn last_json_line(cmd: &mut Command) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}):\n{}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
+    }
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| format!("no JSON from {cmd:?}:\n{stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("bad JSON from {cmd:?}: {line}"))
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn report(s: &Settings, bw: &Value, ours: &[Value], reference: Option<&Value>) {
+    let gbs = f(bw, "read_gb_s");
+    println!();
+    println!(
+        "SmolLM2-135M-Instruct, CPU, {} threads, prefill {} tokens, decode {} tokens (best of {})",
+        s.threads, s.prefill, s.decode, s.repeat
+    );
+    println!("memory bandwidth (multi-threaded read): {gbs:.1} GB/s; single thread {:.1} GB/s", f(bw, "read_gb_s_1t"));
+    println!();
+    println!(
+        "{:<14} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
+        "", "prefill/s", "decode/s", "load s", "MB/token", "roofline", "peak RSS", "vs tf"
+    );
+    let tf_decode = reference.map(|r| f(r, "decode_tok_s"));
+    let mut rows: Vec<(&str, &Value)> = ours.iter().map(|v| (v.get("impl").and_then(Value::as_str).unwrap_or("ours"), v)).collect();
+    if let Some(r) = reference {
+        rows.push(("transformers", r));
+    }
+    for (name, v) in rows {
+        let bytes = v.get("weight_bytes_per_token").and_then(Value::as_f64).or_else(|| ours.first().map(|o| f(o, "weight_bytes_per_token")));
+        let decode = f(v, "decode_tok_s");
+        let roofline = bytes.map(|b| decode * b / (gbs * 1e9)).unwrap_or(f64::NAN);
+        let vs = tf_decode.map(|t| format!("{:.2}x", decode / t)).unwrap_or_default();
+        println!(
+            "{:<14} {:>10.1} {:>10.1} {:>9.2} {:>10.1} {:>8.0}% {:>8.0}MB {:>9}",
+            name,
+            f(v, "prefill_tok_s"),
+            decode,
+            f(v, "load_s"),
+            bytes.unwrap_or(f64::NAN) / 1e6,
+            roofline * 100.0,
+            f(v, "peak_rss_bytes") / 1e6,
+            vs
+        );
+    }
+    if let Some(r) = reference {
+        println!();
+        let by = |mode: &str| ours.iter().find(|v| v.get("mode").and_then(Value::as_str) == Some(mode));
+        let tf = |k: &str| f(r, k);
+        if let Some(o) = by("f32") {
+            println!("ours f32 / transformers f32: decode {:.2}x (goal >= 1.0), prefill {:.2}x (goal >= 3), load {:.1}x faster (goal >= 5)",
+                f(o, "decode_tok_s") / tf("decode_tok_s"), f(o, "prefill_tok_s") / tf("prefill_tok_s"), tf("load_s") / f(o, "load_s"));
+        }
+        if let Some(o) = by("q4_1") {
+            println!("ours q4_1 / transformers f32: decode {:.2}x (goal >= 4), prefill {:.2}x, load {:.1}x faster",
+                f(o, "decode_tok_s") / tf("decode_tok_s"), f(o, "prefill_tok_s") / tf("prefill_tok_s"), tf("load_s") / f(o, "load_s"));
+        }
+        println!("(transformers' f32 roofline uses the f32 bytes per token; its python import took {:.1} s, not counted in load)", tf("import_s"));
+    }
+    let all = json!({"threads": s.threads, "membw": bw, "ours": ours, "transformers": reference});
+    println!();
+    println!("{all}");
+}
+
+/// Bytes of weights one decode step reads: every matrix once (the tied `token_embd`
+/// as the output projection), the embedding lookup and norms being negligible.
+fn weight_bytes_per_token(path: &Path, dequantized: bool) -> Result<f64> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut Cursor::new(&data[..]))?;
+    let mut total = 0f64;
+    for info in content.tensor_infos.values() {
+        let n = info.shape.elem_count();
+        total += if dequantized {
+            4.0 * n as f64
+        } else {
+            (n / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as f64
+        };
+    }
+    Ok(total)
+}
+
+fn peak_rss_bytes() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
+/// One measurement of ours, in its own process: `--mode f32|q4_1`.
+fn child(args: &[String]) -> Result<()> {
+    let mut mode = String::from("q4_1");
+    let mut gguf = PathBuf::new();
+    let mut prompt_file = PathBuf::new();
+    let mut decode = 128usize;
+    let mut repeat = 2usize;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let v = it.next().with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--mode" => mode = v.clone(),
+            "--gguf" => gguf = PathBuf::from(v),
+            "--prompt-ids" => prompt_file = PathBuf::from(v),
+            "--decode" => decode = v.parse()?,
+            "--repeat" => repeat = v.parse()?,
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    let weights = match mode.as_str() {
+        "f32" => GgufWeights::Dequantized,
+        "q4_1" => GgufWeights::Quantized,
+        other => bail!("unknown mode `{other}` (f32 or q4_1)"),
+    };
+    let ids: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(&prompt_file)?)?;
+    let start = Instant::now();
+    let model = load_gguf_with(&gguf, &LoadOptions { dtype: DType::F32, device: Device::Cpu }, weights)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let params = |n: usize| GenerationParams { max_new_tokens: n, ignore_eos: true, ..GenerationParams::default() };
+    let lm = model.model.as_ref();
+    let short = &ids[..ids.len().min(16)];
+    generate_from_ids(lm, &model.tokenizer, short, &params(4), &mut |_| true)?;
+    let (mut prefill, mut dec) = (0f64, 0f64);
+    for _ in 0..repeat {
+        // decode + 1: the first new token comes from the prefill forward.
+        let out = generate_from_ids(lm, &model.tokenizer, &ids, &params(decode + 1), &mut |_| true)?;
+        prefill = prefill.max(out.prefill_tok_s);
+        dec = dec.max(out.decode_tok_s);
+    }
+    let result = json!({
+        "impl": format!("ours {mode}"),
+        "mode": mode,
+        "threads": candle_core::utils::get_num_threads(),
+        "load_s": load_s,
+        "prompt_tokens": ids.len(),
+        "decode_tokens": decode,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": dec,
+        "weight_bytes_per_token": weight_bytes_per_token(&gguf, weights == GgufWeights::Dequantized)?,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// Read bandwidth: sums over a 512 MiB buffer, one thread and `--threads` threads.
+fn membw_child(args: &[String]) -> Result<()> {
+    let threads: usize = match args {
+        [flag, n] if flag == "--threads" => n.parse()?,
+        _ => 1,
+    };
+    let len = 512usize << 20 >> 3;
+    let data: Vec<u64> = (0..len as u64).collect();
+    let measure = |n: usize| -> f64 {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let chunk = data.len().div_ceil(n);
+            let sum: u64 = std::thread::scope(|scope| {
+                let handles: Vec<_> = data
+                    .chunks(chunk)
+                    .map(|c| scope.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0, u64::wrapping_add)
+            });
+            std::hint::black_box(sum);
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        (data.len() * 8) as f64 / best / 1e9
+    };
+    let single = measure(1);
+    let multi = measure(threads.max(1));
+    println!("{}", json!({"read_gb_s": multi.max(single), "read_gb_s_1t": single, "threads": threads}));
+    Ok(())
+}
+
+/// `bench lm-parts GGUF [q4_1|f32]`: time the pieces of one decode step (every linear,
+/// the output projection, a whole step) to see where decode time goes.
+fn parts(args: &[String]) -> Result<()> {
+    use multitoken_lm::WeightSource;
+    let gguf = PathBuf::from(args.first().context("lm-parts needs the GGUF path")?);
+    let weights = match args.get(1).map(String::as_str) {
+        Some("f32") => GgufWeights::Dequantized,
+        _ => GgufWeights::Quantized,
+    };
+    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu };
+    let source = multitoken_lm::gguf::GgufSource::open(&gguf, &opts, weights)?;
+    let cfg = source.config()?;
+    let (h, kv, ff) = (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    let mut linears = Vec::new();
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        for (name, inp, out) in [
+            ("self_attn.q_proj", h, h), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv), ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", h, ff), ("mlp.up_proj", h, ff), ("mlp.down_proj", ff, h),
+        ] {
+            linears.push(source.linear(&format!("{p}.{name}"), inp, out, false)?);
+        }
+    }
+    let head = source.linear("lm_head", h, cfg.vocab_size, false)?;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let n = 20;
+        let start = Instant::now();
+        for _ in 0..n {
+            f()?;
+        }
+        Ok(start.elapsed().as_secs_f64() / n as f64 * 1e3)
+    };
+    let xh = candle_core::Tensor::randn(0f32, 1.0, (1, 1, h), &Device::Cpu)?;
+    let xf = candle_core::Tensor::randn(0f32, 1.0, (1, 1, ff), &Device::Cpu)?;
+    let lin_ms = time(&mut || {
+        for l in &linears {
+            l.forward(if l.in_dim() == ff { &xf } else { &xh })?;
+        }
+        Ok(())
+    })?;
+    let head_ms = time(&mut || {
+        head.forward(&xh)?;
+        Ok(())
+    })?;
+    // Prefill-shaped input: quantized matmul against dequantize-then-f32-matmul.
+    let x512 = candle_core::Tensor::randn(0f32, 1.0, (1, 512, h), &Device::Cpu)?;
+    let up = &linears[5];
+    let q_ms = time(&mut || {
+        up.forward(&x512)?;
+        Ok(())
+    })?;
+    if let multitoken_lm::LinearWeight::Quantized(q) = up.weight() {
+        if let candle_core::quantized::QMatMul::QTensor(t) = q.as_ref() {
+            let deq_ms = time(&mut || {
+                let w = t.dequantize(&Device::Cpu)?;
+                x512.broadcast_matmul(&w.t()?)?;
+                Ok(())
+            })?;
+            println!("up_proj on 512 rows: quantized {q_ms:.2} ms, dequantize + f32 matmul {deq_ms:.2} ms");
+        }
+    }
+    let model = load_gguf_with(&gguf, &opts, weights)?;
+    let lm = model.model.as_ref();
+    let ids: Vec<u32> = prompt_ids(512);
+    let p = GenerationParams { max_new_tokens: 65, ignore_eos: true, ..GenerationParams::default() };
+    let out = generate_from_ids(lm, &model.tokenizer, &ids, &p, &mut |_| true)?;
+    let step_ms = 1e3 / out.decode_tok_s;
+    println!(
+        "decode step {step_ms:.2} ms (after a 512 prompt): {} linears {lin_ms:.2} ms, lm_head {head_ms:.2} ms, rest {:.2} ms",
+        linears.len(), step_ms - lin_ms - head_ms
+    );
+    Ok(())
 }
