@@ -373,7 +373,7 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
     if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
         return bad(format!("{name} is 0"));
     }
-    if cfg.num_heads % cfg.num_kv_heads != 0 {
+    if cfg.num_heads.rem_euclid(cfg.num_kv_heads) != 0 {
         return bad(format!(
             "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
             cfg.num_heads, cfg.num_kv_heads

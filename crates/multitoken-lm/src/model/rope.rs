@@ -38,7 +38,7 @@ impl RotaryEmbedding {
             )));
         }
         let rot_dim = (cfg.head_dim as f64 * factor) as usize;
-        if rot_dim == 0 || rot_dim % 2 != 0 {
+        if rot_dim == 0 || rot_dim.rem_euclid(2) != 0 {
             return Err(Error::Msg(format!(
                 "rotary dimension {rot_dim} (head_dim {} x partial_rotary_factor {factor}) must be even and non-zero",
                 cfg.head_dim
