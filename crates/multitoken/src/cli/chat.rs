@@ -2,16 +2,18 @@
 //!
 //! Each turn re-renders the whole conversation with the model's chat template,
 //! so what the model sees is exactly what transformers' `apply_chat_template`
-//! would give it.
+//! would give it. `/image PATH`, `/audio PATH` and `/document PATH` attach an
+//! item to the next message (its token is added in front when the message has
+//! none); items stay attached to the turn they came with.
 
 use std::io::{BufRead, Write};
 
 use anyhow::Result;
 use clap::Args;
-use multitoken_core::chat_template::Message;
-use multitoken_lm::generate::generate_from_ids;
+use multitoken_core::{Item, ItemsByKey, Message};
+use multitoken_lm::multimodal::MultimodalModel;
 
-use super::model_args::{encode_chat, ModelArgs, SamplingArgs};
+use super::model_args::{ModelArgs, SamplingArgs};
 
 /// Arguments of `multitoken chat`.
 #[derive(Debug, Args)]
@@ -28,15 +30,22 @@ pub struct ChatArgs {
 /// Run `multitoken chat` until end of input or `/exit`.
 pub fn run(args: ChatArgs) -> Result<()> {
     let model = args.model.load()?;
-    let template = args.model.chat_template(&model)?;
     let params = args.sampling.params(&model);
     let mut messages: Vec<Message> = Vec::new();
     if let Some(system) = &args.system {
-        messages.push(Message::new("system", system));
+        messages.push(Message::system(system));
     }
+    // Every item of the conversation so far, in token order per modality.
+    let mut items = ItemsByKey::new();
+    let mut pending: Vec<(String, Item)> = Vec::new();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
-    eprintln!("multitoken chat with {} — /reset clears the conversation, /exit (or Ctrl-D) quits", model.name);
+    let tokens = model.modality_tokens().join(" ");
+    eprintln!(
+        "multitoken chat with {}{} — /image, /audio, /document PATH attach an item; /reset clears; /exit (or Ctrl-D) quits",
+        model.lm.name,
+        if tokens.is_empty() { String::new() } else { format!(" (reads {tokens})") }
+    );
     loop {
         write!(stdout, "> ")?;
         stdout.flush()?;
@@ -45,29 +54,85 @@ pub fn run(args: ChatArgs) -> Result<()> {
             break;
         }
         let line = line.trim();
-        match line {
+        let (command, argument) = line.split_once(' ').unwrap_or((line, ""));
+        match command {
             "" => continue,
             "/exit" | "/quit" => break,
             "/reset" => {
                 messages.retain(|m| m.role == "system");
+                items.clear();
+                pending.clear();
+                continue;
+            }
+            "/image" | "/audio" | "/document" => {
+                match attach(&model, command, argument.trim()) {
+                    Ok(attached) => pending.push(attached),
+                    Err(e) => eprintln!("error: {e}"),
+                }
                 continue;
             }
             _ => {}
         }
-        messages.push(Message::new("user", line));
-        let ids = encode_chat(&model, &template, &messages)?;
-        let output = generate_from_ids(model.model.as_ref(), &model.tokenizer, &ids, &params, &mut |text| {
-            write!(stdout, "{text}").and_then(|()| stdout.flush()).is_ok()
+        let text = with_tokens(&model, line, &pending);
+        let mut turn_items = items.clone();
+        for (key, item) in &pending {
+            turn_items.entry(key.clone()).or_default().push(item.clone());
+        }
+        messages.push(Message::user(text));
+        let result = model.prepare_chat(&messages, &turn_items).and_then(|prepared| {
+            model.generate(&prepared, &turn_items, &params, &mut |text| {
+                write!(stdout, "{text}").and_then(|()| stdout.flush()).is_ok()
+            })
         });
         writeln!(stdout)?;
-        match output {
-            Ok(output) => messages.push(Message::new("assistant", output.text.trim())),
+        match result {
+            Ok(output) => {
+                messages.push(Message::assistant(output.text.trim()));
+                items = turn_items;
+                pending.clear();
+            }
             Err(e) => {
                 // Keep the conversation usable: drop the turn that failed.
                 messages.pop();
+                pending.clear();
                 eprintln!("error: {e}");
             }
         }
     }
     Ok(())
+}
+
+/// The item a `/image`, `/audio` or `/document` command attaches, keyed by the
+/// data key of the model's modality for it.
+fn attach(model: &MultimodalModel, command: &str, path: &str) -> anyhow::Result<(String, Item)> {
+    let key = match command {
+        "/image" => "images",
+        "/audio" => "speech_audios",
+        _ => "documents",
+    };
+    if model.modality_for_key(key).is_none() {
+        anyhow::bail!("{} reads no {key}", model.lm.name);
+    }
+    if path.is_empty() || !std::path::Path::new(path).is_file() {
+        anyhow::bail!("{command} {path:?}: no such file");
+    }
+    Ok((key.to_string(), Item::Path(path.into())))
+}
+
+/// The message with a modality token in front for each attached item the text
+/// does not already refer to.
+fn with_tokens(model: &MultimodalModel, text: &str, pending: &[(String, Item)]) -> String {
+    let mut prefix = String::new();
+    for (key, _) in pending {
+        if let Some((_, runtime)) = model.modality_for_key(key) {
+            let token = runtime.modality.token();
+            let wanted = pending.iter().filter(|(k, _)| k == key).count();
+            let present = text.matches(token).count();
+            if present < wanted && prefix.matches(token).count() < wanted - present {
+                prefix.push_str(token);
+                prefix.push('\n');
+            }
+        }
+    }
+    format!("{prefix}{text}")
 }

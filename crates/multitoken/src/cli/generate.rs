@@ -7,11 +7,10 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::Args;
-use multitoken_core::chat_template::Message;
-use multitoken_lm::generate::generate_from_ids;
+use multitoken_core::Message;
 use serde_json::json;
 
-use super::model_args::{encode, encode_chat, ModelArgs, SamplingArgs};
+use super::model_args::{ItemArgs, ModelArgs, SamplingArgs};
 
 /// Arguments of `multitoken generate`.
 #[derive(Debug, Args)]
@@ -20,6 +19,8 @@ pub struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    items: ItemArgs,
     /// The prompt: the user turn of the chat template, or the whole text with --raw.
     #[arg(long)]
     prompt: String,
@@ -36,22 +37,22 @@ pub struct GenerateArgs {
 
 /// Run `multitoken generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let items = args.items.collect()?;
     let model = args.model.load()?;
-    let prompt_ids = if args.raw {
-        encode(&model, &args.prompt, true)?
+    let prepared = if args.raw {
+        model.prepare_raw(&args.prompt, &items)?
     } else {
-        let template = args.model.chat_template(&model)?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(Message::new("system", system));
+            messages.push(Message::system(system));
         }
-        messages.push(Message::new("user", &args.prompt));
-        encode_chat(&model, &template, &messages)?
+        messages.push(Message::user(&args.prompt));
+        model.prepare_chat(&messages, &items)?
     };
     let params = args.sampling.params(&model);
     let stream = !args.json;
     let mut stdout = std::io::stdout();
-    let output = generate_from_ids(model.model.as_ref(), &model.tokenizer, &prompt_ids, &params, &mut |text| {
+    let output = model.generate(&prepared, &items, &params, &mut |text| {
         if stream {
             // A closed pipe (e.g. `| head`) ends generation rather than erroring.
             return write!(stdout, "{text}").and_then(|()| stdout.flush()).is_ok();

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use multitoken_core::chat_template::{ChatTemplate, Message};
+use multitoken_core::{ChatTemplate, Item, ItemsByKey};
 use multitoken_lm::generate::GenerationParams;
 use multitoken_lm::gguf::{load_gguf_with, GgufWeights};
-use multitoken_lm::loader::{load_model, LoadOptions};
+use multitoken_lm::loader::LoadOptions;
+use multitoken_lm::multimodal::{builtin_template, MultimodalModel};
 use multitoken_lm::sampling::SamplingParams;
-use multitoken_lm::LoadedModel;
 
 /// Which model to load and how.
 #[derive(Debug, Clone, Args)]
@@ -76,44 +76,88 @@ impl ModelArgs {
         )
     }
 
-    /// Load the model on the CPU.
-    pub fn load(&self) -> Result<LoadedModel> {
+    /// Load the model (multimodal when its directory has `multitoken.json`) on the CPU.
+    pub fn load(&self) -> Result<MultimodalModel> {
         let path = self.resolve_path()?;
         let dtype = parse_dtype(&self.dtype)?;
         let options = LoadOptions { dtype, device: Device::Cpu };
         let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         let loaded = if is_gguf && self.dequantize {
             load_gguf_with(&path, &options, GgufWeights::Dequantized)
+                .and_then(|lm| MultimodalModel::from_parts(lm, Vec::new(), None))
         } else {
-            load_model(&path, &options)
+            MultimodalModel::load(&path, &options)
         };
-        loaded.with_context(|| format!("loading model {}", path.display()))
-    }
-
-    /// The chat template: `--chat-template`, else the model's own, else ChatML.
-    /// The model's own BOS/EOS strings are always the ones the template sees.
-    pub fn chat_template(&self, model: &LoadedModel) -> Result<ChatTemplate> {
-        let special = &model.special_tokens;
-        let bos = special.bos_token.clone().unwrap_or_default();
-        let eos = special.eos_token.clone().unwrap_or_default();
-        let template = match &self.chat_template {
-            Some(spec) if std::path::Path::new(spec).is_file() => {
+        let mut model = loaded.with_context(|| format!("loading model {}", path.display()))?;
+        if let Some(spec) = &self.chat_template {
+            let template = if std::path::Path::new(spec).is_file() {
                 let source = std::fs::read_to_string(spec).with_context(|| format!("reading chat template {spec}"))?;
+                let bos = model.lm.special_tokens.bos_token.clone().unwrap_or_default();
+                let eos = model.lm.special_tokens.eos_token.clone().unwrap_or_default();
                 ChatTemplate::new(spec.clone(), source, bos, eos)?
+            } else {
+                builtin_template(spec, &model.lm)?
+            };
+            model.set_chat_template(template)?;
+        }
+        Ok(model)
+    }
+}
+
+/// Items given on the command line, by modality.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ItemArgs {
+    /// An image for the next `<image>` token (repeatable; the k-th flag fills the k-th token).
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<PathBuf>,
+    /// An audio clip for the next `<speech>` token (repeatable).
+    #[arg(long = "audio", value_name = "PATH")]
+    pub audios: Vec<PathBuf>,
+    /// A document (pdf, txt, md) for the next `<document>` token (repeatable).
+    #[arg(long = "document", value_name = "PATH")]
+    pub documents: Vec<PathBuf>,
+    /// An item for any modality by its data key, `KEY=PATH` (repeatable).
+    #[arg(long = "item", value_name = "KEY=PATH")]
+    pub items: Vec<String>,
+}
+
+impl ItemArgs {
+    /// The items keyed as dataset rows key them.
+    pub fn collect(&self) -> Result<ItemsByKey> {
+        let mut items = ItemsByKey::new();
+        let mut add = |key: &str, path: &std::path::Path| -> Result<()> {
+            let shown = path.to_string_lossy();
+            if shown.starts_with("http://") || shown.starts_with("https://") {
+                bail!("{shown}: URLs are not fetched by the CLI yet; download the file and pass its path");
             }
-            Some(name) => ChatTemplate::builtin(name)?.with_special_tokens(bos, eos),
-            None => match &model.chat_template {
-                Some(source) => ChatTemplate::new(format!("{} chat_template", model.name), source.clone(), bos, eos)?,
-                None => ChatTemplate::builtin("chatml")?.with_special_tokens(bos, eos),
-            },
+            if !path.is_file() {
+                bail!("{}: no such file (given for `{key}`)", path.display());
+            }
+            items.entry(key.to_string()).or_default().push(Item::Path(path.to_path_buf()));
+            Ok(())
         };
-        Ok(template)
+        for path in &self.images {
+            add("images", path)?;
+        }
+        for path in &self.audios {
+            add("speech_audios", path)?;
+        }
+        for path in &self.documents {
+            add("documents", path)?;
+        }
+        for spec in &self.items {
+            let Some((key, path)) = spec.split_once('=') else {
+                bail!("--item {spec:?}: expected KEY=PATH, e.g. images=cat.png");
+            };
+            add(key, std::path::Path::new(path))?;
+        }
+        Ok(items)
     }
 }
 
 impl SamplingArgs {
     /// Generation parameters, with EOS ids from the checkpoint.
-    pub fn params(&self, model: &LoadedModel) -> GenerationParams {
+    pub fn params(&self, model: &MultimodalModel) -> GenerationParams {
         GenerationParams {
             sampling: SamplingParams {
                 temperature: Some(self.temperature),
@@ -124,7 +168,7 @@ impl SamplingArgs {
             },
             max_new_tokens: self.max_new_tokens,
             stop_strings: self.stop_strings.clone(),
-            eos_token_ids: model.generation.eos_token_ids.clone(),
+            eos_token_ids: model.lm.generation.eos_token_ids.clone(),
             ignore_eos: self.ignore_eos,
         }
     }
@@ -151,20 +195,4 @@ fn parse_dtype(name: &str) -> Result<DType> {
         "bf16" => DType::BF16,
         other => bail!("unknown --dtype {other:?}; expected f32, f16 or bf16"),
     })
-}
-
-/// Render a conversation and tokenize it as transformers' `apply_chat_template`
-/// does: the template writes any BOS itself, so no special tokens are added.
-pub fn encode_chat(model: &LoadedModel, template: &ChatTemplate, messages: &[Message]) -> Result<Vec<u32>> {
-    let text = template.render_prompt(messages)?;
-    encode(model, &text, false)
-}
-
-/// Tokenize text, optionally with the tokenizer's own special tokens.
-pub fn encode(model: &LoadedModel, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-    let encoding = model
-        .tokenizer
-        .encode(text, add_special_tokens)
-        .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-    Ok(encoding.get_ids().to_vec())
 }

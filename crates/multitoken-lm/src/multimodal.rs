@@ -1,0 +1,387 @@
+//! A multimodal model: a decoder LM plus modalities, each with its projector.
+//!
+//! A model directory is multimodal when it holds a `multitoken.json`:
+//!
+//! ```json
+//! {
+//!   "base_model": "lm",
+//!   "modalities": [
+//!     {"builder": "vision_clip", "config": {"tower": "clip"}, "projector": "mlp2x_gelu"}
+//!   ]
+//! }
+//! ```
+//!
+//! `base_model` (an HF directory or a `.gguf`, relative to the model directory;
+//! default: the model directory itself) is loaded with [`load_model`]. Each
+//! modality is built by name through the core registry (so this crate names no
+//! concrete encoder), and its projector's weights are read from
+//! `projectors.safetensors` under `{projector_prefix}.` (default
+//! `{builder}_lmm_projector`, multi_token's module name). A directory without
+//! `multitoken.json` is a text-only model.
+//!
+//! [`MultimodalModel::generate`] is the whole data flow of DESIGN.md: prepare ids
+//! and spans, preprocess + encode + project every item, splice, then decode.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use multitoken_core::{
+    build_modality, span_embeddings, splice_embeddings, ChatTemplate, InputPreparer, Item, ItemsByKey,
+    LanguageModel, LeadingSpecialTokens, Message, Modality, ModalityContext, ModalityToken, PreparedInput,
+    PreparerConfig, Projector, ProjectorSpec,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::generate::{generate, GenerationOutput, GenerationParams};
+use crate::loader::{load_model, LoadOptions, LoadedModel};
+use crate::{Error, Result};
+
+/// The file that makes a directory a multimodal model.
+pub const MULTIMODAL_CONFIG_FILE: &str = "multitoken.json";
+/// The file holding every projector's weights.
+pub const PROJECTORS_FILE: &str = "projectors.safetensors";
+
+/// `multitoken.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultimodalConfig {
+    /// The LM checkpoint, relative to the model directory; `None` = the directory itself.
+    #[serde(default)]
+    pub base_model: Option<String>,
+    /// Built-in chat template to use when the LM ships none (e.g. `idefics2`).
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// The modalities, in the order their spans are indexed.
+    #[serde(default)]
+    pub modalities: Vec<ModalityEntry>,
+}
+
+/// One modality of `multitoken.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModalityEntry {
+    /// Registry name of the builder (`vision_clip`, `audio_whisper`, ...).
+    pub builder: String,
+    /// The builder's own settings.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// The projector from encoder features to LM embeddings.
+    pub projector: ProjectorSpec,
+    /// Key prefix of this projector in `projectors.safetensors`.
+    #[serde(default)]
+    pub projector_prefix: Option<String>,
+}
+
+impl ModalityEntry {
+    /// The projector's key prefix (multi_token's `{name}_lmm_projector` by default).
+    pub fn prefix(&self) -> String {
+        self.projector_prefix.clone().unwrap_or_else(|| format!("{}_lmm_projector", self.builder))
+    }
+}
+
+/// A modality with the projector that maps its features into the LM.
+pub struct ModalityRuntime {
+    /// The encoder side.
+    pub modality: Box<dyn Modality>,
+    /// Features `[n, width, feature_dim]` to embeddings `[n, token_width, hidden]`.
+    pub projector: Projector,
+}
+
+/// A decoder LM with its modalities, ready to prepare, embed and generate.
+pub struct MultimodalModel {
+    /// The language model and what came with its checkpoint.
+    pub lm: LoadedModel,
+    /// The modalities; a span's `modality` index points into this list.
+    pub modalities: Vec<ModalityRuntime>,
+    template: ChatTemplate,
+    chat_preparer: InputPreparer,
+    raw_preparer: InputPreparer,
+}
+
+impl MultimodalModel {
+    /// Loads a model directory or file: multimodal when it has `multitoken.json`,
+    /// a text-only LM otherwise.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let config_path = path.join(MULTIMODAL_CONFIG_FILE);
+        if !path.is_dir() || !config_path.is_file() {
+            let lm = load_model(path, opts)?;
+            return Self::from_parts(lm, Vec::new(), None);
+        }
+        let config = read_config(&config_path)?;
+        let lm_path = match &config.base_model {
+            Some(base) => resolve(path, base),
+            None => path.to_path_buf(),
+        };
+        let lm = load_model(&lm_path, opts)?;
+        let modalities = load_modalities(path, &config, &lm, opts)?;
+        let template = match &config.chat_template {
+            Some(name) if lm.chat_template.is_none() => Some(builtin_template(name, &lm)?),
+            _ => None,
+        };
+        Self::from_parts(lm, modalities, template)
+    }
+
+    /// Assembles a model from a loaded LM and modalities built elsewhere (from
+    /// Rust, or by an importer). `template` overrides the LM's own chat template.
+    pub fn from_parts(
+        lm: LoadedModel,
+        modalities: Vec<ModalityRuntime>,
+        template: Option<ChatTemplate>,
+    ) -> Result<Self> {
+        let template = match template {
+            Some(t) => t,
+            None => default_template(&lm)?,
+        };
+        for runtime in &modalities {
+            check_projector(runtime, lm.model.hidden_size())?;
+        }
+        let (chat_preparer, raw_preparer) = build_preparers(&lm, &modalities, &template)?;
+        Ok(Self { lm, modalities, template, chat_preparer, raw_preparer })
+    }
+
+    /// Replaces the chat template (e.g. a built-in one, or jinja from a file).
+    pub fn set_chat_template(&mut self, template: ChatTemplate) -> Result<()> {
+        let (chat_preparer, raw_preparer) = build_preparers(&self.lm, &self.modalities, &template)?;
+        self.template = template;
+        self.chat_preparer = chat_preparer;
+        self.raw_preparer = raw_preparer;
+        Ok(())
+    }
+
+    /// The chat template in use.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The language model.
+    pub fn language_model(&self) -> &dyn LanguageModel {
+        self.lm.model.as_ref()
+    }
+
+    /// The modality tokens this model reads, e.g. `["<image>", "<speech>"]`.
+    pub fn modality_tokens(&self) -> Vec<&str> {
+        self.modalities.iter().map(|m| m.modality.token()).collect()
+    }
+
+    /// The modality reading items under `data_key`, with its index.
+    pub fn modality_for_key(&self, data_key: &str) -> Option<(usize, &ModalityRuntime)> {
+        self.modalities.iter().enumerate().find(|(_, m)| m.modality.data_key() == data_key)
+    }
+
+    /// Ids and spans of a chat rendered with the model's template plus the
+    /// opening of the assistant turn.
+    pub fn prepare_chat(&self, messages: &[Message], items: &ItemsByKey) -> Result<PreparedInput> {
+        Ok(self.chat_preparer.prepare_generation(messages, items)?)
+    }
+
+    /// Ids and spans of a raw prompt (tokenizer's special tokens, no template).
+    pub fn prepare_raw(&self, text: &str, items: &ItemsByKey) -> Result<PreparedInput> {
+        Ok(self.raw_preparer.prepare_text(text, items)?)
+    }
+
+    /// The preparer for training rows (labels on assistant turns).
+    pub fn chat_preparer(&self) -> &InputPreparer {
+        &self.chat_preparer
+    }
+
+    /// Preprocesses, encodes and projects items of modality `index`:
+    /// `[items, token_width, hidden]` in the LM dtype.
+    pub fn project_items(&self, index: usize, items: &[Item]) -> Result<Tensor> {
+        let runtime = self
+            .modalities
+            .get(index)
+            .ok_or_else(|| Error::Msg(format!("no modality with index {index}")))?;
+        let modality = runtime.modality.as_ref();
+        let mut projected = Vec::with_capacity(items.len());
+        for (k, item) in items.iter().enumerate() {
+            let describe = || format!("{} item {} ({})", modality.data_key(), k + 1, describe_item(item));
+            let features = modality
+                .preprocess(item)
+                .and_then(|pre| modality.encode(&pre.unsqueeze(0)?))
+                .map_err(|e| Error::Msg(format!("{}: {e}", describe())))?;
+            let features = as_feature_batch(&features, modality)?.to_dtype(self.lm.model.dtype())?;
+            let embeds = runtime.projector.forward(&features).map_err(|e| Error::Msg(format!("{}: {e}", describe())))?;
+            projected.push(embeds);
+        }
+        if projected.is_empty() {
+            let hidden = self.lm.model.hidden_size();
+            return Ok(Tensor::zeros((0, modality.token_width(), hidden), self.lm.model.dtype(), self.lm.model.device())?);
+        }
+        Ok(Tensor::cat(&projected, 0)?.to_dtype(self.lm.model.dtype())?)
+    }
+
+    /// Input embeddings `[1, seq, hidden]` of a prepared row: token embeddings
+    /// with every item's projected embeddings spliced in at its span.
+    pub fn embed(&self, prepared: &PreparedInput, items: &ItemsByKey) -> Result<Tensor> {
+        let lm = self.lm.model.as_ref();
+        let ids = Tensor::new(prepared.input_ids.as_slice(), lm.device())?.unsqueeze(0)?;
+        let token_embeds = lm.embed_tokens(&ids)?;
+        if prepared.spans.is_empty() {
+            return Ok(token_embeds);
+        }
+        let mut projected = Vec::with_capacity(self.modalities.len());
+        for (index, runtime) in self.modalities.iter().enumerate() {
+            let given = items.get(runtime.modality.data_key()).map(Vec::as_slice).unwrap_or(&[]);
+            // Truncation may have dropped trailing items; encode only those still spliced.
+            let used = prepared.spans.iter().filter(|s| s.modality == index).count().min(given.len());
+            projected.push(self.project_items(index, &given[..used])?);
+        }
+        let spans = span_embeddings(&prepared.spans, &projected)?;
+        Ok(splice_embeddings(&token_embeds, &[spans])?)
+    }
+
+    /// Generates a reply to a prepared row, streaming text through `on_text`.
+    pub fn generate(
+        &self,
+        prepared: &PreparedInput,
+        items: &ItemsByKey,
+        params: &GenerationParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerationOutput> {
+        let embeds = self.embed(prepared, items)?;
+        generate(self.lm.model.as_ref(), &self.lm.tokenizer, &embeds, &prepared.input_ids, params, on_text)
+    }
+
+}
+
+/// The chat preparer (template writes any BOS, as transformers'
+/// `apply_chat_template`) and the raw one (the tokenizer's own special tokens, as
+/// `tokenizer(text)`).
+fn build_preparers(
+    lm: &LoadedModel,
+    modalities: &[ModalityRuntime],
+    template: &ChatTemplate,
+) -> Result<(InputPreparer, InputPreparer)> {
+    let tokens: Vec<ModalityToken> = modalities.iter().map(|m| ModalityToken::of(m.modality.as_ref())).collect();
+    let preparer = |leading| {
+        InputPreparer::new(
+            lm.tokenizer.clone(),
+            template.clone(),
+            tokens.clone(),
+            PreparerConfig {
+                placeholder_id: lm.special_tokens.pad_token_id.unwrap_or(0),
+                model_max_length: Some(lm.model.max_context()),
+                leading_special_tokens: leading,
+            },
+        )
+    };
+    Ok((preparer(LeadingSpecialTokens::TemplateOnly)?, preparer(LeadingSpecialTokens::AddOnce)?))
+}
+
+/// Reads and validates `multitoken.json`.
+pub fn read_config(path: &Path) -> Result<MultimodalConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), message: e.to_string() })
+}
+
+fn resolve(dir: &Path, relative: &str) -> PathBuf {
+    let path = Path::new(relative);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        dir.join(path)
+    }
+}
+
+fn load_modalities(
+    dir: &Path,
+    config: &MultimodalConfig,
+    lm: &LoadedModel,
+    opts: &LoadOptions,
+) -> Result<Vec<ModalityRuntime>> {
+    if config.modalities.is_empty() {
+        return Ok(Vec::new());
+    }
+    let projectors_path = dir.join(PROJECTORS_FILE);
+    if !projectors_path.is_file() {
+        return Err(Error::Io {
+            path: projectors_path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "the projector weights are missing"),
+        });
+    }
+    // SAFETY: the file is memory-mapped read-only; like every mmap-based loader we
+    // rely on nobody truncating it while the model is alive.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[&projectors_path], opts.dtype, &opts.device)
+    }
+    .map_err(|e| Error::Msg(format!("{}: {e}", projectors_path.display())))?;
+    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let hidden = lm.model.hidden_size();
+    config
+        .modalities
+        .iter()
+        .map(|entry| {
+            let modality = build_modality(&entry.builder, &entry.config, &context)
+                .map_err(|e| Error::Msg(format!("{}: modality `{}`: {e}", dir.join(MULTIMODAL_CONFIG_FILE).display(), entry.builder)))?;
+            let projector = Projector::load(entry.projector, modality.feature_dim(), hidden, vb.pp(entry.prefix()))
+                .map_err(|e| {
+                    Error::Msg(format!("{}: projector `{}` of `{}`: {e}", projectors_path.display(), entry.prefix(), entry.builder))
+                })?;
+            Ok(ModalityRuntime { modality, projector })
+        })
+        .collect()
+}
+
+/// The LM's own template, else ChatML, with the tokenizer's BOS/EOS strings.
+fn default_template(lm: &LoadedModel) -> Result<ChatTemplate> {
+    let (bos, eos) = special_strings(lm);
+    Ok(match &lm.chat_template {
+        Some(source) => ChatTemplate::new(format!("{} chat_template", lm.name), source.clone(), bos, eos)?,
+        None => ChatTemplate::builtin("chatml")?.with_special_tokens(bos, eos),
+    })
+}
+
+/// A built-in template with the LM's BOS/EOS strings.
+pub fn builtin_template(name: &str, lm: &LoadedModel) -> Result<ChatTemplate> {
+    let (bos, eos) = special_strings(lm);
+    Ok(ChatTemplate::builtin(name)?.with_special_tokens(bos, eos))
+}
+
+fn special_strings(lm: &LoadedModel) -> (String, String) {
+    let bos = lm.special_tokens.bos_token.clone().unwrap_or_default();
+    let eos = lm.special_tokens.eos_token.clone().unwrap_or_default();
+    (bos, eos)
+}
+
+fn check_projector(runtime: &ModalityRuntime, hidden: usize) -> Result<()> {
+    let modality = runtime.modality.as_ref();
+    if runtime.projector.hidden_size() != hidden {
+        return Err(Error::Msg(format!(
+            "the projector of `{}` outputs width {} but the LM's hidden size is {hidden}",
+            modality.name(),
+            runtime.projector.hidden_size()
+        )));
+    }
+    if runtime.projector.feature_dim() != modality.feature_dim() {
+        return Err(Error::Msg(format!(
+            "the projector of `{}` reads width {} but the encoder gives {}",
+            modality.name(),
+            runtime.projector.feature_dim(),
+            modality.feature_dim()
+        )));
+    }
+    Ok(())
+}
+
+/// Encoder output as `[n, width, feature_dim]` (a pooled `[n, feature_dim]` is
+/// kept as is: the vector projector reads it).
+fn as_feature_batch(features: &Tensor, modality: &dyn Modality) -> Result<Tensor> {
+    let last = features.dims().last().copied().unwrap_or(0);
+    if last != modality.feature_dim() {
+        return Err(Error::Msg(format!(
+            "modality `{}` encoded features of shape {:?}, expected a last dimension of {}",
+            modality.name(),
+            features.dims(),
+            modality.feature_dim()
+        )));
+    }
+    Ok(features.clone())
+}
+
+fn describe_item(item: &Item) -> String {
+    match item {
+        Item::Path(path) => path.display().to_string(),
+        Item::Bytes(bytes) => format!("{} bytes", bytes.len()),
+        Item::Text(text) => format!("{} characters of text", text.chars().count()),
+    }
+}

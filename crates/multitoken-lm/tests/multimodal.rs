@@ -1,0 +1,179 @@
+//! The multimodal pipeline end to end with a test modality: `multitoken.json`
+//! loading, the registry, projectors from `projectors.safetensors`, the splice,
+//! generation, and the errors a user can cause.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use multitoken_core::{
+    Item, ItemsByKey, Modality, ModalityBuilder, ModalityContext, ProjectorSpec, Result as CoreResult,
+};
+use multitoken_lm::generate::GenerationParams;
+use multitoken_lm::loader::LoadOptions;
+use multitoken_lm::multimodal::MultimodalModel;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const FEATURES: usize = 5;
+const WIDTH: usize = 3;
+
+/// Features derived from the item's bytes: `[WIDTH, FEATURES]` of byte values / 255.
+struct ByteSensor;
+
+impl Modality for ByteSensor {
+    fn name(&self) -> &str {
+        "test_bytes"
+    }
+    fn token(&self) -> &str {
+        "<blob>"
+    }
+    fn data_key(&self) -> &str {
+        "blobs"
+    }
+    fn token_width(&self) -> usize {
+        WIDTH
+    }
+    fn feature_dim(&self) -> usize {
+        FEATURES
+    }
+    fn preprocess(&self, item: &Item) -> CoreResult<Tensor> {
+        let Item::Bytes(bytes) = item else {
+            return Err(multitoken_core::Error::msg("test_bytes reads bytes only"));
+        };
+        if bytes.is_empty() {
+            return Err(multitoken_core::Error::msg("empty blob"));
+        }
+        let values: Vec<f32> =
+            (0..WIDTH * FEATURES).map(|i| f32::from(bytes[i % bytes.len()]) / 255.0).collect();
+        Ok(Tensor::from_vec(values, (WIDTH, FEATURES), &Device::Cpu)?)
+    }
+    fn encode(&self, batch: &Tensor) -> CoreResult<Tensor> {
+        Ok(batch.clone())
+    }
+    fn projector(&self) -> ProjectorSpec {
+        ProjectorSpec::MlpGelu { depth: 2 }
+    }
+}
+
+fn build_byte_sensor(_config: &serde_json::Value, _context: &ModalityContext) -> CoreResult<Box<dyn Modality>> {
+    Ok(Box::new(ByteSensor))
+}
+
+multitoken_core::inventory::submit! {
+    ModalityBuilder { name: "test_bytes", build: build_byte_sensor }
+}
+
+fn llama_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lm/llama")
+}
+
+/// A multimodal model directory around the llama fixture, with random projector weights.
+fn model_dir(name: &str, multitoken_json: &str, with_projectors: bool) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("multitoken-mm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("multitoken.json"), multitoken_json)?;
+    if with_projectors {
+        let hidden = 64;
+        let dev = Device::Cpu;
+        let tensors: HashMap<String, Tensor> = [
+            ("test_bytes_lmm_projector.0.weight", Tensor::randn(0f32, 0.5, (hidden, FEATURES), &dev)?),
+            ("test_bytes_lmm_projector.0.bias", Tensor::randn(0f32, 0.5, hidden, &dev)?),
+            ("test_bytes_lmm_projector.2.weight", Tensor::randn(0f32, 0.2, (hidden, hidden), &dev)?),
+            ("test_bytes_lmm_projector.2.bias", Tensor::randn(0f32, 0.2, hidden, &dev)?),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        candle_core::safetensors::save(&tensors, dir.join("projectors.safetensors"))?;
+    }
+    Ok(dir)
+}
+
+fn config_json() -> String {
+    serde_json::json!({
+        "base_model": llama_fixture(),
+        "modalities": [{"builder": "test_bytes", "projector": "mlp2x_gelu"}]
+    })
+    .to_string()
+}
+
+fn blobs(items: &[&[u8]]) -> ItemsByKey {
+    BTreeMap::from([("blobs".to_string(), items.iter().map(|b| Item::Bytes(b.to_vec())).collect())])
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, Box<dyn std::error::Error>> {
+    Ok(a.sub(b)?.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?)
+}
+
+/// Spliced rows are the projected items (k-th token, k-th item); the rest are token embeddings.
+#[test]
+fn items_are_spliced_at_their_spans() -> TestResult {
+    let dir = model_dir("splice", &config_json(), true)?;
+    let model = MultimodalModel::load(&dir, &LoadOptions::default())?;
+    assert_eq!(model.modality_tokens(), vec!["<blob>"]);
+    let items = blobs(&[b"first", b"second item"]);
+    let prepared = model.prepare_raw("one <blob> two <blob> three", &items)?;
+    assert_eq!(prepared.spans.len(), 2);
+    let embeds = model.embed(&prepared, &items)?.squeeze(0)?;
+    let projected = model.project_items(0, &[Item::Bytes(b"first".to_vec()), Item::Bytes(b"second item".to_vec())])?;
+    for span in &prepared.spans {
+        let got = embeds.narrow(0, span.start, span.len)?;
+        let want = projected.get(span.item_index)?;
+        assert!(max_abs_diff(&got, &want)? == 0.0, "span {span:?} does not hold item {}", span.item_index);
+    }
+    let ids = Tensor::new(prepared.input_ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let tokens = model.language_model().embed_tokens(&ids)?.squeeze(0)?;
+    assert!(max_abs_diff(&embeds.narrow(0, 0, prepared.spans[0].start)?, &tokens.narrow(0, 0, prepared.spans[0].start)?)? == 0.0);
+    // The two items differ, so a swapped splice would be caught above.
+    assert!(max_abs_diff(&projected.get(0)?, &projected.get(1)?)? > 0.0);
+
+    let output = model.generate(&prepared, &items, &GenerationParams { max_new_tokens: 4, ignore_eos: true, ..Default::default() }, &mut |_| true)?;
+    assert_eq!(output.token_ids.len(), 4);
+    assert_eq!(output.prompt_tokens, prepared.input_ids.len());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A text-only directory loads as a plain LM, and its embeddings are the token embeddings.
+#[test]
+fn a_plain_lm_is_a_model_without_modalities() -> TestResult {
+    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu })?;
+    assert!(model.modalities.is_empty());
+    let prepared = model.prepare_raw("hello", &ItemsByKey::new())?;
+    assert!(prepared.spans.is_empty());
+    assert_eq!(model.embed(&prepared, &ItemsByKey::new())?.dims(), &[1, prepared.input_ids.len(), 64]);
+    Ok(())
+}
+
+fn check_error(name: &str, json: &str, with_projectors: bool, text: &str, items: ItemsByKey, needles: &[&str]) -> TestResult {
+    let dir = model_dir(name, json, with_projectors)?;
+    let result = MultimodalModel::load(&dir, &LoadOptions::default())
+        .and_then(|model| {
+            let prepared = model.prepare_raw(text, &items)?;
+            model.embed(&prepared, &items)
+        });
+    std::fs::remove_dir_all(&dir)?;
+    let message = match result {
+        Ok(_) => return Err(format!("{name}: expected an error").into()),
+        Err(e) => e.to_string(),
+    };
+    for needle in needles {
+        assert!(message.contains(needle), "{name}: {message:?} should mention {needle:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_a_clear_error() -> TestResult {
+    let ok = config_json();
+    check_error("count", &ok, true, "<blob> and <blob>", blobs(&[b"only one"]), &["2", "1", "<blob>"])?;
+    check_error("empty-item", &ok, true, "<blob>", blobs(&[b""]), &["blobs item 1", "empty blob"])?;
+    check_error("no-projectors", &ok, false, "x", ItemsByKey::new(), &["projectors.safetensors"])?;
+    let unknown = ok.replace("test_bytes", "vision_nonexistent");
+    check_error("unknown", &unknown, true, "x", ItemsByKey::new(), &["vision_nonexistent", "test_bytes"])?;
+    check_error("malformed", "{\"modalities\": [", true, "x", ItemsByKey::new(), &["multitoken.json"])?;
+    let wrong_key = ok.replace("mlp2x_gelu", "mlp3x_gelu");
+    check_error("projector-keys", &wrong_key, true, "x", ItemsByKey::new(), &["test_bytes_lmm_projector"])?;
+    Ok(())
+}
