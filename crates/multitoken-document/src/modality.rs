@@ -1,0 +1,296 @@
+//! The `<document>` modality: multi_token's `document_gte`, and `document_minilm`
+//! with all-MiniLM-L6-v2 as the default encoder.
+//!
+//! An item (a path, bytes or inline text) is extracted to text, cut into encoder
+//! windows, and each window embedded by the sentence encoder; the window
+//! embeddings are averaged into one vector per document, which multi_token's vector
+//! projector turns into `num_tokens` LM positions.
+//!
+//! `preprocess` gives the token windows of one document as a `u32` tensor
+//! `[chunks, 2, seq]` (row 0 the ids, row 1 the attention mask); `encode` takes a
+//! batch `[n, chunks, 2, seq]` (documents with fewer chunks padded with all-zero
+//! masks, which are skipped) and gives `[n, feature_dim]`.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use multitoken_core::{Item, Modality, ModalityContext, ProjectorSpec};
+use serde::Deserialize;
+
+use crate::chunk::ChunkConfig;
+use crate::encoder::SentenceEncoder;
+use crate::extract::{describe_item, extract_item, ExtractConfig, DEFAULT_MAX_BYTES};
+use crate::{Error, Result};
+
+/// The modality's token.
+pub const DOCUMENT_TOKEN: &str = "<document>";
+/// The dataset key of its items.
+pub const DOCUMENT_DATA_KEY: &str = "documents";
+
+/// The modality's config, as written in `multitoken.json`:
+///
+/// ```json
+/// {"encoder": "document_encoder", "chunk_tokens": 512, "chunk_overlap": 32,
+///  "pooling": "mean", "num_tokens": 4, "num_layers": 2, "max_bytes": 67108864}
+/// ```
+///
+/// `encoder` is a sentence-transformers directory, relative to the model
+/// directory (or absolute).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentConfig {
+    /// The sentence-transformers model directory.
+    pub encoder: Option<String>,
+    /// Tokens per chunk, special tokens included; default: the encoder's
+    /// `max_seq_length`.
+    #[serde(default)]
+    pub chunk_tokens: Option<usize>,
+    /// Tokens shared by consecutive chunks.
+    #[serde(default = "default_overlap")]
+    pub chunk_overlap: usize,
+    /// How chunk embeddings become the item's features; only `mean` (one vector
+    /// per document, multi_token's behaviour) is implemented.
+    #[serde(default = "default_pooling")]
+    pub pooling: String,
+    /// LM positions per document (multi_token: 4; its x16 variant: 32).
+    #[serde(default = "default_num_tokens")]
+    pub num_tokens: usize,
+    /// Linear layers in each of the vector projector's MLPs.
+    #[serde(default = "default_num_layers")]
+    pub num_layers: usize,
+    /// Documents over this many bytes are rejected.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_overlap() -> usize {
+    ChunkConfig::default().overlap
+}
+fn default_pooling() -> String {
+    "mean".to_string()
+}
+fn default_num_tokens() -> usize {
+    4
+}
+fn default_num_layers() -> usize {
+    2
+}
+fn default_max_bytes() -> u64 {
+    DEFAULT_MAX_BYTES
+}
+
+/// The document modality: extraction, chunking and a frozen sentence encoder.
+#[derive(Debug)]
+pub struct DocumentModality {
+    name: &'static str,
+    encoder: SentenceEncoder,
+    chunking: ChunkConfig,
+    extract: ExtractConfig,
+    projector: ProjectorSpec,
+}
+
+impl DocumentModality {
+    /// Builds the modality registered as `name` from its config: loads the encoder
+    /// named by `config.encoder`, resolved against the context's model directory.
+    pub fn new(name: &'static str, config: &DocumentConfig, context: &ModalityContext) -> Result<Self> {
+        let encoder_dir = config.encoder.as_deref().ok_or_else(|| {
+            Error::Config(format!(
+                "{name} needs `encoder`: a sentence-transformers directory, relative to the model \
+                 directory"
+            ))
+        })?;
+        let encoder = SentenceEncoder::load(context.resolve(encoder_dir), &context.device, context.dtype)?;
+        Self::with_encoder(name, config, encoder)
+    }
+
+    /// The modality around an already loaded encoder (`config.encoder` is ignored).
+    pub fn with_encoder(name: &'static str, config: &DocumentConfig, encoder: SentenceEncoder) -> Result<Self> {
+        if config.pooling != "mean" {
+            return Err(Error::Config(format!(
+                "pooling `{}` is not supported; use `mean` (one vector per document)",
+                config.pooling
+            )));
+        }
+        let projector = ProjectorSpec::VectorMlp {
+            num_layers: config.num_layers,
+            num_tokens: config.num_tokens,
+        };
+        projector
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let chunking = ChunkConfig {
+            max_tokens: config.chunk_tokens,
+            overlap: config.chunk_overlap,
+        };
+        // Fail now, not on the first document, when the chunk settings cannot work.
+        encoder.chunk("settings check", &chunking)?;
+        Ok(Self {
+            name,
+            encoder,
+            chunking,
+            extract: ExtractConfig {
+                max_bytes: config.max_bytes,
+            },
+            projector,
+        })
+    }
+
+    /// The sentence encoder.
+    pub fn encoder(&self) -> &SentenceEncoder {
+        &self.encoder
+    }
+
+    /// The extracted, normalised text of an item.
+    pub fn extract(&self, item: &Item) -> Result<String> {
+        extract_item(item, &self.extract)
+    }
+
+    /// Token windows of an item: `[chunks, 2, seq]` u32 (ids, attention mask).
+    pub fn windows(&self, item: &Item) -> Result<Tensor> {
+        let text = self.extract(item)?;
+        let chunks = self.encoder.chunk(&text, &self.chunking)?;
+        if chunks.is_empty() {
+            return Err(Error::Empty {
+                item: describe_item(item),
+            });
+        }
+        pack_windows(&chunks, &Device::Cpu)
+    }
+
+    /// Encodes a batch `[n, chunks, 2, seq]` (or one item's `[chunks, 2, seq]`) to
+    /// `[n, feature_dim]`.
+    pub fn encode_windows(&self, batch: &Tensor) -> Result<Tensor> {
+        let batch = match batch.rank() {
+            3 => batch.unsqueeze(0)?,
+            4 => batch.clone(),
+            rank => {
+                return Err(Error::Input(format!(
+                    "expects preprocessed windows [n, chunks, 2, seq], got rank {rank} shape {:?}",
+                    batch.dims()
+                )))
+            }
+        };
+        let (n, _, two, _) = batch.dims4()?;
+        if two != 2 {
+            return Err(Error::Input(format!(
+                "expects [n, chunks, 2 (ids, mask), seq], got shape {:?}",
+                batch.dims()
+            )));
+        }
+        let batch = batch.to_dtype(DType::U32)?;
+        let mut owners = Vec::with_capacity(n);
+        let mut sequences = Vec::new();
+        for item in 0..n {
+            let windows = batch.i(item)?.to_vec3::<u32>()?;
+            let start = sequences.len();
+            for window in windows {
+                let [ids, mask] = window.as_slice() else {
+                    continue;
+                };
+                let len = mask.iter().take_while(|&&m| m != 0).count();
+                if len > 0 {
+                    sequences.push(ids[..len].to_vec());
+                }
+            }
+            if sequences.len() == start {
+                return Err(Error::Input(format!("document {} of the batch has no windows", item + 1)));
+            }
+            owners.push(start..sequences.len());
+        }
+        let embeddings = self.encoder.embed_ids(&sequences)?;
+        let rows = owners
+            .into_iter()
+            .map(|range| self.encoder.combine_chunks(&embeddings.narrow(0, range.start, range.len())?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// One document's feature vector `[feature_dim]`: preprocess and encode.
+    pub fn embed_item(&self, item: &Item) -> Result<Tensor> {
+        Ok(self.encode_windows(&self.windows(item)?)?.squeeze(0)?)
+    }
+}
+
+/// Windows as `[chunks, 2, longest]` u32: ids (padded with 0) and mask.
+fn pack_windows(chunks: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let width = chunks.iter().map(Vec::len).max().unwrap_or(0);
+    let mut data = Vec::with_capacity(chunks.len() * 2 * width);
+    for chunk in chunks {
+        data.extend_from_slice(chunk);
+        data.extend(std::iter::repeat_n(0u32, width - chunk.len()));
+        data.extend(std::iter::repeat_n(1u32, chunk.len()));
+        data.extend(std::iter::repeat_n(0u32, width - chunk.len()));
+    }
+    Ok(Tensor::from_vec(data, (chunks.len(), 2, width), device)?)
+}
+
+impl Modality for DocumentModality {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn token(&self) -> &str {
+        DOCUMENT_TOKEN
+    }
+    fn data_key(&self) -> &str {
+        DOCUMENT_DATA_KEY
+    }
+    fn token_width(&self) -> usize {
+        self.projector.output_width(1)
+    }
+    fn feature_dim(&self) -> usize {
+        self.encoder.dim()
+    }
+    fn preprocess(&self, item: &Item) -> multitoken_core::Result<Tensor> {
+        Ok(self.windows(item)?)
+    }
+    fn encode(&self, batch: &Tensor) -> multitoken_core::Result<Tensor> {
+        Ok(self.encode_windows(batch)?)
+    }
+    fn projector(&self) -> ProjectorSpec {
+        self.projector
+    }
+}
+
+/// Parses a builder config; `null` means all defaults.
+fn parse_config(name: &str, config: &serde_json::Value) -> Result<DocumentConfig> {
+    let value = if config.is_null() {
+        serde_json::json!({})
+    } else {
+        config.clone()
+    };
+    serde_json::from_value(value).map_err(|e| Error::Config(format!("{name}: {e}")))
+}
+
+fn build(
+    name: &'static str,
+    default_encoder: Option<&str>,
+    config: &serde_json::Value,
+    context: &ModalityContext,
+) -> multitoken_core::Result<Box<dyn Modality>> {
+    let mut config = parse_config(name, config)?;
+    if config.encoder.is_none() {
+        // A copy next to the model wins over the one `cargo xtask weights` installed.
+        config.encoder = default_encoder.map(|dir| {
+            if context.resolve(dir).is_dir() {
+                dir.to_string()
+            } else {
+                crate::default_minilm_dir().display().to_string()
+            }
+        });
+    }
+    Ok(Box::new(DocumentModality::new(name, &config, context)?))
+}
+
+fn build_gte(config: &serde_json::Value, context: &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>> {
+    build("document_gte", None, config, context)
+}
+
+fn build_minilm(config: &serde_json::Value, context: &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>> {
+    build("document_minilm", Some("all-minilm-l6-v2"), config, context)
+}
+
+multitoken_core::inventory::submit! {
+    multitoken_core::ModalityBuilder { name: "document_gte", build: build_gte }
+}
+
+multitoken_core::inventory::submit! {
+    multitoken_core::ModalityBuilder { name: "document_minilm", build: build_minilm }
+}
