@@ -6,6 +6,7 @@ mod bench;
 mod fixtures;
 mod tidy;
 mod weights;
+mod whisper_ct2;
 
 use anyhow::{bail, Result};
 

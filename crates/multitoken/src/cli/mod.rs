@@ -2,7 +2,9 @@
 
 mod chat;
 mod generate;
+mod mel;
 mod model_args;
+mod transcribe;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,12 +23,20 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat in the terminal; answers stream as they are generated.
     Chat(chat::ChatArgs),
+    /// Print Whisper's log-mel spectrogram of an audio file.
+    Mel(mel::MelArgs),
+    /// Transcribe an audio file with Whisper (greedy).
+    Transcribe(transcribe::TranscribeArgs),
 }
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    // Keep the audio modality's registry entry in the binary.
+    multitoken_audio::link();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Mel(args) => mel::run(args),
+        Command::Transcribe(args) => transcribe::run(args),
     }
 }

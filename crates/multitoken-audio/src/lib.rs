@@ -1,0 +1,60 @@
+//! The Whisper audio modality for multitoken (`<speech>`, data key `speech_audios`).
+//!
+//! The pipeline, one module each:
+//!
+//! 1. [`decode`]: wav, flac, mp3 and ogg/vorbis bytes -> interleaved f32 with symphonia,
+//!    mono downmix, checks (empty, NaN/inf, length limit, truncation);
+//! 2. [`resample`]: band-limited resampling to 16 kHz (polyphase Kaiser-windowed sinc);
+//! 3. [`mel`]: transformers' `WhisperFeatureExtractor` log-mel, one `[n_mels, 3000]`
+//!    array per 30 s window;
+//! 4. [`whisper`]: the Whisper encoder and decoder on candle from HF checkpoints;
+//! 5. [`modality`]: the `audio_whisper` [`Modality`](multitoken_core::Modality),
+//!    registered with `inventory`;
+//! 6. [`transcribe`]: greedy transcription.
+//!
+//! ```
+//! use multitoken_audio::{mel::LogMel, to_mono_16k, DecodeConfig};
+//!
+//! # fn main() -> multitoken_audio::Result<()> {
+//! // One second of a 440 Hz stereo tone at 44.1 kHz, from Rust.
+//! let stereo: Vec<f32> = (0..44_100)
+//!     .flat_map(|i| {
+//!         let v = (i as f32 * 440.0 * std::f32::consts::TAU / 44_100.0).sin() * 0.3;
+//!         [v, v]
+//!     })
+//!     .collect();
+//! let mono = to_mono_16k("tone", &stereo, 44_100, 2, &DecodeConfig::default())?;
+//! assert_eq!(mono.len(), 16_000);
+//! let mel = LogMel::new(80)?.compute(&mono);
+//! assert_eq!(mel.windows.len(), 1);
+//! assert_eq!(mel.windows[0].len(), 80 * 3000);
+//! # Ok(())
+//! # }
+//! ```
+
+// Tests may unwrap and panic: a failure there is the report.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod decode;
+pub mod error;
+pub mod mel;
+pub mod modality;
+pub mod resample;
+pub mod transcribe;
+pub mod whisper;
+
+pub use decode::{decode_bytes, decode_item, load_audio, to_mono_16k, DecodeConfig, DecodedAudio};
+pub use error::{Error, Result};
+pub use mel::{LogMel, MelWindows};
+pub use modality::{AudioConfig, FeatureMode, WhisperAudio, AUDIO_WHISPER};
+pub use transcribe::{Transcriber, Transcript};
+pub use whisper::{Whisper, WhisperConfig};
+
+/// Whisper's sample rate in Hz.
+pub const SAMPLE_RATE: u32 = 16_000;
+
+/// Forces the linker to keep this crate's `inventory` registration in a binary: call
+/// it once (e.g. from `main`); it does nothing else.
+pub fn link() {
+    modality::keep_registration();
+}
