@@ -1,10 +1,9 @@
 //! Subcommands of the `multitoken` binary, one file each.
 
 mod chat;
+mod embed;
 mod generate;
-mod mel;
 mod model_args;
-mod transcribe;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,20 +22,17 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat in the terminal; answers stream as they are generated.
     Chat(chat::ChatArgs),
-    /// Print Whisper's log-mel spectrogram of an audio file.
-    Mel(mel::MelArgs),
-    /// Transcribe an audio file with Whisper (greedy).
-    Transcribe(transcribe::TranscribeArgs),
+    /// Sentence embeddings of documents and texts (one JSON row per input with --json).
+    Embed(embed::EmbedArgs),
 }
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    // Keep the audio modality's registry entry in the binary.
-    multitoken_audio::link();
+    // Keep the document modality's registry entries in the binary.
+    multitoken_document::link();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
-        Command::Mel(args) => mel::run(args),
-        Command::Transcribe(args) => transcribe::run(args),
+        Command::Embed(args) => embed::run(args),
     }
 }
