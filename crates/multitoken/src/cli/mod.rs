@@ -3,7 +3,9 @@
 mod chat;
 mod embed;
 mod generate;
+mod mel;
 mod model_args;
+mod transcribe;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,15 +26,23 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Sentence embeddings of documents and texts (one JSON row per input with --json).
     Embed(embed::EmbedArgs),
+    /// Print Whisper's log-mel spectrogram of an audio file.
+    Mel(mel::MelArgs),
+    /// Transcribe an audio file with Whisper (greedy).
+    Transcribe(transcribe::TranscribeArgs),
 }
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     // Keep the document modality's registry entries in the binary.
     multitoken_document::link();
+    // Keep the audio modality's registry entry in the binary.
+    multitoken_audio::link();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Mel(args) => mel::run(args),
+        Command::Transcribe(args) => transcribe::run(args),
     }
 }
