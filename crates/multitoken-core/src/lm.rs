@@ -18,10 +18,12 @@ pub enum LogitsSelection {
 
 /// Per-layer key/value cache, passed explicitly to every forward call.
 ///
-/// Keys and values are stored as `[batch, kv_heads, seq, head_dim]`. The cache
-/// also remembers the attention mask seen so far so that left-padded batches keep
-/// masking their padding during decode.
-#[derive(Debug, Clone, Default)]
+/// Keys and values are stored as `[batch, kv_heads, capacity, head_dim]`
+/// buffers of which the first [`KvCache::seen`] positions are filled (models
+/// write new positions in place). The cache also remembers the attention mask
+/// seen so far so that left-padded batches keep masking their padding during
+/// decode. Cloning copies the buffers, so a clone can be extended on its own.
+#[derive(Debug, Default)]
 pub struct KvCache {
     /// One `(keys, values)` pair per decoder layer, `None` until first used.
     pub layers: Vec<Option<(Tensor, Tensor)>>,
@@ -29,6 +31,24 @@ pub struct KvCache {
     pub attention_mask: Option<Tensor>,
     /// Number of positions already cached.
     pub seen: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        // Deep copies: models write into the buffers in place, so a shallow
+        // clone would let two conversations overwrite each other's positions.
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer.as_ref().and_then(|(k, v)| match (k.copy(), v.copy()) {
+                    (Ok(k), Ok(v)) => Some((k, v)),
+                    _ => None,
+                })
+            })
+            .collect();
+        Self { layers, attention_mask: self.attention_mask.clone(), seen: self.seen }
+    }
 }
 
 impl KvCache {

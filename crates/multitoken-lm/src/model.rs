@@ -225,7 +225,7 @@ impl CausalLm {
                     m
                 }
             };
-            x = layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), layer_cache)?;
+            x = layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), layer_cache, seen)?;
         }
         cache.seen = seen + t;
         cache.attention_mask = full_mask;
@@ -333,9 +333,10 @@ impl DecoderLayer {
         cos_sin: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
+        seen: usize,
     ) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&normed, rope, cos_sin, mask, cache)?;
+        let attn = self.self_attn.forward(&normed, rope, cos_sin, mask, cache, seen)?;
         match &self.post_attention_layernorm {
             // phi-2: x + attn(ln(x)) + mlp(ln(x))
             None => Ok(((x + attn)? + self.mlp.forward(&normed)?)?),

@@ -28,7 +28,8 @@ pub(crate) struct Attention {
 
 impl Attention {
     /// `x`: `[b, t, hidden]`; `mask`: additive f32 `[b|1, 1, 1, t, kv]`;
-    /// `cache`: this layer's keys/values `[b, kv_heads, seen, head_dim]`.
+    /// `cache`: this layer's key/value buffers `[b, kv_heads, capacity, head_dim]`
+    /// of which the first `seen` positions are filled.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -36,6 +37,7 @@ impl Attention {
         cos_sin: &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
+        seen: usize,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -48,14 +50,7 @@ impl Attention {
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?;
         let k = rope.apply(&k, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (
-                Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
-                Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
-            ),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
+        let (k, v) = append_to_cache(cache, k, v, seen)?;
         let kv_len = k.dim(2)?;
         let n_rep = nh / nkv;
 
@@ -78,6 +73,45 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 }
+
+/// Writes the new keys/values into the layer's buffers and returns views of
+/// every position so far.
+///
+/// The buffers have room to grow along the sequence axis (doubling), so a
+/// decode step writes one position instead of copying the whole cache, which
+/// was about a third of the bytes a quantized decode step reads. On a fresh
+/// cache the new keys/values themselves are returned, not the buffer views:
+/// `slice_set` is not tracked by autograd, and training runs on fresh caches.
+fn append_to_cache(
+    cache: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+    seen: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, heads, t, head_dim) = k.dims4()?;
+    let total = seen + t;
+    let (k_buf, v_buf) = match cache.take() {
+        Some((kb, vb)) if kb.dim(2)? >= total && kb.dim(0)? == b => (kb, vb),
+        previous => {
+            let capacity = (total * 2).max(CACHE_MIN_CAPACITY);
+            let kb = Tensor::zeros((b, heads, capacity, head_dim), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, heads, capacity, head_dim), v.dtype(), v.device())?;
+            if let (Some((pk, pv)), true) = (previous, seen > 0) {
+                kb.slice_set(&pk.narrow(2, 0, seen)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&pv.narrow(2, 0, seen)?.contiguous()?, 2, 0)?;
+            }
+            (kb, vb)
+        }
+    };
+    k_buf.slice_set(&k, 2, seen)?;
+    v_buf.slice_set(&v, 2, seen)?;
+    let out = if seen == 0 { (k, v) } else { (k_buf.narrow(2, 0, total)?, v_buf.narrow(2, 0, total)?) };
+    *cache = Some((k_buf, v_buf));
+    Ok(out)
+}
+
+/// Smallest key/value buffer, in positions.
+const CACHE_MIN_CAPACITY: usize = 64;
 
 /// Build the additive f32 mask `[b|1, 1, 1, t, kv]` for `t` new queries after
 /// `seen` cached positions, or `None` when nothing needs masking.
