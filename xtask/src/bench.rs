@@ -56,11 +56,12 @@ struct Settings {
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("lm") => lm(&args[1..]),
+        Some("document") => crate::bench_document::run(&args[1..]),
         // Children spawned by `lm`, in the release build.
         Some("lm-child") => child(&args[1..]),
         Some("membw-child") => membw_child(&args[1..]),
         Some("lm-parts") => parts(&args[1..]),
-        _ => bail!("usage: cargo xtask bench lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
+        _ => bail!("usage: cargo xtask bench document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
     }
 }
 

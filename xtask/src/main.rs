@@ -3,6 +3,7 @@
 //! Each task lives in its own module; `main` only dispatches.
 
 mod bench;
+mod bench_document;
 mod fixtures;
 mod tidy;
 mod weights;
