@@ -5,3 +5,4 @@ pub use multitoken_audio as audio;
 pub use multitoken_core as core;
 pub use multitoken_document as document;
 pub use multitoken_lm as lm;
+pub use multitoken_vision as vision;

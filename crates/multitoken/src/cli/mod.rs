@@ -38,6 +38,8 @@ pub fn run(cli: Cli) -> Result<()> {
     multitoken_document::link();
     // Keep the audio modality's registry entry in the binary.
     multitoken_audio::link();
+    // Keep the vision modality's registry entries in the binary.
+    multitoken_vision::link();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),

@@ -1,0 +1,36 @@
+//! The CLIP vision modality of multitoken: `<image>` items in prompts.
+//!
+//! - [`decode`]: png, jpeg, webp, bmp, gif (first frame) to RGB, alpha on white,
+//!   EXIF orientation applied, a decompression-bomb limit.
+//! - [`resample`]: Pillow's resampling filters, bit for bit.
+//! - [`processor`]: `CLIPImageProcessor`-equal preprocessing (and LLaVA-1.5's pad
+//!   to square), configured from `preprocessor_config.json`.
+//! - [`clip`]: the CLIP vision tower with every layer's hidden states and the
+//!   feature selection of LLaVA (`vision_feature_layer`, `default`/`full`) and
+//!   multi_token (pooled).
+//! - [`modality`]: the `vision_clip` and `vision_clip_pool` builders, registered
+//!   with the core registry; linking this crate is all a binary needs.
+
+// Tests may unwrap and panic: a failure there is the report.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod clip;
+pub mod decode;
+pub mod error;
+pub mod modality;
+pub mod processor;
+pub mod resample;
+
+pub use clip::{ClipVisionConfig, ClipVisionOutput, ClipVisionTower, FeatureSelect};
+pub use decode::{decode_bytes, decode_item, describe_item, DecodeLimits, RgbImage};
+pub use error::{Error, Result};
+pub use modality::{VisionClip, VisionClipConfig, VisionMode, IMAGES_KEY, IMAGE_TOKEN};
+pub use processor::{ImageProcessorConfig, ResizeTo};
+pub use resample::{resize, resize_window, ResampleFilter, Window};
+
+/// Forces the linker to keep this crate's `inventory` registrations
+/// (`vision_clip`, `vision_clip_pool`) in a binary: call it once (e.g. from
+/// `main`); it does nothing else.
+pub fn link() {
+    modality::keep_registration();
+}

@@ -1,0 +1,335 @@
+//! The `vision_clip` and `vision_clip_pool` modalities and their registration.
+//!
+//! Builder config (the `config` of a `multitoken.json` modality entry):
+//!
+//! ```json
+//! {
+//!   "tower": "clip",                       // dir with config.json + *.safetensors (default ".")
+//!   "tower_config_key": "vision_config",   // CLIP config nested in config.json (llava); optional
+//!   "weights_prefix": "vision_model",      // optional; found automatically otherwise
+//!   "vision_feature_layer": -2,            // or a list, e.g. [-2, -5]
+//!   "vision_feature_select_strategy": "default",   // or "full"
+//!   "image_processor": { ... },            // preprocessor_config.json fields; optional
+//!   "projector": "mlp2x_gelu",             // what `Modality::projector` reports
+//!   "max_pixels": 89478485                 // decompression-bomb limit; optional
+//! }
+//! ```
+//!
+//! Without `image_processor`, the settings are read from `preprocessor_config.json`
+//! (or `processor_config.json`) in the tower directory, then the model directory.
+//! `vision_clip_pool` takes the pooled output (one position per image) and
+//! defaults to multi_token's vector projector with `num_tokens` (default 10).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use multitoken_core::{Item, Modality, ModalityBuilder, ModalityContext, ProjectorSpec};
+use serde::Deserialize;
+
+use crate::clip::{ClipVisionConfig, ClipVisionTower, FeatureSelect};
+use crate::decode::{decode_item, DecodeLimits};
+use crate::processor::ImageProcessorConfig;
+use crate::{Error, Result};
+
+/// The token that stands for one image.
+pub const IMAGE_TOKEN: &str = "<image>";
+/// The dataset key listing a row's images.
+pub const IMAGES_KEY: &str = "images";
+
+/// Settings of a `vision_clip` modality, as in its builder config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionClipConfig {
+    /// Tower directory, relative to the model directory.
+    #[serde(default)]
+    pub tower: Option<String>,
+    /// Key of the CLIP vision config inside the tower's `config.json`.
+    #[serde(default)]
+    pub tower_config_key: Option<String>,
+    /// Key prefix of the `vision_model` level in the tower's weights.
+    #[serde(default)]
+    pub weights_prefix: Option<String>,
+    /// LLaVA's `vision_feature_layer`: one index or a list.
+    #[serde(default)]
+    pub vision_feature_layer: Option<serde_json::Value>,
+    /// LLaVA's `vision_feature_select_strategy`: `default` or `full`.
+    #[serde(default)]
+    pub vision_feature_select_strategy: Option<String>,
+    /// Inline preprocessing settings (preprocessor_config.json fields).
+    #[serde(default)]
+    pub image_processor: Option<serde_json::Value>,
+    /// The projector this modality reports.
+    #[serde(default)]
+    pub projector: Option<ProjectorSpec>,
+    /// Pooled mode: positions the vector projector emits.
+    #[serde(default)]
+    pub num_tokens: Option<usize>,
+    /// Decompression-bomb limit in pixels.
+    #[serde(default)]
+    pub max_pixels: Option<u64>,
+}
+
+/// The CLIP vision modality (`<image>`, `images`).
+pub struct VisionClip {
+    name: &'static str,
+    processor: ImageProcessorConfig,
+    tower: ClipVisionTower,
+    select: FeatureSelect,
+    projector: ProjectorSpec,
+    limits: DecodeLimits,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for VisionClip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VisionClip")
+            .field("name", &self.name)
+            .field("select", &self.select)
+            .field("projector", &self.projector)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which of the two registered builders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisionMode {
+    /// `vision_clip`: patch features.
+    Patches,
+    /// `vision_clip_pool`: the pooled output.
+    Pooled,
+}
+
+impl VisionClip {
+    /// Builds the modality from its config; paths resolve against `context.model_dir`.
+    pub fn from_config(config: &VisionClipConfig, mode: VisionMode, context: &ModalityContext) -> Result<Self> {
+        let tower_dir = context.resolve(config.tower.as_deref().unwrap_or("."));
+        let clip_config = read_tower_config(&tower_dir, config.tower_config_key.as_deref())?;
+        let vb = open_weights(&tower_dir, context)?;
+        let prefix = match &config.weights_prefix {
+            Some(prefix) => prefix.clone(),
+            None => find_prefix(&vb, &tower_dir)?,
+        };
+        let tower_vb = if prefix.is_empty() { vb } else { vb.pp(&prefix) };
+        let tower = ClipVisionTower::load(&clip_config, tower_vb)
+            .map_err(|e| Error::config(tower_dir.display().to_string(), format!("prefix `{prefix}`: {e}")))?;
+        let select = match mode {
+            VisionMode::Pooled => FeatureSelect::Pooled,
+            VisionMode::Patches => FeatureSelect::Layers {
+                layers: parse_layers(config.vision_feature_layer.as_ref())?,
+                keep_cls: match config.vision_feature_select_strategy.as_deref() {
+                    None | Some("default") => false,
+                    Some("full") => true,
+                    Some(other) => {
+                        return Err(Error::config(
+                            "vision_feature_select_strategy",
+                            format!("`{other}` is not `default` or `full`"),
+                        ))
+                    }
+                },
+            },
+        };
+        select.validate(clip_config.num_hidden_layers)?;
+        let processor = match &config.image_processor {
+            Some(value) => ImageProcessorConfig::from_json(value, "image_processor")?,
+            None => processor_from_dirs(&tower_dir, &context.model_dir)?,
+        };
+        let (out_h, out_w) = processor.output_size(clip_config.image_size, clip_config.image_size);
+        if (out_h, out_w) != (clip_config.image_size, clip_config.image_size) {
+            return Err(Error::config(
+                tower_dir.display().to_string(),
+                format!(
+                    "the image processor makes {out_h}x{out_w} images but the tower takes {s}x{s}",
+                    s = clip_config.image_size
+                ),
+            ));
+        }
+        let projector = match (config.projector, mode) {
+            (Some(spec), _) => spec,
+            (None, VisionMode::Patches) => ProjectorSpec::MlpGelu { depth: 2 },
+            (None, VisionMode::Pooled) => ProjectorSpec::VectorMlp {
+                num_layers: 2,
+                num_tokens: config.num_tokens.unwrap_or(10),
+            },
+        };
+        projector.validate()?;
+        let mut limits = DecodeLimits::default();
+        if let Some(max) = config.max_pixels {
+            limits.max_pixels = max;
+        }
+        Ok(Self {
+            name: match mode {
+                VisionMode::Patches => "vision_clip",
+                VisionMode::Pooled => "vision_clip_pool",
+            },
+            processor,
+            tower,
+            select,
+            projector,
+            limits,
+            device: context.device.clone(),
+            dtype: context.dtype,
+        })
+    }
+
+    /// The preprocessing settings.
+    pub fn processor(&self) -> &ImageProcessorConfig {
+        &self.processor
+    }
+
+    /// The CLIP tower.
+    pub fn tower(&self) -> &ClipVisionTower {
+        &self.tower
+    }
+
+    /// Encoder positions per image, before the projector.
+    pub fn feature_width(&self) -> usize {
+        self.select.output_shape(self.tower.config()).0
+    }
+}
+
+impl Modality for VisionClip {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn token(&self) -> &str {
+        IMAGE_TOKEN
+    }
+    fn data_key(&self) -> &str {
+        IMAGES_KEY
+    }
+    fn token_width(&self) -> usize {
+        self.projector.output_width(self.feature_width())
+    }
+    fn feature_dim(&self) -> usize {
+        self.select.output_shape(self.tower.config()).1
+    }
+    fn preprocess(&self, item: &Item) -> multitoken_core::Result<Tensor> {
+        let image = decode_item(item, &self.limits)?;
+        let (values, h, w) = self.processor.preprocess(&image)?;
+        Ok(Tensor::from_vec(values, (3, h, w), &Device::Cpu)?)
+    }
+    fn encode(&self, batch: &Tensor) -> multitoken_core::Result<Tensor> {
+        let pixels = batch.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok(self.select.features(&self.tower, &pixels)?)
+    }
+    fn projector(&self) -> ProjectorSpec {
+        self.projector
+    }
+}
+
+fn build(config: &serde_json::Value, context: &ModalityContext, mode: VisionMode) -> Result<Box<dyn Modality>> {
+    let parsed: VisionClipConfig = if config.is_null() {
+        VisionClipConfig::default()
+    } else {
+        serde_json::from_value(config.clone()).map_err(|e| Error::config("vision_clip config", e.to_string()))?
+    };
+    Ok(Box::new(VisionClip::from_config(&parsed, mode, context)?))
+}
+
+fn build_patches(config: &serde_json::Value, context: &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>> {
+    Ok(build(config, context, VisionMode::Patches)?)
+}
+
+fn build_pooled(config: &serde_json::Value, context: &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>> {
+    Ok(build(config, context, VisionMode::Pooled)?)
+}
+
+/// Referenced from [`crate::link`] so that the linker keeps this object file.
+pub(crate) fn keep_registration() {
+    type Build = fn(&serde_json::Value, &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>>;
+    std::hint::black_box(build_patches as Build);
+    std::hint::black_box(build_pooled as Build);
+}
+
+multitoken_core::inventory::submit! {
+    ModalityBuilder { name: "vision_clip", build: build_patches }
+}
+multitoken_core::inventory::submit! {
+    ModalityBuilder { name: "vision_clip_pool", build: build_pooled }
+}
+
+/// `vision_feature_layer`: absent = -2, an int, or a list of ints.
+fn parse_layers(value: Option<&serde_json::Value>) -> Result<Vec<i64>> {
+    let bad = || Error::config("vision_feature_layer", "must be an integer or a list of integers");
+    match value {
+        None => Ok(vec![-2]),
+        Some(v) if v.is_i64() => Ok(vec![v.as_i64().ok_or_else(bad)?]),
+        Some(serde_json::Value::Array(items)) => items.iter().map(|i| i.as_i64().ok_or_else(bad)).collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// The tower's `config.json`, or its `key` section.
+fn read_tower_config(dir: &Path, key: Option<&str>) -> Result<ClipVisionConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+    let section = match key {
+        Some(key) => value
+            .get(key)
+            .ok_or_else(|| Error::config(path.display().to_string(), format!("no `{key}` section")))?,
+        // A CLIPModel config nests the vision part; a CLIPVisionModel's is flat.
+        None => value.get("vision_config").unwrap_or(&value),
+    };
+    let config: ClipVisionConfig = serde_json::from_value(section.clone())
+        .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+    config.validate(&path.display().to_string())?;
+    Ok(config)
+}
+
+/// Memory-maps every `*.safetensors` file of `dir`.
+fn open_weights(dir: &Path, context: &ModalityContext) -> Result<VarBuilder<'static>> {
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::config(dir.display().to_string(), "holds no *.safetensors weights"));
+    }
+    // SAFETY: the files are memory-mapped read-only; like every mmap-based loader we
+    // rely on nobody truncating them while the model is alive.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, context.dtype, &context.device) }
+        .map_err(|e| Error::config(dir.display().to_string(), e.to_string()))?;
+    Ok(vb)
+}
+
+/// The prefix of the `vision_model` level: none (transformers 5's
+/// CLIPVisionModel), CLIPModel / transformers 4, llava hub layout,
+/// transformers-5 llava layouts.
+fn find_prefix(vb: &VarBuilder, dir: &Path) -> Result<String> {
+    const CANDIDATES: [&str; 5] = [
+        "",
+        "vision_model",
+        "vision_tower.vision_model",
+        "model.vision_tower.vision_model",
+        "model.vision_tower",
+    ];
+    CANDIDATES
+        .iter()
+        .find(|p| {
+            let key = if p.is_empty() { String::new() } else { format!("{p}.") };
+            vb.contains_tensor(&format!("{key}embeddings.class_embedding"))
+        })
+        .map(|p| (*p).to_string())
+        .ok_or_else(|| {
+            Error::config(
+                dir.display().to_string(),
+                format!("no CLIP vision tower found under any of {}", CANDIDATES.join(", ")),
+            )
+        })
+}
+
+/// The processor config of the tower directory, else of the model directory.
+fn processor_from_dirs(tower_dir: &Path, model_dir: &Path) -> Result<ImageProcessorConfig> {
+    for dir in [tower_dir, model_dir] {
+        if dir.join("preprocessor_config.json").is_file() || dir.join("processor_config.json").is_file() {
+            return ImageProcessorConfig::from_model_dir(dir);
+        }
+    }
+    Ok(ImageProcessorConfig::default())
+}
