@@ -2,7 +2,7 @@
 //! ours against sentence-transformers in one run, and PDF text extraction.
 //!
 //! ```text
-//! cargo xtask bench document [--threads N] [--sentences 1000] [--repeat 3] [--no-python]
+//! cargo xtask bench document [--threads N] [--sentences 1000] [--repeat 3] [--batch 32] [--no-python]
 //! ```
 //!
 //! Both sides get the same 1,000 deterministic sentences and the same thread count
@@ -29,6 +29,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut count = 1000usize;
     let mut repeat = 3usize;
     let mut with_python = true;
+    let mut batch = 32usize;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut number = |name: &str| -> Result<usize> {
@@ -39,6 +40,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--threads" => threads = number("--threads")?.max(1),
             "--sentences" => count = number("--sentences")?.max(1),
             "--repeat" => repeat = number("--repeat")?.max(1),
+            "--batch" => batch = number("--batch")?.max(1),
             "--no-python" => with_python = false,
             other => bail!("unknown argument `{other}`"),
         }
@@ -56,7 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
     std::fs::write(&sentences_file, serde_json::to_string(&sentences)?)?;
 
     eprintln!("ours, {threads} threads ...");
-    let ours = ours(&model, &sentences, repeat)?;
+    let ours = ours(&model, &sentences, repeat, batch)?;
     let reference = if with_python {
         eprintln!("sentence-transformers, {threads} threads ...");
         let mut cmd = Command::new(python());
@@ -91,9 +93,10 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn ours(model: &Path, sentences: &[String], repeat: usize) -> Result<Value> {
+fn ours(model: &Path, sentences: &[String], repeat: usize, batch: usize) -> Result<Value> {
     let start = Instant::now();
-    let encoder = SentenceEncoder::load(model, &Device::Cpu, DType::F32)?;
+    let mut encoder = SentenceEncoder::load(model, &Device::Cpu, DType::F32)?;
+    encoder.set_batch_size(batch);
     let load_s = start.elapsed().as_secs_f64();
     let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
     let config = ChunkConfig::default();
@@ -107,6 +110,7 @@ fn ours(model: &Path, sentences: &[String], repeat: usize) -> Result<Value> {
     }
     Ok(json!({
         "impl": "ours",
+        "batch": batch,
         "threads": candle_core::utils::get_num_threads(),
         "sentences": sentences.len(),
         "seconds": best,
