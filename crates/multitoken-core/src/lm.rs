@@ -41,10 +41,10 @@ impl Clone for KvCache {
             .layers
             .iter()
             .map(|layer| {
-                layer.as_ref().and_then(|(k, v)| match (k.copy(), v.copy()) {
-                    (Ok(k), Ok(v)) => Some((k, v)),
-                    _ => None,
-                })
+                // A copy that fails (out of memory) falls back to sharing the
+                // buffers: the cached values stay right, which dropping the
+                // layer would not.
+                layer.as_ref().map(|(k, v)| (k.copy().unwrap_or_else(|_| k.clone()), v.copy().unwrap_or_else(|_| v.clone())))
             })
             .collect();
         Self { layers, attention_mask: self.attention_mask.clone(), seen: self.seen }
