@@ -57,11 +57,16 @@ pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("lm") => lm(&args[1..]),
         Some("document") => crate::bench_document::run(&args[1..]),
+        Some("vision") => crate::bench_vision::run(&args[1..]),
+        Some("audio") => crate::bench_audio::run(&args[1..]),
+        Some("train") => crate::bench_train::run(&args[1..]),
+        Some("serve") => crate::bench_serve::run(&args[1..]),
+        Some("moe") => crate::bench_moe::run(&args[1..]),
         // Children spawned by `lm`, in the release build.
         Some("lm-child") => child(&args[1..]),
         Some("membw-child") => membw_child(&args[1..]),
         Some("lm-parts") => parts(&args[1..]),
-        _ => bail!("usage: cargo xtask bench document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
+        _ => bail!("usage: cargo xtask bench vision|audio|train|serve|moe [...] | document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
     }
 }
 

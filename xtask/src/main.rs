@@ -3,7 +3,13 @@
 //! Each task lives in its own module; `main` only dispatches.
 
 mod bench;
+mod bench_audio;
 mod bench_document;
+mod bench_moe;
+mod bench_serve;
+mod bench_train;
+mod bench_vision;
+mod demo_model;
 mod fixtures;
 mod tidy;
 mod weights;
@@ -19,6 +25,7 @@ fn main() -> Result<()> {
         Some("weights") => weights::run(&rest),
         Some("bench") => bench::run(&rest),
         Some("tidy") => tidy::run(&rest),
-        _ => bail!("usage: cargo xtask <fixtures|weights|bench|tidy> [args]"),
+        Some("demo-model") => demo_model::run(&rest),
+        _ => bail!("usage: cargo xtask <fixtures|weights|bench|tidy|demo-model> [args]"),
     }
 }

@@ -30,6 +30,18 @@ enum Command {
     Mel(mel::MelArgs),
     /// Transcribe an audio file with Whisper (greedy).
     Transcribe(transcribe::TranscribeArgs),
+    /// Train projectors, LoRA adapters or the whole model on a dataset.
+    Train(multitoken_train::cli::TrainArgs),
+    /// Convert and check datasets.
+    Dataset(multitoken_train::cli::DatasetArgs),
+    /// Merge a PEFT LoRA adapter into the base model's weights.
+    MergeLora(multitoken_train::cli::MergeLoraArgs),
+    /// Accuracy of a model on a held-out dataset.
+    Eval(multitoken_train::cli::EvalArgs),
+    /// Build and tune a mixture of experts from fine-tuned models.
+    Moe(multitoken_moe::cli::MoeArgs),
+    /// Serve a model over HTTP (/generate, OpenAI-compatible API, web chat page).
+    Serve(multitoken_serve::cli::ServeArgs),
 }
 
 /// Run the parsed command line.
@@ -46,5 +58,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Mel(args) => mel::run(args),
         Command::Transcribe(args) => transcribe::run(args),
+        Command::Train(args) => multitoken_train::cli::train(args),
+        Command::Dataset(args) => multitoken_train::cli::dataset(args),
+        Command::MergeLora(args) => multitoken_train::cli::merge_lora(args),
+        Command::Eval(args) => multitoken_train::cli::eval(args),
+        Command::Moe(args) => multitoken_moe::cli::run(args),
+        Command::Serve(args) => multitoken_serve::cli::run(args),
     }
 }
