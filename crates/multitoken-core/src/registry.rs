@@ -54,7 +54,7 @@ use crate::{Error, Modality, Result};
 
 /// What a builder gets besides its own config: where and in what precision to
 /// put weights, and the model directory its relative paths resolve against.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ModalityContext {
     /// Device the encoder weights are loaded on.
     pub device: Device,
@@ -62,6 +62,22 @@ pub struct ModalityContext {
     pub dtype: DType,
     /// The multimodal model directory (holds `multitoken.json`).
     pub model_dir: PathBuf,
+    /// When set, the builder creates its encoder weights as trainable variables
+    /// in this map (initialised from the checkpoint, or randomly where the
+    /// modality's config asks for a fresh encoder) so that training can update
+    /// them; when `None` the encoder is frozen and memory-mapped.
+    pub trainable: Option<candle_nn::VarMap>,
+}
+
+impl std::fmt::Debug for ModalityContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModalityContext")
+            .field("device", &self.device)
+            .field("dtype", &self.dtype)
+            .field("model_dir", &self.model_dir)
+            .field("trainable", &self.trainable.as_ref().map(|v| v.all_vars().len()))
+            .finish()
+    }
 }
 
 impl ModalityContext {
@@ -71,6 +87,7 @@ impl ModalityContext {
             device,
             dtype,
             model_dir: model_dir.into(),
+            trainable: None,
         }
     }
 
