@@ -386,6 +386,27 @@ fn parts(args: &[String]) -> Result<()> {
         }
         Ok(())
     })?;
+    // Per-shape cost of one call, to separate fixed per-call overhead from work.
+    for (name, idx) in [("k_proj", 1usize), ("q_proj", 0), ("gate_proj", 4), ("down_proj", 6)] {
+        let l = &linears[idx];
+        let x = if l.in_dim() == ff { &xf } else { &xh };
+        let ms = time(&mut || {
+            for _ in 0..10 {
+                l.forward(x)?;
+            }
+            Ok(())
+        })? / 10.0;
+        let candle_ms = match l.weight() {
+            multitoken_lm::LinearWeight::Quantized(q) => time(&mut || {
+                for _ in 0..10 {
+                    candle_core::Module::forward(q.as_ref(), x)?;
+                }
+                Ok(())
+            })? / 10.0,
+            multitoken_lm::LinearWeight::Dense(_) => f64::NAN,
+        };
+        println!("  {name} [{} -> {}]: {:.1} us (candle's QMatMul {:.1} us)", l.in_dim(), l.out_dim(), ms * 1e3, candle_ms * 1e3);
+    }
     let head_ms = time(&mut || {
         head.forward(&xh)?;
         Ok(())

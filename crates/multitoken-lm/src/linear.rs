@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
 
+use crate::quantized::Format;
 use crate::Result;
 
 /// A linear weight: dense (`[out, in]`, as in PyTorch) or quantized.
@@ -77,12 +78,40 @@ impl Linear {
                 }
                 other => other.forward(x)?,
             },
-            LinearWeight::Quantized(q) => q.forward(x)?,
+            LinearWeight::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(qt) => match own_kernel_format(qt, x) {
+                    Some(format) => self.own_quantized_matmul(format, qt, x, &dims, rows)?,
+                    None => q.forward(x)?,
+                },
+                other => other.forward(x)?,
+            },
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// `x W^T` for a Q4_1 or Q8_0 weight with our kernels ([`crate::quantized`]).
+    fn own_quantized_matmul(&self, format: Format, qt: &QTensor, x: &Tensor, dims: &[usize], rows: usize) -> Result<Tensor> {
+        let data = qt.data()?;
+        let expected = self.out_dim * self.in_dim / crate::quantized::BLOCK * format.block_bytes();
+        if data.len() != expected {
+            return Err(crate::Error::Msg(format!(
+                "{format:?} weight of [{}, {}] has {} bytes, expected {expected}",
+                self.out_dim,
+                self.in_dim,
+                data.len()
+            )));
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut y = vec![0f32; rows * self.out_dim];
+        crate::quantized::matmul(format, &data, self.out_dim, self.in_dim, &xs, rows, &mut y);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_dim;
+        }
+        Ok(Tensor::from_vec(y, out_dims, x.device())?)
     }
 
     /// `x W^T` with the leading dims flattened, so one GEMM covers the batch.
@@ -94,6 +123,18 @@ impl Linear {
         }
         Ok(y.reshape(out_dims)?)
     }
+}
+
+/// Which of our kernels ([`crate::quantized`]) does this product, if any: a Q4_1
+/// or Q8_0 matrix on the CPU times f32 activations whose width is whole blocks.
+fn own_kernel_format(qt: &QTensor, x: &Tensor) -> Option<Format> {
+    let format = match qt.dtype() {
+        GgmlDType::Q4_1 => Format::Q4_1,
+        GgmlDType::Q8_0 => Format::Q8_0,
+        _ => return None,
+    };
+    let fits = x.device().is_cpu() && x.dtype() == DType::F32 && x.dims().last().is_some_and(|d| d % crate::quantized::BLOCK == 0);
+    fits.then_some(format)
 }
 
 /// From this many rows on, a quantized weight is dequantized for the matmul.

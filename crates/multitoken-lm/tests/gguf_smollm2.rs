@@ -114,34 +114,26 @@ fn dequantized_f32_greedy_ids_match_transformers() {
 }
 
 #[test]
-fn quantized_greedy_ids_share_a_prefix_with_transformers() {
+fn quantized_greedy_ids_match_transformers() {
     if gguf_path().is_none() {
         return;
     }
+    // Kept quantized, the Q4_1 matrices are multiplied with f32 activations by
+    // our kernel (short inputs) or dequantized (long ones), so the model computes
+    // what transformers' dequantized f32 model computes, up to summation order.
     let model = load(GgufWeights::Quantized);
     let expected = fixture("greedy.json");
     let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
-    // (run, leading ids that must agree). q8_1 activations move the logits by a few
-    // tenths, so greedy drifts where two candidates are that close: the chat prompt's
-    // first step is such a near tie in transformers' own f32 logits ("The" 25.33 vs
-    // "[" 25.24), so only the raw prompt has a required prefix (5 agree today).
-    let required = [("raw", 4usize), ("chat", 0)];
     for run in expected["runs"].as_array().unwrap() {
         let name = run["name"].as_str().unwrap();
         let prompt = ids(&run["prompt_ids"]);
         let logits = first_step_logits(&model, &prompt);
-        let top = ids(&run["first_step_top10_ids"]);
-        for (id, want) in top.iter().zip(run["first_step_top10_logits"].as_array().unwrap()) {
+        for (id, want) in ids(&run["first_step_top10_ids"]).iter().zip(run["first_step_top10_logits"].as_array().unwrap()) {
             let got = logits[*id as usize];
             let want = want.as_f64().unwrap() as f32;
-            assert!((got - want).abs() < 1.0, "{name}: quantized logit of {id} is {got}, transformers' f32 {want}");
+            assert!((got - want).abs() < 2e-3, "{name}: quantized logit of {id} is {got}, transformers' f32 {want}");
         }
-        let want = ids(&run["greedy_ids"]);
         let (got, _) = greedy(&model, &prompt, max_new);
-        assert!(top[..3].contains(&got[0]), "{name}: first id {} is not in transformers' top 3 {:?}", got[0], &top[..3]);
-        let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        println!("{name}: quantized greedy agrees with transformers' f32 on {agree} of {} ids", want.len());
-        let need = required.iter().find(|r| r.0 == name).map_or(1, |r| r.1);
-        assert!(agree >= need.min(want.len()), "{name}: only {agree} leading ids agree\n ours {got:?}\n want {want:?}");
+        assert_eq!(got, ids(&run["greedy_ids"]), "{name}: quantized greedy ids");
     }
 }
