@@ -1,0 +1,136 @@
+//! The generator is deterministic, balanced, and writes files that decode.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use multitoken_datasets::{generate, generate_split, judge, GenerateConfig, Split, Task};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("multitoken-datasets-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Every file under `dir`, relative path -> bytes.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn config(seed: u64) -> GenerateConfig {
+    GenerateConfig { seed, train_per_task: 12, heldout_per_task: 4, tasks: Task::ALL.to_vec() }
+}
+
+#[test]
+fn same_seed_same_bytes_other_seed_other_bytes() {
+    let (a, b, c) = (temp_dir("a"), temp_dir("b"), temp_dir("c"));
+    generate(&a, &config(5)).unwrap();
+    generate(&b, &config(5)).unwrap();
+    generate(&c, &config(6)).unwrap();
+    let (sa, sb, sc) = (snapshot(&a), snapshot(&b), snapshot(&c));
+    assert!(sa.len() > 100, "only {} files", sa.len());
+    assert_eq!(sa, sb);
+    assert_eq!(sa.keys().collect::<Vec<_>>(), sc.keys().collect::<Vec<_>>());
+    assert_ne!(sa.get("train.jsonl"), sc.get("train.jsonl"));
+    for d in [a, b, c] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn classes_are_balanced_and_splits_differ() {
+    let dir = temp_dir("counts");
+    let cfg = GenerateConfig { seed: 1, train_per_task: 24, heldout_per_task: 24, tasks: vec![Task::ImageShape, Task::AudioCount, Task::DocumentTopic, Task::ImageCompare] };
+    let train = generate_split(&dir, Split::Train, 24, &cfg).unwrap();
+    let heldout = generate_split(&dir, Split::Heldout, 24, &cfg).unwrap();
+    assert_eq!(train.len(), 96);
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for row in &train {
+        *answers.entry(row.answer().to_string()).or_default() += 1;
+    }
+    for shape in ["A circle.", "A square.", "A triangle."] {
+        assert_eq!(answers.get(shape), Some(&8), "{answers:?}");
+    }
+    for count in ["One beep.", "Two beeps.", "Three beeps.", "Four beeps."] {
+        assert_eq!(answers.get(count), Some(&6), "{answers:?}");
+    }
+    for topic in ["Cooking.", "Football.", "Weather.", "Space.", "Music.", "Gardening."] {
+        assert_eq!(answers.get(topic), Some(&4), "{answers:?}");
+    }
+    let first = train.iter().filter(|r| r.answer().starts_with("The first")).count();
+    assert_eq!(first, 12);
+    // Held-out files are other samples, not copies of training ones.
+    let train_doc = std::fs::read(dir.join(&train.iter().find(|r| !r.documents.is_empty()).unwrap().documents[0])).unwrap();
+    for row in heldout.iter().filter(|r| !r.documents.is_empty()) {
+        assert_ne!(std::fs::read(dir.join(&row.documents[0])).unwrap(), train_doc);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn files_decode_and_rows_match_their_items() {
+    let dir = temp_dir("decode");
+    let summary = generate(&dir, &config(3)).unwrap();
+    let text = std::fs::read_to_string(&summary.heldout_file).unwrap();
+    let mut seen = 0;
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let content = row["messages"][0]["content"].as_str().unwrap();
+        for (key, token) in [("images", "<image>"), ("speech_audios", "<speech>"), ("documents", "<document>")] {
+            let items = row.get(key).and_then(|v| v.as_array()).map(Vec::len).unwrap_or(0);
+            assert_eq!(content.matches(token).count(), items, "{line}");
+        }
+        for path in row.get("images").and_then(|v| v.as_array()).into_iter().flatten() {
+            let image = image::open(dir.join(path.as_str().unwrap())).unwrap().to_rgb8();
+            assert!((64..=160).contains(&image.width()) && image.width() == image.height());
+            // A light background in the corner, a saturated pixel somewhere.
+            let corner = image.get_pixel(0, 0).0;
+            assert!(corner.iter().all(|&c| c >= 210), "{corner:?}");
+            assert!(image.pixels().any(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 100));
+            seen += 1;
+        }
+        for path in row.get("speech_audios").and_then(|v| v.as_array()).into_iter().flatten() {
+            let bytes = std::fs::read(dir.join(path.as_str().unwrap())).unwrap();
+            assert_eq!(&bytes[0..4], b"RIFF");
+            assert_eq!(&bytes[8..16], b"WAVEfmt ");
+            assert_eq!(u32::from_le_bytes(bytes[24..28].try_into().unwrap()), 16_000);
+            let data = u32::from_le_bytes(bytes[40..44].try_into().unwrap()) as usize;
+            assert_eq!(bytes.len(), 44 + data);
+            assert!(data / 2 > 16_000 / 2, "clip shorter than half a second");
+            seen += 1;
+        }
+        for path in row.get("documents").and_then(|v| v.as_array()).into_iter().flatten() {
+            let doc = std::fs::read_to_string(dir.join(path.as_str().unwrap())).unwrap();
+            assert!(doc.split_whitespace().count() >= 15, "{doc}");
+            seen += 1;
+        }
+        let answer = row["messages"][1]["content"].as_str().unwrap();
+        assert!(judge(answer, answer), "{answer}");
+    }
+    assert!(seen >= 32);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn judge_checks_the_named_classes() {
+    assert!(judge("A red circle.", "a red circle"));
+    assert!(!judge("A red circle.", "A blue circle."));
+    assert!(!judge("A red circle.", "A red circle and a square."));
+    assert!(judge("Three beeps.", "Three beeps."));
+    assert!(!judge("Three beeps.", "Four beeps."));
+    assert!(judge("The second image shows a triangle.", "The second image shows a triangle."));
+    assert!(!judge("The second image shows a triangle.", "The first image shows a triangle."));
+    assert!(!judge("Hello.", "Hello."));
+}
