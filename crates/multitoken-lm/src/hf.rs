@@ -154,9 +154,15 @@ pub struct HfConfig {
 /// Read and interpret `config.json`.
 pub fn parse_config(path: &Path) -> Result<HfConfig> {
     let text = read_text(path)?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config { path: path.to_path_buf(), message: format!("malformed JSON: {e}") })?;
+    parse_config_value(value, path)
+}
+
+/// Interpret an already parsed `config.json` object (or a multimodal config's
+/// `text_config`); `path` names it in errors.
+pub fn parse_config_value(value: serde_json::Value, path: &Path) -> Result<HfConfig> {
     let cfg_err = |message: String| Error::Config { path: path.to_path_buf(), message };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| cfg_err(format!("malformed JSON: {e}")))?;
     let model_type = value.get("model_type").and_then(|v| v.as_str()).map(str::to_string);
     let family = match model_type.as_deref() {
         Some("llama") => Family::Llama,
@@ -298,7 +304,14 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let cfg = parse_config(&dir.join("config.json"))?;
     let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
-    let mut model = CausalLm::load(&cfg.model, &weights)?;
+    load_hf_dir_with(dir, &cfg, &weights)
+}
+
+/// Like [`load_hf_dir`] with the config and the weights given (e.g. a
+/// multimodal checkpoint's `text_config` and its LM tensors under renamed
+/// keys); the tokenizer and generation files are read from `dir`.
+pub fn load_hf_dir_with(dir: &Path, cfg: &HfConfig, weights: &dyn crate::weights::WeightSource) -> Result<LoadedModel> {
+    let mut model = CausalLm::load(&cfg.model, weights)?;
     if let Some(windows) = &cfg.layer_sliding_windows {
         model.set_layer_sliding_windows(windows)?;
     }

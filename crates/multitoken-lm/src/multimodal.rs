@@ -17,7 +17,8 @@
 //! concrete encoder), and its projector's weights are read from
 //! `projectors.safetensors` under `{projector_prefix}.` (default
 //! `{builder}_lmm_projector`, multi_token's module name). A directory without
-//! `multitoken.json` is a text-only model.
+//! `multitoken.json` is a llava-hf `LlavaForConditionalGeneration` checkpoint
+//! when its `config.json` says so ([`llava`]), else a text-only model.
 //!
 //! [`MultimodalModel::generate`] is the whole data flow of DESIGN.md: prepare ids
 //! and spans, preprocess + encode + project every item, splice, then decode.
@@ -35,6 +36,8 @@ use serde::{Deserialize, Serialize};
 use crate::generate::{generate, GenerationOutput, GenerationParams};
 use crate::loader::{load_model, LoadOptions, LoadedModel};
 use crate::{Error, Result};
+
+pub mod llava;
 
 /// The file that makes a directory a multimodal model.
 pub const MULTIMODAL_CONFIG_FILE: &str = "multitoken.json";
@@ -103,6 +106,10 @@ impl MultimodalModel {
     /// a text-only LM otherwise.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let config_path = path.join(MULTIMODAL_CONFIG_FILE);
+        if path.is_dir() && !config_path.is_file() && llava::is_llava_dir(path) {
+            let (lm, modalities) = llava::load_llava(path, opts)?;
+            return Self::from_parts(lm, modalities, None);
+        }
         if !path.is_dir() || !config_path.is_file() {
             let lm = load_model(path, opts)?;
             return Self::from_parts(lm, Vec::new(), None);

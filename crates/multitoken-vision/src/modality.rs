@@ -6,6 +6,7 @@
 //! {
 //!   "tower": "clip",                       // dir with config.json + *.safetensors (default ".")
 //!   "tower_config_key": "vision_config",   // CLIP config nested in config.json (llava); optional
+//!   "tower_config": { ... },               // the CLIP vision config inline (wins over the file); optional
 //!   "weights_prefix": "vision_model",      // optional; found automatically otherwise
 //!   "vision_feature_layer": -2,            // or a list, e.g. [-2, -5]
 //!   "vision_feature_select_strategy": "default",   // or "full"
@@ -17,6 +18,9 @@
 //!
 //! Without `image_processor`, the settings are read from `preprocessor_config.json`
 //! (or `processor_config.json`) in the tower directory, then the model directory.
+//! With `ModalityContext::trainable` set, the tower's weights become trainable
+//! variables of that map (a tower directory with `config.json` but no weights
+//! starts from random weights).
 //! `vision_clip_pool` takes the pooled output (one position per image) and
 //! defaults to multi_token's vector projector with `num_tokens` (default 10).
 
@@ -47,6 +51,10 @@ pub struct VisionClipConfig {
     /// Key of the CLIP vision config inside the tower's `config.json`.
     #[serde(default)]
     pub tower_config_key: Option<String>,
+    /// The CLIP vision config given inline (an importer's translated config);
+    /// when set, the tower directory's `config.json` is not read.
+    #[serde(default)]
+    pub tower_config: Option<serde_json::Value>,
     /// Key prefix of the `vision_model` level in the tower's weights.
     #[serde(default)]
     pub weights_prefix: Option<String>,
@@ -105,10 +113,22 @@ impl VisionClip {
     /// Builds the modality from its config; paths resolve against `context.model_dir`.
     pub fn from_config(config: &VisionClipConfig, mode: VisionMode, context: &ModalityContext) -> Result<Self> {
         let tower_dir = context.resolve(config.tower.as_deref().unwrap_or("."));
-        let clip_config = read_tower_config(&tower_dir, config.tower_config_key.as_deref())?;
+        let clip_config = match &config.tower_config {
+            Some(value) => {
+                let what = format!("{} inline tower_config", tower_dir.display());
+                let parsed: ClipVisionConfig =
+                    serde_json::from_value(value.clone()).map_err(|e| Error::config(what.clone(), e.to_string()))?;
+                parsed.validate(&what)?;
+                parsed
+            }
+            None => read_tower_config(&tower_dir, config.tower_config_key.as_deref())?,
+        };
         let vb = open_weights(&tower_dir, context)?;
+        let fresh = context.trainable.as_ref().is_some_and(|map| map.all_vars().is_empty());
         let prefix = match &config.weights_prefix {
             Some(prefix) => prefix.clone(),
+            // A trainable tower without a checkpoint starts from random weights at the root.
+            None if fresh => String::new(),
             None => find_prefix(&vb, &tower_dir)?,
         };
         let tower_vb = if prefix.is_empty() { vb } else { vb.pp(&prefix) };
@@ -288,6 +308,24 @@ fn open_weights(dir: &Path, context: &ModalityContext) -> Result<VarBuilder<'sta
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     files.sort();
+    if let Some(map) = &context.trainable {
+        // Trainable: the checkpoint's tensors (if any) become variables of `map`;
+        // whatever it lacks is created with the layers' random init.
+        for file in &files {
+            let tensors = candle_core::safetensors::load(file, &context.device)
+                .map_err(|e| Error::config(file.display().to_string(), e.to_string()))?;
+            let mut vars = map
+                .data()
+                .lock()
+                .map_err(|_| Error::config(dir.display().to_string(), "the trainable variable map is poisoned"))?;
+            for (name, tensor) in tensors {
+                let tensor = tensor.to_dtype(context.dtype).map_err(|e| Error::config(file.display().to_string(), e.to_string()))?;
+                let var = candle_core::Var::from_tensor(&tensor).map_err(|e| Error::config(file.display().to_string(), e.to_string()))?;
+                vars.insert(name, var);
+            }
+        }
+        return Ok(VarBuilder::from_varmap(map, context.dtype, &context.device));
+    }
     if files.is_empty() {
         return Err(Error::config(dir.display().to_string(), "holds no *.safetensors weights"));
     }
