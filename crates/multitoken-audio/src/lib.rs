@@ -53,6 +53,21 @@ pub use whisper::{Whisper, WhisperConfig};
 /// Whisper's sample rate in Hz.
 pub const SAMPLE_RATE: u32 = 16_000;
 
+/// Where `cargo xtask weights` installs the converted Whisper base:
+/// `${MULTITOKEN_WEIGHTS:-$HOME/.cache/multitoken}/whisper-base/hf`.
+pub fn default_whisper_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let cache = std::env::var_os("MULTITOKEN_WEIGHTS")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".cache").join("multitoken"))
+        })
+        .unwrap_or_else(|| PathBuf::from(".cache").join("multitoken"));
+    cache.join("whisper-base").join("hf")
+}
+
 /// Forces the linker to keep this crate's `inventory` registration in a binary: call
 /// it once (e.g. from `main`); it does nothing else.
 pub fn link() {

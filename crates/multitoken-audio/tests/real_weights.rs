@@ -1,0 +1,99 @@
+//! Real-weight checks on the converted Whisper base (`cargo xtask weights`); each
+//! test prints a skip message and returns when the weights are absent.
+//!
+//! - encoder parity with transformers' `WhisperModel` encoder on selected output rows
+//!   (`xtask/fixtures/whisper_base.py` -> `tests/fixtures/audio/whisper-base-encoder.safetensors`);
+//! - greedy transcription of `tests/fixtures/audio/espeak_fox22k.wav`, made with
+//!   `espeak-ng -v en-us -s 150 -w espeak_fox22k.wav "The quick brown fox jumps over the lazy dog."`
+//!   (committed, so CI needs no espeak-ng; 22.05 kHz, so the resampler is on the path).
+//!   Ours and transformers' greedy decode both give "The quick brown fox jump over the lazy dog."
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use multitoken_audio::{
+    default_whisper_dir, load_audio, DecodeConfig, LogMel, Transcriber, Whisper,
+};
+use multitoken_core::Item;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/audio")
+}
+
+fn weights() -> Option<PathBuf> {
+    let dir = default_whisper_dir();
+    if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipped: no Whisper base at {} (run `cargo xtask weights`)",
+            dir.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn whisper_base_encoder_matches_transformers() {
+    let Some(dir) = weights() else { return };
+    let model = Whisper::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let expected = candle_core::safetensors::load(
+        fixtures().join("whisper-base-encoder.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let samples = load_audio(
+        &Item::Path(fixtures().join("speech16k.wav")),
+        &DecodeConfig::default(),
+    )
+    .unwrap();
+    let mel = LogMel::new(80).unwrap().compute(&samples);
+    let mel = Tensor::from_vec(mel.windows[0].clone(), (1, 80, 3000), &Device::Cpu).unwrap();
+    let encoded = model.encoder.forward(&mel).unwrap().squeeze(0).unwrap();
+    assert_eq!(encoded.dims(), &[1500, 512]);
+    let rows = expected["rows"].to_dtype(DType::U32).unwrap();
+    let got: Vec<Vec<f32>> = encoded.index_select(&rows, 0).unwrap().to_vec2().unwrap();
+    let want: Vec<Vec<f32>> = expected["encoder"].to_vec2().unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0.0f32;
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(w) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    eprintln!(
+        "whisper-base encoder: {} rows, max |diff| {worst:.2e}",
+        got.len()
+    );
+    assert!(
+        worst <= 1e-3,
+        "whisper-base encoder max |diff| {worst} > 1e-3"
+    );
+}
+
+#[test]
+fn whisper_base_transcribes_espeak_speech() {
+    let Some(dir) = weights() else { return };
+    let transcriber = Transcriber::load(&dir, &Device::Cpu).unwrap();
+    let item = Item::Path(fixtures().join("espeak_fox22k.wav"));
+    let transcript = transcriber
+        .transcribe_item(&item, &DecodeConfig::default())
+        .unwrap();
+    eprintln!("transcript: {:?}", transcript.text);
+    let words: Vec<String> = transcript
+        .text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    // transformers' greedy decode of the same file (float32) hears "jump", not "jumps".
+    for word in ["quick", "brown", "fox", "jump", "over", "lazy", "dog"] {
+        assert!(
+            words.iter().any(|w| w.starts_with(word)),
+            "{word:?} missing from {:?}",
+            transcript.text
+        );
+    }
+}
