@@ -15,6 +15,7 @@ pub mod linear;
 pub mod loader;
 pub mod model;
 pub mod multimodal;
+mod parallel;
 mod quantized;
 pub mod sampling;
 pub mod weights;

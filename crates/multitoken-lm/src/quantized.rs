@@ -65,22 +65,7 @@ pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usiz
             dot_rows(format, w, in_dim, x, &sums, dst);
         }
     };
-    if out_dim * in_dim < PARALLEL_FROM_WEIGHTS {
-        work(0, &mut by_out);
-    } else {
-        // candle's spinning barrier pool, not rayon: a decode step makes ~200
-        // of these ~50 us calls, and waking parked rayon workers for each one
-        // costs more than the second core gives back.
-        let out = SharedOut(by_out.as_mut_ptr());
-        let out = &out;
-        candle_core::utils::barrier_pool().execute_chunked(out_dim, |range| {
-            // SAFETY: `execute_chunked` hands out disjoint ranges of `0..out_dim`,
-            // so each call writes its own `rows`-wide slots of `by_out`, which
-            // outlives the pool call.
-            let chunk = unsafe { std::slice::from_raw_parts_mut(out.0.add(range.start * rows), range.len() * rows) };
-            work(range.start, chunk);
-        });
-    }
+    crate::parallel::fill_items(&mut by_out, rows, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
     if rows == 1 {
         y.copy_from_slice(&by_out);
     } else {
@@ -91,11 +76,6 @@ pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usiz
         }
     }
 }
-
-/// The output buffer, written by the pool's threads at disjoint offsets.
-struct SharedOut(*mut f32);
-// SAFETY: only used to hand disjoint sub-slices to the pool's threads.
-unsafe impl Sync for SharedOut {}
 
 /// One weight row against every input row: `dst[r] = w · x[r]`.
 fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {

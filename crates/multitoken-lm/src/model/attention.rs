@@ -53,6 +53,11 @@ impl Attention {
         let (k, v) = append_to_cache(cache, k, v, seen)?;
         let kv_len = k.dim(2)?;
         let n_rep = nh / nkv;
+        if t == 1 && mask.is_none() {
+            if let Some(out) = decode_attention(&q, &k, &v, n_rep)? {
+                return self.o_proj.forward(&out);
+            }
+        }
 
         // [b, nkv, n_rep * t, hd]: the query heads sharing a key head, stacked.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
@@ -66,12 +71,88 @@ impl Attention {
                 .reshape((b, nkv, n_rep * t, kv_len))?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // The fused softmax has no backward pass; training takes the composite one.
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let probs = if dtype == DType::F32 { probs } else { probs.to_dtype(dtype)? };
         let out = probs.matmul(&v)?; // [b, nkv, n_rep * t, hd]
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
+}
+
+/// One new query per sequence against every cached position, with no mask: the
+/// decode step's attention in a single pass, `[b, 1, heads * head_dim]` out.
+///
+/// The general path costs eight tensor ops per layer (scale, transpose, two
+/// matmuls, softmax, reshapes), each a few microseconds of dispatch and
+/// allocation for little work; this reads the cache buffers in place. `None`
+/// when it does not apply (not f32 on the CPU, or an unusual layout): the
+/// caller then takes the general path.
+fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Result<Option<Tensor>> {
+    use candle_core::Storage;
+    let (b, nh, _, hd) = q.dims4()?;
+    let kv_len = k.dim(2)?;
+    if q.dtype() != DType::F32 || !q.device().is_cpu() {
+        return Ok(None);
+    }
+    let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*k_storage, &*v_storage) else { return Ok(None) };
+    let (ks, vs) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+    let (k_stride, v_stride) = (k_layout.stride(), v_layout.stride());
+    if k_stride.len() != 4 || k_stride[3] != 1 || v_stride != k_stride || k_layout.start_offset() != v_layout.start_offset() {
+        return Ok(None);
+    }
+    let (offset, stride) = (k_layout.start_offset(), [k_stride[0], k_stride[1], k_stride[2]]);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; b * nh * hd];
+    let parallel = b * nh * kv_len * hd >= 1 << 15;
+    crate::parallel::fill_items(&mut out, hd, parallel, |first, items| {
+        let mut scores = vec![0f32; kv_len];
+        for (i, dst) in items.chunks_exact_mut(hd).enumerate() {
+            let (bi, h) = ((first + i) / nh, (first + i) % nh);
+            let base = offset + bi * stride[0] + (h / n_rep) * stride[1];
+            let qv = &qs[(bi * nh + h) * hd..(bi * nh + h + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                let kr = &ks[base + j * stride[2]..base + j * stride[2] + hd];
+                *s = dot(qv, kr) * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            dst.fill(0.0);
+            for (j, p) in scores.iter().enumerate() {
+                let vr = &vs[base + j * stride[2]..base + j * stride[2] + hd];
+                let p = p / sum;
+                for (o, x) in dst.iter_mut().zip(vr) {
+                    *o += p * x;
+                }
+            }
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))
+}
+
+/// `a · b`, in eight lanes so the compiler vectorises it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Writes the new keys/values into the layer's buffers and returns views of
