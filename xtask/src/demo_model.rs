@@ -1,8 +1,128 @@
-//! `cargo xtask demo-model`: train the embedded demo model with our own training binary; being built.
+//! `cargo xtask demo-model`: the embedded demo model, built from scratch.
+//!
+//! ```text
+//! cargo xtask demo-model data     [--data DIR] [--seed N] [--train N] [--heldout N]
+//! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N]
+//! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N]
+//! ```
+//!
+//! `data` writes the synthetic dataset (`multitoken-datasets`, rows per task);
+//! `skeleton` trains the tokenizers on its training text and writes a loadable
+//! model directory with seeded random weights (tiny llama LM, CLIP tower,
+//! Whisper, sentence-transformers BERT, projectors, `multitoken.json`); `eval`
+//! answers held-out questions greedily and reports accuracy per task.
+//! Defaults: data in `target/demo-data`, skeleton in `target/demo-model/init`,
+//! eval of `examples/demo-model` on `target/demo-data/heldout.jsonl`.
 
-use anyhow::{bail, Result};
+mod eval;
+mod random;
+mod skeleton;
+mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use multitoken_datasets::{GenerateConfig, Row};
+
+/// Seed of the dataset and of the random weights.
+pub const SEED: u64 = 20_261_123;
+
+struct Args {
+    data: PathBuf,
+    out: PathBuf,
+    model: PathBuf,
+    dataset: Option<PathBuf>,
+    seed: u64,
+    train: usize,
+    heldout: usize,
+    limit: usize,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn parse(args: &[String]) -> Result<Args> {
+    let root = root();
+    let mut parsed = Args {
+        data: root.join("target/demo-data"),
+        out: root.join("target/demo-model/init"),
+        model: root.join("examples/demo-model"),
+        dataset: None,
+        seed: SEED,
+        train: GenerateConfig::default().train_per_task,
+        heldout: GenerateConfig::default().heldout_per_task,
+        limit: usize::MAX,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--data" => parsed.data = PathBuf::from(value()?),
+            "--out" => parsed.out = PathBuf::from(value()?),
+            "--model" => parsed.model = PathBuf::from(value()?),
+            "--dataset" => parsed.dataset = Some(PathBuf::from(value()?)),
+            "--seed" => parsed.seed = value()?.parse().context("--seed")?,
+            "--train" => parsed.train = value()?.parse().context("--train")?,
+            "--heldout" => parsed.heldout = value()?.parse().context("--heldout")?,
+            "--limit" => parsed.limit = value()?.parse().context("--limit")?,
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(parsed)
+}
 
 /// Run this task.
-pub fn run(_args: &[String]) -> Result<()> {
-    bail!("cargo xtask demo-model is not built yet")
+pub fn run(args: &[String]) -> Result<()> {
+    let (command, rest) = match args.split_first() {
+        Some((c, rest)) => (c.as_str(), rest),
+        None => bail!("usage: cargo xtask demo-model <data|skeleton|eval> [options] (see xtask/src/demo_model.rs)"),
+    };
+    let args = parse(rest)?;
+    match command {
+        "data" => data(&args),
+        "skeleton" => {
+            let texts = training_text(&args.data.join("train.jsonl"))?;
+            skeleton::write(&args.out, &texts, args.seed)
+        }
+        "eval" => {
+            let dataset = args.dataset.clone().unwrap_or_else(|| args.data.join("heldout.jsonl"));
+            let report = eval::evaluate(&args.model, &dataset, args.limit, true)?;
+            eval::print(&report);
+            Ok(())
+        }
+        other => bail!("unknown demo-model command {other:?}; expected data, skeleton or eval"),
+    }
+}
+
+fn data(args: &Args) -> Result<()> {
+    let config = GenerateConfig { seed: args.seed, train_per_task: args.train, heldout_per_task: args.heldout, ..GenerateConfig::default() };
+    let summary = multitoken_datasets::generate(&args.data, &config)?;
+    println!(
+        "{}: {} rows; {}: {} rows",
+        summary.train_file.display(),
+        summary.train_rows,
+        summary.heldout_file.display(),
+        summary.heldout_rows
+    );
+    Ok(())
+}
+
+/// Questions, answers and document texts of a split: the tokenizers' corpus.
+fn training_text(jsonl: &Path) -> Result<Vec<String>> {
+    let base = jsonl.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read_to_string(jsonl)
+        .with_context(|| format!("reading {} (run `cargo xtask demo-model data` first)", jsonl.display()))?;
+    let mut texts = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let row: Row = serde_json::from_str(line).with_context(|| format!("{}:{}", jsonl.display(), n + 1))?;
+        for m in &row.messages {
+            texts.push(m.content.clone());
+        }
+        for doc in &row.documents {
+            let path = base.join(doc);
+            texts.push(std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?);
+        }
+    }
+    Ok(texts)
 }
