@@ -110,6 +110,18 @@ impl SentenceEncoder {
     /// Fails naming the file when one is missing or unreadable, and naming the
     /// tensor when the checkpoint lacks one.
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_trainable(dir, device, dtype, None)
+    }
+
+    /// [`SentenceEncoder::load`], with the weights as trainable variables of
+    /// `trainable` when given (the checkpoint's tensors if it has
+    /// `model.safetensors`, random weights otherwise).
+    pub fn load_trainable(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        dtype: DType,
+        trainable: Option<&candle_nn::VarMap>,
+    ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let fail = |reason: String| Error::Encoder {
             dir: dir.clone(),
@@ -143,15 +155,31 @@ impl SentenceEncoder {
         let (prefix, suffix) = special_tokens(&tokenizer)?;
 
         let weights = dir.join("model.safetensors");
-        if !weights.is_file() {
-            return Err(fail(
-                "model.safetensors is missing (only safetensors checkpoints are read)".to_string(),
-            ));
-        }
-        // SAFETY: the file is memory-mapped read-only; as everywhere in candle, it
-        // must not be modified while the model is alive.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(|e| fail(format!("cannot map model.safetensors: {e}")))?;
+        let vb = if let Some(map) = trainable {
+            if weights.is_file() {
+                let tensors = candle_core::safetensors::load(&weights, device)
+                    .map_err(|e| fail(format!("cannot read model.safetensors: {e}")))?;
+                let mut vars = map.data().lock().map_err(|_| fail("the trainable variable map is poisoned".to_string()))?;
+                for (name, tensor) in tensors {
+                    let var = tensor
+                        .to_dtype(dtype)
+                        .and_then(|t| candle_core::Var::from_tensor(&t))
+                        .map_err(|e| fail(format!("model.safetensors `{name}`: {e}")))?;
+                    vars.insert(name, var);
+                }
+            }
+            VarBuilder::from_varmap(map, dtype, device)
+        } else {
+            if !weights.is_file() {
+                return Err(fail(
+                    "model.safetensors is missing (only safetensors checkpoints are read)".to_string(),
+                ));
+            }
+            // SAFETY: the file is memory-mapped read-only; as everywhere in candle, it
+            // must not be modified while the model is alive.
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
+                .map_err(|e| fail(format!("cannot map model.safetensors: {e}")))?
+        };
         let model = BertModel::load(vb, &config)
             .map_err(|e| fail(format!("model.safetensors: {e}")))?;
         Ok(Self {

@@ -97,7 +97,12 @@ impl DocumentModality {
                  directory"
             ))
         })?;
-        let encoder = SentenceEncoder::load(context.resolve(encoder_dir), &context.device, context.dtype)?;
+        let encoder = SentenceEncoder::load_trainable(
+            context.resolve(encoder_dir),
+            &context.device,
+            context.dtype,
+            context.trainable.as_ref(),
+        )?;
         Self::with_encoder(name, config, encoder)
     }
 

@@ -1,22 +1,210 @@
 //! The `train`, `dataset`, `merge-lora` and `eval` subcommands of the `multitoken` binary.
+//!
+//! Flag names mirror multi_token's (`--num-train-epochs` or
+//! `--num_train_epochs`); every `train` flag can also come from a TOML file
+//! (`--config run.toml`, snake_case keys), flags winning over the file.
 
-use anyhow::{bail, Result};
-use clap::Args;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+
+use crate::data;
+use crate::optim::Schedule;
+use crate::trainer::{self, Stage, TrainConfig};
 
 /// `multitoken train`: train projectors, LoRA adapters or the whole LM.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainArgs {
-    /// Arguments, parsed by this crate.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// TOML file with any of these settings (snake_case keys); flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model directory to start from (multitoken.json + projectors, or an HF LM directory).
+    #[arg(long, alias = "model_name_or_path", alias = "model-name-or-path")]
+    pub model: Option<PathBuf>,
+    /// Training data: JSONL rows in multi_token's schema.
+    #[arg(long, alias = "dataset_path", alias = "dataset-path")]
+    pub dataset: Option<PathBuf>,
+    /// Where the trained model, checkpoints and metrics go.
+    #[arg(long, alias = "output_dir")]
+    pub output_dir: Option<PathBuf>,
+    /// `projectors` (stage 1) or `full` (LM + projectors).
+    #[arg(long, value_enum)]
+    pub stage: Option<Stage>,
+    /// Stage 1 (multi_token's flag): same as `--stage projectors`.
+    #[arg(long, alias = "pretrain_projectors")]
+    pub pretrain_projectors: Option<bool>,
+    /// Also train the modality encoders (an encoder directory without weights starts random).
+    #[arg(long, alias = "train_encoders", num_args = 0..=1, default_missing_value = "true")]
+    pub train_encoders: Option<bool>,
+    /// Projector weights (safetensors) to start from, e.g. stage 1's.
+    #[arg(
+        long,
+        alias = "pretrained_projectors_path",
+        alias = "pretrained-projectors-path"
+    )]
+    pub pretrained_projectors: Option<PathBuf>,
+    /// Epochs.
+    #[arg(long, alias = "num_train_epochs")]
+    pub num_train_epochs: Option<f64>,
+    /// Optimizer steps (overrides epochs).
+    #[arg(long, alias = "max_steps")]
+    pub max_steps: Option<usize>,
+    /// Rows per micro-batch.
+    #[arg(long, alias = "per_device_train_batch_size", alias = "batch-size")]
+    pub per_device_train_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long, alias = "gradient_accumulation_steps")]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, alias = "learning_rate", alias = "lr")]
+    pub learning_rate: Option<f64>,
+    /// AdamW weight decay (matrices only).
+    #[arg(long, alias = "weight_decay")]
+    pub weight_decay: Option<f64>,
+    /// AdamW β₁.
+    #[arg(long, alias = "adam_beta1")]
+    pub adam_beta1: Option<f64>,
+    /// AdamW β₂.
+    #[arg(long, alias = "adam_beta2")]
+    pub adam_beta2: Option<f64>,
+    /// AdamW ε.
+    #[arg(long, alias = "adam_epsilon")]
+    pub adam_epsilon: Option<f64>,
+    /// Warmup fraction of the steps.
+    #[arg(long, alias = "warmup_ratio")]
+    pub warmup_ratio: Option<f64>,
+    /// Warmup steps (overrides the ratio).
+    #[arg(long, alias = "warmup_steps")]
+    pub warmup_steps: Option<usize>,
+    /// `cosine`, `linear` or `constant` after warmup.
+    #[arg(long, value_enum, alias = "lr_scheduler_type")]
+    pub lr_scheduler_type: Option<Schedule>,
+    /// Clip gradients to this global norm (0 = off).
+    #[arg(long, alias = "max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    /// Truncate rows to this many tokens.
+    #[arg(long, alias = "model_max_length")]
+    pub model_max_length: Option<usize>,
+    /// Group rows of similar length into batches.
+    #[arg(long, alias = "group_by_length", alias = "group_by_modality_length")]
+    pub group_by_length: Option<bool>,
+    /// Checkpoint every N steps (0 = at the end only).
+    #[arg(long, alias = "save_steps")]
+    pub save_steps: Option<usize>,
+    /// Keep at most N checkpoints.
+    #[arg(long, alias = "save_total_limit")]
+    pub save_total_limit: Option<usize>,
+    /// Log every N steps to metrics.jsonl.
+    #[arg(long, alias = "logging_steps")]
+    pub logging_steps: Option<usize>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Continue from the latest checkpoint in the output directory, or from DIR.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, alias = "no_progress")]
+    pub no_progress: Option<bool>,
+}
+
+impl TrainArgs {
+    /// Flags over the TOML file over the defaults.
+    pub fn resolve(self) -> Result<TrainConfig> {
+        let file: TrainArgs = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("{}: bad training config", path.display()))?
+            }
+            None => TrainArgs::default(),
+        };
+        macro_rules! pick {
+            ($f:ident) => {
+                self.$f.or(file.$f)
+            };
+        }
+        let (Some(model), Some(dataset), Some(output_dir)) =
+            (pick!(model), pick!(dataset), pick!(output_dir))
+        else {
+            bail!("--model, --dataset and --output-dir are required (as flags or in --config)");
+        };
+        let mut cfg = TrainConfig::new(model, dataset, output_dir);
+        let stage = pick!(stage);
+        cfg.stage = match (stage, pick!(pretrain_projectors)) {
+            (Some(s), _) => s,
+            (None, Some(true)) | (None, None) => Stage::Projectors,
+            (None, Some(false)) => Stage::Full,
+        };
+        macro_rules! set {
+            ($f:ident) => {
+                if let Some(v) = pick!($f) {
+                    cfg.$f = v;
+                }
+            };
+        }
+        set!(train_encoders);
+        set!(num_train_epochs);
+        set!(per_device_train_batch_size);
+        set!(gradient_accumulation_steps);
+        set!(learning_rate);
+        set!(weight_decay);
+        set!(adam_beta1);
+        set!(adam_beta2);
+        set!(adam_epsilon);
+        set!(warmup_ratio);
+        set!(lr_scheduler_type);
+        set!(max_grad_norm);
+        set!(group_by_length);
+        set!(save_steps);
+        set!(logging_steps);
+        set!(seed);
+        cfg.pretrained_projectors = pick!(pretrained_projectors);
+        cfg.max_steps = pick!(max_steps);
+        cfg.warmup_steps = pick!(warmup_steps);
+        cfg.model_max_length = pick!(model_max_length);
+        cfg.save_total_limit = pick!(save_total_limit);
+        cfg.resume = pick!(resume);
+        cfg.progress = !pick!(no_progress).unwrap_or(false);
+        Ok(cfg)
+    }
 }
 
 /// `multitoken dataset`: convert and check datasets.
 #[derive(Debug, Args)]
 pub struct DatasetArgs {
-    /// Arguments, parsed by this crate.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: DatasetCommand,
+}
+
+/// `multitoken dataset` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// Convert LLaVA JSON (`image`, `conversations`) to multitoken JSONL.
+    ConvertLlava {
+        /// LLaVA JSON file (a list of rows).
+        input: PathBuf,
+        /// JSONL file to write.
+        output: PathBuf,
+        /// Where the images are (default: next to the input file).
+        #[arg(long, alias = "image_folder")]
+        image_folder: Option<PathBuf>,
+    },
+    /// Check every row: schema, roles, item files, token counts.
+    Check {
+        /// JSONL dataset.
+        dataset: PathBuf,
+        /// Also prepare every row with this model (tokens, template, lengths).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
 }
 
 /// `multitoken merge-lora`: fold a PEFT adapter into the base weights.
@@ -36,13 +224,102 @@ pub struct EvalArgs {
 }
 
 /// Run `multitoken train`.
-pub fn train(_args: TrainArgs) -> Result<()> {
-    bail!("multitoken train is not built yet")
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = args.resolve()?;
+    let summary = trainer::train(&cfg)?;
+    let last = summary
+        .log
+        .last()
+        .map(|l| format!(", final loss {:.4}", l.loss))
+        .unwrap_or_default();
+    println!(
+        "trained {} steps{last}; model written to {}",
+        summary.steps,
+        summary.output_dir.display()
+    );
+    Ok(())
 }
 
 /// Run `multitoken dataset`.
-pub fn dataset(_args: DatasetArgs) -> Result<()> {
-    bail!("multitoken dataset is not built yet")
+pub fn dataset(args: DatasetArgs) -> Result<()> {
+    match args.command {
+        DatasetCommand::ConvertLlava {
+            input,
+            output,
+            image_folder,
+        } => {
+            let n = data::convert_llava(&input, &output, image_folder.as_deref())?;
+            println!("wrote {n} rows to {}", output.display());
+            Ok(())
+        }
+        DatasetCommand::Check { dataset, model } => {
+            let mut tokens: BTreeMap<String, String> = data::default_tokens();
+            let mut problems = Vec::new();
+            if let Some(model) = &model {
+                let loaded = crate::model::TrainableModel::load(
+                    model,
+                    crate::model::TrainParts::default(),
+                    &candle_core::Device::Cpu,
+                )?;
+                tokens = loaded
+                    .mm
+                    .modalities
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.modality.data_key().to_string(),
+                            m.modality.token().to_string(),
+                        )
+                    })
+                    .collect();
+                if let Ok(rows) = data::read_jsonl(&dataset) {
+                    for row in rows {
+                        if let Err(e) = loaded
+                            .mm
+                            .chat_preparer()
+                            .prepare_training(&row.messages, &row.items)
+                        {
+                            problems.push(format!(
+                                "{}:{} (id {}): {e}",
+                                dataset.display(),
+                                row.line,
+                                row.id
+                            ));
+                        }
+                    }
+                }
+            }
+            let mut report = data::check(&dataset, &tokens)?;
+            report.problems.extend(problems);
+            let items: Vec<String> = report
+                .items
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            println!(
+                "{}: {} rows{}{}",
+                dataset.display(),
+                report.rows,
+                if items.is_empty() {
+                    String::new()
+                } else {
+                    format!(", items: {}", items.join(", "))
+                },
+                if report.problems.is_empty() {
+                    ", no problems".to_string()
+                } else {
+                    String::new()
+                }
+            );
+            for p in &report.problems {
+                eprintln!("{p}");
+            }
+            if !report.problems.is_empty() {
+                bail!("{} problem(s) found", report.problems.len());
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Run `multitoken merge-lora`.

@@ -1,5 +1,16 @@
-//! multitoken-train: see ARCHITECTURE.md ("multitoken-train").
+//! multitoken-train: see ARCHITECTURE.md ("multitoken-train") and USAGE.md.
 //!
-//! This crate is being built; its command-line entry point is [`cli`].
+//! Datasets in multi_token's JSONL schema ([`data`]), the trainable model
+//! (projectors, LoRA adapters, the whole LM, encoders: [`model`]), AdamW with
+//! warmup + cosine/linear schedules and global-norm clipping ([`optim`]), the
+//! training loop with atomic checkpoints and exact resume ([`trainer`]), and the
+//! `train` / `dataset` / `merge-lora` / `eval` subcommands ([`cli`]).
 
 pub mod cli;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod trainer;
+
+pub use error::{Error, Result};

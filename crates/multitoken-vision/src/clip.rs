@@ -208,7 +208,7 @@ impl ClipVisionTower {
             .broadcast_as((b, 1, cfg.hidden_size))?;
         let embeddings = Tensor::cat(&[&cls, &patch_embeds], 1)?
             .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
-        let mut hidden = self.pre_layrnorm.forward(&embeddings)?;
+        let mut hidden = norm(&self.pre_layrnorm, &embeddings)?;
         let run = num_layers.unwrap_or(self.layers.len()).min(self.layers.len());
         let mut hidden_states = Vec::with_capacity(run + 1);
         hidden_states.push(hidden.clone());
@@ -217,7 +217,7 @@ impl ClipVisionTower {
             hidden_states.push(hidden.clone());
         }
         let pooled = if run == self.layers.len() {
-            Some(self.post_layernorm.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?)
+            Some(norm(&self.post_layernorm, &hidden.narrow(1, 0, 1)?.squeeze(1)?)?)
         } else {
             None
         };
@@ -267,7 +267,7 @@ impl EncoderLayer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
-        let h = self.layer_norm1.forward(x)?;
+        let h = norm(&self.layer_norm1, x)?;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous()
         };
@@ -277,13 +277,13 @@ impl EncoderLayer {
         let v = split(self.v_proj.forward(&h)?)?;
         let scores = q.matmul(&k.t()?)?;
         let probs = if scores.dtype() == DType::F32 {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            softmax(&scores)?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
+            softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
         };
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         let x = (x + self.out_proj.forward(&attn)?)?;
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = self.fc1.forward(&norm(&self.layer_norm2, &x)?)?;
         let h = if self.quick_gelu {
             (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?
         } else {
@@ -381,5 +381,25 @@ impl FeatureSelect {
                 }
             }
         }
+    }
+}
+
+/// LayerNorm that stays differentiable when training (candle's fused kernel has
+/// no backward pass, so a tracked input or weight takes the composite one).
+fn norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    match ln.bias() {
+        Some(bias) if x.track_op() || ln.weight().track_op() => {
+            candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32)
+        }
+        _ => candle_nn::Module::forward(ln, x),
+    }
+}
+
+/// Softmax over the last dimension, differentiable when training.
+fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
     }
 }

@@ -85,7 +85,15 @@ impl Norm {
         };
         let x = f32(x)?;
         let y = match self {
+            // candle's fused norms have no backward pass: training (a tracked
+            // input or weight) takes the differentiable composite instead.
+            Norm::Rms { weight, eps } if x.track_op() || weight.track_op() => {
+                candle_nn::ops::rms_norm_slow(&x, &f32(weight)?, *eps)?
+            }
             Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x, &f32(weight)?, *eps)?,
+            Norm::Layer { weight, bias, eps } if x.track_op() || weight.track_op() || bias.track_op() => {
+                candle_nn::ops::layer_norm_slow(&x, &f32(weight)?, &f32(bias)?, *eps)?
+            }
             Norm::Layer { weight, bias, eps } => {
                 candle_nn::ops::layer_norm(&x, &f32(weight)?, &f32(bias)?, *eps)?
             }

@@ -1,0 +1,404 @@
+//! Datasets: multi_token's JSONL rows, LLaVA conversion and checks.
+//!
+//! One row per line:
+//!
+//! ```json
+//! {"id": "r1", "images": ["img/cat.png"],
+//!  "messages": [{"role": "user", "content": "<image> What is this?"},
+//!               {"role": "assistant", "content": "A cat."}]}
+//! ```
+//!
+//! Every key other than `id` and `messages` is a modality's data key
+//! (`images`, `speech_audios`, `documents`, ...) listing that row's items, in
+//! the order their tokens appear. Item strings are paths relative to the
+//! dataset file; under `documents`, a string that names no file is the
+//! document's text itself (multi_token's document rows hold text). Errors name
+//! the file, the line and the row id.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use multitoken_core::{Item, ItemsByKey, Message};
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Roles a message may have.
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// One training row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The row's `id`, or `line N` when it has none.
+    pub id: String,
+    /// 1-based line in the dataset file.
+    pub line: usize,
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Items per data key.
+    pub items: ItemsByKey,
+}
+
+impl Row {
+    /// ` (id X)` for error messages.
+    pub fn id_suffix(&self) -> String {
+        format!(" (id {})", self.id)
+    }
+}
+
+/// Reads every row of a JSONL dataset; the first bad row is an error naming its line and id.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut rows = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        rows.push(parse_row(path, &base, index + 1, line)?);
+    }
+    if rows.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: the dataset has no rows",
+            path.display()
+        )));
+    }
+    Ok(rows)
+}
+
+/// Parses one JSONL line.
+pub fn parse_row(file: &Path, base: &Path, line: usize, text: &str) -> Result<Row> {
+    let fail = |id: &str, message: String| Error::Row {
+        file: file.to_path_buf(),
+        line,
+        id: if id.is_empty() {
+            String::new()
+        } else {
+            format!(" (id {id})")
+        },
+        message,
+    };
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| fail("", format!("not valid JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(fail("", "a row must be a JSON object".into()));
+    };
+    let id = match map.get("id") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => {
+            return Err(fail(
+                "",
+                format!("`id` must be a string or a number, got {other}"),
+            ))
+        }
+    };
+    let messages = match map.get("messages") {
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(fail(&id, "`messages` must be a list".into())),
+        None => return Err(fail(&id, "no `messages`".into())),
+    };
+    if messages.is_empty() {
+        return Err(fail(&id, "`messages` is empty".into()));
+    }
+    let mut parsed = Vec::with_capacity(messages.len());
+    for (k, message) in messages.iter().enumerate() {
+        let role = message.get("role").and_then(Value::as_str);
+        let content = message.get("content").and_then(Value::as_str);
+        match (role, content) {
+            (Some(role), Some(content)) if ROLES.contains(&role) => {
+                parsed.push(Message::new(role, content))
+            }
+            (Some(role), Some(_)) => {
+                return Err(fail(
+                    &id,
+                    format!(
+                        "message {}: role `{role}` is not one of {}",
+                        k + 1,
+                        ROLES.join(", ")
+                    ),
+                ))
+            }
+            _ => {
+                return Err(fail(
+                    &id,
+                    format!("message {}: needs string `role` and `content`", k + 1),
+                ))
+            }
+        }
+    }
+    if !parsed.iter().any(|m| m.role == "assistant") {
+        return Err(fail(
+            &id,
+            "no assistant message: nothing to learn from".into(),
+        ));
+    }
+    let mut items: ItemsByKey = BTreeMap::new();
+    for (key, value) in &map {
+        if key == "id" || key == "messages" {
+            continue;
+        }
+        let Value::Array(list) = value else {
+            return Err(fail(&id, format!("`{key}` must be a list of items")));
+        };
+        let mut row_items = Vec::with_capacity(list.len());
+        for (k, item) in list.iter().enumerate() {
+            let Some(s) = item.as_str() else {
+                return Err(fail(
+                    &id,
+                    format!("`{key}` item {} must be a string", k + 1),
+                ));
+            };
+            row_items.push(
+                resolve_item(key, s, base)
+                    .map_err(|m| fail(&id, format!("`{key}` item {}: {m}", k + 1)))?,
+            );
+        }
+        items.insert(key.clone(), row_items);
+    }
+    let id = if id.is_empty() {
+        format!("line {line}")
+    } else {
+        id
+    };
+    Ok(Row {
+        id,
+        line,
+        messages: parsed,
+        items,
+    })
+}
+
+fn resolve_item(key: &str, s: &str, base: &Path) -> std::result::Result<Item, String> {
+    if s.starts_with("http://") || s.starts_with("https://") {
+        return Err(format!(
+            "`{s}` is a URL; training reads local files only (download it first)"
+        ));
+    }
+    let path = base.join(s);
+    if key == "documents" && !path.is_file() {
+        return Ok(Item::Text(s.to_string()));
+    }
+    Ok(Item::Path(path))
+}
+
+/// What `dataset check` found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CheckReport {
+    /// Rows read.
+    pub rows: usize,
+    /// Items per data key.
+    pub items: BTreeMap<String, usize>,
+    /// One line per problem: `file:line (id X): message`.
+    pub problems: Vec<String>,
+}
+
+/// Checks every row of a dataset without a model: JSON schema, roles, item
+/// files present and readable, and that each data key's items match the count of
+/// `tokens[key]` (e.g. `images` -> `<image>`) in the text.
+pub fn check(path: &Path, tokens: &BTreeMap<String, String>) -> Result<CheckReport> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut report = CheckReport::default();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        report.rows += 1;
+        let row = match parse_row(path, &base, index + 1, line) {
+            Ok(row) => row,
+            Err(e) => {
+                report.problems.push(e.to_string());
+                continue;
+            }
+        };
+        let at = format!("{}:{} (id {})", path.display(), row.line, row.id);
+        for (key, items) in &row.items {
+            *report.items.entry(key.clone()).or_default() += items.len();
+            for (k, item) in items.iter().enumerate() {
+                if let Item::Path(p) = item {
+                    if let Err(e) = std::fs::metadata(p).and_then(|m| {
+                        if m.is_file() {
+                            Ok(())
+                        } else {
+                            Err(std::io::Error::other("not a file"))
+                        }
+                    }) {
+                        report.problems.push(format!(
+                            "{at}: `{key}` item {} {}: {e}",
+                            k + 1,
+                            p.display()
+                        ));
+                    }
+                }
+            }
+            if let Some(token) = tokens.get(key) {
+                let used: usize = row
+                    .messages
+                    .iter()
+                    .map(|m| m.content.matches(token.as_str()).count())
+                    .sum();
+                if used != items.len() {
+                    report.problems.push(format!(
+                        "{at}: {} `{key}` item(s) but {used} `{token}` token(s) in the messages",
+                        items.len()
+                    ));
+                }
+            }
+        }
+        for (key, token) in tokens {
+            let used: usize = row
+                .messages
+                .iter()
+                .map(|m| m.content.matches(token.as_str()).count())
+                .sum();
+            if used > 0 && !row.items.contains_key(key) {
+                report.problems.push(format!(
+                    "{at}: {used} `{token}` token(s) but no `{key}` list"
+                ));
+            }
+        }
+    }
+    if report.rows == 0 {
+        report
+            .problems
+            .push(format!("{}: the dataset has no rows", path.display()));
+    }
+    Ok(report)
+}
+
+/// The usual modality tokens of multi_token's data keys.
+pub fn default_tokens() -> BTreeMap<String, String> {
+    [
+        ("images", "<image>"),
+        ("speech_audios", "<speech>"),
+        ("documents", "<document>"),
+        ("videos", "<video>"),
+    ]
+    .into_iter()
+    .map(|(k, t)| (k.to_string(), t.to_string()))
+    .collect()
+}
+
+/// Converts LLaVA's JSON (a list of `{"id", "image", "conversations": [{"from":
+/// "human"|"gpt"|"system", "value"}]}`) to multitoken JSONL rows.
+///
+/// Image paths are written relative to the output file's directory; they are
+/// looked up under `image_folder` (default: the input file's directory).
+/// Returns the number of rows written.
+pub fn convert_llava(input: &Path, output: &Path, image_folder: Option<&Path>) -> Result<usize> {
+    let text = std::fs::read_to_string(input).map_err(|e| Error::io(input, e))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", input.display())))?;
+    let Value::Array(list) = value else {
+        return Err(Error::Config(format!(
+            "{}: LLaVA data is a JSON list of rows",
+            input.display()
+        )));
+    };
+    let input_dir = input.parent().map(Path::to_path_buf).unwrap_or_default();
+    let images_dir = image_folder.map(Path::to_path_buf).unwrap_or(input_dir);
+    let out_dir = output.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut lines = String::new();
+    for (index, row) in list.iter().enumerate() {
+        let id = row
+            .get("id")
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .unwrap_or_default();
+        let fail = |message: String| Error::Row {
+            file: input.to_path_buf(),
+            line: index + 1,
+            id: if id.is_empty() {
+                String::new()
+            } else {
+                format!(" (id {id})")
+            },
+            message,
+        };
+        let Some(Value::Array(turns)) = row.get("conversations") else {
+            return Err(fail("no `conversations` list".into()));
+        };
+        let mut messages = Vec::new();
+        for (k, turn) in turns.iter().enumerate() {
+            let from = turn.get("from").and_then(Value::as_str);
+            let value = turn.get("value").and_then(Value::as_str);
+            let role = match from {
+                Some("human") | Some("user") => "user",
+                Some("gpt") | Some("assistant") => "assistant",
+                Some("system") => "system",
+                other => return Err(fail(format!("turn {}: unknown speaker {other:?}", k + 1))),
+            };
+            let Some(value) = value else {
+                return Err(fail(format!("turn {}: no string `value`", k + 1)));
+            };
+            messages.push(serde_json::json!({"role": role, "content": value}));
+        }
+        let mut out = serde_json::Map::new();
+        out.insert(
+            "id".into(),
+            Value::String(if id.is_empty() {
+                format!("{}", index + 1)
+            } else {
+                id.clone()
+            }),
+        );
+        let images: Vec<String> = match row.get("image") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+            Some(other) => {
+                return Err(fail(format!(
+                    "`image` must be a string or a list, got {other}"
+                )))
+            }
+        };
+        if !images.is_empty() {
+            let paths: Vec<Value> = images
+                .iter()
+                .map(|i| Value::String(relative_to(&images_dir.join(i), &out_dir)))
+                .collect();
+            out.insert("images".into(), Value::Array(paths));
+        }
+        out.insert("messages".into(), Value::Array(messages));
+        lines.push_str(&Value::Object(out).to_string());
+        lines.push('\n');
+    }
+    write_atomic(output, lines.as_bytes())?;
+    Ok(list.len())
+}
+
+/// `path` relative to `dir` when it lies under it, else absolute.
+fn relative_to(path: &Path, dir: &Path) -> String {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (p, d) = (abs(path), abs(dir));
+    match p.strip_prefix(&d) {
+        Ok(rel) => rel.display().to_string(),
+        Err(_) => p.display().to_string(),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// `path` with `.tmp` appended to its name.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}

@@ -1,0 +1,568 @@
+//! The model being trained: a [`MultimodalModel`] whose trainable parts are
+//! candle `Var`s held in named maps (projectors, the LM, each encoder).
+//!
+//! - Projectors always come from a `VarMap`: loaded from `projectors.safetensors`
+//!   (or `--pretrained-projectors`) when present, freshly initialised otherwise.
+//! - Full fine-tuning loads the LM's safetensors through [`VarSource`], a
+//!   [`WeightSource`] that turns every tensor into a variable.
+//! - `--train-encoders` builds each modality with `ModalityContext::trainable`,
+//!   so the builder creates its encoder weights as variables (from the
+//!   checkpoint, or randomly when the encoder directory holds no weights).
+//!
+//! [`TrainableModel::loss`] is the causal-LM loss of a batch (shifted labels,
+//! `-100` ignored, mean over labelled tokens); [`TrainableModel::save`] writes
+//! a loadable model directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use multitoken_core::{
+    build_modality, ItemsByKey, KvCache, LogitsSelection, ModalityContext, PreparedInput,
+    Projector, IGNORE_INDEX,
+};
+use multitoken_lm::loader::{load_model, LoadOptions};
+use multitoken_lm::model::CausalLm;
+use multitoken_lm::multimodal::{
+    read_config, ModalityRuntime, MultimodalConfig, MultimodalModel, MULTIMODAL_CONFIG_FILE,
+    PROJECTORS_FILE,
+};
+use multitoken_lm::weights::SafetensorsSource;
+use multitoken_lm::{Linear, WeightSource};
+
+use crate::data::write_atomic;
+use crate::optim::Param;
+use crate::{Error, Result};
+
+/// What is trained.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainParts {
+    /// The projectors.
+    pub projectors: bool,
+    /// Every LM weight (full fine-tuning).
+    pub lm: bool,
+    /// The modality encoders.
+    pub encoders: bool,
+    /// Start from these projector weights instead of the model's `projectors.safetensors`.
+    pub pretrained_projectors: Option<PathBuf>,
+}
+
+/// A model directory loaded for training.
+pub struct TrainableModel {
+    /// The model (forward, preparation).
+    pub mm: MultimodalModel,
+    /// The directory it was loaded from.
+    pub model_dir: PathBuf,
+    /// Its `multitoken.json` (an empty one for a text-only LM).
+    pub config: MultimodalConfig,
+    /// The resolved LM checkpoint.
+    pub lm_path: PathBuf,
+    /// Projector variables, keyed as in `projectors.safetensors`.
+    pub projectors: VarMap,
+    /// LM variables (full fine-tuning), keyed by transformers names.
+    pub lm_vars: Option<VarMap>,
+    /// Encoder variables per modality (`--train-encoders`), keyed as in the encoder's checkpoint.
+    pub encoders: Vec<Option<VarMap>>,
+    /// What is trained.
+    pub parts: TrainParts,
+}
+
+impl TrainableModel {
+    /// Loads `model_dir` (a multimodal directory with `multitoken.json`, or a
+    /// text-only HF directory) for training `parts` on `device` in f32.
+    pub fn load(model_dir: &Path, parts: TrainParts, device: &Device) -> Result<Self> {
+        Self::load_seeded(model_dir, parts, device, 0)
+    }
+
+    /// [`TrainableModel::load`] with fresh weights drawn from a generator seeded
+    /// by `seed` (and each weight's name), so that runs are reproducible.
+    pub fn load_seeded(
+        model_dir: &Path,
+        parts: TrainParts,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let config_path = model_dir.join(MULTIMODAL_CONFIG_FILE);
+        let config = if config_path.is_file() {
+            read_config(&config_path)?
+        } else {
+            MultimodalConfig {
+                base_model: None,
+                chat_template: None,
+                modalities: Vec::new(),
+            }
+        };
+        let lm_path = match &config.base_model {
+            Some(base) => resolve(model_dir, base),
+            None => model_dir.to_path_buf(),
+        };
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: device.clone(),
+        };
+        let mut lm = load_model(&lm_path, &opts)?;
+        let lm_vars = if parts.lm {
+            if !lm_path.is_dir() {
+                return Err(Error::Config(format!(
+                    "{}: full fine-tuning needs an HF model directory (safetensors), not a GGUF file",
+                    lm_path.display()
+                )));
+            }
+            let hf = multitoken_lm::hf::parse_config(&lm_path.join("config.json"))?;
+            let source = SafetensorsSource::from_dir(&lm_path, DType::F32, device)?;
+            let vars = VarSource::new(&source);
+            let mut model = CausalLm::load(&hf.model, &vars)?;
+            if let Some(windows) = &hf.layer_sliding_windows {
+                model.set_layer_sliding_windows(windows)?;
+            }
+            lm.model = Arc::new(model);
+            Some(vars.map)
+        } else {
+            None
+        };
+        let hidden = lm.model.hidden_size();
+
+        let projectors = VarMap::new();
+        let projector_file = match &parts.pretrained_projectors {
+            Some(path) => Some(path.clone()),
+            None => Some(model_dir.join(PROJECTORS_FILE)).filter(|p| p.is_file()),
+        };
+        if let Some(path) = &projector_file {
+            preload(&projectors, path, device)?;
+        }
+        let preloaded: std::collections::HashSet<String> =
+            named(&projectors, "").into_iter().map(|p| p.name).collect();
+        let mut runtimes = Vec::with_capacity(config.modalities.len());
+        let mut encoders = Vec::with_capacity(config.modalities.len());
+        for entry in &config.modalities {
+            let mut context = ModalityContext::new(device.clone(), DType::F32, model_dir);
+            let encoder_vars = parts.encoders.then(VarMap::new);
+            context.trainable = encoder_vars.clone();
+            let modality =
+                build_modality(&entry.builder, &entry.config, &context).map_err(|e| {
+                    Error::Config(format!(
+                        "{}: modality `{}`: {e}",
+                        config_path.display(),
+                        entry.builder
+                    ))
+                })?;
+            if let Some(map) = &encoder_vars {
+                randomize_zero_weights(map, seed)?;
+            }
+            let vb = VarBuilder::from_varmap(&projectors, DType::F32, device).pp(entry.prefix());
+            let projector = Projector::load(entry.projector, modality.feature_dim(), hidden, vb)
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "projector `{}` of `{}`: {e}",
+                        entry.prefix(),
+                        entry.builder
+                    ))
+                })?;
+            runtimes.push(ModalityRuntime {
+                modality,
+                projector,
+            });
+            encoders.push(encoder_vars);
+        }
+        for param in named(&projectors, "") {
+            if !preloaded.contains(&param.name) {
+                seeded_init(&param, seed)?;
+            }
+        }
+        let template = match &config.chat_template {
+            Some(name) if lm.chat_template.is_none() => {
+                Some(multitoken_lm::multimodal::builtin_template(name, &lm)?)
+            }
+            _ => None,
+        };
+        let mm = MultimodalModel::from_parts(lm, runtimes, template)?;
+        Ok(Self {
+            mm,
+            model_dir: model_dir.to_path_buf(),
+            config,
+            lm_path,
+            projectors,
+            lm_vars,
+            encoders,
+            parts,
+        })
+    }
+
+    /// The trainable parameters, named `projectors/…`, `lm/…`, `encoder{i}/…`, sorted.
+    pub fn params(&self) -> Vec<Param> {
+        let mut out = Vec::new();
+        if self.parts.projectors {
+            out.extend(named(&self.projectors, "projectors/"));
+        }
+        if let Some(map) = &self.lm_vars {
+            out.extend(named(map, "lm/"));
+        }
+        for (i, map) in self.encoders.iter().enumerate() {
+            if let Some(map) = map {
+                out.extend(named(map, &format!("encoder{i}/")));
+            }
+        }
+        out
+    }
+
+    /// Input embeddings `[1, len, hidden]` of one prepared row.
+    pub fn embed(&self, prepared: &PreparedInput, items: &ItemsByKey) -> Result<Tensor> {
+        Ok(self.mm.embed(prepared, items)?)
+    }
+
+    /// Mean cross-entropy over the labelled next-token predictions of a batch
+    /// (right-padded; padding is never attended to by real positions in a causal
+    /// model), and the number of labelled tokens.
+    pub fn loss(&self, rows: &[(&PreparedInput, &ItemsByKey)]) -> Result<(Tensor, usize)> {
+        let lm = self.mm.language_model();
+        let max_len = rows.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+        if max_len < 2 {
+            return Err(Error::Config(
+                "a batch needs sequences of at least 2 tokens".into(),
+            ));
+        }
+        let hidden = lm.hidden_size();
+        let mut embeds = Vec::with_capacity(rows.len());
+        let mut targets = Vec::with_capacity(rows.len() * (max_len - 1));
+        let mut mask = Vec::with_capacity(rows.len() * (max_len - 1));
+        for (prepared, items) in rows {
+            let e = self.embed(prepared, items)?;
+            let pad = max_len - prepared.len();
+            let e = if pad > 0 {
+                Tensor::cat(
+                    &[&e, &Tensor::zeros((1, pad, hidden), e.dtype(), e.device())?],
+                    1,
+                )?
+            } else {
+                e
+            };
+            embeds.push(e);
+            for t in 1..max_len {
+                let label = prepared.labels.get(t).copied().unwrap_or(IGNORE_INDEX);
+                if label == IGNORE_INDEX || label < 0 {
+                    targets.push(0u32);
+                    mask.push(0f32);
+                } else {
+                    targets.push(label as u32);
+                    mask.push(1f32);
+                }
+            }
+        }
+        let count = mask.iter().filter(|m| **m > 0.0).count();
+        let embeds = Tensor::cat(&embeds, 0)?;
+        let mut cache = KvCache::new(lm.num_layers());
+        let logits = lm.forward_embeds(&embeds, None, &mut cache, LogitsSelection::All)?;
+        let (b, _, vocab) = logits.dims3()?;
+        let logits = logits
+            .narrow(1, 0, max_len - 1)?
+            .reshape((b * (max_len - 1), vocab))?
+            .to_dtype(DType::F32)?;
+        let device = logits.device();
+        let targets = Tensor::from_vec(targets, (b * (max_len - 1), 1), device)?;
+        let mask = Tensor::from_vec(mask, b * (max_len - 1), device)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = log_probs.gather(&targets, 1)?.squeeze(1)?;
+        let total = (picked * mask)?.sum_all()?;
+        let loss = (total.neg()? / count.max(1) as f64)?;
+        Ok((loss, count))
+    }
+
+    /// Writes a loadable model directory: `multitoken.json`, `projectors.safetensors`,
+    /// the LM under `lm/` when it was trained (else `base_model` points at the
+    /// original, absolute), trained encoders under `encoder-{i}/` (frozen ones
+    /// keep pointing at the originals).
+    pub fn save(&self, out: &Path) -> Result<()> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let mut config = self.config.clone();
+        if let Some(map) = &self.lm_vars {
+            let lm_dir = out.join("lm");
+            copy_non_weights(&self.lm_path, &lm_dir)?;
+            save_varmap(map, &lm_dir.join("model.safetensors"))?;
+            config.base_model = Some("lm".into());
+        } else {
+            config.base_model = Some(absolute(&self.lm_path).display().to_string());
+        }
+        for (i, entry) in config.modalities.iter_mut().enumerate() {
+            let Some((key, default)) = encoder_dir_key(&entry.builder) else {
+                if self.encoders.get(i).is_some_and(Option::is_some) {
+                    return Err(Error::Config(format!(
+                        "cannot save the trained encoder of `{}`: its weights directory key is unknown",
+                        entry.builder
+                    )));
+                }
+                continue;
+            };
+            let current = entry
+                .config
+                .get(key)
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .or(default.map(str::to_string));
+            let Some(current) = current else { continue };
+            let source_dir = resolve(&self.model_dir, &current);
+            let new_value = match self.encoders.get(i).and_then(Option::as_ref) {
+                Some(map) => {
+                    let name = format!("encoder-{i}");
+                    let dir = out.join(&name);
+                    copy_non_weights(&source_dir, &dir)?;
+                    save_varmap(map, &dir.join("model.safetensors"))?;
+                    name
+                }
+                None => absolute(&source_dir).display().to_string(),
+            };
+            if let serde_json::Value::Object(obj) = &mut entry.config {
+                obj.insert(key.to_string(), serde_json::Value::String(new_value));
+            } else if entry.config.is_null() {
+                entry.config = serde_json::json!({ key: new_value });
+            }
+        }
+        // Preprocessing configs some builders read from the model directory itself.
+        for name in ["preprocessor_config.json", "processor_config.json"] {
+            let from = self.model_dir.join(name);
+            if from.is_file() {
+                std::fs::copy(&from, out.join(name)).map_err(|e| Error::io(&from, e))?;
+            }
+        }
+        if !config.modalities.is_empty() {
+            save_varmap(&self.projectors, &out.join(PROJECTORS_FILE))?;
+        }
+        let text =
+            serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
+        write_atomic(&out.join(MULTIMODAL_CONFIG_FILE), text.as_bytes())
+    }
+}
+
+/// Config key naming the weights directory of a builder, with its default.
+fn encoder_dir_key(builder: &str) -> Option<(&'static str, Option<&'static str>)> {
+    if builder.starts_with("vision_") {
+        Some(("tower", Some(".")))
+    } else if builder.starts_with("audio_") {
+        Some(("model_path", Some("whisper")))
+    } else if builder.starts_with("document_") {
+        Some(("encoder", None))
+    } else {
+        None
+    }
+}
+
+fn resolve(dir: &Path, relative: &str) -> PathBuf {
+    let p = Path::new(relative);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    path.canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Copies the files of `from` (not subdirectories, not `*.safetensors` / index files) into `to`.
+fn copy_non_weights(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    if !from.is_dir() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(from, e))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !path.is_file()
+            || name.ends_with(".safetensors")
+            || name.ends_with(".safetensors.index.json")
+            || name == MULTIMODAL_CONFIG_FILE
+            || name.ends_with(".gguf")
+        {
+            continue;
+        }
+        let dest = to.join(&name);
+        if absolute(&path) != absolute(&dest) {
+            std::fs::copy(&path, &dest).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The variables of `map` with `prefix` prepended to their names, sorted by name.
+fn named(map: &VarMap, prefix: &str) -> Vec<Param> {
+    let mut out: Vec<Param> = match map.data().lock() {
+        Ok(data) => data
+            .iter()
+            .map(|(k, v)| Param {
+                name: format!("{prefix}{k}"),
+                var: v.clone(),
+            })
+            .collect(),
+        Err(poisoned) => poisoned
+            .into_inner()
+            .iter()
+            .map(|(k, v)| Param {
+                name: format!("{prefix}{k}"),
+                var: v.clone(),
+            })
+            .collect(),
+    };
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Every tensor of a safetensors file as a variable of `map`.
+pub fn preload(map: &VarMap, path: &Path, device: &Device) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::Config(format!("{}: cannot read: {e}", path.display())))?;
+    let mut data = map
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("variable map poisoned".into()))?;
+    for (name, tensor) in tensors {
+        data.insert(name, Var::from_tensor(&tensor.to_dtype(DType::F32)?)?);
+    }
+    Ok(())
+}
+
+/// Saves a variable map as safetensors through a temporary file.
+pub fn save_varmap(map: &VarMap, path: &Path) -> Result<()> {
+    let tmp = crate::data::temp_path(path);
+    map.save(&tmp)
+        .map_err(|e| Error::Config(format!("{}: cannot write: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Weights a fresh encoder got from `VarBuilder::get` are zeros (candle's default
+/// init); embeddings and the like get N(0, 0.02) instead (seeded), as
+/// transformers' `_init_weights`. Biases stay zero.
+fn randomize_zero_weights(map: &VarMap, seed: u64) -> Result<()> {
+    use rand_distr_free::normal;
+    for param in named(map, "") {
+        let t = param.var.as_tensor();
+        if param.name.ends_with("bias") || t.elem_count() == 0 {
+            continue;
+        }
+        let max = t
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if max == 0.0 {
+            let mut rng = name_rng(seed, &param.name);
+            let values: Vec<f32> = (0..t.elem_count())
+                .map(|_| 0.02 * normal(&mut rng))
+                .collect();
+            let fresh = Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?;
+            param.var.set(&fresh)?;
+        }
+    }
+    Ok(())
+}
+
+/// A generator seeded by the run seed and a weight's name (FNV-1a).
+fn name_rng(seed: u64, name: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    rand::rngs::StdRng::seed_from_u64(seed ^ h)
+}
+
+/// Re-draws a fresh projector weight from the seeded generator: matrices
+/// U(±1/√fan_in) (torch's `nn.Linear` default bound), biases zero, other
+/// vectors (norm scales) kept.
+fn seeded_init(param: &Param, seed: u64) -> Result<()> {
+    use rand::Rng;
+    let t = param.var.as_tensor();
+    let dims = t.dims().to_vec();
+    let fresh = if dims.len() >= 2 {
+        let fan_in: usize = dims[1..].iter().product();
+        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+        let mut rng = name_rng(seed, &param.name);
+        let values: Vec<f32> = (0..t.elem_count())
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        Tensor::from_vec(values, dims, t.device())?
+    } else if param.name.ends_with("bias") {
+        t.zeros_like()?
+    } else {
+        return Ok(());
+    };
+    param.var.set(&fresh.to_dtype(t.dtype())?)?;
+    Ok(())
+}
+
+/// A standard normal sample by Box–Muller (keeps the dependency list short).
+mod rand_distr_free {
+    use rand::Rng;
+
+    /// One N(0, 1) draw.
+    pub fn normal(rng: &mut impl Rng) -> f32 {
+        let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+        let u2: f64 = rng.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+/// A [`WeightSource`] that reads an inner source and registers every tensor it
+/// hands out as a variable (full fine-tuning). A tensor asked for twice (tied
+/// embeddings) is one variable.
+pub struct VarSource<'a> {
+    inner: &'a dyn WeightSource,
+    /// The variables, by transformers name.
+    pub map: VarMap,
+}
+
+impl<'a> VarSource<'a> {
+    /// Wraps `inner`.
+    pub fn new(inner: &'a dyn WeightSource) -> Self {
+        Self {
+            inner,
+            map: VarMap::new(),
+        }
+    }
+}
+
+impl WeightSource for VarSource<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> multitoken_lm::Result<Tensor> {
+        let mut data = self
+            .map
+            .data()
+            .lock()
+            .map_err(|_| multitoken_lm::Error::Msg("variable map poisoned".into()))?;
+        if let Some(var) = data.get(name) {
+            return Ok(var.as_tensor().clone());
+        }
+        let t = self.inner.tensor(name, shape)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(out)
+    }
+    fn linear(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> multitoken_lm::Result<Linear> {
+        let weight = self.tensor(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Linear::dense(weight, bias)
+    }
+}

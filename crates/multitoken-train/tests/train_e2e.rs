@@ -1,0 +1,227 @@
+//! End to end on tiny models: stage 1 and full fine-tuning (with the CLIP tower)
+//! make the loss fall and write a loadable model; a resumed run repeats the
+//! uninterrupted run's losses exactly; bad input gives clear errors.
+
+use std::path::{Path, PathBuf};
+
+use multitoken_lm::loader::LoadOptions;
+use multitoken_lm::multimodal::MultimodalModel;
+use multitoken_train::trainer::{train, Stage, TrainConfig};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A fresh temporary directory for one test.
+fn temp(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("multitoken-train-{name}-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Model dir: the tiny llama + the tiny CLIP tower, no projector weights yet.
+fn model_dir(root: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    multitoken_vision::link();
+    let dir = root.join("model");
+    std::fs::create_dir_all(&dir)?;
+    let config = serde_json::json!({
+        "base_model": fixtures().join("lm/llama").canonicalize()?.display().to_string(),
+        "modalities": [{
+            "builder": "vision_clip",
+            "config": {
+                "tower": fixtures().join("vision/clip").canonicalize()?.display().to_string(),
+                "image_processor": {"size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30}}
+            },
+            "projector": "mlp2x_gelu"
+        }]
+    });
+    std::fs::write(
+        dir.join("multitoken.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    Ok(dir)
+}
+
+/// Eight rows: four fixture images, each with its own one-word answer.
+fn dataset(root: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let images = fixtures().join("vision/images").canonicalize()?;
+    let pairs = [
+        ("rgb_64x48.jpg", "alpha"),
+        ("gray_33x47.png", "beta"),
+        ("rgba_40x30.png", "gamma"),
+        ("rgb_96x64.png", "delta"),
+    ];
+    let mut text = String::new();
+    for round in 0..2 {
+        for (k, (image, answer)) in pairs.iter().enumerate() {
+            let row = serde_json::json!({
+                "id": format!("r{round}{k}"),
+                "images": [images.join(image).display().to_string()],
+                "messages": [
+                    {"role": "user", "content": "<image> name?"},
+                    {"role": "assistant", "content": answer}
+                ]
+            });
+            text.push_str(&row.to_string());
+            text.push('\n');
+        }
+    }
+    let path = root.join("train.jsonl");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn config(
+    root: &Path,
+    stage: Stage,
+    steps: usize,
+) -> Result<TrainConfig, Box<dyn std::error::Error>> {
+    let mut cfg = TrainConfig::new(model_dir(root)?, dataset(root)?, root.join("out"));
+    cfg.stage = stage;
+    cfg.max_steps = Some(steps);
+    cfg.per_device_train_batch_size = 4;
+    cfg.learning_rate = 1e-2;
+    cfg.warmup_steps = Some(0);
+    cfg.progress = false;
+    Ok(cfg)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+#[test]
+fn stage1_loss_falls_and_output_loads() -> TestResult {
+    let root = temp("stage1")?;
+    let cfg = config(&root, Stage::Projectors, 24)?;
+    let summary = train(&cfg)?;
+    let losses: Vec<f64> = summary.log.iter().map(|l| l.loss).collect();
+    assert_eq!(losses.len(), 24);
+    assert!(
+        summary.log.iter().all(|l| l.grad_norm > 0.0),
+        "projectors got no gradient: {:?}",
+        summary.log
+    );
+    let (first, last) = (mean(&losses[..4]), mean(&losses[20..]));
+    // The LM is a frozen random model: only the projector learns, so the fall is modest.
+    assert!(
+        last < first - 0.2,
+        "loss did not fall enough: {first} -> {last} ({losses:?})"
+    );
+    let model = MultimodalModel::load(&cfg.output_dir, &LoadOptions::default())?;
+    assert_eq!(model.modality_tokens(), vec!["<image>"]);
+    assert!(cfg.output_dir.join("metrics.jsonl").is_file());
+    assert!(cfg
+        .output_dir
+        .join("checkpoint-24/optimizer.safetensors")
+        .is_file());
+    Ok(())
+}
+
+#[test]
+fn full_finetuning_with_encoder_trains_everything() -> TestResult {
+    let root = temp("full")?;
+    let mut cfg = config(&root, Stage::Full, 12)?;
+    cfg.train_encoders = true;
+    cfg.learning_rate = 3e-3;
+    let summary = train(&cfg)?;
+    let losses: Vec<f64> = summary.log.iter().map(|l| l.loss).collect();
+    assert!(
+        mean(&losses[8..]) < 0.7 * mean(&losses[..4]),
+        "loss did not fall: {losses:?}"
+    );
+    // The trained LM and tower are written and differ from the originals.
+    let out = &cfg.output_dir;
+    assert!(out.join("lm/model.safetensors").is_file() && out.join("lm/tokenizer.json").is_file());
+    assert!(
+        out.join("encoder-0/model.safetensors").is_file()
+            && out.join("encoder-0/config.json").is_file()
+    );
+    let before = candle_core::safetensors::load(
+        fixtures().join("vision/clip/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let after = candle_core::safetensors::load(
+        out.join("encoder-0/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let key = "vision_model.encoder.layers.0.mlp.fc1.weight";
+    let key = if before.contains_key(key) {
+        key.to_string()
+    } else {
+        "encoder.layers.0.mlp.fc1.weight".to_string()
+    };
+    let (b, a) = (before.get(&key), after.get(&key));
+    let (Some(b), Some(a)) = (b, a) else {
+        return Err(format!("`{key}` missing from the tower checkpoints").into());
+    };
+    let diff = (b - a)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff > 0.0, "the tower did not change");
+    let model = MultimodalModel::load(out, &LoadOptions::default())?;
+    assert_eq!(model.modality_tokens(), vec!["<image>"]);
+    Ok(())
+}
+
+#[test]
+fn resume_repeats_the_uninterrupted_run() -> TestResult {
+    let root_a = temp("resume-a")?;
+    let mut a = config(&root_a, Stage::Projectors, 6)?;
+    a.gradient_accumulation_steps = 2;
+    a.per_device_train_batch_size = 3;
+    a.warmup_steps = Some(2);
+    let full = train(&a)?;
+
+    let root_b = temp("resume-b")?;
+    let mut b = config(&root_b, Stage::Projectors, 6)?;
+    b.gradient_accumulation_steps = 2;
+    b.per_device_train_batch_size = 3;
+    b.warmup_steps = Some(2);
+    b.save_steps = 3;
+    train(&b)?;
+    // Pretend the run died after step 3.
+    std::fs::remove_dir_all(b.output_dir.join("checkpoint-6"))?;
+    b.resume = Some(PathBuf::from("latest"));
+    let resumed = train(&b)?;
+    let la: Vec<f64> = full.log.iter().map(|l| l.loss).collect();
+    let lb: Vec<f64> = resumed.log.iter().map(|l| l.loss).collect();
+    assert_eq!(la, lb, "losses after resume differ");
+    Ok(())
+}
+
+#[test]
+fn corrupt_checkpoint_is_a_clear_error() -> TestResult {
+    let root = temp("corrupt")?;
+    let mut cfg = config(&root, Stage::Projectors, 2)?;
+    train(&cfg)?;
+    std::fs::write(
+        cfg.output_dir.join("checkpoint-2/trainable.safetensors"),
+        b"not safetensors",
+    )?;
+    cfg.resume = Some(PathBuf::from("latest"));
+    cfg.max_steps = Some(4);
+    let err = train(&cfg).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains("checkpoint") && err.contains("trainable.safetensors"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_rows_name_line_and_id() -> TestResult {
+    let root = temp("badrows")?;
+    let mut cfg = config(&root, Stage::Projectors, 2)?;
+    let path = root.join("bad.jsonl");
+    let good = std::fs::read_to_string(&cfg.dataset)?;
+    let first = good.lines().next().unwrap_or_default();
+    std::fs::write(&path, format!("{first}\n{{\"id\": \"x7\", \"messages\": [{{\"role\": \"robot\", \"content\": \"hi\"}}]}}\n"))?;
+    cfg.dataset = path;
+    let err = train(&cfg).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains(":2 (id x7)") && err.contains("robot"), "{err}");
+    Ok(())
+}
