@@ -10,7 +10,9 @@
 //! 4. [`whisper`]: the Whisper encoder and decoder on candle from HF checkpoints;
 //! 5. [`modality`]: the `audio_whisper` [`Modality`](multitoken_core::Modality),
 //!    registered with `inventory`;
-//! 6. [`transcribe`]: greedy transcription.
+//! 6. [`transcribe`]: greedy transcription;
+//! 7. [`transcript`]: the `<transcript>` text modality (the transcript replaces the
+//!    token in the prompt before tokenising).
 //!
 //! ```
 //! use multitoken_audio::{mel::LogMel, to_mono_16k, DecodeConfig};
@@ -41,6 +43,7 @@ pub mod mel;
 pub mod modality;
 pub mod resample;
 pub mod transcribe;
+pub mod transcript;
 pub mod whisper;
 
 pub use decode::{decode_bytes, decode_item, load_audio, to_mono_16k, DecodeConfig, DecodedAudio};
@@ -48,6 +51,9 @@ pub use error::{Error, Result};
 pub use mel::{LogMel, MelWindows};
 pub use modality::{AudioConfig, FeatureMode, WhisperAudio, AUDIO_WHISPER};
 pub use transcribe::{Transcriber, Transcript};
+pub use transcript::{
+    WhisperTranscript, AUDIO_WHISPER_TRANSCRIPT, TRANSCRIPT_DATA_KEY, TRANSCRIPT_TOKEN,
+};
 pub use whisper::{Whisper, WhisperConfig};
 
 /// Whisper's sample rate in Hz.

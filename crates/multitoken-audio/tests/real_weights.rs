@@ -97,3 +97,28 @@ fn whisper_base_transcribes_espeak_speech() {
         );
     }
 }
+
+#[test]
+fn transcript_modality_substitutes_the_spoken_words() {
+    use multitoken_audio::{WhisperTranscript, TRANSCRIPT_DATA_KEY};
+    use multitoken_core::preparer::substitute_text_items;
+    use multitoken_core::{ItemsByKey, Message};
+    let Some(dir) = weights() else { return };
+    let whisper = WhisperTranscript::load(&dir, &Device::Cpu, DecodeConfig::default()).unwrap();
+    let mut messages = vec![Message::user(
+        "<image> Someone said: \"<transcript>\". Repeat it.",
+    )];
+    let mut items = ItemsByKey::new();
+    items.insert(
+        TRANSCRIPT_DATA_KEY.into(),
+        vec![Item::Path(fixtures().join("espeak_fox22k.wav"))],
+    );
+    items.insert("images".into(), vec![Item::Path("a.png".into())]);
+    substitute_text_items(&mut messages, &mut items, &[&whisper]).unwrap();
+    assert_eq!(
+        messages[0].content,
+        "<image> Someone said: \"The quick brown fox jump over the lazy dog.\". Repeat it."
+    );
+    assert!(!items.contains_key(TRANSCRIPT_DATA_KEY));
+    assert_eq!(items["images"].len(), 1);
+}

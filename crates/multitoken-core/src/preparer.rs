@@ -469,5 +469,149 @@ fn leading_special_ids(tokenizer: &Tokenizer) -> Result<Vec<u32>> {
     Ok(position.map(|at| with[..at].to_vec()).unwrap_or_default())
 }
 
+/// A modality whose items enter the prompt as text rather than embeddings, e.g.
+/// `<transcript>`: the transcript of an audio clip (multi_token's
+/// `WhisperTranscriptModality`). It is not a [`Modality`]: it has no encoder,
+/// projector or placeholder span. [`substitute_text_items`] replaces its tokens in
+/// the messages before the [`InputPreparer`] tokenises them.
+pub trait TextModality: Send + Sync {
+    /// Builder name, e.g. `audio_whisper_transcript`.
+    fn name(&self) -> &str;
+    /// The token in the text, e.g. `<transcript>`.
+    fn token(&self) -> &str;
+    /// The row key of its items, e.g. `transcript_audios`.
+    fn data_key(&self) -> &str;
+    /// The text that replaces one item's token.
+    fn to_text(&self, item: &Item) -> Result<String>;
+}
+
+/// Replaces, for each text modality, the k-th occurrence of its token (counted
+/// through `messages` in order) with the text of its k-th item, and removes its
+/// items from `items`, leaving the embedding modalities' items for the preparer.
+///
+/// Fails with [`Error::ItemCountMismatch`] when the numbers of tokens and items
+/// differ (before any item is converted). Inserted text is not scanned again, so
+/// a transcript that happens to contain a token is kept as plain text only if no
+/// embedding modality uses that token.
+pub fn substitute_text_items(
+    messages: &mut [Message],
+    items: &mut ItemsByKey,
+    modalities: &[&dyn TextModality],
+) -> Result<()> {
+    for modality in modalities {
+        let token = modality.token();
+        if token.is_empty() {
+            return Err(Error::msg(format!(
+                "text modality `{}` has an empty token",
+                modality.name()
+            )));
+        }
+        let tokens: usize = messages
+            .iter()
+            .map(|message| message.content.matches(token).count())
+            .sum();
+        let given = items.get(modality.data_key()).map_or(0, Vec::len);
+        if tokens != given {
+            return Err(Error::ItemCountMismatch {
+                token: token.to_string(),
+                data_key: modality.data_key().to_string(),
+                tokens,
+                items: given,
+            });
+        }
+        let texts = items
+            .remove(modality.data_key())
+            .unwrap_or_default()
+            .iter()
+            .map(|item| modality.to_text(item))
+            .collect::<Result<Vec<_>>>()?;
+        let mut texts = texts.into_iter();
+        for message in messages.iter_mut() {
+            if !message.content.contains(token) {
+                continue;
+            }
+            let mut out = String::with_capacity(message.content.len());
+            let mut pieces = message.content.split(token);
+            out.push_str(pieces.next().unwrap_or_default());
+            for piece in pieces {
+                out.push_str(&texts.next().unwrap_or_default());
+                out.push_str(piece);
+            }
+            message.content = out;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod text_modality_tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use super::*;
+
+    struct Upper;
+
+    impl TextModality for Upper {
+        fn name(&self) -> &str {
+            "upper"
+        }
+        fn token(&self) -> &str {
+            "<transcript>"
+        }
+        fn data_key(&self) -> &str {
+            "transcript_audios"
+        }
+        fn to_text(&self, item: &Item) -> Result<String> {
+            match item {
+                Item::Text(text) => Ok(text.to_uppercase()),
+                other => Err(Error::msg(format!("not text: {other:?}"))),
+            }
+        }
+    }
+
+    fn items(texts: &[&str]) -> ItemsByKey {
+        let mut items = ItemsByKey::new();
+        items.insert(
+            "transcript_audios".into(),
+            texts.iter().map(|t| Item::Text((*t).into())).collect(),
+        );
+        items.insert("images".into(), vec![Item::Text("kept".into())]);
+        items
+    }
+
+    #[test]
+    fn tokens_are_replaced_in_order_across_messages() {
+        let mut messages = vec![
+            Message::system("a <transcript> b"),
+            Message::user("<image> <transcript><transcript>!"),
+        ];
+        let mut items = items(&["one", "two", "three"]);
+        substitute_text_items(&mut messages, &mut items, &[&Upper]).unwrap();
+        assert_eq!(messages[0].content, "a ONE b");
+        assert_eq!(messages[1].content, "<image> TWOTHREE!");
+        assert!(!items.contains_key("transcript_audios"));
+        assert_eq!(items["images"].len(), 1);
+    }
+
+    #[test]
+    fn count_mismatch_and_item_errors_are_reported() {
+        let mut messages = vec![Message::user("<transcript>")];
+        let mut two = items(&["one", "two"]);
+        match substitute_text_items(&mut messages, &mut two, &[&Upper]) {
+            Err(Error::ItemCountMismatch {
+                tokens: 1,
+                items: 2,
+                ..
+            }) => {}
+            other => panic!("expected a count mismatch, got {other:?}"),
+        }
+        assert_eq!(messages[0].content, "<transcript>");
+        let mut bad = ItemsByKey::new();
+        bad.insert("transcript_audios".into(), vec![Item::Bytes(vec![1])]);
+        let error = substitute_text_items(&mut messages, &mut bad, &[&Upper]).unwrap_err();
+        assert!(error.to_string().contains("not text"), "{error}");
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -4,10 +4,13 @@
 //! outside the repo, so change it only additively.
 
 use std::io::Write;
+use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use multitoken_core::Message;
+use multitoken_audio::{DecodeConfig, WhisperTranscript, TRANSCRIPT_DATA_KEY, TRANSCRIPT_TOKEN};
+use multitoken_core::preparer::substitute_text_items;
+use multitoken_core::{Item, ItemsByKey, Message};
 use serde_json::json;
 
 use super::model_args::{ItemArgs, ModelArgs, SamplingArgs};
@@ -33,20 +36,68 @@ pub struct GenerateArgs {
     /// Print one JSON object on the last stdout line instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// An audio clip whose transcript replaces the next `<transcript>` token (repeatable).
+    #[arg(long = "transcript", value_name = "PATH")]
+    transcripts: Vec<PathBuf>,
+    /// The HF Whisper directory for `<transcript>` [default: whisper-base from `cargo xtask weights`].
+    #[arg(long, value_name = "DIR")]
+    whisper: Option<PathBuf>,
+}
+
+/// Replaces `<transcript>` tokens with the transcripts of the `--transcript` clips
+/// (our candle Whisper, greedy), before the model's preparer sees the messages.
+fn substitute_transcripts(
+    args: &GenerateArgs,
+    messages: &mut [Message],
+    items: &mut ItemsByKey,
+) -> Result<()> {
+    for path in &args.transcripts {
+        if !path.is_file() {
+            bail!("{}: no such file (given for --transcript)", path.display());
+        }
+        items
+            .entry(TRANSCRIPT_DATA_KEY.to_string())
+            .or_default()
+            .push(Item::Path(path.clone()));
+    }
+    let used = messages
+        .iter()
+        .any(|m| m.content.contains(TRANSCRIPT_TOKEN));
+    if !used && !items.contains_key(TRANSCRIPT_DATA_KEY) {
+        return Ok(());
+    }
+    let dir = args
+        .whisper
+        .clone()
+        .unwrap_or_else(multitoken_audio::default_whisper_dir);
+    let whisper = WhisperTranscript::load(&dir, &candle_core::Device::Cpu, DecodeConfig::default())
+        .with_context(|| {
+            format!(
+                "loading the Whisper model for <transcript> from {}",
+                dir.display()
+            )
+        })?;
+    substitute_text_items(messages, items, &[&whisper])?;
+    Ok(())
 }
 
 /// Run `multitoken generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let items = args.items.collect()?;
+    let mut items = args.items.collect()?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(Message::system(system));
+    }
+    messages.push(Message::user(&args.prompt));
+    substitute_transcripts(&args, &mut messages, &mut items)?;
     let model = args.model.load()?;
     let prepared = if args.raw {
-        model.prepare_raw(&args.prompt, &items)?
+        // --raw has no system turn; the prompt is the last message.
+        let prompt = messages
+            .last()
+            .map_or(args.prompt.as_str(), |m| m.content.as_str());
+        model.prepare_raw(prompt, &items)?
     } else {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(Message::system(system));
-        }
-        messages.push(Message::user(&args.prompt));
         model.prepare_chat(&messages, &items)?
     };
     let params = args.sampling.params(&model);
@@ -55,7 +106,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let output = model.generate(&prepared, &items, &params, &mut |text| {
         if stream {
             // A closed pipe (e.g. `| head`) ends generation rather than erroring.
-            return write!(stdout, "{text}").and_then(|()| stdout.flush()).is_ok();
+            return write!(stdout, "{text}")
+                .and_then(|()| stdout.flush())
+                .is_ok();
         }
         true
     })?;
