@@ -1,17 +1,207 @@
-//! The `serve` subcommand of the `multitoken` binary.
+//! The `serve` subcommand of the `multitoken` binary:
+//! `multitoken serve [--model DIR] [--host H] [--port P] [--allow-files DIR] [--allow-urls] [limits]`.
 
-use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
 use clap::Args;
+use multitoken_lm::loader::LoadOptions;
+use multitoken_lm::multimodal::MultimodalModel;
 
-/// `multitoken serve --model DIR [--host] [--port]`.
-#[derive(Debug, Args)]
+use crate::config::{Limits, ServeConfig};
+use crate::state::AppState;
+
+/// `multitoken serve`.
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Arguments, parsed by this crate.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// A model directory (multimodal with `multitoken.json`, or a plain HF LM) or a
+    /// `.gguf` file [default: the embedded demo model examples/demo-model, else SmolLM2].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Items may name files under this directory (no local file is read without it).
+    #[arg(long, value_name = "DIR")]
+    pub allow_files: Option<PathBuf>,
+    /// Items may be http(s) URLs, fetched by the server.
+    #[arg(long)]
+    pub allow_urls: bool,
+    /// Name listed by /v1/models [default: the model directory's name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Activation dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Most items per request.
+    #[arg(long, default_value_t = Limits::default().max_items)]
+    pub max_items: usize,
+    /// Most pixels per image.
+    #[arg(long, default_value_t = Limits::default().max_image_pixels)]
+    pub max_image_pixels: u64,
+    /// Longest audio clip in seconds.
+    #[arg(long, default_value_t = Limits::default().max_audio_seconds)]
+    pub max_audio_seconds: f64,
+    /// Most pages per PDF document.
+    #[arg(long, default_value_t = Limits::default().max_document_pages)]
+    pub max_document_pages: usize,
+    /// Most new tokens per request (also the default).
+    #[arg(long, default_value_t = Limits::default().max_new_tokens)]
+    pub max_new_tokens: usize,
+    /// Per-request time limit in seconds.
+    #[arg(long, default_value_t = Limits::default().request_timeout.as_secs())]
+    pub request_timeout: u64,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = ServeConfig::default().max_batch)]
+    pub max_batch: usize,
+    /// Most requests waiting for a slot (more get 429).
+    #[arg(long, default_value_t = ServeConfig::default().max_queue)]
+    pub max_queue: usize,
+}
+
+impl ServeArgs {
+    /// The server settings these flags describe.
+    pub fn config(&self, model_name: String) -> Result<ServeConfig> {
+        if let Some(dir) = &self.allow_files {
+            if !dir.is_dir() {
+                bail!("--allow-files {}: not a directory", dir.display());
+            }
+        }
+        Ok(ServeConfig {
+            model_name,
+            allow_files: self.allow_files.clone(),
+            allow_urls: self.allow_urls,
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_items: self.max_items,
+                max_image_pixels: self.max_image_pixels,
+                max_audio_seconds: self.max_audio_seconds,
+                max_document_pages: self.max_document_pages,
+                max_new_tokens: self.max_new_tokens,
+                request_timeout: Duration::from_secs(self.request_timeout),
+            },
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+        })
+    }
+
+    /// The model path given, or the default one that exists.
+    pub fn model_path(&self) -> Result<PathBuf> {
+        if let Some(path) = &self.model {
+            return Ok(path.clone());
+        }
+        let candidates = default_models();
+        for path in &candidates {
+            if path.exists() {
+                return Ok(path.clone());
+            }
+        }
+        let shown: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "no --model given and no default model is installed (looked for {})",
+            shown.join(", ")
+        )
+    }
+}
+
+/// The demo model (`$MULTITOKEN_DEMO_MODEL`, else the workspace's
+/// examples/demo-model), then SmolLM2 from `cargo xtask weights`.
+pub fn default_models() -> Vec<PathBuf> {
+    let mut list = Vec::new();
+    if let Some(dir) = std::env::var_os("MULTITOKEN_DEMO_MODEL") {
+        list.push(PathBuf::from(dir));
+    }
+    list.push(PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/demo-model"
+    )));
+    let weights = match std::env::var_os("MULTITOKEN_WEIGHTS") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(".cache")
+            .join("multitoken"),
+    };
+    list.push(weights.join("smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    list
 }
 
 /// Run `multitoken serve`.
-pub fn run(_args: ServeArgs) -> Result<()> {
-    bail!("multitoken serve is not built yet")
+pub fn run(args: ServeArgs) -> Result<()> {
+    let path = args.model_path()?;
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown --dtype {other:?}; expected f32, f16 or bf16"),
+    };
+    let model = MultimodalModel::load(
+        &path,
+        &LoadOptions {
+            dtype,
+            device: Device::Cpu,
+        },
+    )
+    .with_context(|| format!("loading model {}", path.display()))?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
+        canonical
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "multitoken".into())
+    });
+    let config = args.config(name)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let state = AppState::new(model, config)?;
+        let address = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("listening on {address}"))?;
+        let local = listener.local_addr().context("reading the bound address")?;
+        let modalities: Vec<&str> = state.model.modality_tokens();
+        eprintln!(
+            "serving {} ({}) on http://{local}/ (POST /generate, /v1/chat/completions; Ctrl-C stops)",
+            state.config.model_name,
+            if modalities.is_empty() {
+                "text only".to_string()
+            } else {
+                modalities.join(" ")
+            }
+        );
+        crate::serve(listener, state, shutdown_signal()).await?;
+        eprintln!("stopped");
+        Ok(())
+    })
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
 }

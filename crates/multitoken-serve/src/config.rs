@@ -1,0 +1,70 @@
+//! What the operator configures: which files and URLs items may come from, and
+//! the limits every request is held to.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Per-request limits; a request over one gets a 4xx naming the limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Most items (images + audio + documents) in one request.
+    pub max_items: usize,
+    /// Most pixels (width x height) of one image.
+    pub max_image_pixels: u64,
+    /// Longest audio clip in seconds.
+    pub max_audio_seconds: f64,
+    /// Most pages of one PDF document.
+    pub max_document_pages: usize,
+    /// Most new tokens one request may ask for (also the default).
+    pub max_new_tokens: usize,
+    /// Wall-clock limit of one request; at the limit the answer so far is
+    /// returned with `finish_reason: "length"`.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 * 1024 * 1024,
+            max_items: 16,
+            max_image_pixels: 16 * 1024 * 1024,
+            max_audio_seconds: 600.0,
+            max_document_pages: 200,
+            max_new_tokens: 512,
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// How the server runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    /// The name `/v1/models` lists and responses carry.
+    pub model_name: String,
+    /// Items may name files under this directory (none by default: no local
+    /// file is ever read).
+    pub allow_files: Option<PathBuf>,
+    /// Items may be http(s) URLs, fetched by the server.
+    pub allow_urls: bool,
+    /// Request limits.
+    pub limits: Limits,
+    /// Most sequences decoded together in one batch.
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot; beyond it requests get a 429.
+    pub max_queue: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            model_name: "multitoken".into(),
+            allow_files: None,
+            allow_urls: false,
+            limits: Limits::default(),
+            max_batch: 16,
+            max_queue: 256,
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Items named in a request (data URLs, base64, allowed files, allowed URLs)
+//! turned into [`Item`] bytes, and the per-item limits checked before any
+//! modality sees them.
+//!
+//! Only this layer reads files or the network for an item (the modalities get
+//! bytes): a path is read only when it resolves, symlinks followed, to a file
+//! under `--allow-files DIR`; a URL is fetched only with `--allow-urls`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use multitoken_core::Item;
+
+use crate::config::{Limits, ServeConfig};
+use crate::error::{Error, Result};
+
+/// Where the item names its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemSource {
+    /// `data:<mime>;base64,<data>` or bare base64.
+    Base64(String),
+    /// An http(s) URL.
+    Url(String),
+    /// A path, relative to the allowed directory.
+    Path(String),
+}
+
+impl ItemSource {
+    /// Classifies a string as a row would give it: a data URL, an http(s) URL,
+    /// or a path.
+    pub fn parse(text: &str) -> Self {
+        let lower = text.get(..8).unwrap_or(text).to_ascii_lowercase();
+        if lower.starts_with("data:") {
+            ItemSource::Base64(text.to_string())
+        } else if lower.starts_with("http://") || lower.starts_with("https://") {
+            ItemSource::Url(text.to_string())
+        } else {
+            ItemSource::Path(text.to_string())
+        }
+    }
+}
+
+/// Reads one item's bytes. `what` names it in errors (e.g. `images[1]`).
+pub fn resolve(source: &ItemSource, what: &str, config: &ServeConfig) -> Result<Item> {
+    let bytes = match source {
+        ItemSource::Base64(text) => decode_base64(text, what)?,
+        ItemSource::Url(url) => fetch_url(url, what, config)?,
+        ItemSource::Path(path) => read_allowed_file(path, what, config)?,
+    };
+    if bytes.is_empty() {
+        return Err(Error::bad_param(what, format!("{what}: the item is empty")));
+    }
+    Ok(Item::Bytes(bytes))
+}
+
+/// Decodes `data:...;base64,XXXX` or bare base64 (standard or URL-safe, padded or not).
+pub fn decode_base64(text: &str, what: &str) -> Result<Vec<u8>> {
+    let payload = if text.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")) {
+        let Some((header, data)) = text.split_once(',') else {
+            return Err(Error::bad_param(
+                what,
+                format!("{what}: a data URL needs a comma before its data"),
+            ));
+        };
+        if !header.to_ascii_lowercase().ends_with(";base64") {
+            return Err(Error::bad_param(
+                what,
+                format!("{what}: only base64 data URLs are read (`data:<type>;base64,...`)"),
+            ));
+        }
+        data
+    } else {
+        text
+    };
+    let cleaned: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let mut first_error = None;
+    for engine in engines {
+        match engine.decode(cleaned.as_bytes()) {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let reason = first_error.map(|e| e.to_string()).unwrap_or_default();
+    Err(Error::bad_param(
+        what,
+        format!("{what}: invalid base64 data ({reason})"),
+    ))
+}
+
+/// Reads `path` if it resolves to a regular file under the allowed directory.
+fn read_allowed_file(path: &str, what: &str, config: &ServeConfig) -> Result<Vec<u8>> {
+    let Some(root) = &config.allow_files else {
+        return Err(Error::bad_param(
+            what,
+            format!("{what}: local paths are not allowed on this server (it was started without --allow-files DIR); send the data as a base64 data URL"),
+        ));
+    };
+    let resolved = allowed_path(root, Path::new(path)).ok_or_else(|| {
+        Error::bad_param(
+            what,
+            format!("{what}: {path:?} is not a file under the allowed directory"),
+        )
+    })?;
+    std::fs::read(&resolved).map_err(|e| Error::bad_param(what, format!("{what}: cannot read {path:?}: {e}")))
+}
+
+/// The canonical path of `path` (relative to `root`, or absolute) when it is a
+/// regular file inside `root` after resolving `..` and symlinks.
+pub fn allowed_path(root: &Path, path: &Path) -> Option<PathBuf> {
+    let root = root.canonicalize().ok()?;
+    let candidate = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    };
+    let resolved = candidate.canonicalize().ok()?;
+    (resolved.starts_with(&root) && resolved.is_file()).then_some(resolved)
+}
+
+/// Fetches an http(s) URL when `--allow-urls` is on, bounded by the body limit.
+fn fetch_url(url: &str, what: &str, config: &ServeConfig) -> Result<Vec<u8>> {
+    if !config.allow_urls {
+        return Err(Error::bad_param(
+            what,
+            format!("{what}: URLs are not fetched by this server (it was started without --allow-urls); send the data as a base64 data URL"),
+        ));
+    }
+    let limit = config.limits.max_body_bytes as u64;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
+    let response = agent
+        .get(url)
+        .call()
+        .map_err(|e| Error::bad_param(what, format!("{what}: fetching {url}: {e}")))?;
+    let mut bytes = Vec::new();
+    response
+        .into_body()
+        .into_reader()
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::bad_param(what, format!("{what}: reading {url}: {e}")))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::bad_param(
+            what,
+            format!("{what}: {url} is larger than the limit of {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Checks an item of the modality reading `data_key` against the limits that
+/// apply to it; the item must be [`Item::Bytes`] (what [`resolve`] returns).
+pub fn check_limits(data_key: &str, item: &Item, what: &str, limits: &Limits) -> Result<()> {
+    let Item::Bytes(bytes) = item else { return Ok(()) };
+    match data_key {
+        "images" => {
+            let (w, h) = image_dimensions(bytes)
+                .map_err(|e| Error::bad_param(what, format!("{what}: not a decodable image: {e}")))?;
+            if u64::from(w) * u64::from(h) > limits.max_image_pixels {
+                return Err(Error::bad_param(
+                    what,
+                    format!(
+                        "{what}: the image is {w}x{h}, more than the limit of {} pixels",
+                        limits.max_image_pixels
+                    ),
+                ));
+            }
+        }
+        "speech_audios" | "audios" => {
+            let seconds = audio_seconds(bytes)
+                .map_err(|e| Error::bad_param(what, format!("{what}: not decodable audio: {e}")))?;
+            if let Some(seconds) = seconds.filter(|&s| s > limits.max_audio_seconds) {
+                return Err(Error::bad_param(
+                    what,
+                    format!(
+                        "{what}: the audio lasts {seconds:.1} s, more than the limit of {} s",
+                        limits.max_audio_seconds
+                    ),
+                ));
+            }
+        }
+        "documents" => {
+            if bytes.starts_with(b"%PDF") {
+                let pages = pdf_page_count(bytes);
+                if pages > limits.max_document_pages {
+                    return Err(Error::bad_param(
+                        what,
+                        format!(
+                            "{what}: the PDF has {pages} pages, more than the limit of {}",
+                            limits.max_document_pages
+                        ),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Width and height from the image header, without decoding the pixels.
+fn image_dimensions(bytes: &[u8]) -> std::result::Result<(u32, u32), String> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map_err(|e| e.to_string())
+}
+
+/// The clip's duration from the container header (`None` when it does not say).
+fn audio_seconds(bytes: &[u8]) -> std::result::Result<Option<f64>, String> {
+    use symphonia::core::formats::FormatOptions;
+    use symphonia::core::io::MediaSourceStream;
+    use symphonia::core::meta::MetadataOptions;
+    use symphonia::core::probe::Hint;
+    let source = MediaSourceStream::new(Box::new(std::io::Cursor::new(bytes.to_vec())), Default::default());
+    let probed = symphonia::default::get_probe()
+        .format(
+            &Hint::new(),
+            source,
+            &FormatOptions::default(),
+            &MetadataOptions::default(),
+        )
+        .map_err(|e| e.to_string())?;
+    let Some(track) = probed.format.default_track() else {
+        return Err("the file has no audio track".into());
+    };
+    let params = &track.codec_params;
+    Ok(match (params.n_frames, params.sample_rate) {
+        (Some(frames), Some(rate)) if rate > 0 => Some(frames as f64 / f64::from(rate)),
+        _ => None,
+    })
+}
+
+/// Page objects in a PDF (`/Type /Page`, not `/Pages`): a bound checked before
+/// the document modality parses the file.
+fn pdf_page_count(bytes: &[u8]) -> usize {
+    let mut count = 0;
+    let mut i = 0;
+    while let Some(pos) = find(&bytes[i..], b"/Type") {
+        let mut j = i + pos + 5;
+        while j < bytes.len() && matches!(bytes[j], b' ' | b'\r' | b'\n' | b'\t') {
+            j += 1;
+        }
+        if bytes[j..].starts_with(b"/Page") && !bytes[j + 5..].starts_with(b"s") {
+            count += 1;
+        }
+        i = j;
+    }
+    count
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_sources() {
+        let cases = [
+            (
+                "data:image/png;base64,AAAA",
+                ItemSource::Base64("data:image/png;base64,AAAA".into()),
+            ),
+            ("HTTPS://x.org/a.png", ItemSource::Url("HTTPS://x.org/a.png".into())),
+            ("img/a.png", ItemSource::Path("img/a.png".into())),
+        ];
+        for (text, want) in cases {
+            assert_eq!(ItemSource::parse(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn decodes_base64_variants_and_names_bad_data() {
+        assert_eq!(decode_base64("data:text/plain;base64,aGk=", "x").unwrap(), b"hi");
+        assert_eq!(decode_base64("aGk", "x").unwrap(), b"hi");
+        let err = decode_base64("data:image/png;base64,@@@", "images[0]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("images[0]") && err.contains("invalid base64"), "{err}");
+        let err = decode_base64("data:text/plain,hi", "x").unwrap_err().to_string();
+        assert!(err.contains("only base64"), "{err}");
+    }
+
+    #[test]
+    fn counts_pdf_pages() {
+        let pdf = b"%PDF-1.4 /Type /Pages /Kids [] /Type /Page /Type/Page /Type\n/Page";
+        assert_eq!(pdf_page_count(pdf), 3);
+    }
+}

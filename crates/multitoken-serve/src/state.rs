@@ -1,0 +1,232 @@
+//! The shared server state, and the path every generation request takes:
+//! resolve and check items, prepare ids and spans, embed, queue for the scheduler.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use multitoken_core::{ItemsByKey, Message};
+use multitoken_lm::generate::GenerationParams;
+use multitoken_lm::multimodal::MultimodalModel;
+use multitoken_lm::sampling::SamplingParams;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::config::ServeConfig;
+use crate::error::{Error, Result};
+use crate::items::{check_limits, resolve, ItemSource};
+use crate::metrics::Metrics;
+use crate::scheduler::{Event, Job, Scheduler};
+
+/// Everything the routes share.
+pub struct AppState {
+    /// The model (prompt preparation and item embedding happen on request threads).
+    pub model: Arc<MultimodalModel>,
+    /// Operator settings.
+    pub config: ServeConfig,
+    /// The batching scheduler.
+    pub scheduler: Scheduler,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Unix time the server started (OpenAI's `created`).
+    pub created: u64,
+    next_id: AtomicU64,
+}
+
+/// One item of a request: the modality's data key, where its data is, and how
+/// to name it in errors (e.g. `messages[0].content[1]`).
+#[derive(Debug, Clone)]
+pub struct RequestItem {
+    /// The modality's data key (`images`, `speech_audios`, `documents`).
+    pub data_key: String,
+    /// Where the data is.
+    pub source: ItemSource,
+    /// The request field it came from.
+    pub what: String,
+}
+
+/// A generation request, whichever API it came through.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationRequest {
+    /// The chat, modality tokens in place.
+    pub messages: Vec<Message>,
+    /// The items, in order per modality.
+    pub items: Vec<RequestItem>,
+    /// New-token budget (default and ceiling: the server's limit).
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature (default greedy).
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Sampler seed.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+/// A queued generation: its events and its prompt length.
+pub struct Started {
+    /// Text pieces, then `Done` or `Error`.
+    pub events: UnboundedReceiver<Event>,
+    /// Prompt positions, placeholders included.
+    pub prompt_tokens: usize,
+}
+
+impl AppState {
+    /// Starts the scheduler for `model` and wraps everything for the routes.
+    pub fn new(model: MultimodalModel, config: ServeConfig) -> Result<Arc<Self>> {
+        let metrics = Arc::new(Metrics::default());
+        let scheduler = Scheduler::start(
+            model.lm.model.clone(),
+            model.lm.tokenizer.clone(),
+            metrics.clone(),
+            config.max_batch,
+            config.max_queue,
+        )?;
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(Arc::new(Self {
+            model: Arc::new(model),
+            config,
+            scheduler,
+            metrics,
+            created,
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// A fresh id for a response.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The modalities as `/v1/models` and the web page show them.
+    pub fn modalities_json(&self) -> serde_json::Value {
+        let list: Vec<_> = self
+            .model
+            .modalities
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.modality.name(),
+                    "token": m.modality.token(),
+                    "data_key": m.modality.data_key(),
+                    "token_width": m.modality.token_width(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    /// The modality token for `data_key`, or a 400 when this model reads none.
+    pub fn token_for(&self, data_key: &str, what: &str) -> Result<String> {
+        match self.model.modality_for_key(data_key) {
+            Some((_, m)) => Ok(m.modality.token().to_string()),
+            None => Err(Error::bad_param(
+                what,
+                format!(
+                    "{what}: this model reads no `{data_key}` (its modalities: {})",
+                    self.modality_list()
+                ),
+            )),
+        }
+    }
+
+    fn modality_list(&self) -> String {
+        let keys: Vec<&str> = self.model.modalities.iter().map(|m| m.modality.data_key()).collect();
+        if keys.is_empty() {
+            "none, it is a text-only model".into()
+        } else {
+            keys.join(", ")
+        }
+    }
+
+    /// Checks, prepares and embeds a request, then queues it.
+    pub async fn start(self: &Arc<Self>, request: GenerationRequest) -> Result<Started> {
+        let limits = &self.config.limits;
+        if request.items.len() > limits.max_items {
+            return Err(Error::bad_request(format!(
+                "the request has {} items, more than the limit of {}",
+                request.items.len(),
+                limits.max_items
+            )));
+        }
+        let max_new_tokens = request.max_new_tokens.unwrap_or(limits.max_new_tokens);
+        if max_new_tokens > limits.max_new_tokens {
+            return Err(Error::bad_param(
+                "max_new_tokens",
+                format!(
+                    "max_new_tokens is {max_new_tokens}, more than this server's limit of {}",
+                    limits.max_new_tokens
+                ),
+            ));
+        }
+        if request.messages.is_empty() {
+            return Err(Error::bad_param("messages", "messages is empty"));
+        }
+        let sampling = SamplingParams {
+            temperature: Some(request.temperature.unwrap_or(0.0)),
+            top_k: None,
+            top_p: request.top_p,
+            repetition_penalty: None,
+            seed: request.seed,
+        };
+        sampling.validate().map_err(|e| Error::bad_request(e.to_string()))?;
+        let params = GenerationParams {
+            sampling,
+            max_new_tokens,
+            stop_strings: request.stop.clone(),
+            eos_token_ids: self.model.lm.generation.eos_token_ids.clone(),
+            ignore_eos: false,
+        };
+        let deadline = Instant::now() + limits.request_timeout;
+        let state = self.clone();
+        let (embeds, prompt_ids) = tokio::task::spawn_blocking(move || state.embed(&request))
+            .await
+            .map_err(|e| Error::Internal(format!("preparing the request: {e}")))??;
+        let prompt_tokens = prompt_ids.len();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.scheduler.submit(Job {
+            embeds,
+            prompt_ids,
+            params,
+            events: tx,
+            deadline,
+        })?;
+        Ok(Started {
+            events: rx,
+            prompt_tokens,
+        })
+    }
+
+    /// Items read and checked, ids prepared, embeddings with items spliced in.
+    fn embed(&self, request: &GenerationRequest) -> Result<(candle_core::Tensor, Vec<u32>)> {
+        let mut items = ItemsByKey::new();
+        for item in &request.items {
+            self.token_for(&item.data_key, &item.what)?;
+            let resolved = resolve(&item.source, &item.what, &self.config)?;
+            check_limits(&item.data_key, &resolved, &item.what, &self.config.limits)?;
+            items.entry(item.data_key.clone()).or_default().push(resolved);
+        }
+        let prepared = self
+            .model
+            .prepare_chat(&request.messages, &items)
+            .map_err(|e| Error::bad_request(format!("preparing the prompt: {e}")))?;
+        let max_context = self.model.lm.model.max_context();
+        if prepared.input_ids.len() >= max_context {
+            return Err(Error::bad_param(
+                "messages",
+                format!(
+                    "the prompt takes {} positions, which leaves no room in the model's context of {max_context}",
+                    prepared.input_ids.len()
+                ),
+            ));
+        }
+        let embeds = self
+            .model
+            .embed(&prepared, &items)
+            .map_err(|e| Error::bad_request(format!("reading the items: {e}")))?;
+        Ok((embeds, prepared.input_ids))
+    }
+}
