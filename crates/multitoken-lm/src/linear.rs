@@ -2,7 +2,8 @@
 //!
 //! Quantization is a choice of this layer, not a second copy of each model: a
 //! weight is either a dense tensor or a quantized matrix kept in its GGUF blocks.
-//! LoRA adapters will wrap this type.
+//! A LoRA adapter ([`crate::lora::LoraLayer`]) may be attached for training; a
+//! layer without one pays a single `Option` check.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use crate::quantized::Format;
+use crate::lora::LoraLayer;
 use crate::Result;
 
 /// A linear weight: dense (`[out, in]`, as in PyTorch) or quantized.
@@ -28,18 +30,19 @@ pub struct Linear {
     bias: Option<Tensor>,
     in_dim: usize,
     out_dim: usize,
+    lora: Option<Arc<LoraLayer>>,
 }
 
 impl Linear {
     /// A linear layer from a dense `[out, in]` weight.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
-        Ok(Self { weight: LinearWeight::Dense(weight), bias, in_dim, out_dim })
+        Ok(Self { weight: LinearWeight::Dense(weight), bias, in_dim, out_dim, lora: None })
     }
 
     /// A linear layer from a quantized matrix of logical shape `[out, in]`.
     pub fn quantized(weight: QMatMul, in_dim: usize, out_dim: usize, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Quantized(Arc::new(weight)), bias, in_dim, out_dim }
+        Self { weight: LinearWeight::Quantized(Arc::new(weight)), bias, in_dim, out_dim, lora: None }
     }
 
     /// The weight.
@@ -60,6 +63,31 @@ impl Linear {
     /// Output width.
     pub fn out_dim(&self) -> usize {
         self.out_dim
+    }
+
+    /// Attaches (or with `None` removes) a LoRA adapter; fails when its shapes
+    /// do not fit (`A: [r, in]`, `B: [out, r]`).
+    pub fn set_lora(&mut self, lora: Option<LoraLayer>) -> Result<()> {
+        if let Some(l) = &lora {
+            let (r, a_in) = l.a.dims2()?;
+            let (b_out, b_r) = l.b.dims2()?;
+            if a_in != self.in_dim || b_out != self.out_dim || b_r != r {
+                return Err(crate::Error::Msg(format!(
+                    "LoRA A {:?} / B {:?} do not fit a [{}, {}] linear",
+                    l.a.dims(),
+                    l.b.dims(),
+                    self.out_dim,
+                    self.in_dim
+                )));
+            }
+        }
+        self.lora = lora.map(Arc::new);
+        Ok(())
+    }
+
+    /// The attached LoRA adapter, if any.
+    pub fn lora(&self) -> Option<&LoraLayer> {
+        self.lora.as_deref()
     }
 
     /// Apply to `x` of shape `[..., in]`.
@@ -86,9 +114,13 @@ impl Linear {
                 other => other.forward(x)?,
             },
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
+        };
+        Ok(match &self.lora {
+            None => y,
+            Some(lora) => (y + lora.forward(x)?)?,
         })
     }
 

@@ -107,6 +107,35 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Every decoder-layer linear with its transformers module name
+    /// (`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.up_proj`, ...),
+    /// `lm_head` excluded: where LoRA adapters attach. Custom MLPs are skipped.
+    pub fn decoder_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let o_name = if self.cfg.family == Family::Phi2 { "dense" } else { "o_proj" };
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let attn = &mut layer.self_attn;
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut attn.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut attn.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut attn.v_proj));
+            out.push((format!("{p}.self_attn.{o_name}"), &mut attn.o_proj));
+            match &mut layer.mlp {
+                Mlp::Gated { gate_proj, up_proj, down_proj, .. } => {
+                    out.push((format!("{p}.mlp.gate_proj"), gate_proj));
+                    out.push((format!("{p}.mlp.up_proj"), up_proj));
+                    out.push((format!("{p}.mlp.down_proj"), down_proj));
+                }
+                Mlp::Plain { fc1, fc2, .. } => {
+                    out.push((format!("{p}.mlp.fc1"), fc1));
+                    out.push((format!("{p}.mlp.fc2"), fc2));
+                }
+                Mlp::Custom(_) => {}
+            }
+        }
+        out
+    }
+
     /// Set the sliding window of each layer separately (Qwen2's `layer_types`
     /// mixes full and sliding layers); `windows` has one entry per layer.
     pub fn set_layer_sliding_windows(&mut self, windows: &[Option<usize>]) -> Result<()> {

@@ -32,12 +32,27 @@ pub struct TrainArgs {
     /// Where the trained model, checkpoints and metrics go.
     #[arg(long, alias = "output_dir")]
     pub output_dir: Option<PathBuf>,
-    /// `projectors` (stage 1) or `full` (LM + projectors).
+    /// `projectors` (stage 1), `lora` (stage 2: adapters + projectors) or `full` (LM + projectors).
     #[arg(long, value_enum)]
     pub stage: Option<Stage>,
     /// Stage 1 (multi_token's flag): same as `--stage projectors`.
     #[arg(long, alias = "pretrain_projectors")]
     pub pretrain_projectors: Option<bool>,
+    /// Stage 2 (multi_token's flag): same as `--stage lora`.
+    #[arg(long, alias = "lora_enable", num_args = 0..=1, default_missing_value = "true")]
+    pub lora_enable: Option<bool>,
+    /// LoRA rank.
+    #[arg(long, alias = "lora_r")]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha (scale = alpha / r).
+    #[arg(long, alias = "lora_alpha")]
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout.
+    #[arg(long, alias = "lora_dropout")]
+    pub lora_dropout: Option<f32>,
+    /// LoRA target modules, comma-separated (default: every decoder linear).
+    #[arg(long, alias = "lora_target_modules", value_delimiter = ',')]
+    pub lora_target_modules: Option<Vec<String>>,
     /// Also train the modality encoders (an encoder directory without weights starts random).
     #[arg(long, alias = "train_encoders", num_args = 0..=1, default_missing_value = "true")]
     pub train_encoders: Option<bool>,
@@ -139,6 +154,7 @@ impl TrainArgs {
         let stage = pick!(stage);
         cfg.stage = match (stage, pick!(pretrain_projectors)) {
             (Some(s), _) => s,
+            (None, _) if pick!(lora_enable) == Some(true) => Stage::Lora,
             (None, Some(true)) | (None, None) => Stage::Projectors,
             (None, Some(false)) => Stage::Full,
         };
@@ -150,6 +166,10 @@ impl TrainArgs {
             };
         }
         set!(train_encoders);
+        set!(lora_r);
+        set!(lora_alpha);
+        set!(lora_dropout);
+        set!(lora_target_modules);
         set!(num_train_epochs);
         set!(per_device_train_batch_size);
         set!(gradient_accumulation_steps);

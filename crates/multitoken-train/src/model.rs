@@ -23,6 +23,7 @@ use multitoken_core::{
     Projector, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
+use multitoken_lm::lora::{LoraDropout, LoraLayer};
 use multitoken_lm::model::CausalLm;
 use multitoken_lm::multimodal::{
     read_config, ModalityRuntime, MultimodalConfig, MultimodalModel, MULTIMODAL_CONFIG_FILE,
@@ -46,7 +47,36 @@ pub struct TrainParts {
     pub encoders: bool,
     /// Start from these projector weights instead of the model's `projectors.safetensors`.
     pub pretrained_projectors: Option<PathBuf>,
+    /// LoRA adapters on the LM's linears.
+    pub lora: Option<LoraSettings>,
 }
+
+/// LoRA settings (PEFT's `LoraConfig` fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    /// Rank.
+    pub r: usize,
+    /// Alpha (scale = alpha / r).
+    pub alpha: f64,
+    /// Dropout on the adapter input.
+    pub dropout: f32,
+    /// Module-name suffixes to adapt (`q_proj`, ...); empty = every decoder linear.
+    pub target_modules: Vec<String>,
+}
+
+/// The default LoRA targets: every decoder linear (multi_token's
+/// `find_all_linear_names`, `lm_head` excluded).
+pub const ALL_LINEAR: [&str; 9] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+];
 
 /// A model directory loaded for training.
 pub struct TrainableModel {
@@ -64,6 +94,13 @@ pub struct TrainableModel {
     pub lm_vars: Option<VarMap>,
     /// Encoder variables per modality (`--train-encoders`), keyed as in the encoder's checkpoint.
     pub encoders: Vec<Option<VarMap>>,
+    /// LoRA variables keyed as PEFT saves them
+    /// (`base_model.model.{module}.lora_A.weight`).
+    pub lora_vars: Option<VarMap>,
+    /// The modules that got adapters.
+    pub lora_modules: Vec<String>,
+    /// LoRA dropout generator (reseeded per micro-batch).
+    pub lora_rng: LoraDropout,
     /// What is trained.
     pub parts: TrainParts,
 }
@@ -102,6 +139,34 @@ impl TrainableModel {
             device: device.clone(),
         };
         let mut lm = load_model(&lm_path, &opts)?;
+        let lora_rng = LoraDropout::new(seed);
+        let mut lora_modules = Vec::new();
+        let lora_vars = match &parts.lora {
+            None => None,
+            Some(settings) => {
+                if parts.lm {
+                    return Err(Error::Config(
+                        "LoRA and full fine-tuning exclude each other".into(),
+                    ));
+                }
+                if !lm_path.is_dir() {
+                    return Err(Error::Config(format!(
+                        "{}: LoRA training needs an HF model directory (safetensors), not a GGUF file",
+                        lm_path.display()
+                    )));
+                }
+                let hf = multitoken_lm::hf::parse_config(&lm_path.join("config.json"))?;
+                let source = SafetensorsSource::from_dir(&lm_path, DType::F32, device)?;
+                let mut model = CausalLm::load(&hf.model, &source)?;
+                if let Some(windows) = &hf.layer_sliding_windows {
+                    model.set_layer_sliding_windows(windows)?;
+                }
+                let map = VarMap::new();
+                lora_modules = attach_lora(&mut model, settings, &map, &lora_rng, seed)?;
+                lm.model = Arc::new(model);
+                Some(map)
+            }
+        };
         let lm_vars = if parts.lm {
             if !lm_path.is_dir() {
                 return Err(Error::Config(format!(
@@ -185,6 +250,9 @@ impl TrainableModel {
             projectors,
             lm_vars,
             encoders,
+            lora_vars,
+            lora_modules,
+            lora_rng,
             parts,
         })
     }
@@ -197,6 +265,9 @@ impl TrainableModel {
         }
         if let Some(map) = &self.lm_vars {
             out.extend(named(map, "lm/"));
+        }
+        if let Some(map) = &self.lora_vars {
+            out.extend(named(map, "lora/"));
         }
         for (i, map) in self.encoders.iter().enumerate() {
             if let Some(map) = map {
@@ -327,10 +398,125 @@ impl TrainableModel {
         if !config.modalities.is_empty() {
             save_varmap(&self.projectors, &out.join(PROJECTORS_FILE))?;
         }
+        if let (Some(map), Some(settings)) = (&self.lora_vars, &self.parts.lora) {
+            save_varmap(map, &out.join(ADAPTER_WEIGHTS_FILE))?;
+            let adapter = adapter_config(settings, &self.lora_modules, &absolute(&self.lm_path));
+            let text =
+                serde_json::to_string_pretty(&adapter).map_err(|e| Error::Config(e.to_string()))?;
+            write_atomic(&out.join(ADAPTER_CONFIG_FILE), text.as_bytes())?;
+        }
         let text =
             serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&out.join(MULTIMODAL_CONFIG_FILE), text.as_bytes())
     }
+}
+
+/// PEFT's adapter weights file.
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's adapter config file.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+
+/// `adapter_config.json` as PEFT writes it for a LoRA on a causal LM.
+pub fn adapter_config(
+    settings: &LoraSettings,
+    modules: &[String],
+    base: &Path,
+) -> serde_json::Value {
+    let mut targets: Vec<String> = modules
+        .iter()
+        .filter_map(|m| m.rsplit('.').next().map(str::to_string))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base.display().to_string(),
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+        "rank_pattern": {},
+        "alpha_pattern": {}
+    })
+}
+
+/// Attaches a LoRA adapter to every targeted decoder linear: `A` drawn
+/// U(±1/√in) (PEFT's kaiming-uniform with a=√5), `B` zero. Returns the module names.
+fn attach_lora(
+    model: &mut CausalLm,
+    settings: &LoraSettings,
+    map: &VarMap,
+    rng: &LoraDropout,
+    seed: u64,
+) -> Result<Vec<String>> {
+    use rand::Rng;
+    if settings.r == 0 {
+        return Err(Error::Config("lora_r must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&settings.dropout) {
+        return Err(Error::Config("lora_dropout must be in [0, 1)".into()));
+    }
+    let targets: Vec<&str> = if settings.target_modules.is_empty() {
+        ALL_LINEAR.to_vec()
+    } else {
+        settings.target_modules.iter().map(String::as_str).collect()
+    };
+    let mut modules = Vec::new();
+    let mut data = map
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("variable map poisoned".into()))?;
+    for (name, linear) in model.decoder_linears_mut() {
+        let short = name.rsplit('.').next().unwrap_or(&name).to_string();
+        if !targets
+            .iter()
+            .any(|t| *t == short || name.ends_with(&format!(".{t}")))
+        {
+            continue;
+        }
+        let (in_dim, out_dim) = (linear.in_dim(), linear.out_dim());
+        let key_a = format!("base_model.model.{name}.lora_A.weight");
+        let key_b = format!("base_model.model.{name}.lora_B.weight");
+        let bound = 1.0 / (in_dim as f32).sqrt();
+        let mut gen = name_rng(seed, &key_a);
+        let values: Vec<f32> = (0..settings.r * in_dim)
+            .map(|_| gen.random_range(-bound..bound))
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(
+            values,
+            (settings.r, in_dim),
+            &Device::Cpu,
+        )?)?;
+        let b = Var::from_tensor(&Tensor::zeros(
+            (out_dim, settings.r),
+            DType::F32,
+            &Device::Cpu,
+        )?)?;
+        linear.set_lora(Some(LoraLayer {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: settings.alpha / settings.r as f64,
+            dropout: settings.dropout,
+            rng: rng.clone(),
+        }))?;
+        data.insert(key_a, a);
+        data.insert(key_b, b);
+        modules.push(name);
+    }
+    if modules.is_empty() {
+        return Err(Error::Config(format!(
+            "no LM linear matches the LoRA target modules {targets:?}"
+        )));
+    }
+    Ok(modules)
 }
 
 /// Config key naming the weights directory of a builder, with its default.

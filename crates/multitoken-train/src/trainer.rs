@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, write_atomic, Row};
-use crate::model::{TrainParts, TrainableModel};
+use crate::model::{LoraSettings, TrainParts, TrainableModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use crate::{Error, Result};
 
@@ -39,6 +39,14 @@ pub struct TrainConfig {
     pub train_encoders: bool,
     /// Projector weights to start from.
     pub pretrained_projectors: Option<PathBuf>,
+    /// LoRA rank.
+    pub lora_r: usize,
+    /// LoRA alpha.
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    pub lora_dropout: f32,
+    /// LoRA target module suffixes (empty = every decoder linear).
+    pub lora_target_modules: Vec<String>,
     /// Epochs (ignored when `max_steps` is set).
     pub num_train_epochs: f64,
     /// Optimizer steps; overrides epochs.
@@ -89,6 +97,8 @@ pub struct TrainConfig {
 pub enum Stage {
     /// Projectors only (multi_token `--pretrain_projectors`).
     Projectors,
+    /// LoRA adapters on the LM's linears plus the projectors.
+    Lora,
     /// Every LM weight plus the projectors.
     Full,
 }
@@ -103,6 +113,10 @@ impl TrainConfig {
             stage: Stage::Projectors,
             train_encoders: false,
             pretrained_projectors: None,
+            lora_r: 64,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            lora_target_modules: Vec::new(),
             num_train_epochs: 1.0,
             max_steps: None,
             per_device_train_batch_size: 4,
@@ -184,6 +198,12 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         lm: cfg.stage == Stage::Full,
         encoders: cfg.train_encoders,
         pretrained_projectors: cfg.pretrained_projectors.clone(),
+        lora: (cfg.stage == Stage::Lora).then(|| LoraSettings {
+            r: cfg.lora_r,
+            alpha: cfg.lora_alpha,
+            dropout: cfg.lora_dropout,
+            target_modules: cfg.lora_target_modules.clone(),
+        }),
     };
     let model = TrainableModel::load_seeded(&cfg.model, parts, &device, cfg.seed)?;
     let rows = read_jsonl(&cfg.dataset)?;
@@ -293,6 +313,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                         .collect()
                 })
                 .unwrap_or_default();
+            model
+                .lora_rng
+                .reseed(cfg.seed ^ (index as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
             let (loss, count) = model.loss(&batch_rows)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {

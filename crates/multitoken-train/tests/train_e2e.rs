@@ -225,3 +225,48 @@ fn bad_rows_name_line_and_id() -> TestResult {
     assert!(err.contains(":2 (id x7)") && err.contains("robot"), "{err}");
     Ok(())
 }
+
+#[test]
+fn lora_stage_trains_adapters_and_writes_peft_files() -> TestResult {
+    let root = temp("lora")?;
+    let mut cfg = config(&root, Stage::Lora, 16)?;
+    cfg.lora_r = 4;
+    cfg.lora_alpha = 8.0;
+    cfg.lora_dropout = 0.1;
+    cfg.learning_rate = 1e-2;
+    let summary = train(&cfg)?;
+    let losses: Vec<f64> = summary.log.iter().map(|l| l.loss).collect();
+    assert!(
+        mean(&losses[12..]) < 0.7 * mean(&losses[..4]),
+        "loss did not fall: {losses:?}"
+    );
+    let out = &cfg.output_dir;
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json"))?)?;
+    assert_eq!(adapter["peft_type"], "LORA");
+    assert_eq!(adapter["r"], 4);
+    let weights = candle_core::safetensors::load(
+        out.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    // 2 layers x 7 linears x (A, B).
+    assert_eq!(
+        weights.len(),
+        28,
+        "{:?}",
+        weights.keys().collect::<Vec<_>>()
+    );
+    let b = weights
+        .get("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")
+        .ok_or("lora_B of layers.1.mlp.down_proj missing")?;
+    assert_eq!(b.dims(), &[64, 4]);
+    assert!(
+        b.abs()?.max_all()?.to_scalar::<f32>()? > 0.0,
+        "lora_B never moved"
+    );
+    let a = weights
+        .get("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+        .ok_or("lora_A of layers.0.self_attn.q_proj missing")?;
+    assert_eq!(a.dims(), &[4, 64]);
+    Ok(())
+}
