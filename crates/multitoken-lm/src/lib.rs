@@ -14,7 +14,6 @@ pub mod hf;
 pub mod linear;
 pub mod loader;
 pub mod lora;
-pub mod lora;
 pub mod model;
 pub mod multimodal;
 pub mod peft;
