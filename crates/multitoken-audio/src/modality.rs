@@ -101,7 +101,29 @@ impl WhisperAudio {
     /// Loads the Whisper checkpoint named by `config.model_path` in `context`.
     pub fn load(config: AudioConfig, context: &ModalityContext) -> Result<Self> {
         let dir = context.resolve(&config.model_path);
-        let model = Whisper::load(&dir, &context.device, context.dtype)?;
+        let model = match &context.trainable {
+            None => Whisper::load(&dir, &context.device, context.dtype)?,
+            // Trainable: the checkpoint's tensors (if any) become variables of `map`;
+            // a directory with `config.json` but no weights starts from random weights.
+            Some(map) => {
+                let whisper_config = crate::whisper::WhisperConfig::from_file(&dir.join("config.json"))?;
+                let weights = dir.join("model.safetensors");
+                if weights.is_file() {
+                    let fail = |e: candle_core::Error| Error::Checkpoint(format!("{}: {e}", weights.display()));
+                    let tensors = candle_core::safetensors::load(&weights, &context.device).map_err(fail)?;
+                    let mut vars = map
+                        .data()
+                        .lock()
+                        .map_err(|_| Error::Checkpoint("the trainable variable map is poisoned".to_string()))?;
+                    for (name, tensor) in tensors {
+                        let var = candle_core::Var::from_tensor(&tensor.to_dtype(context.dtype).map_err(fail)?).map_err(fail)?;
+                        vars.insert(name, var);
+                    }
+                }
+                let vb = candle_nn::VarBuilder::from_varmap(map, context.dtype, &context.device);
+                Whisper::from_var_builder(vb, whisper_config)?
+            }
+        };
         Self::new(Arc::new(model), config)
     }
 

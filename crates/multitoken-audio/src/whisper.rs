@@ -175,7 +175,7 @@ impl Attention {
             let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(scores.dtype())?;
             scores = scores.broadcast_add(&mask)?;
         }
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let weights = softmax(&scores)?;
         let out = weights.matmul(&kv.1)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok(self.out_proj.forward(&out)?)
     }
@@ -276,13 +276,13 @@ impl WhisperEncoder {
         let t = x.dim(1)?;
         let mut x = x.broadcast_add(&self.embed_positions.narrow(0, 0, t)?)?;
         for layer in &self.layers {
-            let h = layer.self_attn_layer_norm.forward(&x)?;
+            let h = norm(&layer.self_attn_layer_norm, &x)?;
             let kv = layer.self_attn.key_value(&h)?;
             x = (&x + layer.self_attn.attend(&h, &kv, false)?)?;
-            let h = layer.final_layer_norm.forward(&x)?;
+            let h = norm(&layer.final_layer_norm, &x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
         }
-        Ok(self.layer_norm.forward(&x)?)
+        Ok(norm(&self.layer_norm, &x)?)
     }
 }
 
@@ -360,15 +360,15 @@ impl WhisperDecoder {
             .forward(ids)?
             .broadcast_add(&self.embed_positions.narrow(0, 0, t)?)?;
         for (layer, kv) in self.layers.iter().zip(&cross.0) {
-            let h = layer.self_attn_layer_norm.forward(&x)?;
+            let h = norm(&layer.self_attn_layer_norm, &x)?;
             let self_kv = layer.self_attn.key_value(&h)?;
             x = (&x + layer.self_attn.attend(&h, &self_kv, true)?)?;
-            let h = layer.encoder_attn_layer_norm.forward(&x)?;
+            let h = norm(&layer.encoder_attn_layer_norm, &x)?;
             x = (&x + layer.encoder_attn.attend(&h, kv, false)?)?;
-            let h = layer.final_layer_norm.forward(&x)?;
+            let h = norm(&layer.final_layer_norm, &x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
         }
-        Ok(self.layer_norm.forward(&x)?)
+        Ok(norm(&self.layer_norm, &x)?)
     }
 
     /// Logits `[b, vocab]` of the last position of hidden states `[b, t, d]`.
@@ -474,4 +474,24 @@ pub fn argmax_suppressed(logits: &Tensor, suppressed: &[u32]) -> Result<u32> {
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map(|(i, _)| i as u32)
         .ok_or_else(|| Error::Config("empty logits".to_string()))
+}
+
+/// LayerNorm that stays differentiable when training (candle's fused kernel has
+/// no backward pass, so a tracked input or weight takes the composite one).
+fn norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    match ln.bias() {
+        Some(bias) if x.track_op() || ln.weight().track_op() => {
+            candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32)
+        }
+        _ => candle_nn::Module::forward(ln, x),
+    }
+}
+
+/// Softmax over the last dimension, differentiable when training.
+fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
 }
