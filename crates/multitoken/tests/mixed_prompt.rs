@@ -1,0 +1,202 @@
+//! One prompt with an image, an audio clip and (when all-MiniLM-L6-v2 is installed) a
+//! document, on a tiny multimodal model built here: the llama LM fixture, the CLIP
+//! tower fixture (`<image>`), the tiny random Whisper fixture (`<speech>`), MiniLM
+//! (`<document>`), and seeded random projectors. Checks the placeholder spans from
+//! Rust, greedy generation, and that `multitoken generate --image --audio --document`
+//! prepares the same prompt.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use multitoken_core::{build_modality, Item, ItemsByKey, Message, ModalityContext, Projector};
+use multitoken_lm::loader::{load_model, LoadOptions};
+use multitoken_lm::multimodal::{MultimodalModel, MULTIMODAL_CONFIG_FILE, PROJECTORS_FILE};
+use serde_json::json;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn minilm() -> Option<PathBuf> {
+    let dir = multitoken_document::default_minilm_dir();
+    if dir.join("model.safetensors").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "document part skipped: {} not found (run `cargo xtask weights`)",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// Writes `multitoken.json` and random projectors for the tiny model into a fresh dir.
+fn tiny_model_dir(minilm: Option<&Path>) -> PathBuf {
+    multitoken_audio::link();
+    multitoken_document::link();
+    multitoken_vision::link();
+    let dir = std::env::temp_dir().join(format!("multitoken-mixed-prompt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut modalities = vec![
+        json!({
+            "builder": "vision_clip",
+            "config": {
+                "tower": fixtures().join("vision/clip"),
+                "image_processor": {"size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30}},
+                "vision_feature_layer": -2
+            },
+            "projector": "mlp2x_gelu"
+        }),
+        json!({
+            "builder": "audio_whisper",
+            "config": {"model_path": fixtures().join("audio/whisper-tiny"), "num_tokens": 3},
+            "projector": {"kind": "vector_mlp", "num_layers": 2, "num_tokens": 3}
+        }),
+    ];
+    if let Some(encoder) = minilm {
+        modalities.push(json!({
+            "builder": "document_minilm",
+            "config": {"encoder": encoder, "num_tokens": 4},
+            "projector": {"kind": "vector_mlp", "num_layers": 2, "num_tokens": 4}
+        }));
+    }
+    let config = json!({"base_model": fixtures().join("lm/llama"), "modalities": modalities});
+    std::fs::write(dir.join(MULTIMODAL_CONFIG_FILE), config.to_string()).unwrap();
+    let hidden = load_model(&fixtures().join("lm/llama"), &LoadOptions::default())
+        .unwrap()
+        .model
+        .hidden_size();
+    let context = ModalityContext::cpu_f32(&dir);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    for entry in config["modalities"].as_array().unwrap() {
+        let builder = entry["builder"].as_str().unwrap();
+        let modality = build_modality(builder, &entry["config"], &context).unwrap();
+        let spec = serde_json::from_value(entry["projector"].clone()).unwrap();
+        Projector::load(
+            spec,
+            modality.feature_dim(),
+            hidden,
+            vb.pp(format!("{builder}_lmm_projector")),
+        )
+        .unwrap();
+    }
+    varmap.save(dir.join(PROJECTORS_FILE)).unwrap();
+    dir
+}
+
+#[test]
+fn image_audio_and_document_in_one_prompt() {
+    let minilm = minilm();
+    let dir = tiny_model_dir(minilm.as_deref());
+    let image = fixtures().join("vision/images/rgb_64x48.jpg");
+    let audio = fixtures().join("audio/speech16k.wav");
+    let document =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../multitoken-document/testdata/hello.pdf");
+    let model = MultimodalModel::load(&dir, &LoadOptions::default()).unwrap();
+    let mut prompt = "Look: <image> Listen: <speech>".to_string();
+    let mut items = ItemsByKey::new();
+    items.insert("images".into(), vec![Item::Path(image.clone())]);
+    items.insert("speech_audios".into(), vec![Item::Path(audio.clone())]);
+    if minilm.is_some() {
+        prompt.push_str(" Read: <document> Answer briefly.");
+        items.insert("documents".into(), vec![Item::Path(document.clone())]);
+    }
+    let prepared = model
+        .prepare_chat(&[Message::user(&prompt)], &items)
+        .unwrap();
+    let widths: Vec<usize> = model
+        .modalities
+        .iter()
+        .map(|m| m.modality.token_width())
+        .collect();
+    assert_eq!(prepared.spans.len(), model.modalities.len());
+    for (k, span) in prepared.spans.iter().enumerate() {
+        // In prompt order: the image, then the speech, then the document.
+        assert_eq!(
+            (span.modality, span.item_index, span.len),
+            (k, 0, widths[k]),
+            "span {k}"
+        );
+        assert!(span.end() <= prepared.input_ids.len());
+        if k > 0 {
+            assert!(
+                span.start > prepared.spans[k - 1].end(),
+                "text lies between spans"
+            );
+        }
+    }
+    assert_eq!(widths[1], 3);
+    let embeds = model.embed(&prepared, &items).unwrap();
+    assert_eq!(
+        embeds.dims(),
+        &[1, prepared.input_ids.len(), model.lm.model.hidden_size()]
+    );
+    let params = multitoken_lm::generate::GenerationParams {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let output = model
+        .generate(&prepared, &items, &params, &mut |_| true)
+        .unwrap();
+    assert_eq!(output.prompt_tokens, prepared.input_ids.len());
+    assert!(!output.token_ids.is_empty() && output.token_ids.len() <= 3);
+
+    // The CLI flags fill the same tokens in the same order.
+    let mut args = vec![
+        "generate".to_string(),
+        "--json".into(),
+        "--max-new-tokens".into(),
+        "3".into(),
+        "--model".into(),
+        dir.display().to_string(),
+        "--image".into(),
+        image.display().to_string(),
+        "--audio".into(),
+        audio.display().to_string(),
+        "--prompt".into(),
+        prompt.clone(),
+    ];
+    if minilm.is_some() {
+        args.extend(["--document".into(), document.display().to_string()]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        value["prompt_tokens"].as_u64().unwrap() as usize,
+        prepared.input_ids.len()
+    );
+    assert_eq!(
+        value["token_ids"].as_array().unwrap().len(),
+        output.token_ids.len()
+    );
+    // One image too few: a clear error, no panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--audio",
+            audio.to_str().unwrap(),
+        ])
+        .args(["--prompt", "<image> <speech>"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("<image>"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
