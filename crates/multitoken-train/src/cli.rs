@@ -230,17 +230,35 @@ pub enum DatasetCommand {
 /// `multitoken merge-lora`: fold a PEFT adapter into the base weights.
 #[derive(Debug, Args)]
 pub struct MergeLoraArgs {
-    /// Arguments, parsed by this crate.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// Model directory (a `--stage lora` output, or the base LM's HF directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter directory (adapter_config.json + adapter_model.safetensors); default: `--model`.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Where the merged model goes.
+    #[arg(long, alias = "output_dir", alias = "output-dir")]
+    pub output: PathBuf,
 }
 
 /// `multitoken eval`: accuracy on a held-out dataset.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Arguments, parsed by this crate.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// Model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL rows; the last assistant message of each is the reference.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Longest reply.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Write every row's prediction as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
 }
 
 /// Run `multitoken train`.
@@ -343,11 +361,25 @@ pub fn dataset(args: DatasetArgs) -> Result<()> {
 }
 
 /// Run `multitoken merge-lora`.
-pub fn merge_lora(_args: MergeLoraArgs) -> Result<()> {
-    bail!("multitoken merge-lora is not built yet")
+pub fn merge_lora(args: MergeLoraArgs) -> Result<()> {
+    let lm = crate::merge::merge_lora(&args.model, args.adapter.as_deref(), &args.output)?;
+    println!("merged weights written to {}", lm.display());
+    Ok(())
 }
 
 /// Run `multitoken eval`.
-pub fn eval(_args: EvalArgs) -> Result<()> {
-    bail!("multitoken eval is not built yet")
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let report =
+        crate::eval::evaluate(&args.model, &args.dataset, args.max_new_tokens, args.limit)?;
+    println!(
+        "{} rows: exact match {:.1}%, contains {:.1}%",
+        report.rows,
+        100.0 * report.exact_match,
+        100.0 * report.contains
+    );
+    if let Some(path) = &args.output {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

@@ -9,6 +9,8 @@
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod trainer;

@@ -270,3 +270,53 @@ fn lora_stage_trains_adapters_and_writes_peft_files() -> TestResult {
     assert_eq!(a.dims(), &[4, 64]);
     Ok(())
 }
+
+#[test]
+fn merged_lora_model_matches_the_adapted_one() -> TestResult {
+    let root = temp("merge")?;
+    let mut cfg = config(&root, Stage::Lora, 4)?;
+    cfg.lora_r = 4;
+    cfg.lora_dropout = 0.0;
+    train(&cfg)?;
+    let merged_dir = root.join("merged");
+    multitoken_train::merge::merge_lora(&cfg.output_dir, None, &merged_dir)?;
+    // Reference: the adapted model as training sees it (adapters attached, not merged).
+    let parts = multitoken_train::model::TrainParts {
+        projectors: true,
+        lora: Some(multitoken_train::model::LoraSettings {
+            r: 4,
+            alpha: cfg.lora_alpha,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    let adapted = multitoken_train::model::TrainableModel::load(
+        &cfg.model,
+        parts,
+        &candle_core::Device::Cpu,
+    )?;
+    let trained = candle_core::safetensors::load(
+        cfg.output_dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    for p in adapted.params() {
+        if let Some(key) = p.name.strip_prefix("lora/") {
+            p.var.set(trained.get(key).ok_or("adapter key missing")?)?;
+        }
+    }
+    let merged = MultimodalModel::load(&merged_dir, &LoadOptions::default())?;
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 20, 33]], &candle_core::Device::Cpu)?;
+    let logits = |m: &dyn multitoken_core::LanguageModel| -> Result<candle_core::Tensor, Box<dyn std::error::Error>> {
+        let e = m.embed_tokens(&ids)?;
+        let mut cache = multitoken_core::KvCache::new(m.num_layers());
+        Ok(m.forward_embeds(&e, None, &mut cache, multitoken_core::LogitsSelection::All)?)
+    };
+    let (a, b) = (
+        logits(adapted.mm.language_model())?,
+        logits(merged.language_model())?,
+    );
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-4, "merged logits differ by {diff}");
+    Ok(())
+}
