@@ -10,6 +10,7 @@
 //!   multi_token (pooled).
 //! - [`modality`]: the `vision_clip` and `vision_clip_pool` builders, registered
 //!   with the core registry; linking this crate is all a binary needs.
+//! - [`presets`]: named recipes as data (`llava-1.5`, `jnana`).
 
 // Tests may unwrap and panic: a failure there is the report.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -18,6 +19,7 @@ pub mod clip;
 pub mod decode;
 pub mod error;
 pub mod modality;
+pub mod presets;
 pub mod processor;
 pub mod resample;
 
