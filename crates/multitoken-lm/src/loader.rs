@@ -68,9 +68,37 @@ pub struct LoadedModel {
     pub name: String,
 }
 
-/// Load a checkpoint: an HF model directory, or a `.gguf` file.
+/// A loader for a kind of model directory this crate does not build itself,
+/// registered with `multitoken_core::inventory::submit!` by the crate that does
+/// (e.g. multitoken-moe for `moe.json` directories, so that this crate does not
+/// depend on it). [`load_model`] hands a directory holding `marker` to `load`.
+#[derive(Debug)]
+pub struct DirLoader {
+    /// A file name whose presence in a directory selects this loader (`moe.json`).
+    pub marker: &'static str,
+    /// Loads such a directory.
+    pub load: fn(&Path, &LoadOptions) -> Result<LoadedModel>,
+}
+
+multitoken_core::inventory::collect!(DirLoader);
+
+/// The marker of a mixture-of-experts directory (multitoken-moe registers its loader).
+pub const MOE_MARKER: &str = "moe.json";
+
+/// Load a checkpoint: an HF model directory, or a `.gguf` file. A directory
+/// holding the marker file of a registered [`DirLoader`] goes to that loader.
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if path.is_dir() {
+        let mut registered = multitoken_core::inventory::iter::<DirLoader>.into_iter();
+        if let Some(loader) = registered.find(|l| path.join(l.marker).is_file()) {
+            return (loader.load)(path, opts);
+        }
+        if path.join(MOE_MARKER).is_file() {
+            return Err(Error::Msg(format!(
+                "{} is a mixture-of-experts model ({MOE_MARKER}) but multitoken-moe is not linked into this program",
+                path.display()
+            )));
+        }
         return crate::hf::load_hf_dir(path, opts);
     }
     if !path.exists() {

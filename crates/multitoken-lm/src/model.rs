@@ -189,6 +189,35 @@ impl CausalLm {
         cache: &mut KvCache,
         logits: LogitsSelection,
     ) -> Result<Tensor> {
+        self.forward_collecting(embeds, attention_mask, cache, logits, None)
+    }
+
+    /// Like [`CausalLm::forward`] with a fresh cache, also returning every hidden
+    /// state as transformers' `output_hidden_states` does: `num_layers + 1`
+    /// tensors `[batch, seq, hidden]`, the input embeddings first, then each
+    /// layer's output, the last one after the final norm.
+    pub fn forward_embeds_with_hidden_states(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut hidden = Vec::with_capacity(self.layers.len() + 1);
+        let mut cache = KvCache::new(self.layers.len());
+        let logits = self.forward_collecting(embeds, attention_mask, &mut cache, LogitsSelection::All, Some(&mut hidden))?;
+        if let Some(last) = hidden.last_mut() {
+            *last = self.norm.forward(last)?;
+        }
+        Ok((logits, hidden))
+    }
+
+    fn forward_collecting(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+        mut hidden: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let (b, t, h) = embeds.dims3()?;
         if h != self.cfg.hidden_size {
             return Err(Error::Msg(format!(
@@ -244,6 +273,9 @@ impl CausalLm {
         // One mask per distinct window, shared by the layers that use it.
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         let mut x = if embeds.dtype() == self.dtype { embeds.clone() } else { embeds.to_dtype(self.dtype)? };
+        if let Some(h) = hidden.as_deref_mut() {
+            h.push(x.clone());
+        }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let window = layer.sliding_window;
             let mask = match masks.iter().find(|(w, _)| *w == window) {
@@ -255,6 +287,9 @@ impl CausalLm {
                 }
             };
             x = layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), layer_cache, seen)?;
+            if let Some(h) = hidden.as_deref_mut() {
+                h.push(x.clone());
+            }
         }
         cache.seen = seen + t;
         cache.attention_mask = full_mask;

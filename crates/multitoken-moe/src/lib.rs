@@ -1,5 +1,26 @@
-//! multitoken-moe: see ARCHITECTURE.md ("multitoken-moe").
+//! multitoken-moe: Cephalo-style mixtures of experts built from fine-tuned models.
 //!
-//! This crate is being built; its command-line entry point is [`cli`].
+//! A base model supplies everything but the MLPs; every decoder layer's MLP
+//! becomes a set of experts (expert j = model j's MLP of that layer, from a full
+//! checkpoint or a merged PEFT LoRA adapter) behind a per-layer gate
+//! `Linear(hidden, num_experts)`. See ARCHITECTURE.md ("multitoken-moe").
+//!
+//! - [`build`]: `multitoken moe build`, writing an MoE directory;
+//! - [`layer`]: the sparse-dispatch [`layer::MoeFeedForward`];
+//! - [`load`]: loading an MoE directory (also registered with multitoken-lm's
+//!   loader, so every command loads it like any model);
+//! - [`gate`]: `set-gate` and Cephalo's gate training (`train-gate`);
+//! - [`cli`]: the `multitoken moe` subcommand.
 
+pub mod build;
 pub mod cli;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod layer;
+pub mod load;
+pub mod lora;
+
+pub use config::{MoeConfig, Routing};
+pub use error::{Error, Result};
+pub use layer::{Dispatch, MoeFeedForward};
