@@ -1,8 +1,188 @@
-//! `cargo xtask bench audio`: see the issue that asks for it; being built.
+//! `cargo xtask bench audio`: the audio front end and the Whisper-base encoder on CPU,
+//! ours against the Python reference in one run.
+//!
+//! ```text
+//! cargo xtask bench audio [--threads N] [--clips 32] [--repeat 3] [--no-python]
+//! ```
+//!
+//! 1. log-mel (80 bins) of `--clips` x 30 s clips at 16 kHz vs transformers'
+//!    `WhisperFeatureExtractor` (numpy), goal >= 3x;
+//! 2. decode + downmix + resample of a 60 s 44.1 kHz stereo 16-bit wav to 16 kHz mono vs
+//!    `librosa.load(sr=16000)` (soxr_hq), goal >= 3x;
+//! 3. the Whisper-base encoder forward on one 30 s window, f32, vs transformers,
+//!    goal >= 1.0x.
+//!
+//! Same thread count on both sides (`RAYON_NUM_THREADS` / `torch.set_num_threads`);
+//! best of `--repeat` after a warm-up. Ours runs in this process (`cargo run --release
+//! -p xtask -- bench audio` for a release build; candle and realfft are optimised in
+//! every profile). Needs the converted Whisper base (`cargo xtask weights`).
 
-use anyhow::{bail, Result};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
 
-/// Run this benchmark.
-pub fn run(_args: &[String]) -> Result<()> {
-    bail!("cargo xtask bench audio is not built yet")
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use multitoken_audio::{default_whisper_dir, load_audio, DecodeConfig, LogMel, Whisper};
+use multitoken_core::Item;
+use serde_json::Value;
+
+use crate::weights::{python, workspace_root};
+
+/// Run `bench audio`.
+pub fn run(args: &[String]) -> Result<()> {
+    let mut threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut clips = 32usize;
+    let mut repeat = 3usize;
+    let mut with_python = true;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut number = |name: &str| -> Result<usize> {
+            let v = it.next().with_context(|| format!("{name} needs a number"))?;
+            v.parse().with_context(|| format!("{name} {v}: not a number"))
+        };
+        match arg.as_str() {
+            "--threads" => threads = number("--threads")?.max(1),
+            "--clips" => clips = number("--clips")?.max(1),
+            "--repeat" => repeat = number("--repeat")?.max(1),
+            "--no-python" => with_python = false,
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    // Before any thread pool exists.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let model_dir = default_whisper_dir();
+    if !model_dir.join("model.safetensors").is_file() {
+        bail!("{} not found: run `cargo xtask weights` first", model_dir.display());
+    }
+    let target = workspace_root().join("target").join("bench");
+    std::fs::create_dir_all(&target)?;
+    let wav = target.join("audio_60s_44k_stereo.wav");
+    write_wav(&wav, 44_100, 2, 60)?;
+
+    eprintln!("ours, {threads} threads ...");
+    let n = 30 * 16_000;
+    let clip_samples: Vec<Vec<f32>> = (0..clips)
+        .map(|k| {
+            (0..n)
+                .map(|i| {
+                    let t = i as f64 / 16_000.0;
+                    let tau = std::f64::consts::TAU;
+                    (0.3 * (tau * (200.0 + 25.0 * k as f64) * t).sin() * (tau * 0.5 * t).sin()) as f32
+                })
+                .collect()
+        })
+        .collect();
+    let mel = LogMel::new(80)?;
+    let mel_s = best(repeat, || {
+        for clip in &clip_samples {
+            std::hint::black_box(mel.compute(clip));
+        }
+        Ok(())
+    })?;
+    let item = Item::Path(wav.clone());
+    let decode_s = best(repeat, || {
+        let samples = load_audio(&item, &DecodeConfig::default())?;
+        if samples.len() != 60 * 16_000 {
+            bail!("decoded {} samples, expected {}", samples.len(), 60 * 16_000);
+        }
+        Ok(())
+    })?;
+    let whisper = Whisper::load(&model_dir, &Device::Cpu, DType::F32)?;
+    let window = mel.compute(&clip_samples[0]).windows.swap_remove(0);
+    let input = Tensor::from_vec(window, (1, 80, 3000), &Device::Cpu)?;
+    let encoder_s = best(repeat, || {
+        std::hint::black_box(whisper.encoder.forward(&input)?);
+        Ok(())
+    })?;
+
+    let reference = if with_python {
+        eprintln!("python reference, {threads} threads ...");
+        let mut cmd = Command::new(python());
+        cmd.arg(workspace_root().join("xtask").join("bench").join("audio.py"))
+            .arg("--wav")
+            .arg(&wav)
+            .arg("--model")
+            .arg(&model_dir)
+            .args(["--clips", &clips.to_string(), "--threads", &threads.to_string(), "--repeat", &repeat.to_string()])
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .env("MKL_NUM_THREADS", threads.to_string());
+        Some(last_json_line(&mut cmd)?)
+    } else {
+        None
+    };
+
+    println!();
+    println!("audio, CPU, {threads} threads (best of {repeat})");
+    let rows = [
+        (format!("log-mel 80 x {clips} x 30 s clips"), mel_s, "mel_s", 3.0),
+        ("decode+resample 60 s 44.1 kHz stereo wav".to_string(), decode_s, "decode_s", 3.0),
+        ("Whisper-base encoder, 1 x 30 s, f32".to_string(), encoder_s, "encoder_s", 1.0),
+    ];
+    println!("{:<44} {:>10} {:>10} {:>8} {:>6}", "", "ours (s)", "ref (s)", "speedup", "goal");
+    for (name, ours, key, goal) in rows {
+        match reference.as_ref().and_then(|r| r[key].as_f64()) {
+            Some(theirs) => {
+                println!("{name:<44} {ours:>10.4} {theirs:>10.4} {:>7.2}x {goal:>5.1}x", theirs / ours)
+            }
+            None => println!("{name:<44} {ours:>10.4} {:>10} {:>8} {goal:>5.1}x", "-", "-"),
+        }
+    }
+    if let Some(r) = &reference {
+        println!("reference: torch {}, librosa {}", r["torch"], r["librosa"]);
+    }
+    Ok(())
+}
+
+fn best(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat {
+        let start = Instant::now();
+        f()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// A 16-bit PCM wav: two detuned tones with a slow envelope, one per channel.
+fn write_wav(path: &Path, rate: u32, channels: u16, seconds: u32) -> Result<()> {
+    let frames = rate * seconds;
+    let data_len = frames * u32::from(channels) * 2;
+    let mut bytes = Vec::with_capacity(44 + data_len as usize);
+    bytes.extend_from_slice(b"RIFF");
+    bytes.extend_from_slice(&(36 + data_len).to_le_bytes());
+    bytes.extend_from_slice(b"WAVEfmt ");
+    bytes.extend_from_slice(&16u32.to_le_bytes());
+    bytes.extend_from_slice(&1u16.to_le_bytes());
+    bytes.extend_from_slice(&channels.to_le_bytes());
+    bytes.extend_from_slice(&rate.to_le_bytes());
+    bytes.extend_from_slice(&(rate * u32::from(channels) * 2).to_le_bytes());
+    bytes.extend_from_slice(&(channels * 2).to_le_bytes());
+    bytes.extend_from_slice(&16u16.to_le_bytes());
+    bytes.extend_from_slice(b"data");
+    bytes.extend_from_slice(&data_len.to_le_bytes());
+    for i in 0..frames {
+        let t = f64::from(i) / f64::from(rate);
+        for c in 0..channels {
+            let f = 330.0 + 110.0 * f64::from(c);
+            let v = 0.4 * (std::f64::consts::TAU * f * t).sin() * (0.5 + 0.5 * (t * 0.7).sin());
+            bytes.extend_from_slice(&((v * 32767.0) as i16).to_le_bytes());
+        }
+    }
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn last_json_line(cmd: &mut Command) -> Result<Value> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}):\n{}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("no JSON from {cmd:?}:\n{stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("bad JSON from {cmd:?}: {line}"))
 }
