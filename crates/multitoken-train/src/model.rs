@@ -286,31 +286,45 @@ impl TrainableModel {
     /// (right-padded; padding is never attended to by real positions in a causal
     /// model), and the number of labelled tokens.
     pub fn loss(&self, rows: &[(&PreparedInput, &ItemsByKey)]) -> Result<(Tensor, usize)> {
+        let embeds = rows
+            .iter()
+            .map(|(p, items)| self.embed(p, items))
+            .collect::<Result<Vec<_>>>()?;
+        let labels: Vec<&[i64]> = rows.iter().map(|(p, _)| p.labels.as_slice()).collect();
+        self.loss_from_embeds(&embeds, &labels)
+    }
+
+    /// The loss of [`TrainableModel::loss`] from per-row input embeddings
+    /// `[1, len, hidden]` and their unshifted labels.
+    pub fn loss_from_embeds(&self, rows: &[Tensor], labels: &[&[i64]]) -> Result<(Tensor, usize)> {
         let lm = self.mm.language_model();
-        let max_len = rows.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
-        if max_len < 2 {
+        let lens = rows
+            .iter()
+            .map(|e| e.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        if max_len < 2 || rows.len() != labels.len() {
             return Err(Error::Config(
-                "a batch needs sequences of at least 2 tokens".into(),
+                "a batch needs sequences of at least 2 tokens, each with labels".into(),
             ));
         }
         let hidden = lm.hidden_size();
         let mut embeds = Vec::with_capacity(rows.len());
         let mut targets = Vec::with_capacity(rows.len() * (max_len - 1));
         let mut mask = Vec::with_capacity(rows.len() * (max_len - 1));
-        for (prepared, items) in rows {
-            let e = self.embed(prepared, items)?;
-            let pad = max_len - prepared.len();
+        for ((e, len), row_labels) in rows.iter().zip(&lens).zip(labels) {
+            let pad = max_len - len;
             let e = if pad > 0 {
                 Tensor::cat(
-                    &[&e, &Tensor::zeros((1, pad, hidden), e.dtype(), e.device())?],
+                    &[e, &Tensor::zeros((1, pad, hidden), e.dtype(), e.device())?],
                     1,
                 )?
             } else {
-                e
+                e.clone()
             };
             embeds.push(e);
             for t in 1..max_len {
-                let label = prepared.labels.get(t).copied().unwrap_or(IGNORE_INDEX);
+                let label = row_labels.get(t).copied().unwrap_or(IGNORE_INDEX);
                 if label == IGNORE_INDEX || label < 0 {
                     targets.push(0u32);
                     mask.push(0f32);

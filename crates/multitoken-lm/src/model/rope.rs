@@ -79,9 +79,14 @@ impl RotaryEmbedding {
     }
 
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(match self.style {
-            RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin)?,
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+        // The fused kernels have no backward pass: training (a tracked input)
+        // takes the composite versions, which read `[seq, dim / 2]` tables.
+        let differentiable = x.track_op() && cos.rank() == 2;
+        Ok(match (self.style, differentiable) {
+            (RopeStyle::Half, false) => candle_nn::rotary_emb::rope(x, cos, sin)?,
+            (RopeStyle::Half, true) => candle_nn::rotary_emb::rope_slow(x, cos, sin)?,
+            (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+            (RopeStyle::Interleaved, true) => candle_nn::rotary_emb::rope_i_slow(x, cos, sin)?,
         })
     }
 }
