@@ -4,13 +4,15 @@
 //! cargo xtask demo-model data     [--data DIR] [--seed N] [--train N] [--heldout N]
 //! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N]
 //! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N]
+//! cargo xtask demo-model samples  [--out DIR]
 //! ```
 //!
 //! `data` writes the synthetic dataset (`multitoken-datasets`, rows per task);
 //! `skeleton` trains the tokenizers on its training text and writes a loadable
 //! model directory with seeded random weights (tiny llama LM, CLIP tower,
 //! Whisper, sentence-transformers BERT, projectors, `multitoken.json`); `eval`
-//! answers held-out questions greedily and reports accuracy per task.
+//! answers held-out questions greedily and reports accuracy per task;
+//! `samples` writes the README's example inputs (default `examples/shapes`).
 //! Defaults: data in `target/demo-data`, skeleton in `target/demo-model/init`,
 //! eval of `examples/demo-model` on `target/demo-data/heldout.jsonl`.
 
@@ -39,7 +41,10 @@ struct Args {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -86,17 +91,35 @@ pub fn run(args: &[String]) -> Result<()> {
             skeleton::write(&args.out, &texts, args.seed)
         }
         "eval" => {
-            let dataset = args.dataset.clone().unwrap_or_else(|| args.data.join("heldout.jsonl"));
+            let dataset = args
+                .dataset
+                .clone()
+                .unwrap_or_else(|| args.data.join("heldout.jsonl"));
             let report = eval::evaluate(&args.model, &dataset, args.limit, true)?;
             eval::print(&report);
             Ok(())
         }
-        other => bail!("unknown demo-model command {other:?}; expected data, skeleton or eval"),
+        "samples" => {
+            let out = if rest.iter().any(|a| a == "--out") {
+                args.out.clone()
+            } else {
+                root().join("examples/shapes")
+            };
+            samples(&out, args.seed)
+        }
+        other => {
+            bail!("unknown demo-model command {other:?}; expected data, skeleton, eval or samples")
+        }
     }
 }
 
 fn data(args: &Args) -> Result<()> {
-    let config = GenerateConfig { seed: args.seed, train_per_task: args.train, heldout_per_task: args.heldout, ..GenerateConfig::default() };
+    let config = GenerateConfig {
+        seed: args.seed,
+        train_per_task: args.train,
+        heldout_per_task: args.heldout,
+        ..GenerateConfig::default()
+    };
     let summary = multitoken_datasets::generate(&args.data, &config)?;
     println!(
         "{}: {} rows; {}: {} rows",
@@ -108,20 +131,65 @@ fn data(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The README's sample inputs: two images, two beep clips, two documents.
+fn samples(out: &Path, seed: u64) -> Result<()> {
+    use multitoken_datasets::audio::{self, BeepSpec, Pitch};
+    use multitoken_datasets::documents::{self, Topic};
+    use multitoken_datasets::images::{self, Colour, Shape, ShapeSpec};
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut rng = multitoken_datasets::Rng::new(seed ^ 0x5341_4d50);
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let path = out.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    for (name, shape, colour) in [
+        ("red-circle.png", Shape::Circle, Colour::Red),
+        ("blue-triangle.png", Shape::Triangle, Colour::Blue),
+    ] {
+        let spec = ShapeSpec::random(shape, colour, &mut rng);
+        let png =
+            images::png_bytes(&images::render(&spec, &mut rng)).map_err(anyhow::Error::msg)?;
+        write(name, &png)?;
+    }
+    for (name, count, pitch) in [
+        ("three-high-beeps.wav", 3, Pitch::High),
+        ("two-low-beeps.wav", 2, Pitch::Low),
+    ] {
+        let spec = BeepSpec::random(count, pitch, &mut rng);
+        write(
+            name,
+            &audio::wav_bytes(&audio::render(&spec), audio::SAMPLE_RATE),
+        )?;
+    }
+    for (name, topic) in [("cooking.txt", Topic::Cooking), ("space.txt", Topic::Space)] {
+        write(name, documents::render(topic, &mut rng).as_bytes())?;
+    }
+    println!("samples in {}", out.display());
+    Ok(())
+}
+
 /// Questions, answers and document texts of a split: the tokenizers' corpus.
 fn training_text(jsonl: &Path) -> Result<Vec<String>> {
     let base = jsonl.parent().unwrap_or(Path::new("."));
-    let text = std::fs::read_to_string(jsonl)
-        .with_context(|| format!("reading {} (run `cargo xtask demo-model data` first)", jsonl.display()))?;
+    let text = std::fs::read_to_string(jsonl).with_context(|| {
+        format!(
+            "reading {} (run `cargo xtask demo-model data` first)",
+            jsonl.display()
+        )
+    })?;
     let mut texts = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let row: Row = serde_json::from_str(line).with_context(|| format!("{}:{}", jsonl.display(), n + 1))?;
+        let row: Row =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", jsonl.display(), n + 1))?;
         for m in &row.messages {
             texts.push(m.content.clone());
         }
         for doc in &row.documents {
             let path = base.join(doc);
-            texts.push(std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?);
+            texts.push(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            );
         }
     }
     Ok(texts)

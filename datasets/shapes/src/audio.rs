@@ -32,10 +32,16 @@ pub const COUNT_WORDS: [&str; 4] = ["one", "two", "three", "four"];
 
 /// The English word for `count` (1–4), capitalised when `capital`.
 pub fn count_word(count: usize, capital: bool) -> String {
-    let word = COUNT_WORDS.get(count.saturating_sub(1)).copied().unwrap_or("many");
+    let word = COUNT_WORDS
+        .get(count.saturating_sub(1))
+        .copied()
+        .unwrap_or("many");
     if capital {
         let mut chars = word.chars();
-        chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
+        chars
+            .next()
+            .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+            .unwrap_or_default()
     } else {
         word.to_string()
     }
@@ -62,7 +68,7 @@ pub struct BeepSpec {
 
 impl BeepSpec {
     /// A random clip of `count` beeps at `pitch`: beeps 0.2–0.3 s, gaps
-    /// 0.6–1.0 s (so beeps stay apart in coarse time pooling), 0.1–0.4 s lead.
+    /// 1.0–1.6 s (so beeps stay apart in one-second time pooling), 0.1–0.4 s lead.
     pub fn random(count: usize, pitch: Pitch, rng: &mut Rng) -> Self {
         let frequency = match pitch {
             Pitch::Low => rng.range_f(250.0, 400.0),
@@ -74,14 +80,17 @@ impl BeepSpec {
             frequency,
             lead: rng.range_f(0.1, 0.4),
             beep: rng.range_f(0.2, 0.3),
-            gap: rng.range_f(0.6, 1.0),
+            gap: rng.range_f(1.0, 1.6),
             amplitude: rng.range_f(0.3, 0.8),
         }
     }
 
     /// Clip length in seconds (0.3 s of silence after the last beep).
     pub fn duration(&self) -> f64 {
-        self.lead + self.count as f64 * self.beep + self.count.saturating_sub(1) as f64 * self.gap + 0.3
+        self.lead
+            + self.count as f64 * self.beep
+            + self.count.saturating_sub(1) as f64 * self.gap
+            + 0.3
     }
 }
 
@@ -95,7 +104,9 @@ pub fn render(spec: &BeepSpec) -> Vec<f32> {
     for k in 0..spec.count {
         let start = ((spec.lead + k as f64 * (spec.beep + spec.gap)) * rate).round() as usize;
         for i in 0..beep_len {
-            let Some(slot) = samples.get_mut(start + i) else { break };
+            let Some(slot) = samples.get_mut(start + i) else {
+                break;
+            };
             let edge = i.min(beep_len - 1 - i);
             let envelope = if edge < ramp {
                 0.5 - 0.5 * (std::f64::consts::PI * edge as f64 / ramp as f64).cos()
@@ -103,7 +114,10 @@ pub fn render(spec: &BeepSpec) -> Vec<f32> {
                 1.0
             };
             let t = i as f64 / rate;
-            *slot = (spec.amplitude * envelope * (2.0 * std::f64::consts::PI * spec.frequency * t).sin()) as f32;
+            *slot = (spec.amplitude
+                * envelope
+                * (2.0 * std::f64::consts::PI * spec.frequency * t).sin())
+                as f32;
         }
     }
     samples

@@ -21,7 +21,14 @@ pub enum Topic {
 
 impl Topic {
     /// Every topic, in class order.
-    pub const ALL: [Topic; 6] = [Topic::Cooking, Topic::Football, Topic::Weather, Topic::Space, Topic::Music, Topic::Gardening];
+    pub const ALL: [Topic; 6] = [
+        Topic::Cooking,
+        Topic::Football,
+        Topic::Weather,
+        Topic::Space,
+        Topic::Music,
+        Topic::Gardening,
+    ];
 
     /// The English name (`cooking`).
     pub fn name(self) -> &'static str {
@@ -38,12 +45,70 @@ impl Topic {
     /// Nouns typical of the topic.
     fn nouns(self) -> &'static [&'static str] {
         match self {
-            Topic::Cooking => &["recipe", "oven", "soup", "kitchen", "onion", "pan", "flour", "sauce", "chef", "dinner", "bread", "spices"],
-            Topic::Football => &["match", "goal", "team", "referee", "striker", "stadium", "ball", "coach", "league", "penalty", "fans", "keeper"],
-            Topic::Weather => &["rain", "forecast", "wind", "storm", "cloud", "temperature", "sunshine", "snow", "thunder", "fog", "umbrella", "frost"],
-            Topic::Space => &["planet", "rocket", "star", "orbit", "moon", "galaxy", "astronaut", "telescope", "comet", "satellite", "mars", "launch"],
-            Topic::Music => &["song", "guitar", "band", "concert", "piano", "melody", "drums", "singer", "album", "rhythm", "orchestra", "chorus"],
-            Topic::Gardening => &["garden", "seeds", "soil", "roses", "compost", "tomatoes", "hedge", "watering can", "flowers", "weeds", "shed", "lawn"],
+            Topic::Cooking => &[
+                "recipe", "oven", "soup", "kitchen", "onion", "pan", "flour", "sauce", "chef",
+                "dinner", "bread", "spices",
+            ],
+            Topic::Football => &[
+                "match", "goal", "team", "referee", "striker", "stadium", "ball", "coach",
+                "league", "penalty", "fans", "keeper",
+            ],
+            Topic::Weather => &[
+                "rain",
+                "forecast",
+                "wind",
+                "storm",
+                "cloud",
+                "temperature",
+                "sunshine",
+                "snow",
+                "thunder",
+                "fog",
+                "umbrella",
+                "frost",
+            ],
+            Topic::Space => &[
+                "planet",
+                "rocket",
+                "star",
+                "orbit",
+                "moon",
+                "galaxy",
+                "astronaut",
+                "telescope",
+                "comet",
+                "satellite",
+                "mars",
+                "launch",
+            ],
+            Topic::Music => &[
+                "song",
+                "guitar",
+                "band",
+                "concert",
+                "piano",
+                "melody",
+                "drums",
+                "singer",
+                "album",
+                "rhythm",
+                "orchestra",
+                "chorus",
+            ],
+            Topic::Gardening => &[
+                "garden",
+                "seeds",
+                "soil",
+                "roses",
+                "compost",
+                "tomatoes",
+                "hedge",
+                "watering can",
+                "flowers",
+                "weeds",
+                "shed",
+                "lawn",
+            ],
         }
     }
 
@@ -80,7 +145,12 @@ pub fn render(topic: Topic, rng: &mut Rng) -> String {
         let n1 = rng.choose(topic.nouns()).copied().unwrap_or("thing");
         let n2 = rng.choose(topic.nouns()).copied().unwrap_or("thing");
         let v1 = rng.choose(topic.verbs()).copied().unwrap_or("wait");
-        out.push(template.replace("{n1}", n1).replace("{n2}", n2).replace("{v1}", v1));
+        out.push(
+            template
+                .replace("{n1}", n1)
+                .replace("{n2}", n2)
+                .replace("{v1}", v1),
+        );
     }
     out.join(" ") + "\n"
 }

@@ -93,7 +93,13 @@ impl ShapeSpec {
         let margin = radius + 2.0;
         let cx = rng.range_f(margin, side - margin);
         let cy = rng.range_f(margin, side - margin);
-        Self { shape, colour, size, centre: (cx, cy), radius }
+        Self {
+            shape,
+            colour,
+            size,
+            centre: (cx, cy),
+            radius,
+        }
     }
 
     /// Whether the point `(x, y)` lies inside the shape.
@@ -130,13 +136,19 @@ pub fn render(spec: &ShapeSpec, rng: &mut Rng) -> RgbImage {
             }
         }
         let mix = |b: u8, f: u8| ((u32::from(b) * (4 - hits) + u32::from(f) * hits + 2) / 4) as u8;
-        Rgb([mix(background[0], fill[0]), mix(background[1], fill[1]), mix(background[2], fill[2])])
+        Rgb([
+            mix(background[0], fill[0]),
+            mix(background[1], fill[1]),
+            mix(background[2], fill[2]),
+        ])
     })
 }
 
 /// PNG bytes of an image.
 pub fn png_bytes(image: &RgbImage) -> std::result::Result<Vec<u8>, String> {
     let mut out = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut out, image::ImageFormat::Png).map_err(|e| e.to_string())?;
+    image
+        .write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| e.to_string())?;
     Ok(out.into_inner())
 }

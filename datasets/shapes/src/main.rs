@@ -34,13 +34,28 @@ pub fn parse(args: &[String]) -> Result<(PathBuf, GenerateConfig)> {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--out" => out = Some(PathBuf::from(value()?)),
-            "--seed" => config.seed = value()?.parse().with_context(|| format!("{flag}: not an integer"))?,
-            "--train" => config.train_per_task = value()?.parse().with_context(|| format!("{flag}: not an integer"))?,
-            "--heldout" => config.heldout_per_task = value()?.parse().with_context(|| format!("{flag}: not an integer"))?,
+            "--seed" => {
+                config.seed = value()?
+                    .parse()
+                    .with_context(|| format!("{flag}: not an integer"))?
+            }
+            "--train" => {
+                config.train_per_task = value()?
+                    .parse()
+                    .with_context(|| format!("{flag}: not an integer"))?
+            }
+            "--heldout" => {
+                config.heldout_per_task = value()?
+                    .parse()
+                    .with_context(|| format!("{flag}: not an integer"))?
+            }
             "--tasks" => {
                 config.tasks = value()?
                     .split(',')
-                    .map(|name| Task::from_name(name.trim()).with_context(|| format!("--tasks: unknown task `{name}`")))
+                    .map(|name| {
+                        Task::from_name(name.trim())
+                            .with_context(|| format!("--tasks: unknown task `{name}`"))
+                    })
                     .collect::<Result<_>>()?
             }
             "-h" | "--help" => {

@@ -138,12 +138,18 @@ pub struct Row {
 impl Row {
     /// The user's question.
     pub fn question(&self) -> &str {
-        self.messages.first().map(|m| m.content.as_str()).unwrap_or("")
+        self.messages
+            .first()
+            .map(|m| m.content.as_str())
+            .unwrap_or("")
     }
 
     /// The reference answer.
     pub fn answer(&self) -> &str {
-        self.messages.get(1).map(|m| m.content.as_str()).unwrap_or("")
+        self.messages
+            .get(1)
+            .map(|m| m.content.as_str())
+            .unwrap_or("")
     }
 }
 
@@ -162,7 +168,12 @@ pub struct GenerateConfig {
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { seed: 0, train_per_task: 600, heldout_per_task: 60, tasks: Task::ALL.to_vec() }
+        Self {
+            seed: 0,
+            train_per_task: 600,
+            heldout_per_task: 60,
+            tasks: Task::ALL.to_vec(),
+        }
     }
 }
 
@@ -193,7 +204,12 @@ pub fn generate(dir: &Path, config: &GenerateConfig) -> Result<Summary> {
 
 /// Writes `{dir}/{split}.jsonl` with `per_task` rows of every task of `config`
 /// and their files under `{dir}/{split}/`; returns the rows in file order.
-pub fn generate_split(dir: &Path, split: Split, per_task: usize, config: &GenerateConfig) -> Result<Vec<Row>> {
+pub fn generate_split(
+    dir: &Path,
+    split: Split,
+    per_task: usize,
+    config: &GenerateConfig,
+) -> Result<Vec<Row>> {
     if config.tasks.is_empty() {
         return Err(Error::Config("no tasks selected".to_string()));
     }
@@ -220,7 +236,8 @@ pub fn generate_split(dir: &Path, split: Split, per_task: usize, config: &Genera
     }
     let mut text = String::new();
     for row in &rows {
-        let line = serde_json::to_string(row).map_err(|e| Error::Config(format!("row {}: {e}", row.id)))?;
+        let line = serde_json::to_string(row)
+            .map_err(|e| Error::Config(format!("row {}: {e}", row.id)))?;
         text.push_str(&line);
         text.push('\n');
     }
@@ -236,7 +253,10 @@ fn write(dir: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
 
 fn write_image(dir: &Path, relative: &str, spec: &ShapeSpec, rng: &mut Rng) -> Result<()> {
     let image = images::render(spec, rng);
-    let bytes = images::png_bytes(&image).map_err(|message| Error::Image { path: dir.join(relative), message })?;
+    let bytes = images::png_bytes(&image).map_err(|message| Error::Image {
+        path: dir.join(relative),
+        message,
+    })?;
     write(dir, relative, &bytes)
 }
 
@@ -246,20 +266,35 @@ fn pick<T: Copy>(items: &[T], rng: &mut Rng) -> T {
 
 fn capitalise(text: &str) -> String {
     let mut chars = text.chars();
-    chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
+    chars
+        .next()
+        .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
 }
 
 fn user_assistant(question: String, answer: String) -> Vec<Message> {
     vec![
-        Message { role: "user".to_string(), content: question },
-        Message { role: "assistant".to_string(), content: answer },
+        Message {
+            role: "user".to_string(),
+            content: question,
+        },
+        Message {
+            role: "assistant".to_string(),
+            content: answer,
+        },
     ]
 }
 
 fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Result<Row> {
     let id = format!("{}-{}-{i:05}", split.name(), task.name());
     let base = format!("{}/", split.name());
-    let mut row = Row { id: id.clone(), images: vec![], speech_audios: vec![], documents: vec![], messages: vec![] };
+    let mut row = Row {
+        id: id.clone(),
+        images: vec![],
+        speech_audios: vec![],
+        documents: vec![],
+        messages: vec![],
+    };
     let class = i % task.classes();
     match task {
         Task::ImageShape | Task::ImageColour | Task::ImageDescribe => {
@@ -274,15 +309,37 @@ fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Re
             row.images.push(path);
             let (question, answer) = match task {
                 Task::ImageShape => (
-                    pick(&["What shape is this?", "What shape is in the image?", "Which shape do you see?", "Name the shape."], rng),
+                    pick(
+                        &[
+                            "What shape is this?",
+                            "What shape is in the image?",
+                            "Which shape do you see?",
+                            "Name the shape.",
+                        ],
+                        rng,
+                    ),
                     format!("A {}.", shape.name()),
                 ),
                 Task::ImageColour => (
-                    pick(&["What colour is the shape?", "What color is the shape?", "Which colour is it?"], rng),
+                    pick(
+                        &[
+                            "What colour is the shape?",
+                            "What color is the shape?",
+                            "Which colour is it?",
+                        ],
+                        rng,
+                    ),
                     format!("{}.", capitalise(colour.name())),
                 ),
                 _ => (
-                    pick(&["Describe the image.", "What is in the image?", "What do you see?"], rng),
+                    pick(
+                        &[
+                            "Describe the image.",
+                            "What is in the image?",
+                            "What do you see?",
+                        ],
+                        rng,
+                    ),
                     format!("A {} {}.", colour.name(), shape.name()),
                 ),
             };
@@ -311,7 +368,11 @@ fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Re
                 row.images.push(path);
             }
             let target = if target_second { b } else { a };
-            let thing = if by_shape { format!("a {}", target.0.name()) } else { format!("a {} shape", target.1.name()) };
+            let thing = if by_shape {
+                format!("a {}", target.0.name())
+            } else {
+                format!("a {} shape", target.1.name())
+            };
             let which = if target_second { "second" } else { "first" };
             row.messages = user_assistant(
                 format!("<image> <image> Which image shows {thing}, the first or the second?"),
@@ -326,21 +387,43 @@ fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Re
             };
             let spec = BeepSpec::random(count, pitch, rng);
             let path = format!("{base}audio/{id}.wav");
-            write(dir, &path, &audio::wav_bytes(&audio::render(&spec), audio::SAMPLE_RATE))?;
+            write(
+                dir,
+                &path,
+                &audio::wav_bytes(&audio::render(&spec), audio::SAMPLE_RATE),
+            )?;
             row.speech_audios.push(path);
             let plural = if count == 1 { "beep" } else { "beeps" };
             let (question, answer) = match task {
                 Task::AudioCount => (
-                    pick(&["How many beeps are there?", "How many beeps do you hear?", "Count the beeps."], rng),
+                    pick(
+                        &[
+                            "How many beeps are there?",
+                            "How many beeps do you hear?",
+                            "Count the beeps.",
+                        ],
+                        rng,
+                    ),
                     format!("{} {plural}.", audio::count_word(count, true)),
                 ),
                 Task::AudioPitch => (
-                    pick(&["Are the beeps high or low?", "Is the pitch high or low?", "Is the sound high or low?"], rng),
+                    pick(
+                        &[
+                            "Are the beeps high or low?",
+                            "Is the pitch high or low?",
+                            "Is the sound high or low?",
+                        ],
+                        rng,
+                    ),
                     format!("{}.", capitalise(pitch.name())),
                 ),
                 _ => (
                     pick(&["Describe the sound.", "What do you hear?"], rng),
-                    format!("{} {} {plural}.", audio::count_word(count, true), pitch.name()),
+                    format!(
+                        "{} {} {plural}.",
+                        audio::count_word(count, true),
+                        pitch.name()
+                    ),
                 ),
             };
             row.messages = user_assistant(format!("<speech> {question}"), answer);
@@ -351,10 +434,17 @@ fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Re
             write(dir, &path, documents::render(topic, rng).as_bytes())?;
             row.documents.push(path);
             let question = pick(
-                &["What is this document about?", "What is the topic of this document?", "Which topic does the document cover?"],
+                &[
+                    "What is this document about?",
+                    "What is the topic of this document?",
+                    "Which topic does the document cover?",
+                ],
                 rng,
             );
-            row.messages = user_assistant(format!("<document> {question}"), format!("{}.", capitalise(topic.name())));
+            row.messages = user_assistant(
+                format!("<document> {question}"),
+                format!("{}.", capitalise(topic.name())),
+            );
         }
     }
     Ok(row)
@@ -366,12 +456,22 @@ const GROUPS: [&[&str]; 6] = [
     &["red", "green", "blue", "yellow"],
     &["one", "two", "three", "four"],
     &["high", "low"],
-    &["cooking", "football", "weather", "space", "music", "gardening"],
+    &[
+        "cooking",
+        "football",
+        "weather",
+        "space",
+        "music",
+        "gardening",
+    ],
     &["first", "second"],
 ];
 
 fn words(text: &str) -> BTreeSet<String> {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
 }
 
 /// Whether `generated` names exactly what `reference` names: for every word
@@ -382,12 +482,20 @@ pub fn judge(reference: &str, generated: &str) -> bool {
     let (reference, generated) = (words(reference), words(generated));
     let mut checked = false;
     for group in GROUPS {
-        let want: BTreeSet<&str> = group.iter().copied().filter(|w| reference.contains(*w)).collect();
+        let want: BTreeSet<&str> = group
+            .iter()
+            .copied()
+            .filter(|w| reference.contains(*w))
+            .collect();
         if want.is_empty() {
             continue;
         }
         checked = true;
-        let got: BTreeSet<&str> = group.iter().copied().filter(|w| generated.contains(*w)).collect();
+        let got: BTreeSet<&str> = group
+            .iter()
+            .copied()
+            .filter(|w| generated.contains(*w))
+            .collect();
         if got != want {
             return false;
         }

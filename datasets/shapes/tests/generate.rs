@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use multitoken_datasets::{generate, generate_split, judge, GenerateConfig, Split, Task};
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("multitoken-datasets-{name}-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("multitoken-datasets-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -21,7 +22,11 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+                let rel = path
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
                 out.insert(rel, std::fs::read(&path).unwrap());
             }
         }
@@ -30,7 +35,12 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn config(seed: u64) -> GenerateConfig {
-    GenerateConfig { seed, train_per_task: 12, heldout_per_task: 4, tasks: Task::ALL.to_vec() }
+    GenerateConfig {
+        seed,
+        train_per_task: 12,
+        heldout_per_task: 4,
+        tasks: Task::ALL.to_vec(),
+    }
 }
 
 #[test]
@@ -52,7 +62,17 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
 #[test]
 fn classes_are_balanced_and_splits_differ() {
     let dir = temp_dir("counts");
-    let cfg = GenerateConfig { seed: 1, train_per_task: 24, heldout_per_task: 24, tasks: vec![Task::ImageShape, Task::AudioCount, Task::DocumentTopic, Task::ImageCompare] };
+    let cfg = GenerateConfig {
+        seed: 1,
+        train_per_task: 24,
+        heldout_per_task: 24,
+        tasks: vec![
+            Task::ImageShape,
+            Task::AudioCount,
+            Task::DocumentTopic,
+            Task::ImageCompare,
+        ],
+    };
     let train = generate_split(&dir, Split::Train, 24, &cfg).unwrap();
     let heldout = generate_split(&dir, Split::Heldout, 24, &cfg).unwrap();
     assert_eq!(train.len(), 96);
@@ -66,15 +86,37 @@ fn classes_are_balanced_and_splits_differ() {
     for count in ["One beep.", "Two beeps.", "Three beeps.", "Four beeps."] {
         assert_eq!(answers.get(count), Some(&6), "{answers:?}");
     }
-    for topic in ["Cooking.", "Football.", "Weather.", "Space.", "Music.", "Gardening."] {
+    for topic in [
+        "Cooking.",
+        "Football.",
+        "Weather.",
+        "Space.",
+        "Music.",
+        "Gardening.",
+    ] {
         assert_eq!(answers.get(topic), Some(&4), "{answers:?}");
     }
-    let first = train.iter().filter(|r| r.answer().starts_with("The first")).count();
+    let first = train
+        .iter()
+        .filter(|r| r.answer().starts_with("The first"))
+        .count();
     assert_eq!(first, 12);
     // Held-out files are other samples, not copies of training ones.
-    let train_doc = std::fs::read(dir.join(&train.iter().find(|r| !r.documents.is_empty()).unwrap().documents[0])).unwrap();
+    let train_doc = std::fs::read(
+        dir.join(
+            &train
+                .iter()
+                .find(|r| !r.documents.is_empty())
+                .unwrap()
+                .documents[0],
+        ),
+    )
+    .unwrap();
     for row in heldout.iter().filter(|r| !r.documents.is_empty()) {
-        assert_ne!(std::fs::read(dir.join(&row.documents[0])).unwrap(), train_doc);
+        assert_ne!(
+            std::fs::read(dir.join(&row.documents[0])).unwrap(),
+            train_doc
+        );
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -88,30 +130,60 @@ fn files_decode_and_rows_match_their_items() {
     for line in text.lines() {
         let row: serde_json::Value = serde_json::from_str(line).unwrap();
         let content = row["messages"][0]["content"].as_str().unwrap();
-        for (key, token) in [("images", "<image>"), ("speech_audios", "<speech>"), ("documents", "<document>")] {
-            let items = row.get(key).and_then(|v| v.as_array()).map(Vec::len).unwrap_or(0);
+        for (key, token) in [
+            ("images", "<image>"),
+            ("speech_audios", "<speech>"),
+            ("documents", "<document>"),
+        ] {
+            let items = row
+                .get(key)
+                .and_then(|v| v.as_array())
+                .map(Vec::len)
+                .unwrap_or(0);
             assert_eq!(content.matches(token).count(), items, "{line}");
         }
-        for path in row.get("images").and_then(|v| v.as_array()).into_iter().flatten() {
-            let image = image::open(dir.join(path.as_str().unwrap())).unwrap().to_rgb8();
+        for path in row
+            .get("images")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let image = image::open(dir.join(path.as_str().unwrap()))
+                .unwrap()
+                .to_rgb8();
             assert!((64..=160).contains(&image.width()) && image.width() == image.height());
             // A light background in the corner, a saturated pixel somewhere.
             let corner = image.get_pixel(0, 0).0;
             assert!(corner.iter().all(|&c| c >= 210), "{corner:?}");
-            assert!(image.pixels().any(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 100));
+            assert!(image
+                .pixels()
+                .any(|p| p.0.iter().max().unwrap() - p.0.iter().min().unwrap() > 100));
             seen += 1;
         }
-        for path in row.get("speech_audios").and_then(|v| v.as_array()).into_iter().flatten() {
+        for path in row
+            .get("speech_audios")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
             let bytes = std::fs::read(dir.join(path.as_str().unwrap())).unwrap();
             assert_eq!(&bytes[0..4], b"RIFF");
             assert_eq!(&bytes[8..16], b"WAVEfmt ");
-            assert_eq!(u32::from_le_bytes(bytes[24..28].try_into().unwrap()), 16_000);
+            assert_eq!(
+                u32::from_le_bytes(bytes[24..28].try_into().unwrap()),
+                16_000
+            );
             let data = u32::from_le_bytes(bytes[40..44].try_into().unwrap()) as usize;
             assert_eq!(bytes.len(), 44 + data);
             assert!(data / 2 > 16_000 / 2, "clip shorter than half a second");
             seen += 1;
         }
-        for path in row.get("documents").and_then(|v| v.as_array()).into_iter().flatten() {
+        for path in row
+            .get("documents")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
             let doc = std::fs::read_to_string(dir.join(path.as_str().unwrap())).unwrap();
             assert!(doc.split_whitespace().count() >= 15, "{doc}");
             seen += 1;
@@ -130,7 +202,13 @@ fn judge_checks_the_named_classes() {
     assert!(!judge("A red circle.", "A red circle and a square."));
     assert!(judge("Three beeps.", "Three beeps."));
     assert!(!judge("Three beeps.", "Four beeps."));
-    assert!(judge("The second image shows a triangle.", "The second image shows a triangle."));
-    assert!(!judge("The second image shows a triangle.", "The first image shows a triangle."));
+    assert!(judge(
+        "The second image shows a triangle.",
+        "The second image shows a triangle."
+    ));
+    assert!(!judge(
+        "The second image shows a triangle.",
+        "The first image shows a triangle."
+    ));
     assert!(!judge("Hello.", "Hello."));
 }

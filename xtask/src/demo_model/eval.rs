@@ -22,7 +22,10 @@ pub struct Report {
 impl Report {
     /// Correct answers over all rows.
     pub fn accuracy(&self) -> f64 {
-        let (c, t) = self.by_task.values().fold((0, 0), |(c, t), (a, b)| (c + a, t + b));
+        let (c, t) = self
+            .by_task
+            .values()
+            .fold((0, 0), |(c, t), (a, b)| (c + a, t + b));
         if t == 0 {
             0.0
         } else {
@@ -44,10 +47,12 @@ pub fn evaluate(model_dir: &Path, jsonl: &Path, limit: usize, verbose: bool) -> 
     let model = MultimodalModel::load(model_dir, &LoadOptions::default())
         .with_context(|| format!("loading {}", model_dir.display()))?;
     let base = jsonl.parent().unwrap_or(Path::new("."));
-    let text = std::fs::read_to_string(jsonl).with_context(|| format!("reading {}", jsonl.display()))?;
+    let text =
+        std::fs::read_to_string(jsonl).with_context(|| format!("reading {}", jsonl.display()))?;
     let mut report = Report::default();
     for (n, line) in text.lines().enumerate().take(limit) {
-        let row: Row = serde_json::from_str(line).with_context(|| format!("{}:{}", jsonl.display(), n + 1))?;
+        let row: Row =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", jsonl.display(), n + 1))?;
         let answer = answer(&model, &row, base)?;
         let ok = judge(row.answer(), &answer);
         let task = row.id.split('-').nth(1).unwrap_or("?").to_string();
@@ -57,7 +62,13 @@ pub fn evaluate(model_dir: &Path, jsonl: &Path, limit: usize, verbose: bool) -> 
             entry.0 += 1;
         }
         if verbose && !ok {
-            println!("  wrong {}: {:?} -> {:?} (want {:?})", row.id, row.question(), answer, row.answer());
+            println!(
+                "  wrong {}: {:?} -> {:?} (want {:?})",
+                row.id,
+                row.question(),
+                answer,
+                row.answer()
+            );
         }
     }
     Ok(report)
@@ -66,12 +77,22 @@ pub fn evaluate(model_dir: &Path, jsonl: &Path, limit: usize, verbose: bool) -> 
 /// The model's greedy answer to a row's question.
 pub fn answer(model: &MultimodalModel, row: &Row, base: &Path) -> Result<String> {
     let mut items = ItemsByKey::new();
-    for (key, paths) in [("images", &row.images), ("speech_audios", &row.speech_audios), ("documents", &row.documents)] {
+    for (key, paths) in [
+        ("images", &row.images),
+        ("speech_audios", &row.speech_audios),
+        ("documents", &row.documents),
+    ] {
         if !paths.is_empty() {
-            items.insert(key.to_string(), paths.iter().map(|p| Item::Path(base.join(p))).collect());
+            items.insert(
+                key.to_string(),
+                paths.iter().map(|p| Item::Path(base.join(p))).collect(),
+            );
         }
     }
-    let messages = [Message { role: "user".to_string(), content: row.question().to_string() }];
+    let messages = [Message {
+        role: "user".to_string(),
+        content: row.question().to_string(),
+    }];
     let prepared = model.prepare_chat(&messages, &items)?;
     let params = GenerationParams {
         max_new_tokens: 16,
@@ -85,7 +106,10 @@ pub fn answer(model: &MultimodalModel, row: &Row, base: &Path) -> Result<String>
 /// Prints a report.
 pub fn print(report: &Report) {
     for (task, (c, t)) in &report.by_task {
-        println!("  {task:<16} {c:>4}/{t:<4} {:.1}%", 100.0 * *c as f64 / (*t).max(1) as f64);
+        println!(
+            "  {task:<16} {c:>4}/{t:<4} {:.1}%",
+            100.0 * *c as f64 / (*t).max(1) as f64
+        );
     }
     println!("  overall          {:.1}%", 100.0 * report.accuracy());
 }

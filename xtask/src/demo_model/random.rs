@@ -24,25 +24,36 @@ pub struct RandomInit {
 impl RandomInit {
     /// A backend whose tensors derive from `seed` and their names.
     pub fn new(seed: u64) -> Self {
-        Self { seed, tensors: Mutex::new(HashMap::new()) }
+        Self {
+            seed,
+            tensors: Mutex::new(HashMap::new()),
+        }
     }
 
     /// A var builder (f32, CPU) over a fresh backend.
     pub fn var_builder(seed: u64) -> (VarBuilder<'static>, std::sync::Arc<RandomInit>) {
         let backend = std::sync::Arc::new(RandomInit::new(seed));
-        let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
+        let vb =
+            VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
         (vb, backend)
     }
 
     /// Saves every tensor created so far as safetensors.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors = self.tensors.lock().map_err(|_| anyhow::anyhow!("random-init map poisoned"))?;
-        candle_core::safetensors::save(&tensors, path).with_context(|| format!("writing {}", path.display()))
+        let tensors = self
+            .tensors
+            .lock()
+            .map_err(|_| anyhow::anyhow!("random-init map poisoned"))?;
+        candle_core::safetensors::save(&tensors, path)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Number of parameters created.
     pub fn parameters(&self) -> usize {
-        self.tensors.lock().map(|t| t.values().map(Tensor::elem_count).sum()).unwrap_or(0)
+        self.tensors
+            .lock()
+            .map(|t| t.values().map(Tensor::elem_count).sum())
+            .unwrap_or(0)
     }
 }
 
@@ -74,8 +85,19 @@ pub fn init_tensor(seed: u64, name: &str, shape: &[usize]) -> candle_core::Resul
 struct Shared(std::sync::Arc<RandomInit>);
 
 impl SimpleBackend for Shared {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut tensors = self.0.tensors.lock().map_err(|_| candle_core::Error::Msg("random-init map poisoned".into()))?;
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut tensors = self
+            .0
+            .tensors
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("random-init map poisoned".into()))?;
         if let Some(t) = tensors.get(name) {
             return t.to_dtype(dtype)?.to_device(dev);
         }
@@ -84,8 +106,15 @@ impl SimpleBackend for Shared {
         t.to_dtype(dtype)?.to_device(dev)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        Err(candle_core::Error::Msg(format!("random init needs a shape for `{name}`")))
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "random init needs a shape for `{name}`"
+        )))
     }
 
     fn contains_tensor(&self, _name: &str) -> bool {

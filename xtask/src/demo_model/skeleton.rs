@@ -15,9 +15,9 @@ use super::tokenizer;
 
 /// LM width.
 pub const LM_HIDDEN: usize = 128;
-const LM_LAYERS: usize = 4;
+const LM_LAYERS: usize = 3;
 const LM_HEADS: usize = 4;
-const LM_INTERMEDIATE: usize = 384;
+const LM_INTERMEDIATE: usize = 256;
 const LM_VOCAB: usize = 640;
 const LM_MAX_POSITIONS: usize = 512;
 
@@ -26,8 +26,8 @@ const CLIP_IMAGE: usize = 32;
 const CLIP_PATCH: usize = 8;
 
 const WHISPER_D: usize = 64;
-/// Pooled audio positions per clip (0.5 s each over Whisper's 30 s window).
-pub const AUDIO_TOKENS: usize = 60;
+/// Pooled audio positions per clip (1 s each over Whisper's 30 s window).
+pub const AUDIO_TOKENS: usize = 30;
 
 const BERT_HIDDEN: usize = 64;
 const DOC_TOKENS: usize = 4;
@@ -44,7 +44,8 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// `texts` (questions, answers and documents of the training split).
 pub fn write(dir: &Path, texts: &[String], seed: u64) -> Result<()> {
     for sub in ["lm", "vision", "audio", "document/1_Pooling"] {
-        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
     }
     let lm_vocab = write_lm(&dir.join("lm"), texts, seed)?;
     let vision = write_vision(&dir.join("vision"), seed)?;
@@ -56,19 +57,42 @@ pub fn write(dir: &Path, texts: &[String], seed: u64) -> Result<()> {
         {"builder": "document_minilm", "config": {"encoder": "document", "num_tokens": DOC_TOKENS, "num_layers": 2},
          "projector": {"kind": "vector_mlp", "num_layers": 2, "num_tokens": DOC_TOKENS}},
     ]);
-    write_json(&dir.join("multitoken.json"), &json!({"base_model": "lm", "modalities": modalities}))?;
+    write_json(
+        &dir.join("multitoken.json"),
+        &json!({"base_model": "lm", "modalities": modalities}),
+    )?;
     // Projectors: feature width -> LM width.
     let (vb, backend) = RandomInit::var_builder(seed ^ 0x5052_4f4a);
     let specs = [
-        ("vision_clip_lmm_projector", ProjectorSpec::MlpGelu { depth: 2 }, vision),
-        ("audio_whisper_lmm_projector", ProjectorSpec::MlpGelu { depth: 2 }, audio),
-        ("document_minilm_lmm_projector", ProjectorSpec::VectorMlp { num_layers: 2, num_tokens: DOC_TOKENS }, document),
+        (
+            "vision_clip_lmm_projector",
+            ProjectorSpec::MlpGelu { depth: 2 },
+            vision,
+        ),
+        (
+            "audio_whisper_lmm_projector",
+            ProjectorSpec::MlpGelu { depth: 2 },
+            audio,
+        ),
+        (
+            "document_minilm_lmm_projector",
+            ProjectorSpec::VectorMlp {
+                num_layers: 2,
+                num_tokens: DOC_TOKENS,
+            },
+            document,
+        ),
     ];
     for (prefix, spec, feature_dim) in specs {
-        Projector::load(spec, feature_dim, LM_HIDDEN, vb.pp(prefix)).with_context(|| format!("projector {prefix}"))?;
+        Projector::load(spec, feature_dim, LM_HIDDEN, vb.pp(prefix))
+            .with_context(|| format!("projector {prefix}"))?;
     }
     backend.save(&dir.join("projectors.safetensors"))?;
-    println!("demo model skeleton in {} (LM vocab {lm_vocab}, {} projector parameters)", dir.display(), backend.parameters());
+    println!(
+        "demo model skeleton in {} (LM vocab {lm_vocab}, {} projector parameters)",
+        dir.display(),
+        backend.parameters()
+    );
     Ok(())
 }
 
@@ -76,7 +100,12 @@ fn write_lm(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
     let vocab = tokenizer::train_lm(texts, LM_VOCAB, &dir.join("tokenizer.json"))?;
     // The embedding table is a multiple of 64 rows (ids past the tokenizer's are never produced).
     let rows = vocab.div_ceil(64) * 64;
-    let id = |t: &str| tokenizer::LM_SPECIAL.iter().position(|s| *s == t).unwrap_or(0);
+    let id = |t: &str| {
+        tokenizer::LM_SPECIAL
+            .iter()
+            .position(|s| *s == t)
+            .unwrap_or(0)
+    };
     let (pad, eos) = (id("<pad>"), id("<|im_end|>"));
     write_json(
         &dir.join("config.json"),
@@ -98,7 +127,10 @@ fn write_lm(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
             "chat_template": CHAT_TEMPLATE
         }),
     )?;
-    write_json(&dir.join("generation_config.json"), &json!({"eos_token_id": eos, "pad_token_id": pad, "do_sample": false}))?;
+    write_json(
+        &dir.join("generation_config.json"),
+        &json!({"eos_token_id": eos, "pad_token_id": pad, "do_sample": false}),
+    )?;
     let mut tensors = std::collections::HashMap::new();
     let mut put = |name: String, shape: &[usize]| -> Result<()> {
         let t: Tensor = init_tensor(seed, &name, shape)?;
@@ -110,16 +142,29 @@ fn write_lm(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
     for i in 0..LM_LAYERS {
         let p = format!("model.layers.{i}");
         for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            put(format!("{p}.self_attn.{proj}.weight"), &[LM_HIDDEN, LM_HIDDEN])?;
+            put(
+                format!("{p}.self_attn.{proj}.weight"),
+                &[LM_HIDDEN, LM_HIDDEN],
+            )?;
         }
-        put(format!("{p}.mlp.gate_proj.weight"), &[LM_INTERMEDIATE, LM_HIDDEN])?;
-        put(format!("{p}.mlp.up_proj.weight"), &[LM_INTERMEDIATE, LM_HIDDEN])?;
-        put(format!("{p}.mlp.down_proj.weight"), &[LM_HIDDEN, LM_INTERMEDIATE])?;
+        put(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[LM_INTERMEDIATE, LM_HIDDEN],
+        )?;
+        put(
+            format!("{p}.mlp.up_proj.weight"),
+            &[LM_INTERMEDIATE, LM_HIDDEN],
+        )?;
+        put(
+            format!("{p}.mlp.down_proj.weight"),
+            &[LM_HIDDEN, LM_INTERMEDIATE],
+        )?;
         put(format!("{p}.input_layernorm.weight"), &[LM_HIDDEN])?;
         put(format!("{p}.post_attention_layernorm.weight"), &[LM_HIDDEN])?;
     }
     let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &path).with_context(|| format!("writing {}", path.display()))?;
+    candle_core::safetensors::save(&tensors, &path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(vocab)
 }
 
@@ -150,7 +195,7 @@ fn write_vision(dir: &Path, seed: u64) -> Result<usize> {
 fn write_audio(dir: &Path, seed: u64) -> Result<usize> {
     let config = json!({
         "model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"],
-        "num_mel_bins": 80, "d_model": WHISPER_D, "encoder_layers": 2, "encoder_attention_heads": 4,
+        "num_mel_bins": 80, "d_model": WHISPER_D, "encoder_layers": 1, "encoder_attention_heads": 4,
         "encoder_ffn_dim": 2 * WHISPER_D, "decoder_layers": 1, "decoder_attention_heads": 4,
         "decoder_ffn_dim": 2 * WHISPER_D, "max_source_positions": 1500, "max_target_positions": 8,
         "vocab_size": 8, "decoder_start_token_id": 1, "eos_token_id": 2, "activation_function": "gelu"
@@ -185,7 +230,10 @@ fn write_document(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
         &json!({"word_embedding_dimension": BERT_HIDDEN, "pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true,
                 "pooling_mode_max_tokens": false, "pooling_mode_mean_sqrt_len_tokens": false}),
     )?;
-    write_json(&dir.join("sentence_bert_config.json"), &json!({"max_seq_length": 256, "do_lower_case": false}))?;
+    write_json(
+        &dir.join("sentence_bert_config.json"),
+        &json!({"max_seq_length": 256, "do_lower_case": false}),
+    )?;
     let parsed: candle_transformers::models::bert::Config = serde_json::from_value(config)?;
     let (vb, backend) = RandomInit::var_builder(seed ^ 0x4245_5254);
     candle_transformers::models::bert::BertModel::load(vb, &parsed).context("building BERT")?;

@@ -4,7 +4,13 @@
 //! so what the model sees is exactly what transformers' `apply_chat_template`
 //! would give it. `/image PATH`, `/audio PATH` and `/document PATH` attach an
 //! item to the next message (its token is added in front when the message has
-//! none); items stay attached to the turn they came with.
+//! none); items stay attached to the turn they came with. `--image/--audio/
+//! --document/--item` attach items to the first message, and `--prompt TEXT`
+//! sends that message at once, prints the answer and exits:
+//!
+//! ```text
+//! multitoken chat --image examples/shapes/red-circle.png --prompt "What shape is this?"
+//! ```
 
 use std::io::{BufRead, Write};
 
@@ -13,7 +19,7 @@ use clap::Args;
 use multitoken_core::{Item, ItemsByKey, Message};
 use multitoken_lm::multimodal::MultimodalModel;
 
-use super::model_args::{ModelArgs, SamplingArgs};
+use super::model_args::{ItemArgs, ModelArgs, SamplingArgs};
 
 /// Arguments of `multitoken chat`.
 #[derive(Debug, Args)]
@@ -22,9 +28,14 @@ pub struct ChatArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    items: ItemArgs,
     /// A system message that opens the conversation.
     #[arg(long)]
     system: Option<String>,
+    /// Send this first message, print the answer and exit (no interactive loop).
+    #[arg(long)]
+    prompt: Option<String>,
 }
 
 /// Run `multitoken chat` until end of input or `/exit`.
@@ -38,6 +49,32 @@ pub fn run(args: ChatArgs) -> Result<()> {
     // Every item of the conversation so far, in token order per modality.
     let mut items = ItemsByKey::new();
     let mut pending: Vec<(String, Item)> = Vec::new();
+    for (key, given) in args.items.collect()? {
+        if model.modality_for_key(&key).is_none() {
+            anyhow::bail!(
+                "{} reads no {key} (its modalities: {})",
+                model.lm.name,
+                model.modality_tokens().join(" ")
+            );
+        }
+        pending.extend(given.into_iter().map(|item| (key.clone(), item)));
+    }
+    if let Some(prompt) = &args.prompt {
+        let text = with_tokens(&model, prompt, &pending);
+        for (key, item) in &pending {
+            items.entry(key.clone()).or_default().push(item.clone());
+        }
+        messages.push(Message::user(text));
+        let prepared = model.prepare_chat(&messages, &items)?;
+        let mut stdout = std::io::stdout();
+        model.generate(&prepared, &items, &params, &mut |text| {
+            write!(stdout, "{text}")
+                .and_then(|()| stdout.flush())
+                .is_ok()
+        })?;
+        writeln!(stdout)?;
+        return Ok(());
+    }
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     let tokens = model.modality_tokens().join(" ");
@@ -76,14 +113,21 @@ pub fn run(args: ChatArgs) -> Result<()> {
         let text = with_tokens(&model, line, &pending);
         let mut turn_items = items.clone();
         for (key, item) in &pending {
-            turn_items.entry(key.clone()).or_default().push(item.clone());
+            turn_items
+                .entry(key.clone())
+                .or_default()
+                .push(item.clone());
         }
         messages.push(Message::user(text));
-        let result = model.prepare_chat(&messages, &turn_items).and_then(|prepared| {
-            model.generate(&prepared, &turn_items, &params, &mut |text| {
-                write!(stdout, "{text}").and_then(|()| stdout.flush()).is_ok()
-            })
-        });
+        let result = model
+            .prepare_chat(&messages, &turn_items)
+            .and_then(|prepared| {
+                model.generate(&prepared, &turn_items, &params, &mut |text| {
+                    write!(stdout, "{text}")
+                        .and_then(|()| stdout.flush())
+                        .is_ok()
+                })
+            });
         writeln!(stdout)?;
         match result {
             Ok(output) => {
