@@ -3,13 +3,24 @@
 //!
 //! An item (a path, bytes or inline text) is extracted to text, cut into encoder
 //! windows, and each window embedded by the sentence encoder; the window
-//! embeddings are averaged into one vector per document, which multi_token's vector
-//! projector turns into `num_tokens` LM positions.
+//! embeddings become the document's features in one of two `pooling` modes:
+//!
+//! - `mean` (multi_token): averaged into one vector per document, which the vector
+//!   projector turns into `num_tokens` LM positions; `[n, feature_dim]`;
+//! - `chunks`: one token group per chunk, up to `max_chunks`; `[n, max_chunks,
+//!   feature_dim]`, one LM position each through a per-position `mlp{num_layers}x_gelu`
+//!   projector, so the token width is `max_chunks` for every document. The fixed width
+//!   comes from adaptive average pooling along the chunk axis (torch's
+//!   `adaptive_avg_pool1d` ranges): a document with more chunks has consecutive chunks
+//!   averaged into `max_chunks` groups (nothing is dropped); one with fewer has its
+//!   chunks repeated in order to fill the positions (a 1-chunk document repeats it
+//!   `max_chunks` times). Each group is re-normalised when the encoder normalises.
 //!
 //! `preprocess` gives the token windows of one document as a `u32` tensor
 //! `[chunks, 2, seq]` (row 0 the ids, row 1 the attention mask); `encode` takes a
 //! batch `[n, chunks, 2, seq]` (documents with fewer chunks padded with all-zero
-//! masks, which are skipped) and gives `[n, feature_dim]`.
+//! masks, which are skipped) and gives `[n, feature_dim]` (`mean`) or
+//! `[n, max_chunks, feature_dim]` (`chunks`).
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use multitoken_core::{Item, Modality, ModalityContext, ProjectorSpec};
@@ -46,13 +57,17 @@ pub struct DocumentConfig {
     /// Tokens shared by consecutive chunks.
     #[serde(default = "default_overlap")]
     pub chunk_overlap: usize,
-    /// How chunk embeddings become the item's features; only `mean` (one vector
-    /// per document, multi_token's behaviour) is implemented.
+    /// How chunk embeddings become the item's features: `mean` (one vector per
+    /// document, multi_token's behaviour) or `chunks` (one token group per chunk, up
+    /// to `max_chunks`; see the module docs for the padding rule).
     #[serde(default = "default_pooling")]
     pub pooling: String,
-    /// LM positions per document (multi_token: 4; its x16 variant: 32).
+    /// LM positions per document in `mean` mode (multi_token: 4; its x16 variant: 32).
     #[serde(default = "default_num_tokens")]
     pub num_tokens: usize,
+    /// LM positions per document in `chunks` mode (one per chunk group).
+    #[serde(default = "default_max_chunks")]
+    pub max_chunks: usize,
     /// Linear layers in each of the vector projector's MLPs.
     #[serde(default = "default_num_layers")]
     pub num_layers: usize,
@@ -70,6 +85,9 @@ fn default_pooling() -> String {
 fn default_num_tokens() -> usize {
     4
 }
+fn default_max_chunks() -> usize {
+    8
+}
 fn default_num_layers() -> usize {
     2
 }
@@ -85,12 +103,18 @@ pub struct DocumentModality {
     chunking: ChunkConfig,
     extract: ExtractConfig,
     projector: ProjectorSpec,
+    /// `Some(max_chunks)` in `chunks` pooling mode.
+    chunk_groups: Option<usize>,
 }
 
 impl DocumentModality {
     /// Builds the modality registered as `name` from its config: loads the encoder
     /// named by `config.encoder`, resolved against the context's model directory.
-    pub fn new(name: &'static str, config: &DocumentConfig, context: &ModalityContext) -> Result<Self> {
+    pub fn new(
+        name: &'static str,
+        config: &DocumentConfig,
+        context: &ModalityContext,
+    ) -> Result<Self> {
         let encoder_dir = config.encoder.as_deref().ok_or_else(|| {
             Error::Config(format!(
                 "{name} needs `encoder`: a sentence-transformers directory, relative to the model \
@@ -107,16 +131,36 @@ impl DocumentModality {
     }
 
     /// The modality around an already loaded encoder (`config.encoder` is ignored).
-    pub fn with_encoder(name: &'static str, config: &DocumentConfig, encoder: SentenceEncoder) -> Result<Self> {
-        if config.pooling != "mean" {
-            return Err(Error::Config(format!(
-                "pooling `{}` is not supported; use `mean` (one vector per document)",
-                config.pooling
-            )));
-        }
-        let projector = ProjectorSpec::VectorMlp {
-            num_layers: config.num_layers,
-            num_tokens: config.num_tokens,
+    pub fn with_encoder(
+        name: &'static str,
+        config: &DocumentConfig,
+        encoder: SentenceEncoder,
+    ) -> Result<Self> {
+        let (projector, chunk_groups) = match config.pooling.as_str() {
+            "mean" => (
+                ProjectorSpec::VectorMlp {
+                    num_layers: config.num_layers,
+                    num_tokens: config.num_tokens,
+                },
+                None,
+            ),
+            "chunks" if config.max_chunks == 0 => {
+                return Err(Error::Config(format!(
+                    "{name}: max_chunks must be at least 1"
+                )));
+            }
+            "chunks" => (
+                ProjectorSpec::MlpGelu {
+                    depth: config.num_layers,
+                },
+                Some(config.max_chunks),
+            ),
+            other => {
+                return Err(Error::Config(format!(
+                    "pooling `{other}` is not supported; use `mean` (one vector per document) or \
+                     `chunks` (one token group per chunk, up to max_chunks)"
+                )));
+            }
         };
         projector
             .validate()
@@ -135,6 +179,7 @@ impl DocumentModality {
                 max_bytes: config.max_bytes,
             },
             projector,
+            chunk_groups,
         })
     }
 
@@ -196,22 +241,54 @@ impl DocumentModality {
                 }
             }
             if sequences.len() == start {
-                return Err(Error::Input(format!("document {} of the batch has no windows", item + 1)));
+                return Err(Error::Input(format!(
+                    "document {} of the batch has no windows",
+                    item + 1
+                )));
             }
             owners.push(start..sequences.len());
         }
         let embeddings = self.encoder.embed_ids(&sequences)?;
         let rows = owners
             .into_iter()
-            .map(|range| self.encoder.combine_chunks(&embeddings.narrow(0, range.start, range.len())?))
+            .map(|range| {
+                let chunks = embeddings.narrow(0, range.start, range.len())?;
+                match self.chunk_groups {
+                    None => self.encoder.combine_chunks(&chunks),
+                    Some(width) => self.chunk_group_features(&chunks, width),
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&rows, 0)?)
     }
 
-    /// One document's feature vector `[feature_dim]`: preprocess and encode.
+    /// Chunk embeddings `[chunks, dim]` to `[width, dim]`: group `i` combines chunks
+    /// `floor(i * chunks / width) .. ceil((i + 1) * chunks / width)` (fewer chunks than
+    /// `width` are repeated, more are averaged in consecutive groups).
+    pub fn chunk_group_features(&self, chunks: &Tensor, width: usize) -> Result<Tensor> {
+        let count = chunks.dim(0)?;
+        let rows = chunk_group_ranges(count, width)
+            .into_iter()
+            .map(|range| {
+                self.encoder
+                    .combine_chunks(&chunks.narrow(0, range.start, range.len())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// One document's features: `[feature_dim]` (`mean`) or `[max_chunks, feature_dim]`
+    /// (`chunks`): preprocess and encode.
     pub fn embed_item(&self, item: &Item) -> Result<Tensor> {
         Ok(self.encode_windows(&self.windows(item)?)?.squeeze(0)?)
     }
+}
+
+/// Adaptive-average-pooling ranges of `count` chunks onto `width` positions.
+fn chunk_group_ranges(count: usize, width: usize) -> Vec<std::ops::Range<usize>> {
+    (0..width)
+        .map(|i| (i * count / width)..((i + 1) * count).div_ceil(width))
+        .collect()
 }
 
 /// Windows as `[chunks, 2, longest]` u32: ids (padded with 0) and mask.
@@ -238,7 +315,7 @@ impl Modality for DocumentModality {
         DOCUMENT_DATA_KEY
     }
     fn token_width(&self) -> usize {
-        self.projector.output_width(1)
+        self.projector.output_width(self.chunk_groups.unwrap_or(1))
     }
     fn feature_dim(&self) -> usize {
         self.encoder.dim()
@@ -284,11 +361,17 @@ fn build(
     Ok(Box::new(DocumentModality::new(name, &config, context)?))
 }
 
-fn build_gte(config: &serde_json::Value, context: &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>> {
+fn build_gte(
+    config: &serde_json::Value,
+    context: &ModalityContext,
+) -> multitoken_core::Result<Box<dyn Modality>> {
     build("document_gte", None, config, context)
 }
 
-fn build_minilm(config: &serde_json::Value, context: &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>> {
+fn build_minilm(
+    config: &serde_json::Value,
+    context: &ModalityContext,
+) -> multitoken_core::Result<Box<dyn Modality>> {
     build("document_minilm", Some("all-minilm-l6-v2"), config, context)
 }
 
@@ -298,4 +381,27 @@ multitoken_core::inventory::submit! {
 
 multitoken_core::inventory::submit! {
     multitoken_core::ModalityBuilder { name: "document_minilm", build: build_minilm }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_group_ranges;
+
+    #[test]
+    fn chunk_groups_repeat_few_and_average_many() {
+        assert_eq!(chunk_group_ranges(1, 3), vec![0..1, 0..1, 0..1]);
+        assert_eq!(chunk_group_ranges(2, 4), vec![0..1, 0..1, 1..2, 1..2]);
+        assert_eq!(chunk_group_ranges(4, 4), vec![0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(chunk_group_ranges(8, 4), vec![0..2, 2..4, 4..6, 6..8]);
+        assert_eq!(chunk_group_ranges(5, 2), vec![0..3, 2..5]);
+        for (count, width) in [(1, 1), (3, 7), (7, 3), (100, 8)] {
+            let ranges = chunk_group_ranges(count, width);
+            assert_eq!(ranges.len(), width);
+            assert!(
+                ranges.iter().all(|r| !r.is_empty() && r.end <= count),
+                "{count} {width}"
+            );
+            assert_eq!((ranges[0].start, ranges[width - 1].end), (0, count));
+        }
+    }
 }
