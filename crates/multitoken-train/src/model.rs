@@ -19,8 +19,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use multitoken_core::{
-    build_modality, ItemsByKey, KvCache, LogitsSelection, ModalityContext, PreparedInput,
-    Projector, IGNORE_INDEX,
+    build_modality, span_embeddings, splice_embeddings, Item, ItemsByKey, KvCache, LogitsSelection,
+    ModalityContext, PreparedInput, Projector, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
 use multitoken_lm::lora::{LoraDropout, LoraLayer};
@@ -103,6 +103,8 @@ pub struct TrainableModel {
     pub lora_rng: LoraDropout,
     /// What is trained.
     pub parts: TrainParts,
+    /// Encoder features of frozen encoders, by modality and item content.
+    features: std::sync::Mutex<std::collections::HashMap<(usize, u64), Tensor>>,
 }
 
 impl TrainableModel {
@@ -254,6 +256,7 @@ impl TrainableModel {
             lora_modules,
             lora_rng,
             parts,
+            features: Default::default(),
         })
     }
 
@@ -278,8 +281,79 @@ impl TrainableModel {
     }
 
     /// Input embeddings `[1, len, hidden]` of one prepared row.
+    ///
+    /// Frozen encoders run once per distinct item: their features are kept in
+    /// memory, keyed by the item's content, so later epochs only re-project them.
     pub fn embed(&self, prepared: &PreparedInput, items: &ItemsByKey) -> Result<Tensor> {
-        Ok(self.mm.embed(prepared, items)?)
+        let lm = self.mm.language_model();
+        let ids = Tensor::new(prepared.input_ids.as_slice(), lm.device())?.unsqueeze(0)?;
+        let token_embeds = lm.embed_tokens(&ids)?;
+        if prepared.spans.is_empty() {
+            return Ok(token_embeds);
+        }
+        let mut projected = Vec::with_capacity(self.mm.modalities.len());
+        for (index, runtime) in self.mm.modalities.iter().enumerate() {
+            let modality = runtime.modality.as_ref();
+            let given = items
+                .get(modality.data_key())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let used = prepared
+                .spans
+                .iter()
+                .filter(|s| s.modality == index)
+                .count()
+                .min(given.len());
+            let frozen = self.encoders.get(index).is_none_or(Option::is_none);
+            let mut rows = Vec::with_capacity(used);
+            for (k, item) in given[..used].iter().enumerate() {
+                let describe = || format!("{} item {}", modality.data_key(), k + 1);
+                let key = (index, item_hash(item));
+                let cached = if frozen {
+                    self.cached_features(&key)
+                } else {
+                    None
+                };
+                let features = match cached {
+                    Some(f) => f,
+                    None => {
+                        let f = modality
+                            .preprocess(item)
+                            .and_then(|pre| modality.encode(&pre.unsqueeze(0)?))
+                            .map_err(|e| Error::Config(format!("{}: {e}", describe())))?;
+                        if frozen {
+                            if let Ok(mut cache) = self.features.lock() {
+                                cache.insert(key, f.clone());
+                            }
+                        }
+                        f
+                    }
+                };
+                let embeds = runtime
+                    .projector
+                    .forward(&features.to_dtype(lm.dtype())?)
+                    .map_err(|e| Error::Config(format!("{}: {e}", describe())))?;
+                rows.push(embeds);
+            }
+            projected.push(if rows.is_empty() {
+                Tensor::zeros(
+                    (0, modality.token_width(), lm.hidden_size()),
+                    lm.dtype(),
+                    lm.device(),
+                )?
+            } else {
+                Tensor::cat(&rows, 0)?
+            });
+        }
+        let spans = span_embeddings(&prepared.spans, &projected)?;
+        Ok(splice_embeddings(&token_embeds, &[spans])?)
+    }
+
+    fn cached_features(&self, key: &(usize, u64)) -> Option<Tensor> {
+        self.features
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(key).cloned())
     }
 
     /// Mean cross-entropy over the labelled next-token predictions of a batch
@@ -423,6 +497,22 @@ impl TrainableModel {
             serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&out.join(MULTIMODAL_CONFIG_FILE), text.as_bytes())
     }
+}
+
+/// A content hash of an item (a file's bytes, not its name).
+fn item_hash(item: &Item) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match item {
+        Item::Path(p) => match std::fs::read(p) {
+            Ok(bytes) => bytes.hash(&mut h),
+            // Unreadable: hash the path; encoding will report the error.
+            Err(_) => p.hash(&mut h),
+        },
+        Item::Bytes(b) => b.hash(&mut h),
+        Item::Text(t) => t.hash(&mut h),
+    }
+    h.finish()
 }
 
 /// PEFT's adapter weights file.
