@@ -13,6 +13,7 @@ pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -183,6 +183,9 @@ pub struct TrainSummary {
     pub output_dir: PathBuf,
 }
 
+/// `loss.png` is redrawn every this many steps (and at the end).
+const PLOT_EVERY: usize = 10;
+
 /// A prepared dataset row.
 struct Example {
     prepared: PreparedInput,
@@ -374,6 +377,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             bar.set_position(state.step as u64);
         }
         state.log.push(entry);
+        if state.step % PLOT_EVERY == 0 {
+            crate::plot::write_loss_png(&state.log, &cfg.output_dir.join("loss.png"))?;
+        }
         if cfg.save_steps > 0 && state.step % cfg.save_steps == 0 && state.step < total_steps {
             last_good = Some(save_checkpoint(
                 &model,
@@ -389,6 +395,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     }
     save_checkpoint(&model, &opt, &state, &cfg.output_dir, cfg.save_total_limit)?;
     model.save(&cfg.output_dir)?;
+    crate::plot::write_loss_png(&state.log, &cfg.output_dir.join("loss.png"))?;
     let state_text =
         serde_json::to_string_pretty(&state).map_err(|e| Error::Config(e.to_string()))?;
     write_atomic(

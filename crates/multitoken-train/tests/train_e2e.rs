@@ -116,6 +116,8 @@ fn stage1_loss_falls_and_output_loads() -> TestResult {
     let model = MultimodalModel::load(&cfg.output_dir, &LoadOptions::default())?;
     assert_eq!(model.modality_tokens(), vec!["<image>"]);
     assert!(cfg.output_dir.join("metrics.jsonl").is_file());
+    let png = std::fs::read(cfg.output_dir.join("loss.png"))?;
+    assert_eq!(&png[..4], b"\x89PNG");
     assert!(cfg
         .output_dir
         .join("checkpoint-16/optimizer.safetensors")
