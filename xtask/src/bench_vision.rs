@@ -215,10 +215,24 @@ fn tower_bench(repeat: usize) -> Result<f64> {
         "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
         "image_size": 224, "patch_size": 32
     }))?;
+    // Random weights from a VarMap, then detached so that inference tracks no graph.
     let map = VarMap::new();
-    let tower = ClipVisionTower::load(
+    ClipVisionTower::load(
         &config,
         VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+    )?;
+    let weights: std::collections::HashMap<String, Tensor> = {
+        let vars = map
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the VarMap lock is poisoned"))?;
+        vars.iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect()
+    };
+    let tower = ClipVisionTower::load(
+        &config,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
     )?;
     let pixels = Tensor::randn(0f32, 1.0, (8, 3, 224, 224), &Device::Cpu)?;
     std::hint::black_box(tower.forward(&pixels, None)?);
