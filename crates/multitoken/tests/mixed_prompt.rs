@@ -1,7 +1,7 @@
 //! One prompt with an image, an audio clip and (when all-MiniLM-L6-v2 is installed) a
 //! document, on a tiny multimodal model built here: the llama LM fixture, the CLIP
 //! tower fixture (`<image>`), the tiny random Whisper fixture (`<speech>`), MiniLM
-//! (`<document>`), and seeded random projectors. Checks the placeholder spans from
+//! (`<document>`, one token group per chunk, 3 positions), and seeded random projectors. Checks the placeholder spans from
 //! Rust, greedy generation, and that `multitoken generate --image --audio --document`
 //! prepares the same prompt.
 
@@ -60,8 +60,8 @@ fn tiny_model_dir(minilm: Option<&Path>) -> PathBuf {
     if let Some(encoder) = minilm {
         modalities.push(json!({
             "builder": "document_minilm",
-            "config": {"encoder": encoder, "num_tokens": 4},
-            "projector": {"kind": "vector_mlp", "num_layers": 2, "num_tokens": 4}
+            "config": {"encoder": encoder, "pooling": "chunks", "max_chunks": 3},
+            "projector": "mlp2x_gelu"
         }));
     }
     let config = json!({"base_model": fixtures().join("lm/llama"), "modalities": modalities});
@@ -131,6 +131,9 @@ fn image_audio_and_document_in_one_prompt() {
         }
     }
     assert_eq!(widths[1], 3);
+    if minilm.is_some() {
+        assert_eq!(widths[2], 3, "document: max_chunks positions");
+    }
     let embeds = model.embed(&prepared, &items).unwrap();
     assert_eq!(
         embeds.dims(),
