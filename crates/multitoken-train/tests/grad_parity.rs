@@ -108,3 +108,66 @@ fn one_step_matches_pytorch() -> TestResult {
     println!("loss {ours} (torch {expected_loss}); largest gradient difference {worst:e}");
     Ok(())
 }
+
+/// PEFT's `PeftModel.from_pretrained` on an adapter our trainer wrote
+/// (xtask/fixtures/train_peft.py) gives the logits our adapted model gives.
+#[test]
+fn peft_loads_our_adapter() -> TestResult {
+    let dev = Device::Cpu;
+    let dir = fixtures().join("train");
+    let fx = candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &dev)?;
+    let ids = fx
+        .get("ids")
+        .ok_or("fixture lacks ids")?
+        .to_dtype(DType::U32)?;
+    let expected = fx.get("logits").ok_or("fixture lacks logits")?;
+    let parts = TrainParts {
+        lora: Some(LoraSettings {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    let model = TrainableModel::load(&fixtures().join("lm/llama"), parts, &dev)?;
+    let adapter =
+        candle_core::safetensors::load(dir.join("adapter/adapter_model.safetensors"), &dev)?;
+    let mut set = 0;
+    for p in model.params() {
+        if let Some(key) = p.name.strip_prefix("lora/") {
+            p.var.set(
+                adapter
+                    .get(key)
+                    .ok_or_else(|| format!("adapter lacks `{key}`"))?,
+            )?;
+            set += 1;
+        }
+    }
+    assert_eq!(set, 28);
+    let lm = model.mm.language_model();
+    let mut cache = multitoken_core::KvCache::new(lm.num_layers());
+    let logits = lm.forward_embeds(
+        &lm.embed_tokens(&ids)?,
+        None,
+        &mut cache,
+        multitoken_core::LogitsSelection::All,
+    )?;
+    let d = max_diff(&logits, expected)?;
+    assert!(d < 1e-4, "logits differ from peft's by {d}");
+    // The adapter matters: the base model's logits are clearly different.
+    let base = TrainableModel::load(&fixtures().join("lm/llama"), TrainParts::default(), &dev)?;
+    let blm = base.mm.language_model();
+    let mut cache = multitoken_core::KvCache::new(blm.num_layers());
+    let base_logits = blm.forward_embeds(
+        &blm.embed_tokens(&ids)?,
+        None,
+        &mut cache,
+        multitoken_core::LogitsSelection::All,
+    )?;
+    assert!(
+        max_diff(&base_logits, expected)? > 1e-3,
+        "the adapter does not change the logits"
+    );
+    Ok(())
+}
