@@ -414,13 +414,14 @@ fn gate_training_separates_the_experts() -> TestResult {
     Ok(())
 }
 
-fn expect_error(result: Result<impl std::fmt::Debug, multitoken_moe::Error>, needle: &str) {
+fn expect_error(
+    result: Result<impl std::fmt::Debug, multitoken_moe::Error>,
+    needle: &str,
+) -> TestResult {
     match result {
-        Ok(v) => panic!("accepted, expected an error containing `{needle}`: {v:?}"),
-        Err(e) => assert!(
-            e.to_string().contains(needle),
-            "error `{e}` does not mention `{needle}`"
-        ),
+        Ok(v) => Err(format!("accepted, expected an error containing `{needle}`: {v:?}").into()),
+        Err(e) if e.to_string().contains(needle) => Ok(()),
+        Err(e) => Err(format!("error `{e}` does not mention `{needle}`").into()),
     }
 }
 
@@ -439,7 +440,7 @@ fn bad_input_gets_clear_errors() -> TestResult {
             &scratch.path("a"),
         )),
         "architecture",
-    );
+    )?;
     let phi = fixtures().join("lm/phi2");
     expect_error(
         build(&build_cfg(
@@ -450,7 +451,7 @@ fn bad_input_gets_clear_errors() -> TestResult {
             &scratch.path("b"),
         )),
         "architecture",
-    );
+    )?;
     // k larger than the number of experts.
     expect_error(
         build(&build_cfg(
@@ -461,7 +462,7 @@ fn bad_input_gets_clear_errors() -> TestResult {
             &scratch.path("c"),
         )),
         "--k 4",
-    );
+    )?;
     // A missing MLP tensor, and a mis-shaped one.
     let broken = scratch.path("broken");
     std::fs::create_dir_all(&broken)?;
@@ -475,13 +476,13 @@ fn bad_input_gets_clear_errors() -> TestResult {
     expect_error(
         build(&build_cfg(
             &base,
-            &[broken.clone()],
+            std::slice::from_ref(&broken),
             1,
             Routing::Cephalo,
             &scratch.path("d"),
         )),
         "`model.layers.1.mlp.down_proj.weight` is missing",
-    );
+    )?;
     tensors.insert(
         "model.layers.1.mlp.down_proj.weight".into(),
         Tensor::zeros((32, 63), DType::F32, &Device::Cpu)?,
@@ -496,7 +497,7 @@ fn bad_input_gets_clear_errors() -> TestResult {
             &scratch.path("e"),
         )),
         "has shape [32, 63]",
-    );
+    )?;
     // No experts; an output directory in use.
     expect_error(
         build(&build_cfg(
@@ -507,7 +508,7 @@ fn bad_input_gets_clear_errors() -> TestResult {
             &scratch.path("f"),
         )),
         "no experts",
-    );
+    )?;
     expect_error(
         build(&build_cfg(
             &base,
@@ -517,7 +518,7 @@ fn bad_input_gets_clear_errors() -> TestResult {
             &moe_fixture(""),
         )),
         "not empty",
-    );
+    )?;
 
     // Gate files of the wrong shape, missing layers, extra keys.
     let out = scratch.path("moe");
@@ -538,13 +539,13 @@ fn bad_input_gets_clear_errors() -> TestResult {
     expect_error(
         set_gate(&out, &bad_gate),
         "`layers.1.gate.weight` has shape [2, 32], expected [3, 32]",
-    );
+    )?;
     gates.remove("layers.1.gate.weight");
     candle_core::safetensors::save(&gates, &bad_gate)?;
     expect_error(
         set_gate(&out, &bad_gate),
         "no tensor `layers.1.gate.weight`",
-    );
+    )?;
     gates.insert(
         "layers.1.gate.weight".into(),
         Tensor::zeros((3, 32), DType::F32, &Device::Cpu)?,
@@ -557,11 +558,11 @@ fn bad_input_gets_clear_errors() -> TestResult {
     expect_error(
         set_gate(&out, &bad_gate),
         "unexpected tensor `layers.2.gate.bias`",
-    );
+    )?;
     expect_error(
         set_gate(&base, &moe_fixture("gates.safetensors")),
         "not a mixture-of-experts model",
-    );
+    )?;
 
     // Prompts with no expert label, an unknown expert, an expert without prompts.
     let prompts = scratch.path("p.jsonl");
@@ -569,11 +570,11 @@ fn bad_input_gets_clear_errors() -> TestResult {
         &prompts,
         "{\"text\": \"hi\", \"expert\": 0}\n{\"text\": \"no label\"}\n",
     )?;
-    expect_error(read_prompts(&prompts, 2), "line 2: no `expert` label");
+    expect_error(read_prompts(&prompts, 2), "line 2: no `expert` label")?;
     std::fs::write(&prompts, "{\"text\": \"hi\", \"expert\": 5}\n")?;
-    expect_error(read_prompts(&prompts, 2), "line 1: expert 5 does not exist");
+    expect_error(read_prompts(&prompts, 2), "line 1: expert 5 does not exist")?;
     std::fs::write(&prompts, "{\"text\": \"hi\", \"expert\": 0}\n")?;
-    expect_error(read_prompts(&prompts, 2), "no prompt for expert 1");
+    expect_error(read_prompts(&prompts, 2), "no prompt for expert 1")?;
 
     // A bad moe.json: k above the expert count.
     std::fs::write(out.join("moe.json"), r#"{"k": 5, "num_expert_models": 3}"#)?;
