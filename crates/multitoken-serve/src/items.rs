@@ -298,6 +298,38 @@ mod tests {
     }
 
     #[test]
+    fn audio_and_document_limits_name_the_item() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/audio");
+        let wav = Item::Bytes(std::fs::read(fixtures.join("speech16k.wav")).unwrap());
+        let tight = Limits {
+            max_audio_seconds: 0.01,
+            max_document_pages: 2,
+            ..Limits::default()
+        };
+        let err = check_limits("speech_audios", &wav, "speech_audios[0]", &tight)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("speech_audios[0]: the audio lasts") && err.contains("limit of 0.01 s"),
+            "{err}"
+        );
+        assert!(check_limits("speech_audios", &wav, "a", &Limits::default()).is_ok());
+        let err = check_limits("speech_audios", &Item::Bytes(b"not audio".to_vec()), "a", &tight)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not decodable audio"), "{err}");
+        let pdf = Item::Bytes(b"%PDF-1.4 /Type /Page /Type /Page /Type /Page".to_vec());
+        let err = check_limits("documents", &pdf, "documents[1]", &tight)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("documents[1]: the PDF has 3 pages, more than the limit of 2"),
+            "{err}"
+        );
+        assert!(check_limits("documents", &Item::Bytes(b"plain text".to_vec()), "d", &tight).is_ok());
+    }
+
+    #[test]
     fn counts_pdf_pages() {
         let pdf = b"%PDF-1.4 /Type /Pages /Kids [] /Type /Page /Type/Page /Type\n/Page";
         assert_eq!(pdf_page_count(pdf), 3);

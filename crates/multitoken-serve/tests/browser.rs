@@ -30,10 +30,23 @@ fn the_chat_page_answers_an_image_question_in_chromium() {
         return;
     }
     // The page's own GET / must be the HTML that the test drives.
+    // The demo model when it is built, else the tiny fixture vision model.
+    let (model, name) = match demo_model() {
+        Some(model) => (model, "demo-model"),
+        None => {
+            eprintln!("examples/demo-model is not built yet: the browser test uses the tiny fixture vision model");
+            (vision_model("browser"), "tiny-vision")
+        }
+    };
+    let limits = multitoken_serve::Limits {
+        max_new_tokens: 24,
+        ..Default::default()
+    };
     let server = TestServer::start(
-        vision_model("browser"),
+        model,
         ServeConfig {
-            model_name: "tiny-vision".into(),
+            model_name: name.into(),
+            limits,
             ..Default::default()
         },
     );
@@ -62,7 +75,7 @@ fn the_chat_page_answers_an_image_question_in_chromium() {
         String::from_utf8_lossy(&output.stderr)
     );
     let result: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap_or_default()).unwrap();
-    assert_eq!(result["model"], "tiny-vision");
+    assert_eq!(result["model"], name);
     assert!(result["modalities"].as_str().unwrap().contains("<image>"), "{result}");
     assert_eq!(result["error"], false, "{result}");
     assert_eq!(result["images"], 1, "{result}");

@@ -251,6 +251,48 @@ fn images_come_as_data_urls_or_allowed_files() {
     );
     let (_, models) = get(&server.url("/v1/models"));
     assert!(models.contains("\"token\":\"<image>\""), "{models}");
+    drop(server);
+
+    // Per-request limits: pixels per image and items per request.
+    let limits = Limits {
+        max_image_pixels: 96 * 64 - 1,
+        max_items: 2,
+        ..Default::default()
+    };
+    let server = TestServer::start(
+        vision_model("limits"),
+        ServeConfig {
+            limits,
+            ..Default::default()
+        },
+    );
+    let cases = [
+        (
+            json!([image_data_url("rgb_96x64.png")]),
+            "<image>",
+            "96x64, more than the limit of 6143 pixels",
+        ),
+        (
+            json!([
+                image_data_url("rgb_13x21.png"),
+                image_data_url("rgb_13x21.png"),
+                image_data_url("rgb_13x21.png")
+            ]),
+            "<image><image><image>",
+            "3 items, more than the limit of 2",
+        ),
+    ];
+    for (images, prompt, fragment) in cases {
+        let body = json!({"messages": user(prompt), "images": images, "max_new_tokens": 2});
+        let (status, body) = post_json(&server.url("/generate"), &body);
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(fragment),
+            "{body} lacks {fragment:?}"
+        );
+    }
+    let body = json!({"messages": user("<image>"), "images": [image_data_url("rgb_13x21.png")], "max_new_tokens": 2});
+    assert_eq!(post_json(&server.url("/generate"), &body).0, 200);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -550,8 +592,9 @@ fn graceful_shutdown_finishes_running_requests_and_disconnects_free_slots() {
     let running =
         std::thread::spawn(move || post_json(&url, &json!({"messages": user("finish me"), "max_new_tokens": 60})));
     // Wait until the request is being decoded, then ask the server to stop.
-    while server.state.metrics.generated_tokens() == 0
-        || !get(&server.url("/metrics"))
+    // (If it already finished, the shutdown below must still leave it answered.)
+    while !running.is_finished()
+        && !get(&server.url("/metrics"))
             .1
             .contains("multitoken_running_sequences 1")
     {

@@ -13,8 +13,25 @@ use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::multimodal::MultimodalModel;
 use multitoken_serve::{AppState, ServeConfig};
 
-// Links the vision modality so `vision_clip` is in the registry.
-use multitoken_vision as _;
+/// Keeps every modality crate's registry entries in the test binary.
+pub fn link_modalities() {
+    multitoken_vision::link();
+    multitoken_audio::link();
+    multitoken_document::link();
+}
+
+/// The embedded demo model, once `cargo xtask demo-model` has built it.
+pub fn demo_model() -> Option<MultimodalModel> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo-model");
+    if !dir.join("multitoken.json").is_file() {
+        return None;
+    }
+    link_modalities();
+    match MultimodalModel::load(&dir, &LoadOptions::default()) {
+        Ok(model) => Some(model),
+        Err(e) => panic!("the demo model at {} does not load: {e}", dir.display()),
+    }
+}
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -70,6 +87,7 @@ pub fn vision_model_dir(name: &str) -> PathBuf {
 }
 
 pub fn vision_model(name: &str) -> MultimodalModel {
+    link_modalities();
     MultimodalModel::load(&vision_model_dir(name), &LoadOptions::default()).unwrap()
 }
 
