@@ -144,6 +144,8 @@ fn detect_layout(weights: &SafetensorsSource) -> Result<Layout> {
 struct LmWeights<'a> {
     inner: &'a SafetensorsSource,
     layout: &'a Layout,
+    dtype: candle_core::DType,
+    device: candle_core::Device,
 }
 
 impl LmWeights<'_> {
@@ -169,9 +171,18 @@ impl WeightSource for LmWeights<'_> {
         self.inner.contains(&self.rename(name))
     }
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.inner.tensor(&self.rename(name), shape)
+        let renamed = self.rename(name);
+        // Llava's own `lm_head` has no bias even over an LM family whose head has one (phi).
+        if name == "lm_head.bias" && !self.inner.contains(&renamed) {
+            return Ok(Tensor::zeros(shape, self.dtype, &self.device)?);
+        }
+        self.inner.tensor(&renamed, shape)
     }
     fn linear(&self, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        if prefix == "lm_head" && bias {
+            let weight = self.tensor("lm_head.weight", &[out_dim, in_dim])?;
+            return Linear::dense(weight, Some(self.tensor("lm_head.bias", &[out_dim])?));
+        }
         self.inner
             .linear(&self.rename(prefix), in_dim, out_dim, bias)
     }
@@ -206,6 +217,8 @@ pub(super) fn load_llava(
     let lm_weights = LmWeights {
         inner: &weights,
         layout: &layout,
+        dtype: opts.dtype,
+        device: opts.device.clone(),
     };
     let lm = load_hf_dir_with(dir, &hf_config, &lm_weights)?;
     check_image_token(&config, &lm).map_err(cfg_err)?;
