@@ -15,7 +15,8 @@ use multitoken_lm::sampling::SamplingParams;
 /// Which model to load and how.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// An HF model directory or a `.gguf` file [default: SmolLM2 from `cargo xtask weights`].
+    /// An HF model directory or a `.gguf` file [default: the demo model in examples/demo-model,
+    /// else SmolLM2 from `cargo xtask weights`].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Activation / weight dtype: f32, f16 or bf16. A GGUF keeps its quantized
@@ -67,12 +68,18 @@ impl ModelArgs {
             return Ok(path.clone());
         }
         let default = default_model_path();
-        if default.exists() {
+        if default.join("multitoken.json").is_file() {
             return Ok(default);
         }
+        // Until the demo model is committed (or in a checkout without examples/): SmolLM2.
+        let smollm2 = smollm2_path();
+        if smollm2.exists() {
+            return Ok(smollm2);
+        }
         bail!(
-            "no --model given and the default model {} is not installed; run `cargo xtask weights` or pass --model DIR|FILE.gguf",
-            default.display()
+            "no --model given, and neither the demo model {} nor SmolLM2 {} is there; run `cargo xtask weights` or pass --model DIR|FILE.gguf",
+            default.display(),
+            smollm2.display()
         )
     }
 
@@ -174,8 +181,14 @@ impl SamplingArgs {
     }
 }
 
-/// Where `cargo xtask weights` puts SmolLM2.
+/// The model used when no `--model` is given: the demo model shipped in the
+/// repository (`examples/demo-model`, built by `cargo xtask demo-model`).
 pub fn default_model_path() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo-model")
+}
+
+/// Where `cargo xtask weights` puts SmolLM2.
+pub fn smollm2_path() -> PathBuf {
     weights_dir().join("smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
