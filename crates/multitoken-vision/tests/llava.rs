@@ -1,6 +1,6 @@
 //! llava-hf import parity: `MultimodalModel::load` on the tiny random
 //! `LlavaForConditionalGeneration` checkpoints of `xtask/fixtures/llava.py`
-//! (three key layouts, two sizes/configurations, one and two images per prompt)
+//! (three key layouts; llama, qwen2 and phi LMs of different sizes, one and two images per prompt)
 //! must produce transformers' greedy ids, and the k-th `<image>` must take the
 //! k-th image.
 
@@ -109,4 +109,9 @@ fn llava_hub_layout_list_layers_full_strategy_matches_transformers() -> TestResu
 #[test]
 fn llava_module_layout_sharded_matches_transformers() -> TestResult {
     check_model("llama_modules")
+}
+
+#[test]
+fn llava_over_phi_with_an_unbiased_head_matches_transformers() -> TestResult {
+    check_model("phi_full")
 }
