@@ -123,6 +123,10 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in the output directory, or from DIR.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<PathBuf>,
+    /// Keep frozen-encoder features on disk here (safetensors keyed by item content
+    /// hash, one file per encoder identity) and reuse them across runs.
+    #[arg(long, alias = "feature_cache")]
+    pub feature_cache: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, alias = "no_progress")]
     pub no_progress: Option<bool>,
@@ -191,6 +195,7 @@ impl TrainArgs {
         cfg.model_max_length = pick!(model_max_length);
         cfg.save_total_limit = pick!(save_total_limit);
         cfg.resume = pick!(resume);
+        cfg.feature_cache = pick!(feature_cache);
         cfg.progress = !pick!(no_progress).unwrap_or(false);
         Ok(cfg)
     }

@@ -13,6 +13,7 @@
 //! `-100` ignored, mean over labelled tokens); [`TrainableModel::save`] writes
 //! a loadable model directory.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -347,6 +348,77 @@ impl TrainableModel {
         }
         let spans = span_embeddings(&prepared.spans, &projected)?;
         Ok(splice_embeddings(&token_embeds, &[spans])?)
+    }
+
+    /// File of the on-disk feature cache of modality `index` under `dir`:
+    /// `{identity}.safetensors`, the identity hashing the builder, its config, the
+    /// projector prefix and the model directory; keys are item content hashes.
+    fn cache_file(&self, dir: &Path, index: usize) -> Option<PathBuf> {
+        use std::hash::{Hash, Hasher};
+        let entry = self.config.modalities.get(index)?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        entry.builder.hash(&mut h);
+        entry.config.to_string().hash(&mut h);
+        absolute(&self.model_dir).hash(&mut h);
+        Some(dir.join(format!("{}-{:016x}.safetensors", entry.builder, h.finish())))
+    }
+
+    /// Loads the cached features of frozen encoders from `dir` (missing files are
+    /// fine; an unreadable one is an error naming it). Returns the entries loaded.
+    pub fn load_feature_cache(&self, dir: &Path) -> Result<usize> {
+        let mut loaded = 0;
+        for index in 0..self.config.modalities.len() {
+            if self.encoders.get(index).is_some_and(Option::is_some) {
+                continue;
+            }
+            let Some(file) = self.cache_file(dir, index).filter(|f| f.is_file()) else {
+                continue;
+            };
+            let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
+                Error::Config(format!(
+                    "{}: corrupt feature cache ({e}); delete it",
+                    file.display()
+                ))
+            })?;
+            let mut cache = self
+                .features
+                .lock()
+                .map_err(|_| Error::Config("feature cache poisoned".into()))?;
+            for (key, t) in tensors {
+                if let Ok(hash) = u64::from_str_radix(&key, 16) {
+                    cache.insert((index, hash), t);
+                    loaded += 1;
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Writes the cached features of frozen encoders to `dir` (one file per
+    /// modality, temporary file + rename).
+    pub fn save_feature_cache(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cache = self
+            .features
+            .lock()
+            .map_err(|_| Error::Config("feature cache poisoned".into()))?;
+        for index in 0..self.config.modalities.len() {
+            let tensors: HashMap<String, Tensor> = cache
+                .iter()
+                .filter(|((m, _), _)| *m == index)
+                .map(|((_, h), t)| (format!("{h:016x}"), t.clone()))
+                .collect();
+            let Some(file) = self.cache_file(dir, index) else {
+                continue;
+            };
+            if tensors.is_empty() {
+                continue;
+            }
+            let tmp = crate::data::temp_path(&file);
+            candle_core::safetensors::save(&tensors, &tmp)?;
+            std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;
+        }
+        Ok(())
     }
 
     fn cached_features(&self, key: &(usize, u64)) -> Option<Tensor> {

@@ -87,6 +87,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Continue from the latest checkpoint in `output_dir` (or this one).
     pub resume: Option<PathBuf>,
+    /// Directory of the on-disk cache of frozen-encoder features.
+    pub feature_cache: Option<PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -137,6 +139,7 @@ impl TrainConfig {
             logging_steps: 1,
             seed: 42,
             resume: None,
+            feature_cache: None,
             progress: true,
         }
     }
@@ -211,6 +214,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let model = TrainableModel::load_seeded(&cfg.model, parts, &device, cfg.seed)?;
     let rows = read_jsonl(&cfg.dataset)?;
     let examples = prepare(&model, &rows, cfg)?;
+    if let Some(dir) = &cfg.feature_cache {
+        model.load_feature_cache(dir)?;
+    }
     let batch = cfg.per_device_train_batch_size;
     let batches_per_epoch = examples.len().div_ceil(batch);
     let accum = cfg.gradient_accumulation_steps;
@@ -395,6 +401,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     }
     save_checkpoint(&model, &opt, &state, &cfg.output_dir, cfg.save_total_limit)?;
     model.save(&cfg.output_dir)?;
+    if let Some(dir) = &cfg.feature_cache {
+        model.save_feature_cache(dir)?;
+    }
     crate::plot::write_loss_png(&state.log, &cfg.output_dir.join("loss.png"))?;
     let state_text =
         serde_json::to_string_pretty(&state).map_err(|e| Error::Config(e.to_string()))?;

@@ -336,3 +336,32 @@ fn nan_loss_stops_and_names_the_last_checkpoint() -> TestResult {
     assert!(err.contains("checkpoint-"), "{err}");
     Ok(())
 }
+
+#[test]
+fn feature_cache_is_written_and_reused() -> TestResult {
+    let root = temp("cache")?;
+    let mut cfg = config(&root, Stage::Projectors, 2)?;
+    cfg.feature_cache = Some(root.join("cache"));
+    let first = train(&cfg)?;
+    let files: Vec<_> = std::fs::read_dir(root.join("cache"))?.collect::<Result<_, _>>()?;
+    assert_eq!(files.len(), 1, "one cache file for the one frozen encoder");
+    let model = multitoken_train::model::TrainableModel::load(
+        &cfg.model,
+        multitoken_train::model::TrainParts::default(),
+        &candle_core::Device::Cpu,
+    )?;
+    assert_eq!(
+        model.load_feature_cache(&root.join("cache"))?,
+        4,
+        "four distinct images"
+    );
+    // A second run from the cache gives the same losses.
+    cfg.output_dir = root.join("out2");
+    let second = train(&cfg)?;
+    let (a, b): (Vec<f64>, Vec<f64>) = (
+        first.log.iter().map(|l| l.loss).collect(),
+        second.log.iter().map(|l| l.loss).collect(),
+    );
+    assert_eq!(a, b);
+    Ok(())
+}
