@@ -190,18 +190,13 @@ pub fn check_limits(data_key: &str, item: &Item, what: &str, limits: &Limits) ->
                 ));
             }
         }
-        "documents" => {
-            if bytes.starts_with(b"%PDF") {
-                let pages = pdf_page_count(bytes);
-                if pages > limits.max_document_pages {
-                    return Err(Error::bad_param(
-                        what,
-                        format!(
-                            "{what}: the PDF has {pages} pages, more than the limit of {}",
-                            limits.max_document_pages
-                        ),
-                    ));
-                }
+        "documents" if bytes.starts_with(b"%PDF") => {
+            let pages = pdf_page_count(bytes);
+            if pages > limits.max_document_pages {
+                return Err(Error::bad_param(
+                    what,
+                    format!("{what}: the PDF has {pages} pages, more than the limit of {}", limits.max_document_pages),
+                ));
             }
         }
         _ => {}
