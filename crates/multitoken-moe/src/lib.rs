@@ -24,3 +24,10 @@ pub mod lora;
 pub use config::{MoeConfig, Routing};
 pub use error::{Error, Result};
 pub use layer::{Dispatch, MoeFeedForward};
+
+/// Forces the linker to keep this crate's `inventory` registration (the MoE
+/// directory loader) in a binary: call it once (e.g. from `main`); it does
+/// nothing else.
+pub fn link() {
+    std::hint::black_box(load::load_moe_dir as fn(_, _) -> _);
+}

@@ -52,6 +52,8 @@ pub fn run(cli: Cli) -> Result<()> {
     multitoken_audio::link();
     // Keep the vision modality's registry entries in the binary.
     multitoken_vision::link();
+    // Keep the MoE directory loader's registration in the binary.
+    multitoken_moe::link();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
