@@ -18,7 +18,9 @@
 //! `projectors.safetensors` under `{projector_prefix}.` (default
 //! `{builder}_lmm_projector`, multi_token's module name). A directory without
 //! `multitoken.json` is a llava-hf `LlavaForConditionalGeneration` checkpoint
-//! when its `config.json` says so ([`llava`]), else a text-only model.
+//! when its `config.json` says so ([`llava`]), a sshh12/multi_token training
+//! output when it holds `non_lora_trainables.bin` or an LMM `config.json`
+//! ([`multi_token`]), else a text-only model.
 //!
 //! [`MultimodalModel::generate`] is the whole data flow of DESIGN.md: prepare ids
 //! and spans, preprocess + encode + project every item, splice, then decode.
@@ -38,6 +40,7 @@ use crate::loader::{load_model, LoadOptions, LoadedModel};
 use crate::{Error, Result};
 
 pub mod llava;
+pub mod multi_token;
 
 /// The file that makes a directory a multimodal model.
 pub const MULTIMODAL_CONFIG_FILE: &str = "multitoken.json";
@@ -102,12 +105,16 @@ pub struct MultimodalModel {
 }
 
 impl MultimodalModel {
-    /// Loads a model directory or file: multimodal when it has `multitoken.json`,
-    /// a text-only LM otherwise.
+    /// Loads a model directory or file: multimodal when it has `multitoken.json`
+    /// or is a llava-hf checkpoint or a multi_token output, a text-only LM otherwise.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let config_path = path.join(MULTIMODAL_CONFIG_FILE);
         if path.is_dir() && !config_path.is_file() && llava::is_llava_dir(path) {
             let (lm, modalities) = llava::load_llava(path, opts)?;
+            return Self::from_parts(lm, modalities, None);
+        }
+        if path.is_dir() && !config_path.is_file() && multi_token::is_multi_token_dir(path) {
+            let (lm, modalities) = multi_token::load_multi_token(path, opts)?;
             return Self::from_parts(lm, modalities, None);
         }
         if !path.is_dir() || !config_path.is_file() {
