@@ -1,12 +1,17 @@
 //! `cargo xtask demo-model`: the embedded demo model, built from scratch.
 //!
 //! ```text
+//! cargo xtask demo-model build    [--data DIR] [--model OUT] [--seed N]
+//! cargo xtask demo-model package  --out RUN_DIR [--model OUT]
 //! cargo xtask demo-model data     [--data DIR] [--seed N] [--train N] [--heldout N]
 //! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N]
 //! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N]
 //! cargo xtask demo-model samples  [--out DIR]
 //! ```
 //!
+//! `build` runs the whole recipe (data, skeleton, `multitoken train --config
+//! xtask/demo-model.toml`, packaging into `--model`, default
+//! `examples/demo-model`, held-out eval into its README);
 //! `data` writes the synthetic dataset (`multitoken-datasets`, rows per task);
 //! `skeleton` trains the tokenizers on its training text and writes a loadable
 //! model directory with seeded random weights (tiny llama LM, CLIP tower,
@@ -16,6 +21,7 @@
 //! Defaults: data in `target/demo-data`, skeleton in `target/demo-model/init`,
 //! eval of `examples/demo-model` on `target/demo-data/heldout.jsonl`.
 
+mod build;
 mod eval;
 mod random;
 mod skeleton;
@@ -81,10 +87,12 @@ fn parse(args: &[String]) -> Result<Args> {
 pub fn run(args: &[String]) -> Result<()> {
     let (command, rest) = match args.split_first() {
         Some((c, rest)) => (c.as_str(), rest),
-        None => bail!("usage: cargo xtask demo-model <data|skeleton|eval> [options] (see xtask/src/demo_model.rs)"),
+        None => bail!("usage: cargo xtask demo-model <build|data|skeleton|eval|samples> [options] (see xtask/src/demo_model.rs)"),
     };
     let args = parse(rest)?;
     match command {
+        "build" => build::run(&args),
+        "package" => build::package(&args.out, &args.model),
         "data" => data(&args),
         "skeleton" => {
             let texts = training_text(&args.data.join("train.jsonl"))?;
@@ -108,7 +116,7 @@ pub fn run(args: &[String]) -> Result<()> {
             samples(&out, args.seed)
         }
         other => {
-            bail!("unknown demo-model command {other:?}; expected data, skeleton, eval or samples")
+            bail!("unknown demo-model command {other:?}; expected build, package, data, skeleton, eval or samples")
         }
     }
 }

@@ -12,6 +12,7 @@ use clap::{Args, Subcommand};
 use serde::Deserialize;
 
 use crate::data;
+use crate::model::EncoderChoice;
 use crate::optim::Schedule;
 use crate::trainer::{self, Stage, TrainConfig};
 
@@ -53,9 +54,10 @@ pub struct TrainArgs {
     /// LoRA target modules, comma-separated (default: every decoder linear).
     #[arg(long, alias = "lora_target_modules", value_delimiter = ',')]
     pub lora_target_modules: Option<Vec<String>>,
-    /// Also train the modality encoders (an encoder directory without weights starts random).
+    /// Also train the modality encoders: `true` (all), or builder names
+    /// (`vision_clip,audio_whisper`); an encoder directory without weights starts random.
     #[arg(long, alias = "train_encoders", num_args = 0..=1, default_missing_value = "true")]
-    pub train_encoders: Option<bool>,
+    pub train_encoders: Option<EncoderChoice>,
     /// Projector weights (safetensors) to start from, e.g. stage 1's.
     #[arg(
         long,

@@ -44,12 +44,114 @@ pub struct TrainParts {
     pub projectors: bool,
     /// Every LM weight (full fine-tuning).
     pub lm: bool,
-    /// The modality encoders.
-    pub encoders: bool,
+    /// Which modality encoders train.
+    pub encoders: EncoderChoice,
     /// Start from these projector weights instead of the model's `projectors.safetensors`.
     pub pretrained_projectors: Option<PathBuf>,
     /// LoRA adapters on the LM's linears.
     pub lora: Option<LoraSettings>,
+}
+
+/// Which modality encoders train (`--train-encoders`): none, all, or those of
+/// the named builders (`vision_clip,audio_whisper`). Naming lets a recipe train
+/// the encoders that learn cheaply and keep the rest frozen, so their features
+/// are computed once and cached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EncoderChoice {
+    /// Every encoder frozen.
+    #[default]
+    None,
+    /// Every encoder trains.
+    All,
+    /// Only the encoders of these modality builders train.
+    Only(Vec<String>),
+}
+
+impl EncoderChoice {
+    /// Whether the encoder of modality `builder` trains.
+    pub fn includes(&self, builder: &str) -> bool {
+        match self {
+            EncoderChoice::None => false,
+            EncoderChoice::All => true,
+            EncoderChoice::Only(names) => names.iter().any(|n| n == builder),
+        }
+    }
+
+    /// Builder names in `Only` that are not among `builders` (a typo would
+    /// otherwise silently freeze the encoder).
+    pub fn unknown<'a>(&'a self, builders: &[&str]) -> Vec<&'a str> {
+        match self {
+            EncoderChoice::Only(names) => names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| !builders.contains(n))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl From<bool> for EncoderChoice {
+    fn from(all: bool) -> Self {
+        if all {
+            EncoderChoice::All
+        } else {
+            EncoderChoice::None
+        }
+    }
+}
+
+impl std::str::FromStr for EncoderChoice {
+    type Err = String;
+
+    /// `true`/`all`, `false`/`none`, or comma-separated builder names.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "true" | "all" => Ok(EncoderChoice::All),
+            "false" | "none" => Ok(EncoderChoice::None),
+            list => {
+                let names: Vec<String> = list
+                    .split(',')
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if names.is_empty() {
+                    Err(format!("expected true, false or builder names, got {s:?}"))
+                } else {
+                    Ok(EncoderChoice::Only(names))
+                }
+            }
+        }
+    }
+}
+
+impl serde::Serialize for EncoderChoice {
+    /// The TOML forms [`Deserialize`](serde::Deserialize) reads: a bool or a list of names.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            EncoderChoice::None => s.serialize_bool(false),
+            EncoderChoice::All => s.serialize_bool(true),
+            EncoderChoice::Only(names) => serde::Serialize::serialize(names, s),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EncoderChoice {
+    /// TOML: `train_encoders = true`, `"vision_clip"` or `["vision_clip", "audio_whisper"]`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Names(Vec<String>),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Flag(all) => Ok(all.into()),
+            Raw::Names(names) => Ok(EncoderChoice::Only(names)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// LoRA settings (PEFT's `LoraConfig` fields).
@@ -201,11 +303,18 @@ impl TrainableModel {
         }
         let preloaded: std::collections::HashSet<String> =
             named(&projectors, "").into_iter().map(|p| p.name).collect();
+        let builders: Vec<&str> = config.modalities.iter().map(|m| m.builder.as_str()).collect();
+        let unknown = parts.encoders.unknown(&builders);
+        if !unknown.is_empty() {
+            return Err(Error::Config(format!(
+                "--train-encoders names {unknown:?}, but the model's modalities are {builders:?}"
+            )));
+        }
         let mut runtimes = Vec::with_capacity(config.modalities.len());
         let mut encoders = Vec::with_capacity(config.modalities.len());
         for entry in &config.modalities {
             let mut context = ModalityContext::new(device.clone(), DType::F32, model_dir);
-            let encoder_vars = parts.encoders.then(VarMap::new);
+            let encoder_vars = parts.encoders.includes(&entry.builder).then(VarMap::new);
             context.trainable = encoder_vars.clone();
             let modality =
                 build_modality(&entry.builder, &entry.config, &context).map_err(|e| {
@@ -351,15 +460,33 @@ impl TrainableModel {
     }
 
     /// File of the on-disk feature cache of modality `index` under `dir`:
-    /// `{identity}.safetensors`, the identity hashing the builder, its config, the
-    /// projector prefix and the model directory; keys are item content hashes.
+    /// `{builder}-{identity}.safetensors`, the identity hashing the builder, its
+    /// config, the encoder's files and the model directory's processor
+    /// configs; keys are item content hashes.
     fn cache_file(&self, dir: &Path, index: usize) -> Option<PathBuf> {
         use std::hash::{Hash, Hasher};
         let entry = self.config.modalities.get(index)?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         entry.builder.hash(&mut h);
         entry.config.to_string().hash(&mut h);
-        absolute(&self.model_dir).hash(&mut h);
+        // The encoder's files and the model directory's processor configs by content, not by path: rewritten weights at the
+        // same path must not be served stale features, and a copy of the same
+        // encoder (stage 2 starting from stage 1's output) should hit.
+        hash_files(&self.model_dir, &mut h, |p| {
+            p.file_name()
+                .is_some_and(|n| n == "preprocessor_config.json" || n == "processor_config.json")
+        });
+        let encoder_dir = encoder_dir_key(&entry.builder)
+            .and_then(|(key, default)| {
+                entry
+                    .config
+                    .get(key)
+                    .and_then(|v| v.as_str())
+                    .or(default)
+                    .map(|rel| resolve(&self.model_dir, rel))
+            })
+            .unwrap_or_else(|| self.model_dir.clone());
+        hash_files(&encoder_dir, &mut h, |_| true);
         Some(dir.join(format!("{}-{:016x}.safetensors", entry.builder, h.finish())))
     }
 
@@ -568,6 +695,35 @@ impl TrainableModel {
         let text =
             serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&out.join(MULTIMODAL_CONFIG_FILE), text.as_bytes())
+    }
+}
+
+/// Feeds the names and bytes of the regular files directly in `dir` (sorted)
+/// that `keep` accepts to `h`; unreadable entries are skipped (loading the
+/// encoder reports them).
+fn hash_files(dir: &Path, h: &mut impl std::hash::Hasher, keep: impl Fn(&Path) -> bool) {
+    use std::hash::Hash;
+    use std::io::Read;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && keep(p))
+        .collect();
+    files.sort();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in files {
+        path.file_name().hash(h);
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        while let Ok(n) = file.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            h.write(&buf[..n]);
+        }
     }
 }
 
@@ -926,5 +1082,43 @@ impl WeightSource for VarSource<'_> {
             None
         };
         Linear::dense(weight, bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EncoderChoice;
+
+    fn check(text: &str, expect: Result<EncoderChoice, ()>) {
+        assert_eq!(text.parse::<EncoderChoice>().map_err(|_| ()), expect, "{text:?}");
+    }
+
+    #[test]
+    fn encoder_choice_parses_flags_and_names() {
+        let only = |n: &[&str]| Ok(EncoderChoice::Only(n.iter().map(|s| s.to_string()).collect()));
+        check("true", Ok(EncoderChoice::All));
+        check("false", Ok(EncoderChoice::None));
+        check("vision_clip", only(&["vision_clip"]));
+        check("vision_clip, audio_whisper", only(&["vision_clip", "audio_whisper"]));
+        check(" , ", Err(()));
+        let choice: EncoderChoice = "vision_clip".parse().unwrap();
+        assert!(choice.includes("vision_clip") && !choice.includes("audio_whisper"));
+        assert_eq!(choice.unknown(&["vision_clip", "audio_whisper"]), Vec::<&str>::new());
+        assert_eq!(EncoderChoice::from(true).unknown(&[]), Vec::<&str>::new());
+        let typo: EncoderChoice = "vision_clipp".parse().unwrap();
+        assert_eq!(typo.unknown(&["vision_clip"]), vec!["vision_clipp"]);
+    }
+
+    #[test]
+    fn encoder_choice_reads_toml_forms() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            e: EncoderChoice,
+        }
+        let read = |s: &str| toml::from_str::<T>(s).map(|t| t.e).ok();
+        assert_eq!(read("e = true"), Some(EncoderChoice::All));
+        assert_eq!(read("e = [\"vision_clip\"]"), Some(EncoderChoice::Only(vec!["vision_clip".into()])));
+        assert_eq!(read("e = \"audio_whisper\""), Some(EncoderChoice::Only(vec!["audio_whisper".into()])));
+        assert_eq!(read("e = 3"), None);
     }
 }

@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, write_atomic, Row};
-use crate::model::{LoraSettings, TrainParts, TrainableModel};
+use crate::model::{EncoderChoice, LoraSettings, TrainParts, TrainableModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use crate::{Error, Result};
 
@@ -35,8 +35,8 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// `projectors` (stage 1), `lora` (stage 2) or `full`.
     pub stage: Stage,
-    /// Also train the modality encoders.
-    pub train_encoders: bool,
+    /// Which modality encoders train too.
+    pub train_encoders: EncoderChoice,
     /// Projector weights to start from.
     pub pretrained_projectors: Option<PathBuf>,
     /// LoRA rank.
@@ -113,7 +113,7 @@ impl TrainConfig {
             dataset,
             output_dir,
             stage: Stage::Projectors,
-            train_encoders: false,
+            train_encoders: EncoderChoice::None,
             pretrained_projectors: None,
             lora_r: 64,
             lora_alpha: 16.0,
@@ -202,7 +202,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let parts = TrainParts {
         projectors: true,
         lm: cfg.stage == Stage::Full,
-        encoders: cfg.train_encoders,
+        encoders: cfg.train_encoders.clone(),
         pretrained_projectors: cfg.pretrained_projectors.clone(),
         lora: (cfg.stage == Stage::Lora).then(|| LoraSettings {
             r: cfg.lora_r,

@@ -129,7 +129,7 @@ fn stage1_loss_falls_and_output_loads() -> TestResult {
 fn full_finetuning_with_encoder_trains_everything() -> TestResult {
     let root = temp("full")?;
     let mut cfg = config(&root, Stage::Full, 12)?;
-    cfg.train_encoders = true;
+    cfg.train_encoders = true.into();
     cfg.learning_rate = 3e-3;
     let summary = train(&cfg)?;
     let losses: Vec<f64> = summary.log.iter().map(|l| l.loss).collect();
@@ -169,20 +169,20 @@ fn full_finetuning_with_encoder_trains_everything() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn resume_repeats_the_uninterrupted_run() -> TestResult {
-    let root_a = temp("resume-a")?;
-    let mut a = config(&root_a, Stage::Projectors, 6)?;
-    a.gradient_accumulation_steps = 2;
-    a.per_device_train_batch_size = 3;
-    a.warmup_steps = Some(2);
-    let full = train(&a)?;
-
-    let root_b = temp("resume-b")?;
-    let mut b = config(&root_b, Stage::Projectors, 6)?;
-    b.gradient_accumulation_steps = 2;
-    b.per_device_train_batch_size = 3;
-    b.warmup_steps = Some(2);
+/// Trains `steps` steps uninterrupted, and again with a checkpoint at step 3
+/// from which a second run resumes: the two loss curves must be identical.
+fn check_resume(name: &str, stage: Stage, train_encoders: bool) -> TestResult {
+    let setup = |root: &Path| -> Result<TrainConfig, Box<dyn std::error::Error>> {
+        let mut cfg = config(root, stage, 6)?;
+        cfg.gradient_accumulation_steps = 2;
+        cfg.per_device_train_batch_size = 3;
+        cfg.warmup_steps = Some(2);
+        cfg.train_encoders = train_encoders.into();
+        cfg.learning_rate = 3e-3;
+        Ok(cfg)
+    };
+    let full = train(&setup(&temp(&format!("{name}-a"))?)?)?;
+    let mut b = setup(&temp(&format!("{name}-b"))?)?;
     b.save_steps = 3;
     train(&b)?;
     // Pretend the run died after step 3.
@@ -192,6 +192,52 @@ fn resume_repeats_the_uninterrupted_run() -> TestResult {
     let la: Vec<f64> = full.log.iter().map(|l| l.loss).collect();
     let lb: Vec<f64> = resumed.log.iter().map(|l| l.loss).collect();
     assert_eq!(la, lb, "losses after resume differ");
+    Ok(())
+}
+
+#[test]
+fn resume_repeats_the_uninterrupted_run() -> TestResult {
+    check_resume("resume", Stage::Projectors, false)
+}
+
+#[test]
+fn resume_with_lm_and_tower_training_repeats_the_uninterrupted_run() -> TestResult {
+    check_resume("resume-full", Stage::Full, true)
+}
+
+/// Every trained weight (LM, tower, projectors) is read by the forward at its
+/// current value: a module holding a load-time copy of a variable (a
+/// transposed patch embedding, say) keeps computing with the initial value
+/// while the optimiser updates the variable, so the saved model differs from
+/// what training saw. Checked by loading checkpoint-3 afresh: its loss on the
+/// one-batch dataset must equal the loss the run logged at step 4.
+#[test]
+fn a_saved_checkpoint_computes_the_loss_training_saw() -> TestResult {
+    let root = temp("reload")?;
+    let mut cfg = config(&root, Stage::Full, 4)?;
+    cfg.train_encoders = true.into();
+    cfg.learning_rate = 3e-3;
+    cfg.per_device_train_batch_size = 8; // the whole dataset: every step sees the same rows
+    cfg.save_steps = 3;
+    let run = train(&cfg)?;
+    let logged = run.log.get(3).map(|l| l.loss).ok_or("no step 4")?;
+
+    let mut again = TrainConfig::new(
+        cfg.output_dir.join("checkpoint-3"),
+        cfg.dataset.clone(),
+        root.join("again"),
+    );
+    again.stage = Stage::Full;
+    again.train_encoders = true.into();
+    again.max_steps = Some(1);
+    again.per_device_train_batch_size = 8;
+    again.learning_rate = 1e-12;
+    again.progress = false;
+    let reloaded = train(&again)?.log.first().map(|l| l.loss).ok_or("no step")?;
+    assert!(
+        (reloaded - logged).abs() < 1e-5,
+        "checkpoint-3 reloaded gives loss {reloaded}, training saw {logged}"
+    );
     Ok(())
 }
 

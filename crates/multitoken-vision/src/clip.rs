@@ -137,11 +137,12 @@ impl ClipVisionTower {
         let p = config.patch_size;
         let emb = vb.pp("embeddings");
         let class_embedding = emb.get(d, "class_embedding")?;
+        // A view of the checkpoint tensor, not a transposed copy: when the tower
+        // trains, the weight is a variable and the forward must read its
+        // current value (a copy made here would stay at the initial one).
         let patch_weight = emb
             .get((d, config.num_channels, p, p), "patch_embedding.weight")?
-            .reshape((d, config.num_channels * p * p))?
-            .t()?
-            .contiguous()?;
+            .reshape((d, config.num_channels * p * p))?;
         let position_embedding =
             emb.get((config.num_patches() + 1, d), "position_embedding.weight")?;
         let ln = |name: &str| {
@@ -201,7 +202,9 @@ impl ClipVisionTower {
             .reshape((b, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * g * g, c * p * p))?;
-        let patch_embeds = patches.matmul(&self.patch_weight)?.reshape((b, g * g, cfg.hidden_size))?;
+        let patch_embeds = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((b, g * g, cfg.hidden_size))?;
         let cls = self
             .class_embedding
             .reshape((1, 1, cfg.hidden_size))?
