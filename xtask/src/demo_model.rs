@@ -92,7 +92,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let args = parse(rest)?;
     match command {
         "build" => build::run(&args),
-        "package" => build::package(&args.out, &args.model),
+        "package" => build::package_and_evaluate(&args.out, &args, None).map(|_| ()),
         "data" => data(&args),
         "skeleton" => {
             let texts = training_text(&args.data.join("train.jsonl"))?;

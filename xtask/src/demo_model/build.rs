@@ -70,11 +70,7 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("multitoken train failed ({status})");
     }
     let train_secs = train_started.elapsed().as_secs_f64();
-    package(&trained, &args.model)?;
-    let heldout = args.data.join("heldout.jsonl");
-    let report = eval::evaluate(&args.model, &heldout, args.limit, false)?;
-    eval::print(&report);
-    write_readme(&args.model, &report, train_secs)?;
+    let report = package_and_evaluate(&trained, args, Some(train_secs))?;
     println!(
         "demo model in {} (training {:.0} s, all steps {:.0} s, held-out accuracy {:.1}%)",
         args.model.display(),
@@ -83,6 +79,22 @@ pub fn run(args: &Args) -> Result<()> {
         100.0 * report.accuracy()
     );
     Ok(())
+}
+
+/// [`package`]s the run in `run` into `args.model`, evaluates it on the
+/// held-out split and writes its README (`train_secs`: the training time, when
+/// this process measured it).
+pub fn package_and_evaluate(
+    run: &Path,
+    args: &Args,
+    train_secs: Option<f64>,
+) -> Result<eval::Report> {
+    package(run, &args.model)?;
+    let heldout = args.data.join("heldout.jsonl");
+    let report = eval::evaluate(&args.model, &heldout, args.limit, false)?;
+    eval::print(&report);
+    write_readme(&args.model, &report, train_secs)?;
+    Ok(report)
 }
 
 /// Files of a training output that a packaged model keeps (no checkpoints).
@@ -175,7 +187,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// `README.md` of the packaged model: what it is, how it was made, how well it does.
-fn write_readme(out: &Path, report: &eval::Report, train_secs: f64) -> Result<()> {
+fn write_readme(out: &Path, report: &eval::Report, train_secs: Option<f64>) -> Result<()> {
     let mut rows = String::new();
     for (task, (correct, total)) in &report.by_task {
         rows.push_str(&format!("| {task} | {correct}/{total} |\n"));
@@ -188,10 +200,12 @@ fn write_readme(out: &Path, report: &eval::Report, train_secs: f64) -> Result<()
          (`lm/`, tokenizer trained with `tokenizers`), a CLIP-arch vision tower, a\n\
          Whisper-arch audio encoder and a BERT sentence encoder, with their projectors.\n\
          It is the default model of `multitoken chat`, `generate` and `serve`.\n\n\
-         Training took {train_secs:.0} s on this machine's CPU threads. Loss curve: `loss.png`,\n\
-         every step: `metrics.jsonl`.\n\n\
+         {}Loss curve: `loss.png`, every 10th step: `metrics.jsonl`.\n\n\
          Held-out accuracy (greedy answers judged by `multitoken_datasets::judge`):\n\
          **{:.1}%**\n\n| task | correct |\n|---|---|\n{rows}",
+        train_secs
+            .map(|s| format!("Training took {s:.0} s on this machine's CPU. "))
+            .unwrap_or_default(),
         100.0 * report.accuracy()
     );
     let path = out.join("README.md");

@@ -22,7 +22,7 @@ const LM_VOCAB: usize = 640;
 const LM_MAX_POSITIONS: usize = 512;
 
 const CLIP_HIDDEN: usize = 64;
-const CLIP_IMAGE: usize = 32;
+const CLIP_IMAGE: usize = 48;
 const CLIP_PATCH: usize = 8;
 
 const WHISPER_D: usize = 64;
