@@ -21,14 +21,15 @@ try {
   await page.waitForSelector(".chip");
   await page.fill("#prompt", "What is in this picture?");
   await page.click("#send");
-  // Streaming: the assistant bubble fills while it has the `streaming` class.
-  await page.waitForSelector(".msg.assistant.streaming", { state: "attached" });
-  await page.waitForSelector(".msg.assistant.done", { timeout: 180000 });
+  // Streaming: the assistant bubble fills chunk by chunk (counted in
+  // data-chunks); a short answer may be done before `streaming` is ever seen.
+  await page.waitForSelector(".msg.assistant.done", { state: "attached", timeout: 180000 });
   const failed = await page.$(".msg.assistant.error");
   const answer = await page.textContent(".msg.assistant .text");
+  const chunks = Number(await page.getAttribute(".msg.assistant", "data-chunks"));
   await page.screenshot({ path: screenshot, fullPage: true });
   const images = await page.$$eval(".msg.user img", (imgs) => imgs.length);
-  console.log(JSON.stringify({ model, modalities, answer, error: failed !== null, images }));
+  console.log(JSON.stringify({ model, modalities, answer, chunks, error: failed !== null, images }));
 } finally {
   await browser.close();
 }

@@ -83,6 +83,7 @@ fn the_chat_page_answers_an_image_question_in_chromium() {
         !result["answer"].as_str().unwrap().is_empty(),
         "no streamed answer: {result}"
     );
+    assert!(result["chunks"].as_u64().unwrap_or(0) >= 1, "no streamed chunks: {result}");
     assert!(
         std::fs::metadata(&screenshot).unwrap().len() > 1000,
         "no screenshot at {}",

@@ -52,6 +52,8 @@ fn jnana_preset_widths_and_end_of_image_text() -> TestResult {
         .image_suffix
         .clone()
         .ok_or("jnana has an end-of-image text")?;
+    // Jñāna's README (stage 1): "We used the text *"caption image:"* as end-of-image string".
+    assert_eq!(suffix, "caption image:");
     assert_eq!(
         preset.apply_image_suffix("a <image> b"),
         format!("a <image>{suffix} b")
