@@ -1,6 +1,7 @@
 //! `cargo xtask demo-model build`: the whole recipe, start to finish — the
 //! synthetic data, the random skeleton, training with our own `multitoken
-//! train` binary (settings in `xtask/demo-model.toml`), packaging into a
+//! train` binary in two phases (settings in `xtask/demo-model.toml` and
+//! `xtask/demo-model-2.toml`), packaging into a
 //! self-contained directory (default `examples/demo-model`) and the held-out
 //! evaluation whose figures go into that directory's README.
 
@@ -12,9 +13,13 @@ use anyhow::{bail, Context, Result};
 
 use super::{eval, root, Args};
 
-/// The training settings of the demo model (TOML, `multitoken train --config`).
-fn recipe() -> PathBuf {
-    root().join("xtask/demo-model.toml")
+/// The training phases of the demo model (TOML, `multitoken train --config`):
+/// phase 1 from the random skeleton, phase 2 from phase 1's packaged model.
+fn recipes() -> [PathBuf; 2] {
+    [
+        root().join("xtask/demo-model.toml"),
+        root().join("xtask/demo-model-2.toml"),
+    ]
 }
 
 /// Builds the release `multitoken` binary and returns its path.
@@ -46,28 +51,37 @@ pub fn run(args: &Args) -> Result<()> {
     let texts = super::training_text(&train_file)?;
     super::skeleton::write(&init, &texts, args.seed)?;
     let exe = multitoken_binary()?;
-    let trained = work.join("run");
-    if trained.exists() {
-        std::fs::remove_dir_all(&trained)
-            .with_context(|| format!("removing the previous run {}", trained.display()))?;
-    }
     let train_started = Instant::now();
-    let status = Command::new(&exe)
-        .arg("train")
-        .arg("--config")
-        .arg(recipe())
-        .arg("--model")
-        .arg(&init)
-        .arg("--dataset")
-        .arg(&train_file)
-        .arg("--output-dir")
-        .arg(&trained)
-        .arg("--seed")
-        .arg(args.seed.to_string())
-        .status()
-        .with_context(|| format!("running {} train", exe.display()))?;
-    if !status.success() {
-        bail!("multitoken train failed ({status})");
+    let mut model = init;
+    let mut trained = PathBuf::new();
+    for (phase, recipe) in recipes().iter().enumerate() {
+        trained = work.join(format!("run-{}", phase + 1));
+        if trained.exists() {
+            std::fs::remove_dir_all(&trained)
+                .with_context(|| format!("removing the previous run {}", trained.display()))?;
+        }
+        // Frozen encoders' features are computed once and reused by later phases and runs.
+        let status = Command::new(&exe)
+            .arg("train")
+            .arg("--config")
+            .arg(recipe)
+            .arg("--model")
+            .arg(&model)
+            .arg("--dataset")
+            .arg(&train_file)
+            .arg("--output-dir")
+            .arg(&trained)
+            .arg("--seed")
+            .arg(args.seed.to_string())
+            .arg("--feature-cache")
+            .arg(work.join("features"))
+            .status()
+            .with_context(|| format!("running {} train", exe.display()))?;
+        if !status.success() {
+            bail!("multitoken train (phase {}) failed ({status})", phase + 1);
+        }
+        model = work.join(format!("phase-{}", phase + 1));
+        package(&trained, &model)?;
     }
     let train_secs = train_started.elapsed().as_secs_f64();
     let report = package_and_evaluate(&trained, args, Some(train_secs))?;
@@ -162,7 +176,9 @@ pub fn package(run: &Path, out: &Path) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(&config)? + "\n";
     std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
-    copy(&recipe(), &out.join("train.toml"))?;
+    for (phase, recipe) in recipes().iter().enumerate() {
+        copy(recipe, &out.join(format!("train-{}.toml", phase + 1)))?;
+    }
     Ok(())
 }
 
@@ -195,7 +211,8 @@ fn write_readme(out: &Path, report: &eval::Report, train_secs: Option<f64>) -> R
     let text = format!(
         "# The embedded demo model\n\n\
          A tiny multimodal model trained from scratch by `cargo xtask demo-model build`\n\
-         with our own `multitoken train` (settings in `train.toml`) on the synthetic\n\
+         with our own `multitoken train` in two phases (settings in `train-1.toml`,\n\
+         `train-2.toml`) on the synthetic\n\
          shapes / beeps / topic-documents data of `datasets/shapes`: a llama-arch LM\n\
          (`lm/`, tokenizer trained with `tokenizers`), a CLIP-arch vision tower, a\n\
          Whisper-arch audio encoder and a BERT sentence encoder, with their projectors.\n\
