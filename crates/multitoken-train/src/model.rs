@@ -1086,6 +1086,7 @@ impl WeightSource for VarSource<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::EncoderChoice;
 
