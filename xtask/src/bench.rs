@@ -167,7 +167,10 @@ fn prompt_ids(n: usize) -> Vec<u32> {
         .collect()
 }
 
-fn last_json_line(cmd: &mut Command) -> Result<Value> {
+/// Runs `cmd` and parses the last stdout line that is a JSON object (the
+/// contract of our binaries' and the Python references' `--json` output);
+/// a failed run is an error with its stdout and stderr.
+pub(crate) fn last_json_line(cmd: &mut Command) -> Result<Value> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {

@@ -25,8 +25,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use multitoken_audio::{default_whisper_dir, load_audio, DecodeConfig, LogMel, Whisper};
 use multitoken_core::Item;
-use serde_json::Value;
 
+use crate::bench::last_json_line;
 use crate::weights::{python, workspace_root};
 
 /// Run `bench audio`.
@@ -171,18 +171,4 @@ fn write_wav(path: &Path, rate: u32, channels: u16, seconds: u32) -> Result<()> 
         }
     }
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
-}
-
-fn last_json_line(cmd: &mut Command) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({}):\n{}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .with_context(|| format!("no JSON from {cmd:?}:\n{stdout}"))?;
-    serde_json::from_str(line).with_context(|| format!("bad JSON from {cmd:?}: {line}"))
 }

@@ -21,6 +21,7 @@ use candle_core::{DType, Device};
 use multitoken_document::{default_minilm_dir, extract_item, ChunkConfig, ExtractConfig, SentenceEncoder};
 use serde_json::{json, Value};
 
+use crate::bench::last_json_line;
 use crate::weights::{python, workspace_root};
 
 /// Run `bench document`.
@@ -212,14 +213,4 @@ fn write_pdf(pages: &[Vec<String>]) -> Vec<u8> {
         format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes(),
     );
     out
-}
-
-fn last_json_line(cmd: &mut Command) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({}):\n{}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
-    }
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| format!("no JSON from {cmd:?}:\n{stdout}"))?;
-    serde_json::from_str(line).with_context(|| format!("bad JSON from {cmd:?}: {line}"))
 }

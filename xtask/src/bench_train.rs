@@ -48,6 +48,7 @@ use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::multimodal::MultimodalModel;
 use serde_json::{json, Value};
 
+use crate::bench::last_json_line;
 use crate::weights::{cache_dir, python, workspace_root};
 
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -396,18 +397,4 @@ fn run_status(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed ({status}); it needs the dev venv (torch, transformers, peft, pillow)");
     }
     Ok(())
-}
-
-fn last_json_line(cmd: &mut Command) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({}):\n{}\n{}", out.status, stdout, String::from_utf8_lossy(&out.stderr));
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .with_context(|| format!("no JSON from {cmd:?}:\n{stdout}"))?;
-    serde_json::from_str(line).with_context(|| format!("bad JSON from {cmd:?}: {line}"))
 }

@@ -26,6 +26,7 @@ use multitoken_vision::{
 };
 use serde_json::{json, Value};
 
+use crate::bench::last_json_line;
 use crate::weights::{python, workspace_root};
 
 /// Run `bench vision`.
@@ -243,23 +244,4 @@ fn tower_bench(repeat: usize) -> Result<f64> {
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok(best)
-}
-
-fn last_json_line(cmd: &mut Command) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}\n{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .with_context(|| format!("no JSON from {cmd:?}:\n{stdout}"))?;
-    serde_json::from_str(line).with_context(|| format!("bad JSON from {cmd:?}: {line}"))
 }
