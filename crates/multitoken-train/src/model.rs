@@ -469,22 +469,15 @@ impl TrainableModel {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         entry.builder.hash(&mut h);
         entry.config.to_string().hash(&mut h);
-        // The encoder's files and the model directory's processor configs by content, not by path: rewritten weights at the
-        // same path must not be served stale features, and a copy of the same
-        // encoder (stage 2 starting from stage 1's output) should hit.
+        // The encoder's files and the model directory's processor configs by
+        // content, not by path: rewritten weights at the same path must not be
+        // served stale features, and a copy of the same encoder (stage 2
+        // starting from stage 1's output) should hit.
         hash_files(&self.model_dir, &mut h, |p| {
             p.file_name()
                 .is_some_and(|n| n == "preprocessor_config.json" || n == "processor_config.json")
         });
-        let encoder_dir = encoder_dir_key(&entry.builder)
-            .and_then(|(key, default)| {
-                entry
-                    .config
-                    .get(key)
-                    .and_then(|v| v.as_str())
-                    .or(default)
-                    .map(|rel| resolve(&self.model_dir, rel))
-            })
+        let encoder_dir = configured_encoder_dir(&self.model_dir, &entry.builder, &entry.config)
             .unwrap_or_else(|| self.model_dir.clone());
         hash_files(&encoder_dir, &mut h, |_| true);
         Some(dir.join(format!("{}-{:016x}.safetensors", entry.builder, h.finish())))
@@ -642,7 +635,7 @@ impl TrainableModel {
             config.base_model = Some(absolute(&self.lm_path).display().to_string());
         }
         for (i, entry) in config.modalities.iter_mut().enumerate() {
-            let Some((key, default)) = encoder_dir_key(&entry.builder) else {
+            let Some((key, _)) = encoder_dir_key(&entry.builder) else {
                 if self.encoders.get(i).is_some_and(Option::is_some) {
                     return Err(Error::Config(format!(
                         "cannot save the trained encoder of `{}`: its weights directory key is unknown",
@@ -651,14 +644,11 @@ impl TrainableModel {
                 }
                 continue;
             };
-            let current = entry
-                .config
-                .get(key)
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-                .or(default.map(str::to_string));
-            let Some(current) = current else { continue };
-            let source_dir = resolve(&self.model_dir, &current);
+            let Some(source_dir) =
+                configured_encoder_dir(&self.model_dir, &entry.builder, &entry.config)
+            else {
+                continue;
+            };
             let new_value = match self.encoders.get(i).and_then(Option::as_ref) {
                 Some(map) => {
                     let name = format!("encoder-{i}");
@@ -862,6 +852,18 @@ fn encoder_dir_key(builder: &str) -> Option<(&'static str, Option<&'static str>)
     } else {
         None
     }
+}
+
+/// The encoder directory a modality's config names (its [`encoder_dir_key`]
+/// value, or the builder's default), resolved against the model directory.
+fn configured_encoder_dir(
+    model_dir: &Path,
+    builder: &str,
+    config: &serde_json::Value,
+) -> Option<PathBuf> {
+    let (key, default) = encoder_dir_key(builder)?;
+    let relative = config.get(key).and_then(|v| v.as_str()).or(default)?;
+    Some(resolve(model_dir, relative))
 }
 
 fn resolve(dir: &Path, relative: &str) -> PathBuf {
