@@ -108,16 +108,7 @@ fn lm(args: &[String]) -> Result<()> {
     let target = root.join("target").join("bench");
     let exe = target.join("release").join("xtask");
     if s.build || !exe.is_file() {
-        eprintln!("building the release bench binary into {} ...", target.display());
-        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "-p", "xtask"])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(&root)
-            .status()
-            .context("running cargo build --release")?;
-        if !status.success() {
-            bail!("cargo build --release -p xtask failed ({status})");
-        }
+        build_release("xtask", &target)?;
     }
     std::fs::create_dir_all(&target)?;
     let prompt_file = target.join("prompt_ids.json");
@@ -165,6 +156,22 @@ fn prompt_ids(n: usize) -> Vec<u32> {
             100 + ((state >> 33) % 48_000) as u32
         })
         .collect()
+}
+
+/// `cargo build --release -p {package}` into the target directory `target`;
+/// returns the path of the package's binary there.
+pub(crate) fn build_release(package: &str, target: &Path) -> Result<PathBuf> {
+    eprintln!("building the release {package} binary into {} ...", target.display());
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--release", "-p", package])
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo build --release -p {package}"))?;
+    if !status.success() {
+        bail!("cargo build --release -p {package} failed ({status})");
+    }
+    Ok(target.join("release").join(package))
 }
 
 /// Runs `cmd` and parses the last stdout line that is a JSON object (the

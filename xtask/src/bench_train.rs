@@ -140,16 +140,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let exe = target.join("release").join("multitoken");
     if s.build || !exe.is_file() {
-        eprintln!("building the release multitoken binary into {} ...", target.display());
-        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "-p", "multitoken"])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(&root)
-            .status()
-            .context("running cargo build --release")?;
-        if !status.success() {
-            bail!("cargo build --release -p multitoken failed ({status})");
-        }
+        crate::bench::build_release("multitoken", &target)?;
     }
     let load_before = loadavg();
     let threads = s.threads.to_string();

@@ -22,21 +22,13 @@ fn recipes() -> [PathBuf; 2] {
     ]
 }
 
-/// Builds the release `multitoken` binary and returns its path.
+/// Builds the release `multitoken` binary (into `$CARGO_TARGET_DIR`, else the
+/// workspace's `target/`) and returns its path.
 fn multitoken_binary() -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "multitoken"])
-        .current_dir(root())
-        .status()
-        .context("running cargo build --release -p multitoken")?;
-    if !status.success() {
-        bail!("cargo build --release -p multitoken failed ({status})");
-    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    Ok(target.join("release/multitoken"))
+    crate::bench::build_release("multitoken", &target)
 }
 
 /// Runs every step; `args.model` is where the packaged model goes.
