@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 /// Longest a source file may grow before it must be split.
 const MAX_LINES: usize = 1_500;
 
-/// Crates that implement a modality; they may depend on `multitoken-core` alone.
+/// Crates that implement a modality; they may depend on `multitoken-core` and `multitoken-kernels` alone.
 const MODALITY_PREFIXES: &[&str] = &["multitoken-vision", "multitoken-audio", "multitoken-document"];
 
 /// Crates that must do no network IO, and so may not depend on these.
@@ -128,12 +128,12 @@ fn check_dependencies(krate: &str, deps: &[String]) -> Vec<String> {
     let ours: Vec<&String> = deps.iter().filter(|d| d.starts_with("multitoken")).collect();
     let is_modality = MODALITY_PREFIXES.iter().any(|p| krate.starts_with(p));
     let allowed: Option<&[&str]> = match krate {
-        "multitoken-core" => Some(&[]),
-        "multitoken-lm" => Some(&["multitoken-core"]),
+        "multitoken-core" | "multitoken-kernels" => Some(&[]),
+        "multitoken-lm" => Some(&["multitoken-core", "multitoken-kernels"]),
         "multitoken-train" | "multitoken-moe" | "multitoken-serve" => {
             Some(&["multitoken-core", "multitoken-lm", "multitoken-train", "multitoken-moe"])
         }
-        _ if is_modality => Some(&["multitoken-core"]),
+        _ if is_modality => Some(&["multitoken-core", "multitoken-kernels"]),
         _ => None,
     };
     let mut problems = Vec::new();
@@ -146,7 +146,7 @@ fn check_dependencies(krate: &str, deps: &[String]) -> Vec<String> {
             }
         }
     }
-    let offline = krate == "multitoken-core" || krate == "multitoken-lm" || is_modality;
+    let offline = matches!(krate, "multitoken-core" | "multitoken-kernels" | "multitoken-lm") || is_modality;
     if offline {
         for dep in deps {
             if NETWORK_CRATES.contains(&dep.as_str()) {
@@ -183,6 +183,8 @@ mod tests {
         check_deps("multitoken-core", "[dependencies]\ncandle-core.workspace = true\n", &[]);
         check_deps("multitoken-core", "[dependencies]\nmultitoken-lm.workspace = true\n", &["multitoken-lm"]);
         check_deps("multitoken-vision", "[dependencies]\nmultitoken-core = { path = \"x\" }\n", &[]);
+        check_deps("multitoken-vision", "[dependencies]\nmultitoken-kernels.workspace = true\n", &[]);
+        check_deps("multitoken-kernels", "[dependencies]\nmultitoken-core.workspace = true\n", &["multitoken-core"]);
         check_deps("multitoken-vision", "[dependencies]\nmultitoken-lm = \"1\"\n", &["multitoken-lm"]);
         check_deps("multitoken-serve", "[dependencies]\nmultitoken-vision.workspace = true\n", &["multitoken-vision"]);
         check_deps("multitoken-lm", "[dependencies]\nreqwest = \"1\"\n", &["network"]);

@@ -10,7 +10,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, VarBuilder};
+use multitoken_kernels::{layer_norm as norm, Activation, Linear};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -118,7 +119,7 @@ fn get(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {
 fn linear(vb: &VarBuilder, input: usize, output: usize, bias: bool) -> Result<Linear> {
     let weight = get(vb, &[output, input], "weight")?;
     let bias = if bias { Some(get(vb, &[output], "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias)?)
 }
 
 fn layer_norm(vb: &VarBuilder, dim: usize) -> Result<LayerNorm> {
@@ -132,15 +133,21 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
+    /// q, k and v in one product when the weights are frozen (`None` when training).
+    qkv: Option<Linear>,
     heads: usize,
 }
 
 impl Attention {
     fn load(vb: &VarBuilder, dim: usize, heads: usize) -> Result<Self> {
+        let q_proj = linear(&vb.pp("q_proj"), dim, dim, true)?;
+        let k_proj = linear(&vb.pp("k_proj"), dim, dim, false)?;
+        let v_proj = linear(&vb.pp("v_proj"), dim, dim, true)?;
         Ok(Self {
-            q_proj: linear(&vb.pp("q_proj"), dim, dim, true)?,
-            k_proj: linear(&vb.pp("k_proj"), dim, dim, false)?,
-            v_proj: linear(&vb.pp("v_proj"), dim, dim, true)?,
+            qkv: Linear::fuse(&[&q_proj, &k_proj, &v_proj])?,
+            q_proj,
+            k_proj,
+            v_proj,
             out_proj: linear(&vb.pp("out_proj"), dim, dim, true)?,
             heads,
         })
@@ -160,6 +167,22 @@ impl Attention {
             self.split(&self.k_proj.forward(source)?)?,
             self.split(&self.v_proj.forward(source)?)?,
         ))
+    }
+
+    /// Unmasked self-attention of `x` `[b, t, d]` (the encoder's), through the
+    /// fused kernels: one QKV product, no `[b, heads, t, t]` score tensor.
+    fn self_attend(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let qkv = qkv.forward(x)?;
+                (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?)
+            }
+            None => (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?),
+        };
+        let scale = ((d / self.heads) as f64).powf(-0.5);
+        let out = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
+        Ok(self.out_proj.forward(&out)?)
     }
 
     fn attend(&self, x: &Tensor, kv: &(Tensor, Tensor), causal: bool) -> Result<Tensor> {
@@ -197,7 +220,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)?)
+        Ok(self.fc2.forward(&self.fc1.forward_with(x, Activation::Gelu)?)?)
     }
 }
 
@@ -277,8 +300,7 @@ impl WhisperEncoder {
         let mut x = x.broadcast_add(&self.embed_positions.narrow(0, 0, t)?)?;
         for layer in &self.layers {
             let h = norm(&layer.self_attn_layer_norm, &x)?;
-            let kv = layer.self_attn.key_value(&h)?;
-            x = (&x + layer.self_attn.attend(&h, &kv, false)?)?;
+            x = (&x + layer.self_attn.self_attend(&h)?)?;
             let h = norm(&layer.final_layer_norm, &x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
         }
@@ -476,16 +498,6 @@ pub fn argmax_suppressed(logits: &Tensor, suppressed: &[u32]) -> Result<u32> {
         .ok_or_else(|| Error::Config("empty logits".to_string()))
 }
 
-/// LayerNorm that stays differentiable when training (candle's fused kernel has
-/// no backward pass, so a tracked input or weight takes the composite one).
-fn norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-    match ln.bias() {
-        Some(bias) if x.track_op() || ln.weight().track_op() => {
-            candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32)
-        }
-        _ => candle_nn::Module::forward(ln, x),
-    }
-}
 
 /// Softmax over the last dimension, differentiable when training.
 fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
+
+use crate::bert::Bert;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -77,7 +79,7 @@ struct SentenceBertFile {
 /// optional normalisation.
 pub struct SentenceEncoder {
     dir: PathBuf,
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     pooling: Vec<PoolingMode>,
     normalize: bool,
@@ -180,7 +182,7 @@ impl SentenceEncoder {
             unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
                 .map_err(|e| fail(format!("cannot map model.safetensors: {e}")))?
         };
-        let model = BertModel::load(vb, &config)
+        let model = Bert::load(vb, &config)
             .map_err(|e| fail(format!("model.safetensors: {e}")))?;
         Ok(Self {
             dir,
@@ -352,7 +354,7 @@ impl SentenceEncoder {
         let types = ids.zeros_like()?;
         let hidden = self
             .model
-            .forward(&ids, &types, Some(&mask))?
+            .forward(&ids, &types, &mask)?
             .to_dtype(DType::F32)?;
         let pooled = pool(&hidden, &mask, &self.pooling)?;
         if self.normalize {

@@ -27,6 +27,7 @@
 // Tests may unwrap and panic: a failure there is the report.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod bert;
 pub mod chunk;
 pub mod encoder;
 pub mod error;

@@ -8,8 +8,9 @@
 //! position_embedding.weight}`, `pre_layrnorm.*`, `encoder.layers.{i}.{self_attn.
 //! {q,k,v,out}_proj, layer_norm1, mlp.{fc1,fc2}, layer_norm2}.*`, `post_layernorm.*`.
 
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use candle_core::{Tensor, D};
+use multitoken_kernels::{layer_norm as norm, Activation, Linear};
+use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -202,8 +203,7 @@ impl ClipVisionTower {
             .reshape((b, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * g * g, c * p * p))?;
-        let patch_embeds = patches
-            .matmul(&self.patch_weight.t()?)?
+        let patch_embeds = multitoken_kernels::linear(&patches, &self.patch_weight, None, Activation::Identity)?
             .reshape((b, g * g, cfg.hidden_size))?;
         let cls = self
             .class_embedding
@@ -241,6 +241,8 @@ struct EncoderLayer {
     fc1: Linear,
     fc2: Linear,
     layer_norm2: LayerNorm,
+    /// q, k and v in one product when the tower is frozen (`None` when training).
+    qkv: Option<Linear>,
     heads: usize,
     quick_gelu: bool,
 }
@@ -253,14 +255,18 @@ impl EncoderLayer {
             eps: cfg.layer_norm_eps,
             ..Default::default()
         };
+        let q_proj = Linear::load(&attn.pp("q_proj"), d, d, true)?;
+        let k_proj = Linear::load(&attn.pp("k_proj"), d, d, true)?;
+        let v_proj = Linear::load(&attn.pp("v_proj"), d, d, true)?;
         Ok(Self {
-            q_proj: linear(d, d, attn.pp("q_proj"))?,
-            k_proj: linear(d, d, attn.pp("k_proj"))?,
-            v_proj: linear(d, d, attn.pp("v_proj"))?,
-            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            qkv: Linear::fuse(&[&q_proj, &k_proj, &v_proj])?,
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj: Linear::load(&attn.pp("out_proj"), d, d, true)?,
             layer_norm1: layer_norm(d, ln_cfg, vb.pp("layer_norm1"))?,
-            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            fc1: Linear::load(&vb.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+            fc2: Linear::load(&vb.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
             layer_norm2: layer_norm(d, ln_cfg, vb.pp("layer_norm2"))?,
             heads: cfg.num_attention_heads,
             quick_gelu: cfg.hidden_act == "quick_gelu",
@@ -268,30 +274,20 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let hd = d / self.heads;
+        let d = x.dim(D::Minus1)?;
+        let scale = ((d / self.heads) as f64).powf(-0.5);
         let h = norm(&self.layer_norm1, x)?;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous()
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let qkv = qkv.forward(&h)?;
+                (qkv.narrow(D::Minus1, 0, d)?, qkv.narrow(D::Minus1, d, d)?, qkv.narrow(D::Minus1, 2 * d, d)?)
+            }
+            None => (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?),
         };
-        let scale = (hd as f64).powf(-0.5);
-        let q = split((self.q_proj.forward(&h)? * scale)?)?;
-        let k = split(self.k_proj.forward(&h)?)?;
-        let v = split(self.v_proj.forward(&h)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = if scores.dtype() == DType::F32 {
-            softmax(&scores)?
-        } else {
-            softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
-        };
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let attn = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
         let x = (x + self.out_proj.forward(&attn)?)?;
-        let h = self.fc1.forward(&norm(&self.layer_norm2, &x)?)?;
-        let h = if self.quick_gelu {
-            (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?
-        } else {
-            h.gelu_erf()?
-        };
+        let act = if self.quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
+        let h = self.fc1.forward_with(&norm(&self.layer_norm2, &x)?, act)?;
         Ok((x + self.fc2.forward(&h)?)?)
     }
 }
@@ -387,22 +383,4 @@ impl FeatureSelect {
     }
 }
 
-/// LayerNorm that stays differentiable when training (candle's fused kernel has
-/// no backward pass, so a tracked input or weight takes the composite one).
-fn norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-    match ln.bias() {
-        Some(bias) if x.track_op() || ln.weight().track_op() => {
-            candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32)
-        }
-        _ => candle_nn::Module::forward(ln, x),
-    }
-}
 
-/// Softmax over the last dimension, differentiable when training.
-fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, candle_core::D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}

@@ -1,0 +1,274 @@
+//! The kernels on plain f32 slices, split over candle's CPU thread pool.
+//!
+//! gemm's own threading splits a product only when it is large; the encoder
+//! towers' products (400×768 by 768×768 for a CLIP batch, 50×64 by 64×50 per
+//! attention head) are below that line, so gemm ran them on one core, or paid
+//! a rayon wake-up for each head. Here each call is cut into units first
+//! (column blocks of a linear layer, (batch, head, query block) triples of an
+//! attention), and every unit runs a single-threaded gemm on candle's spinning
+//! barrier pool, the pool candle's own element-wise ops use.
+
+use std::cell::RefCell;
+
+use gemm::{gemm, Parallelism};
+
+use crate::math;
+
+/// The activation a linear layer applies to its output while it is still in cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// None: `x W^T + b`.
+    Identity,
+    /// Exact GELU (`erf` form), as `nn.GELU()` and BERT's / Whisper's `gelu`.
+    Gelu,
+    /// CLIP's `quick_gelu`: `x · sigmoid(1.702 x)`.
+    QuickGelu,
+}
+
+impl Activation {
+    fn apply(self, xs: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::Gelu => math::gelu_in_place(xs),
+            Activation::QuickGelu => math::quick_gelu_in_place(xs),
+        }
+    }
+}
+
+/// A pointer to an output buffer that units write at disjoint places.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every use hands each unit its own region of the buffer.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Runs `f(unit)` for `0..units` on candle's pool (inline when there is one unit or one thread).
+fn for_each_unit(units: usize, f: impl Fn(usize) + Sync) {
+    if units <= 1 || candle_core::utils::get_num_threads() <= 1 {
+        (0..units).for_each(f);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(units, |range| range.for_each(&f));
+}
+
+/// The sizes of a linear layer's product: `x` is `[m, k]`, the weight `[n, k]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearShape {
+    /// Input rows.
+    pub m: usize,
+    /// Input width.
+    pub k: usize,
+    /// Output width.
+    pub n: usize,
+}
+
+/// How a linear layer's weight is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[n, k]`, PyTorch's `nn.Linear.weight`.
+    Rows,
+    /// `[k, n]`: gemm packs this one with vector loads rather than a strided
+    /// gather, 5–14% faster per product (measured on 400×768 by 768×3072 and
+    /// 400×3072 by 3072×768 products, AVX-512, 2 threads).
+    Columns,
+}
+
+/// `out[m, n] = act(x[m, k] · W^T + bias[n])` with `w` holding `W` `[n, k]` in
+/// `layout`; every slice row-major and dense.
+pub fn linear(x: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, shape: LinearShape, act: Activation, out: &mut [f32]) {
+    let LinearShape { m, k, n } = shape;
+    debug_assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    debug_assert!(bias.is_none_or(|b| b.len() >= n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Column blocks: each unit packs its own part of `w` and all of `x` (the small operand).
+    // A multiple of 32 keeps every block on whole AVX-512 micro-tiles; with more rows
+    // than columns, rows are split too so each core gets several units.
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let col_blocks = if m * n * k < 1 << 18 { 1 } else { threads.min(n.div_ceil(32)).max(1) };
+    let block = n.div_ceil(col_blocks).next_multiple_of(32).min(n);
+    let col_blocks = n.div_ceil(block);
+    let row_blocks = if col_blocks < threads && m >= 2 * threads { threads } else { 1 };
+    let row_block = m.div_ceil(row_blocks);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    for_each_unit(col_blocks * row_blocks, |unit| {
+        let (rb, cb) = (unit / col_blocks, unit % col_blocks);
+        let (r0, r1) = (rb * row_block, ((rb + 1) * row_block).min(m));
+        let (c0, c1) = (cb * block, ((cb + 1) * block).min(n));
+        if r0 >= r1 || c0 >= c1 {
+            return;
+        }
+        // SAFETY: rows r0..r1 × columns c0..c1 of `out` belong to this unit only.
+        let dst = |r: usize| unsafe { std::slice::from_raw_parts_mut(out_ptr.at(r * n + c0), c1 - c0) };
+        if let Some(bias) = bias {
+            for r in r0..r1 {
+                dst(r).copy_from_slice(&bias[c0..c1]);
+            }
+        }
+        let (rhs, rhs_cs, rhs_rs) = match layout {
+            WeightLayout::Rows => (w.as_ptr().wrapping_add(c0 * k), k as isize, 1),
+            WeightLayout::Columns => (w.as_ptr().wrapping_add(c0), 1, n as isize),
+        };
+        // SAFETY: the pointers and strides describe x[r0..r1, :], W[c0..c1, :]^T and
+        // out[r0..r1, c0..c1], all inside their slices (checked above).
+        unsafe {
+            gemm(
+                r1 - r0,
+                c1 - c0,
+                k,
+                out_ptr.at(r0 * n + c0),
+                1,
+                n as isize,
+                bias.is_some(),
+                x.as_ptr().add(r0 * k),
+                1,
+                k as isize,
+                rhs,
+                rhs_cs,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+        if act != Activation::Identity {
+            for r in r0..r1 {
+                act.apply(dst(r));
+            }
+        }
+    });
+}
+
+/// A `[batch, rows, heads * head_dim]` operand of an attention, rows `row_stride`
+/// apart and batches `batch_stride` apart (a view into a fused QKV output works).
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    /// The data, starting at the operand's first element.
+    pub data: &'a [f32],
+    /// Elements between consecutive rows.
+    pub row_stride: usize,
+    /// Elements between consecutive batches.
+    pub batch_stride: usize,
+}
+
+/// The shape of an attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Query positions.
+    pub queries: usize,
+    /// Key (and value) positions.
+    pub keys: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// Query rows per unit: 64 rows of scores for 1500 keys is 375 KiB, which stays in L2.
+const QUERY_BLOCK: usize = 64;
+
+thread_local! {
+    /// Each pool thread's score buffer, kept between calls so that a Whisper layer
+    /// does not fault in fresh pages for every head.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Multi-head scaled dot-product attention without a causal mask:
+/// `out[b, i, h] = softmax(scale · q_h k_h^T + key_bias[b]) v_h`, written to
+/// `out` `[batch, queries, heads * head_dim]` (dense).
+///
+/// `key_bias` (`[batch, keys]`, additive) masks padded keys; a row whose keys
+/// are all `-inf` comes out as zeros.
+pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, key_bias: Option<&[f32]>, out: &mut [f32]) {
+    let AttentionShape { batch, queries, keys, heads, head_dim } = shape;
+    let width = heads * head_dim;
+    debug_assert!(out.len() >= batch * queries * width);
+    debug_assert!(key_bias.is_none_or(|b| b.len() >= batch * keys));
+    if batch == 0 || queries == 0 || heads == 0 || head_dim == 0 {
+        return;
+    }
+    let blocks = queries.div_ceil(QUERY_BLOCK);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    for_each_unit(batch * heads * blocks, |unit| {
+        let (b, rest) = (unit / (heads * blocks), unit % (heads * blocks));
+        let (h, block) = (rest / blocks, rest % blocks);
+        let (r0, r1) = (block * QUERY_BLOCK, ((block + 1) * QUERY_BLOCK).min(queries));
+        let rows = r1 - r0;
+        SCORES.with(|cell| {
+            let mut scores = cell.borrow_mut();
+            if scores.len() < rows * keys {
+                scores.resize(rows * keys, 0.0);
+            }
+            let scores = &mut scores[..rows * keys];
+            let q0 = b * q.batch_stride + r0 * q.row_stride + h * head_dim;
+            let k0 = b * k.batch_stride + h * head_dim;
+            let v0 = b * v.batch_stride + h * head_dim;
+            // SAFETY: q[b, r0..r1, head h], k[b, :, head h]^T and v[b, :, head h] lie
+            // inside their slices for a valid shape; scores is rows × keys; the output
+            // block out[b, r0..r1, head h] belongs to this unit only.
+            unsafe {
+                gemm(
+                    rows,
+                    keys,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    keys as isize,
+                    false,
+                    q.data.as_ptr().add(q0),
+                    1,
+                    q.row_stride as isize,
+                    k.data.as_ptr().add(k0),
+                    k.row_stride as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            if let Some(bias) = key_bias {
+                math::add_row_bias(scores, &bias[b * keys..(b + 1) * keys]);
+            }
+            math::softmax_rows(scores, keys);
+            unsafe {
+                gemm(
+                    rows,
+                    head_dim,
+                    keys,
+                    out_ptr.at((b * queries + r0) * width + h * head_dim),
+                    1,
+                    width as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    keys as isize,
+                    v.data.as_ptr().add(v0),
+                    1,
+                    v.row_stride as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+    });
+}

@@ -1,0 +1,397 @@
+//! CPU inference kernels for multitoken's encoder towers (CLIP, Whisper, BERT).
+//!
+//! Each function takes candle tensors and gives what candle's composite ops give,
+//! faster on CPU: a linear layer threaded over column blocks with its bias and
+//! activation fused in, and a multi-head attention that never materialises the
+//! `[batch, heads, queries, keys]` score tensor. They fall back to candle's own
+//! ops (the same composite the towers used before) whenever the fast path does
+//! not apply: a tensor that tracks gradients (training needs candle's backward),
+//! a device other than the CPU, or a dtype other than f32.
+//!
+//! **Architecture Invariant:** the fast path and the fallback compute the same
+//! function; the tests here hold them within 1e-5 of each other.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod cpu;
+pub mod math;
+
+use candle_core::{DType, Layout, Result, Storage, Tensor, D};
+
+pub use cpu::{Activation, WeightLayout};
+
+/// Whether the fast path may run on these tensors.
+fn fast_path(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+}
+
+/// The f32 data of a CPU storage from the layout's first element.
+fn cpu_data<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
+        _ => candle_core::bail!("multitoken-kernels: expected a CPU tensor"),
+    }
+}
+
+/// `act(x W^T + b)` for `x` `[..., in]`, `weight` `[out, in]` (PyTorch's layout)
+/// and `bias` `[out]`: what `candle_nn::Linear` followed by the activation gives.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    linear_with(x, weight, WeightLayout::Rows, bias, act)
+}
+
+/// [`linear`] with the weight in either layout (`[in, out]` for [`WeightLayout::Columns`]).
+fn linear_with(x: &Tensor, weight: &Tensor, layout: WeightLayout, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    let mut all = vec![x, weight];
+    all.extend(bias);
+    if !fast_path(&all) {
+        let weight = match layout {
+            WeightLayout::Rows => weight.clone(),
+            WeightLayout::Columns => weight.t()?,
+        };
+        return linear_composite(x, &weight, bias, act);
+    }
+    let (n, k) = match layout {
+        WeightLayout::Rows => weight.dims2()?,
+        WeightLayout::Columns => {
+            let (k, n) = weight.dims2()?;
+            (n, k)
+        }
+    };
+    let in_dim = x.dim(D::Minus1)?;
+    if in_dim != k {
+        candle_core::bail!("linear: input width {in_dim} but the weight maps {k} to {n}");
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [n] {
+            candle_core::bail!("linear: bias is {:?} but the layer has {n} outputs", bias.dims());
+        }
+    }
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let m = x.elem_count() / k.max(1);
+    let mut out = vec![0f32; m * n];
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = weight.storage_and_layout();
+        let bias_guard = bias.as_ref().map(Tensor::storage_and_layout);
+        let bias_data = match &bias_guard {
+            Some((bs, bl)) => Some(cpu_data(bs, bl)?),
+            None => None,
+        };
+        let shape = cpu::LinearShape { m, k, n };
+        cpu::linear(cpu_data(&xs, xl)?, cpu_data(&ws, wl)?, layout, bias_data, shape, act, &mut out);
+    }
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(out, dims, x.device())
+}
+
+/// A linear layer for the towers: `y = x W^T + b`, through the threaded kernel.
+///
+/// A frozen f32 CPU weight (not a training variable) is kept transposed, as
+/// `[in, out]`, which the kernel packs faster; a variable is kept as it is, so
+/// that training sees every update (a copy taken at load time would not).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    layout: WeightLayout,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// From PyTorch's `[out, in]` weight and an optional `[out]` bias.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        weight.dims2()?;
+        if weight.is_variable() || !fast_path(&[&weight]) {
+            return Ok(Self { weight, layout: WeightLayout::Rows, bias });
+        }
+        Ok(Self { weight: weight.t()?.contiguous()?, layout: WeightLayout::Columns, bias })
+    }
+
+    /// Loads `weight` (`[out, in]`) and, when `with_bias`, `bias` from `vb`.
+    pub fn load(vb: &candle_nn::VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if with_bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Self::new(weight, bias)
+    }
+
+    /// One layer computing `layers`' outputs side by side (a fused QKV projection),
+    /// when every layer is frozen and takes the same input width; `None` otherwise
+    /// (variables must stay separate so that training updates them).
+    pub fn fuse(layers: &[&Linear]) -> Result<Option<Linear>> {
+        let Some(first) = layers.first() else { return Ok(None) };
+        let in_dim = first.weight.dim(0)?;
+        for layer in layers {
+            if layer.layout != WeightLayout::Columns || layer.weight.dim(0)? != in_dim {
+                return Ok(None);
+            }
+        }
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let weight = Tensor::cat(&weights, 1)?;
+        let bias = if layers.iter().any(|l| l.bias.is_some()) {
+            let parts = layers
+                .iter()
+                .map(|l| match &l.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => Tensor::zeros(l.weight.dim(1)?, DType::F32, l.weight.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
+        Ok(Some(Linear { weight, layout: WeightLayout::Columns, bias }))
+    }
+
+    /// `act(x W^T + b)` for `x` `[..., in]`.
+    pub fn forward_with(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        linear_with(x, &self.weight, self.layout, self.bias.as_ref(), act)
+    }
+
+    /// `x W^T + b`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Activation::Identity)
+    }
+}
+
+/// The candle composite [`linear`] falls back to (differentiable).
+fn linear_composite(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    match act {
+        Activation::Identity => Ok(y),
+        Activation::Gelu => y.gelu_erf(),
+        Activation::QuickGelu => &y * candle_nn::ops::sigmoid(&(&y * 1.702)?)?,
+    }
+}
+
+/// `ln(x)`, differentiable when training: candle's fused LayerNorm kernel has no
+/// backward pass, so a tracked input or weight takes candle's composite one.
+pub fn layer_norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> Result<Tensor> {
+    match ln.bias() {
+        Some(bias) if x.track_op() || ln.weight().track_op() || bias.track_op() => {
+            candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32)
+        }
+        _ => candle_nn::Module::forward(ln, x),
+    }
+}
+
+/// Multi-head attention without a causal mask: `q` `[b, tq, d]`, `k` and `v`
+/// `[b, tk, d]` with `d = heads · head_dim` (views whose last axis is dense,
+/// such as column slices of a fused QKV projection, need no copy); `key_bias`
+/// `[b, tk]` is added to every head's scores (0 to keep a key, a large negative
+/// value or `-inf` to mask it). Returns `[b, tq, d]`:
+/// `softmax(scale · q k^T + key_bias) v` per head, heads side by side.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, tq, d) = q.dims3()?;
+    let (kb, tk, kd) = k.dims3()?;
+    if kb != b || kd != d || v.dims() != k.dims() || heads == 0 || d % heads != 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} with {heads} heads do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if let Some(bias) = key_bias {
+        if bias.dims() != [b, tk] {
+            candle_core::bail!("attention: key bias is {:?}, expected [{b}, {tk}]", bias.dims());
+        }
+    }
+    let mut all = vec![q, k, v];
+    all.extend(key_bias);
+    if !fast_path(&all) {
+        return attention_composite(q, k, v, heads, scale, key_bias);
+    }
+    // Rows may be strided (views into a fused projection) but each row must be dense.
+    let dense_rows = |t: &Tensor| -> Result<Tensor> {
+        if t.stride()[2] == 1 {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (dense_rows(q)?, dense_rows(k)?, dense_rows(v)?);
+    let key_bias = key_bias.map(Tensor::contiguous).transpose()?;
+    let mut out = vec![0f32; b * tq * d];
+    {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let rows = |data: &'_ Storage, layout: &Layout| -> Result<(usize, usize)> {
+            let _ = cpu_data(data, layout)?;
+            Ok((layout.stride()[1], layout.stride()[0]))
+        };
+        let (q_rs, q_bs) = rows(&qs, ql)?;
+        let (k_rs, k_bs) = rows(&ks, kl)?;
+        let (v_rs, v_bs) = rows(&vs, vl)?;
+        let bias_guard = key_bias.as_ref().map(Tensor::storage_and_layout);
+        let bias_data = match &bias_guard {
+            Some((bs, bl)) => Some(cpu_data(bs, bl)?),
+            None => None,
+        };
+        let operand = |data, row_stride, batch_stride| cpu::Rows { data, row_stride, batch_stride };
+        cpu::attention(
+            operand(cpu_data(&qs, ql)?, q_rs, q_bs),
+            operand(cpu_data(&ks, kl)?, k_rs, k_bs),
+            operand(cpu_data(&vs, vl)?, v_rs, v_bs),
+            cpu::AttentionShape { batch: b, queries: tq, keys: tk, heads, head_dim: d / heads },
+            scale as f32,
+            bias_data,
+            &mut out,
+        );
+    }
+    Tensor::from_vec(out, (b, tq, d), q.device())
+}
+
+/// The candle composite [`attention`] falls back to (differentiable).
+fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, tq, d) = q.dims3()?;
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, t_len, _) = t.dims3()?;
+        t.reshape((b, t_len, heads, d / heads))?.transpose(1, 2)?.contiguous()
+    };
+    let (qh, kh, vh) = (split(&(q * scale)?)?, split(k)?, split(v)?);
+    let mut scores = qh.matmul(&kh.t()?)?;
+    if let Some(bias) = key_bias {
+        scores = scores.broadcast_add(&bias.unsqueeze(1)?.unsqueeze(1)?)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs.matmul(&vh)?.transpose(1, 2)?.reshape((b, tq, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        // A small LCG keeps the tests deterministic without a seeded candle RNG.
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let data: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn linear_matches_candle_for_every_activation_and_odd_sizes() {
+        for (shape, n, seed) in [(vec![7, 33], 45, 1), (vec![3, 50, 768], 768, 2), (vec![2, 400, 64], 300, 3), (vec![1500, 40], 8, 4)] {
+            let k = *shape.last().unwrap();
+            let x = random(&shape, seed);
+            let w = random(&[n, k], seed + 10);
+            let b = random(&[n], seed + 20);
+            for act in [Activation::Identity, Activation::Gelu, Activation::QuickGelu] {
+                for bias in [None, Some(&b)] {
+                    let fast = linear(&x, &w, bias, act).unwrap();
+                    let want = linear_composite(&x, &w, bias, act).unwrap();
+                    let diff = max_diff(&fast, &want);
+                    assert!(diff < 1e-5 * (k as f32).sqrt(), "{shape:?}x[{n},{k}] {act:?} bias {}: {diff}", bias.is_some());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_on_a_tracked_input_falls_back_and_has_gradients() {
+        let x = Var::from_tensor(&random(&[4, 16], 5)).unwrap();
+        let w = random(&[8, 16], 6);
+        let y = linear(x.as_tensor(), &w, None, Activation::Gelu).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some(), "the fallback must be differentiable");
+        assert!(max_diff(&y, &linear(&x.as_tensor().detach(), &w, None, Activation::Gelu).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn a_frozen_layer_is_kept_transposed_and_a_variable_is_not() {
+        let (w, b, x) = (random(&[24, 40], 1), random(&[24], 2), random(&[3, 5, 40], 3));
+        let frozen = Linear::new(w.clone(), Some(b.clone())).unwrap();
+        assert_eq!(frozen.layout, WeightLayout::Columns);
+        let var = Var::from_tensor(&w).unwrap();
+        let trainable = Linear::new(var.as_tensor().clone(), Some(b.clone())).unwrap();
+        assert_eq!(trainable.layout, WeightLayout::Rows);
+        let want = linear_composite(&x, &w, Some(&b), Activation::Gelu).unwrap();
+        for layer in [&frozen, &trainable] {
+            assert!(max_diff(&layer.forward_with(&x, Activation::Gelu).unwrap(), &want) < 1e-5);
+        }
+        // Training sees an update to the variable.
+        var.set(&w.zeros_like().unwrap()).unwrap();
+        let after = trainable.forward(&x).unwrap();
+        assert!(max_diff(&after, &b.broadcast_as((3, 5, 24)).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn fused_frozen_layers_give_each_layers_output_side_by_side() {
+        let x = random(&[2, 7, 32], 1);
+        let layers: Vec<Linear> = (0..3)
+            .map(|i| Linear::new(random(&[16, 32], 10 + i), (i != 1).then(|| random(&[16], 20 + i))).unwrap())
+            .collect();
+        let refs: Vec<&Linear> = layers.iter().collect();
+        let fused = Linear::fuse(&refs).unwrap().unwrap().forward(&x).unwrap();
+        for (i, layer) in layers.iter().enumerate() {
+            assert!(max_diff(&fused.narrow(2, 16 * i, 16).unwrap(), &layer.forward(&x).unwrap()) < 1e-6);
+        }
+        let var = Linear::new(Var::from_tensor(&random(&[16, 32], 3)).unwrap().as_tensor().clone(), None).unwrap();
+        assert!(Linear::fuse(&[&layers[0], &var]).unwrap().is_none(), "a variable must not be fused");
+    }
+
+    #[test]
+    fn linear_refuses_a_width_mismatch() {
+        let err = linear(&random(&[2, 5], 1), &random(&[3, 4], 2), None, Activation::Identity).unwrap_err();
+        assert!(err.to_string().contains("input width 5"), "{err}");
+    }
+
+    #[test]
+    fn attention_matches_candle_with_masks_blocks_and_strided_views() {
+        let (heads, hd) = (3, 16);
+        let d = heads * hd;
+        for (b, tq, tk) in [(2, 5, 9), (2, 70, 130), (1, 129, 64)] {
+            // q, k, v as column views of one fused [b, t, 3d] projection when tq == tk.
+            let (q, k, v) = if tq == tk {
+                let qkv = random(&[b, tq, 3 * d], 7);
+                (qkv.narrow(2, 0, d).unwrap(), qkv.narrow(2, d, d).unwrap(), qkv.narrow(2, 2 * d, d).unwrap())
+            } else {
+                (random(&[b, tq, d], 8), random(&[b, tk, d], 9), random(&[b, tk, d], 10))
+            };
+            // The last two keys of batch 0 are padding.
+            let mut bias = vec![0f32; b * tk];
+            bias[tk - 2] = f32::MIN;
+            bias[tk - 1] = f32::NEG_INFINITY;
+            let bias = Tensor::from_vec(bias, (b, tk), &Device::Cpu).unwrap();
+            let scale = (hd as f64).powf(-0.5);
+            for key_bias in [None, Some(&bias)] {
+                let fast = attention(&q, &k, &v, heads, scale, key_bias).unwrap();
+                let want = attention_composite(&q, &k, &v, heads, scale, key_bias).unwrap();
+                let diff = max_diff(&fast, &want);
+                assert!(diff < 1e-5, "b {b} tq {tq} tk {tk} mask {}: {diff}", key_bias.is_some());
+            }
+        }
+        let (q, k, v) = (random(&[2, 4, 48], 1), random(&[2, 6, 48], 2), random(&[2, 6, 48], 3));
+        let qkv = Tensor::cat(&[&random(&[2, 6, 48], 4), &random(&[2, 6, 48], 5), &random(&[2, 6, 48], 6)], 2).unwrap();
+        let self_attention = attention(&qkv.narrow(2, 0, 48).unwrap(), &qkv.narrow(2, 48, 48).unwrap(), &qkv.narrow(2, 96, 48).unwrap(), 4, 0.3, None).unwrap();
+        assert_eq!(self_attention.dims(), &[2, 6, 48]);
+        assert_eq!(attention(&q, &k, &v, 4, 0.3, None).unwrap().dims(), &[2, 4, 48]);
+    }
+
+    #[test]
+    fn attention_refuses_shapes_that_do_not_fit() {
+        let err = attention(&random(&[1, 4, 48], 1), &random(&[1, 6, 32], 2), &random(&[1, 6, 32], 3), 4, 1.0, None).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+    }
+}
