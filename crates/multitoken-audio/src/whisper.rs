@@ -10,8 +10,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, VarBuilder};
-use multitoken_kernels::{layer_norm as norm, Activation, Linear};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use multitoken_kernels::{layer_norm as norm, Activation, Conv1d, Linear};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -250,16 +250,8 @@ impl WhisperEncoder {
         let d = config.d_model;
         let conv = |name: &str, input: usize, stride: usize| -> Result<Conv1d> {
             let vb = vb.pp(name);
-            let cfg = Conv1dConfig {
-                padding: 1,
-                stride,
-                ..Default::default()
-            };
-            Ok(Conv1d::new(
-                get(&vb, &[d, input, 3], "weight")?,
-                Some(get(&vb, &[d], "bias")?),
-                cfg,
-            ))
+            let weight = get(&vb, &[d, input, 3], "weight")?;
+            Ok(Conv1d::new(weight, Some(get(&vb, &[d], "bias")?), stride, 1)?)
         };
         let layers = (0..config.encoder_layers)
             .map(|i| {
@@ -294,8 +286,9 @@ impl WhisperEncoder {
                 mel.dims()
             )));
         }
-        let x = self.conv1.forward(mel)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        // Time-major from here on: [b, frames, d_model].
+        let x = self.conv1.forward_time_major(&mel.transpose(1, 2)?, Activation::Gelu)?;
+        let x = self.conv2.forward_time_major(&x, Activation::Gelu)?;
         let t = x.dim(1)?;
         let mut x = x.broadcast_add(&self.embed_positions.narrow(0, 0, t)?)?;
         for layer in &self.layers {

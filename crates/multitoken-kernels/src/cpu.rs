@@ -177,8 +177,10 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// Query rows per unit: 64 rows of scores for 1500 keys is 375 KiB, which stays in L2.
-const QUERY_BLOCK: usize = 64;
+/// Query rows per unit: 256 rows of scores for Whisper's 1500 keys is 1.5 MiB, which
+/// stays in L2; measured on 8 heads × 1500², 2 threads: 64 rows 24.9 ms, 128 rows
+/// 20.6 ms, 256-512 rows 18.4 ms (torch's SDPA: 17.1 ms).
+const QUERY_BLOCK: usize = 256;
 
 thread_local! {
     /// Each pool thread's score buffer, kept between calls so that a Whisper layer
@@ -245,7 +247,10 @@ pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, k
             if let Some(bias) = key_bias {
                 math::add_row_bias(scores, &bias[b * keys..(b + 1) * keys]);
             }
-            math::softmax_rows(scores, keys);
+            // The softmax's division is applied to the head_dim-wide output rows
+            // instead of the keys-wide probability rows.
+            let mut sums = [0f32; QUERY_BLOCK];
+            math::exp_rows(scores, keys, &mut sums[..rows]);
             unsafe {
                 gemm(
                     rows,
@@ -268,6 +273,12 @@ pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, k
                     false,
                     Parallelism::None,
                 );
+            }
+            for (r, &sum) in sums[..rows].iter().enumerate() {
+                let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                // SAFETY: row r0 + r of head h of batch b belongs to this unit.
+                let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.at((b * queries + r0 + r) * width + h * head_dim), head_dim) };
+                row.iter_mut().for_each(|x| *x *= inv);
             }
         });
     });
