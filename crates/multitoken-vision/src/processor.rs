@@ -232,7 +232,10 @@ impl ImageProcessorConfig {
                 None => v,
             }
         };
-        let zero = [value(0, 0), value(0, 1), value(0, 2)];
+        // Every output value is one of 256 per channel: look them up rather than
+        // rescale and normalise each of the 3·H·W pixels (same arithmetic, done once).
+        let table: [[f32; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| value(v as u8, c)));
+        let zero = [table[0][0], table[1][0], table[2][0]];
         for c in 0..3 {
             out[c * ch * cw..(c + 1) * ch * cw].fill(zero[c]);
         }
@@ -243,7 +246,7 @@ impl ImageProcessorConfig {
                 let at = (y * window.width + x) * 3;
                 let dst = (y + off_y) * cw + x + off_x;
                 for c in 0..3 {
-                    out[c * ch * cw + dst] = value(resized.pixels[at + c], c);
+                    out[c * ch * cw + dst] = table[c][usize::from(resized.pixels[at + c])];
                 }
             }
         }
