@@ -1,6 +1,6 @@
 //! Hugging Face model directories: `config.json` (llama, mistral, qwen2, phi),
 //! safetensors weights, `tokenizer.json`, `tokenizer_config.json`,
-//! `chat_template.jinja` and `generation_config.json`.
+//! `chat_template.jinja` / `chat_template.json` and `generation_config.json`.
 //!
 //! [`ConfigJson`] mirrors the union of the four families' `config.json` fields,
 //! in both the transformers 4 layout (`rope_theta` + `rope_scaling`) and the 5
@@ -328,8 +328,7 @@ pub fn load_hf_dir_with(dir: &Path, cfg: &HfConfig, weights: &dyn crate::weights
 
     let tok_cfg = read_optional_json::<TokenizerConfigJson>(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
     let gen_cfg = read_optional_json::<GenerationConfigJson>(&dir.join("generation_config.json"))?.unwrap_or_default();
-    let jinja = dir.join("chat_template.jinja");
-    let chat_template = if jinja.is_file() { Some(read_text(&jinja)?) } else { tok_cfg.chat_template() };
+    let chat_template = processor_chat_template(dir)?.or_else(|| tok_cfg.chat_template());
 
     let bos_token = tok_cfg.bos_token.as_ref().and_then(AddedToken::content);
     let eos_token = tok_cfg.eos_token.as_ref().and_then(AddedToken::content);
@@ -372,6 +371,21 @@ pub fn load_hf_dir_with(dir: &Path, cfg: &HfConfig, weights: &dyn crate::weights
         generation,
         name,
     })
+}
+
+/// The processor's chat template, which transformers prefers for a multimodal
+/// checkpoint: `chat_template.jinja` (transformers 5) or `chat_template.json`
+/// (`{"chat_template": "..."}`, as llava-hf's hub repositories ship it).
+fn processor_chat_template(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return Ok(Some(read_text(&jinja)?));
+    }
+    #[derive(Deserialize)]
+    struct ChatTemplateFile {
+        chat_template: String,
+    }
+    Ok(read_optional_json::<ChatTemplateFile>(&dir.join("chat_template.json"))?.map(|f| f.chat_template))
 }
 
 /// `tokenizer_config.json` fields we use.

@@ -165,3 +165,21 @@ fn bad_inputs_are_errors() -> TestResult {
     assert!(err.is_err_and(|e| e.to_string().contains("257")), "250 cached + 7 new must exceed 256");
     Ok(())
 }
+
+/// A processor's chat template (`chat_template.jinja`, else llava-hf's
+/// `chat_template.json`) wins over the tokenizer's; a malformed one is an error
+/// naming the file.
+#[test]
+fn processor_chat_template_files_are_read() -> TestResult {
+    let dir = copy_fixture("llama", "chat-template")?;
+    std::fs::write(dir.join("chat_template.json"), r#"{"chat_template": "{{ 'from json' }}"}"#)?;
+    let loaded = load_model(&dir, &LoadOptions::default())?;
+    assert_eq!(loaded.chat_template.as_deref(), Some("{{ 'from json' }}"));
+    std::fs::write(dir.join("chat_template.jinja"), "{{ 'from jinja' }}")?;
+    let loaded = load_model(&dir, &LoadOptions::default())?;
+    assert_eq!(loaded.chat_template.as_deref(), Some("{{ 'from jinja' }}"));
+    std::fs::remove_file(dir.join("chat_template.jinja"))?;
+    std::fs::write(dir.join("chat_template.json"), r#"{"template": 3}"#)?;
+    // check_load_error removes the directory.
+    check_load_error(&dir, &["chat_template.json"])
+}
