@@ -80,7 +80,9 @@ pub fn resample_to(name: &str, samples: &[f32], from: u32, to: u32) -> Result<Ve
             }
             let start = (first + lo as isize) as usize;
             let input = &samples[start..start + (hi - lo)];
-            *slot = input.iter().zip(&weights[lo..hi]).map(|(x, w)| x * w).sum();
+            // Vectorised: a sequential f32 sum does not vectorise, and this dot
+            // product (142 taps for 44.1 kHz -> 16 kHz) is nearly all of the time.
+            *slot = multitoken_kernels::math::dot(input, &weights[lo..hi]);
         }
     });
     Ok(out)

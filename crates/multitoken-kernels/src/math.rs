@@ -172,6 +172,28 @@ fn exp_rows_generic(scores: &mut [f32], width: usize, sums: &mut [f32]) {
     }
 }
 
+/// `Σ a[i] · b[i]` over the shorter length, in 16 lanes.
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..LANES {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out = dot(a, b)`: a statement form of [`dot_generic`] for the dispatch macro.
+#[inline(always)]
+fn dot_into_generic(a: &[f32], b: &[f32], out: &mut f32) {
+    *out = dot_generic(a, b);
+}
+
 #[inline(always)]
 fn add_row_bias_generic(rows: &mut [f32], bias: &[f32]) {
     if bias.is_empty() {
@@ -202,6 +224,19 @@ multiversion! {
 multiversion! {
     /// Unnormalised softmax of each `width`-long row of `scores`, sums in `sums`.
     pub fn exp_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) => exp_rows_generic
+}
+
+multiversion! {
+    /// `*out = Σ a[i] · b[i]` (over the shorter of the two), vectorised.
+    pub fn dot_into(a: &[f32], b: &[f32], out: &mut f32) => dot_into_generic
+}
+
+/// `Σ a[i] · b[i]` over the shorter of the two slices, vectorised (16 partial sums,
+/// so the rounding differs from a sequential sum by a few ulps).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut out = 0.0;
+    dot_into(a, b, &mut out);
+    out
 }
 
 multiversion! {
@@ -263,6 +298,16 @@ mod tests {
                 let want = ((x - max) as f64).exp() / sum;
                 assert!((p as f64 - want).abs() < 1e-7, "softmax {p} vs {want}");
             }
+        }
+    }
+
+    #[test]
+    fn dot_matches_a_sequential_sum() {
+        for n in [0usize, 1, 15, 16, 17, 142, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-5, "n {n}");
         }
     }
 
