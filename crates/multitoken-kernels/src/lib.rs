@@ -16,7 +16,7 @@
 pub mod cpu;
 pub mod math;
 
-use candle_core::{DType, Layout, Result, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 pub use cpu::{Activation, WeightLayout};
 
@@ -46,6 +46,19 @@ fn linear_with(x: &Tensor, weight: &Tensor, layout: WeightLayout, bias: Option<&
     let mut all = vec![x, weight];
     all.extend(bias);
     if !fast_path(&all) {
+        // A tracked input through a frozen weight (LoRA and projector training): the
+        // kernel's forward, and a backward that gives the input's gradient only —
+        // candle's matmul would also compute the weight's, which nobody reads.
+        let frozen = [weight].into_iter().chain(bias).all(|t| fast_path(&[t]));
+        if frozen && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let op = FrozenLinear { weight: weight.clone(), layout };
+            let y = x.contiguous()?.apply_op1(op)?;
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            return activate_composite(y, act);
+        }
         let weight = match layout {
             WeightLayout::Rows => weight.clone(),
             WeightLayout::Columns => weight.t()?,
@@ -89,6 +102,53 @@ fn linear_with(x: &Tensor, weight: &Tensor, layout: WeightLayout, bias: Option<&
         *last = n;
     }
     Tensor::from_vec(out, dims, x.device())
+}
+
+/// `x W^T` through the kernel as a candle op whose backward gives the input's
+/// gradient alone (the weight is frozen).
+struct FrozenLinear {
+    weight: Tensor,
+    layout: WeightLayout,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "multitoken-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = match self.layout {
+            WeightLayout::Rows => self.weight.dims2()?,
+            WeightLayout::Columns => {
+                let (k, n) = self.weight.dims2()?;
+                (n, k)
+            }
+        };
+        let dims = layout.shape().dims();
+        if !layout.is_contiguous() || dims.last() != Some(&k) {
+            candle_core::bail!("frozen linear: input {dims:?} is not a contiguous [..., {k}]");
+        }
+        let x = &storage.as_slice::<f32>()?[layout.start_offset()..];
+        let m = layout.shape().elem_count() / k.max(1);
+        let weight = self.weight.contiguous()?;
+        let (ws, wl) = weight.storage_and_layout();
+        let mut out = vec![0f32; m * n];
+        cpu::linear(x, cpu_data(&ws, wl)?, self.layout, None, cpu::LinearShape { m, k, n }, Activation::Identity, &mut out);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // d(x W^T)/dx applied to grad: grad · W, with W as [out, in].
+        let w = match self.layout {
+            WeightLayout::Rows => self.weight.clone(),
+            WeightLayout::Columns => self.weight.t()?,
+        };
+        Ok(Some(grad.broadcast_matmul(&w)?))
+    }
 }
 
 /// A linear layer for the towers: `y = x W^T + b`, through the threaded kernel.
@@ -463,6 +523,25 @@ mod tests {
         let conv = Conv1d::new(random(&[4, 3, 3], 1), None, 1, 0).unwrap();
         assert!(conv.forward_time_major(&random(&[1, 2, 3], 2), Activation::Identity).is_err(), "too short");
         assert!(conv.forward_time_major(&random(&[1, 5, 4], 2), Activation::Identity).is_err(), "channels");
+    }
+
+    #[test]
+    fn a_tracked_input_through_a_frozen_layer_gets_candles_gradient() {
+        let x0 = random(&[2, 5, 24], 1);
+        let (w, b) = (random(&[12, 24], 2), random(&[12], 3));
+        for layer in [Linear::new(w.clone(), Some(b.clone())).unwrap(), Linear { weight: w.clone(), layout: WeightLayout::Rows, bias: Some(b.clone()) }] {
+            for act in [Activation::Identity, Activation::Gelu] {
+                let x = Var::from_tensor(&x0).unwrap();
+                let y = layer.forward_with(x.as_tensor(), act).unwrap();
+                let loss = (&y * &y).unwrap().sum_all().unwrap();
+                let ours = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+                let x2 = Var::from_tensor(&x0).unwrap();
+                let y2 = linear_composite(x2.as_tensor(), &w, Some(&b), act).unwrap();
+                let want = (&y2 * &y2).unwrap().sum_all().unwrap().backward().unwrap().get(x2.as_tensor()).unwrap().clone();
+                assert!(max_diff(&y, &y2) < 1e-5);
+                assert!(max_diff(&ours, &want) < 1e-4, "{act:?}: {}", max_diff(&ours, &want));
+            }
+        }
     }
 
     #[test]

@@ -148,7 +148,15 @@ impl Linear {
 
     /// `x W^T` with the leading dims flattened, so one GEMM covers the batch.
     fn dense_matmul(&self, x: &Tensor, w: &Tensor, dims: &[usize], rows: usize) -> Result<Tensor> {
-        let y = x.reshape((rows, self.in_dim))?.matmul(&w.t()?)?;
+        let x = x.reshape((rows, self.in_dim))?;
+        // Many rows (prefill, training): the threaded kernel, whose backward skips
+        // the gradient of a frozen weight (LoRA and projector training never read
+        // it). Decode steps (one row) keep candle's matmul, measured in issue 3.
+        let y = if rows >= KERNEL_FROM_ROWS {
+            multitoken_kernels::linear(&x, w, None, multitoken_kernels::Activation::Identity)?
+        } else {
+            x.matmul(&w.t()?)?
+        };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
@@ -168,6 +176,9 @@ fn own_kernel_format(qt: &QTensor, x: &Tensor) -> Option<Format> {
     let fits = x.device().is_cpu() && x.dtype() == DType::F32 && x.dims().last().is_some_and(|d| d % crate::quantized::BLOCK == 0);
     fits.then_some(format)
 }
+
+/// From this many rows on, a dense product goes through multitoken-kernels.
+const KERNEL_FROM_ROWS: usize = 16;
 
 /// From this many rows on, a quantized weight is dequantized for the matmul.
 const DEQUANTIZE_FROM_ROWS: usize = 16;
