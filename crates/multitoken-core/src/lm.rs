@@ -14,6 +14,11 @@ pub enum LogitsSelection {
     All,
     /// Logits for the last position only, `[batch, vocab]` (generation).
     Last,
+    /// Logits for the last `n` positions (all when `n` exceeds them),
+    /// `[batch, n, vocab]`: training asks only for the positions that carry
+    /// labels, which spares the vocabulary-wide head (SmolLM2's is a fifth of
+    /// the model's FLOPs) its work on the prompt.
+    Tail(usize),
 }
 
 /// Per-layer key/value cache, passed explicitly to every forward call.

@@ -297,10 +297,11 @@ impl CausalLm {
         let x = match logits {
             LogitsSelection::All => x,
             LogitsSelection::Last => x.narrow(1, t - 1, 1)?,
+            LogitsSelection::Tail(n) => x.narrow(1, t - n.min(t), n.min(t))?,
         };
         let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
         Ok(match logits {
-            LogitsSelection::All => out,
+            LogitsSelection::All | LogitsSelection::Tail(_) => out,
             LogitsSelection::Last => out.squeeze(1)?,
         })
     }

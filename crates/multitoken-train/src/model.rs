@@ -575,9 +575,19 @@ impl TrainableModel {
             ));
         }
         let hidden = lm.hidden_size();
+        let labelled = |label: i64| label != IGNORE_INDEX && label >= 0;
+        // Logits only from the first position whose next token carries a label (over
+        // the batch): the prompt's positions never reach the loss.
+        let first = labels
+            .iter()
+            .filter_map(|l| l.iter().skip(1).position(|&x| labelled(x)))
+            .min()
+            .unwrap_or(0)
+            .min(max_len - 2);
+        let predicted = max_len - 1 - first;
         let mut embeds = Vec::with_capacity(rows.len());
-        let mut targets = Vec::with_capacity(rows.len() * (max_len - 1));
-        let mut mask = Vec::with_capacity(rows.len() * (max_len - 1));
+        let mut targets = Vec::with_capacity(rows.len() * predicted);
+        let mut mask = Vec::with_capacity(rows.len() * predicted);
         for ((e, len), row_labels) in rows.iter().zip(&lens).zip(labels) {
             let pad = max_len - len;
             let e = if pad > 0 {
@@ -589,29 +599,30 @@ impl TrainableModel {
                 e.clone()
             };
             embeds.push(e);
-            for t in 1..max_len {
+            for t in first + 1..max_len {
                 let label = row_labels.get(t).copied().unwrap_or(IGNORE_INDEX);
-                if label == IGNORE_INDEX || label < 0 {
-                    targets.push(0u32);
-                    mask.push(0f32);
-                } else {
+                if labelled(label) {
                     targets.push(label as u32);
                     mask.push(1f32);
+                } else {
+                    targets.push(0u32);
+                    mask.push(0f32);
                 }
             }
         }
         let count = mask.iter().filter(|m| **m > 0.0).count();
         let embeds = Tensor::cat(&embeds, 0)?;
         let mut cache = KvCache::new(lm.num_layers());
-        let logits = lm.forward_embeds(&embeds, None, &mut cache, LogitsSelection::All)?;
+        // Positions first..max_len; the last predicts nothing.
+        let logits = lm.forward_embeds(&embeds, None, &mut cache, LogitsSelection::Tail(predicted + 1))?;
         let (b, _, vocab) = logits.dims3()?;
         let logits = logits
-            .narrow(1, 0, max_len - 1)?
-            .reshape((b * (max_len - 1), vocab))?
+            .narrow(1, 0, predicted)?
+            .reshape((b * predicted, vocab))?
             .to_dtype(DType::F32)?;
         let device = logits.device();
-        let targets = Tensor::from_vec(targets, (b * (max_len - 1), 1), device)?;
-        let mask = Tensor::from_vec(mask, b * (max_len - 1), device)?;
+        let targets = Tensor::from_vec(targets, (b * predicted, 1), device)?;
+        let mask = Tensor::from_vec(mask, b * predicted, device)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = log_probs.gather(&targets, 1)?.squeeze(1)?;
         let total = (picked * mask)?.sum_all()?;
