@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::decode::RgbImage;
-use crate::resample::{resize_window, ResampleFilter, Window};
+use crate::resample::{resize_window_rows, ResampleFilter, Window};
 use crate::{Error, Result};
 
 /// Target size of the resize step.
@@ -218,7 +218,6 @@ impl ImageProcessorConfig {
             width: x1 - x0,
             height: y1 - y0,
         };
-        let resized = resize_window(current, rw, rh, window, self.filter);
         let mut out = vec![0f32; 3 * ch * cw];
         let scale = self.rescale_factor;
         let (mean, std) = self.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
@@ -241,15 +240,15 @@ impl ImageProcessorConfig {
         }
         let off_y = (y0 as i64 - top) as usize;
         let off_x = (x0 as i64 - left) as usize;
-        for y in 0..window.height {
-            for x in 0..window.width {
-                let at = (y * window.width + x) * 3;
-                let dst = (y + off_y) * cw + x + off_x;
+        let plane = ch * cw;
+        resize_window_rows(current, rw, rh, window, self.filter, &mut |y, row| {
+            let dst = (y + off_y) * cw + off_x;
+            for (x, px) in row.chunks_exact(3).enumerate() {
                 for c in 0..3 {
-                    out[c * ch * cw + dst] = table[c][usize::from(resized.pixels[at + c])];
+                    out[c * plane + dst + x] = table[c][usize::from(px[c])];
                 }
             }
-        }
+        });
         Ok((out, ch, cw))
     }
 

@@ -281,8 +281,12 @@ fn horizontal(
 ) -> RgbImage {
     let rows = row_last - row_first;
     let mut pixels = vec![0u8; rows * width * 3];
+    // Blocks of ROWS rows side by side in SIMD lanes, the rest one row at a time.
+    let blocked = rows / ROWS * ROWS;
+    let (head, tail) = pixels.split_at_mut(blocked * width * 3);
+    horizontal_blocks(src, coeffs, col_first, row_first, x0, width, head);
     let half = 1i32 << (PRECISION_BITS - 1);
-    for (out_row, y) in pixels.chunks_exact_mut(width * 3).zip(row_first..row_last) {
+    for (out_row, y) in tail.chunks_exact_mut(width * 3).zip(row_first + blocked..row_last) {
         let line = &src.pixels[y * src.width * 3..(y + 1) * src.width * 3];
         for (xx, out) in out_row.chunks_exact_mut(3).enumerate() {
             let (xmin, count) = coeffs.bounds[x0 + xx];
@@ -306,6 +310,70 @@ fn horizontal(
     }
 }
 
+/// Rows per block of [`horizontal_blocks`]: 8 i32 lanes per channel (one AVX2
+/// register, half an AVX-512 one).
+const ROWS: usize = 8;
+
+/// The horizontal pass over whole blocks of [`ROWS`] rows (`out` holds
+/// `out.len() / (width * 3)` rows, a multiple of ROWS).
+///
+/// Each block's input is transposed into `[column][channel][row]` lanes, so one
+/// tap of one output pixel is a vector multiply-add over the block's rows with a
+/// broadcast weight. The integer products and sums are Pillow's, per pixel, so
+/// the result is bit-identical to the one-row loop.
+fn horizontal_blocks(src: &RgbImage, coeffs: &Coefficients, col_first: usize, row_first: usize, x0: usize, width: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(src: &RgbImage, coeffs: &Coefficients, col_first: usize, row_first: usize, x0: usize, width: usize, out: &mut [u8]) {
+            horizontal_blocks_generic(src, coeffs, col_first, row_first, x0, width, out)
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { wide(src, coeffs, col_first, row_first, x0, width, out) };
+        }
+    }
+    horizontal_blocks_generic(src, coeffs, col_first, row_first, x0, width, out)
+}
+
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops over fixed lanes are what vectorises
+fn horizontal_blocks_generic(src: &RgbImage, coeffs: &Coefficients, col_first: usize, row_first: usize, x0: usize, width: usize, out: &mut [u8]) {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut lanes = vec![[[0i32; ROWS]; 3]; src.width];
+    let stride = width * 3;
+    for (block, out_block) in out.chunks_exact_mut(ROWS * stride).enumerate() {
+        let y0 = row_first + block * ROWS;
+        for r in 0..ROWS {
+            let line = &src.pixels[(y0 + r) * src.width * 3..(y0 + r + 1) * src.width * 3];
+            for (lane, px) in lanes.iter_mut().zip(line.chunks_exact(3)) {
+                for c in 0..3 {
+                    lane[c][r] = i32::from(px[c]);
+                }
+            }
+        }
+        for xx in 0..width {
+            let (xmin, count) = coeffs.bounds[x0 + xx];
+            let k = &coeffs.weights[(x0 + xx) * coeffs.ksize..][..count];
+            let columns = &lanes[xmin - col_first..xmin - col_first + count];
+            let mut acc = [[half; ROWS]; 3];
+            for (&w, column) in k.iter().zip(columns) {
+                for c in 0..3 {
+                    for r in 0..ROWS {
+                        acc[c][r] += column[c][r] * w;
+                    }
+                }
+            }
+            for r in 0..ROWS {
+                let at = r * stride + xx * 3;
+                for c in 0..3 {
+                    out_block[at + c] = clip8(acc[c][r]);
+                }
+            }
+        }
+    }
+}
+
 fn vertical_pass(
     temp: &RgbImage,
     coeffs: &Coefficients,
@@ -315,9 +383,30 @@ fn vertical_pass(
 ) -> RgbImage {
     let stride = temp.width * 3;
     let mut pixels = vec![0u8; height * stride];
+    vertical_rows(temp, coeffs, row_first, y0, height, &mut |yy, row| {
+        pixels[yy * stride..(yy + 1) * stride].copy_from_slice(row)
+    });
+    RgbImage {
+        width: temp.width,
+        height,
+        pixels,
+    }
+}
+
+/// The vertical pass, handing each output row (`yy`, RGB bytes) to `sink`.
+fn vertical_rows(
+    temp: &RgbImage,
+    coeffs: &Coefficients,
+    row_first: usize,
+    y0: usize,
+    height: usize,
+    sink: &mut dyn FnMut(usize, &[u8]),
+) {
+    let stride = temp.width * 3;
+    let mut out_row = vec![0u8; stride];
     let half = 1i32 << (PRECISION_BITS - 1);
     let mut sums = vec![0i32; stride];
-    for (yy, out_row) in pixels.chunks_exact_mut(stride).enumerate() {
+    for yy in 0..height {
         let (ymin, count) = coeffs.bounds[y0 + yy];
         let k = &coeffs.weights[(y0 + yy) * coeffs.ksize..][..count];
         sums.iter_mut().for_each(|s| *s = half);
@@ -331,11 +420,35 @@ fn vertical_pass(
         for (out, &s) in out_row.iter_mut().zip(&sums) {
             *out = clip8(s);
         }
+        sink(yy, &out_row);
     }
-    RgbImage {
-        width: temp.width,
-        height,
-        pixels,
+}
+
+/// [`resize_window`] handing each output row of the window (`y`, RGB bytes) to
+/// `sink` instead of returning the image: the common resize (horizontal pass,
+/// then vertical) never holds the output, which preprocessing turns straight
+/// into normalised floats.
+pub fn resize_window_rows(
+    src: &RgbImage,
+    out_width: usize,
+    out_height: usize,
+    window: Window,
+    filter: ResampleFilter,
+    sink: &mut dyn FnMut(usize, &[u8]),
+) {
+    if out_width != src.width && out_height != src.height {
+        let h = precompute(src.width, out_width, filter);
+        let v = precompute(src.height, out_height, filter);
+        if v.ksize <= h.ksize {
+            let (row_first, row_last) = span(&v.bounds[window.y0..window.y0 + window.height]);
+            let temp = horizontal(src, &h, 0, row_first, row_last, window.x0, window.width);
+            vertical_rows(&temp, &v, row_first, window.y0, window.height, sink);
+            return;
+        }
+    }
+    let image = resize_window(src, out_width, out_height, window, filter);
+    for (y, row) in image.pixels.chunks_exact(image.width * 3).enumerate() {
+        sink(y, row);
     }
 }
 
