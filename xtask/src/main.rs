@@ -2,6 +2,10 @@
 //!
 //! Each task lives in its own module; `main` only dispatches.
 
+/// The same allocator as the `multitoken` binary, so that benches measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod bench_audio;
 mod bench_document;

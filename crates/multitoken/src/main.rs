@@ -5,6 +5,10 @@
 
 mod cli;
 
+/// mimalloc rather than glibc's allocator: see the workspace `Cargo.toml`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Result;
 use clap::Parser;
 
