@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
-use multitoken_kernels::{layer_norm as norm, Activation, Conv1d, Linear};
+use multitoken_kernels::{layer_norm as norm, Activation, Conv1d, Linear, QkvProjection};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -133,8 +133,6 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
-    /// q, k and v in one product when the weights are frozen (`None` when training).
-    qkv: Option<Linear>,
     heads: usize,
 }
 
@@ -144,7 +142,6 @@ impl Attention {
         let k_proj = linear(&vb.pp("k_proj"), dim, dim, false)?;
         let v_proj = linear(&vb.pp("v_proj"), dim, dim, true)?;
         Ok(Self {
-            qkv: Linear::fuse(&[&q_proj, &k_proj, &v_proj])?,
             q_proj,
             k_proj,
             v_proj,
@@ -169,22 +166,6 @@ impl Attention {
         ))
     }
 
-    /// Unmasked self-attention of `x` `[b, t, d]` (the encoder's), through the
-    /// fused kernels: one QKV product, no `[b, heads, t, t]` score tensor.
-    fn self_attend(&self, x: &Tensor) -> Result<Tensor> {
-        let d = x.dim(2)?;
-        let (q, k, v) = match &self.qkv {
-            Some(qkv) => {
-                let qkv = qkv.forward(x)?;
-                (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?)
-            }
-            None => (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?),
-        };
-        let scale = ((d / self.heads) as f64).powf(-0.5);
-        let out = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
-        Ok(self.out_proj.forward(&out)?)
-    }
-
     fn attend(&self, x: &Tensor, kv: &(Tensor, Tensor), causal: bool) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let head_dim = d / self.heads;
@@ -200,6 +181,37 @@ impl Attention {
         }
         let weights = softmax(&scores)?;
         let out = weights.matmul(&kv.1)?.transpose(1, 2)?.reshape((b, t, d))?;
+        Ok(self.out_proj.forward(&out)?)
+    }
+}
+
+/// The encoder's unmasked self-attention through the fused kernels: one QKV
+/// product when frozen, no `[b, heads, t, t]` score tensor.
+#[derive(Debug, Clone)]
+struct EncoderSelfAttention {
+    qkv: QkvProjection,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl EncoderSelfAttention {
+    fn load(vb: &VarBuilder, dim: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            qkv: QkvProjection::new(
+                linear(&vb.pp("q_proj"), dim, dim, true)?,
+                linear(&vb.pp("k_proj"), dim, dim, false)?,
+                linear(&vb.pp("v_proj"), dim, dim, true)?,
+            )?,
+            out_proj: linear(&vb.pp("out_proj"), dim, dim, true)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        let (q, k, v) = self.qkv.forward(x)?;
+        let scale = ((d / self.heads) as f64).powf(-0.5);
+        let out = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
         Ok(self.out_proj.forward(&out)?)
     }
 }
@@ -226,7 +238,7 @@ impl Mlp {
 
 #[derive(Debug, Clone)]
 struct EncoderLayer {
-    self_attn: Attention,
+    self_attn: EncoderSelfAttention,
     self_attn_layer_norm: LayerNorm,
     mlp: Mlp,
     final_layer_norm: LayerNorm,
@@ -257,7 +269,7 @@ impl WhisperEncoder {
             .map(|i| {
                 let vb = vb.pp(format!("layers.{i}"));
                 Ok(EncoderLayer {
-                    self_attn: Attention::load(&vb.pp("self_attn"), d, config.encoder_attention_heads)?,
+                    self_attn: EncoderSelfAttention::load(&vb.pp("self_attn"), d, config.encoder_attention_heads)?,
                     self_attn_layer_norm: layer_norm(&vb.pp("self_attn_layer_norm"), d)?,
                     mlp: Mlp::load(&vb, d, config.encoder_ffn_dim)?,
                     final_layer_norm: layer_norm(&vb.pp("final_layer_norm"), d)?,
@@ -293,7 +305,7 @@ impl WhisperEncoder {
         let mut x = x.broadcast_add(&self.embed_positions.narrow(0, 0, t)?)?;
         for layer in &self.layers {
             let h = norm(&layer.self_attn_layer_norm, &x)?;
-            x = (&x + layer.self_attn.self_attend(&h)?)?;
+            x = (&x + layer.self_attn.forward(&h)?)?;
             let h = norm(&layer.final_layer_norm, &x)?;
             x = (&x + layer.mlp.forward(&h)?)?;
         }

@@ -14,19 +14,16 @@
 //! `encoder.layer.{i}.attention.output.{dense,LayerNorm}.*`,
 //! `encoder.layer.{i}.intermediate.dense.*`, `encoder.layer.{i}.output.{dense,LayerNorm}.*`.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
-use multitoken_kernels::{layer_norm, Activation, Linear};
+use multitoken_kernels::{layer_norm, Activation, Linear, QkvProjection};
 
 /// One encoder layer (post-norm, as BERT).
 #[derive(Debug, Clone)]
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    /// query, key and value in one product when frozen (`None` when training).
-    qkv: Option<Linear>,
+    /// query, key and value: one fused product when frozen.
+    qkv: QkvProjection,
     attention_output: Linear,
     attention_norm: LayerNorm,
     intermediate: Linear,
@@ -86,10 +83,7 @@ impl Bert {
                 let key = Linear::load(&attn.pp("self.key"), h, h, true)?;
                 let value = Linear::load(&attn.pp("self.value"), h, h, true)?;
                 Ok(Layer {
-                    qkv: Linear::fuse(&[&query, &key, &value])?,
-                    query,
-                    key,
-                    value,
+                    qkv: QkvProjection::new(query, key, value)?,
                     attention_output: Linear::load(&attn.pp("output.dense"), h, h, true)?,
                     attention_norm: norm_from(&attn.pp("output.LayerNorm"), h, eps)?,
                     intermediate: Linear::load(&vb.pp("intermediate.dense"), h, config.intermediate_size, true)?,
@@ -127,13 +121,7 @@ impl Bert {
         let key_bias = key_bias.to_dtype(x.dtype())?;
         let scale = ((h / self.heads) as f64).powf(-0.5);
         for layer in &self.layers {
-            let (q, k, v) = match &layer.qkv {
-                Some(qkv) => {
-                    let qkv = qkv.forward(&x)?;
-                    (qkv.narrow(D::Minus1, 0, h)?, qkv.narrow(D::Minus1, h, h)?, qkv.narrow(D::Minus1, 2 * h, h)?)
-                }
-                None => (layer.query.forward(&x)?, layer.key.forward(&x)?, layer.value.forward(&x)?),
-            };
+            let (q, k, v) = layer.qkv.forward(&x)?;
             let attended = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, Some(&key_bias))?;
             x = layer_norm(&layer.attention_norm, &(layer.attention_output.forward(&attended)? + &x)?)?;
             let inner = match self.act {

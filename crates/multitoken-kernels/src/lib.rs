@@ -104,6 +104,54 @@ fn linear_with(x: &Tensor, weight: &Tensor, layout: WeightLayout, bias: Option<&
     Tensor::from_vec(out, dims, x.device())
 }
 
+/// The q, k and v projections of a self-attention: one fused product when all
+/// three are frozen (only the fused weight is kept), three otherwise.
+#[derive(Debug, Clone)]
+pub enum QkvProjection {
+    /// `[in, 3 · out]` (columns) in one layer.
+    Fused {
+        /// The fused layer.
+        qkv: Linear,
+        /// Width of each of q, k and v.
+        width: usize,
+    },
+    /// Separate layers (trainable weights must stay the variables they are).
+    Separate {
+        /// Query projection.
+        q: Linear,
+        /// Key projection.
+        k: Linear,
+        /// Value projection.
+        v: Linear,
+    },
+}
+
+impl QkvProjection {
+    /// Fuses `q`, `k` and `v` when they are frozen and of one shape.
+    pub fn new(q: Linear, k: Linear, v: Linear) -> Result<Self> {
+        let width = match q.layout {
+            WeightLayout::Columns => q.weight.dim(1)?,
+            WeightLayout::Rows => q.weight.dim(0)?,
+        };
+        Ok(match Linear::fuse(&[&q, &k, &v])? {
+            Some(qkv) => QkvProjection::Fused { qkv, width },
+            None => QkvProjection::Separate { q, k, v },
+        })
+    }
+
+    /// `(q, k, v)` of `x` `[..., in]`; the fused form returns column views of one product.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            QkvProjection::Fused { qkv, width } => {
+                let all = qkv.forward(x)?;
+                let w = *width;
+                Ok((all.narrow(D::Minus1, 0, w)?, all.narrow(D::Minus1, w, w)?, all.narrow(D::Minus1, 2 * w, w)?))
+            }
+            QkvProjection::Separate { q, k, v } => Ok((q.forward(x)?, k.forward(x)?, v.forward(x)?)),
+        }
+    }
+}
+
 /// `x W^T` through the kernel as a candle op whose backward gives the input's
 /// gradient alone (the weight is frozen).
 struct FrozenLinear {
@@ -500,6 +548,13 @@ mod tests {
         }
         let var = Linear::new(Var::from_tensor(&random(&[16, 32], 3)).unwrap().as_tensor().clone(), None).unwrap();
         assert!(Linear::fuse(&[&layers[0], &var]).unwrap().is_none(), "a variable must not be fused");
+        let [q, k, v] = [0, 1, 2].map(|i| layers[i].clone());
+        let projection = QkvProjection::new(q, k, v).unwrap();
+        assert!(matches!(projection, QkvProjection::Fused { width: 16, .. }));
+        let (q, k, v) = projection.forward(&x).unwrap();
+        for (got, layer) in [q, k, v].iter().zip(&layers) {
+            assert!(max_diff(got, &layer.forward(&x).unwrap()) < 1e-6);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! {q,k,v,out}_proj, layer_norm1, mlp.{fc1,fc2}, layer_norm2}.*`, `post_layernorm.*`.
 
 use candle_core::{Tensor, D};
-use multitoken_kernels::{layer_norm as norm, Activation, Linear};
+use multitoken_kernels::{layer_norm as norm, Activation, Linear, QkvProjection};
 use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
 use serde::Deserialize;
 
@@ -233,16 +233,13 @@ impl ClipVisionTower {
 
 #[derive(Debug, Clone)]
 struct EncoderLayer {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v: one fused product when the tower is frozen.
+    qkv: QkvProjection,
     out_proj: Linear,
     layer_norm1: LayerNorm,
     fc1: Linear,
     fc2: Linear,
     layer_norm2: LayerNorm,
-    /// q, k and v in one product when the tower is frozen (`None` when training).
-    qkv: Option<Linear>,
     heads: usize,
     quick_gelu: bool,
 }
@@ -259,10 +256,7 @@ impl EncoderLayer {
         let k_proj = Linear::load(&attn.pp("k_proj"), d, d, true)?;
         let v_proj = Linear::load(&attn.pp("v_proj"), d, d, true)?;
         Ok(Self {
-            qkv: Linear::fuse(&[&q_proj, &k_proj, &v_proj])?,
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv: QkvProjection::new(q_proj, k_proj, v_proj)?,
             out_proj: Linear::load(&attn.pp("out_proj"), d, d, true)?,
             layer_norm1: layer_norm(d, ln_cfg, vb.pp("layer_norm1"))?,
             fc1: Linear::load(&vb.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
@@ -277,13 +271,7 @@ impl EncoderLayer {
         let d = x.dim(D::Minus1)?;
         let scale = ((d / self.heads) as f64).powf(-0.5);
         let h = norm(&self.layer_norm1, x)?;
-        let (q, k, v) = match &self.qkv {
-            Some(qkv) => {
-                let qkv = qkv.forward(&h)?;
-                (qkv.narrow(D::Minus1, 0, d)?, qkv.narrow(D::Minus1, d, d)?, qkv.narrow(D::Minus1, 2 * d, d)?)
-            }
-            None => (self.q_proj.forward(&h)?, self.k_proj.forward(&h)?, self.v_proj.forward(&h)?),
-        };
+        let (q, k, v) = self.qkv.forward(&h)?;
         let attn = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
         let x = (x + self.out_proj.forward(&attn)?)?;
         let act = if self.quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
