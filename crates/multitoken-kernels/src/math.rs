@@ -133,19 +133,25 @@ fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `row[i] = e^(row[i] - row max)`, returning their sum; a row of -inf (every
+/// key masked) becomes zeros with a sum of 0, not NaN.
+#[inline(always)]
+fn exp_row(row: &mut [f32]) -> f32 {
+    let max = max_of(row);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return 0.0;
+    }
+    exp_sum(row, max)
+}
+
 #[inline(always)]
 fn softmax_rows_generic(scores: &mut [f32], width: usize) {
     if width == 0 {
         return;
     }
     for row in scores.chunks_exact_mut(width) {
-        let max = max_of(row);
-        // A row of -inf (every key masked) gives zeros, not NaN.
-        if max == f32::NEG_INFINITY {
-            row.fill(0.0);
-            continue;
-        }
-        let sum = exp_sum(row, max);
+        let sum = exp_row(row);
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         for x in row.iter_mut() {
             *x *= inv;
@@ -153,22 +159,15 @@ fn softmax_rows_generic(scores: &mut [f32], width: usize) {
     }
 }
 
-/// `e^(x - row max)` over each row, the row's sum of them in `sums` (rows of -inf
-/// become zeros with a sum of 0): a softmax whose division is left to the caller,
-/// who can apply it to a narrower result.
+/// [`exp_row`] over each `width`-long row, the sums in `sums`: a softmax whose
+/// division is left to the caller, who can apply it to a narrower result.
 #[inline(always)]
 fn exp_rows_generic(scores: &mut [f32], width: usize, sums: &mut [f32]) {
     if width == 0 {
         return;
     }
     for (row, sum) in scores.chunks_exact_mut(width).zip(sums.iter_mut()) {
-        let max = max_of(row);
-        if max == f32::NEG_INFINITY {
-            row.fill(0.0);
-            *sum = 0.0;
-            continue;
-        }
-        *sum = exp_sum(row, max);
+        *sum = exp_row(row);
     }
 }
 
