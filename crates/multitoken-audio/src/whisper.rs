@@ -207,12 +207,13 @@ impl EncoderSelfAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + attention(x)`, the sum formed inside the output product.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let d = x.dim(2)?;
         let (q, k, v) = self.qkv.forward(x)?;
         let scale = ((d / self.heads) as f64).powf(-0.5);
         let out = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
-        Ok(self.out_proj.forward(&out)?)
+        Ok(self.out_proj.forward_residual(&out, residual)?)
     }
 }
 
@@ -233,6 +234,11 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.fc2.forward(&self.fc1.forward_with(x, Activation::Gelu)?)?)
+    }
+
+    /// `residual + mlp(x)`, the sum formed inside `fc2`'s product.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        Ok(self.fc2.forward_residual(&self.fc1.forward_with(x, Activation::Gelu)?, residual)?)
     }
 }
 
@@ -305,9 +311,9 @@ impl WhisperEncoder {
         let mut x = x.broadcast_add(&self.embed_positions.narrow(0, 0, t)?)?;
         for layer in &self.layers {
             let h = norm(&layer.self_attn_layer_norm, &x)?;
-            x = (&x + layer.self_attn.forward(&h)?)?;
+            x = layer.self_attn.forward_residual(&h, &x)?;
             let h = norm(&layer.final_layer_norm, &x)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+            x = layer.mlp.forward_residual(&h, &x)?;
         }
         Ok(norm(&self.layer_norm, &x)?)
     }

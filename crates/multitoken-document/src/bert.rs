@@ -123,13 +123,13 @@ impl Bert {
         for layer in &self.layers {
             let (q, k, v) = layer.qkv.forward(&x)?;
             let attended = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, Some(&key_bias))?;
-            x = layer_norm(&layer.attention_norm, &(layer.attention_output.forward(&attended)? + &x)?)?;
+            x = layer_norm(&layer.attention_norm, &layer.attention_output.forward_residual(&attended, &x)?)?;
             let inner = match self.act {
                 HiddenAct::Gelu => layer.intermediate.forward_with(&x, Activation::Gelu)?,
                 HiddenAct::GeluApproximate => layer.intermediate.forward(&x)?.gelu()?,
                 HiddenAct::Relu => layer.intermediate.forward(&x)?.relu()?,
             };
-            x = layer_norm(&layer.output_norm, &(layer.output.forward(&inner)? + &x)?)?;
+            x = layer_norm(&layer.output_norm, &layer.output.forward_residual(&inner, &x)?)?;
         }
         Ok(x)
     }

@@ -9,6 +9,7 @@
 //! barrier pool, the pool candle's own element-wise ops use.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use gemm::{gemm, Parallelism};
 
@@ -80,12 +81,34 @@ pub enum WeightLayout {
     Columns,
 }
 
-/// `out[m, n] = act(x[m, k] · W^T + bias[n])` with `w` holding `W` `[n, k]` in
-/// `layout`; every slice row-major and dense.
-pub fn linear(x: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, shape: LinearShape, act: Activation, out: &mut [f32]) {
+/// The operands of a linear layer's product besides `x` and the weight.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinearExtras<'a> {
+    /// `[n]`, added to every output row.
+    pub bias: Option<&'a [f32]>,
+    /// `[m, n]`, added to the output before the activation: a residual
+    /// connection (`x + out_proj(attn)`) folded into the product, which saves
+    /// the separate add's pass over three `[m, n]` arrays and its allocation.
+    pub residual: Option<&'a [f32]>,
+}
+
+/// `out[m, n] = act(x[m, k] · W^T + bias[n] + residual[m, n])` with `w` holding
+/// `W` `[n, k]` in `layout`; every slice row-major and dense. Every element of
+/// `out` is written, so it may start uninitialised.
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    extras: LinearExtras,
+    shape: LinearShape,
+    act: Activation,
+    out: &mut [MaybeUninit<f32>],
+) {
     let LinearShape { m, k, n } = shape;
+    let LinearExtras { bias, residual } = extras;
     debug_assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     debug_assert!(bias.is_none_or(|b| b.len() >= n));
+    debug_assert!(residual.is_none_or(|r| r.len() >= m * n));
     if m == 0 || n == 0 {
         return;
     }
@@ -98,7 +121,8 @@ pub fn linear(x: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, 
     let col_blocks = n.div_ceil(block);
     let row_blocks = if col_blocks < threads && m >= 2 * threads { threads } else { 1 };
     let row_block = m.div_ceil(row_blocks);
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    let prefill = bias.is_some() || residual.is_some();
     for_each_unit(col_blocks * row_blocks, |unit| {
         let (rb, cb) = (unit / col_blocks, unit % col_blocks);
         let (r0, r1) = (rb * row_block, ((rb + 1) * row_block).min(m));
@@ -106,11 +130,27 @@ pub fn linear(x: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, 
         if r0 >= r1 || c0 >= c1 {
             return;
         }
-        // SAFETY: rows r0..r1 × columns c0..c1 of `out` belong to this unit only.
-        let dst = |r: usize| unsafe { std::slice::from_raw_parts_mut(out_ptr.at(r * n + c0), c1 - c0) };
-        if let Some(bias) = bias {
+        let width = c1 - c0;
+        let dst = |r: usize| out_ptr.at(r * n + c0);
+        // The bias and residual go in first and gemm adds the product to them
+        // (read_dst), so the block is written once by the prefill and once by gemm.
+        if prefill {
             for r in r0..r1 {
-                dst(r).copy_from_slice(&bias[c0..c1]);
+                // SAFETY: rows r0..r1 × columns c0..c1 of `out` belong to this unit
+                // only; the prefill initialises every element of the row segment.
+                unsafe {
+                    match (residual, bias) {
+                        (Some(res), Some(b)) => {
+                            let res = &res[r * n + c0..r * n + c1];
+                            for (j, (&a, &b)) in res.iter().zip(&b[c0..c1]).enumerate() {
+                                dst(r).add(j).write(a + b);
+                            }
+                        }
+                        (Some(res), None) => std::ptr::copy_nonoverlapping(res.as_ptr().add(r * n + c0), dst(r), width),
+                        (None, Some(b)) => std::ptr::copy_nonoverlapping(b.as_ptr().add(c0), dst(r), width),
+                        (None, None) => {}
+                    }
+                }
             }
         }
         let (rhs, rhs_cs, rhs_rs) = match layout {
@@ -118,16 +158,17 @@ pub fn linear(x: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, 
             WeightLayout::Columns => (w.as_ptr().wrapping_add(c0), 1, n as isize),
         };
         // SAFETY: the pointers and strides describe x[r0..r1, :], W[c0..c1, :]^T and
-        // out[r0..r1, c0..c1], all inside their slices (checked above).
+        // out[r0..r1, c0..c1], all inside their slices (checked above). Without a
+        // prefill gemm writes the block without reading it.
         unsafe {
             gemm(
                 r1 - r0,
-                c1 - c0,
+                width,
                 k,
-                out_ptr.at(r0 * n + c0),
+                dst(r0),
                 1,
                 n as isize,
-                bias.is_some(),
+                prefill,
                 x.as_ptr().add(r0 * k),
                 1,
                 k as isize,
@@ -144,8 +185,33 @@ pub fn linear(x: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, 
         }
         if act != Activation::Identity {
             for r in r0..r1 {
-                act.apply(dst(r));
+                // SAFETY: this unit's row segment, initialised by gemm above.
+                act.apply(unsafe { std::slice::from_raw_parts_mut(dst(r), width) });
             }
+        }
+    });
+}
+
+/// `out[r] = (x[r] - mean) / sqrt(var + eps) · gamma + beta` for each of the
+/// `rows` rows of width `gamma.len()` (LayerNorm over the last axis, biased
+/// variance as PyTorch computes it), rows split over candle's pool: candle's
+/// own LayerNorm runs on one thread while the other waits.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    let width = gamma.len();
+    debug_assert!(beta.len() == width && out.len() >= x.len());
+    if width == 0 {
+        return;
+    }
+    let rows = x.len() / width;
+    // 32 rows of 768 is 96 KiB per unit: enough work to hide the pool's hand-off.
+    let per_unit = 32;
+    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    for_each_unit(rows.div_ceil(per_unit), |unit| {
+        for r in unit * per_unit..((unit + 1) * per_unit).min(rows) {
+            let row = &x[r * width..(r + 1) * width];
+            // SAFETY: row r of `out` belongs to this unit; normalise_row writes all of it.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(r * width).cast::<MaybeUninit<f32>>(), width) };
+            math::layer_norm_row(row, gamma, beta, eps, dst);
         }
     });
 }
@@ -194,7 +260,8 @@ thread_local! {
 ///
 /// `key_bias` (`[batch, keys]`, additive) masks padded keys; a row whose keys
 /// are all `-inf` comes out as zeros.
-pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, key_bias: Option<&[f32]>, out: &mut [f32]) {
+/// Every element of `out` is written, so it may start uninitialised.
+pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, key_bias: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
     let AttentionShape { batch, queries, keys, heads, head_dim } = shape;
     let width = heads * head_dim;
     debug_assert!(out.len() >= batch * queries * width);
@@ -203,7 +270,7 @@ pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, k
         return;
     }
     let blocks = queries.div_ceil(QUERY_BLOCK);
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
     for_each_unit(batch * heads * blocks, |unit| {
         let (b, rest) = (unit / (heads * blocks), unit % (heads * blocks));
         let (h, block) = (rest / blocks, rest % blocks);

@@ -16,6 +16,8 @@
 pub mod cpu;
 pub mod math;
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 pub use cpu::{Activation, WeightLayout};
@@ -35,14 +37,51 @@ fn cpu_data<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// An output buffer for a kernel that writes every element: zero-filling it
+/// first was 2% of a CLIP forward (a memset of every activation).
+fn output_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The buffer of [`output_buffer`] once a kernel has written all of it.
+///
+/// # Safety
+/// Every element must have been written.
+unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller guarantees initialisation.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+}
+
 /// `act(x W^T + b)` for `x` `[..., in]`, `weight` `[out, in]` (PyTorch's layout)
 /// and `bias` `[out]`: what `candle_nn::Linear` followed by the activation gives.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
-    linear_with(x, weight, WeightLayout::Rows, bias, act)
+    linear_with(x, weight, WeightLayout::Rows, bias, None, act)
 }
 
-/// [`linear`] with the weight in either layout (`[in, out]` for [`WeightLayout::Columns`]).
-fn linear_with(x: &Tensor, weight: &Tensor, layout: WeightLayout, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+/// [`linear`] with the weight in either layout (`[in, out]` for
+/// [`WeightLayout::Columns`]) and an optional `residual` (`x`'s shape with the
+/// output width) added before the activation.
+fn linear_with(
+    x: &Tensor,
+    weight: &Tensor,
+    layout: WeightLayout,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    if let Some(residual) = residual {
+        let mut all = vec![x, weight, residual];
+        all.extend(bias);
+        if !fast_path(&all) {
+            // Training: the composite sum keeps the residual's gradient.
+            let y = linear_with(x, weight, layout, bias, None, Activation::Identity)?;
+            return activate_composite(y.add(residual)?, act);
+        }
+    }
     let mut all = vec![x, weight];
     all.extend(bias);
     if !fast_path(&all) {
@@ -82,25 +121,40 @@ fn linear_with(x: &Tensor, weight: &Tensor, layout: WeightLayout, bias: Option<&
         }
     }
     let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
-    let bias = bias.map(Tensor::contiguous).transpose()?;
-    let m = x.elem_count() / k.max(1);
-    let mut out = vec![0f32; m * n];
-    {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = weight.storage_and_layout();
-        let bias_guard = bias.as_ref().map(Tensor::storage_and_layout);
-        let bias_data = match &bias_guard {
-            Some((bs, bl)) => Some(cpu_data(bs, bl)?),
-            None => None,
-        };
-        let shape = cpu::LinearShape { m, k, n };
-        cpu::linear(cpu_data(&xs, xl)?, cpu_data(&ws, wl)?, layout, bias_data, shape, act, &mut out);
-    }
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
+    if let Some(residual) = residual {
+        if residual.dims() != dims.as_slice() {
+            candle_core::bail!("linear: residual is {:?} but the output is {dims:?}", residual.dims());
+        }
+    }
+    let weight = weight.contiguous()?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let m = x.elem_count() / k.max(1);
+    let mut out = output_buffer(m * n);
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = weight.storage_and_layout();
+        let bias_guard = bias.as_ref().map(Tensor::storage_and_layout);
+        let residual_guard = residual.as_ref().map(Tensor::storage_and_layout);
+        let extras = cpu::LinearExtras {
+            bias: match &bias_guard {
+                Some((bs, bl)) => Some(cpu_data(bs, bl)?),
+                None => None,
+            },
+            residual: match &residual_guard {
+                Some((rs, rl)) => Some(cpu_data(rs, rl)?),
+                None => None,
+            },
+        };
+        let shape = cpu::LinearShape { m, k, n };
+        cpu::linear(cpu_data(&xs, xl)?, cpu_data(&ws, wl)?, layout, extras, shape, act, &mut out);
+    }
+    // SAFETY: cpu::linear writes every element of its output.
+    let out = unsafe { assume_init(out) };
     Tensor::from_vec(out, dims, x.device())
 }
 
@@ -180,8 +234,11 @@ impl CustomOp1 for FrozenLinear {
         let m = layout.shape().elem_count() / k.max(1);
         let weight = self.weight.contiguous()?;
         let (ws, wl) = weight.storage_and_layout();
-        let mut out = vec![0f32; m * n];
-        cpu::linear(x, cpu_data(&ws, wl)?, self.layout, None, cpu::LinearShape { m, k, n }, Activation::Identity, &mut out);
+        let mut out = output_buffer(m * n);
+        let shape = cpu::LinearShape { m, k, n };
+        cpu::linear(x, cpu_data(&ws, wl)?, self.layout, cpu::LinearExtras::default(), shape, Activation::Identity, &mut out);
+        // SAFETY: cpu::linear writes every element of its output.
+        let out = unsafe { assume_init(out) };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = n;
@@ -258,7 +315,13 @@ impl Linear {
 
     /// `act(x W^T + b)` for `x` `[..., in]`.
     pub fn forward_with(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        linear_with(x, &self.weight, self.layout, self.bias.as_ref(), act)
+        linear_with(x, &self.weight, self.layout, self.bias.as_ref(), None, act)
+    }
+
+    /// `residual + x W^T + b`, the sum formed inside the product (a residual
+    /// connection: `x + out_proj(attn)`, `x + fc2(h)`).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        linear_with(x, &self.weight, self.layout, self.bias.as_ref(), Some(residual), Activation::Identity)
     }
 
     /// `x W^T + b`.
@@ -375,12 +438,30 @@ impl Conv1d {
 /// `ln(x)`, differentiable when training: candle's fused LayerNorm kernel has no
 /// backward pass, so a tracked input or weight takes candle's composite one.
 pub fn layer_norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> Result<Tensor> {
-    match ln.bias() {
-        Some(bias) if x.track_op() || ln.weight().track_op() || bias.track_op() => {
-            candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32)
-        }
-        _ => candle_nn::Module::forward(ln, x),
+    let Some(bias) = ln.bias() else {
+        return candle_nn::Module::forward(ln, x);
+    };
+    if x.track_op() || ln.weight().track_op() || bias.track_op() {
+        return candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32);
     }
+    let width = x.dim(D::Minus1)?;
+    if !fast_path(&[x, ln.weight(), bias]) || ln.weight().dims() != [width] || bias.dims() != [width] {
+        return candle_nn::Module::forward(ln, x);
+    }
+    let x = x.contiguous()?;
+    let (weight, bias) = (ln.weight().contiguous()?, bias.contiguous()?);
+    let mut out = output_buffer(x.elem_count());
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = weight.storage_and_layout();
+        let (bs, bl) = bias.storage_and_layout();
+        let data = &cpu_data(&xs, xl)?[..x.elem_count()];
+        let (gamma, beta) = (&cpu_data(&ws, wl)?[..width], &cpu_data(&bs, bl)?[..width]);
+        cpu::layer_norm(data, gamma, beta, ln.eps() as f32, &mut out);
+    }
+    // SAFETY: cpu::layer_norm writes every element of its output.
+    let out = unsafe { assume_init(out) };
+    Tensor::from_vec(out, x.dims(), x.device())
 }
 
 /// Multi-head attention without a causal mask: `q` `[b, tq, d]`, `k` and `v`
@@ -420,7 +501,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, k
     };
     let (q, k, v) = (dense_rows(q)?, dense_rows(k)?, dense_rows(v)?);
     let key_bias = key_bias.map(Tensor::contiguous).transpose()?;
-    let mut out = vec![0f32; b * tq * d];
+    let mut out = output_buffer(b * tq * d);
     {
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -448,6 +529,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, k
             &mut out,
         );
     }
+    // SAFETY: cpu::attention writes every element of its output.
+    let out = unsafe { assume_init(out) };
     Tensor::from_vec(out, (b, tq, d), q.device())
 }
 
@@ -504,6 +587,46 @@ mod tests {
                     assert!(diff < 1e-5 * (k as f32).sqrt(), "{shape:?}x[{n},{k}] {act:?} bias {}: {diff}", bias.is_some());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_residual_folded_into_the_product_equals_the_separate_sum() {
+        for (shape, n, seed) in [(vec![7, 33], 45, 31), (vec![2, 50, 96], 96, 32), (vec![400, 64], 256, 33)] {
+            let k = *shape.last().unwrap();
+            let x = random(&shape, seed);
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().unwrap() = n;
+            let residual = random(&out_shape, seed + 1);
+            for bias in [None, Some(random(&[n], seed + 2))] {
+                let layer = Linear::new(random(&[n, k], seed + 3), bias).unwrap();
+                let fused = layer.forward_residual(&x, &residual).unwrap();
+                let want = (layer.forward(&x).unwrap() + &residual).unwrap();
+                assert!(max_diff(&fused, &want) < 1e-5, "{shape:?}x[{n},{k}]: {}", max_diff(&fused, &want));
+            }
+            let wrong = random(&[3, n], seed);
+            let layer = Linear::new(random(&[n, k], seed + 3), None).unwrap();
+            assert!(layer.forward_residual(&x, &wrong).is_err(), "a residual of another shape is refused");
+        }
+        // Training: a tracked residual keeps its gradient.
+        let residual = Var::from_tensor(&random(&[4, 8], 40)).unwrap();
+        let layer = Linear::new(random(&[8, 16], 41), None).unwrap();
+        let y = layer.forward_residual(&random(&[4, 16], 42), residual.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(residual.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn layer_norm_matches_candle_on_odd_widths_and_large_means() {
+        for (rows, width, offset, seed) in [(1, 1, 0.0, 50), (37, 768, 0.0, 51), (5, 45, 100.0, 52), (300, 64, -3.0, 53)] {
+            let x = (random(&[rows, width], seed) * 4.0).unwrap().affine(1.0, offset).unwrap();
+            let gamma = random(&[width], seed + 1);
+            let beta = random(&[width], seed + 2);
+            let ln = candle_nn::LayerNorm::new(gamma.clone(), beta.clone(), 1e-5);
+            let fast = layer_norm(&ln, &x).unwrap();
+            let want = candle_nn::ops::layer_norm_slow(&x, &gamma, &beta, 1e-5).unwrap();
+            let tol = 1e-5 * (1.0 + offset.abs() as f32 / 4.0);
+            assert!(max_diff(&fast, &want) < tol, "{rows}x{width} offset {offset}: {}", max_diff(&fast, &want));
         }
     }
 

@@ -14,6 +14,8 @@
 //! Cephes `expf` polynomial); `erf` an absolute error under 1.5e-7 (Abramowitz
 //! and Stegun 7.1.26). Both are far inside the 1e-4 parity the towers are held to.
 
+use std::mem::MaybeUninit;
+
 /// Applies `$generic` through the widest instruction set this CPU has.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
@@ -203,6 +205,51 @@ fn add_row_bias_generic(rows: &mut [f32], bias: &[f32]) {
             *x += b;
         }
     }
+}
+
+/// `Σ xs[i]` in 16 lanes.
+#[inline(always)]
+fn sum_generic(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for x in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// One LayerNorm row: the mean, then the variance of the deviations (two
+/// passes, as PyTorch's CPU kernel, rather than E[x²] − E[x]², which loses
+/// digits when the mean is large).
+#[inline(always)]
+fn layer_norm_row_generic(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    let width = x.len();
+    if width == 0 {
+        return;
+    }
+    let mean = sum_generic(x) / width as f32;
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let d = c[i] - mean;
+            acc[i] = d.mul_add(d, acc[i]);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+    let var = (acc.iter().sum::<f32>() + tail) / width as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+        o.write(((v - mean) * inv).mul_add(g, b));
+    }
+}
+
+multiversion! {
+    /// LayerNorm of one row `x` into `out` (every element written), with
+    /// scale `gamma` and shift `beta` of `x`'s width.
+    pub fn layer_norm_row(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) => layer_norm_row_generic
 }
 
 multiversion! {

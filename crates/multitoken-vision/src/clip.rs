@@ -273,10 +273,11 @@ impl EncoderLayer {
         let h = norm(&self.layer_norm1, x)?;
         let (q, k, v) = self.qkv.forward(&h)?;
         let attn = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
-        let x = (x + self.out_proj.forward(&attn)?)?;
+        // The residual sums are formed inside the products (one pass less each).
+        let x = self.out_proj.forward_residual(&attn, x)?;
         let act = if self.quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
         let h = self.fc1.forward_with(&norm(&self.layer_norm2, &x)?, act)?;
-        Ok((x + self.fc2.forward(&h)?)?)
+        Ok(self.fc2.forward_residual(&h, &x)?)
     }
 }
 
