@@ -67,8 +67,10 @@ pub fn describe_item(item: &Item) -> String {
 /// 16 kHz: the samples Whisper's feature extractor expects.
 pub fn load_audio(item: &Item, config: &DecodeConfig) -> Result<Vec<f32>> {
     let name = describe_item(item);
+    // decode_item has checked the samples already.
     let decoded = decode_item(item, config)?;
-    to_mono_16k(&name, &decoded.samples, decoded.sample_rate, decoded.channels, config)
+    let mono = downmix(&decoded.samples, decoded.channels);
+    resample_to(&name, &mono, decoded.sample_rate, SAMPLE_RATE)
 }
 
 /// Raw interleaved f32 samples at `sample_rate` with `channels` channels to mono
@@ -94,6 +96,12 @@ pub fn check_samples(
     channels: usize,
     config: &DecodeConfig,
 ) -> Result<()> {
+    check_layout(name, interleaved.len(), sample_rate, channels, config)?;
+    check_finite(name, interleaved)
+}
+
+/// The checks of [`check_samples`] that need only the sample count.
+fn check_layout(name: &str, samples: usize, sample_rate: u32, channels: usize, config: &DecodeConfig) -> Result<()> {
     let format = |reason: String| Error::Format {
         item: name.to_string(),
         reason,
@@ -106,17 +114,29 @@ pub fn check_samples(
     if channels == 0 || channels > 64 {
         return Err(format(format!("{channels} channels (1..=64 supported)")));
     }
-    if interleaved.len() % channels != 0 {
+    if samples % channels != 0 {
         return Err(format(format!(
-            "{} samples are not a whole number of {channels}-channel frames",
-            interleaved.len()
+            "{samples} samples are not a whole number of {channels}-channel frames"
         )));
     }
-    if interleaved.is_empty() {
+    if samples == 0 {
         return Err(Error::Empty {
             item: name.to_string(),
         });
     }
+    let seconds = (samples / channels) as f64 / f64::from(sample_rate);
+    if seconds > config.max_seconds {
+        return Err(Error::TooLong {
+            item: name.to_string(),
+            seconds,
+            limit: config.max_seconds,
+        });
+    }
+    Ok(())
+}
+
+/// No NaN or infinity among the samples.
+fn check_finite(name: &str, interleaved: &[f32]) -> Result<()> {
     // A branch-free pass first (it vectorises; `find` does not), the position
     // only when there is something to report.
     let all_finite = interleaved.iter().fold(true, |ok, v| ok & v.is_finite());
@@ -128,14 +148,6 @@ pub fn check_samples(
             item: name.to_string(),
             index,
             value: *value,
-        });
-    }
-    let seconds = (interleaved.len() / channels) as f64 / f64::from(sample_rate);
-    if seconds > config.max_seconds {
-        return Err(Error::TooLong {
-            item: name.to_string(),
-            seconds,
-            limit: config.max_seconds,
         });
     }
     Ok(())
@@ -186,6 +198,21 @@ pub fn decode_bytes(
     if bytes.is_empty() {
         return Err(Error::Empty {
             item: name.to_string(),
+        });
+    }
+    if let Some(wav) = crate::wav::parse(&bytes) {
+        // The length limit is checked before the samples are converted.
+        let (rate, channels) = (wav.sample_rate, wav.channels);
+        let count = wav.data.len() / wav.format.bytes_per_sample();
+        check_layout(name, count, rate, channels, config)?;
+        let samples = wav.samples();
+        if wav.may_be_non_finite() {
+            check_finite(name, &samples)?;
+        }
+        return Ok(DecodedAudio {
+            samples,
+            sample_rate: rate,
+            channels,
         });
     }
     let corrupt = |reason: String| Error::Corrupt {

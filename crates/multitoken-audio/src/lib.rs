@@ -44,6 +44,7 @@ pub mod modality;
 pub mod resample;
 pub mod transcribe;
 pub mod transcript;
+mod wav;
 pub mod whisper;
 
 pub use decode::{decode_bytes, decode_item, load_audio, to_mono_16k, DecodeConfig, DecodedAudio};
