@@ -79,4 +79,5 @@ pub fn default_whisper_dir() -> std::path::PathBuf {
 /// it once (e.g. from `main`); it does nothing else.
 pub fn link() {
     modality::keep_registration();
+    transcript::keep_registration();
 }

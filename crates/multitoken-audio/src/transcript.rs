@@ -7,7 +7,8 @@ use std::path::Path;
 
 use candle_core::Device;
 use multitoken_core::preparer::TextModality;
-use multitoken_core::Item;
+use multitoken_core::{Item, ModalityContext, TextModalityBuilder};
+use serde::Deserialize;
 
 use crate::decode::DecodeConfig;
 use crate::transcribe::Transcriber;
@@ -58,4 +59,58 @@ impl TextModality for WhisperTranscript {
     fn to_text(&self, item: &Item) -> multitoken_core::Result<String> {
         Ok(self.transcriber.transcribe_item(item, &self.decode)?.text)
     }
+}
+
+/// `multitoken.json` settings of `audio_whisper_transcript`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscriptConfig {
+    /// The HF Whisper directory, relative to the model directory (default: the
+    /// Whisper base `cargo xtask weights` installs).
+    #[serde(default)]
+    pub model_path: Option<String>,
+    /// Longest accepted clip in seconds (default: one hour).
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+}
+
+/// Builds the transcript modality from its `multitoken.json` entry, e.g.
+/// `{"builder": "audio_whisper_transcript", "config": {"model_path": "whisper"}}`.
+fn build_transcript(
+    config: &serde_json::Value,
+    context: &ModalityContext,
+) -> multitoken_core::Result<Box<dyn TextModality>> {
+    let parsed: TranscriptConfig = if config.is_null() {
+        TranscriptConfig::default()
+    } else {
+        serde_json::from_value(config.clone()).map_err(|e| {
+            multitoken_core::Error::msg(format!("{AUDIO_WHISPER_TRANSCRIPT} config: {e}"))
+        })?
+    };
+    let dir = match &parsed.model_path {
+        Some(path) => context.resolve(path),
+        None => crate::default_whisper_dir(),
+    };
+    let mut decode = DecodeConfig::default();
+    if let Some(seconds) = parsed.max_seconds {
+        if !(seconds.is_finite() && seconds > 0.0) {
+            return Err(multitoken_core::Error::msg(format!(
+                "{AUDIO_WHISPER_TRANSCRIPT} config: max_seconds must be a positive number, got {seconds}"
+            )));
+        }
+        decode.max_seconds = seconds;
+    }
+    let modality = WhisperTranscript::load(&dir, &context.device, decode).map_err(|e| {
+        multitoken_core::Error::msg(format!("{AUDIO_WHISPER_TRANSCRIPT}: Whisper model {}: {e}", dir.display()))
+    })?;
+    Ok(Box::new(modality))
+}
+
+multitoken_core::inventory::submit! {
+    TextModalityBuilder { name: AUDIO_WHISPER_TRANSCRIPT, build: build_transcript }
+}
+
+/// Referenced by [`crate::link`] so that the linker keeps the registration above.
+pub(crate) fn keep_registration() {
+    std::hint::black_box(build_transcript as fn(_, _) -> _);
 }

@@ -128,3 +128,23 @@ fn raw_samples_are_checked() {
         assert!(got.contains(expect), "expected `{expect}` in `{got}`");
     }
 }
+
+/// A transcript modality whose `multitoken.json` settings are wrong fails to
+/// build with a message naming the setting or the missing model.
+#[test]
+fn transcript_modality_configs_that_cannot_work_are_refused() {
+    multitoken_audio::link();
+    let context = multitoken_core::ModalityContext::cpu_f32(std::env::temp_dir());
+    let build = |config: serde_json::Value| {
+        multitoken_core::build_text_modality("audio_whisper_transcript", &config, &context)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let missing = build(serde_json::json!({"model_path": "no-such-whisper-dir"}));
+    assert!(missing.contains("no-such-whisper-dir"), "{missing}");
+    let typo = build(serde_json::json!({"model_pth": "x"}));
+    assert!(typo.contains("model_pth"), "{typo}");
+    let negative = build(serde_json::json!({"model_path": "x", "max_seconds": -1.0}));
+    assert!(negative.contains("max_seconds"), "{negative}");
+}

@@ -122,3 +122,18 @@ fn transcript_modality_substitutes_the_spoken_words() {
     assert!(!items.contains_key(TRANSCRIPT_DATA_KEY));
     assert_eq!(items["images"].len(), 1);
 }
+
+/// `audio_whisper_transcript` as `multitoken.json` names it: built through the
+/// registry, with its model path resolved against the model directory.
+#[test]
+fn transcript_modality_builds_from_the_registry() {
+    let Some(dir) = weights() else { return };
+    multitoken_audio::link();
+    let (parent, name) = (dir.parent().unwrap(), dir.file_name().unwrap().to_str().unwrap());
+    let context = multitoken_core::ModalityContext::cpu_f32(parent);
+    let config = serde_json::json!({"model_path": name, "max_seconds": 60.0});
+    let modality = multitoken_core::build_text_modality("audio_whisper_transcript", &config, &context).unwrap();
+    assert_eq!((modality.token(), modality.data_key()), ("<transcript>", "transcript_audios"));
+    let text = modality.to_text(&Item::Path(fixtures().join("espeak_fox22k.wav"))).unwrap();
+    assert!(text.contains("quick brown fox"), "{text}");
+}

@@ -43,10 +43,11 @@ pub use lm::{KvCache, LanguageModel, LogitsSelection};
 pub use modality::{Item, Modality};
 pub use preparer::{
     InputPreparer, ItemsByKey, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
-    PreparerConfig, IGNORE_INDEX,
+    PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality,
 };
 pub use projector::{Projector, ProjectorSpec};
 pub use registry::{
-    build_modality, builder_names, builders, find_builder, ModalityBuilder, ModalityContext,
+    build_modality, build_text_modality, builder_names, builders, find_builder, is_text_modality,
+    ModalityBuilder, ModalityContext, TextModalityBuilder,
 };
 pub use splice::{span_embeddings, splice_embeddings, SpanEmbedding};

@@ -50,6 +50,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use crate::preparer::TextModality;
 use crate::{Error, Modality, Result};
 
 /// What a builder gets besides its own config: where and in what precision to
@@ -149,22 +150,71 @@ pub fn build_modality(
         builders().filter(|builder| builder.name == name).collect();
     match matching.as_slice() {
         [builder] => (builder.build)(config, context),
-        [] => {
-            let names = builder_names();
-            let known = if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            };
-            Err(Error::UnknownModality {
-                name: name.to_string(),
-                known,
-            })
-        }
+        [] => Err(Error::UnknownModality {
+            name: name.to_string(),
+            known: known_names(),
+        }),
         several => Err(Error::DuplicateModalityBuilder {
             name: name.to_string(),
             count: several.len(),
         }),
+    }
+}
+
+/// Constructor of one text modality (a token replaced by text made from an
+/// item, such as `<transcript>`): registered like a [`ModalityBuilder`], and
+/// listed in `multitoken.json`'s `modalities` the same way, but with no
+/// encoder features and no projector.
+#[derive(Debug)]
+pub struct TextModalityBuilder {
+    /// Registry name, e.g. `audio_whisper_transcript`; equals the built modality's `name()`.
+    pub name: &'static str,
+    /// Builds the text modality from its config.
+    pub build: fn(&serde_json::Value, &ModalityContext) -> Result<Box<dyn TextModality>>,
+}
+
+inventory::collect!(TextModalityBuilder);
+
+/// Whether `name` is a registered text modality (so `multitoken.json` entries
+/// of that name need no projector).
+pub fn is_text_modality(name: &str) -> bool {
+    inventory::iter::<TextModalityBuilder>.into_iter().any(|builder| builder.name == name)
+}
+
+/// Builds the text modality registered as `name` from its config; errors as
+/// [`build_modality`] does (unknown names list every modality of both kinds).
+pub fn build_text_modality(
+    name: &str,
+    config: &serde_json::Value,
+    context: &ModalityContext,
+) -> Result<Box<dyn TextModality>> {
+    let matching: Vec<&TextModalityBuilder> = inventory::iter::<TextModalityBuilder>
+        .into_iter()
+        .filter(|builder| builder.name == name)
+        .collect();
+    match matching.as_slice() {
+        [builder] => (builder.build)(config, context),
+        [] => Err(Error::UnknownModality {
+            name: name.to_string(),
+            known: known_names(),
+        }),
+        several => Err(Error::DuplicateModalityBuilder {
+            name: name.to_string(),
+            count: several.len(),
+        }),
+    }
+}
+
+/// Every registered name of both kinds, comma separated (or `none`).
+fn known_names() -> String {
+    let mut names = builder_names();
+    names.extend(inventory::iter::<TextModalityBuilder>.into_iter().map(|builder| builder.name));
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
     }
 }
 

@@ -22,6 +22,11 @@
 //! output when it holds `non_lora_trainables.bin` or an LMM `config.json`
 //! ([`multi_token`]), else a text-only model.
 //!
+//! An entry whose builder is a registered *text* modality
+//! ([`multitoken_core::TextModalityBuilder`], e.g. `audio_whisper_transcript`)
+//! has no projector: each of its tokens is replaced by the text of its k-th
+//! item before tokenising ([`MultimodalModel::prepare_chat`] and friends).
+//!
 //! [`MultimodalModel::generate`] is the whole data flow of DESIGN.md: prepare ids
 //! and spans, preprocess + encode + project every item, splice, then decode.
 
@@ -29,9 +34,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use multitoken_core::{
-    build_modality, span_embeddings, splice_embeddings, ChatTemplate, InputPreparer, Item, ItemsByKey,
-    LanguageModel, LeadingSpecialTokens, Message, Modality, ModalityContext, ModalityToken, PreparedInput,
-    PreparerConfig, Projector, ProjectorSpec,
+    build_modality, build_text_modality, is_text_modality, span_embeddings, splice_embeddings,
+    substitute_text_items, ChatTemplate, InputPreparer, Item, ItemsByKey, LanguageModel,
+    LeadingSpecialTokens, Message, Modality, ModalityContext, ModalityToken, PreparedInput,
+    PreparerConfig, Projector, ProjectorSpec, TextModality,
 };
 use serde::{Deserialize, Serialize};
 
@@ -71,11 +77,18 @@ pub struct ModalityEntry {
     /// The builder's own settings.
     #[serde(default)]
     pub config: serde_json::Value,
-    /// The projector from encoder features to LM embeddings.
+    /// The projector from encoder features to LM embeddings (a text modality
+    /// has none: the field may be left out there, and is ignored).
+    #[serde(default = "no_projector")]
     pub projector: ProjectorSpec,
     /// Key prefix of this projector in `projectors.safetensors`.
     #[serde(default)]
     pub projector_prefix: Option<String>,
+}
+
+/// The placeholder projector of entries that leave it out (text modalities).
+fn no_projector() -> ProjectorSpec {
+    ProjectorSpec::Linear
 }
 
 impl ModalityEntry {
@@ -99,6 +112,8 @@ pub struct MultimodalModel {
     pub lm: LoadedModel,
     /// The modalities; a span's `modality` index points into this list.
     pub modalities: Vec<ModalityRuntime>,
+    /// Text modalities: tokens replaced by text before tokenising.
+    text_modalities: Vec<Box<dyn TextModality>>,
     template: ChatTemplate,
     chat_preparer: InputPreparer,
     raw_preparer: InputPreparer,
@@ -132,7 +147,12 @@ impl MultimodalModel {
             Some(name) if lm.chat_template.is_none() => Some(builtin_template(name, &lm)?),
             _ => None,
         };
-        Self::from_parts(lm, modalities, template)
+        let mut model = Self::from_parts(lm, modalities, template)?;
+        let context = ModalityContext::new(opts.device.clone(), opts.dtype, path);
+        for modality in load_text_modalities(path, &config, &context)? {
+            model.add_text_modality(modality)?;
+        }
+        Ok(model)
     }
 
     /// Assembles a model from a loaded LM and modalities built elsewhere (from
@@ -150,7 +170,45 @@ impl MultimodalModel {
             check_projector(runtime, lm.model.hidden_size())?;
         }
         let (chat_preparer, raw_preparer) = build_preparers(&lm, &modalities, &template)?;
-        Ok(Self { lm, modalities, template, chat_preparer, raw_preparer })
+        Ok(Self { lm, modalities, text_modalities: Vec::new(), template, chat_preparer, raw_preparer })
+    }
+
+    /// Adds a text modality (its tokens are replaced by its items' text before
+    /// tokenising). Its token and data key must differ from every other modality's.
+    pub fn add_text_modality(&mut self, modality: Box<dyn TextModality>) -> Result<()> {
+        let clash = self
+            .modalities
+            .iter()
+            .map(|m| (m.modality.name(), m.modality.token(), m.modality.data_key()))
+            .chain(self.text_modalities.iter().map(|m| (m.name(), m.token(), m.data_key())))
+            .find(|(_, token, key)| *token == modality.token() || *key == modality.data_key());
+        if let Some((name, token, key)) = clash {
+            return Err(Error::Msg(format!(
+                "text modality `{}` ({} / {}) clashes with modality `{name}` ({token} / {key})",
+                modality.name(),
+                modality.token(),
+                modality.data_key()
+            )));
+        }
+        self.text_modalities.push(modality);
+        Ok(())
+    }
+
+    /// The text modalities, in the order they were added.
+    pub fn text_modalities(&self) -> impl Iterator<Item = &dyn TextModality> {
+        self.text_modalities.iter().map(|m| m.as_ref())
+    }
+
+    /// `messages` and `items` with every text modality's tokens replaced by its
+    /// items' text (those items removed); `None` when the model has no text modality.
+    pub fn substitute_text(&self, messages: &[Message], items: &ItemsByKey) -> Result<Option<(Vec<Message>, ItemsByKey)>> {
+        if self.text_modalities.is_empty() {
+            return Ok(None);
+        }
+        let (mut messages, mut items) = (messages.to_vec(), items.clone());
+        let modalities: Vec<&dyn TextModality> = self.text_modalities().collect();
+        substitute_text_items(&mut messages, &mut items, &modalities)?;
+        Ok(Some((messages, items)))
     }
 
     /// Replaces the chat template (e.g. a built-in one, or jinja from a file).
@@ -185,11 +243,27 @@ impl MultimodalModel {
     /// Ids and spans of a chat rendered with the model's template plus the
     /// opening of the assistant turn.
     pub fn prepare_chat(&self, messages: &[Message], items: &ItemsByKey) -> Result<PreparedInput> {
+        if let Some((messages, items)) = self.substitute_text(messages, items)? {
+            return Ok(self.chat_preparer.prepare_generation(&messages, &items)?);
+        }
         Ok(self.chat_preparer.prepare_generation(messages, items)?)
+    }
+
+    /// Ids, labels (assistant turns) and spans of a training row, after text
+    /// modalities' substitution.
+    pub fn prepare_training(&self, messages: &[Message], items: &ItemsByKey) -> Result<PreparedInput> {
+        if let Some((messages, items)) = self.substitute_text(messages, items)? {
+            return Ok(self.chat_preparer.prepare_training(&messages, &items)?);
+        }
+        Ok(self.chat_preparer.prepare_training(messages, items)?)
     }
 
     /// Ids and spans of a raw prompt (tokenizer's special tokens, no template).
     pub fn prepare_raw(&self, text: &str, items: &ItemsByKey) -> Result<PreparedInput> {
+        if let Some((messages, items)) = self.substitute_text(&[Message::user(text)], items)? {
+            let text = messages.into_iter().next().map(|m| m.content).unwrap_or_default();
+            return Ok(self.raw_preparer.prepare_text(&text, &items)?);
+        }
         Ok(self.raw_preparer.prepare_text(text, items)?)
     }
 
@@ -297,13 +371,27 @@ fn resolve(dir: &Path, relative: &str) -> PathBuf {
     }
 }
 
+/// Builds the text modalities `multitoken.json` lists.
+pub fn load_text_modalities(dir: &Path, config: &MultimodalConfig, context: &ModalityContext) -> Result<Vec<Box<dyn TextModality>>> {
+    config
+        .modalities
+        .iter()
+        .filter(|entry| is_text_modality(&entry.builder))
+        .map(|entry| {
+            build_text_modality(&entry.builder, &entry.config, context).map_err(|e| {
+                Error::Msg(format!("{}: text modality `{}`: {e}", dir.join(MULTIMODAL_CONFIG_FILE).display(), entry.builder))
+            })
+        })
+        .collect()
+}
+
 fn load_modalities(
     dir: &Path,
     config: &MultimodalConfig,
     lm: &LoadedModel,
     opts: &LoadOptions,
 ) -> Result<Vec<ModalityRuntime>> {
-    if config.modalities.is_empty() {
+    if config.modalities.iter().all(|entry| is_text_modality(&entry.builder)) {
         return Ok(Vec::new());
     }
     let projectors_path = dir.join(PROJECTORS_FILE);
@@ -324,6 +412,7 @@ fn load_modalities(
     config
         .modalities
         .iter()
+        .filter(|entry| !is_text_modality(&entry.builder))
         .map(|entry| {
             let modality = build_modality(&entry.builder, &entry.config, &context)
                 .map_err(|e| Error::Msg(format!("{}: modality `{}`: {e}", dir.join(MULTIMODAL_CONFIG_FILE).display(), entry.builder)))?;

@@ -177,3 +177,71 @@ fn bad_input_is_a_clear_error() -> TestResult {
     check_error("projector-keys", &wrong_key, true, "x", ItemsByKey::new(), &["test_bytes_lmm_projector"])?;
     Ok(())
 }
+
+/// A text modality: each `<caps>` token becomes its `captions` item's text in capitals.
+struct Capitals;
+
+impl multitoken_core::TextModality for Capitals {
+    fn name(&self) -> &str {
+        "test_capitals"
+    }
+    fn token(&self) -> &str {
+        "<caps>"
+    }
+    fn data_key(&self) -> &str {
+        "captions"
+    }
+    fn to_text(&self, item: &Item) -> CoreResult<String> {
+        match item {
+            Item::Text(text) => Ok(text.to_uppercase()),
+            _ => Err(multitoken_core::Error::msg("test_capitals reads text items only")),
+        }
+    }
+}
+
+fn build_capitals(
+    _config: &serde_json::Value,
+    _context: &ModalityContext,
+) -> CoreResult<Box<dyn multitoken_core::TextModality>> {
+    Ok(Box::new(Capitals))
+}
+
+multitoken_core::inventory::submit! {
+    multitoken_core::TextModalityBuilder { name: "test_capitals", build: build_capitals }
+}
+
+/// A text modality listed in `multitoken.json` (no projector) replaces its
+/// tokens before tokenising, beside an embedding modality, in chat and raw
+/// prompts; the counts must agree, and tokens may not clash.
+#[test]
+fn text_modalities_from_multitoken_json_substitute_their_items() -> TestResult {
+    let config = serde_json::json!({
+        "base_model": llama_fixture(),
+        "modalities": [
+            {"builder": "test_bytes", "projector": "mlp2x_gelu"},
+            {"builder": "test_capitals"}
+        ]
+    });
+    let dir = model_dir("text", &config.to_string(), true)?;
+    let model = MultimodalModel::load(&dir, &LoadOptions::default())?;
+    assert_eq!(model.text_modalities().map(|m| m.name()).collect::<Vec<_>>(), vec!["test_capitals"]);
+    let mut items = blobs(&[b"pixels"]);
+    items.insert("captions".into(), vec![Item::Text("hello there".into()), Item::Text("bye".into())]);
+    let prepared = model.prepare_raw("a <blob> said <caps> then <caps>", &items)?;
+    let plain = model.prepare_raw("a <blob> said HELLO THERE then BYE", &blobs(&[b"pixels"]))?;
+    assert_eq!(prepared.input_ids, plain.input_ids);
+    assert_eq!(prepared.spans, plain.spans);
+    // The embedding modality's items still splice with the full item map.
+    model.embed(&prepared, &items)?;
+    let captions_only: ItemsByKey = items.iter().filter(|(k, _)| *k == "captions").map(|(k, v)| (k.clone(), v.clone())).collect();
+    let chat = model.prepare_chat(&[multitoken_core::Message::user("say <caps> <caps>")], &captions_only)?;
+    let chat_plain = model.prepare_chat(&[multitoken_core::Message::user("say HELLO THERE BYE")], &ItemsByKey::new())?;
+    assert_eq!(chat.input_ids, chat_plain.input_ids);
+
+    let err = model.prepare_raw("only one <caps>", &items).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("<caps>") && err.contains('1') && err.contains('2'), "count mismatch: {err}");
+    let mut clashing = MultimodalModel::load(&dir, &LoadOptions::default())?;
+    assert!(clashing.add_text_modality(Box::new(Capitals)).is_err(), "a second `<caps>` is refused");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

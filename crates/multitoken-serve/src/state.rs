@@ -121,6 +121,9 @@ impl AppState {
 
     /// The modality token for `data_key`, or a 400 when this model reads none.
     pub fn token_for(&self, data_key: &str, what: &str) -> Result<String> {
+        if let Some(text) = self.model.text_modalities().find(|m| m.data_key() == data_key) {
+            return Ok(text.token().to_string());
+        }
         match self.model.modality_for_key(data_key) {
             Some((_, m)) => Ok(m.modality.token().to_string()),
             None => Err(Error::bad_param(
@@ -134,7 +137,13 @@ impl AppState {
     }
 
     fn modality_list(&self) -> String {
-        let keys: Vec<&str> = self.model.modalities.iter().map(|m| m.modality.data_key()).collect();
+        let keys: Vec<&str> = self
+            .model
+            .modalities
+            .iter()
+            .map(|m| m.modality.data_key())
+            .chain(self.model.text_modalities().map(|m| m.data_key()))
+            .collect();
         if keys.is_empty() {
             "none, it is a text-only model".into()
         } else {

@@ -321,7 +321,6 @@ pub fn dataset(args: DatasetArgs) -> Result<()> {
                     for row in rows {
                         if let Err(e) = loaded
                             .mm
-                            .chat_preparer()
                             .prepare_training(&row.messages, &row.items)
                         {
                             problems.push(format!(

@@ -20,15 +20,15 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use multitoken_core::{
-    build_modality, span_embeddings, splice_embeddings, Item, ItemsByKey, KvCache, LogitsSelection,
-    ModalityContext, PreparedInput, Projector, IGNORE_INDEX,
+    build_modality, is_text_modality, span_embeddings, splice_embeddings, Item, ItemsByKey, KvCache,
+    LogitsSelection, ModalityContext, PreparedInput, Projector, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
 use multitoken_lm::lora::{LoraDropout, LoraLayer};
 use multitoken_lm::model::CausalLm;
 use multitoken_lm::multimodal::{
-    read_config, ModalityRuntime, MultimodalConfig, MultimodalModel, MULTIMODAL_CONFIG_FILE,
-    PROJECTORS_FILE,
+    load_text_modalities, read_config, ModalityEntry, ModalityRuntime, MultimodalConfig,
+    MultimodalModel, MULTIMODAL_CONFIG_FILE, PROJECTORS_FILE,
 };
 use multitoken_lm::weights::SafetensorsSource;
 use multitoken_lm::{Linear, WeightSource};
@@ -208,6 +208,8 @@ pub struct TrainableModel {
     pub parts: TrainParts,
     /// Encoder features of frozen encoders, by modality and item content.
     features: std::sync::Mutex<std::collections::HashMap<(usize, u64), Tensor>>,
+    /// `multitoken.json`'s text-modality entries (not in `config`), written back on save.
+    text_entries: Vec<ModalityEntry>,
 }
 
 impl TrainableModel {
@@ -226,7 +228,7 @@ impl TrainableModel {
         seed: u64,
     ) -> Result<Self> {
         let config_path = model_dir.join(MULTIMODAL_CONFIG_FILE);
-        let config = if config_path.is_file() {
+        let mut config = if config_path.is_file() {
             read_config(&config_path)?
         } else {
             MultimodalConfig {
@@ -235,6 +237,12 @@ impl TrainableModel {
                 modalities: Vec::new(),
             }
         };
+        // Text modalities (`<transcript>`) have no encoder or projector to train:
+        // they are kept aside, so that `config.modalities` indexes the spans'
+        // modalities as everywhere else, and written back on save.
+        let text_entries: Vec<ModalityEntry> =
+            config.modalities.iter().filter(|e| is_text_modality(&e.builder)).cloned().collect();
+        config.modalities.retain(|e| !is_text_modality(&e.builder));
         let lm_path = match &config.base_model {
             Some(base) => resolve(model_dir, base),
             None => model_dir.to_path_buf(),
@@ -353,9 +361,18 @@ impl TrainableModel {
             }
             _ => None,
         };
-        let mm = MultimodalModel::from_parts(lm, runtimes, template)?;
+        let mut mm = MultimodalModel::from_parts(lm, runtimes, template)?;
+        let with_text = MultimodalConfig {
+            modalities: text_entries.clone(),
+            ..config.clone()
+        };
+        let context = ModalityContext::new(device.clone(), DType::F32, model_dir);
+        for modality in load_text_modalities(model_dir, &with_text, &context)? {
+            mm.add_text_modality(modality)?;
+        }
         Ok(Self {
             mm,
+            text_entries,
             model_dir: model_dir.to_path_buf(),
             config,
             lm_path,
@@ -685,6 +702,20 @@ impl TrainableModel {
         }
         if !config.modalities.is_empty() {
             save_varmap(&self.projectors, &out.join(PROJECTORS_FILE))?;
+        }
+        for entry in &self.text_entries {
+            let mut entry = entry.clone();
+            // Paths in its config resolved against the old directory stay valid from the new one.
+            if let serde_json::Value::Object(obj) = &mut entry.config {
+                for value in obj.values_mut() {
+                    if let Some(path) = value.as_str().map(|p| self.model_dir.join(p)) {
+                        if path.exists() {
+                            *value = serde_json::Value::String(absolute(&path).display().to_string());
+                        }
+                    }
+                }
+            }
+            config.modalities.push(entry);
         }
         if let (Some(map), Some(settings)) = (&self.lora_vars, &self.parts.lora) {
             save_varmap(map, &out.join(ADAPTER_WEIGHTS_FILE))?;

@@ -464,11 +464,11 @@ fn prepare(model: &TrainableModel, rows: &[Row], cfg: &TrainConfig) -> Result<Ve
         };
         let mut prepared = model
             .mm
-            .chat_preparer()
             .prepare_training(&row.messages, &row.items)
             .map_err(|e| fail(e.to_string()))?;
         for key in row.items.keys() {
-            if model.mm.modality_for_key(key).is_none() {
+            let text_key = model.mm.text_modalities().any(|m| m.data_key() == key);
+            if model.mm.modality_for_key(key).is_none() && !text_key {
                 return Err(fail(format!(
                     "`{key}` lists items but the model has no modality reading `{key}` (it has: {})",
                     model.mm.modality_tokens().join(", ")
