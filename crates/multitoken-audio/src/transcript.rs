@@ -72,6 +72,10 @@ pub struct TranscriptConfig {
     /// Longest accepted clip in seconds (default: one hour).
     #[serde(default)]
     pub max_seconds: Option<f64>,
+    /// A whisper.cpp ggml model file, relative to the model directory: transcripts
+    /// then come from whisper.cpp (the `whisper-cpp` feature) instead of our decoder.
+    #[serde(default)]
+    pub ggml_model: Option<String>,
 }
 
 /// Builds the transcript modality from its `multitoken.json` entry, e.g.
@@ -100,10 +104,29 @@ fn build_transcript(
         }
         decode.max_seconds = seconds;
     }
+    if let Some(ggml) = &parsed.ggml_model {
+        return ggml_transcript(&context.resolve(ggml), decode);
+    }
     let modality = WhisperTranscript::load(&dir, &context.device, decode).map_err(|e| {
         multitoken_core::Error::msg(format!("{AUDIO_WHISPER_TRANSCRIPT}: Whisper model {}: {e}", dir.display()))
     })?;
     Ok(Box::new(modality))
+}
+
+/// The whisper.cpp transcript modality for `ggml_model`.
+#[cfg(feature = "whisper-cpp")]
+fn ggml_transcript(ggml: &Path, decode: DecodeConfig) -> multitoken_core::Result<Box<dyn TextModality>> {
+    Ok(Box::new(crate::whisper_cpp::WhisperCppTranscript::load(ggml, decode)?))
+}
+
+/// Without the feature a ggml model is a clear error, not our decoder in its place.
+#[cfg(not(feature = "whisper-cpp"))]
+fn ggml_transcript(ggml: &Path, _decode: DecodeConfig) -> multitoken_core::Result<Box<dyn TextModality>> {
+    Err(multitoken_core::Error::msg(format!(
+        "{AUDIO_WHISPER_TRANSCRIPT}: ggml_model {} needs whisper.cpp, and this binary was built \
+         without the `whisper-cpp` feature (`cargo build -p multitoken --features whisper-cpp`)",
+        ggml.display()
+    )))
 }
 
 multitoken_core::inventory::submit! {

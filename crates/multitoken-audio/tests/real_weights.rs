@@ -137,3 +137,31 @@ fn transcript_modality_builds_from_the_registry() {
     let text = modality.to_text(&Item::Path(fixtures().join("espeak_fox22k.wav"))).unwrap();
     assert!(text.contains("quick brown fox"), "{text}");
 }
+
+/// The `whisper-cpp` feature: whisper.cpp transcribes the same speech from the
+/// ggml file `cargo xtask weights` writes, built through the registry as a
+/// `multitoken.json` entry with `ggml_model` would be.
+#[cfg(feature = "whisper-cpp")]
+#[test]
+fn whisper_cpp_transcribes_espeak_speech_from_the_converted_ggml_file() {
+    let Some(dir) = weights() else { return };
+    let ggml = dir.parent().unwrap().join("ggml-base.bin");
+    assert!(ggml.is_file(), "{} is missing: run `cargo xtask weights`", ggml.display());
+    multitoken_audio::link();
+    let context = multitoken_core::ModalityContext::cpu_f32(std::env::temp_dir());
+    let config = serde_json::json!({"ggml_model": ggml});
+    let modality = multitoken_core::build_text_modality("audio_whisper_transcript", &config, &context).unwrap();
+    let text = modality.to_text(&Item::Path(fixtures().join("espeak_fox22k.wav"))).unwrap();
+    assert!(text.to_lowercase().contains("quick brown fox"), "{text}");
+}
+
+/// Without the feature, a ggml model in the config is refused, naming the feature.
+#[cfg(not(feature = "whisper-cpp"))]
+#[test]
+fn a_ggml_model_without_the_whisper_cpp_feature_is_a_clear_error() {
+    multitoken_audio::link();
+    let context = multitoken_core::ModalityContext::cpu_f32(std::env::temp_dir());
+    let config = serde_json::json!({"ggml_model": "ggml-base.bin"});
+    let err = multitoken_core::build_text_modality("audio_whisper_transcript", &config, &context).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("whisper-cpp"), "{err}");
+}

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use multitoken_audio::{DecodeConfig, WhisperTranscript, TRANSCRIPT_DATA_KEY, TRANSCRIPT_TOKEN};
+use multitoken_audio::{
+    DecodeConfig, WhisperTranscript, AUDIO_WHISPER_TRANSCRIPT, TRANSCRIPT_DATA_KEY, TRANSCRIPT_TOKEN,
+};
 use multitoken_core::preparer::substitute_text_items;
 use multitoken_core::{Item, ItemsByKey, Message};
 use serde_json::json;
@@ -42,6 +44,10 @@ pub struct GenerateArgs {
     /// The HF Whisper directory for `<transcript>` [default: whisper-base from `cargo xtask weights`].
     #[arg(long, value_name = "DIR")]
     whisper: Option<PathBuf>,
+    /// Transcribe with whisper.cpp from this ggml model file instead (a binary built
+    /// with `--features whisper-cpp`; `cargo xtask weights` writes whisper-base/ggml-base.bin).
+    #[arg(long, value_name = "FILE", conflicts_with = "whisper")]
+    whisper_ggml: Option<PathBuf>,
 }
 
 /// Replaces `<transcript>` tokens with the transcripts of the `--transcript` clips
@@ -64,6 +70,14 @@ fn substitute_transcripts(
         .iter()
         .any(|m| m.content.contains(TRANSCRIPT_TOKEN));
     if !used && !items.contains_key(TRANSCRIPT_DATA_KEY) {
+        return Ok(());
+    }
+    if let Some(ggml) = &args.whisper_ggml {
+        let context = multitoken_core::ModalityContext::cpu_f32(".");
+        let config = serde_json::json!({ "ggml_model": ggml });
+        let whisper = multitoken_core::build_text_modality(AUDIO_WHISPER_TRANSCRIPT, &config, &context)
+            .with_context(|| format!("loading whisper.cpp's model for <transcript> from {}", ggml.display()))?;
+        substitute_text_items(messages, items, &[whisper.as_ref()])?;
         return Ok(());
     }
     let dir = args
