@@ -146,17 +146,23 @@ pub fn build_modality(
     config: &serde_json::Value,
     context: &ModalityContext,
 ) -> Result<Box<dyn Modality>> {
-    let matching: Vec<&ModalityBuilder> =
-        builders().filter(|builder| builder.name == name).collect();
-    match matching.as_slice() {
-        [builder] => (builder.build)(config, context),
-        [] => Err(Error::UnknownModality {
+    let builder = the_one(name, builders().filter(|builder| builder.name == name))?;
+    (builder.build)(config, context)
+}
+
+/// The single builder among `matching`: unknown (listing every name) when there
+/// is none, a duplicate registration when there are several.
+fn the_one<B>(name: &str, matching: impl Iterator<Item = B>) -> Result<B> {
+    let mut matching: Vec<B> = matching.collect();
+    match matching.len() {
+        1 => Ok(matching.remove(0)),
+        0 => Err(Error::UnknownModality {
             name: name.to_string(),
             known: known_names(),
         }),
-        several => Err(Error::DuplicateModalityBuilder {
+        count => Err(Error::DuplicateModalityBuilder {
             name: name.to_string(),
-            count: several.len(),
+            count,
         }),
     }
 }
@@ -188,21 +194,9 @@ pub fn build_text_modality(
     config: &serde_json::Value,
     context: &ModalityContext,
 ) -> Result<Box<dyn TextModality>> {
-    let matching: Vec<&TextModalityBuilder> = inventory::iter::<TextModalityBuilder>
-        .into_iter()
-        .filter(|builder| builder.name == name)
-        .collect();
-    match matching.as_slice() {
-        [builder] => (builder.build)(config, context),
-        [] => Err(Error::UnknownModality {
-            name: name.to_string(),
-            known: known_names(),
-        }),
-        several => Err(Error::DuplicateModalityBuilder {
-            name: name.to_string(),
-            count: several.len(),
-        }),
-    }
+    let matching = inventory::iter::<TextModalityBuilder>.into_iter().filter(|builder| builder.name == name);
+    let builder = the_one(name, matching)?;
+    (builder.build)(config, context)
 }
 
 /// Every registered name of both kinds, comma separated (or `none`).
