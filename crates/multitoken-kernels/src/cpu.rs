@@ -243,10 +243,13 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// Query rows per unit: 256 rows of scores for Whisper's 1500 keys is 1.5 MiB, which
-/// stays in L2; measured on 8 heads × 1500², 2 threads: 64 rows 24.9 ms, 128 rows
-/// 20.6 ms, 256-512 rows 18.4 ms (torch's SDPA: 17.1 ms).
-const QUERY_BLOCK: usize = 256;
+/// Query rows per unit. Fewer, taller blocks repack K and V less often and give
+/// the ·V product more rows; 512 rows of Whisper's 1500 keys is 3 MiB of scores per
+/// thread. Measured on the whole Whisper-base encoder (30 s, 2 threads, three
+/// alternating rounds, best of 5 each): 256 rows 334 / 304 / 299 ms, 512 rows
+/// 309 / 290 / 285 ms, one block per head (1500 rows) 299 / 290 / 287 ms. On 8 heads ×
+/// 1500² alone, earlier: 64 rows 24.9 ms, 128 rows 20.6 ms, 256 rows 18.4 ms.
+const QUERY_BLOCK: usize = 512;
 
 thread_local! {
     /// Each pool thread's score buffer, kept between calls so that a Whisper layer
