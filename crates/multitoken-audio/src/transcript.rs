@@ -21,10 +21,20 @@ pub const TRANSCRIPT_TOKEN: &str = "<transcript>";
 /// The row key of the audio clips to transcribe.
 pub const TRANSCRIPT_DATA_KEY: &str = "transcript_audios";
 
+/// Who makes the transcripts.
+#[derive(Debug)]
+enum Backend {
+    /// Our candle Whisper decoder (greedy).
+    Candle(Box<Transcriber>),
+    /// whisper.cpp from a ggml file (the `whisper-cpp` feature).
+    #[cfg(feature = "whisper-cpp")]
+    WhisperCpp(crate::whisper_cpp::WhisperCpp),
+}
+
 /// A [`TextModality`] that turns audio items into their transcripts.
 #[derive(Debug)]
 pub struct WhisperTranscript {
-    transcriber: Transcriber,
+    backend: Backend,
     decode: DecodeConfig,
 }
 
@@ -32,7 +42,7 @@ impl WhisperTranscript {
     /// Wraps a loaded transcriber.
     pub fn new(transcriber: Transcriber, decode: DecodeConfig) -> Self {
         Self {
-            transcriber,
+            backend: Backend::Candle(Box::new(transcriber)),
             decode,
         }
     }
@@ -40,6 +50,15 @@ impl WhisperTranscript {
     /// Loads a HF Whisper directory (`config.json`, `model.safetensors`, `tokenizer.json`).
     pub fn load(dir: &Path, device: &Device, decode: DecodeConfig) -> Result<Self> {
         Ok(Self::new(Transcriber::load(dir, device)?, decode))
+    }
+
+    /// Transcribes with whisper.cpp from a ggml model file (`ggml-base.bin`, ...).
+    #[cfg(feature = "whisper-cpp")]
+    pub fn load_ggml(ggml_model: &Path, decode: DecodeConfig) -> Result<Self> {
+        Ok(Self {
+            backend: Backend::WhisperCpp(crate::whisper_cpp::WhisperCpp::load(ggml_model)?),
+            decode,
+        })
     }
 }
 
@@ -57,7 +76,11 @@ impl TextModality for WhisperTranscript {
     }
 
     fn to_text(&self, item: &Item) -> multitoken_core::Result<String> {
-        Ok(self.transcriber.transcribe_item(item, &self.decode)?.text)
+        Ok(match &self.backend {
+            Backend::Candle(transcriber) => transcriber.transcribe_item(item, &self.decode)?.text,
+            #[cfg(feature = "whisper-cpp")]
+            Backend::WhisperCpp(whisper) => whisper.transcribe(item, &self.decode)?,
+        })
     }
 }
 
@@ -116,7 +139,7 @@ fn build_transcript(
 /// The whisper.cpp transcript modality for `ggml_model`.
 #[cfg(feature = "whisper-cpp")]
 fn ggml_transcript(ggml: &Path, decode: DecodeConfig) -> multitoken_core::Result<Box<dyn TextModality>> {
-    Ok(Box::new(crate::whisper_cpp::WhisperCppTranscript::load(ggml, decode)?))
+    Ok(Box::new(WhisperTranscript::load_ggml(ggml, decode)?))
 }
 
 /// Without the feature a ggml model is a clear error, not our decoder in its place.

@@ -9,30 +9,27 @@
 
 use std::path::Path;
 
-use multitoken_core::preparer::TextModality;
 use multitoken_core::Item;
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
 use crate::decode::{load_audio, DecodeConfig};
-use crate::transcript::{AUDIO_WHISPER_TRANSCRIPT, TRANSCRIPT_DATA_KEY, TRANSCRIPT_TOKEN};
 use crate::{Error, Result};
 
-/// A [`TextModality`] whose transcripts come from whisper.cpp.
-pub struct WhisperCppTranscript {
+/// A loaded whisper.cpp model: the backend of [`crate::WhisperTranscript::load_ggml`].
+pub struct WhisperCpp {
     context: WhisperContext,
-    decode: DecodeConfig,
     threads: i32,
 }
 
-impl std::fmt::Debug for WhisperCppTranscript {
+impl std::fmt::Debug for WhisperCpp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WhisperCppTranscript").field("threads", &self.threads).finish_non_exhaustive()
+        f.debug_struct("WhisperCpp").field("threads", &self.threads).finish_non_exhaustive()
     }
 }
 
-impl WhisperCppTranscript {
+impl WhisperCpp {
     /// Loads a whisper.cpp ggml model file (`ggml-base.bin`, ...).
-    pub fn load(ggml_model: &Path, decode: DecodeConfig) -> Result<Self> {
+    pub fn load(ggml_model: &Path) -> Result<Self> {
         let name = ggml_model.display().to_string();
         if !ggml_model.is_file() {
             return Err(Error::Io {
@@ -45,12 +42,12 @@ impl WhisperCppTranscript {
         let context = WhisperContext::new_with_params(&name, WhisperContextParameters::default())
             .map_err(|e| Error::Format { item: name.clone(), reason: format!("whisper.cpp could not load it: {e}") })?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
-        Ok(Self { context, decode, threads })
+        Ok(Self { context, threads })
     }
 
-    /// The greedy transcript of one audio item.
-    pub fn transcribe(&self, item: &Item) -> Result<String> {
-        let samples = load_audio(item, &self.decode)?;
+    /// The greedy transcript of one audio item, decoded and resampled under `decode`.
+    pub fn transcribe(&self, item: &Item, decode: &DecodeConfig) -> Result<String> {
+        let samples = load_audio(item, decode)?;
         let describe = || match item {
             Item::Path(path) => path.display().to_string(),
             _ => "audio item".to_string(),
@@ -72,23 +69,5 @@ impl WhisperCppTranscript {
             text.push_str(&piece);
         }
         Ok(text.trim().to_string())
-    }
-}
-
-impl TextModality for WhisperCppTranscript {
-    fn name(&self) -> &str {
-        AUDIO_WHISPER_TRANSCRIPT
-    }
-
-    fn token(&self) -> &str {
-        TRANSCRIPT_TOKEN
-    }
-
-    fn data_key(&self) -> &str {
-        TRANSCRIPT_DATA_KEY
-    }
-
-    fn to_text(&self, item: &Item) -> multitoken_core::Result<String> {
-        Ok(self.transcribe(item)?)
     }
 }
