@@ -16,8 +16,8 @@ const ZERO_CROSSINGS: f64 = 24.0;
 const ROLLOFF: f64 = 0.94;
 /// Kaiser window shape (about 90 dB stop-band attenuation).
 const KAISER_BETA: f64 = 8.6;
-/// Largest precomputed polyphase table (phases x taps); beyond it taps are computed
-/// per output sample.
+/// Largest precomputed polyphase table (phases x taps), which the matrix-product
+/// path needs; beyond it taps are computed per output sample.
 const MAX_TABLE: usize = 1 << 22;
 
 /// Resamples mono `samples` from `from` Hz to `to` Hz; `name` labels errors.
@@ -53,11 +53,10 @@ pub fn resample_to(name: &str, samples: &[f32], from: u32, to: u32) -> Result<Ve
             .map(|i| kernel(frac + half_width as f64 - 1.0 - i as f64))
             .collect()
     };
-    let table: Option<Vec<Vec<f32>>> = (up.saturating_mul(taps) <= MAX_TABLE)
-        .then(|| (0..up).map(taps_for).collect());
     let out_len = (samples.len() as u64 * up as u64).div_ceil(down as u64) as usize;
-    if let Some(table) = &table {
-        return Ok(polyphase_product(samples, up, down, half_width, table, out_len));
+    if up.saturating_mul(taps) <= MAX_TABLE {
+        let table: Vec<Vec<f32>> = (0..up).map(taps_for).collect();
+        return Ok(polyphase_product(samples, up, down, half_width, &table, out_len));
     }
     let n_in = samples.len() as isize;
     let mut out = vec![0.0f32; out_len];
@@ -76,6 +75,7 @@ pub fn resample_to(name: &str, samples: &[f32], from: u32, to: u32) -> Result<Ve
             }
             let start = (first + lo as isize) as usize;
             let input = &samples[start..start + (hi - lo)];
+            // Vectorised: a sequential f32 sum does not vectorise.
             *slot = multitoken_kernels::math::dot(input, &weights[lo..hi]);
         }
     });

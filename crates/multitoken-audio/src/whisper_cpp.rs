@@ -12,7 +12,7 @@ use std::path::Path;
 use multitoken_core::Item;
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
-use crate::decode::{load_audio, DecodeConfig};
+use crate::decode::{describe_item, load_audio, DecodeConfig};
 use crate::{Error, Result};
 
 /// A loaded whisper.cpp model: the backend of [`crate::WhisperTranscript::load_ggml`].
@@ -48,11 +48,7 @@ impl WhisperCpp {
     /// The greedy transcript of one audio item, decoded and resampled under `decode`.
     pub fn transcribe(&self, item: &Item, decode: &DecodeConfig) -> Result<String> {
         let samples = load_audio(item, decode)?;
-        let describe = || match item {
-            Item::Path(path) => path.display().to_string(),
-            _ => "audio item".to_string(),
-        };
-        let failed = |e: whisper_rs::WhisperError| Error::Format { item: describe(), reason: format!("whisper.cpp: {e}") };
+        let failed = |e: whisper_rs::WhisperError| Error::Format { item: describe_item(item), reason: format!("whisper.cpp: {e}") };
         let mut state = self.context.create_state().map_err(failed)?;
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         params.set_language(Some("en"));

@@ -209,7 +209,7 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [M
     for_each_unit(rows.div_ceil(per_unit), |unit| {
         for r in unit * per_unit..((unit + 1) * per_unit).min(rows) {
             let row = &x[r * width..(r + 1) * width];
-            // SAFETY: row r of `out` belongs to this unit; normalise_row writes all of it.
+            // SAFETY: row r of `out` belongs to this unit; layer_norm_row writes all of it.
             let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(r * width).cast::<MaybeUninit<f32>>(), width) };
             math::layer_norm_row(row, gamma, beta, eps, dst);
         }

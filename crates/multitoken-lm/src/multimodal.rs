@@ -149,7 +149,7 @@ impl MultimodalModel {
         };
         let mut model = Self::from_parts(lm, modalities, template)?;
         let context = ModalityContext::new(opts.device.clone(), opts.dtype, path);
-        for modality in load_text_modalities(path, &config, &context)? {
+        for modality in load_text_modalities(path, &config.modalities, &context)? {
             model.add_text_modality(modality)?;
         }
         Ok(model)
@@ -371,10 +371,9 @@ fn resolve(dir: &Path, relative: &str) -> PathBuf {
     }
 }
 
-/// Builds the text modalities `multitoken.json` lists.
-pub fn load_text_modalities(dir: &Path, config: &MultimodalConfig, context: &ModalityContext) -> Result<Vec<Box<dyn TextModality>>> {
-    config
-        .modalities
+/// Builds the text modalities among `multitoken.json`'s `entries` (the others are skipped).
+pub fn load_text_modalities(dir: &Path, entries: &[ModalityEntry], context: &ModalityContext) -> Result<Vec<Box<dyn TextModality>>> {
+    entries
         .iter()
         .filter(|entry| is_text_modality(&entry.builder))
         .map(|entry| {

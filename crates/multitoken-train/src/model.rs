@@ -362,12 +362,8 @@ impl TrainableModel {
             _ => None,
         };
         let mut mm = MultimodalModel::from_parts(lm, runtimes, template)?;
-        let with_text = MultimodalConfig {
-            modalities: text_entries.clone(),
-            ..config.clone()
-        };
         let context = ModalityContext::new(device.clone(), DType::F32, model_dir);
-        for modality in load_text_modalities(model_dir, &with_text, &context)? {
+        for modality in load_text_modalities(model_dir, &text_entries, &context)? {
             mm.add_text_modality(modality)?;
         }
         Ok(Self {
