@@ -15,6 +15,9 @@ use gemm::{gemm, Parallelism};
 
 use crate::math;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// The activation a linear layer applies to its output while it is still in cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -116,10 +119,18 @@ pub fn linear(
     // A multiple of 32 keeps every block on whole AVX-512 micro-tiles; with more rows
     // than columns, rows are split too so each core gets several units.
     let threads = candle_core::utils::get_num_threads().max(1);
-    let col_blocks = if m * n * k < 1 << 18 { 1 } else { threads.min(n.div_ceil(32)).max(1) };
+    let col_blocks = if m * n * k < 1 << 18 {
+        1
+    } else {
+        threads.min(n.div_ceil(32)).max(1)
+    };
     let block = n.div_ceil(col_blocks).next_multiple_of(32).min(n);
     let col_blocks = n.div_ceil(block);
-    let row_blocks = if col_blocks < threads && m >= 2 * threads { threads } else { 1 };
+    let row_blocks = if col_blocks < threads && m >= 2 * threads {
+        threads
+    } else {
+        1
+    };
     let row_block = m.div_ceil(row_blocks);
     let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
     let prefill = bias.is_some() || residual.is_some();
@@ -146,8 +157,14 @@ pub fn linear(
                                 dst(r).add(j).write(a + b);
                             }
                         }
-                        (Some(res), None) => std::ptr::copy_nonoverlapping(res.as_ptr().add(r * n + c0), dst(r), width),
-                        (None, Some(b)) => std::ptr::copy_nonoverlapping(b.as_ptr().add(c0), dst(r), width),
+                        (Some(res), None) => std::ptr::copy_nonoverlapping(
+                            res.as_ptr().add(r * n + c0),
+                            dst(r),
+                            width,
+                        ),
+                        (None, Some(b)) => {
+                            std::ptr::copy_nonoverlapping(b.as_ptr().add(c0), dst(r), width)
+                        }
                         (None, None) => {}
                     }
                 }
@@ -210,7 +227,12 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [M
         for r in unit * per_unit..((unit + 1) * per_unit).min(rows) {
             let row = &x[r * width..(r + 1) * width];
             // SAFETY: row r of `out` belongs to this unit; layer_norm_row writes all of it.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(r * width).cast::<MaybeUninit<f32>>(), width) };
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    out_ptr.at(r * width).cast::<MaybeUninit<f32>>(),
+                    width,
+                )
+            };
             math::layer_norm_row(row, gamma, beta, eps, dst);
         }
     });
@@ -264,11 +286,55 @@ thread_local! {
 /// `key_bias` (`[batch, keys]`, additive) masks padded keys; a row whose keys
 /// are all `-inf` comes out as zeros.
 /// Every element of `out` is written, so it may start uninitialised.
-pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, key_bias: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
-    let AttentionShape { batch, queries, keys, heads, head_dim } = shape;
+pub fn attention(
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    shape: AttentionShape,
+    scale: f32,
+    key_bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let AttentionShape {
+        batch,
+        queries,
+        keys,
+        heads,
+        head_dim,
+    } = shape;
     let width = heads * head_dim;
     debug_assert!(out.len() >= batch * queries * width);
     debug_assert!(key_bias.is_none_or(|b| b.len() >= batch * keys));
+    if batch == 0 || queries == 0 || heads == 0 || head_dim == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512::applies(head_dim) {
+        avx512::attention(q, k, v, shape, scale, key_bias, out);
+        return;
+    }
+    attention_gemm(q, k, v, shape, scale, key_bias, out);
+}
+
+/// [`attention`] through gemm: what runs without AVX-512 or with a head width
+/// that is not a multiple of 16.
+pub(crate) fn attention_gemm(
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    shape: AttentionShape,
+    scale: f32,
+    key_bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let AttentionShape {
+        batch,
+        queries,
+        keys,
+        heads,
+        head_dim,
+    } = shape;
+    let width = heads * head_dim;
     if batch == 0 || queries == 0 || heads == 0 || head_dim == 0 {
         return;
     }
@@ -277,7 +343,10 @@ pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, k
     for_each_unit(batch * heads * blocks, |unit| {
         let (b, rest) = (unit / (heads * blocks), unit % (heads * blocks));
         let (h, block) = (rest / blocks, rest % blocks);
-        let (r0, r1) = (block * QUERY_BLOCK, ((block + 1) * QUERY_BLOCK).min(queries));
+        let (r0, r1) = (
+            block * QUERY_BLOCK,
+            ((block + 1) * QUERY_BLOCK).min(queries),
+        );
         let rows = r1 - r0;
         SCORES.with(|cell| {
             let mut scores = cell.borrow_mut();
@@ -347,7 +416,12 @@ pub fn attention(q: Rows, k: Rows, v: Rows, shape: AttentionShape, scale: f32, k
             for (r, &sum) in sums[..rows].iter().enumerate() {
                 let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                 // SAFETY: row r0 + r of head h of batch b belongs to this unit.
-                let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.at((b * queries + r0 + r) * width + h * head_dim), head_dim) };
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.at((b * queries + r0 + r) * width + h * head_dim),
+                        head_dim,
+                    )
+                };
                 row.iter_mut().for_each(|x| *x *= inv);
             }
         });

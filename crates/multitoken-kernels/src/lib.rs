@@ -58,7 +58,12 @@ unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
 
 /// `act(x W^T + b)` for `x` `[..., in]`, `weight` `[out, in]` (PyTorch's layout)
 /// and `bias` `[out]`: what `candle_nn::Linear` followed by the activation gives.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
     linear_with(x, weight, WeightLayout::Rows, bias, None, act)
 }
 
@@ -90,7 +95,10 @@ fn linear_with(
         // candle's matmul would also compute the weight's, which nobody reads.
         let frozen = [weight].into_iter().chain(bias).all(|t| fast_path(&[t]));
         if frozen && x.device().is_cpu() && x.dtype() == DType::F32 {
-            let op = FrozenLinear { weight: weight.clone(), layout };
+            let op = FrozenLinear {
+                weight: weight.clone(),
+                layout,
+            };
             let y = x.contiguous()?.apply_op1(op)?;
             let y = match bias {
                 Some(b) => y.broadcast_add(b)?,
@@ -117,7 +125,10 @@ fn linear_with(
     }
     if let Some(bias) = bias {
         if bias.dims() != [n] {
-            candle_core::bail!("linear: bias is {:?} but the layer has {n} outputs", bias.dims());
+            candle_core::bail!(
+                "linear: bias is {:?} but the layer has {n} outputs",
+                bias.dims()
+            );
         }
     }
     let x = x.contiguous()?;
@@ -127,7 +138,10 @@ fn linear_with(
     }
     if let Some(residual) = residual {
         if residual.dims() != dims.as_slice() {
-            candle_core::bail!("linear: residual is {:?} but the output is {dims:?}", residual.dims());
+            candle_core::bail!(
+                "linear: residual is {:?} but the output is {dims:?}",
+                residual.dims()
+            );
         }
     }
     let weight = weight.contiguous()?;
@@ -151,7 +165,15 @@ fn linear_with(
             },
         };
         let shape = cpu::LinearShape { m, k, n };
-        cpu::linear(cpu_data(&xs, xl)?, cpu_data(&ws, wl)?, layout, extras, shape, act, &mut out);
+        cpu::linear(
+            cpu_data(&xs, xl)?,
+            cpu_data(&ws, wl)?,
+            layout,
+            extras,
+            shape,
+            act,
+            &mut out,
+        );
     }
     // SAFETY: cpu::linear writes every element of its output.
     let out = unsafe { assume_init(out) };
@@ -199,9 +221,15 @@ impl QkvProjection {
             QkvProjection::Fused { qkv, width } => {
                 let all = qkv.forward(x)?;
                 let w = *width;
-                Ok((all.narrow(D::Minus1, 0, w)?, all.narrow(D::Minus1, w, w)?, all.narrow(D::Minus1, 2 * w, w)?))
+                Ok((
+                    all.narrow(D::Minus1, 0, w)?,
+                    all.narrow(D::Minus1, w, w)?,
+                    all.narrow(D::Minus1, 2 * w, w)?,
+                ))
             }
-            QkvProjection::Separate { q, k, v } => Ok((q.forward(x)?, k.forward(x)?, v.forward(x)?)),
+            QkvProjection::Separate { q, k, v } => {
+                Ok((q.forward(x)?, k.forward(x)?, v.forward(x)?))
+            }
         }
     }
 }
@@ -236,7 +264,15 @@ impl CustomOp1 for FrozenLinear {
         let (ws, wl) = weight.storage_and_layout();
         let mut out = output_buffer(m * n);
         let shape = cpu::LinearShape { m, k, n };
-        cpu::linear(x, cpu_data(&ws, wl)?, self.layout, cpu::LinearExtras::default(), shape, Activation::Identity, &mut out);
+        cpu::linear(
+            x,
+            cpu_data(&ws, wl)?,
+            self.layout,
+            cpu::LinearExtras::default(),
+            shape,
+            Activation::Identity,
+            &mut out,
+        );
         // SAFETY: cpu::linear writes every element of its output.
         let out = unsafe { assume_init(out) };
         let mut out_dims = dims.to_vec();
@@ -273,15 +309,32 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         weight.dims2()?;
         if weight.is_variable() || !fast_path(&[&weight]) {
-            return Ok(Self { weight, layout: WeightLayout::Rows, bias });
+            return Ok(Self {
+                weight,
+                layout: WeightLayout::Rows,
+                bias,
+            });
         }
-        Ok(Self { weight: weight.t()?.contiguous()?, layout: WeightLayout::Columns, bias })
+        Ok(Self {
+            weight: weight.t()?.contiguous()?,
+            layout: WeightLayout::Columns,
+            bias,
+        })
     }
 
     /// Loads `weight` (`[out, in]`) and, when `with_bias`, `bias` from `vb`.
-    pub fn load(vb: &candle_nn::VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+    pub fn load(
+        vb: &candle_nn::VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if with_bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if with_bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         Self::new(weight, bias)
     }
 
@@ -289,7 +342,9 @@ impl Linear {
     /// when every layer is frozen and takes the same input width; `None` otherwise
     /// (variables must stay separate so that training updates them).
     pub fn fuse(layers: &[&Linear]) -> Result<Option<Linear>> {
-        let Some(first) = layers.first() else { return Ok(None) };
+        let Some(first) = layers.first() else {
+            return Ok(None);
+        };
         let in_dim = first.weight.dim(0)?;
         for layer in layers {
             if layer.layout != WeightLayout::Columns || layer.weight.dim(0)? != in_dim {
@@ -310,7 +365,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Some(Linear { weight, layout: WeightLayout::Columns, bias }))
+        Ok(Some(Linear {
+            weight,
+            layout: WeightLayout::Columns,
+            bias,
+        }))
     }
 
     /// `act(x W^T + b)` for `x` `[..., in]`.
@@ -321,7 +380,14 @@ impl Linear {
     /// `residual + x W^T + b`, the sum formed inside the product (a residual
     /// connection: `x + out_proj(attn)`, `x + fc2(h)`).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        linear_with(x, &self.weight, self.layout, self.bias.as_ref(), Some(residual), Activation::Identity)
+        linear_with(
+            x,
+            &self.weight,
+            self.layout,
+            self.bias.as_ref(),
+            Some(residual),
+            Activation::Identity,
+        )
     }
 
     /// `x W^T + b`.
@@ -331,7 +397,12 @@ impl Linear {
 }
 
 /// The candle composite [`linear`] falls back to (differentiable).
-fn linear_composite(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+fn linear_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
     let y = x.broadcast_matmul(&weight.t()?)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
@@ -368,19 +439,33 @@ pub struct Conv1d {
 
 impl Conv1d {
     /// From a `[out, in, kernel]` weight, an optional `[out]` bias, stride and padding.
-    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Result<Self> {
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let (out, input, kernel) = weight.dims3()?;
         if stride == 0 || kernel == 0 {
             candle_core::bail!("conv1d: stride {stride} and kernel {kernel} must be positive");
         }
         let frozen = !weight.is_variable() && fast_path(&[&weight]);
         let unfolded = if frozen {
-            let taps = weight.permute((0, 2, 1))?.contiguous()?.reshape((out, kernel * input))?;
+            let taps = weight
+                .permute((0, 2, 1))?
+                .contiguous()?
+                .reshape((out, kernel * input))?;
             Some(Linear::new(taps, bias.clone())?)
         } else {
             None
         };
-        Ok(Self { weight, bias, unfolded, stride, padding })
+        Ok(Self {
+            weight,
+            bias,
+            unfolded,
+            stride,
+            padding,
+        })
     }
 
     /// Output length for `time` input steps.
@@ -388,7 +473,10 @@ impl Conv1d {
         let kernel = self.weight.dim(2)?;
         let padded = time + 2 * self.padding;
         if padded < kernel {
-            candle_core::bail!("conv1d: {time} steps are fewer than the kernel's {kernel} (padding {})", self.padding);
+            candle_core::bail!(
+                "conv1d: {time} steps are fewer than the kernel's {kernel} (padding {})",
+                self.padding
+            );
         }
         Ok((padded - kernel) / self.stride + 1)
     }
@@ -398,13 +486,17 @@ impl Conv1d {
         let (b, time, channels) = x.dims3()?;
         let (_, input, kernel) = self.weight.dims3()?;
         if channels != input {
-            candle_core::bail!("conv1d: input has {channels} channels but the weight takes {input}");
+            candle_core::bail!(
+                "conv1d: input has {channels} channels but the weight takes {input}"
+            );
         }
         let steps = self.output_len(time)?;
         let unfolded = match &self.unfolded {
             Some(unfolded) if fast_path(&[x]) => unfolded,
             _ => {
-                let y = x.transpose(1, 2)?.conv1d(&self.weight, self.padding, self.stride, 1, 1)?;
+                let y = x
+                    .transpose(1, 2)?
+                    .conv1d(&self.weight, self.padding, self.stride, 1, 1)?;
                 let y = match &self.bias {
                     Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1))?)?,
                     None => y,
@@ -422,7 +514,9 @@ impl Conv1d {
                 let (batch, step) = (i / steps, i % steps);
                 for (tap, dst) in out_row.chunks_exact_mut(channels).enumerate() {
                     // Input step of this tap; outside 0..time is the zero padding.
-                    let src = (step * self.stride + tap).checked_sub(self.padding).filter(|&s| s < time);
+                    let src = (step * self.stride + tap)
+                        .checked_sub(self.padding)
+                        .filter(|&s| s < time);
                     if let Some(src) = src {
                         let at = (batch * time + src) * channels;
                         dst.copy_from_slice(&data[at..at + channels]);
@@ -445,7 +539,10 @@ pub fn layer_norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> Result<Tensor> {
         return candle_nn::ops::layer_norm_slow(x, ln.weight(), bias, ln.eps() as f32);
     }
     let width = x.dim(D::Minus1)?;
-    if !fast_path(&[x, ln.weight(), bias]) || ln.weight().dims() != [width] || bias.dims() != [width] {
+    if !fast_path(&[x, ln.weight(), bias])
+        || ln.weight().dims() != [width]
+        || bias.dims() != [width]
+    {
         return candle_nn::Module::forward(ln, x);
     }
     let x = x.contiguous()?;
@@ -470,7 +567,38 @@ pub fn layer_norm(ln: &candle_nn::LayerNorm, x: &Tensor) -> Result<Tensor> {
 /// `[b, tk]` is added to every head's scores (0 to keep a key, a large negative
 /// value or `-inf` to mask it). Returns `[b, tq, d]`:
 /// `softmax(scale · q k^T + key_bias) v` per head, heads side by side.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    key_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    attention_with(cpu::attention, q, k, v, heads, scale, key_bias)
+}
+
+/// The slice kernel of an attention.
+type AttentionKernel = fn(
+    cpu::Rows,
+    cpu::Rows,
+    cpu::Rows,
+    cpu::AttentionShape,
+    f32,
+    Option<&[f32]>,
+    &mut [MaybeUninit<f32>],
+);
+
+/// [`attention`] through `kernel` on the fast path (the tests run each kernel).
+fn attention_with(
+    kernel: AttentionKernel,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    key_bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, tq, d) = q.dims3()?;
     let (kb, tk, kd) = k.dims3()?;
     if kb != b || kd != d || v.dims() != k.dims() || heads == 0 || d % heads != 0 {
@@ -483,7 +611,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, k
     }
     if let Some(bias) = key_bias {
         if bias.dims() != [b, tk] {
-            candle_core::bail!("attention: key bias is {:?}, expected [{b}, {tk}]", bias.dims());
+            candle_core::bail!(
+                "attention: key bias is {:?}, expected [{b}, {tk}]",
+                bias.dims()
+            );
         }
     }
     let mut all = vec![q, k, v];
@@ -518,28 +649,47 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, k
             Some((bs, bl)) => Some(cpu_data(bs, bl)?),
             None => None,
         };
-        let operand = |data, row_stride, batch_stride| cpu::Rows { data, row_stride, batch_stride };
-        cpu::attention(
+        let operand = |data, row_stride, batch_stride| cpu::Rows {
+            data,
+            row_stride,
+            batch_stride,
+        };
+        kernel(
             operand(cpu_data(&qs, ql)?, q_rs, q_bs),
             operand(cpu_data(&ks, kl)?, k_rs, k_bs),
             operand(cpu_data(&vs, vl)?, v_rs, v_bs),
-            cpu::AttentionShape { batch: b, queries: tq, keys: tk, heads, head_dim: d / heads },
+            cpu::AttentionShape {
+                batch: b,
+                queries: tq,
+                keys: tk,
+                heads,
+                head_dim: d / heads,
+            },
             scale as f32,
             bias_data,
             &mut out,
         );
     }
-    // SAFETY: cpu::attention writes every element of its output.
+    // SAFETY: every attention kernel writes every element of its output.
     let out = unsafe { assume_init(out) };
     Tensor::from_vec(out, (b, tq, d), q.device())
 }
 
 /// The candle composite [`attention`] falls back to (differentiable).
-fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, key_bias: Option<&Tensor>) -> Result<Tensor> {
+fn attention_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    key_bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, tq, d) = q.dims3()?;
     let split = |t: &Tensor| -> Result<Tensor> {
         let (b, t_len, _) = t.dims3()?;
-        t.reshape((b, t_len, heads, d / heads))?.transpose(1, 2)?.contiguous()
+        t.reshape((b, t_len, heads, d / heads))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let (qh, kh, vh) = (split(&(q * scale)?)?, split(k)?, split(v)?);
     let mut scores = qh.matmul(&kh.t()?)?;
@@ -557,10 +707,14 @@ mod tests {
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
         // A small LCG keeps the tests deterministic without a seeded candle RNG.
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let data: Vec<f32> = (0..shape.iter().product::<usize>())
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect();
@@ -569,22 +723,44 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
     fn linear_matches_candle_for_every_activation_and_odd_sizes() {
-        for (shape, n, seed) in [(vec![7, 33], 45, 1), (vec![3, 50, 768], 768, 2), (vec![2, 400, 64], 300, 3), (vec![1500, 40], 8, 4)] {
+        for (shape, n, seed) in [
+            (vec![7, 33], 45, 1),
+            (vec![3, 50, 768], 768, 2),
+            (vec![2, 400, 64], 300, 3),
+            (vec![1500, 40], 8, 4),
+        ] {
             let k = *shape.last().unwrap();
             let x = random(&shape, seed);
             let w = random(&[n, k], seed + 10);
             let b = random(&[n], seed + 20);
-            for act in [Activation::Identity, Activation::Gelu, Activation::QuickGelu] {
+            for act in [
+                Activation::Identity,
+                Activation::Gelu,
+                Activation::QuickGelu,
+            ] {
                 for bias in [None, Some(&b)] {
                     let fast = linear(&x, &w, bias, act).unwrap();
                     let want = linear_composite(&x, &w, bias, act).unwrap();
                     let diff = max_diff(&fast, &want);
-                    assert!(diff < 1e-5 * (k as f32).sqrt(), "{shape:?}x[{n},{k}] {act:?} bias {}: {diff}", bias.is_some());
+                    assert!(
+                        diff < 1e-5 * (k as f32).sqrt(),
+                        "{shape:?}x[{n},{k}] {act:?} bias {}: {diff}",
+                        bias.is_some()
+                    );
                 }
             }
         }
@@ -592,7 +768,11 @@ mod tests {
 
     #[test]
     fn a_residual_folded_into_the_product_equals_the_separate_sum() {
-        for (shape, n, seed) in [(vec![7, 33], 45, 31), (vec![2, 50, 96], 96, 32), (vec![400, 64], 256, 33)] {
+        for (shape, n, seed) in [
+            (vec![7, 33], 45, 31),
+            (vec![2, 50, 96], 96, 32),
+            (vec![400, 64], 256, 33),
+        ] {
             let k = *shape.last().unwrap();
             let x = random(&shape, seed);
             let mut out_shape = shape.clone();
@@ -602,31 +782,52 @@ mod tests {
                 let layer = Linear::new(random(&[n, k], seed + 3), bias).unwrap();
                 let fused = layer.forward_residual(&x, &residual).unwrap();
                 let want = (layer.forward(&x).unwrap() + &residual).unwrap();
-                assert!(max_diff(&fused, &want) < 1e-5, "{shape:?}x[{n},{k}]: {}", max_diff(&fused, &want));
+                assert!(
+                    max_diff(&fused, &want) < 1e-5,
+                    "{shape:?}x[{n},{k}]: {}",
+                    max_diff(&fused, &want)
+                );
             }
             let wrong = random(&[3, n], seed);
             let layer = Linear::new(random(&[n, k], seed + 3), None).unwrap();
-            assert!(layer.forward_residual(&x, &wrong).is_err(), "a residual of another shape is refused");
+            assert!(
+                layer.forward_residual(&x, &wrong).is_err(),
+                "a residual of another shape is refused"
+            );
         }
         // Training: a tracked residual keeps its gradient.
         let residual = Var::from_tensor(&random(&[4, 8], 40)).unwrap();
         let layer = Linear::new(random(&[8, 16], 41), None).unwrap();
-        let y = layer.forward_residual(&random(&[4, 16], 42), residual.as_tensor()).unwrap();
+        let y = layer
+            .forward_residual(&random(&[4, 16], 42), residual.as_tensor())
+            .unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(residual.as_tensor()).is_some());
     }
 
     #[test]
     fn layer_norm_matches_candle_on_odd_widths_and_large_means() {
-        for (rows, width, offset, seed) in [(1, 1, 0.0, 50), (37, 768, 0.0, 51), (5, 45, 100.0, 52), (300, 64, -3.0, 53)] {
-            let x = (random(&[rows, width], seed) * 4.0).unwrap().affine(1.0, offset).unwrap();
+        for (rows, width, offset, seed) in [
+            (1, 1, 0.0, 50),
+            (37, 768, 0.0, 51),
+            (5, 45, 100.0, 52),
+            (300, 64, -3.0, 53),
+        ] {
+            let x = (random(&[rows, width], seed) * 4.0)
+                .unwrap()
+                .affine(1.0, offset)
+                .unwrap();
             let gamma = random(&[width], seed + 1);
             let beta = random(&[width], seed + 2);
             let ln = candle_nn::LayerNorm::new(gamma.clone(), beta.clone(), 1e-5);
             let fast = layer_norm(&ln, &x).unwrap();
             let want = candle_nn::ops::layer_norm_slow(&x, &gamma, &beta, 1e-5).unwrap();
             let tol = 1e-5 * (1.0 + offset.abs() as f32 / 4.0);
-            assert!(max_diff(&fast, &want) < tol, "{rows}x{width} offset {offset}: {}", max_diff(&fast, &want));
+            assert!(
+                max_diff(&fast, &want) < tol,
+                "{rows}x{width} offset {offset}: {}",
+                max_diff(&fast, &want)
+            );
         }
     }
 
@@ -636,13 +837,25 @@ mod tests {
         let w = random(&[8, 16], 6);
         let y = linear(x.as_tensor(), &w, None, Activation::Gelu).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(x.as_tensor()).is_some(), "the fallback must be differentiable");
-        assert!(max_diff(&y, &linear(&x.as_tensor().detach(), &w, None, Activation::Gelu).unwrap()) < 1e-5);
+        assert!(
+            grads.get(x.as_tensor()).is_some(),
+            "the fallback must be differentiable"
+        );
+        assert!(
+            max_diff(
+                &y,
+                &linear(&x.as_tensor().detach(), &w, None, Activation::Gelu).unwrap()
+            ) < 1e-5
+        );
     }
 
     #[test]
     fn a_frozen_layer_is_kept_transposed_and_a_variable_is_not() {
-        let (w, b, x) = (random(&[24, 40], 1), random(&[24], 2), random(&[3, 5, 40], 3));
+        let (w, b, x) = (
+            random(&[24, 40], 1),
+            random(&[24], 2),
+            random(&[3, 5, 40], 3),
+        );
         let frozen = Linear::new(w.clone(), Some(b.clone())).unwrap();
         assert_eq!(frozen.layout, WeightLayout::Columns);
         let var = Var::from_tensor(&w).unwrap();
@@ -662,15 +875,36 @@ mod tests {
     fn fused_frozen_layers_give_each_layers_output_side_by_side() {
         let x = random(&[2, 7, 32], 1);
         let layers: Vec<Linear> = (0..3)
-            .map(|i| Linear::new(random(&[16, 32], 10 + i), (i != 1).then(|| random(&[16], 20 + i))).unwrap())
+            .map(|i| {
+                Linear::new(
+                    random(&[16, 32], 10 + i),
+                    (i != 1).then(|| random(&[16], 20 + i)),
+                )
+                .unwrap()
+            })
             .collect();
         let refs: Vec<&Linear> = layers.iter().collect();
         let fused = Linear::fuse(&refs).unwrap().unwrap().forward(&x).unwrap();
         for (i, layer) in layers.iter().enumerate() {
-            assert!(max_diff(&fused.narrow(2, 16 * i, 16).unwrap(), &layer.forward(&x).unwrap()) < 1e-6);
+            assert!(
+                max_diff(
+                    &fused.narrow(2, 16 * i, 16).unwrap(),
+                    &layer.forward(&x).unwrap()
+                ) < 1e-6
+            );
         }
-        let var = Linear::new(Var::from_tensor(&random(&[16, 32], 3)).unwrap().as_tensor().clone(), None).unwrap();
-        assert!(Linear::fuse(&[&layers[0], &var]).unwrap().is_none(), "a variable must not be fused");
+        let var = Linear::new(
+            Var::from_tensor(&random(&[16, 32], 3))
+                .unwrap()
+                .as_tensor()
+                .clone(),
+            None,
+        )
+        .unwrap();
+        assert!(
+            Linear::fuse(&[&layers[0], &var]).unwrap().is_none(),
+            "a variable must not be fused"
+        );
         let [q, k, v] = [0, 1, 2].map(|i| layers[i].clone());
         let projection = QkvProjection::new(q, k, v).unwrap();
         assert!(matches!(projection, QkvProjection::Fused { width: 16, .. }));
@@ -689,25 +923,59 @@ mod tests {
             let conv = Conv1d::new(w.clone(), Some(b.clone()), stride, padding).unwrap();
             assert!(conv.unfolded.is_some());
             let fast = conv.forward_time_major(&x, Activation::Gelu).unwrap();
-            let want = x.transpose(1, 2).unwrap().conv1d(&w, padding, stride, 1, 1).unwrap();
-            let want = want.broadcast_add(&b.reshape((1, 10, 1)).unwrap()).unwrap().gelu_erf().unwrap().transpose(1, 2).unwrap();
-            assert!(max_diff(&fast, &want) < 1e-5, "stride {stride} padding {padding}");
+            let want = x
+                .transpose(1, 2)
+                .unwrap()
+                .conv1d(&w, padding, stride, 1, 1)
+                .unwrap();
+            let want = want
+                .broadcast_add(&b.reshape((1, 10, 1)).unwrap())
+                .unwrap()
+                .gelu_erf()
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            assert!(
+                max_diff(&fast, &want) < 1e-5,
+                "stride {stride} padding {padding}"
+            );
             // A variable weight takes candle's conv and gives the same.
             let var = Var::from_tensor(&w).unwrap();
-            let trainable = Conv1d::new(var.as_tensor().clone(), Some(b.clone()), stride, padding).unwrap();
+            let trainable =
+                Conv1d::new(var.as_tensor().clone(), Some(b.clone()), stride, padding).unwrap();
             assert!(trainable.unfolded.is_none());
-            assert!(max_diff(&trainable.forward_time_major(&x, Activation::Gelu).unwrap(), &want) < 1e-5);
+            assert!(
+                max_diff(
+                    &trainable.forward_time_major(&x, Activation::Gelu).unwrap(),
+                    &want
+                ) < 1e-5
+            );
         }
         let conv = Conv1d::new(random(&[4, 3, 3], 1), None, 1, 0).unwrap();
-        assert!(conv.forward_time_major(&random(&[1, 2, 3], 2), Activation::Identity).is_err(), "too short");
-        assert!(conv.forward_time_major(&random(&[1, 5, 4], 2), Activation::Identity).is_err(), "channels");
+        assert!(
+            conv.forward_time_major(&random(&[1, 2, 3], 2), Activation::Identity)
+                .is_err(),
+            "too short"
+        );
+        assert!(
+            conv.forward_time_major(&random(&[1, 5, 4], 2), Activation::Identity)
+                .is_err(),
+            "channels"
+        );
     }
 
     #[test]
     fn a_tracked_input_through_a_frozen_layer_gets_candles_gradient() {
         let x0 = random(&[2, 5, 24], 1);
         let (w, b) = (random(&[12, 24], 2), random(&[12], 3));
-        for layer in [Linear::new(w.clone(), Some(b.clone())).unwrap(), Linear { weight: w.clone(), layout: WeightLayout::Rows, bias: Some(b.clone()) }] {
+        for layer in [
+            Linear::new(w.clone(), Some(b.clone())).unwrap(),
+            Linear {
+                weight: w.clone(),
+                layout: WeightLayout::Rows,
+                bias: Some(b.clone()),
+            },
+        ] {
             for act in [Activation::Identity, Activation::Gelu] {
                 let x = Var::from_tensor(&x0).unwrap();
                 let y = layer.forward_with(x.as_tensor(), act).unwrap();
@@ -715,55 +983,165 @@ mod tests {
                 let ours = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
                 let x2 = Var::from_tensor(&x0).unwrap();
                 let y2 = linear_composite(x2.as_tensor(), &w, Some(&b), act).unwrap();
-                let want = (&y2 * &y2).unwrap().sum_all().unwrap().backward().unwrap().get(x2.as_tensor()).unwrap().clone();
+                let want = (&y2 * &y2)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+                    .get(x2.as_tensor())
+                    .unwrap()
+                    .clone();
                 assert!(max_diff(&y, &y2) < 1e-5);
-                assert!(max_diff(&ours, &want) < 1e-4, "{act:?}: {}", max_diff(&ours, &want));
+                assert!(
+                    max_diff(&ours, &want) < 1e-4,
+                    "{act:?}: {}",
+                    max_diff(&ours, &want)
+                );
             }
         }
     }
 
     #[test]
     fn linear_refuses_a_width_mismatch() {
-        let err = linear(&random(&[2, 5], 1), &random(&[3, 4], 2), None, Activation::Identity).unwrap_err();
+        let err = linear(
+            &random(&[2, 5], 1),
+            &random(&[3, 4], 2),
+            None,
+            Activation::Identity,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("input width 5"), "{err}");
     }
 
     #[test]
     fn attention_matches_candle_with_masks_blocks_and_strided_views() {
-        let (heads, hd) = (3, 16);
-        let d = heads * hd;
-        // 600 queries span two QUERY_BLOCKs, the second one partial.
-        for (b, tq, tk) in [(2, 5, 9), (2, 70, 130), (1, 129, 64), (1, 600, 600)] {
-            // q, k, v as column views of one fused [b, t, 3d] projection when tq == tk.
-            let (q, k, v) = if tq == tk {
-                let qkv = random(&[b, tq, 3 * d], 7);
-                (qkv.narrow(2, 0, d).unwrap(), qkv.narrow(2, d, d).unwrap(), qkv.narrow(2, 2 * d, d).unwrap())
-            } else {
-                (random(&[b, tq, d], 8), random(&[b, tk, d], 9), random(&[b, tk, d], 10))
-            };
-            // The last two keys of batch 0 are padding.
-            let mut bias = vec![0f32; b * tk];
-            bias[tk - 2] = f32::MIN;
-            bias[tk - 1] = f32::NEG_INFINITY;
-            let bias = Tensor::from_vec(bias, (b, tk), &Device::Cpu).unwrap();
-            let scale = (hd as f64).powf(-0.5);
-            for key_bias in [None, Some(&bias)] {
-                let fast = attention(&q, &k, &v, heads, scale, key_bias).unwrap();
-                let want = attention_composite(&q, &k, &v, heads, scale, key_bias).unwrap();
-                let diff = max_diff(&fast, &want);
-                assert!(diff < 1e-5, "b {b} tq {tq} tk {tk} mask {}: {diff}", key_bias.is_some());
+        // Both kernels: the AVX-512 tiles (head widths that are multiples of 16, on a
+        // CPU that has it) and gemm's (every CPU; the only one for other widths).
+        let kernels: [(&str, AttentionKernel); 2] = [
+            ("dispatched", cpu::attention),
+            ("gemm", cpu::attention_gemm),
+        ];
+        // Widths of 1 to 5 vectors (the ·V tile's column chunks of 4 and the rest)
+        // and one that is not a whole number of vectors.
+        for (heads, hd) in [(3, 16), (2, 64), (1, 80), (2, 24)] {
+            let d = heads * hd;
+            // 600 queries span several query blocks of either kernel, the last one
+            // partial; 9 keys are less than one vector, 130 more than a ·V key
+            // chunk; 70 and 129 queries leave partial 6-row tiles.
+            for (b, tq, tk) in [(2, 5, 9), (2, 70, 130), (1, 129, 64), (1, 600, 600)] {
+                // q, k, v as column views of one fused [b, t, 3d] projection when tq == tk.
+                let (q, k, v) = if tq == tk {
+                    let qkv = random(&[b, tq, 3 * d], 7);
+                    (
+                        qkv.narrow(2, 0, d).unwrap(),
+                        qkv.narrow(2, d, d).unwrap(),
+                        qkv.narrow(2, 2 * d, d).unwrap(),
+                    )
+                } else {
+                    (
+                        random(&[b, tq, d], 8),
+                        random(&[b, tk, d], 9),
+                        random(&[b, tk, d], 10),
+                    )
+                };
+                // The last two keys of batch 0 are padding; with two batches, every key
+                // of batch 1 is masked, so its rows come out as zeros.
+                let mut bias = vec![0f32; b * tk];
+                bias[tk - 2] = f32::MIN;
+                bias[tk - 1] = f32::NEG_INFINITY;
+                if b > 1 {
+                    bias[tk..2 * tk].fill(f32::NEG_INFINITY);
+                }
+                let bias = Tensor::from_vec(bias, (b, tk), &Device::Cpu).unwrap();
+                let scale = (hd as f64).powf(-0.5);
+                for key_bias in [None, Some(&bias)] {
+                    let want = attention_composite(&q, &k, &v, heads, scale, key_bias).unwrap();
+                    // candle's softmax of an all -inf row is NaN; ours is 0.
+                    let want = if key_bias.is_some() && b > 1 {
+                        Tensor::cat(
+                            &[
+                                &want.narrow(0, 0, 1).unwrap(),
+                                &want.narrow(0, 1, 1).unwrap().zeros_like().unwrap(),
+                            ],
+                            0,
+                        )
+                        .unwrap()
+                    } else {
+                        want
+                    };
+                    for (name, kernel) in kernels {
+                        let fast =
+                            attention_with(kernel, &q, &k, &v, heads, scale, key_bias).unwrap();
+                        let diff = max_diff(&fast, &want);
+                        assert!(
+                            diff < 1e-5,
+                            "{name}: {heads}×{hd}, b {b} tq {tq} tk {tk} mask {}: {diff}",
+                            key_bias.is_some()
+                        );
+                    }
+                }
             }
         }
-        let (q, k, v) = (random(&[2, 4, 48], 1), random(&[2, 6, 48], 2), random(&[2, 6, 48], 3));
-        let qkv = Tensor::cat(&[&random(&[2, 6, 48], 4), &random(&[2, 6, 48], 5), &random(&[2, 6, 48], 6)], 2).unwrap();
-        let self_attention = attention(&qkv.narrow(2, 0, 48).unwrap(), &qkv.narrow(2, 48, 48).unwrap(), &qkv.narrow(2, 96, 48).unwrap(), 4, 0.3, None).unwrap();
+        let (q, k, v) = (
+            random(&[2, 4, 48], 1),
+            random(&[2, 6, 48], 2),
+            random(&[2, 6, 48], 3),
+        );
+        let qkv = Tensor::cat(
+            &[
+                &random(&[2, 6, 48], 4),
+                &random(&[2, 6, 48], 5),
+                &random(&[2, 6, 48], 6),
+            ],
+            2,
+        )
+        .unwrap();
+        let self_attention = attention(
+            &qkv.narrow(2, 0, 48).unwrap(),
+            &qkv.narrow(2, 48, 48).unwrap(),
+            &qkv.narrow(2, 96, 48).unwrap(),
+            4,
+            0.3,
+            None,
+        )
+        .unwrap();
         assert_eq!(self_attention.dims(), &[2, 6, 48]);
-        assert_eq!(attention(&q, &k, &v, 4, 0.3, None).unwrap().dims(), &[2, 4, 48]);
+        assert_eq!(
+            attention(&q, &k, &v, 4, 0.3, None).unwrap().dims(),
+            &[2, 4, 48]
+        );
+    }
+
+    #[test]
+    fn attention_gives_the_same_answer_twice_and_per_call() {
+        // Each pool thread keeps the last head it packed; a second call on other
+        // data with the same shape must not reuse it.
+        let (a, b) = (random(&[1, 100, 128], 11), random(&[1, 100, 128], 12));
+        let first = attention(&a, &a, &a, 2, 0.125, None).unwrap();
+        let other = attention(&b, &b, &b, 2, 0.125, None).unwrap();
+        let again = attention(&a, &a, &a, 2, 0.125, None).unwrap();
+        assert_eq!(max_diff(&first, &again), 0.0);
+        assert!(max_diff(&first, &other) > 1e-3);
+        assert!(
+            max_diff(
+                &other,
+                &attention_composite(&b, &b, &b, 2, 0.125, None).unwrap()
+            ) < 1e-5
+        );
     }
 
     #[test]
     fn attention_refuses_shapes_that_do_not_fit() {
-        let err = attention(&random(&[1, 4, 48], 1), &random(&[1, 6, 32], 2), &random(&[1, 6, 32], 3), 4, 1.0, None).unwrap_err();
+        let err = attention(
+            &random(&[1, 4, 48], 1),
+            &random(&[1, 6, 32], 2),
+            &random(&[1, 6, 32], 3),
+            4,
+            1.0,
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("do not fit"), "{err}");
     }
 }

@@ -18,19 +18,29 @@ use std::mem::MaybeUninit;
 
 /// Applies `$generic` through the widest instruction set this CPU has.
 macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident, avx512: $fast:path) => {
+        multiversion!(@emit [$(#[$meta])*] $vis $name ($($arg: $ty),*) $generic {
+            // SAFETY: the CPU was checked for AVX-512F.
+            return unsafe { $fast($($arg),*) };
+        });
+    };
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
+        multiversion!(@emit [$(#[$meta])*] $vis $name ($($arg: $ty),*) $generic {
+            // SAFETY: the CPU was checked for these features.
+            return unsafe { wide($($arg),*) };
+        });
+    };
+    (@emit [$(#[$meta:meta])*] $vis:vis $name:ident ($($arg:ident: $ty:ty),*) $generic:ident $on_avx512:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(dead_code)]
                 unsafe fn wide($($arg: $ty),*) { $generic($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn narrow($($arg: $ty),*) { $generic($($arg),*) }
-                if std::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU was just checked for these features.
-                    return unsafe { wide($($arg),*) };
-                }
+                if std::is_x86_feature_detected!("avx512f") $on_avx512
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: as above.
                     return unsafe { narrow($($arg),*) };
@@ -112,7 +122,10 @@ fn max_of(xs: &[f32]) -> f32 {
             *a = a.max(x);
         }
     }
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
@@ -185,7 +198,12 @@ fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
             acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     acc.iter().sum::<f32>() + tail
 }
 
@@ -224,7 +242,13 @@ fn sum_generic(xs: &[f32]) -> f32 {
 /// passes, as PyTorch's CPU kernel, rather than E[x²] − E[x]², which loses
 /// digits when the mean is large).
 #[inline(always)]
-fn layer_norm_row_generic(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+fn layer_norm_row_generic(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    out: &mut [MaybeUninit<f32>],
+) {
     let width = x.len();
     if width == 0 {
         return;
@@ -238,7 +262,11 @@ fn layer_norm_row_generic(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out:
             acc[i] = d.mul_add(d, acc[i]);
         }
     }
-    let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v - mean) * (v - mean))
+        .sum();
     let var = (acc.iter().sum::<f32>() + tail) / width as f32;
     let inv = 1.0 / (var + eps).sqrt();
     for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
@@ -254,12 +282,12 @@ multiversion! {
 
 multiversion! {
     /// GELU with the exact (erf) form, in place: `0.5 x (1 + erf(x / √2))`.
-    pub fn gelu_in_place(xs: &mut [f32]) => gelu_generic
+    pub fn gelu_in_place(xs: &mut [f32]) => gelu_generic, avx512: avx512::gelu_in_place
 }
 
 multiversion! {
     /// CLIP's quick GELU in place: `x · sigmoid(1.702 x)`.
-    pub fn quick_gelu_in_place(xs: &mut [f32]) => quick_gelu_generic
+    pub fn quick_gelu_in_place(xs: &mut [f32]) => quick_gelu_generic, avx512: avx512::quick_gelu_in_place
 }
 
 multiversion! {
@@ -269,7 +297,7 @@ multiversion! {
 
 multiversion! {
     /// Unnormalised softmax of each `width`-long row of `scores`, sums in `sums`.
-    pub fn exp_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) => exp_rows_generic
+    pub fn exp_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) => exp_rows_generic, avx512: avx512::exp_rows
 }
 
 multiversion! {
@@ -290,13 +318,201 @@ multiversion! {
     pub fn add_row_bias(rows: &mut [f32], bias: &[f32]) => add_row_bias_generic
 }
 
+/// The same functions written with AVX-512 intrinsics: LLVM's vectorisation of
+/// the portable forms above keeps the power of two and the division as integer
+/// and divide instructions; here they are `vscalefps` and a `vrcp14ps`
+/// estimate refined by one Newton step (relative error about 2^-28 before
+/// rounding). Measured on one thread over 18M softmax entries: 8.8 ms → 5.0 ms.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `e^x` on 16 lanes: the Cephes polynomial of [`super::exp`] (relative error
+    /// under 2e-7), the power of two applied by `vscalefps`. `x` is clamped to
+    /// [-87.34, 88.38] as there; NaN stays NaN (`vmaxps` and `vminps` return their
+    /// second operand when one is NaN).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_set1_ps(88.376_26),
+            _mm512_max_ps(_mm512_set1_ps(-87.336_54), x),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let e = _mm512_fmadd_ps(
+            _mm512_mul_ps(p, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(e, n)
+    }
+
+    /// `1 / d` on 16 lanes: the 14-bit estimate and one Newton step.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn recip16(d: __m512) -> __m512 {
+        let r = _mm512_rcp14_ps(d);
+        _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)))
+    }
+
+    /// Applies `f` to `xs` 16 lanes at a time, the tail through masked loads and stores.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn map16(xs: &mut [f32], f: impl Fn(__m512) -> __m512) {
+        let mut chunks = xs.chunks_exact_mut(16);
+        for chunk in &mut chunks {
+            // SAFETY: the chunk holds 16 floats.
+            unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), f(_mm512_loadu_ps(chunk.as_ptr()))) };
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let mask = ((1u32 << tail.len()) - 1) as __mmask16;
+            // SAFETY: the mask covers exactly the tail's elements.
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    tail.as_mut_ptr(),
+                    mask,
+                    f(_mm512_maskz_loadu_ps(mask, tail.as_ptr())),
+                )
+            };
+        }
+    }
+
+    /// GELU (erf form, as [`super::gelu_in_place`]) on 16 lanes:
+    /// `0.5 x (1 + erf(x / √2))` with erf as in [`super::erf`], written as
+    /// `x - 0.5 x w` for x ≥ 0 and `0.5 x w` below, where `w = 1 - erf(|x| / √2)`,
+    /// rounded as `1 - erf` would be.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn gelu16(x: __m512) -> __m512 {
+        let a = _mm512_abs_ps(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+        ));
+        let t = recip16(_mm512_fmadd_ps(
+            a,
+            _mm512_set1_ps(0.327_591_1),
+            _mm512_set1_ps(1.0),
+        ));
+        let mut p = _mm512_set1_ps(1.061_405_4);
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453_152_1));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421_413_8));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284_496_74));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254_829_6));
+        let w = _mm512_mul_ps(
+            _mm512_mul_ps(p, t),
+            exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a))),
+        );
+        // Rounded through `1 - erf` (the portable form and PyTorch's `0.5 x (1 +
+        // erf)`): below 2^-25 w becomes 0, so that GELU of a very negative x is 0,
+        // not a subnormal that would slow every product reading it tenfold
+        // (measured: the Whisper encoder 0.57 s → 3.0 s).
+        let one = _mm512_set1_ps(1.0);
+        let w = _mm512_sub_ps(one, _mm512_sub_ps(one, w));
+        let half_xw = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5)), w);
+        let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+        _mm512_mask_blend_ps(negative, _mm512_sub_ps(x, half_xw), half_xw)
+    }
+
+    /// CLIP's quick GELU on 16 lanes: `x / (1 + e^(-1.702 x))`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn quick_gelu16(x: __m512) -> __m512 {
+        let e = exp16(_mm512_mul_ps(x, _mm512_set1_ps(-1.702)));
+        _mm512_mul_ps(x, recip16(_mm512_add_ps(e, _mm512_set1_ps(1.0))))
+    }
+
+    /// [`super::gelu_in_place`].
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn gelu_in_place(xs: &mut [f32]) {
+        map16(xs, |x| gelu16(x));
+    }
+
+    /// [`super::quick_gelu_in_place`].
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn quick_gelu_in_place(xs: &mut [f32]) {
+        map16(xs, |x| quick_gelu16(x));
+    }
+
+    /// `row[..len] = e^(row - max)` at `row`, returning the sum; a row of -inf
+    /// (every key masked) becomes zeros with a sum of 0, as [`super::exp_rows`].
+    ///
+    /// # Safety
+    /// `row` points at `len` writable floats.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn exp_row(row: *mut f32, len: usize) -> f32 {
+        let full = len / 16;
+        let mask = ((1u32 << (len % 16)) - 1) as __mmask16;
+        // SAFETY (every access below): chunks 0..full are whole, the tail is masked.
+        unsafe {
+            let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+            for c in 0..full {
+                max = _mm512_max_ps(max, _mm512_loadu_ps(row.add(16 * c)));
+            }
+            max = _mm512_mask_max_ps(
+                max,
+                mask,
+                max,
+                _mm512_maskz_loadu_ps(mask, row.add(16 * full)),
+            );
+            let max = _mm512_reduce_max_ps(max);
+            if max == f32::NEG_INFINITY {
+                std::slice::from_raw_parts_mut(row, len).fill(0.0);
+                return 0.0;
+            }
+            let shift = _mm512_set1_ps(max);
+            let mut acc = _mm512_setzero_ps();
+            for c in 0..full {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(16 * c)), shift));
+                _mm512_storeu_ps(row.add(16 * c), e);
+                acc = _mm512_add_ps(acc, e);
+            }
+            let e = _mm512_maskz_mov_ps(
+                mask,
+                exp16(_mm512_sub_ps(
+                    _mm512_maskz_loadu_ps(mask, row.add(16 * full)),
+                    shift,
+                )),
+            );
+            _mm512_mask_storeu_ps(row.add(16 * full), mask, e);
+            _mm512_reduce_add_ps(_mm512_add_ps(acc, e))
+        }
+    }
+
+    /// [`super::exp_rows`].
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn exp_rows(scores: &mut [f32], width: usize, sums: &mut [f32]) {
+        if width == 0 {
+            return;
+        }
+        for (row, sum) in scores.chunks_exact_mut(width).zip(sums.iter_mut()) {
+            // SAFETY: the row holds `width` floats.
+            *sum = unsafe { exp_row(row.as_mut_ptr(), width) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Points across the range that matters, including both clamps.
     fn grid() -> Vec<f32> {
-        (-2000..=2000).map(|i| i as f32 * 0.01).chain([-100.0, -87.0, 0.0, 88.0, 100.0]).collect()
+        (-2000..=2000)
+            .map(|i| i as f32 * 0.01)
+            .chain([-100.0, -87.0, 0.0, 88.0, 100.0])
+            .collect()
     }
 
     #[test]
@@ -304,37 +520,122 @@ mod tests {
         for x in (-8700..=8830).map(|i| i as f32 * 0.01) {
             let want = x.exp();
             let got = exp(x);
-            assert!(((got - want) / want).abs() < 2e-7, "exp({x}) = {got}, libm {want}");
+            assert!(
+                ((got - want) / want).abs() < 2e-7,
+                "exp({x}) = {got}, libm {want}"
+            );
         }
+    }
+
+    /// The dispatched form (AVX-512 intrinsics on a CPU that has them) and the portable one.
+    type InPlace = fn(&mut [f32]);
+    fn both(dispatched: InPlace, generic: InPlace) -> [(&'static str, InPlace); 2] {
+        [("dispatched", dispatched), ("portable", generic)]
     }
 
     #[test]
     fn gelu_matches_the_erf_form() {
+        // The grid's length is not a multiple of 16: the masked tail is covered.
         let xs = grid();
-        let mut got = xs.clone();
-        gelu_in_place(&mut got);
-        for (&x, &g) in xs.iter().zip(&got) {
-            let want = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / std::f64::consts::SQRT_2));
-            assert!((g as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "gelu({x}) = {g}, want {want}");
+        for (name, gelu) in both(gelu_in_place, gelu_generic) {
+            let mut got = xs.clone();
+            gelu(&mut got);
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / std::f64::consts::SQRT_2));
+                assert!(
+                    (g as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{name}: gelu({x}) = {g}, want {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_of_a_very_negative_input_is_zero_not_subnormal() {
+        // Subnormal activations slow every product that reads them about tenfold.
+        let xs: Vec<f32> = (0..200).map(|i| -5.0 - i as f32 * 0.5).collect();
+        for (name, gelu) in both(gelu_in_place, gelu_generic) {
+            let mut got = xs.clone();
+            gelu(&mut got);
+            for (&x, &g) in xs.iter().zip(&got) {
+                assert!(
+                    g == 0.0 || g.is_normal(),
+                    "{name}: gelu({x}) = {g:e} is subnormal"
+                );
+            }
         }
     }
 
     #[test]
     fn quick_gelu_matches_its_definition() {
         let xs = grid();
-        let mut got = xs.clone();
-        quick_gelu_in_place(&mut got);
-        for (&x, &g) in xs.iter().zip(&got) {
-            let x64 = x as f64;
-            let want = x64 / (1.0 + (-1.702 * x64).exp());
-            assert!((g as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "quick_gelu({x}) = {g}, want {want}");
+        for (name, quick_gelu) in both(quick_gelu_in_place, quick_gelu_generic) {
+            let mut got = xs.clone();
+            quick_gelu(&mut got);
+            for (&x, &g) in xs.iter().zip(&got) {
+                let x64 = x as f64;
+                let want = x64 / (1.0 + (-1.702 * x64).exp());
+                assert!(
+                    (g as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{name}: quick_gelu({x}) = {g}, want {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_rows_match_the_softmax_numerators_with_tails_and_masked_rows() {
+        for width in [1usize, 5, 16, 37, 1500] {
+            let mut rows: Vec<f32> = (0..width * 3)
+                .map(|i| ((i * 7919) % 113) as f32 * 0.37 - 20.0)
+                .collect();
+            // The last row is fully masked, the first has one masked key.
+            rows[2 * width..].fill(f32::NEG_INFINITY);
+            rows[0] = f32::NEG_INFINITY;
+            let original = rows.clone();
+            let dispatched = |scores: &mut [f32], sums: &mut [f32]| exp_rows(scores, width, sums);
+            let portable =
+                |scores: &mut [f32], sums: &mut [f32]| exp_rows_generic(scores, width, sums);
+            for (name, kernel) in [
+                ("dispatched", &dispatched as &dyn Fn(&mut [f32], &mut [f32])),
+                ("portable", &portable),
+            ] {
+                let mut got = original.clone();
+                let mut sums = [f32::NAN; 3];
+                kernel(&mut got, &mut sums);
+                for ((row, orig), &sum) in got.chunks(width).zip(original.chunks(width)).zip(&sums)
+                {
+                    let max = orig.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    if max == f32::NEG_INFINITY {
+                        assert!(
+                            row.iter().all(|&p| p == 0.0) && sum == 0.0,
+                            "{name}: width {width}, masked row"
+                        );
+                        continue;
+                    }
+                    let want_sum: f64 = orig.iter().map(|&x| ((x - max) as f64).exp()).sum();
+                    assert!(
+                        (sum as f64 - want_sum).abs() < 1e-5 * want_sum,
+                        "{name}: width {width}: sum {sum} vs {want_sum}"
+                    );
+                    for (&p, &x) in row.iter().zip(orig) {
+                        let want = ((x - max) as f64).exp();
+                        assert!(
+                            (p as f64 - want).abs() <= 2e-7 * want + 1e-30,
+                            "{name}: width {width}: {p} vs {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 
     #[test]
     fn softmax_rows_sum_to_one_and_keep_order() {
         let width = 37;
-        let mut rows: Vec<f32> = (0..width * 3).map(|i| ((i * 7919) % 113) as f32 * 0.37 - 20.0).collect();
+        let mut rows: Vec<f32> = (0..width * 3)
+            .map(|i| ((i * 7919) % 113) as f32 * 0.37 - 20.0)
+            .collect();
         let original = rows.clone();
         softmax_rows(&mut rows, width);
         for (row, orig) in rows.chunks(width).zip(original.chunks(width)) {
