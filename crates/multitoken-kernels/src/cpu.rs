@@ -41,20 +41,20 @@ impl Activation {
 
 /// A pointer to an output buffer that units write at disjoint places.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: every use hands each unit its own region of the buffer.
 unsafe impl Sync for SharedOut {}
 unsafe impl Send for SharedOut {}
 
 impl SharedOut {
     /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
 
 /// Runs `f(unit)` for `0..units` on candle's pool (inline when there is one unit or one thread).
-fn for_each_unit(units: usize, f: impl Fn(usize) + Sync) {
+pub(crate) fn for_each_unit(units: usize, f: impl Fn(usize) + Sync) {
     if units <= 1 || candle_core::utils::get_num_threads() <= 1 {
         (0..units).for_each(f);
         return;

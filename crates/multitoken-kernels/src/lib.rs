@@ -506,24 +506,36 @@ impl Conv1d {
         };
         let x = x.contiguous()?;
         let row = kernel * channels;
-        let mut cols = vec![0f32; b * steps * row];
+        // im2col, rows split over the pool: for Whisper's second convolution this is
+        // a 1500 × 1536 matrix (9 MiB), which one thread zeroed and then filled.
+        let mut cols = output_buffer(b * steps * row);
         {
             let (xs, xl) = x.storage_and_layout();
             let data = cpu_data(&xs, xl)?;
-            for (i, out_row) in cols.chunks_exact_mut(row).enumerate() {
-                let (batch, step) = (i / steps, i % steps);
-                for (tap, dst) in out_row.chunks_exact_mut(channels).enumerate() {
-                    // Input step of this tap; outside 0..time is the zero padding.
-                    let src = (step * self.stride + tap)
-                        .checked_sub(self.padding)
-                        .filter(|&s| s < time);
-                    if let Some(src) = src {
-                        let at = (batch * time + src) * channels;
-                        dst.copy_from_slice(&data[at..at + channels]);
+            let rows = b * steps;
+            let per_unit = 64;
+            let cols_ptr = cpu::SharedOut(cols.as_mut_ptr().cast::<f32>());
+            cpu::for_each_unit(rows.div_ceil(per_unit), |unit| {
+                for i in unit * per_unit..((unit + 1) * per_unit).min(rows) {
+                    // SAFETY: row i of `cols` belongs to this unit only.
+                    let out_row = unsafe { std::slice::from_raw_parts_mut(cols_ptr.at(i * row), row) };
+                    let (batch, step) = (i / steps, i % steps);
+                    for (tap, dst) in out_row.chunks_exact_mut(channels).enumerate() {
+                        // Input step of this tap; outside 0..time is the zero padding.
+                        let src = (step * self.stride + tap).checked_sub(self.padding).filter(|&s| s < time);
+                        match src {
+                            Some(src) => {
+                                let at = (batch * time + src) * channels;
+                                dst.copy_from_slice(&data[at..at + channels]);
+                            }
+                            None => dst.fill(0.0),
+                        }
                     }
                 }
-            }
+            });
         }
+        // SAFETY: every row of `cols` was written above, padding taps included.
+        let cols = unsafe { assume_init(cols) };
         let cols = Tensor::from_vec(cols, (b, steps, row), x.device())?;
         unfolded.forward_with(&cols, act)
     }
