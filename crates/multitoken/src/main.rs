@@ -13,6 +13,7 @@ use anyhow::Result;
 use clap::Parser;
 
 fn main() -> Result<()> {
+    keep_freed_memory();
     pin_thread_count();
     let args = cli::Cli::parse();
     cli::run(args)
@@ -25,5 +26,18 @@ fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
+/// Turns off mimalloc's purging of freed memory, unless `MIMALLOC_PURGE_DELAY`
+/// says otherwise: freed pages stay committed for the next allocation instead of
+/// being handed back and faulted in again (why: the workspace `Cargo.toml`).
+/// `cargo xtask` does the same, so that benches measure what users run.
+fn keep_freed_memory() {
+    /// `mi_option_purge_delay` in mimalloc's `mi_option_e`.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting an option is allowed at any time; -1 means "never purge".
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
     }
 }
