@@ -15,6 +15,7 @@
 
 pub mod cpu;
 pub mod math;
+pub mod train;
 
 use std::mem::MaybeUninit;
 
@@ -518,11 +519,14 @@ impl Conv1d {
             cpu::for_each_unit(rows.div_ceil(per_unit), |unit| {
                 for i in unit * per_unit..((unit + 1) * per_unit).min(rows) {
                     // SAFETY: row i of `cols` belongs to this unit only.
-                    let out_row = unsafe { std::slice::from_raw_parts_mut(cols_ptr.at(i * row), row) };
+                    let out_row =
+                        unsafe { std::slice::from_raw_parts_mut(cols_ptr.at(i * row), row) };
                     let (batch, step) = (i / steps, i % steps);
                     for (tap, dst) in out_row.chunks_exact_mut(channels).enumerate() {
                         // Input step of this tap; outside 0..time is the zero padding.
-                        let src = (step * self.stride + tap).checked_sub(self.padding).filter(|&s| s < time);
+                        let src = (step * self.stride + tap)
+                            .checked_sub(self.padding)
+                            .filter(|&s| s < time);
                         match src {
                             Some(src) => {
                                 let at = (batch * time + src) * channels;

@@ -71,9 +71,9 @@ impl Attention {
                 .reshape((b, nkv, n_rep * t, kv_len))?,
             None => scores,
         };
-        // The fused softmax has no backward pass; training takes the composite one.
+        // candle's fused softmax has no backward pass; training takes ours.
         let probs = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+            multitoken_kernels::train::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };

@@ -86,9 +86,10 @@ impl Norm {
         let x = f32(x)?;
         let y = match self {
             // candle's fused norms have no backward pass: training (a tracked
-            // input or weight) takes the differentiable composite instead.
+            // input or weight) takes ours, fused with its backward for a frozen
+            // weight and candle's composite for a trained one.
             Norm::Rms { weight, eps } if x.track_op() || weight.track_op() => {
-                candle_nn::ops::rms_norm_slow(&x, &f32(weight)?, *eps)?
+                multitoken_kernels::train::rms_norm(&x, &f32(weight)?, *eps)?
             }
             Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(&x, &f32(weight)?, *eps)?,
             Norm::Layer { weight, bias, eps } if x.track_op() || weight.track_op() || bias.track_op() => {
