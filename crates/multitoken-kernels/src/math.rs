@@ -80,6 +80,11 @@ fn exp(x: f32) -> f32 {
     let scaled = e * f32::from_bits(((n_int + 127) as u32) << 23);
     if x.is_nan() {
         x
+    } else if x < -87.336_54 {
+        // Exactly 0 below the clamp (-inf: a masked key), as libm's underflow
+        // gives, not e^-87.3: products with that come out subnormal, which made
+        // every later product that read them several times slower.
+        0.0
     } else {
         scaled
     }
@@ -329,11 +334,14 @@ pub(crate) mod avx512 {
 
     /// `e^x` on 16 lanes: the Cephes polynomial of [`super::exp`] (relative error
     /// under 2e-7), the power of two applied by `vscalefps`. `x` is clamped to
-    /// [-87.34, 88.38] as there; NaN stays NaN (`vmaxps` and `vminps` return their
-    /// second operand when one is NaN).
+    /// [-87.34, 88.38] as there, and below that range the result is 0; NaN stays
+    /// NaN (`vmaxps` and `vminps` return their second operand when one is NaN, and
+    /// the unordered compare keeps its lane).
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(crate) fn exp16(x: __m512) -> __m512 {
+        // Below the clamp (a masked key's -inf) the result is exactly 0, as in [`super::exp`].
+        let live = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-87.336_54));
         let x = _mm512_min_ps(
             _mm512_set1_ps(88.376_26),
             _mm512_max_ps(_mm512_set1_ps(-87.336_54), x),
@@ -354,7 +362,7 @@ pub(crate) mod avx512 {
             r,
             _mm512_add_ps(r, _mm512_set1_ps(1.0)),
         );
-        _mm512_scalef_ps(e, n)
+        _mm512_maskz_mov_ps(live, _mm512_scalef_ps(e, n))
     }
 
     /// `1 / d` on 16 lanes: the 14-bit estimate and one Newton step.
@@ -513,6 +521,18 @@ mod tests {
             .map(|i| i as f32 * 0.01)
             .chain([-100.0, -87.0, 0.0, 88.0, 100.0])
             .collect()
+    }
+
+    #[test]
+    fn exp_below_the_clamp_is_zero_not_subnormal() {
+        for x in [-87.34f32, -90.0, -1e4, f32::NEG_INFINITY] {
+            assert_eq!(exp(x), 0.0, "exp({x})");
+        }
+        let mut rows = vec![0.0f32, -90.0, f32::NEG_INFINITY, -1e4, 1.0];
+        let mut sums = [0.0];
+        exp_rows(&mut rows, 5, &mut sums);
+        assert_eq!(&rows[1..4], &[0.0, 0.0, 0.0]);
+        assert!(rows[0] > 0.3 && rows[4] == 1.0);
     }
 
     #[test]

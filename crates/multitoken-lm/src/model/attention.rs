@@ -71,12 +71,9 @@ impl Attention {
                 .reshape((b, nkv, n_rep * t, kv_len))?,
             None => scores,
         };
-        // candle's fused softmax has no backward pass; training takes the composite.
-        // (A fused softmax op with its own backward, like `train::rms_norm`, made
-        // stage-1 steps three times slower here for reasons not yet found:
-        // 17.8 s → 54.3 s for 6 steps, with five times the gemm time.)
+        // candle's fused softmax has no backward pass; training takes ours.
         let probs = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+            multitoken_kernels::train::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
