@@ -721,7 +721,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    /// Deterministic values in [-1, 1) (the `train` tests use it too).
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         // A small LCG keeps the tests deterministic without a seeded candle RNG.
         let mut state = seed
             .wrapping_mul(6364136223846793005)
@@ -737,7 +738,8 @@ mod tests {
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// The largest absolute difference of two tensors of one shape.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
         (a - b)
             .unwrap()

@@ -204,28 +204,8 @@ impl CustomOp1 for Softmax {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::{max_diff, random};
     use candle_core::{Device, Var};
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// The value and the input's gradient (through a weighted sum) of `f` at `x`.
     fn value_and_grad(
