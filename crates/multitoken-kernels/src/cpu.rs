@@ -308,6 +308,11 @@ pub fn attention(
     if batch == 0 || queries == 0 || heads == 0 || head_dim == 0 {
         return;
     }
+    if keys == 0 {
+        // Nothing to attend to: every row is zeros, as a fully masked row is.
+        out[..batch * queries * width].fill(MaybeUninit::new(0.0));
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx512::applies(head_dim) {
         avx512::attention(q, k, v, shape, scale, key_bias, out);

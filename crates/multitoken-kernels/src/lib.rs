@@ -1132,6 +1132,16 @@ mod tests {
     }
 
     #[test]
+    fn attention_over_no_keys_is_zeros() {
+        let (q, kv) = (random(&[1, 3, 32], 13), random(&[1, 0, 32], 14));
+        let out = attention(&q, &kv, &kv, 2, 0.25, None).unwrap();
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.0; 96]
+        );
+    }
+
+    #[test]
     fn attention_gives_the_same_answer_twice_and_per_call() {
         // Each pool thread keeps the last head it packed; a second call on other
         // data with the same shape must not reuse it.
