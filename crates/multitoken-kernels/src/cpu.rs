@@ -321,6 +321,46 @@ pub fn attention(
     attention_gemm(q, k, v, shape, scale, key_bias, out);
 }
 
+/// How an attention is cut into units: (batch, head, block of query rows), in
+/// that order, so that a thread's consecutive units share a head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionUnits {
+    heads: usize,
+    queries: usize,
+    block: usize,
+    blocks: usize,
+    batch: usize,
+}
+
+impl AttentionUnits {
+    pub(crate) fn new(shape: AttentionShape, block: usize) -> Self {
+        let blocks = shape.queries.div_ceil(block);
+        Self {
+            heads: shape.heads,
+            queries: shape.queries,
+            block,
+            blocks,
+            batch: shape.batch,
+        }
+    }
+
+    /// The number of units.
+    pub(crate) fn count(&self) -> usize {
+        self.batch * self.heads * self.blocks
+    }
+
+    /// Unit `unit`'s batch, head and query rows `r0..r1`.
+    pub(crate) fn get(&self, unit: usize) -> (usize, usize, usize, usize) {
+        let (b, rest) = (
+            unit / (self.heads * self.blocks),
+            unit % (self.heads * self.blocks),
+        );
+        let (h, block) = (rest / self.blocks, rest % self.blocks);
+        let r0 = block * self.block;
+        (b, h, r0, (r0 + self.block).min(self.queries))
+    }
+}
+
 /// [`attention`] through gemm: what runs without AVX-512 or with a head width
 /// that is not a multiple of 16.
 pub(crate) fn attention_gemm(
@@ -343,15 +383,10 @@ pub(crate) fn attention_gemm(
     if batch == 0 || queries == 0 || heads == 0 || head_dim == 0 {
         return;
     }
-    let blocks = queries.div_ceil(QUERY_BLOCK);
+    let units = AttentionUnits::new(shape, QUERY_BLOCK);
     let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
-    for_each_unit(batch * heads * blocks, |unit| {
-        let (b, rest) = (unit / (heads * blocks), unit % (heads * blocks));
-        let (h, block) = (rest / blocks, rest % blocks);
-        let (r0, r1) = (
-            block * QUERY_BLOCK,
-            ((block + 1) * QUERY_BLOCK).min(queries),
-        );
+    for_each_unit(units.count(), |unit| {
+        let (b, h, r0, r1) = units.get(unit);
         let rows = r1 - r0;
         SCORES.with(|cell| {
             let mut scores = cell.borrow_mut();

@@ -27,7 +27,7 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{for_each_unit, AttentionShape, Rows, SharedOut};
+use super::{for_each_unit, AttentionShape, AttentionUnits, Rows, SharedOut};
 use crate::math;
 
 /// Keys per packed panel: four zmm vectors.
@@ -105,17 +105,12 @@ pub(super) fn attention(
         padded_bias
     });
 
-    let blocks = queries.div_ceil(QUERY_BLOCK);
+    let units = AttentionUnits::new(shape, QUERY_BLOCK);
     let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
     // A thread's units are consecutive (the pool hands out ranges), so each
     // thread packs each head it meets once.
-    for_each_unit(batch * heads * blocks, |unit| {
-        let (b, rest) = (unit / (heads * blocks), unit % (heads * blocks));
-        let (h, block) = (rest / blocks, rest % blocks);
-        let (r0, r1) = (
-            block * QUERY_BLOCK,
-            ((block + 1) * QUERY_BLOCK).min(queries),
-        );
+    for_each_unit(units.count(), |unit| {
+        let (b, h, r0, r1) = units.get(unit);
         let rows = r1 - r0;
         SCRATCH.with_borrow_mut(|scratch| {
             if scratch.head != Some((call, b, h)) {
