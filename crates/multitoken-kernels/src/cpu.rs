@@ -41,7 +41,7 @@ impl Activation {
 
 /// A pointer to an output buffer that units write at disjoint places.
 #[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
+struct SharedOut(*mut f32);
 // SAFETY: every use hands each unit its own region of the buffer.
 unsafe impl Sync for SharedOut {}
 unsafe impl Send for SharedOut {}
@@ -221,19 +221,32 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [M
     }
     let rows = x.len() / width;
     // 32 rows of 768 is 96 KiB per unit: enough work to hide the pool's hand-off.
-    let per_unit = 32;
+    for_each_row(rows, width, 32, out, |r, dst| {
+        math::layer_norm_row(&x[r * width..(r + 1) * width], gamma, beta, eps, dst);
+    });
+}
+
+/// Calls `f(r, row)` for each `width`-long row `r` of `out`, `per_unit` rows
+/// per unit of candle's pool; `f` must write every element of its row.
+pub(crate) fn for_each_row(
+    rows: usize,
+    width: usize,
+    per_unit: usize,
+    out: &mut [MaybeUninit<f32>],
+    f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) {
+    debug_assert!(out.len() >= rows * width && per_unit > 0);
     let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
     for_each_unit(rows.div_ceil(per_unit), |unit| {
         for r in unit * per_unit..((unit + 1) * per_unit).min(rows) {
-            let row = &x[r * width..(r + 1) * width];
-            // SAFETY: row r of `out` belongs to this unit; layer_norm_row writes all of it.
+            // SAFETY: row r of `out` lies inside it and belongs to this unit only.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(
                     out_ptr.at(r * width).cast::<MaybeUninit<f32>>(),
                     width,
                 )
             };
-            math::layer_norm_row(row, gamma, beta, eps, dst);
+            f(r, dst);
         }
     });
 }

@@ -513,27 +513,23 @@ impl Conv1d {
         {
             let (xs, xl) = x.storage_and_layout();
             let data = cpu_data(&xs, xl)?;
-            let rows = b * steps;
-            let per_unit = 64;
-            let cols_ptr = cpu::SharedOut(cols.as_mut_ptr().cast::<f32>());
-            cpu::for_each_unit(rows.div_ceil(per_unit), |unit| {
-                for i in unit * per_unit..((unit + 1) * per_unit).min(rows) {
-                    // SAFETY: row i of `cols` belongs to this unit only.
-                    let out_row =
-                        unsafe { std::slice::from_raw_parts_mut(cols_ptr.at(i * row), row) };
-                    let (batch, step) = (i / steps, i % steps);
-                    for (tap, dst) in out_row.chunks_exact_mut(channels).enumerate() {
-                        // Input step of this tap; outside 0..time is the zero padding.
-                        let src = (step * self.stride + tap)
-                            .checked_sub(self.padding)
-                            .filter(|&s| s < time);
-                        match src {
-                            Some(src) => {
-                                let at = (batch * time + src) * channels;
-                                dst.copy_from_slice(&data[at..at + channels]);
+            cpu::for_each_row(b * steps, row, 64, &mut cols, |i, out_row| {
+                let (batch, step) = (i / steps, i % steps);
+                for (tap, dst) in out_row.chunks_exact_mut(channels).enumerate() {
+                    // Input step of this tap; outside 0..time is the zero padding.
+                    let src = (step * self.stride + tap)
+                        .checked_sub(self.padding)
+                        .filter(|&s| s < time);
+                    match src {
+                        Some(src) => {
+                            let at = (batch * time + src) * channels;
+                            for (o, &v) in dst.iter_mut().zip(&data[at..at + channels]) {
+                                o.write(v);
                             }
-                            None => dst.fill(0.0),
                         }
+                        None => dst.iter_mut().for_each(|o| {
+                            o.write(0.0);
+                        }),
                     }
                 }
             });

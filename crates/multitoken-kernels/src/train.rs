@@ -19,29 +19,6 @@ use crate::{assume_init, cpu, cpu_data, fast_path, math, output_buffer};
 /// Rows per unit of work on candle's pool.
 const ROWS_PER_UNIT: usize = 16;
 
-/// `f(row)` for each `width`-long row of `out`, rows split over candle's pool;
-/// `f` writes every element of its row.
-fn for_each_row(
-    rows: usize,
-    width: usize,
-    out: &mut [std::mem::MaybeUninit<f32>],
-    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
-) {
-    let out_ptr = cpu::SharedOut(out.as_mut_ptr().cast::<f32>());
-    cpu::for_each_unit(rows.div_ceil(ROWS_PER_UNIT), |unit| {
-        for row in unit * ROWS_PER_UNIT..((unit + 1) * ROWS_PER_UNIT).min(rows) {
-            // SAFETY: row `row` of `out` belongs to this unit only.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    out_ptr.at(row * width).cast::<std::mem::MaybeUninit<f32>>(),
-                    width,
-                )
-            };
-            f(row, dst);
-        }
-    });
-}
-
 /// The data of a contiguous f32 CPU tensor.
 fn with_data<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let t = t.contiguous()?;
@@ -92,7 +69,7 @@ impl CustomOp1 for RmsNorm {
         let rows = x.len() / width.max(1);
         let mut out = output_buffer(x.len());
         with_data(&self.weight, |w| {
-            for_each_row(rows, width, &mut out, |r, dst| {
+            cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
                 let row = &x[r * width..][..width];
                 let inv = inverse_rms(row, self.eps);
                 for ((o, &v), &g) in dst.iter_mut().zip(row).zip(w) {
@@ -101,7 +78,7 @@ impl CustomOp1 for RmsNorm {
             });
             Ok(())
         })?;
-        // SAFETY: for_each_row wrote every row.
+        // SAFETY: cpu::for_each_row wrote every row.
         let out = unsafe { assume_init(out) };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -114,7 +91,7 @@ impl CustomOp1 for RmsNorm {
         with_data(arg, |x| {
             with_data(grad, |g| {
                 with_data(&self.weight, |w| {
-                    for_each_row(rows, width, &mut out, |r, dst| {
+                    cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
                         let (xr, gr) = (&x[r * width..][..width], &g[r * width..][..width]);
                         let inv = inverse_rms(xr, self.eps);
                         let mean: f32 = xr
@@ -133,7 +110,7 @@ impl CustomOp1 for RmsNorm {
                 })
             })
         })?;
-        // SAFETY: for_each_row wrote every row.
+        // SAFETY: cpu::for_each_row wrote every row.
         let out = unsafe { assume_init(out) };
         Ok(Some(Tensor::from_vec(out, arg.dims(), arg.device())?))
     }
@@ -165,7 +142,7 @@ impl CustomOp1 for Softmax {
         let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..layout.shape().elem_count()];
         let rows = x.len() / width.max(1);
         let mut out = output_buffer(x.len());
-        for_each_row(rows, width, &mut out, |r, dst| {
+        cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
             for (o, &v) in dst.iter_mut().zip(&x[r * width..][..width]) {
                 o.write(v);
             }
@@ -173,7 +150,7 @@ impl CustomOp1 for Softmax {
             let row = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
             math::softmax_rows(row, width);
         });
-        // SAFETY: for_each_row wrote every row.
+        // SAFETY: cpu::for_each_row wrote every row.
         let out = unsafe { assume_init(out) };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -185,7 +162,7 @@ impl CustomOp1 for Softmax {
         let mut out = output_buffer(arg.elem_count());
         with_data(res, |p| {
             with_data(grad, |g| {
-                for_each_row(rows, width, &mut out, |r, dst| {
+                cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
                     let (pr, gr) = (&p[r * width..][..width], &g[r * width..][..width]);
                     let dot = math::dot(pr, gr);
                     for ((o, &pv), &gv) in dst.iter_mut().zip(pr).zip(gr) {
@@ -195,7 +172,7 @@ impl CustomOp1 for Softmax {
                 Ok(())
             })
         })?;
-        // SAFETY: for_each_row wrote every row.
+        // SAFETY: cpu::for_each_row wrote every row.
         let out = unsafe { assume_init(out) };
         Ok(Some(Tensor::from_vec(out, arg.dims(), arg.device())?))
     }
