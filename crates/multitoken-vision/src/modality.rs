@@ -10,6 +10,7 @@
 //!   "weights_prefix": "vision_model",      // optional; found automatically otherwise
 //!   "vision_feature_layer": -2,            // or a list, e.g. [-2, -5]
 //!   "vision_feature_select_strategy": "default",   // or "full"
+//!   "spatial_pool_stride": 2,              // average s×s patches into one; optional (1)
 //!   "image_processor": { ... },            // preprocessor_config.json fields; optional
 //!   "projector": "mlp2x_gelu",             // what `Modality::projector` reports
 //!   "max_pixels": 89478485                 // decompression-bomb limit; optional
@@ -21,6 +22,11 @@
 //! With `ModalityContext::trainable` set, the tower's weights become trainable
 //! variables of that map (a tower directory with `config.json` but no weights
 //! starts from random weights).
+//! `spatial_pool_stride` is LLaVA-NeXT-Video's `mm_spatial_pool_stride` in its
+//! `average` mode, applied to the tower's features before the projector: the
+//! patch grid is averaged over s×s blocks, so an image costs (grid/s)² positions
+//! of the LM's context instead of grid². It needs the `default` selection (no
+//! CLS position) and a grid that s divides.
 //! `vision_clip_pool` takes the pooled output (one position per image) and
 //! defaults to multi_token's vector projector with `num_tokens` (default 10).
 
@@ -67,6 +73,10 @@ pub struct VisionClipConfig {
     /// Inline preprocessing settings (preprocessor_config.json fields).
     #[serde(default)]
     pub image_processor: Option<serde_json::Value>,
+    /// Average the patch grid over s×s blocks (LLaVA-NeXT-Video's
+    /// `mm_spatial_pool_stride`); absent or 1 keeps every patch.
+    #[serde(default)]
+    pub spatial_pool_stride: Option<usize>,
     /// The projector this modality reports.
     #[serde(default)]
     pub projector: Option<ProjectorSpec>,
@@ -84,6 +94,8 @@ pub struct VisionClip {
     processor: ImageProcessorConfig,
     tower: ClipVisionTower,
     select: FeatureSelect,
+    /// Side of the averaged patch blocks (1: none).
+    pool_stride: usize,
     projector: ProjectorSpec,
     limits: DecodeLimits,
     device: Device,
@@ -151,6 +163,7 @@ impl VisionClip {
             },
         };
         select.validate(clip_config.num_hidden_layers)?;
+        let pool_stride = pool_stride(config.spatial_pool_stride, &select, &clip_config)?;
         let processor = match &config.image_processor {
             Some(value) => ImageProcessorConfig::from_json(value, "image_processor")?,
             None => processor_from_dirs(&tower_dir, &context.model_dir)?,
@@ -186,6 +199,7 @@ impl VisionClip {
             processor,
             tower,
             select,
+            pool_stride,
             projector,
             limits,
             device: context.device.clone(),
@@ -203,9 +217,9 @@ impl VisionClip {
         &self.tower
     }
 
-    /// Encoder positions per image, before the projector.
+    /// Encoder positions per image, before the projector (after the spatial pool).
     pub fn feature_width(&self) -> usize {
-        self.select.output_shape(self.tower.config()).0
+        self.select.output_shape(self.tower.config()).0 / (self.pool_stride * self.pool_stride)
     }
 }
 
@@ -232,11 +246,46 @@ impl Modality for VisionClip {
     }
     fn encode(&self, batch: &Tensor) -> multitoken_core::Result<Tensor> {
         let pixels = batch.to_device(&self.device)?.to_dtype(self.dtype)?;
-        Ok(self.select.features(&self.tower, &pixels)?)
+        let features = self.select.features(&self.tower, &pixels)?;
+        Ok(spatial_pool(&features, self.tower.config().grid(), self.pool_stride)?)
     }
     fn projector(&self) -> ProjectorSpec {
         self.projector
     }
+}
+
+/// Checks `spatial_pool_stride` against the selection and the tower's patch grid.
+fn pool_stride(stride: Option<usize>, select: &FeatureSelect, tower: &ClipVisionConfig) -> Result<usize> {
+    let Some(stride) = stride.filter(|&s| s != 1) else {
+        return Ok(1);
+    };
+    let bad = |why: String| Err(Error::config("spatial_pool_stride", why));
+    if stride == 0 {
+        return bad("must be at least 1".into());
+    }
+    if !matches!(select, FeatureSelect::Layers { keep_cls: false, .. }) {
+        return bad("pools the patch grid, so it needs vision_clip with the `default` selection (no CLS)".into());
+    }
+    let grid = tower.grid();
+    if grid % stride != 0 {
+        return bad(format!("{stride} does not divide the tower's {grid}x{grid} patch grid"));
+    }
+    Ok(stride)
+}
+
+/// Averages `[batch, grid², width]` patch features over `stride`×`stride`
+/// blocks of the row-major grid: `[batch, (grid/stride)², width]`.
+pub fn spatial_pool(features: &Tensor, grid: usize, stride: usize) -> candle_core::Result<Tensor> {
+    if stride == 1 {
+        return Ok(features.clone());
+    }
+    let (batch, _, width) = features.dims3()?;
+    let side = grid / stride;
+    features
+        .reshape((batch, side, stride, side, stride, width))?
+        .mean(4)?
+        .mean(2)?
+        .reshape((batch, side * side, width))
 }
 
 fn build(config: &serde_json::Value, context: &ModalityContext, mode: VisionMode) -> Result<Box<dyn Modality>> {

@@ -151,6 +151,15 @@ fn vision_clip_builder_loads_the_fixture_tower() {
     let features = modality.encode(&pixels.unsqueeze(0).unwrap()).unwrap();
     assert_eq!(features.dims(), &[1, 25, 32]);
 
+    // The spatial pool over the whole 5x5 grid is the mean of the patch features.
+    let mut pool_config = config.clone();
+    pool_config["spatial_pool_stride"] = serde_json::json!(5);
+    let pooling = multitoken_core::build_modality("vision_clip", &pool_config, &context).unwrap();
+    assert_eq!((pooling.token_width(), pooling.feature_dim()), (1, 32));
+    let mean = pooling.encode(&pixels.unsqueeze(0).unwrap()).unwrap();
+    assert_eq!(mean.dims(), &[1, 1, 32]);
+    assert!(max_diff(&mean, &features.mean_keepdim(1).unwrap()) < 1e-6);
+
     let pooled = multitoken_core::build_modality("vision_clip_pool", &config, &context).unwrap();
     assert_eq!((pooled.token_width(), pooled.feature_dim()), (10, 32));
 
@@ -162,4 +171,27 @@ fn vision_clip_builder_loads_the_fixture_tower() {
     assert!(err(serde_json::json!({"vision_feature_layer": 7})).contains("layer 7 is outside"));
     assert!(err(serde_json::json!({"vision_feature_select_strategy": "cls"})).contains("`cls`"));
     assert!(err(serde_json::json!({})).contains("makes 224x224 images but the tower takes 30x30"));
+    let with = |extra: serde_json::Value| {
+        let mut c = config.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    assert!(err(with(serde_json::json!({"spatial_pool_stride": 2}))).contains("2 does not divide the tower's 5x5"));
+    assert!(err(with(serde_json::json!({"spatial_pool_stride": 0}))).contains("at least 1"));
+    assert!(err(with(serde_json::json!({"spatial_pool_stride": 5, "vision_feature_select_strategy": "full"})))
+        .contains("no CLS"));
+}
+
+#[test]
+fn spatial_pool_averages_blocks_of_the_patch_grid() {
+    // A 4x4 grid of 2-wide features whose values are (row, col): each 2x2 block
+    // averages to its centre.
+    let values: Vec<f32> = (0..4).flat_map(|r| (0..4).flat_map(move |c| [r as f32, c as f32])).collect();
+    let features = Tensor::from_vec(values, (1, 16, 2), &Device::Cpu).unwrap();
+    let pooled = multitoken_vision::modality::spatial_pool(&features, 4, 2).unwrap();
+    assert_eq!(pooled.dims(), &[1, 4, 2]);
+    let got: Vec<f32> = pooled.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got, vec![0.5, 0.5, 0.5, 2.5, 2.5, 0.5, 2.5, 2.5]);
 }
