@@ -94,6 +94,20 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        if let (Some(lora), LinearWeight::Dense(w)) = (&self.lora, &self.weight) {
+            // A LoRA adapter being trained: one op that keeps only its output
+            // for the backward pass (the composite kept six activations).
+            if lora.a.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+                let flat = x.reshape((rows, self.in_dim))?;
+                let mask = lora.dropout_mask(rows * self.in_dim)?;
+                let y = multitoken_kernels::train::lora_linear(&flat, w, self.bias.as_ref(), &lora.a, &lora.b, lora.scale, mask)?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_dim;
+                }
+                return Ok(y.reshape(out_dims)?);
+            }
+        }
         let y = match &self.weight {
             LinearWeight::Dense(w) => self.dense_matmul(x, w, &dims, rows)?,
             // Many rows (a prefill): candle's quantized kernel does not scale with

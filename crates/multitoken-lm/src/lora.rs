@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
+use multitoken_kernels::train::DropoutMask;
 use rand::{Rng, SeedableRng};
 
 use crate::{Error, Result};
@@ -41,19 +42,14 @@ impl LoraDropout {
         }
     }
 
-    /// `x` with each element zeroed with probability `p` and the rest scaled by `1/(1-p)`.
-    fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let n = x.elem_count();
-        let keep = 1.0 / (1.0 - p);
+    /// Which of `len` elements dropout with probability `p` keeps (one draw
+    /// each, in order), kept ones scaled by `1/(1-p)`.
+    fn mask(&self, len: usize, p: f32) -> Result<DropoutMask> {
         let mut rng = self
             .rng
             .lock()
             .map_err(|_| Error::Msg("LoRA dropout generator poisoned".into()))?;
-        let mask: Vec<f32> = (0..n)
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        Ok(DropoutMask::from_fn(len, 1.0 / (1.0 - p), || rng.random::<f32>() >= p))
     }
 }
 
@@ -73,6 +69,17 @@ pub struct LoraLayer {
 }
 
 impl LoraLayer {
+    /// The dropout mask of an input of `len` elements, drawn from the shared
+    /// generator, when dropout applies (a positive rate on an adapter that is
+    /// being trained).
+    pub fn dropout_mask(&self, len: usize) -> Result<Option<DropoutMask>> {
+        if self.dropout > 0.0 && self.a.track_op() {
+            self.rng.mask(len, self.dropout).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The adapter's contribution for `x` `[..., in]`: `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -80,10 +87,9 @@ impl LoraLayer {
         let out_dim = self.b.dim(0)?;
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x = x.reshape((rows, in_dim))?;
-        let x = if self.dropout > 0.0 && self.a.track_op() {
-            self.rng.apply(&x, self.dropout)?
-        } else {
-            x
+        let x = match self.dropout_mask(rows * in_dim)? {
+            Some(mask) => (&x * mask.tensor(x.shape(), x.device())?.to_dtype(x.dtype())?)?,
+            None => x,
         };
         let y = x.matmul(&self.a.t()?)?;
         let y = (y.matmul(&self.b.t()?)? * self.scale)?;

@@ -179,6 +179,11 @@ fn check_resume(name: &str, stage: Stage, train_encoders: bool) -> TestResult {
         cfg.warmup_steps = Some(2);
         cfg.train_encoders = train_encoders.into();
         cfg.learning_rate = 3e-3;
+        if stage == Stage::Lora {
+            // Dropout masks come from the seeded generator: a resumed run must draw the same.
+            cfg.lora_r = 4;
+            cfg.lora_dropout = 0.1;
+        }
         Ok(cfg)
     };
     let full = train(&setup(&temp(&format!("{name}-a"))?)?)?;
@@ -198,6 +203,11 @@ fn check_resume(name: &str, stage: Stage, train_encoders: bool) -> TestResult {
 #[test]
 fn resume_repeats_the_uninterrupted_run() -> TestResult {
     check_resume("resume", Stage::Projectors, false)
+}
+
+#[test]
+fn resume_with_lora_dropout_repeats_the_uninterrupted_run() -> TestResult {
+    check_resume("resume-lora", Stage::Lora, false)
 }
 
 #[test]
