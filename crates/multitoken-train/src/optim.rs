@@ -102,15 +102,30 @@ impl AdamW {
             let Some(g) = grads.get(i).and_then(Option::as_ref) else {
                 continue;
             };
+            let decay = if c.weight_decay != 0.0 && param.var.rank() >= 2 {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            };
+            let fused = FusedUpdate {
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                decay: decay as f32,
+                step_size: (lr / bias1) as f32,
+                sqrt_bias2: bias2.sqrt() as f32,
+                eps: c.eps as f32,
+            };
+            if let Some((p, m, v)) = fused.apply(param.var.as_tensor(), g, &self.m[i], &self.v[i])? {
+                param.var.set(&p)?;
+                self.m[i] = m;
+                self.v[i] = v;
+                continue;
+            }
             let g = g.to_dtype(DType::F32)?;
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let p = param.var.as_tensor().to_dtype(DType::F32)?.detach();
-            let p = if c.weight_decay != 0.0 && p.rank() >= 2 {
-                (p * (1.0 - lr * c.weight_decay))?
-            } else {
-                p
-            };
+            let p = (p * decay)?;
             // torch: p -= (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)
             let denom = ((v.sqrt()? / bias2.sqrt())? + c.eps)?;
             let update = ((&m / denom)? * (lr / bias1))?;
@@ -189,11 +204,7 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.iter().flatten() {
-        total += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        total += squared_norm(g)?;
     }
     let norm = total.sqrt();
     if max_norm > 0.0 && norm.is_finite() {
@@ -205,6 +216,108 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
         }
     }
     Ok(norm)
+}
+
+/// The constants of one AdamW update, for the fused loop.
+struct FusedUpdate {
+    beta1: f32,
+    beta2: f32,
+    decay: f32,
+    step_size: f32,
+    sqrt_bias2: f32,
+    eps: f32,
+}
+
+/// Elements per unit of parallel work.
+const CHUNK: usize = 1 << 14;
+
+/// The f32 values of a contiguous CPU tensor, if it is one.
+fn f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let data = cpu.as_slice::<f32>().ok()?;
+            let n = layout.shape().elem_count();
+            Some(f(&data[layout.start_offset()..][..n]))
+        }
+        _ => None,
+    }
+}
+
+impl FusedUpdate {
+    /// The new parameter, first and second moments in one parallel pass over
+    /// contiguous f32 CPU tensors — torch's per-element formula — or `None` when
+    /// the tensors are not such (the composite below then runs). The composite
+    /// took twelve tensor ops, each a single-threaded pass with its own
+    /// allocation: a quarter of a second per LoRA step on SmolLM2-135M.
+    fn apply(&self, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        use rayon::prelude::*;
+        let n = p.elem_count();
+        if [g, m, v].iter().any(|t| t.elem_count() != n) {
+            return Ok(None);
+        }
+        // A gradient may come out of backward as a transposed view.
+        let g = &g.contiguous()?;
+        let (mut p_out, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let done = f32_slice(p, |ps| {
+            f32_slice(g, |gs| {
+                f32_slice(m, |ms| {
+                    f32_slice(v, |vs| {
+                        p_out
+                            .par_chunks_mut(CHUNK)
+                            .zip(m_out.par_chunks_mut(CHUNK))
+                            .zip(v_out.par_chunks_mut(CHUNK))
+                            .enumerate()
+                            .for_each(|(c, ((po, mo), vo))| {
+                                let at = c * CHUNK;
+                                for j in 0..po.len() {
+                                    let (gj, i) = (gs[at + j], at + j);
+                                    let mj = self.beta1 * ms[i] + (1.0 - self.beta1) * gj;
+                                    let vj = self.beta2 * vs[i] + (1.0 - self.beta2) * (gj * gj);
+                                    let denom = vj.sqrt() / self.sqrt_bias2 + self.eps;
+                                    po[j] = ps[i] * self.decay - self.step_size * (mj / denom);
+                                    mo[j] = mj;
+                                    vo[j] = vj;
+                                }
+                            });
+                    })
+                })
+            })
+        })
+        .flatten()
+        .flatten()
+        .flatten();
+        if done.is_none() {
+            return Ok(None);
+        }
+        let device = p.device();
+        Ok(Some((
+            Tensor::from_vec(p_out, p.shape(), device)?,
+            Tensor::from_vec(m_out, p.shape(), device)?,
+            Tensor::from_vec(v_out, p.shape(), device)?,
+        )))
+    }
+}
+
+/// Σ x² of a gradient in f64: one parallel pass for a contiguous f32 CPU
+/// tensor (fixed chunks summed in order, so the result does not depend on the
+/// thread count), candle's ops otherwise.
+fn squared_norm(g: &Tensor) -> Result<f64> {
+    use rayon::prelude::*;
+    let fast = f32_slice(g, |xs| {
+        let partial: Vec<f64> = xs
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+            .collect();
+        partial.iter().sum::<f64>()
+    });
+    match fast {
+        Some(total) => Ok(total),
+        None => Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?),
+    }
 }
 
 /// Learning-rate schedule after warmup.
@@ -273,6 +386,42 @@ mod tests {
             (got[0][0] - 0.9).abs() < 1e-5 && (got[0][1] + 1.9).abs() < 1e-5,
             "{got:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn fused_adamw_follows_torchs_formula() -> Result<()> {
+        // 3 × 20000 values: several parallel chunks and a partial one.
+        let (rows, cols) = (3, 20_000);
+        let n = rows * cols;
+        let wave = |k: f64| (0..n).map(move |i| ((i as f64 * 0.37 + k).sin() * 0.5) as f32);
+        let start: Vec<f32> = wave(1.0).collect();
+        let var = Var::from_tensor(&Tensor::from_vec(start.clone(), (rows, cols), &Device::Cpu)?)?;
+        let config = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(vec![Param { name: "w".into(), var: var.clone() }], config)?;
+        let (mut p, mut m, mut v) = (
+            start.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+            vec![0f64; n],
+            vec![0f64; n],
+        );
+        let lr = 0.01;
+        for t in 1..=3 {
+            let g: Vec<f32> = wave(t as f64 * 2.0).collect();
+            // The gradient as a transposed view, as backward can give it.
+            let g_tensor = Tensor::from_vec(g.clone(), (cols, rows), &Device::Cpu)?.t()?;
+            let g_rows: Vec<f32> = g_tensor.flatten_all()?.to_vec1()?;
+            opt.step(&[Some(g_tensor)], lr)?;
+            let (b1, b2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.999f64.powi(t));
+            for i in 0..n {
+                let gi = f64::from(g_rows[i]);
+                m[i] = 0.9 * m[i] + 0.1 * gi;
+                v[i] = 0.999 * v[i] + 0.001 * gi * gi;
+                p[i] = p[i] * (1.0 - lr * 0.1) - lr / b1 * m[i] / (v[i].sqrt() / b2.sqrt() + 1e-8);
+            }
+        }
+        let got: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+        let worst = got.iter().zip(&p).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-5, "fused AdamW is {worst} off torch's formula");
         Ok(())
     }
 
