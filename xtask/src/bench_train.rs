@@ -220,7 +220,7 @@ fn write_dataset(dir: &Path, rows: usize) -> Result<PathBuf> {
     let train = dir.join("train.jsonl");
     let existing = std::fs::read_to_string(&train).map(|t| t.lines().count()).unwrap_or(0);
     if existing < rows {
-        let config = GenerateConfig { seed: 7, train_per_task: per_task, heldout_per_task: 0, tasks: tasks.to_vec() };
+        let config = GenerateConfig { seed: 7, train_per_task: per_task, heldout_per_task: 0, tasks: tasks.to_vec(), ..GenerateConfig::default() };
         multitoken_datasets::generate_split(dir, Split::Train, per_task, &config)
             .with_context(|| format!("generating shapes rows under {}", dir.display()))?;
     }

@@ -40,6 +40,7 @@ fn config(seed: u64) -> GenerateConfig {
         train_per_task: 12,
         heldout_per_task: 4,
         tasks: Task::ALL.to_vec(),
+        ..GenerateConfig::default()
     }
 }
 
@@ -72,6 +73,7 @@ fn classes_are_balanced_and_splits_differ() {
             Task::DocumentTopic,
             Task::ImageCompare,
         ],
+        ..GenerateConfig::default()
     };
     let train = generate_split(&dir, Split::Train, 24, &cfg).unwrap();
     let heldout = generate_split(&dir, Split::Heldout, 24, &cfg).unwrap();
@@ -96,11 +98,23 @@ fn classes_are_balanced_and_splits_differ() {
     ] {
         assert_eq!(answers.get(topic), Some(&4), "{answers:?}");
     }
-    let first = train
+    // Two-image answers check both images, then give the verdict.
+    let verdicts: Vec<&str> = train
         .iter()
-        .filter(|r| r.answer().starts_with("The first"))
-        .count();
-    assert_eq!(first, 12);
+        .filter(|r| r.images.len() == 2)
+        .map(|r| {
+            let answer = r.answer();
+            assert!(answer.starts_with("First image: a "), "{answer}");
+            let checks = (answer.contains("? Yes. Second"), answer.contains("? Yes. So"));
+            assert!(checks.0 != checks.1, "exactly one image fits: {answer}");
+            let verdict = answer.split("So the ").nth(1).unwrap_or_default();
+            assert_eq!(verdict.starts_with("first"), checks.0, "{answer}");
+            verdict
+        })
+        .collect();
+    assert_eq!(verdicts.len(), 24);
+    assert_eq!(verdicts.iter().filter(|v| v.starts_with("first image")).count(), 12);
+    assert_eq!(verdicts.iter().filter(|v| v.starts_with("second image")).count(), 12);
     // Held-out files are other samples, not copies of training ones.
     let train_doc = std::fs::read(
         dir.join(
@@ -211,4 +225,40 @@ fn judge_checks_the_named_classes() {
         "The first image shows a triangle."
     ));
     assert!(!judge("Hello.", "Hello."));
+    // Groups the reference does not use are not judged.
+    assert!(judge("A circle.", "A red circle."));
+    // Two-image answers: each image described as itself, then the verdict.
+    let reference = "First image: a blue square. A triangle? No. Second image: a red triangle. A triangle? Yes. So the second image shows a triangle.";
+    assert!(judge(reference, reference));
+    assert!(!judge(
+        reference,
+        "First image: a blue square. A triangle? No. Second image: a red triangle. A triangle? Yes. So the first image shows a triangle."
+    ));
+    assert!(!judge(
+        reference,
+        "First image: a red triangle. A triangle? Yes. Second image: a blue square. A triangle? No. So the second image shows a triangle."
+    ));
+    assert!(!judge(reference, "The second image shows a triangle."));
+}
+
+#[test]
+fn train_weights_multiply_a_tasks_training_rows() {
+    let dir = temp_dir("weights");
+    let cfg = GenerateConfig {
+        seed: 3,
+        train_per_task: 4,
+        heldout_per_task: 2,
+        tasks: vec![Task::ImageShape, Task::ImageCompare],
+        train_weights: vec![(Task::ImageCompare, 3)],
+    };
+    let summary = multitoken_datasets::generate(&dir, &cfg).unwrap();
+    assert_eq!((summary.train_rows, summary.heldout_rows), (16, 4));
+    let train = generate_split(&dir, Split::Train, 4, &cfg).unwrap();
+    assert_eq!(train.iter().filter(|r| r.images.len() == 2).count(), 12);
+    // The first rows of a weighted task are the unweighted run's rows.
+    let plain = GenerateConfig { train_weights: Vec::new(), ..cfg.clone() };
+    let unweighted = generate_split(&temp_dir("weights-plain"), Split::Train, 4, &plain).unwrap();
+    let id = |rows: &[multitoken_datasets::Row], id: &str| rows.iter().find(|r| r.id == id).map(|r| r.messages.clone());
+    assert_eq!(id(&train, "train-image_compare-00003"), id(&unweighted, "train-image_compare-00003"));
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -95,7 +95,7 @@ pub fn answer(model: &MultimodalModel, row: &Row, base: &Path) -> Result<String>
     }];
     let prepared = model.prepare_chat(&messages, &items)?;
     let params = GenerationParams {
-        max_new_tokens: 16,
+        max_new_tokens: 64,
         eos_token_ids: model.lm.generation.eos_token_ids.clone(),
         ..GenerationParams::default()
     };
