@@ -186,6 +186,168 @@ impl CustomOp1 for Softmax {
     }
 }
 
+/// Rotary position embedding of `x` `[batch, heads, seq, head_dim]` with the
+/// `[≥ seq, head_dim / 2]` tables `cos` and `sin` (their first `seq` rows),
+/// that keeps `x`'s gradient: `interleaved` rotates pairs `(2i, 2i + 1)`
+/// (candle's `rope_i`), otherwise the two halves (`rope`, the llama layout).
+/// One op each way on f32 CPU tensors, where candle's differentiable
+/// `rope_slow` / `rope_i_slow` take seven; those otherwise. The backward is
+/// the rotation by the opposite angle.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (_, _, seq, dim) = x.dims4()?;
+    let cpu_f32 = [x, cos, sin].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    let tables_fit = cos.rank() == 2 && cos.dims() == sin.dims() && cos.dim(0)? >= seq && cos.dim(1)? * 2 == dim;
+    if !(cpu_f32 && tables_fit && fast_path(&[cos, sin])) {
+        return if interleaved {
+            candle_nn::rotary_emb::rope_i_slow(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope_slow(x, cos, sin)
+        };
+    }
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.narrow(0, 0, seq)?.contiguous()?,
+        sin: sin.narrow(0, 0, seq)?.contiguous()?,
+        interleaved,
+    })
+}
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+}
+
+impl Rope {
+    /// Rotates every row of `x` (`[rows, dim]`, row `r` at position `r % seq`)
+    /// by the tables' angle, negated when `inverse`.
+    fn rotate(&self, x: &[f32], dims: &[usize], inverse: bool) -> Result<Vec<f32>> {
+        let (seq, dim) = (dims[2], dims[3]);
+        let half = dim / 2;
+        let rows = x.len() / dim.max(1);
+        let sign = if inverse { -1.0 } else { 1.0 };
+        let mut out = output_buffer(x.len());
+        with_data(&self.cos, |cos| {
+            with_data(&self.sin, |sin| {
+                cpu::for_each_row(rows, dim, ROWS_PER_UNIT * 4, &mut out, |r, dst| {
+                    let t = r % seq;
+                    let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                    let row = &x[r * dim..][..dim];
+                    for i in 0..half {
+                        let (ci, si) = (c[i], sign * s[i]);
+                        let (a, b, ia, ib) = if self.interleaved {
+                            (row[2 * i], row[2 * i + 1], 2 * i, 2 * i + 1)
+                        } else {
+                            (row[i], row[i + half], i, i + half)
+                        };
+                        dst[ia].write(a * ci - b * si);
+                        dst[ib].write(b * ci + a * si);
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        // SAFETY: every row's `half` pairs cover all its elements.
+        Ok(unsafe { assume_init(out) })
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "multitoken-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        if !layout.is_contiguous() || layout.dims().len() != 4 {
+            candle_core::bail!("rope: input {:?} is not a contiguous [b, h, t, d]", layout.dims());
+        }
+        let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..layout.shape().elem_count()];
+        let out = self.rotate(x, layout.dims(), false)?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = with_data(grad, |g| self.rotate(g, arg.dims(), true))?;
+        Ok(Some(Tensor::from_vec(out, arg.dims(), arg.device())?))
+    }
+}
+
+/// `silu(gate) · up` (the llama MLP's gated activation) that keeps both
+/// inputs' gradients: one op each way on f32 CPU tensors of one shape, where
+/// candle's composite keeps two activations and takes about eight ops
+/// backward; the composite otherwise.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let cpu_f32 = [gate, up].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !cpu_f32 || gate.dims() != up.dims() || gate.rank() == 0 {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+/// `1 / (1 + e^-x)`.
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl SiluMul {
+    /// `f(gate, up)` elementwise over rows of the last axis, in parallel.
+    fn map(gate: &[f32], up: &[f32], width: usize, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+        let rows = gate.len() / width.max(1);
+        let mut out = output_buffer(gate.len());
+        cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
+            let (g, u) = (&gate[r * width..][..width], &up[r * width..][..width]);
+            for ((o, &gv), &uv) in dst.iter_mut().zip(g).zip(u) {
+                o.write(f(gv, uv));
+            }
+        });
+        // SAFETY: cpu::for_each_row wrote every row.
+        unsafe { assume_init(out) }
+    }
+}
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "multitoken-silu-mul"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+        if !gl.is_contiguous() || !ul.is_contiguous() || gl.dims() != ul.dims() {
+            candle_core::bail!("silu_mul: inputs {:?} and {:?} are not contiguous and alike", gl.dims(), ul.dims());
+        }
+        let n = gl.shape().elem_count();
+        let gate = &gs.as_slice::<f32>()?[gl.start_offset()..][..n];
+        let up = &us.as_slice::<f32>()?[ul.start_offset()..][..n];
+        let width = gl.dims().last().copied().unwrap_or(1);
+        let out = Self::map(gate, up, width, |g, u| g * sigmoid(g) * u);
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    /// `d gate = grad · up · σ(g) (1 + g (1 - σ(g)))`, `d up = grad · g σ(g)`.
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let width = gate.dims().last().copied().unwrap_or(1);
+        let (d_gate, d_up) = with_data(gate, |g| {
+            with_data(up, |u| {
+                with_data(grad, |d| {
+                    // The gradient rides in `up`'s slot of the row map for d gate,
+                    // and in `gate`'s for d up.
+                    let gu: Vec<f32> = u.iter().zip(d).map(|(&a, &b)| a * b).collect();
+                    let d_gate = Self::map(g, &gu, width, |g, gu| {
+                        let s = sigmoid(g);
+                        gu * s * (1.0 + g * (1.0 - s))
+                    });
+                    let d_up = Self::map(g, d, width, |g, d| d * g * sigmoid(g));
+                    Ok((d_gate, d_up))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(d_gate, gate.dims(), gate.device())?),
+            Some(Tensor::from_vec(d_up, up.dims(), up.device())?),
+        ))
+    }
+}
+
 /// Which elements of a LoRA adapter's input dropout keeps (one bit each), and
 /// the factor `1 / (1 - p)` that kept elements are scaled by.
 #[derive(Debug, Clone)]
@@ -549,5 +711,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dropout mask"), "{err}");
+    }
+
+    #[test]
+    fn rope_and_its_gradient_match_candles_differentiable_rope() {
+        // Tables longer than the sequence (the model's whole table): the first rows are used.
+        let (b, h, t, d) = (2, 3, 37, 16);
+        let x = random(&[b, h, t, d], 21);
+        let cos = random(&[t + 5, d / 2], 22);
+        let sin = random(&[t + 5, d / 2], 23);
+        for interleaved in [false, true] {
+            let (y, dx) = value_and_grad(|x| rope(x, &cos, &sin, interleaved), &x, 24);
+            let (c, s) = (cos.narrow(0, 0, t).unwrap(), sin.narrow(0, 0, t).unwrap());
+            let slow = |x: &Tensor| {
+                if interleaved {
+                    candle_nn::rotary_emb::rope_i_slow(x, &c, &s)
+                } else {
+                    candle_nn::rotary_emb::rope_slow(x, &c, &s)
+                }
+            };
+            let (want_y, want_dx) = value_and_grad(slow, &x, 24);
+            assert!(max_diff(&y, &want_y) < 1e-6, "forward (interleaved {interleaved})");
+            assert!(max_diff(&dx, &want_dx) < 1e-5, "backward (interleaved {interleaved})");
+        }
+    }
+
+    #[test]
+    fn silu_mul_and_its_gradients_match_the_composite() {
+        let (gate, up) = (random(&[37, 48], 31), random(&[37, 48], 32));
+        let weights = random(&[37, 48], 33);
+        let run = |fused: bool| {
+            let (g, u) = (Var::from_tensor(&gate).unwrap(), Var::from_tensor(&up).unwrap());
+            let y = if fused {
+                silu_mul(g.as_tensor(), u.as_tensor()).unwrap()
+            } else {
+                (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap()
+            };
+            let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(g.as_tensor()).unwrap().clone(), grads.get(u.as_tensor()).unwrap().clone())
+        };
+        let (got, want) = (run(true), run(false));
+        assert!(max_diff(&got.0, &want.0) < 1e-6);
+        assert!(max_diff(&got.1, &want.1) < 1e-5, "d gate: {}", max_diff(&got.1, &want.1));
+        assert!(max_diff(&got.2, &want.2) < 1e-6, "d up");
     }
 }

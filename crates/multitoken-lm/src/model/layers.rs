@@ -50,8 +50,16 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
-                let gate = activate(&gate_proj.forward(x)?, *act)?;
-                down_proj.forward(&(gate * up_proj.forward(x)?)?)
+                let gate = gate_proj.forward(x)?;
+                let up = up_proj.forward(x)?;
+                // Training: one op each way for silu(gate) · up (candle's composite
+                // keeps two activations and takes eight ops backward).
+                let gated = if *act == Activation::Silu && (gate.track_op() || up.track_op()) {
+                    multitoken_kernels::train::silu_mul(&gate, &up)?
+                } else {
+                    (activate(&gate, *act)? * up)?
+                };
+                down_proj.forward(&gated)
             }
             Mlp::Plain { fc1, fc2, act } => fc2.forward(&activate(&fc1.forward(x)?, *act)?),
             Mlp::Custom(ff) => ff.forward(x),

@@ -79,14 +79,14 @@ impl RotaryEmbedding {
     }
 
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        // The fused kernels have no backward pass: training (a tracked input)
-        // takes the composite versions, which read `[seq, dim / 2]` tables.
+        // candle's fused kernels have no backward pass: training (a tracked
+        // input) takes ours, which reads `[seq, dim / 2]` tables.
         let differentiable = x.track_op() && cos.rank() == 2;
         Ok(match (self.style, differentiable) {
             (RopeStyle::Half, false) => candle_nn::rotary_emb::rope(x, cos, sin)?,
-            (RopeStyle::Half, true) => candle_nn::rotary_emb::rope_slow(x, cos, sin)?,
             (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
-            (RopeStyle::Interleaved, true) => candle_nn::rotary_emb::rope_i_slow(x, cos, sin)?,
+            // One op each way on the CPU (candle's `rope_slow` otherwise).
+            (style, true) => multitoken_kernels::train::rope(x, cos, sin, style == RopeStyle::Interleaved)?,
         })
     }
 }
