@@ -284,7 +284,18 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // d(x W^T)/dx applied to grad: grad · W, with W as [out, in].
+        // d(x W^T)/dx applied to grad: grad · W, with W as [out, in] — through the
+        // same kernel and pool as the forward (the weight read in the other
+        // layout). candle's matmul ran it on rayon's threads while this pool's
+        // worker spun beside them: four busy threads on two cores in the
+        // stage-1 profile.
+        if fast_path(&[grad]) {
+            let flipped = match self.layout {
+                WeightLayout::Rows => WeightLayout::Columns,
+                WeightLayout::Columns => WeightLayout::Rows,
+            };
+            return linear_with(grad, &self.weight, flipped, None, None, Activation::Identity).map(Some);
+        }
         let w = match self.layout {
             WeightLayout::Rows => self.weight.clone(),
             WeightLayout::Columns => self.weight.t()?,
