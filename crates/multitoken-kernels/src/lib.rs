@@ -40,7 +40,7 @@ fn cpu_data<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 
 /// An output buffer for a kernel that writes every element: zero-filling it
 /// first was 2% of a CLIP forward (a memset of every activation).
-fn output_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
+pub fn output_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
     let mut out = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialisation.
     unsafe { out.set_len(len) };
@@ -51,7 +51,7 @@ fn output_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
 ///
 /// # Safety
 /// Every element must have been written.
-unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+pub unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     let mut out = std::mem::ManuallyDrop::new(out);
     // SAFETY: MaybeUninit<f32> has f32's layout; the caller guarantees initialisation.
     unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }

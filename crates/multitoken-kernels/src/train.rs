@@ -370,6 +370,34 @@ impl DropoutMask {
         Self { bits, len, keep }
     }
 
+    /// A mask of `len` elements, each dropped with probability `p` and kept ones
+    /// scaled by `1 / (1 - p)`, drawn from `seed` alone: element `i`'s draw is a
+    /// hash of `(seed, i)`, so the words fill in parallel and the mask is the
+    /// same whatever the thread count. Per-element draws from one sequential
+    /// generator were 4% of a LoRA step on SmolLM2-135M (43 M draws).
+    pub fn from_seed(len: usize, p: f32, seed: u64) -> Self {
+        let words = len.div_ceil(64);
+        let mut bits = vec![0u64; words];
+        let out = SharedWords(bits.as_mut_ptr());
+        cpu::for_each_unit(words.div_ceil(WORDS_PER_UNIT), |unit| {
+            for w in unit * WORDS_PER_UNIT..((unit + 1) * WORDS_PER_UNIT).min(words) {
+                let mut word = 0u64;
+                for b in 0..64.min(len - w * 64) {
+                    let i = (w * 64 + b) as u64;
+                    let draw = (mix64(seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 40)
+                        as f32
+                        / (1u32 << 24) as f32;
+                    if draw >= p {
+                        word |= 1 << b;
+                    }
+                }
+                // SAFETY: word w lies inside `bits` and belongs to this unit only.
+                unsafe { *out.at(w) = word };
+            }
+        });
+        Self { bits, len, keep: 1.0 / (1.0 - p) }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.len
@@ -388,15 +416,54 @@ impl DropoutMask {
         }
     }
 
+    /// `x ⊙ mask` (`x` of the mask's length, `None`: all ones), in parallel.
+    fn scaled(&self, x: Option<&[f32]>) -> Vec<f32> {
+        let mut out = output_buffer(self.len);
+        let whole = self.len / 64;
+        cpu::for_each_row(whole, 64, WORDS_PER_UNIT, &mut out, |w, dst| {
+            for (b, o) in dst.iter_mut().enumerate() {
+                let i = w * 64 + b;
+                o.write(x.map_or(1.0, |x| x[i]) * self.factor(i));
+            }
+        });
+        for (i, o) in out.iter_mut().enumerate().skip(whole * 64) {
+            o.write(x.map_or(1.0, |x| x[i]) * self.factor(i));
+        }
+        // SAFETY: the rows and the tail cover every element.
+        unsafe { assume_init(out) }
+    }
+
     /// `x` with the mask applied: dropped elements 0, kept ones scaled.
     fn apply(&self, x: &[f32]) -> Vec<f32> {
-        x.iter().enumerate().map(|(i, &v)| v * self.factor(i)).collect()
+        self.scaled(Some(x))
     }
 
     /// The mask as a tensor of 0 and `keep` in `shape`.
     pub fn tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
-        let values: Vec<f32> = (0..self.len).map(|i| self.factor(i)).collect();
-        Tensor::from_vec(values, shape, device)
+        Tensor::from_vec(self.scaled(None), shape, device)
+    }
+}
+
+/// Mask words per unit of candle's pool.
+const WORDS_PER_UNIT: usize = 256;
+
+/// splitmix64's finaliser: a well-mixed 64-bit hash of `z`.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The mask words, written by the pool's units (each its own words).
+#[derive(Clone, Copy)]
+struct SharedWords(*mut u64);
+// SAFETY: every use hands each unit its own words.
+unsafe impl Sync for SharedWords {}
+unsafe impl Send for SharedWords {}
+
+impl SharedWords {
+    fn at(self, w: usize) -> *mut u64 {
+        self.0.wrapping_add(w)
     }
 }
 
@@ -754,5 +821,23 @@ mod tests {
         assert!(max_diff(&got.0, &want.0) < 1e-6);
         assert!(max_diff(&got.1, &want.1) < 1e-5, "d gate: {}", max_diff(&got.1, &want.1));
         assert!(max_diff(&got.2, &want.2) < 1e-6, "d up");
+    }
+
+    #[test]
+    fn a_seeded_dropout_mask_drops_about_p_and_repeats() {
+        let n = 64 * 1000 + 37;
+        let mask = DropoutMask::from_seed(n, 0.1, 42);
+        let values = mask.tensor(&Shape::from(n), &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        let dropped = values.iter().filter(|&&v| v == 0.0).count();
+        assert!((dropped as f64 / n as f64 - 0.1).abs() < 0.005, "{dropped} of {n} dropped");
+        assert!(values.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        let again = DropoutMask::from_seed(n, 0.1, 42).tensor(&Shape::from(n), &Device::Cpu).unwrap();
+        assert_eq!(again.to_vec1::<f32>().unwrap(), values);
+        let other = DropoutMask::from_seed(n, 0.1, 43).tensor(&Shape::from(n), &Device::Cpu).unwrap();
+        assert_ne!(other.to_vec1::<f32>().unwrap(), values);
+        // apply is x ⊙ mask, the tail past the last whole word included.
+        let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let applied = mask.apply(&x);
+        assert!(applied.iter().zip(&values).enumerate().all(|(i, (&a, &m))| a == i as f32 * m));
     }
 }

@@ -42,14 +42,15 @@ impl LoraDropout {
         }
     }
 
-    /// Which of `len` elements dropout with probability `p` keeps (one draw
-    /// each, in order), kept ones scaled by `1/(1-p)`.
+    /// Which of `len` elements dropout with probability `p` keeps, kept ones
+    /// scaled by `1/(1-p)`.
     fn mask(&self, len: usize, p: f32) -> Result<DropoutMask> {
         let mut rng = self
             .rng
             .lock()
             .map_err(|_| Error::Msg("LoRA dropout generator poisoned".into()))?;
-        Ok(DropoutMask::from_fn(len, 1.0 / (1.0 - p), || rng.random::<f32>() >= p))
+        // One draw from the shared stream seeds the whole mask.
+        Ok(DropoutMask::from_seed(len, p, rng.random::<u64>()))
     }
 }
 
