@@ -130,10 +130,77 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !(x.device().is_cpu() && x.dtype() == DType::F32) {
         return candle_nn::ops::softmax(x, D::Minus1);
     }
-    x.contiguous()?.apply_op1(Softmax)
+    x.contiguous()?.apply_op1(Softmax { scale: 1.0, mask: None })
 }
 
-struct Softmax;
+/// `softmax(scale · x + mask)` over the last axis that keeps `x`'s gradient,
+/// for attention scores `x` `[batch, groups, rows, keys]` where `rows` is
+/// `per_group` blocks of `queries` rows (the query heads that share a key
+/// head), and an additive `mask` `[batch | 1, 1, 1, queries, keys]` (frozen)
+/// shared by every head: the scaling, the mask's broadcast add and the
+/// softmax as one op each way (three ops, each with its own gradient pass in
+/// candle's autograd, before). `queries` is the mask's query axis.
+pub fn scaled_masked_softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+    let mask_fits = mask.is_none_or(|m| {
+        let d = m.dims();
+        d.len() == 5
+            && d[1] == 1
+            && d[2] == 1
+            && x.rank() == 4
+            && d[4] == x.dims()[3]
+            && (d[0] == 1 || d[0] == x.dims()[0])
+            && d[3] > 0
+            && x.dims()[2] % d[3] == 0
+            && m.dtype() == DType::F32
+            && fast_path(&[m])
+    });
+    if !cpu_f32 || !mask_fits {
+        let scaled = (x * scale)?;
+        let scaled = match mask {
+            Some(m) => {
+                let (b, g, rows, keys) = scaled.dims4()?;
+                let q = m.dim(3)?;
+                scaled
+                    .reshape((b, g, rows / q, q, keys))?
+                    .broadcast_add(m)?
+                    .reshape((b, g, rows, keys))?
+            }
+            None => scaled,
+        };
+        return softmax_last_dim(&scaled);
+    }
+    x.contiguous()?.apply_op1(Softmax {
+        scale: scale as f32,
+        mask: mask.map(Tensor::contiguous).transpose()?,
+    })
+}
+
+struct Softmax {
+    scale: f32,
+    /// `[batch | 1, 1, 1, queries, keys]`.
+    mask: Option<Tensor>,
+}
+
+impl Softmax {
+    /// For the scores' dims `[batch, groups, rows, keys]`, the mask row of score
+    /// row `r`, or `None` without a mask.
+    #[allow(clippy::type_complexity)]
+    fn mask_rows(&self, dims: &[usize]) -> Result<Option<Box<dyn Fn(usize) -> usize + Sync>>> {
+        let Some(mask) = &self.mask else {
+            return Ok(None);
+        };
+        let (mask_batch, queries) = (mask.dim(0)?, mask.dim(3)?);
+        if dims.len() != 4 || queries == 0 || dims[2] % queries != 0 {
+            candle_core::bail!("softmax: scores {dims:?} do not fit the mask {:?}", mask.dims());
+        }
+        let per_batch = dims[1] * dims[2];
+        Ok(Some(Box::new(move |r: usize| {
+            let batch = if mask_batch == 1 { 0 } else { r / per_batch };
+            batch * queries + r % queries
+        })))
+    }
+}
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -150,20 +217,41 @@ impl CustomOp1 for Softmax {
         let x = &storage.as_slice::<f32>()?[layout.start_offset()..][..layout.shape().elem_count()];
         let rows = x.len() / width.max(1);
         let mut out = output_buffer(x.len());
-        cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
-            for (o, &v) in dst.iter_mut().zip(&x[r * width..][..width]) {
-                o.write(v);
-            }
-            // SAFETY: every element was just written.
-            let row = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            math::softmax_rows(row, width);
-        });
+        let mask_row = self.mask_rows(layout.dims())?;
+        let mut fill = |mask: Option<&[f32]>| {
+            cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
+                let src = &x[r * width..][..width];
+                match (mask, &mask_row) {
+                    (Some(m), Some(at)) => {
+                        let m = &m[at(r) * width..][..width];
+                        for ((o, &v), &b) in dst.iter_mut().zip(src).zip(m) {
+                            o.write(v * self.scale + b);
+                        }
+                    }
+                    _ => {
+                        for (o, &v) in dst.iter_mut().zip(src) {
+                            o.write(v * self.scale);
+                        }
+                    }
+                }
+                // SAFETY: every element was just written.
+                let row = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+                math::softmax_rows(row, width);
+            });
+        };
+        match &self.mask {
+            Some(m) => with_data(m, |m| {
+                fill(Some(m));
+                Ok(())
+            })?,
+            None => fill(None),
+        }
         // SAFETY: cpu::for_each_row wrote every row.
         let out = unsafe { assume_init(out) };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
-    /// `dx = p ⊙ (g - Σ g ⊙ p)`, per row.
+    /// `dx = scale · p ⊙ (g - Σ g ⊙ p)`, per row.
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let width = arg.dim(D::Minus1)?;
         let rows = arg.elem_count() / width.max(1);
@@ -174,7 +262,7 @@ impl CustomOp1 for Softmax {
                     let (pr, gr) = (&p[r * width..][..width], &g[r * width..][..width]);
                     let dot = math::dot(pr, gr);
                     for ((o, &pv), &gv) in dst.iter_mut().zip(pr).zip(gr) {
-                        o.write(pv * (gv - dot));
+                        o.write(self.scale * (pv * (gv - dot)));
                     }
                 });
                 Ok(())
@@ -839,5 +927,30 @@ mod tests {
         let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let applied = mask.apply(&x);
         assert!(applied.iter().zip(&values).enumerate().all(|(i, (&a, &m))| a == i as f32 * m));
+    }
+
+    #[test]
+    fn scaled_masked_softmax_matches_scale_add_softmax() {
+        // 2 batches, 3 key heads with 2 query heads each over 5 queries, 7 keys;
+        // a per-batch mask with -inf entries, and a shared one.
+        let (b, g, rep, q, keys) = (2, 3, 2, 5, 7);
+        let x = random(&[b, g, rep * q, keys], 41);
+        for mask_batch in [b, 1] {
+            let mut data: Vec<f32> = random(&[mask_batch * q * keys], 42).to_vec1().unwrap();
+            for (i, v) in data.iter_mut().enumerate() {
+                if i % 7 > (i / 7) % 5 + 2 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(data, (mask_batch, 1, 1, q, keys), &Device::Cpu).unwrap();
+            let (y, dx) = value_and_grad(|x| scaled_masked_softmax(x, 0.125, Some(&mask)), &x, 43);
+            let composite = |x: &Tensor| {
+                let s = (x * 0.125)?.reshape((b, g, rep, q, keys))?.broadcast_add(&mask)?.reshape((b, g, rep * q, keys))?;
+                candle_nn::ops::softmax(&s, D::Minus1)
+            };
+            let (want_y, want_dx) = value_and_grad(composite, &x, 43);
+            assert!(max_diff(&y, &want_y) < 1e-6, "forward (mask batch {mask_batch})");
+            assert!(max_diff(&dx, &want_dx) < 1e-5, "backward (mask batch {mask_batch})");
+        }
     }
 }

@@ -59,8 +59,18 @@ impl Attention {
             }
         }
 
+        let scale = 1.0 / (hd as f64).sqrt();
+        if q.track_op() && q.dtype() == DType::F32 {
+            // Training: the scaling, the mask and the softmax as one op each way.
+            let q = q.reshape((b, nkv, n_rep * t, hd))?;
+            let scores = q.matmul(&k.t()?)?;
+            let probs = multitoken_kernels::train::scaled_masked_softmax(&scores, scale, mask)?;
+            let out = probs.matmul(&v)?;
+            let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return self.o_proj.forward(&out);
+        }
         // [b, nkv, n_rep * t, hd]: the query heads sharing a key head, stacked.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
+        let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?;
         let dtype = scores.dtype();
         let scores = if dtype == DType::F32 { scores } else { scores.to_dtype(DType::F32)? };
@@ -161,8 +171,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The buffers have room to grow along the sequence axis (doubling), so a
 /// decode step writes one position instead of copying the whole cache, which
 /// was about a third of the bytes a quantized decode step reads. On a fresh
-/// cache the new keys/values themselves are returned, not the buffer views:
-/// `slice_set` is not tracked by autograd, and training runs on fresh caches.
+/// cache the new keys/values themselves are returned and kept, not buffer
+/// views: `slice_set` is not tracked by autograd, and training runs on fresh
+/// caches.
 fn append_to_cache(
     cache: &mut Option<(Tensor, Tensor)>,
     k: Tensor,
@@ -171,6 +182,15 @@ fn append_to_cache(
 ) -> Result<(Tensor, Tensor)> {
     let (b, heads, t, head_dim) = k.dims4()?;
     let total = seen + t;
+    if seen == 0 {
+        // A first call (a prefill, a training forward) keeps its own keys and
+        // values as the cache: no buffer is zeroed and filled here, and the
+        // first decode step, which needs room, copies them into one. Training
+        // never decodes, and zeroing two buffers per layer was a visible part
+        // of a training step's memset.
+        *cache = Some((k.clone(), v.clone()));
+        return Ok((k, v));
+    }
     let (k_buf, v_buf) = match cache.take() {
         Some((kb, vb)) if kb.dim(2)? >= total && kb.dim(0)? == b => (kb, vb),
         previous => {
@@ -186,7 +206,7 @@ fn append_to_cache(
     };
     k_buf.slice_set(&k, 2, seen)?;
     v_buf.slice_set(&v, 2, seen)?;
-    let out = if seen == 0 { (k, v) } else { (k_buf.narrow(2, 0, total)?, v_buf.narrow(2, 0, total)?) };
+    let out = (k_buf.narrow(2, 0, total)?, v_buf.narrow(2, 0, total)?);
     *cache = Some((k_buf, v_buf));
     Ok(out)
 }
