@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Tensor, Var};
-use multitoken_kernels::{assume_init, output_buffer};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -219,6 +218,22 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
     Ok(norm)
 }
 
+/// A buffer of `n` floats for the fused loop to write (the training crate may
+/// not depend on multitoken-kernels, whose `output_buffer` this mirrors).
+fn uninit(n: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    (0..n).map(|_| std::mem::MaybeUninit::uninit()).collect()
+}
+
+/// The buffer of [`uninit`] once every element has been written.
+///
+/// # Safety
+/// Every element must have been written.
+unsafe fn assume_init(out: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller guarantees initialisation.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+}
+
 /// The constants of one AdamW update, for the fused loop.
 struct FusedUpdate {
     beta1: f32,
@@ -264,7 +279,7 @@ impl FusedUpdate {
         let g = &g.contiguous()?;
         // Uninitialised outputs: zero-filling three parameter-sized buffers was a
         // visible memset in the LoRA profile; the loop writes every element.
-        let (mut p_out, mut m_out, mut v_out) = (output_buffer(n), output_buffer(n), output_buffer(n));
+        let (mut p_out, mut m_out, mut v_out) = (uninit(n), uninit(n), uninit(n));
         let done = f32_slice(p, |ps| {
             f32_slice(g, |gs| {
                 f32_slice(m, |ms| {
