@@ -151,7 +151,7 @@ pub fn scaled_masked_softmax(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> R
             && d[4] == x.dims()[3]
             && (d[0] == 1 || d[0] == x.dims()[0])
             && d[3] > 0
-            && x.dims()[2] % d[3] == 0
+            && x.dims()[2].is_multiple_of(d[3])
             && m.dtype() == DType::F32
             && fast_path(&[m])
     });
@@ -182,23 +182,39 @@ struct Softmax {
     mask: Option<Tensor>,
 }
 
+/// Which mask row a score row reads: scores `[batch, groups, rows, keys]`
+/// against a mask `[batch | 1, 1, 1, queries, keys]`.
+#[derive(Clone, Copy)]
+struct MaskRows {
+    /// Whether the mask has one row block per batch (else one shared block).
+    per_batch_mask: bool,
+    queries: usize,
+    /// Score rows per batch: `groups · rows`.
+    rows_per_batch: usize,
+}
+
+impl MaskRows {
+    fn row(self, r: usize) -> usize {
+        let batch = if self.per_batch_mask { r / self.rows_per_batch } else { 0 };
+        batch * self.queries + r % self.queries
+    }
+}
+
 impl Softmax {
-    /// For the scores' dims `[batch, groups, rows, keys]`, the mask row of score
-    /// row `r`, or `None` without a mask.
-    #[allow(clippy::type_complexity)]
-    fn mask_rows(&self, dims: &[usize]) -> Result<Option<Box<dyn Fn(usize) -> usize + Sync>>> {
+    /// The mask-row map for scores of `dims`, or `None` without a mask.
+    fn mask_rows(&self, dims: &[usize]) -> Result<Option<MaskRows>> {
         let Some(mask) = &self.mask else {
             return Ok(None);
         };
         let (mask_batch, queries) = (mask.dim(0)?, mask.dim(3)?);
-        if dims.len() != 4 || queries == 0 || dims[2] % queries != 0 {
+        if dims.len() != 4 || queries == 0 || !dims[2].is_multiple_of(queries) {
             candle_core::bail!("softmax: scores {dims:?} do not fit the mask {:?}", mask.dims());
         }
-        let per_batch = dims[1] * dims[2];
-        Ok(Some(Box::new(move |r: usize| {
-            let batch = if mask_batch == 1 { 0 } else { r / per_batch };
-            batch * queries + r % queries
-        })))
+        Ok(Some(MaskRows {
+            per_batch_mask: mask_batch != 1,
+            queries,
+            rows_per_batch: dims[1] * dims[2],
+        }))
     }
 }
 
@@ -221,9 +237,9 @@ impl CustomOp1 for Softmax {
         let mut fill = |mask: Option<&[f32]>| {
             cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
                 let src = &x[r * width..][..width];
-                match (mask, &mask_row) {
+                match (mask, mask_row) {
                     (Some(m), Some(at)) => {
-                        let m = &m[at(r) * width..][..width];
+                        let m = &m[at.row(r) * width..][..width];
                         for ((o, &v), &b) in dst.iter_mut().zip(src).zip(m) {
                             o.write(v * self.scale + b);
                         }

@@ -277,8 +277,8 @@ impl FusedUpdate {
         }
         // A gradient may come out of backward as a transposed view.
         let g = &g.contiguous()?;
-        // Uninitialised outputs: zero-filling three parameter-sized buffers was a
-        // visible memset in the LoRA profile; the loop writes every element.
+        // Uninitialised outputs: the loop writes every element, so zero-filling
+        // three parameter-sized buffers first would be a pass for nothing.
         let (mut p_out, mut m_out, mut v_out) = (uninit(n), uninit(n), uninit(n));
         let done = f32_slice(p, |ps| {
             f32_slice(g, |gs| {
