@@ -21,6 +21,18 @@
 //!   768 to Phi-2 2560) followed by a `SimpleResBlock(hidden)`, laid out as
 //!   `nn.Sequential(linear, res_block)`. Keys: `0.*`, `1.pre_norm.*`, `1.proj.0.*`,
 //!   `1.proj.2.*`.
+//! - `idefics2_connector`: Idefics2's `Idefics2Connector` (also Cephalo's base): a
+//!   SwiGLU modality projection (feature width -> `intermediate_size` -> hidden,
+//!   no biases), then a perceiver resampler whose `resampler_n_latents` learned
+//!   latents cross-attend (grouped-query) to the projected positions over
+//!   `resampler_depth` pre-RMSNorm layers; any number of positions in, a fixed
+//!   number out. Keys as under `connector.` in an Idefics2 checkpoint:
+//!   `modality_projection.{gate,up,down}_proj.weight`,
+//!   `perceiver_resampler.latents`, `perceiver_resampler.layers.{i}.{input_latents_norm,
+//!   input_context_norm,post_attention_layernorm}.weight`,
+//!   `perceiver_resampler.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
+//!   `perceiver_resampler.layers.{i}.mlp.{gate,up,down}_proj.weight`,
+//!   `perceiver_resampler.norm.weight`. See `idefics2.rs`.
 //!
 //! GELU is the exact (erf) one, torch's `nn.GELU()` default; LayerNorm uses
 //! torch's default epsilon 1e-5.
@@ -34,14 +46,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+mod idefics2;
+
+use idefics2::Idefics2Connector;
+pub use idefics2::Idefics2ConnectorConfig;
+
 /// torch's `nn.LayerNorm` default epsilon.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// Which projector a modality uses. Serialized as `{"kind": "mlp2x_gelu"}`,
-/// `{"kind": "vector_mlp", "num_layers": 2, "num_tokens": 10}`, ...; a bare
-/// string (`"mlp2x_gelu"`, LLaVA's `mm_projector_type`) is accepted for kinds
-/// without parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `{"kind": "vector_mlp", "num_layers": 2, "num_tokens": 10}`,
+/// `{"kind": "idefics2_connector", "resampler_n_latents": 64, "resampler_depth": 3,
+/// "resampler_n_heads": 16, "resampler_head_dim": 96, "num_key_value_heads": 4,
+/// "intermediate_size": 14336, "rms_norm_eps": 1e-5}`, ...; a bare string
+/// (`"mlp2x_gelu"`, LLaVA's `mm_projector_type`) is accepted for kinds without
+/// parameters.
+///
+/// `PartialEq` but not `Eq`: the Idefics2 connector carries an f64 epsilon.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "SpecInput", into = "SpecRepr")]
 pub enum ProjectorSpec {
     /// One linear layer per position.
@@ -62,11 +84,17 @@ pub enum ProjectorSpec {
     ResBlock,
     /// Jñāna: a linear from feature width to hidden, then a `SimpleResBlock`.
     LinearResBlock,
+    /// Idefics2's connector: SwiGLU projection, then a perceiver resampler to
+    /// `resampler_n_latents` positions.
+    Idefics2Connector(Idefics2ConnectorConfig),
 }
+
+/// Kind name of [`ProjectorSpec::Idefics2Connector`].
+const IDEFICS2_CONNECTOR: &str = "idefics2_connector";
 
 impl ProjectorSpec {
     /// The spec's kind name as written in configs: `linear`, `mlp2x_gelu`,
-    /// `vector_mlp`, `resblock`, `linear_resblock`.
+    /// `vector_mlp`, `resblock`, `linear_resblock`, `idefics2_connector`.
     pub fn kind_name(&self) -> String {
         match self {
             ProjectorSpec::Linear => "linear".to_string(),
@@ -74,22 +102,30 @@ impl ProjectorSpec {
             ProjectorSpec::VectorMlp { .. } => "vector_mlp".to_string(),
             ProjectorSpec::ResBlock => "resblock".to_string(),
             ProjectorSpec::LinearResBlock => "linear_resblock".to_string(),
+            ProjectorSpec::Idefics2Connector(_) => IDEFICS2_CONNECTOR.to_string(),
         }
     }
 
     /// Output positions per item given `input_width` encoder positions per item:
-    /// per-position kinds keep the width, the vector projector emits `num_tokens`.
+    /// per-position kinds keep the width, the vector projector emits `num_tokens`,
+    /// the Idefics2 connector `resampler_n_latents` whatever the input width.
     pub fn output_width(&self, input_width: usize) -> usize {
         match self {
             ProjectorSpec::VectorMlp { num_tokens, .. } => *num_tokens,
+            ProjectorSpec::Idefics2Connector(config) => config.resampler_n_latents,
             _ => input_width,
         }
     }
 
-    /// Checks the parameters: depths and counts at least 1.
+    /// Checks the parameters: depths and counts at least 1; for the Idefics2
+    /// connector also heads a multiple of key/value heads and a positive epsilon.
     pub fn validate(&self) -> Result<()> {
         let kind = self.kind_name();
         match *self {
+            ProjectorSpec::Idefics2Connector(config) => match config.problem() {
+                Some(reason) => Err(Error::projector(kind, reason)),
+                None => Ok(()),
+            },
             ProjectorSpec::MlpGelu { depth: 0 } => {
                 Err(Error::projector(kind, "depth must be at least 1"))
             }
@@ -116,6 +152,18 @@ impl fmt::Display for ProjectorSpec {
                     "vector_mlp(num_layers={num_layers}, num_tokens={num_tokens})"
                 )
             }
+            ProjectorSpec::Idefics2Connector(c) => write!(
+                f,
+                "{IDEFICS2_CONNECTOR}(n_latents={}, depth={}, heads={}x{}, kv_heads={}, \
+                 intermediate_size={}, rms_norm_eps={:e})",
+                c.resampler_n_latents,
+                c.resampler_depth,
+                c.resampler_n_heads,
+                c.resampler_head_dim,
+                c.num_key_value_heads,
+                c.intermediate_size,
+                c.rms_norm_eps
+            ),
             other => f.write_str(&other.kind_name()),
         }
     }
@@ -137,6 +185,12 @@ impl FromStr for ProjectorSpec {
                     "needs num_layers and num_tokens; write it as an object",
                 ))
             }
+            IDEFICS2_CONNECTOR => {
+                return Err(Error::projector(
+                    name,
+                    "needs the perceiver's parameters; write it as an object",
+                ))
+            }
             other => {
                 let depth = other
                     .strip_prefix("mlp")
@@ -145,8 +199,8 @@ impl FromStr for ProjectorSpec {
                     .ok_or_else(|| {
                         Error::projector(
                             other,
-                            "unknown kind; expected linear, mlp{N}x_gelu, vector_mlp, resblock or \
-                             linear_resblock",
+                            "unknown kind; expected linear, mlp{N}x_gelu, vector_mlp, resblock, \
+                             linear_resblock or idefics2_connector",
                         )
                     })?;
                 ProjectorSpec::MlpGelu { depth }
@@ -157,13 +211,40 @@ impl FromStr for ProjectorSpec {
     }
 }
 
-/// The object form of a spec on disk.
-#[derive(Serialize, Deserialize)]
+/// The object form of a spec as written: the kind and its parameters inline.
+#[derive(Serialize)]
 struct SpecRepr {
     kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(flatten)]
+    params: Option<SpecParams>,
+}
+
+/// The parameters of the kinds that have some, in their written order.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum SpecParams {
+    Vector {
+        num_layers: usize,
+        num_tokens: usize,
+    },
+    Idefics2(Idefics2ConnectorConfig),
+}
+
+/// The object form as read: the kind, and every other field kept for the kind's
+/// own parameter type to check.
+#[derive(Deserialize)]
+struct SpecObject {
+    kind: String,
+    #[serde(flatten)]
+    params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `vector_mlp`'s parameters as read (both required; checked by hand so the
+/// error says so plainly).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VectorParams {
     num_layers: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     num_tokens: Option<usize>,
 }
 
@@ -172,35 +253,53 @@ struct SpecRepr {
 #[serde(untagged)]
 enum SpecInput {
     Name(String),
-    Object(SpecRepr),
+    Object(SpecObject),
 }
 
 impl TryFrom<SpecInput> for ProjectorSpec {
     type Error = Error;
 
     fn try_from(input: SpecInput) -> Result<Self> {
-        let repr = match input {
+        let SpecObject { kind, params } = match input {
             SpecInput::Name(name) => return name.parse(),
-            SpecInput::Object(repr) => repr,
+            SpecInput::Object(object) => object,
         };
-        if repr.kind != "vector_mlp" {
-            if repr.num_layers.is_some() || repr.num_tokens.is_some() {
-                return Err(Error::projector(
-                    &repr.kind,
-                    "num_layers/num_tokens only apply to vector_mlp",
-                ));
+        let params = serde_json::Value::Object(params);
+        let spec = match kind.as_str() {
+            "vector_mlp" => {
+                let VectorParams {
+                    num_layers,
+                    num_tokens,
+                } = serde_json::from_value(params)
+                    .map_err(|e| Error::projector(&kind, e.to_string()))?;
+                let (Some(num_layers), Some(num_tokens)) = (num_layers, num_tokens) else {
+                    return Err(Error::projector(
+                        kind,
+                        "needs both num_layers and num_tokens",
+                    ));
+                };
+                ProjectorSpec::VectorMlp {
+                    num_layers,
+                    num_tokens,
+                }
             }
-            return repr.kind.parse();
-        }
-        let (Some(num_layers), Some(num_tokens)) = (repr.num_layers, repr.num_tokens) else {
-            return Err(Error::projector(
-                "vector_mlp",
-                "needs both num_layers and num_tokens",
-            ));
-        };
-        let spec = ProjectorSpec::VectorMlp {
-            num_layers,
-            num_tokens,
+            IDEFICS2_CONNECTOR => ProjectorSpec::Idefics2Connector(
+                serde_json::from_value(params)
+                    .map_err(|e| Error::projector(&kind, e.to_string()))?,
+            ),
+            _ => {
+                let names: Vec<&str> = params
+                    .as_object()
+                    .map(|map| map.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                if !names.is_empty() {
+                    return Err(Error::projector(
+                        &kind,
+                        format!("takes no parameters, got {}", names.join(", ")),
+                    ));
+                }
+                return kind.parse();
+            }
         };
         spec.validate()?;
         Ok(spec)
@@ -209,17 +308,20 @@ impl TryFrom<SpecInput> for ProjectorSpec {
 
 impl From<ProjectorSpec> for SpecRepr {
     fn from(spec: ProjectorSpec) -> Self {
-        let (num_layers, num_tokens) = match spec {
+        let params = match spec {
             ProjectorSpec::VectorMlp {
                 num_layers,
                 num_tokens,
-            } => (Some(num_layers), Some(num_tokens)),
-            _ => (None, None),
+            } => Some(SpecParams::Vector {
+                num_layers,
+                num_tokens,
+            }),
+            ProjectorSpec::Idefics2Connector(config) => Some(SpecParams::Idefics2(config)),
+            _ => None,
         };
         SpecRepr {
             kind: spec.kind_name(),
-            num_layers,
-            num_tokens,
+            params,
         }
     }
 }
@@ -282,6 +384,7 @@ enum ProjectorLayers {
     Vector(Vec<GeluMlp>),
     ResBlock(SimpleResBlock),
     LinearResBlock(Linear, SimpleResBlock),
+    Idefics2(Idefics2Connector),
 }
 
 /// A projector module built from a [`ProjectorSpec`] and a var builder.
@@ -348,6 +451,9 @@ impl Projector {
                     SimpleResBlock::load(hidden_size, vb.pp("1"))?,
                 )
             }
+            ProjectorSpec::Idefics2Connector(config) => ProjectorLayers::Idefics2(
+                Idefics2Connector::load(&config, feature_dim, hidden_size, vb)?,
+            ),
         };
         Ok(Self {
             spec,
@@ -376,8 +482,34 @@ impl Projector {
     /// for one vector per item) to `[n, token_width, hidden]`.
     ///
     /// Per-position kinds keep `width`; the vector projector needs one vector per
-    /// item and returns `num_tokens` positions.
+    /// item and returns `num_tokens` positions; the Idefics2 connector takes any
+    /// width and returns `resampler_n_latents` positions, every position of every
+    /// row taking part (see [`Projector::forward_masked`] for padded rows).
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        let features = self.check_features(features)?;
+        self.forward_checked(&features, None)
+    }
+
+    /// [`Projector::forward`] for rows padded to one width: `key_mask` `[n, width]`
+    /// is non-zero at real positions. The Idefics2 connector gives padded positions
+    /// no attention, so each row's output equals that of the row alone. The other
+    /// kinds map positions independently and ignore the mask: their outputs at
+    /// padded positions are computed and meaningless.
+    pub fn forward_masked(&self, features: &Tensor, key_mask: &Tensor) -> Result<Tensor> {
+        let features = self.check_features(features)?;
+        let (n, width, _) = features.dims3()?;
+        if key_mask.dims() != [n, width] {
+            return Err(self.shape_error(format!(
+                "expects a key mask [n, width] = [{n}, {width}] for features of shape {:?}, got {:?}",
+                features.dims(),
+                key_mask.dims()
+            )));
+        }
+        self.forward_checked(&features, Some(key_mask))
+    }
+
+    /// Features as `[n, width, feature_dim]`, or an error naming their shape.
+    fn check_features(&self, features: &Tensor) -> Result<Tensor> {
         let features = match features.rank() {
             2 => features.unsqueeze(1)?,
             3 => features.clone(),
@@ -398,11 +530,16 @@ impl Projector {
                 features.dims()
             )));
         }
+        Ok(features)
+    }
+
+    fn forward_checked(&self, features: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
         match &self.layers {
-            ProjectorLayers::PerPosition(mlp) => mlp.forward(&features),
-            ProjectorLayers::ResBlock(block) => block.forward(&features),
+            ProjectorLayers::Idefics2(connector) => connector.forward(features, key_mask),
+            ProjectorLayers::PerPosition(mlp) => mlp.forward(features),
+            ProjectorLayers::ResBlock(block) => block.forward(features),
             ProjectorLayers::LinearResBlock(linear, block) => {
-                block.forward(&linear.forward(&features)?)
+                block.forward(&linear.forward(features)?)
             }
             ProjectorLayers::Vector(heads) => {
                 let width = features.dim(1)?;
@@ -416,7 +553,7 @@ impl Projector {
                 // them on dim -2.
                 let outputs = heads
                     .iter()
-                    .map(|head| head.forward(&features))
+                    .map(|head| head.forward(features))
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&outputs, 1)?)
             }

@@ -86,7 +86,7 @@ fn specs_parse_from_names_and_objects() {
     );
     check_spec(
         r#""conv""#,
-        "error: projector `conv`: unknown kind; expected linear, mlp{N}x_gelu, vector_mlp, resblock or linear_resblock",
+        "error: projector `conv`: unknown kind; expected linear, mlp{N}x_gelu, vector_mlp, resblock, linear_resblock or idefics2_connector",
     );
     check_spec(
         r#"{"kind": "vector_mlp", "num_layers": 2}"#,
@@ -94,8 +94,88 @@ fn specs_parse_from_names_and_objects() {
     );
     check_spec(
         r#"{"kind": "linear", "num_tokens": 3}"#,
-        "error: projector `linear`: num_layers/num_tokens only apply to vector_mlp",
+        "error: projector `linear`: takes no parameters, got num_tokens",
     );
+    check_spec(
+        r#"{"kind": "vector_mlp", "num_layers": 2, "num_tokens": 3, "depth": 1}"#,
+        "error: projector `vector_mlp`: unknown field `depth`, expected `num_layers` or `num_tokens`",
+    );
+}
+
+/// Idefics2-8b's connector as multitoken.json writes it.
+const IDEFICS2_8B: &str = r#"{"kind":"idefics2_connector","resampler_n_latents":64,"resampler_depth":3,"resampler_n_heads":16,"resampler_head_dim":96,"num_key_value_heads":4,"intermediate_size":14336,"rms_norm_eps":1e-5}"#;
+
+/// `IDEFICS2_8B` with `field` set to `value` (a JSON literal).
+fn idefics2_with(field: &str, value: &str) -> String {
+    let mut spec: serde_json::Value = serde_json::from_str(IDEFICS2_8B).unwrap();
+    spec[field] = serde_json::from_str(value).unwrap();
+    spec.to_string()
+}
+
+#[test]
+fn idefics2_connector_specs_parse_and_validate() {
+    check_spec(
+        IDEFICS2_8B,
+        &format!(
+            "idefics2_connector(n_latents=64, depth=3, heads=16x96, kv_heads=4, \
+             intermediate_size=14336, rms_norm_eps=1e-5) -> {}",
+            // serde_json writes 1e-5 in positional notation.
+            IDEFICS2_8B.replace("1e-5", "0.00001")
+        ),
+    );
+    check_spec(
+        r#""idefics2_connector""#,
+        "error: projector `idefics2_connector`: needs the perceiver's parameters; write it as an object",
+    );
+    let mut missing: serde_json::Value = serde_json::from_str(IDEFICS2_8B).unwrap();
+    missing.as_object_mut().unwrap().remove("rms_norm_eps");
+    check_spec(
+        &missing.to_string(),
+        "error: projector `idefics2_connector`: missing field `rms_norm_eps`",
+    );
+    let unknown = idefics2_with("hidden_act", r#""silu""#);
+    let got = serde_json::from_str::<ProjectorSpec>(&unknown)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        got.starts_with("projector `idefics2_connector`: unknown field `hidden_act`"),
+        "{got}"
+    );
+    check_spec(
+        &idefics2_with("resampler_depth", "0"),
+        "error: projector `idefics2_connector`: resampler_depth must be at least 1",
+    );
+    check_spec(
+        &idefics2_with("num_key_value_heads", "0"),
+        "error: projector `idefics2_connector`: num_key_value_heads must be at least 1",
+    );
+    check_spec(
+        &idefics2_with("num_key_value_heads", "5"),
+        "error: projector `idefics2_connector`: resampler_n_heads 16 must be a multiple of \
+         num_key_value_heads 5",
+    );
+    check_spec(
+        &idefics2_with("rms_norm_eps", "0"),
+        "error: projector `idefics2_connector`: rms_norm_eps must be a positive number, got 0",
+    );
+    check_spec(
+        &idefics2_with("resampler_n_latents", "-1"),
+        "error: projector `idefics2_connector`: invalid value: integer `-1`, expected usize",
+    );
+}
+
+/// A small Idefics2 connector spec: 3 latents, `depth` layers, 2 heads of 4 over one
+/// key/value head, projection width 10.
+fn small_idefics2(depth: usize) -> ProjectorSpec {
+    ProjectorSpec::Idefics2Connector(Idefics2ConnectorConfig {
+        resampler_n_latents: 3,
+        resampler_depth: depth,
+        resampler_n_heads: 2,
+        resampler_head_dim: 4,
+        num_key_value_heads: 1,
+        intermediate_size: 10,
+        rms_norm_eps: 1e-6,
+    })
 }
 
 #[test]
@@ -109,6 +189,7 @@ fn output_width_depends_on_kind() {
         .output_width(1),
         10
     );
+    assert_eq!(small_idefics2(1).output_width(4900), 3);
 }
 
 /// Creates each kind from a fresh `VarMap` and reports the key names and the
@@ -213,7 +294,115 @@ fn key_names_match_the_python_modules_and_shapes_follow_the_kind() -> Result<()>
             "mm_projector.1.proj.2.weight",
         ],
         &[3, 4, 8],
+    )?;
+    check_layout(
+        small_idefics2(1),
+        6,
+        8,
+        &[
+            "mm_projector.modality_projection.down_proj.weight",
+            "mm_projector.modality_projection.gate_proj.weight",
+            "mm_projector.modality_projection.up_proj.weight",
+            "mm_projector.perceiver_resampler.latents",
+            "mm_projector.perceiver_resampler.layers.0.input_context_norm.weight",
+            "mm_projector.perceiver_resampler.layers.0.input_latents_norm.weight",
+            "mm_projector.perceiver_resampler.layers.0.mlp.down_proj.weight",
+            "mm_projector.perceiver_resampler.layers.0.mlp.gate_proj.weight",
+            "mm_projector.perceiver_resampler.layers.0.mlp.up_proj.weight",
+            "mm_projector.perceiver_resampler.layers.0.post_attention_layernorm.weight",
+            "mm_projector.perceiver_resampler.layers.0.self_attn.k_proj.weight",
+            "mm_projector.perceiver_resampler.layers.0.self_attn.o_proj.weight",
+            "mm_projector.perceiver_resampler.layers.0.self_attn.q_proj.weight",
+            "mm_projector.perceiver_resampler.layers.0.self_attn.v_proj.weight",
+            "mm_projector.perceiver_resampler.norm.weight",
+        ],
+        &[3, 3, 8],
     )
+}
+
+/// Shapes of every tensor a `VarMap` gets for `spec`, sorted by key.
+fn var_shapes(spec: ProjectorSpec, feature_dim: usize, hidden: usize) -> Result<Vec<String>> {
+    let var_map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu);
+    Projector::load(spec, feature_dim, hidden, vb)?;
+    let data = var_map.data().lock().unwrap();
+    let mut shapes: Vec<String> = data
+        .iter()
+        .map(|(key, var)| format!("{key} {:?}", var.dims()))
+        .collect();
+    shapes.sort();
+    Ok(shapes)
+}
+
+#[test]
+fn idefics2_connector_shapes_follow_idefics2() -> Result<()> {
+    // Heads x head_dim (8) differs from the hidden size (12); the MLP is 4x hidden.
+    let shapes = var_shapes(small_idefics2(2), 6, 12)?;
+    let layer0: Vec<&str> = shapes
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.contains("layers.1."))
+        .collect();
+    assert_eq!(
+        layer0,
+        [
+            "modality_projection.down_proj.weight [12, 10]",
+            "modality_projection.gate_proj.weight [10, 6]",
+            "modality_projection.up_proj.weight [10, 6]",
+            "perceiver_resampler.latents [3, 12]",
+            "perceiver_resampler.layers.0.input_context_norm.weight [12]",
+            "perceiver_resampler.layers.0.input_latents_norm.weight [12]",
+            "perceiver_resampler.layers.0.mlp.down_proj.weight [12, 48]",
+            "perceiver_resampler.layers.0.mlp.gate_proj.weight [48, 12]",
+            "perceiver_resampler.layers.0.mlp.up_proj.weight [48, 12]",
+            "perceiver_resampler.layers.0.post_attention_layernorm.weight [12]",
+            "perceiver_resampler.layers.0.self_attn.k_proj.weight [4, 12]",
+            "perceiver_resampler.layers.0.self_attn.o_proj.weight [12, 8]",
+            "perceiver_resampler.layers.0.self_attn.q_proj.weight [8, 12]",
+            "perceiver_resampler.layers.0.self_attn.v_proj.weight [4, 12]",
+            "perceiver_resampler.norm.weight [12]",
+        ]
+    );
+    assert_eq!(shapes.len(), 3 + 1 + 2 * 10 + 1);
+    Ok(())
+}
+
+#[test]
+fn idefics2_connector_takes_any_width_and_a_key_mask() -> Result<()> {
+    let var_map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu);
+    let projector = Projector::load(small_idefics2(2), 6, 8, vb)?;
+    let features = Tensor::randn(0f32, 1., (2, 7, 6), &Device::Cpu)?;
+    // Row 1 padded after 4 positions: its output equals that of its first 4 alone.
+    let mask = tensor(
+        &[1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0., 0.],
+        &[2, 7],
+    );
+    let batched = projector.forward_masked(&features, &mask)?;
+    assert_eq!(batched.dims(), [2, 3, 8]);
+    let alone = projector.forward(&features.narrow(0, 1, 1)?.narrow(1, 0, 4)?)?;
+    let diff = (batched.narrow(0, 1, 1)? - alone)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(
+        diff < 1e-5,
+        "masked row differs from the row alone by {diff}"
+    );
+    // A full mask changes nothing.
+    let full =
+        projector.forward_masked(&features, &Tensor::ones((2, 7), DType::U8, &Device::Cpu)?)?;
+    let plain = projector.forward(&features)?;
+    let diff = (full - plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-6, "full mask changed the output by {diff}");
+    // One vector per item ([n, feat]) is one position.
+    assert_eq!(
+        projector
+            .forward(&features.narrow(1, 0, 1)?.squeeze(1)?)?
+            .dims(),
+        [2, 3, 8]
+    );
+    Ok(())
 }
 
 #[test]
@@ -361,7 +550,29 @@ fn bad_feature_shapes_are_named() -> Result<()> {
         8,
         zeros(&[2, 5, 4])?,
         "projector `vector_mlp`: takes one pooled vector per item, got 5 positions per item (shape [2, 5, 4])",
-    )
+    )?;
+    check_forward_error(
+        small_idefics2(1),
+        4,
+        8,
+        zeros(&[2, 3, 5])?,
+        "projector `idefics2_connector`: expects feature width 4, got features of shape [2, 3, 5]",
+    )?;
+    let var_map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu);
+    let projector = Projector::load(small_idefics2(1), 4, 8, vb)?;
+    let error = projector
+        .forward_masked(&zeros(&[2, 3, 4])?, &zeros(&[2, 4])?)
+        .err()
+        .map(|e| e.to_string());
+    assert_eq!(
+        error.as_deref(),
+        Some(
+            "projector `idefics2_connector`: expects a key mask [n, width] = [2, 3] for features \
+             of shape [2, 3, 4], got [2, 4]"
+        )
+    );
+    Ok(())
 }
 
 #[test]
