@@ -134,6 +134,7 @@ mod tests {
                 .map(|&(modality, item_index, start, len)| PlaceholderSpan {
                     modality,
                     item_index,
+                    item_offset: 0,
                     start,
                     len,
                 })

@@ -10,12 +10,13 @@
 //! The data flow, in the order the modules are used:
 //!
 //! 1. [`ChatTemplate`] renders messages with the model's own jinja template.
-//! 2. [`InputPreparer`] splits the text at modality tokens, tokenizes the text
-//!    pieces, expands each modality token into `token_width` placeholder
-//!    positions and builds labels, giving a [`PreparedInput`] with its
-//!    [`PlaceholderSpan`]s.
-//! 3. Each [`Modality`] preprocesses and encodes its items; a [`Projector`] maps
-//!    the features to `[n, token_width, lm_hidden]`.
+//! 2. [`InputPreparer`] splits the text at modality tokens, replaces each by its
+//!    item's [`ItemLayout`] (text pieces and runs of embedding slots; a
+//!    fixed-width modality's is `token_width` slots), tokenizes the text and
+//!    builds labels, giving a [`PreparedInput`] with its [`PlaceholderSpan`]s.
+//! 3. Each [`Modality`] preprocesses and encodes its items ([`encode_item`]); a
+//!    [`Projector`] maps the features to the item's `[slots, lm_hidden]` rows
+//!    ([`project_item`]).
 //! 4. [`collate()`] pads a batch; [`splice_embeddings`] writes the projected items
 //!    into the LM's token embeddings at the spans.
 
@@ -40,9 +41,9 @@ pub use chat_template::{ChatTemplate, Message, RenderedChat};
 pub use collate::{collate, Batch, CollateConfig, PaddingSide};
 pub use error::{Error, Result};
 pub use lm::{KvCache, LanguageModel, LogitsSelection};
-pub use modality::{Item, Modality};
+pub use modality::{Item, ItemLayout, LayoutPart, Modality, TextRule};
 pub use preparer::{
-    InputPreparer, ItemsByKey, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
+    InputPreparer, ItemsByKey, LayoutSource, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
     PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality,
 };
 pub use projector::{Projector, ProjectorSpec};
@@ -50,4 +51,4 @@ pub use registry::{
     build_modality, build_text_modality, builder_names, builders, find_builder, is_text_modality,
     ModalityBuilder, ModalityContext, TextModalityBuilder,
 };
-pub use splice::{span_embeddings, splice_embeddings, SpanEmbedding};
+pub use splice::{encode_item, project_item, span_embeddings, splice_embeddings, SpanEmbedding};

@@ -19,7 +19,178 @@ pub enum Item {
     Text(String),
 }
 
+/// One part of an item's place in the token stream ([`ItemLayout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutPart {
+    /// Text tokenized with the model's tokenizer together with the prompt text
+    /// around it, e.g. Idefics2's `<fake_token_around_image>`.
+    Text(String),
+    /// A run of embedding slots, filled in order by the item's projected rows.
+    Slots(usize),
+}
+
+/// A rewrite of the prompt text that a model's processor applies after it has
+/// put its items' text in ([`ItemLayout::with_text_rule`]). The preparer
+/// applies the rules of every item of a row to the whole text of that row, in
+/// the order of this enum's variants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextRule {
+    /// Every doubled `text` becomes one (Idefics2's
+    /// `replace(fake + fake, fake)` for `<fake_token_around_image>` between
+    /// adjacent images).
+    CollapseRepeats(String),
+    /// A space goes after `text` when the next character is neither whitespace
+    /// nor `<` (Idefics2 keeps a word written right after an image aligned to
+    /// a word boundary: `<image>What` is tokenised as `… What`).
+    SpaceAfter(String),
+}
+
+/// What one item puts in the token stream where its modality token stands:
+/// text pieces and runs of embedding slots.
+///
+/// A fixed-width modality (CLIP, Whisper, documents) is one run of
+/// `token_width` slots ([`ItemLayout::fixed`]); Idefics2 wraps each crop's 64
+/// slots in `<fake_token_around_image>`, SmolVLM adds `<row_1_col_2>` tokens and
+/// LLaVA-NeXT / Qwen2-VL give each image a number of slots that depends on its
+/// size. The preparer joins an item's text with the prompt text next to it
+/// before tokenising, as the Python processors do (they replace the token by a
+/// string and tokenise the whole prompt), so the ids equal theirs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemLayout {
+    parts: Vec<LayoutPart>,
+    rules: Vec<TextRule>,
+}
+
+impl ItemLayout {
+    /// One run of `width` slots and no text: a fixed-width modality.
+    pub fn fixed(width: usize) -> Self {
+        Self { parts: vec![LayoutPart::Slots(width)], rules: Vec::new() }
+    }
+
+    /// A layout from its parts. Fails when it has no slot at all or an empty
+    /// slot run (an item that puts nothing into the LM is a modality bug).
+    pub fn new(parts: Vec<LayoutPart>) -> Result<Self> {
+        if parts.iter().any(|part| matches!(part, LayoutPart::Slots(0))) {
+            return Err(crate::Error::msg("an item layout has an empty run of slots"));
+        }
+        if !parts.iter().any(|part| matches!(part, LayoutPart::Slots(_))) {
+            return Err(crate::Error::msg("an item layout has no embedding slots"));
+        }
+        Ok(Self { parts, rules: Vec::new() })
+    }
+
+    /// Adds a rewrite of the row's text that this item's processor applies.
+    pub fn with_text_rule(mut self, rule: TextRule) -> Self {
+        if !self.rules.contains(&rule) {
+            self.rules.push(rule);
+        }
+        self
+    }
+
+    /// Shorthand for `with_text_rule(TextRule::CollapseRepeats(text))`.
+    pub fn with_collapsed_repeats(self, text: impl Into<String>) -> Self {
+        self.with_text_rule(TextRule::CollapseRepeats(text.into()))
+    }
+
+    /// The parts, in order.
+    pub fn parts(&self) -> &[LayoutPart] {
+        &self.parts
+    }
+
+    /// The text rules ([`Self::with_text_rule`]).
+    pub fn text_rules(&self) -> &[TextRule] {
+        &self.rules
+    }
+
+    /// Total number of embedding slots: the rows the item's projected
+    /// embeddings must have.
+    pub fn slots(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                LayoutPart::Slots(n) => *n,
+                LayoutPart::Text(_) => 0,
+            })
+            .sum()
+    }
+}
+
+impl TextRule {
+    /// Applies the rule to `text`.
+    pub fn apply(&self, text: &str) -> String {
+        match self {
+            TextRule::CollapseRepeats(repeat) if !repeat.is_empty() => {
+                let doubled = repeat.repeat(2);
+                let mut out = text.to_string();
+                while out.contains(&doubled) {
+                    out = out.replace(&doubled, repeat);
+                }
+                out
+            }
+            TextRule::SpaceAfter(marker) if !marker.is_empty() => {
+                let mut out = String::with_capacity(text.len() + 8);
+                let mut rest = text;
+                while let Some(at) = rest.find(marker.as_str()) {
+                    let end = at + marker.len();
+                    out.push_str(&rest[..end]);
+                    rest = &rest[end..];
+                    if rest.chars().next().is_some_and(|c| !c.is_whitespace() && c != '<') {
+                        out.push(' ');
+                    }
+                }
+                out.push_str(rest);
+                out
+            }
+            _ => text.to_string(),
+        }
+    }
+
+    /// Order in which rules of different kinds are applied.
+    pub(crate) fn rank(&self) -> u8 {
+        match self {
+            TextRule::CollapseRepeats(_) => 0,
+            TextRule::SpaceAfter(_) => 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn check(rule: TextRule, input: &str, expect: &str) {
+        assert_eq!(rule.apply(input), expect, "{rule:?} on {input:?}");
+    }
+
+    #[test]
+    fn text_rules_rewrite_as_idefics2_does() {
+        let fake = || "<fake>".to_string();
+        check(TextRule::CollapseRepeats(fake()), "a<fake><fake>b<fake><fake><fake>", "a<fake>b<fake>");
+        check(TextRule::SpaceAfter(fake()), "<fake>What<fake> x<fake><fake>\n<fake>", "<fake> What<fake> x<fake><fake>\n<fake>");
+        check(TextRule::SpaceAfter(String::new()), "abc", "abc");
+    }
+
+    #[test]
+    fn layouts_count_slots_and_reject_empty_runs() {
+        let layout = ItemLayout::new(vec![
+            LayoutPart::Text("<fake>".into()),
+            LayoutPart::Slots(3),
+            LayoutPart::Text("<fake>".into()),
+            LayoutPart::Slots(2),
+        ]);
+        assert_eq!(layout.map(|l| l.slots()).ok(), Some(5));
+        assert!(ItemLayout::new(vec![LayoutPart::Slots(0)]).is_err());
+        assert!(ItemLayout::new(vec![LayoutPart::Text("x".into())]).is_err());
+        assert_eq!(ItemLayout::fixed(7).slots(), 7);
+    }
+}
+
 /// A pluggable encoder for one kind of input.
+///
+/// Fixed-width modalities implement the required methods only. A modality whose
+/// items take a number of positions that depends on the item, or that wraps
+/// them in text, also implements [`Modality::layout`] and, when one item is
+/// encoded as several pieces (crops, tiles), [`Modality::encode_item`].
 pub trait Modality: Send + Sync {
     /// Builder name, e.g. `vision_clip`.
     fn name(&self) -> &str;
@@ -27,7 +198,9 @@ pub trait Modality: Send + Sync {
     fn token(&self) -> &str;
     /// The dataset row key that lists the items, e.g. `images`.
     fn data_key(&self) -> &str;
-    /// Number of LM positions one item occupies.
+    /// Number of LM positions one item occupies; for a modality of variable
+    /// width, the positions of a typical item (used only for reports: the
+    /// prompt counts [`Modality::layout`]'s slots).
     fn token_width(&self) -> usize;
     /// Width of the encoder features fed to the projector.
     fn feature_dim(&self) -> usize;
@@ -38,4 +211,22 @@ pub trait Modality: Send + Sync {
     /// The projector that maps this modality's features into the LM's
     /// embedding space (built with [`crate::Projector::load`]).
     fn projector(&self) -> ProjectorSpec;
+
+    /// Where one item goes in the token stream. The default is one run of
+    /// [`Modality::token_width`] slots. Called before any encoding, so it should
+    /// be cheap (an image's size from its header, never a decode of the pixels
+    /// when that can be avoided).
+    fn layout(&self, item: &Item) -> Result<ItemLayout> {
+        let _ = item;
+        Ok(ItemLayout::fixed(self.token_width()))
+    }
+
+    /// Encodes one preprocessed item (the output of [`Modality::preprocess`])
+    /// into the pieces its projector maps one at a time, each
+    /// `[1, positions, feature_dim]` (or `[1, feature_dim]` for a pooled
+    /// vector): the projected rows of all pieces, in order, fill the item's
+    /// layout slots. The default is one piece, `encode` on a batch of one.
+    fn encode_item(&self, preprocessed: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(vec![self.encode(&preprocessed.unsqueeze(0)?)?])
+    }
 }

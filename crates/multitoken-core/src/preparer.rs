@@ -17,6 +17,9 @@ use std::ops::Range;
 
 use tokenizers::Tokenizer;
 
+use std::sync::Arc;
+
+use crate::modality::{ItemLayout, LayoutPart, TextRule};
 use crate::{ChatTemplate, Error, Item, Message, Modality, Result};
 
 /// Label of positions that take no part in the loss (torch's `ignore_index`).
@@ -101,9 +104,13 @@ pub struct PlaceholderSpan {
     pub modality: usize,
     /// Which item of that modality (the k-th token gets the k-th item).
     pub item_index: usize,
+    /// Index of this run's first slot among the item's projected rows (0 for
+    /// a fixed-width item; an item whose layout has several slot runs has one
+    /// span per run).
+    pub item_offset: usize,
     /// First position.
     pub start: usize,
-    /// Number of positions (the modality's token width).
+    /// Number of positions.
     pub len: usize,
 }
 
@@ -145,14 +152,43 @@ impl PreparedInput {
     }
 }
 
+/// Where an [`InputPreparer`] gets the layout of each item (the loaded
+/// modalities' [`Modality::layout`]).
+pub trait LayoutSource: Send + Sync {
+    /// The layout of `item`, an item of modality `modality` (an index into the
+    /// preparer's modality list).
+    fn layout(&self, modality: usize, item: &Item) -> Result<ItemLayout>;
+}
+
+impl LayoutSource for Vec<Arc<dyn Modality>> {
+    fn layout(&self, modality: usize, item: &Item) -> Result<ItemLayout> {
+        let found = self.get(modality).ok_or_else(|| {
+            Error::msg(format!("no modality {modality} among {} for a layout", self.len()))
+        })?;
+        found.layout(item)
+    }
+}
+
 /// Turns messages and items into [`PreparedInput`]s for one model.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InputPreparer {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     modalities: Vec<ModalityToken>,
     config: PreparerConfig,
     leading_ids: Vec<u32>,
+    layouts: Option<Arc<dyn LayoutSource>>,
+}
+
+impl std::fmt::Debug for InputPreparer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputPreparer")
+            .field("modalities", &self.modalities)
+            .field("config", &self.config)
+            .field("leading_ids", &self.leading_ids)
+            .field("layouts", &self.layouts.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl InputPreparer {
@@ -196,7 +232,15 @@ impl InputPreparer {
             modalities,
             config,
             leading_ids,
+            layouts: None,
         })
+    }
+
+    /// Asks `source` for each item's layout (items of any width, text around
+    /// them); without it every item is one run of its modality's `token_width`.
+    pub fn with_layouts(mut self, source: Arc<dyn LayoutSource>) -> Self {
+        self.layouts = Some(source);
+        self
     }
 
     /// The tokenizer.
@@ -266,7 +310,8 @@ impl InputPreparer {
         items: &ItemsByKey,
     ) -> Result<PreparedInput> {
         self.check_item_keys(items)?;
-        let mut prepared = PreparedInput::default();
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut rules: Vec<TextRule> = Vec::new();
         let mut tokens_seen = vec![0usize; self.modalities.len()];
         for (range, labelled) in segments {
             let segment = text.get(range.clone()).ok_or_else(|| {
@@ -276,38 +321,81 @@ impl InputPreparer {
             })?;
             for piece in split_at_modality_tokens(segment, &self.modalities) {
                 match piece {
-                    Piece::Text(piece_text) => {
-                        let ids = self.encode(piece_text)?;
-                        let labels = ids.iter().map(|&id| match labelled {
-                            Labelled::Yes => i64::from(id),
-                            Labelled::No => IGNORE_INDEX,
-                        });
-                        prepared.labels.extend(labels);
-                        prepared.input_ids.extend(ids);
-                    }
+                    Piece::Text(piece_text) => push_text(&mut chunks, piece_text, *labelled),
                     Piece::Modality(modality) => {
-                        let width = self.modalities[modality].token_width;
-                        prepared.spans.push(PlaceholderSpan {
-                            modality,
-                            item_index: tokens_seen[modality],
-                            start: prepared.input_ids.len(),
-                            len: width,
-                        });
+                        let item_index = tokens_seen[modality];
                         tokens_seen[modality] += 1;
-                        prepared
-                            .input_ids
-                            .extend(std::iter::repeat_n(self.config.placeholder_id, width));
-                        prepared
-                            .labels
-                            .extend(std::iter::repeat_n(IGNORE_INDEX, width));
+                        let layout = self.item_layout(modality, item_index, items)?;
+                        for rule in layout.text_rules() {
+                            if !rules.contains(rule) {
+                                rules.push(rule.clone());
+                            }
+                        }
+                        let mut offset = 0;
+                        for part in layout.parts() {
+                            match part {
+                                LayoutPart::Text(layout_text) => {
+                                    push_text(&mut chunks, layout_text, Labelled::No);
+                                }
+                                LayoutPart::Slots(len) => {
+                                    chunks.push(Chunk::Slots { modality, item_index, offset, len: *len });
+                                    offset += len;
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
         self.check_item_counts(&tokens_seen, items)?;
+        rules.sort_by_key(TextRule::rank);
+        let mut prepared = PreparedInput::default();
+        for chunk in chunks {
+            match chunk {
+                Chunk::Text(mut chunk_text, labelled) => {
+                    for rule in &rules {
+                        chunk_text = rule.apply(&chunk_text);
+                    }
+                    let ids = self.encode(&chunk_text)?;
+                    let labels = ids.iter().map(|&id| match labelled {
+                        Labelled::Yes => i64::from(id),
+                        Labelled::No => IGNORE_INDEX,
+                    });
+                    prepared.labels.extend(labels);
+                    prepared.input_ids.extend(ids);
+                }
+                Chunk::Slots { modality, item_index, offset, len } => {
+                    prepared.spans.push(PlaceholderSpan {
+                        modality,
+                        item_index,
+                        item_offset: offset,
+                        start: prepared.input_ids.len(),
+                        len,
+                    });
+                    prepared
+                        .input_ids
+                        .extend(std::iter::repeat_n(self.config.placeholder_id, len));
+                    prepared.labels.extend(std::iter::repeat_n(IGNORE_INDEX, len));
+                }
+            }
+        }
         self.add_leading_special_tokens(&mut prepared);
         self.truncate(&mut prepared)?;
         Ok(prepared)
+    }
+
+    /// The layout of the `item_index`-th item of `modality`: from the layout
+    /// source when there is one and the item was given (a missing item fails
+    /// the count check afterwards), else one run of `token_width` slots.
+    fn item_layout(&self, modality: usize, item_index: usize, items: &ItemsByKey) -> Result<ItemLayout> {
+        let token = &self.modalities[modality];
+        let item = items.get(&token.data_key).and_then(|given| given.get(item_index));
+        match (&self.layouts, item) {
+            (Some(source), Some(item)) => source.layout(modality, item).map_err(|error| {
+                Error::msg(format!("{} item {}: {error}", token.data_key, item_index + 1))
+            }),
+            _ => Ok(ItemLayout::fixed(token.token_width)),
+        }
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -379,8 +467,9 @@ impl InputPreparer {
         }
     }
 
-    /// Keeps the first `model_max_length` positions. Spans wholly past the cut
-    /// are dropped with their items; a span the cut would halve rejects the row.
+    /// Keeps the first `model_max_length` positions. Items wholly past the cut
+    /// are dropped; an item the cut would split (inside one of its slot runs,
+    /// or between two runs of the same item) rejects the row.
     fn truncate(&self, prepared: &mut PreparedInput) -> Result<()> {
         let Some(max_length) = self.config.model_max_length else {
             return Ok(());
@@ -388,18 +477,17 @@ impl InputPreparer {
         if prepared.input_ids.len() <= max_length {
             return Ok(());
         }
-        if let Some(cut) = prepared
-            .spans
-            .iter()
-            .find(|span| span.start < max_length && span.end() > max_length)
-        {
-            return Err(Error::PlaceholderCut {
-                token: self.modalities[cut.modality].token.clone(),
-                item_index: cut.item_index,
-                start: cut.start,
-                end: cut.end(),
-                max_length,
-            });
+        for span in &prepared.spans {
+            let (start, end) = item_extent(&prepared.spans, span);
+            if start < max_length && end > max_length {
+                return Err(Error::PlaceholderCut {
+                    token: self.modalities[span.modality].token.clone(),
+                    item_index: span.item_index,
+                    start,
+                    end,
+                    max_length,
+                });
+            }
         }
         prepared.spans.retain(|span| span.end() <= max_length);
         prepared.input_ids.truncate(max_length);
@@ -407,6 +495,40 @@ impl InputPreparer {
         Ok(())
     }
 }
+
+/// First and one-past-last position of all slot runs of `span`'s item.
+fn item_extent(spans: &[PlaceholderSpan], span: &PlaceholderSpan) -> (usize, usize) {
+    spans
+        .iter()
+        .filter(|other| other.modality == span.modality && other.item_index == span.item_index)
+        .fold((span.start, span.end()), |(start, end), other| {
+            (start.min(other.start), end.max(other.end()))
+        })
+}
+
+/// A stretch of the prompt before tokenising: text (prompt text and layout
+/// text joined, so it is tokenised as the Python processors tokenise the whole
+/// string) or a run of one item's slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Chunk {
+    Text(String, Labelled),
+    Slots { modality: usize, item_index: usize, offset: usize, len: usize },
+}
+
+/// Appends text, joining it to a preceding text chunk with the same labelling.
+fn push_text(chunks: &mut Vec<Chunk>, text: &str, labelled: Labelled) {
+    if text.is_empty() {
+        return;
+    }
+    if let Some(Chunk::Text(last, last_labelled)) = chunks.last_mut() {
+        if *last_labelled == labelled {
+            last.push_str(text);
+            return;
+        }
+    }
+    chunks.push(Chunk::Text(text.to_string(), labelled));
+}
+
 
 /// Whether a stretch of text is learned (assistant turn) or only read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,14 +1,15 @@
 //! Splicing projected item embeddings into token embeddings.
 //!
-//! The preparer leaves `token_width` placeholder ids where each item goes; the
+//! The preparer leaves placeholder ids where each item's slots go (one run per
+//! layout slot run); the
 //! LM embeds them like any token, and the splice replaces those rows with the
 //! projector's output. The new tensor is built by concatenating slices of the
 //! token embeddings with the item embeddings, so gradients flow to both (the
 //! projector trains through it) and no element is touched one at a time.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
-use crate::{Error, PlaceholderSpan, Result};
+use crate::{Error, Item, Modality, PlaceholderSpan, Projector, Result};
 
 /// Projected embeddings of one item and the span they go to.
 #[derive(Debug, Clone)]
@@ -19,13 +20,14 @@ pub struct SpanEmbedding {
     pub embeds: Tensor,
 }
 
-/// Pairs each span of one sequence with its item's projected embeddings.
+/// Pairs each span of one sequence with its rows of the item's projected embeddings.
 ///
-/// `projected[m]` holds the projected items of modality `m` for this sequence,
-/// `[items, token_width, hidden]`; the span of item `k` gets `projected[m][k]`.
+/// `projected[m][k]` holds the projected rows `[slots, hidden]` of item `k` of
+/// modality `m` for this sequence (all its pieces, in order); a span gets the
+/// `span.len` rows from `span.item_offset` on.
 pub fn span_embeddings(
     spans: &[PlaceholderSpan],
-    projected: &[Tensor],
+    projected: &[Vec<Tensor>],
 ) -> Result<Vec<SpanEmbedding>> {
     spans
         .iter()
@@ -39,19 +41,69 @@ pub fn span_embeddings(
                     projected.len()
                 ))
             })?;
-            let available = items.dim(0)?;
-            if span.item_index >= available {
-                return Err(Error::msg(format!(
-                    "span at {}..{} wants item {} of modality {} but only {available} were projected",
+            let item = items.get(span.item_index).ok_or_else(|| {
+                Error::msg(format!(
+                    "span at {}..{} wants item {} of modality {} but only {} were projected",
                     span.start,
                     span.end(),
                     span.item_index,
-                    span.modality
-                )));
+                    span.modality,
+                    items.len()
+                ))
+            })?;
+            let rows = item.dim(0)?;
+            if span.item_offset + span.len > rows {
+                return Err(Error::SpliceShape {
+                    sequence: 0,
+                    modality: span.modality,
+                    item_index: span.item_index,
+                    start: span.start,
+                    end: span.end(),
+                    reason: format!(
+                        "the item's projected embeddings have {rows} rows but its layout wants rows {}..{}",
+                        span.item_offset,
+                        span.item_offset + span.len
+                    ),
+                });
             }
-            Ok(SpanEmbedding { span: *span, embeds: items.get(span.item_index)? })
+            Ok(SpanEmbedding { span: *span, embeds: item.narrow(0, span.item_offset, span.len)? })
         })
         .collect()
+}
+
+/// Preprocesses and encodes one item: the feature pieces its projector maps
+/// one at a time ([`Modality::encode_item`]).
+pub fn encode_item(modality: &dyn Modality, item: &Item) -> Result<Vec<Tensor>> {
+    let preprocessed = modality.preprocess(item)?;
+    modality.encode_item(&preprocessed)
+}
+
+/// Projects an item's feature pieces and joins their rows: `[slots, hidden]`
+/// in `dtype`. Fails when the rows differ from the item's layout slots.
+pub fn project_item(
+    projector: &Projector,
+    pieces: &[Tensor],
+    dtype: DType,
+    slots: usize,
+) -> Result<Tensor> {
+    let mut rows = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let out = projector.forward(&piece.to_dtype(dtype)?)?;
+        let hidden = out.dim(D::Minus1)?;
+        rows.push(out.reshape(((), hidden))?);
+    }
+    let joined = match rows.len() {
+        0 => return Err(Error::msg("the item was encoded into no pieces")),
+        1 => rows.remove(0),
+        _ => Tensor::cat(&rows, 0)?,
+    };
+    let got = joined.dim(0)?;
+    if got != slots {
+        return Err(Error::msg(format!(
+            "the projector gave {got} rows for the item but its layout has {slots} slots"
+        )));
+    }
+    Ok(joined)
 }
 
 /// Writes item embeddings into `token_embeds` `[batch, seq, hidden]` at their
@@ -157,6 +209,7 @@ mod tests {
         PlaceholderSpan {
             modality,
             item_index,
+            item_offset: 0,
             start,
             len,
         }
@@ -289,9 +342,12 @@ mod tests {
 
     #[test]
     fn span_embeddings_pick_the_kth_item_of_each_modality() -> Result<()> {
-        // Modality 0: two items of width 1, values 10 and 11; modality 1: one item of width 2, value 20.
-        let images = Tensor::from_vec(vec![10f32, 10., 11., 11.], (2, 1, 2), &Device::Cpu)?;
-        let audio = Tensor::full(20f32, (1, 2, 2), &Device::Cpu)?;
+        // Modality 0: two items of one row, values 10 and 11; modality 1: one item of two rows, value 20.
+        let images = vec![
+            Tensor::from_vec(vec![10f32, 10.], (1, 2), &Device::Cpu)?,
+            Tensor::from_vec(vec![11f32, 11.], (1, 2), &Device::Cpu)?,
+        ];
+        let audio = vec![Tensor::full(20f32, (2, 2), &Device::Cpu)?];
         let spans = [span(0, 1, 0, 1), span(1, 0, 1, 2), span(0, 0, 3, 1)];
         let paired = span_embeddings(&spans, &[images.clone(), audio.clone()])?;
         let firsts: Vec<f32> = paired
@@ -314,6 +370,25 @@ mod tests {
             no_modality.as_deref(),
             Some("span at 0..1 is of modality 1 but projected items were given for 1 modalities")
         );
+        Ok(())
+    }
+
+    #[test]
+    fn runs_of_one_item_take_its_rows_from_their_offsets() -> Result<()> {
+        // One item of 5 rows valued 0..5, spread over two runs: rows 0..2 and 2..5.
+        let rows: Vec<f32> = (0..5).flat_map(|r| [r as f32, r as f32]).collect();
+        let item = vec![Tensor::from_vec(rows, (5, 2), &Device::Cpu)?];
+        let first = PlaceholderSpan { modality: 0, item_index: 0, item_offset: 0, start: 1, len: 2 };
+        let second = PlaceholderSpan { modality: 0, item_index: 0, item_offset: 2, start: 4, len: 3 };
+        let paired = span_embeddings(&[first, second], &[item.clone()])?;
+        let firsts: Vec<Vec<f32>> = paired
+            .iter()
+            .map(|p| p.embeds.narrow(1, 0, 1)?.squeeze(1)?.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        assert_eq!(firsts, vec![vec![0.0, 1.0], vec![2.0, 3.0, 4.0]]);
+        let past = PlaceholderSpan { item_offset: 3, ..second };
+        let error = span_embeddings(&[past], &[item]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("have 5 rows but its layout wants rows 3..6"), "{error}");
         Ok(())
     }
 }

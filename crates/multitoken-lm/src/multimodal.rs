@@ -31,12 +31,13 @@
 //! and spans, preprocess + encode + project every item, splice, then decode.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use multitoken_core::{
-    build_modality, build_text_modality, is_text_modality, span_embeddings, splice_embeddings,
+    build_modality, build_text_modality, encode_item, is_text_modality, project_item, span_embeddings, splice_embeddings,
     substitute_text_items, ChatTemplate, InputPreparer, Item, ItemsByKey, LanguageModel,
-    LeadingSpecialTokens, Message, Modality, ModalityContext, ModalityToken, PreparedInput,
+    LayoutSource, LeadingSpecialTokens, Message, Modality, ModalityContext, ModalityToken, PreparedInput,
     PreparerConfig, Projector, ProjectorSpec, TextModality,
 };
 use serde::{Deserialize, Serialize};
@@ -100,8 +101,8 @@ impl ModalityEntry {
 
 /// A modality with the projector that maps its features into the LM.
 pub struct ModalityRuntime {
-    /// The encoder side.
-    pub modality: Box<dyn Modality>,
+    /// The encoder side (shared with the preparers, which ask it for layouts).
+    pub modality: Arc<dyn Modality>,
     /// Features `[n, width, feature_dim]` to embeddings `[n, token_width, hidden]`.
     pub projector: Projector,
 }
@@ -272,34 +273,25 @@ impl MultimodalModel {
         &self.chat_preparer
     }
 
-    /// Preprocesses, encodes and projects items of modality `index`:
-    /// `[items, token_width, hidden]` in the LM dtype.
-    pub fn project_items(&self, index: usize, items: &[Item]) -> Result<Tensor> {
+    /// Preprocesses, encodes and projects one item of modality `index` whose
+    /// layout has `slots` slots: its rows `[slots, hidden]` in the LM dtype.
+    pub fn project_item(&self, index: usize, item_index: usize, item: &Item, slots: usize) -> Result<Tensor> {
         let runtime = self
             .modalities
             .get(index)
             .ok_or_else(|| Error::Msg(format!("no modality with index {index}")))?;
         let modality = runtime.modality.as_ref();
-        let mut projected = Vec::with_capacity(items.len());
-        for (k, item) in items.iter().enumerate() {
-            let describe = || format!("{} item {} ({})", modality.data_key(), k + 1, describe_item(item));
-            let features = modality
-                .preprocess(item)
-                .and_then(|pre| modality.encode(&pre.unsqueeze(0)?))
-                .map_err(|e| Error::Msg(format!("{}: {e}", describe())))?;
-            let features = as_feature_batch(&features, modality)?.to_dtype(self.lm.model.dtype())?;
-            let embeds = runtime.projector.forward(&features).map_err(|e| Error::Msg(format!("{}: {e}", describe())))?;
-            projected.push(embeds);
+        let describe = || format!("{} item {} ({})", modality.data_key(), item_index + 1, describe_item(item));
+        let pieces = encode_item(modality, item).map_err(|e| Error::Msg(format!("{}: {e}", describe())))?;
+        for piece in &pieces {
+            as_feature_batch(piece, modality)?;
         }
-        if projected.is_empty() {
-            let hidden = self.lm.model.hidden_size();
-            return Ok(Tensor::zeros((0, modality.token_width(), hidden), self.lm.model.dtype(), self.lm.model.device())?);
-        }
-        Ok(Tensor::cat(&projected, 0)?.to_dtype(self.lm.model.dtype())?)
+        project_item(&runtime.projector, &pieces, self.lm.model.dtype(), slots)
+            .map_err(|e| Error::Msg(format!("{}: {e}", describe())))
     }
 
     /// Input embeddings `[1, seq, hidden]` of a prepared row: token embeddings
-    /// with every item's projected embeddings spliced in at its span.
+    /// with every item's projected rows spliced in at its spans.
     pub fn embed(&self, prepared: &PreparedInput, items: &ItemsByKey) -> Result<Tensor> {
         let lm = self.lm.model.as_ref();
         let ids = Tensor::new(prepared.input_ids.as_slice(), lm.device())?.unsqueeze(0)?;
@@ -311,8 +303,13 @@ impl MultimodalModel {
         for (index, runtime) in self.modalities.iter().enumerate() {
             let given = items.get(runtime.modality.data_key()).map(Vec::as_slice).unwrap_or(&[]);
             // Truncation may have dropped trailing items; encode only those still spliced.
-            let used = prepared.spans.iter().filter(|s| s.modality == index).count().min(given.len());
-            projected.push(self.project_items(index, &given[..used])?);
+            let slots = item_slots(prepared, index, given.len());
+            let rows = slots
+                .iter()
+                .enumerate()
+                .map(|(k, &slots)| self.project_item(index, k, &given[k], slots))
+                .collect::<Result<Vec<_>>>()?;
+            projected.push(rows);
         }
         let spans = span_embeddings(&prepared.spans, &projected)?;
         Ok(splice_embeddings(&token_embeds, &[spans])?)
@@ -341,8 +338,9 @@ fn build_preparers(
     template: &ChatTemplate,
 ) -> Result<(InputPreparer, InputPreparer)> {
     let tokens: Vec<ModalityToken> = modalities.iter().map(|m| ModalityToken::of(m.modality.as_ref())).collect();
+    let layouts: Arc<dyn LayoutSource> = Arc::new(modalities.iter().map(|m| Arc::clone(&m.modality)).collect::<Vec<_>>());
     let preparer = |leading| {
-        InputPreparer::new(
+        Ok::<_, Error>(InputPreparer::new(
             lm.tokenizer.clone(),
             template.clone(),
             tokens.clone(),
@@ -351,7 +349,8 @@ fn build_preparers(
                 model_max_length: Some(lm.model.max_context()),
                 leading_special_tokens: leading,
             },
-        )
+        )?
+        .with_layouts(Arc::clone(&layouts)))
     };
     Ok((preparer(LeadingSpecialTokens::TemplateOnly)?, preparer(LeadingSpecialTokens::AddOnce)?))
 }
@@ -419,9 +418,22 @@ fn load_modalities(
                 .map_err(|e| {
                     Error::Msg(format!("{}: projector `{}` of `{}`: {e}", projectors_path.display(), entry.prefix(), entry.builder))
                 })?;
-            Ok(ModalityRuntime { modality, projector })
+            Ok(ModalityRuntime { modality: Arc::from(modality), projector })
         })
         .collect()
+}
+
+/// Slots of each item of modality `index` still spliced into `prepared` (the
+/// first ones: truncation drops trailing items whole), from its spans.
+pub fn item_slots(prepared: &PreparedInput, index: usize, given: usize) -> Vec<usize> {
+    let mut slots: Vec<usize> = Vec::new();
+    for span in prepared.spans.iter().filter(|s| s.modality == index && s.item_index < given) {
+        if slots.len() <= span.item_index {
+            slots.resize(span.item_index + 1, 0);
+        }
+        slots[span.item_index] += span.len;
+    }
+    slots
 }
 
 /// The LM's own template, else ChatML, with the tokenizer's BOS/EOS strings.

@@ -116,17 +116,21 @@ fn items_are_spliced_at_their_spans() -> TestResult {
     let prepared = model.prepare_raw("one <blob> two <blob> three", &items)?;
     assert_eq!(prepared.spans.len(), 2);
     let embeds = model.embed(&prepared, &items)?.squeeze(0)?;
-    let projected = model.project_items(0, &[Item::Bytes(b"first".to_vec()), Item::Bytes(b"second item".to_vec())])?;
+    let width = prepared.spans[0].len;
+    let projected = [
+        model.project_item(0, 0, &Item::Bytes(b"first".to_vec()), width)?,
+        model.project_item(0, 1, &Item::Bytes(b"second item".to_vec()), width)?,
+    ];
     for span in &prepared.spans {
         let got = embeds.narrow(0, span.start, span.len)?;
-        let want = projected.get(span.item_index)?;
-        assert!(max_abs_diff(&got, &want)? == 0.0, "span {span:?} does not hold item {}", span.item_index);
+        let want = &projected[span.item_index];
+        assert!(max_abs_diff(&got, want)? == 0.0, "span {span:?} does not hold item {}", span.item_index);
     }
     let ids = Tensor::new(prepared.input_ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let tokens = model.language_model().embed_tokens(&ids)?.squeeze(0)?;
     assert!(max_abs_diff(&embeds.narrow(0, 0, prepared.spans[0].start)?, &tokens.narrow(0, 0, prepared.spans[0].start)?)? == 0.0);
     // The two items differ, so a swapped splice would be caught above.
-    assert!(max_abs_diff(&projected.get(0)?, &projected.get(1)?)? > 0.0);
+    assert!(max_abs_diff(&projected[0], &projected[1])? > 0.0);
 
     let output = model.generate(&prepared, &items, &GenerationParams { max_new_tokens: 4, ignore_eos: true, ..Default::default() }, &mut |_| true)?;
     assert_eq!(output.token_ids.len(), 4);

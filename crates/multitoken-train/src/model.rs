@@ -20,13 +20,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use multitoken_core::{
-    build_modality, is_text_modality, span_embeddings, splice_embeddings, Item, ItemsByKey, KvCache,
+    build_modality, encode_item, is_text_modality, project_item, span_embeddings, splice_embeddings, Item, ItemsByKey, KvCache,
     LogitsSelection, ModalityContext, PreparedInput, Projector, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
 use multitoken_lm::lora::{LoraDropout, LoraLayer};
 use multitoken_lm::model::CausalLm;
-use multitoken_lm::multimodal::{
+use multitoken_lm::multimodal::{item_slots, 
     load_text_modalities, read_config, ModalityEntry, ModalityRuntime, MultimodalConfig,
     MultimodalModel, MULTIMODAL_CONFIG_FILE, PROJECTORS_FILE,
 };
@@ -207,7 +207,7 @@ pub struct TrainableModel {
     /// What is trained.
     pub parts: TrainParts,
     /// Encoder features of frozen encoders, by modality and item content.
-    features: std::sync::Mutex<std::collections::HashMap<(usize, u64), Tensor>>,
+    features: std::sync::Mutex<std::collections::HashMap<(usize, u64), Vec<Tensor>>>,
     /// `multitoken.json`'s text-modality entries (not in `config`), written back on save.
     text_entries: Vec<ModalityEntry>,
 }
@@ -345,7 +345,7 @@ impl TrainableModel {
                     ))
                 })?;
             runtimes.push(ModalityRuntime {
-                modality,
+                modality: modality.into(),
                 projector,
             });
             encoders.push(encoder_vars);
@@ -421,15 +421,10 @@ impl TrainableModel {
                 .get(modality.data_key())
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
-            let used = prepared
-                .spans
-                .iter()
-                .filter(|s| s.modality == index)
-                .count()
-                .min(given.len());
+            let slots = item_slots(prepared, index, given.len());
             let frozen = self.encoders.get(index).is_none_or(Option::is_none);
-            let mut rows = Vec::with_capacity(used);
-            for (k, item) in given[..used].iter().enumerate() {
+            let mut rows = Vec::with_capacity(slots.len());
+            for (k, (item, &slots)) in given.iter().zip(&slots).enumerate() {
                 let describe = || format!("{} item {}", modality.data_key(), k + 1);
                 let key = (index, item_hash(item));
                 let cached = if frozen {
@@ -437,12 +432,10 @@ impl TrainableModel {
                 } else {
                     None
                 };
-                let features = match cached {
+                let pieces = match cached {
                     Some(f) => f,
                     None => {
-                        let f = modality
-                            .preprocess(item)
-                            .and_then(|pre| modality.encode(&pre.unsqueeze(0)?))
+                        let f = encode_item(modality, item)
                             .map_err(|e| Error::Config(format!("{}: {e}", describe())))?;
                         if frozen {
                             if let Ok(mut cache) = self.features.lock() {
@@ -452,21 +445,11 @@ impl TrainableModel {
                         f
                     }
                 };
-                let embeds = runtime
-                    .projector
-                    .forward(&features.to_dtype(lm.dtype())?)
+                let embeds = project_item(&runtime.projector, &pieces, lm.dtype(), slots)
                     .map_err(|e| Error::Config(format!("{}: {e}", describe())))?;
                 rows.push(embeds);
             }
-            projected.push(if rows.is_empty() {
-                Tensor::zeros(
-                    (0, modality.token_width(), lm.hidden_size()),
-                    lm.dtype(),
-                    lm.device(),
-                )?
-            } else {
-                Tensor::cat(&rows, 0)?
-            });
+            projected.push(rows);
         }
         let spans = span_embeddings(&prepared.spans, &projected)?;
         Ok(splice_embeddings(&token_embeds, &[spans])?)
@@ -517,11 +500,25 @@ impl TrainableModel {
                 .features
                 .lock()
                 .map_err(|_| Error::Config("feature cache poisoned".into()))?;
+            // `{hash}` holds a one-piece item's features, `{hash}.{i}` piece i
+            // of an item encoded in several pieces (crops).
+            let mut pieces: HashMap<u64, Vec<(usize, Tensor)>> = HashMap::new();
             for (key, t) in tensors {
-                if let Ok(hash) = u64::from_str_radix(&key, 16) {
-                    cache.insert((index, hash), t);
-                    loaded += 1;
+                let (hash, piece) = match key.split_once('.') {
+                    Some((hash, piece)) => (hash, piece.parse::<usize>().ok()),
+                    None => (key.as_str(), Some(0)),
+                };
+                if let (Ok(hash), Some(piece)) = (u64::from_str_radix(hash, 16), piece) {
+                    pieces.entry(hash).or_default().push((piece, t));
                 }
+            }
+            for (hash, mut parts) in pieces {
+                parts.sort_by_key(|(piece, _)| *piece);
+                if parts.iter().enumerate().any(|(i, (piece, _))| i != *piece) {
+                    continue;
+                }
+                cache.insert((index, hash), parts.into_iter().map(|(_, t)| t).collect());
+                loaded += 1;
             }
         }
         Ok(loaded)
@@ -536,11 +533,16 @@ impl TrainableModel {
             .lock()
             .map_err(|_| Error::Config("feature cache poisoned".into()))?;
         for index in 0..self.config.modalities.len() {
-            let tensors: HashMap<String, Tensor> = cache
-                .iter()
-                .filter(|((m, _), _)| *m == index)
-                .map(|((_, h), t)| (format!("{h:016x}"), t.clone()))
-                .collect();
+            let mut tensors: HashMap<String, Tensor> = HashMap::new();
+            for ((_, h), pieces) in cache.iter().filter(|((m, _), _)| *m == index) {
+                if let [one] = pieces.as_slice() {
+                    tensors.insert(format!("{h:016x}"), one.clone());
+                } else {
+                    for (i, t) in pieces.iter().enumerate() {
+                        tensors.insert(format!("{h:016x}.{i}"), t.clone());
+                    }
+                }
+            }
             let Some(file) = self.cache_file(dir, index) else {
                 continue;
             };
@@ -554,7 +556,7 @@ impl TrainableModel {
         Ok(())
     }
 
-    fn cached_features(&self, key: &(usize, u64)) -> Option<Tensor> {
+    fn cached_features(&self, key: &(usize, u64)) -> Option<Vec<Tensor>> {
         self.features
             .lock()
             .ok()

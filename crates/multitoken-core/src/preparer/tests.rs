@@ -127,6 +127,7 @@ fn spans(list: &[(usize, usize, usize, usize)]) -> Vec<PlaceholderSpan> {
         .map(|&(modality, item_index, start, len)| PlaceholderSpan {
             modality,
             item_index,
+            item_offset: 0,
             start,
             len,
         })
@@ -438,4 +439,66 @@ fn splitting_prefers_the_leftmost_then_longest_token() {
         ]
     );
     assert_eq!(split_at_modality_tokens("", &tokens), vec![]);
+}
+
+/// Images whose layout depends on the item: `images 0` is two slot runs (2 and
+/// 1 wide), any other image one slot, each run wrapped in `<|im_end|>` with
+/// doubled wrappers collapsed, as Idefics2 wraps crops in
+/// `<fake_token_around_image>`.
+struct WrappedRuns;
+
+impl LayoutSource for WrappedRuns {
+    fn layout(&self, modality: usize, item: &Item) -> Result<ItemLayout> {
+        let wrap = || LayoutPart::Text("<|im_end|>".into());
+        let parts = match (modality, item) {
+            (0, Item::Text(text)) if text == "images 0" => {
+                vec![wrap(), LayoutPart::Slots(2), wrap(), LayoutPart::Slots(1), wrap()]
+            }
+            (0, _) => vec![wrap(), LayoutPart::Slots(1), wrap()],
+            (_, Item::Bytes(_)) => return Err(Error::msg("unreadable clip")),
+            _ => vec![LayoutPart::Slots(2)],
+        };
+        Ok(ItemLayout::new(parts)?.with_collapsed_repeats("<|im_end|>"))
+    }
+}
+
+fn span_at(modality: usize, item_index: usize, item_offset: usize, start: usize, len: usize) -> PlaceholderSpan {
+    PlaceholderSpan { modality, item_index, item_offset, start, len }
+}
+
+#[test]
+fn item_layouts_put_text_around_slot_runs_of_any_width() -> Result<()> {
+    let config = PreparerConfig::default();
+    let wrapped = preparer(tokenizer_with_bos(), "mistral", config.clone())?.with_layouts(std::sync::Arc::new(WrappedRuns));
+    let prompt = "Compare <image><image> then answer <speech>";
+    let items = items(&[("images", 2), ("speech_audios", 1)]);
+    let got = wrapped.prepare_text(prompt, &items)?;
+    // The wrappers between the two images meet and collapse into one.
+    assert_eq!(
+        got.input_ids,
+        ids("<s> Compare <|im_end|> _ _ <|im_end|> _ <|im_end|> _ <|im_end|> then answer _ _")
+    );
+    assert_eq!(got.labels, labels("- - - - - - - - - - - - - -"));
+    assert_eq!(
+        got.spans,
+        vec![span_at(0, 0, 0, 3, 2), span_at(0, 0, 2, 6, 1), span_at(0, 1, 0, 8, 1), span_at(1, 0, 0, 12, 2)]
+    );
+
+    // Truncation keeps whole items: a cut after the first image drops the rest;
+    // a cut between the two runs of the first image rejects the row.
+    let short = |max| {
+        preparer(tokenizer_with_bos(), "mistral", PreparerConfig { model_max_length: Some(max), ..config.clone() })
+            .map(|p| p.with_layouts(std::sync::Arc::new(WrappedRuns)))
+    };
+    let kept = short(8)?.prepare_text(prompt, &items)?;
+    assert_eq!(kept.spans, vec![span_at(0, 0, 0, 3, 2), span_at(0, 0, 2, 6, 1)]);
+    assert_eq!(kept.input_ids.len(), 8);
+    let cut = short(5)?.prepare_text(prompt, &items).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(cut.contains("3..7"), "{cut}");
+
+    // A layout that fails names the item.
+    let mut bad = items.clone();
+    bad.insert("speech_audios".into(), vec![Item::Bytes(vec![1])]);
+    check_error(wrapped.prepare_text(prompt, &bad), "speech_audios item 1: unreadable clip");
+    Ok(())
 }

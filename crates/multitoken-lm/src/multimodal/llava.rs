@@ -273,7 +273,7 @@ pub(super) fn load_llava(
     Ok((
         lm,
         vec![ModalityRuntime {
-            modality,
+            modality: modality.into(),
             projector,
         }],
     ))

@@ -222,7 +222,7 @@ pub(super) fn load_multi_token(
                 opts,
             )?;
             Ok(ModalityRuntime {
-                modality,
+                modality: modality.into(),
                 projector,
             })
         })
