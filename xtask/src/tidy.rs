@@ -133,6 +133,9 @@ fn check_dependencies(krate: &str, deps: &[String]) -> Vec<String> {
         "multitoken-train" | "multitoken-moe" | "multitoken-serve" => {
             Some(&["multitoken-core", "multitoken-lm", "multitoken-train", "multitoken-moe"])
         }
+        // The importers build towers through the registry and Cephalo's
+        // mixtures with multitoken-moe's layers; never a modality crate by name.
+        "multitoken-vlm" => Some(&["multitoken-core", "multitoken-lm", "multitoken-moe"]),
         _ if is_modality => Some(&["multitoken-core", "multitoken-kernels"]),
         _ => None,
     };

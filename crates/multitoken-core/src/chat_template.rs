@@ -395,8 +395,13 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|error| Error::template(&self.name, error))?;
+        let messages = if self.uses_content_parts() {
+            Value::from(minijinja::value::Serde(content_parts(messages)))
+        } else {
+            Value::from(minijinja::value::Serde(messages))
+        };
         let context = minijinja::context! {
-            messages => Value::from(minijinja::value::Serde(messages)),
+            messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -405,6 +410,47 @@ impl ChatTemplate {
             .render(context)
             .map_err(|error| Error::template(&self.name, error))
     }
+}
+
+impl ChatTemplate {
+    /// Whether the template reads a message's content as a list of typed parts
+    /// (`{"type": "image"}`, `{"type": "text", "text": …}`), as the processors'
+    /// templates of multimodal checkpoints (Idefics2, LLaVA-NeXT, Qwen2-VL) do.
+    fn uses_content_parts(&self) -> bool {
+        ["['type']", "[\"type\"]", ".type ", ".type=", ".type)"].iter().any(|probe| self.source.contains(probe))
+    }
+}
+
+/// Part types of the modality tokens, as transformers' processors name them.
+const PART_TOKENS: [(&str, &str); 4] = [("<image>", "image"), ("<video>", "video"), ("<audio>", "audio"), ("<speech>", "audio")];
+
+/// Messages with their content split at modality tokens into typed parts: the
+/// structured content a processor's template expects (`"Compare <image>"` →
+/// `[{"type": "text", "text": "Compare "}, {"type": "image"}]`).
+fn content_parts(messages: &[Message]) -> Vec<serde_json::Value> {
+    messages
+        .iter()
+        .map(|message| {
+            let mut parts = Vec::new();
+            let mut rest = message.content.as_str();
+            loop {
+                let next = PART_TOKENS
+                    .iter()
+                    .filter_map(|(token, kind)| rest.find(token).map(|at| (at, *token, *kind)))
+                    .min_by_key(|(at, _, _)| *at);
+                let Some((at, token, kind)) = next else { break };
+                if at > 0 {
+                    parts.push(serde_json::json!({"type": "text", "text": &rest[..at]}));
+                }
+                parts.push(serde_json::json!({"type": kind}));
+                rest = &rest[at + token.len()..];
+            }
+            if !rest.is_empty() || parts.is_empty() {
+                parts.push(serde_json::json!({"type": "text", "text": rest}));
+            }
+            serde_json::json!({"role": message.role, "content": parts})
+        })
+        .collect()
 }
 
 /// An environment configured like transformers' chat template sandbox, holding

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-mod idefics2;
+pub mod idefics2;
 
 use idefics2::Idefics2Connector;
 pub use idefics2::Idefics2ConnectorConfig;

@@ -107,6 +107,42 @@ pub struct ModalityRuntime {
     pub projector: Projector,
 }
 
+/// A checkpoint family that loads from the directory its own library writes
+/// (Idefics2, Cephalo's MoE, ...), registered with `inventory::submit!` by the
+/// crate that implements it (multitoken-vlm), so this crate names none of them.
+pub struct MultimodalImporter {
+    /// The family, for messages (`idefics2`).
+    pub name: &'static str,
+    /// Whether `dir` is a checkpoint of this family (cheap: reads `config.json`).
+    pub detect: fn(dir: &Path) -> bool,
+    /// Loads the LM, the modalities and, when the checkpoint ships one or the
+    /// family has a built-in fallback, the chat template.
+    pub load: fn(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel>,
+}
+
+multitoken_core::inventory::collect!(MultimodalImporter);
+
+/// What a [`MultimodalImporter`] loads.
+pub struct ImportedModel {
+    /// The language model.
+    pub lm: LoadedModel,
+    /// The modalities with their projectors.
+    pub modalities: Vec<ModalityRuntime>,
+    /// A chat template that overrides the LM's (e.g. the processor's).
+    pub template: Option<ChatTemplate>,
+    /// How chat prompts get the tokenizer's leading special tokens: a family
+    /// whose processor tokenises the rendered chat like any text (Idefics2:
+    /// `processor(text=apply_chat_template(...))`) adds the BOS once if the
+    /// template did not write it; `TemplateOnly` is `apply_chat_template`'s own
+    /// tokenisation.
+    pub chat_leading_special_tokens: LeadingSpecialTokens,
+}
+
+/// The registered importer that recognises `dir`, if any.
+pub fn find_importer(dir: &Path) -> Option<&'static MultimodalImporter> {
+    multitoken_core::inventory::iter::<MultimodalImporter>.into_iter().find(|importer| (importer.detect)(dir))
+}
+
 /// A decoder LM with its modalities, ready to prepare, embed and generate.
 pub struct MultimodalModel {
     /// The language model and what came with its checkpoint.
@@ -116,6 +152,7 @@ pub struct MultimodalModel {
     /// Text modalities: tokens replaced by text before tokenising.
     text_modalities: Vec<Box<dyn TextModality>>,
     template: ChatTemplate,
+    chat_leading: LeadingSpecialTokens,
     chat_preparer: InputPreparer,
     raw_preparer: InputPreparer,
 }
@@ -125,6 +162,14 @@ impl MultimodalModel {
     /// or is a llava-hf checkpoint or a multi_token output, a text-only LM otherwise.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let config_path = path.join(MULTIMODAL_CONFIG_FILE);
+        if path.is_dir() && !config_path.is_file() {
+            if let Some(importer) = find_importer(path) {
+                let imported = (importer.load)(path, opts)?;
+                let mut model = Self::from_parts(imported.lm, imported.modalities, imported.template)?;
+                model.set_chat_leading_special_tokens(imported.chat_leading_special_tokens)?;
+                return Ok(model);
+            }
+        }
         if path.is_dir() && !config_path.is_file() && llava::is_llava_dir(path) {
             let (lm, modalities) = llava::load_llava(path, opts)?;
             return Self::from_parts(lm, modalities, None);
@@ -170,8 +215,19 @@ impl MultimodalModel {
         for runtime in &modalities {
             check_projector(runtime, lm.model.hidden_size())?;
         }
-        let (chat_preparer, raw_preparer) = build_preparers(&lm, &modalities, &template)?;
-        Ok(Self { lm, modalities, text_modalities: Vec::new(), template, chat_preparer, raw_preparer })
+        let chat_leading = LeadingSpecialTokens::TemplateOnly;
+        let (chat_preparer, raw_preparer) = build_preparers(&lm, &modalities, &template, chat_leading)?;
+        Ok(Self { lm, modalities, text_modalities: Vec::new(), template, chat_leading, chat_preparer, raw_preparer })
+    }
+
+    /// How chat prompts get the tokenizer's leading special tokens (see
+    /// [`ImportedModel::chat_leading_special_tokens`]); `TemplateOnly` by default.
+    pub fn set_chat_leading_special_tokens(&mut self, leading: LeadingSpecialTokens) -> Result<()> {
+        self.chat_leading = leading;
+        let (chat_preparer, raw_preparer) = build_preparers(&self.lm, &self.modalities, &self.template, leading)?;
+        self.chat_preparer = chat_preparer;
+        self.raw_preparer = raw_preparer;
+        Ok(())
     }
 
     /// Adds a text modality (its tokens are replaced by its items' text before
@@ -214,7 +270,7 @@ impl MultimodalModel {
 
     /// Replaces the chat template (e.g. a built-in one, or jinja from a file).
     pub fn set_chat_template(&mut self, template: ChatTemplate) -> Result<()> {
-        let (chat_preparer, raw_preparer) = build_preparers(&self.lm, &self.modalities, &template)?;
+        let (chat_preparer, raw_preparer) = build_preparers(&self.lm, &self.modalities, &template, self.chat_leading)?;
         self.template = template;
         self.chat_preparer = chat_preparer;
         self.raw_preparer = raw_preparer;
@@ -336,6 +392,7 @@ fn build_preparers(
     lm: &LoadedModel,
     modalities: &[ModalityRuntime],
     template: &ChatTemplate,
+    chat_leading: LeadingSpecialTokens,
 ) -> Result<(InputPreparer, InputPreparer)> {
     let tokens: Vec<ModalityToken> = modalities.iter().map(|m| ModalityToken::of(m.modality.as_ref())).collect();
     let layouts: Arc<dyn LayoutSource> = Arc::new(modalities.iter().map(|m| Arc::clone(&m.modality)).collect::<Vec<_>>());
@@ -352,7 +409,7 @@ fn build_preparers(
         )?
         .with_layouts(Arc::clone(&layouts)))
     };
-    Ok((preparer(LeadingSpecialTokens::TemplateOnly)?, preparer(LeadingSpecialTokens::AddOnce)?))
+    Ok((preparer(chat_leading)?, preparer(LeadingSpecialTokens::AddOnce)?))
 }
 
 /// Reads and validates `multitoken.json`.

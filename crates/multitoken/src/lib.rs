@@ -6,3 +6,4 @@ pub use multitoken_core as core;
 pub use multitoken_document as document;
 pub use multitoken_lm as lm;
 pub use multitoken_vision as vision;
+pub use multitoken_vlm as vlm;

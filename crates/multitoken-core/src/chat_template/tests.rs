@@ -435,3 +435,13 @@ fn messages_round_trip_through_json() -> Result<()> {
     assert!(Message::assistant("x").is_assistant());
     Ok(())
 }
+
+#[test]
+fn templates_of_typed_parts_get_content_split_at_modality_tokens() -> Result<()> {
+    // Idefics2's processor template reads `message['content']` as typed parts.
+    let source = "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
+    let template = ChatTemplate::new("idefics2 processor", source, "<s>", "</s>")?;
+    let rendered = template.render_prompt(&[Message::user("<image>Describe."), Message::assistant("A cat."), Message::user("And <image><image>?")])?;
+    assert_eq!(rendered, "User:<image>Describe.<end_of_utterance>\nAssistant: A cat.<end_of_utterance>\nUser: And <image><image>?<end_of_utterance>\nAssistant:");
+    Ok(())
+}

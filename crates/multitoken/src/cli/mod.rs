@@ -54,6 +54,8 @@ pub fn run(cli: Cli) -> Result<()> {
     multitoken_vision::link();
     // Keep the MoE directory loader's registration in the binary.
     multitoken_moe::link();
+    // Keep the VLM importers (Idefics2, Cephalo MoE) in the binary.
+    multitoken_vlm::link();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
