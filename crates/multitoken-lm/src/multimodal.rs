@@ -118,6 +118,9 @@ pub struct MultimodalImporter {
     /// Loads the LM, the modalities and, when the checkpoint ships one or the
     /// family has a built-in fallback, the chat template.
     pub load: fn(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel>,
+    /// Rewrites the checkpoint as a `multitoken.json` directory at `out`, so
+    /// that training and `moe build` work on it with our own layout.
+    pub export: fn(dir: &Path, out: &Path) -> Result<()>,
 }
 
 multitoken_core::inventory::collect!(MultimodalImporter);
@@ -141,6 +144,35 @@ pub struct ImportedModel {
 /// The registered importer that recognises `dir`, if any.
 pub fn find_importer(dir: &Path) -> Option<&'static MultimodalImporter> {
     multitoken_core::inventory::iter::<MultimodalImporter>.into_iter().find(|importer| (importer.detect)(dir))
+}
+
+/// When `dir` is a checkpoint a registered importer reads, rewrites it as a
+/// `multitoken.json` directory under `work` (`work/{hash of dir's config}`,
+/// reused when present) and returns that directory; else `None`.
+pub fn export_imported(dir: &Path, work: &Path) -> Result<Option<PathBuf>> {
+    let Some(importer) = find_importer(dir) else {
+        return Ok(None);
+    };
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).hash(&mut hasher);
+    for file in ["config.json", "model.safetensors.index.json"] {
+        std::fs::read(dir.join(file)).unwrap_or_default().hash(&mut hasher);
+    }
+    for file in ["model.safetensors"] {
+        std::fs::metadata(dir.join(file)).map(|m| m.len()).unwrap_or(0).hash(&mut hasher);
+    }
+    let out = work.join(format!("{}-{:016x}", importer.name, hasher.finish()));
+    if out.join(MULTIMODAL_CONFIG_FILE).is_file() {
+        return Ok(Some(out));
+    }
+    let partial = work.join(format!(".partial-{}-{:016x}", importer.name, hasher.finish()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(|source| Error::Io { path: partial.clone(), source })?;
+    (importer.export)(dir, &partial)?;
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::rename(&partial, &out).map_err(|source| Error::Io { path: out.clone(), source })?;
+    Ok(Some(out))
 }
 
 /// A decoder LM with its modalities, ready to prepare, embed and generate.

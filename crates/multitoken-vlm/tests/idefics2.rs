@@ -113,3 +113,30 @@ fn cephalo_moe_top1_matches_its_reference() -> TestResult {
 fn cephalo_moe_top2_matches_its_reference() -> TestResult {
     check_model("moe_k2")
 }
+
+/// The checkpoint rewritten as a `multitoken.json` directory (for training and
+/// `moe build`) loads through our own layout and gives the same ids.
+#[test]
+fn exported_directories_give_the_same_ids() -> TestResult {
+    multitoken_vision::link();
+    multitoken_vlm::link();
+    for name in ["split", "moe_k2"] {
+        let dir = fixtures().join(name);
+        let work = std::env::temp_dir().join(format!("multitoken-export-test-{}-{name}", std::process::id()));
+        let exported = multitoken_lm::multimodal::export_imported(&dir, &work)?.ok_or("not an importer directory")?;
+        assert!(exported.join("multitoken.json").is_file());
+        let model = MultimodalModel::load(&exported, &LoadOptions::default())?;
+        let expected: Expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
+        let case = expected.cases.iter().find(|c| !c.images.is_empty() && c.images.iter().all(|f| f.ends_with(".png"))).ok_or("no case")?;
+        let items = items(&case.images);
+        let prepared = model.prepare_raw(&case.prompt, &items)?;
+        assert_eq!(prepared.input_ids.len(), case.input_ids.len(), "{name}: prompt length");
+        let params = GenerationParams { max_new_tokens: expected.new_tokens, ignore_eos: true, ..GenerationParams::default() };
+        let out = model.generate(&prepared, &items, &params, &mut |_| true)?;
+        assert_eq!(out.token_ids, case.greedy_ids, "{name} exported");
+        // A second export of the same checkpoint reuses the first.
+        assert_eq!(multitoken_lm::multimodal::export_imported(&dir, &work)?, Some(exported));
+        std::fs::remove_dir_all(&work)?;
+    }
+    Ok(())
+}

@@ -16,9 +16,12 @@
 //!
 //! - [`config`]: `config.json` to our runtime configs (transformers' defaults
 //!   for what the file leaves out);
-//! - [`weights`]: the key mapping from the checkpoint to our LM's names.
+//! - [`weights`]: the key mapping from the checkpoint to our LM's names;
+//! - [`export`]: the checkpoint rewritten as a `multitoken.json` directory (for
+//!   training and `moe build`).
 
 pub mod config;
+pub mod export;
 pub mod weights;
 
 use std::path::Path;
@@ -47,7 +50,7 @@ pub const FAKE_IMAGE_TOKEN: &str = "<fake_token_around_image>";
 pub const IMAGE_TOKEN: &str = "<image>";
 
 multitoken_core::inventory::submit! {
-    MultimodalImporter { name: "idefics2", detect: is_idefics2_dir, load: load_for_registry }
+    MultimodalImporter { name: "idefics2", detect: is_idefics2_dir, load: load_for_registry, export: export_for_registry }
 }
 
 /// Whether `dir` holds an Idefics2 or Cephalo MoE checkpoint (by `config.json`'s
@@ -64,6 +67,10 @@ pub fn is_idefics2_dir(dir: &Path) -> bool {
 
 fn load_for_registry(dir: &Path, opts: &LoadOptions) -> multitoken_lm::Result<ImportedModel> {
     load_idefics2(dir, opts).map_err(Into::into)
+}
+
+fn export_for_registry(dir: &Path, out: &Path) -> multitoken_lm::Result<()> {
+    export::export_idefics2(dir, out).map_err(Into::into)
 }
 
 /// Loads an Idefics2 (or Cephalo MoE) directory: the LM (with its mixtures of
