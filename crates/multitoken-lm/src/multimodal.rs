@@ -146,6 +146,16 @@ pub fn find_importer(dir: &Path) -> Option<&'static MultimodalImporter> {
     multitoken_core::inventory::iter::<MultimodalImporter>.into_iter().find(|importer| (importer.detect)(dir))
 }
 
+/// Where imported checkpoints are rewritten for training and `moe build`:
+/// `${MULTITOKEN_WEIGHTS:-$HOME/.cache/multitoken}/imports`.
+pub fn imports_dir() -> PathBuf {
+    let base = std::env::var_os("MULTITOKEN_WEIGHTS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/multitoken")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("imports")
+}
+
 /// When `dir` is a checkpoint a registered importer reads, rewrites it as a
 /// `multitoken.json` directory under `work` (`work/{hash of dir's config}`,
 /// reused when present) and returns that directory; else `None`.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use multitoken_lm::hf::{parse_config, HfConfig};
-use multitoken_lm::multimodal::{read_config, MULTIMODAL_CONFIG_FILE};
+use multitoken_lm::multimodal::{export_imported, imports_dir, read_config, MULTIMODAL_CONFIG_FILE};
 use multitoken_lm::weights::SafetensorsSource;
 use multitoken_lm::{Family, ModelConfig};
 
@@ -105,6 +105,16 @@ pub fn mlp_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Build the MoE described by `cfg`.
 pub fn build(cfg: &BuildConfig) -> Result<BuildReport> {
+    // Checkpoints of imported families (Idefics2: Cephalo's own bases and
+    // experts) take part in our layout, rewritten once.
+    let imported = |dir: &PathBuf| -> Result<PathBuf> {
+        Ok(export_imported(dir, &imports_dir())?.unwrap_or_else(|| dir.clone()))
+    };
+    let cfg = &BuildConfig {
+        base: imported(&cfg.base)?,
+        experts: cfg.experts.iter().map(imported).collect::<Result<_>>()?,
+        ..cfg.clone()
+    };
     let n = cfg.experts.len();
     if n == 0 {
         return Err(Error::Msg(

@@ -232,7 +232,7 @@ impl TrainableModel {
         let imported = if model_dir.join(MULTIMODAL_CONFIG_FILE).is_file() {
             None
         } else {
-            multitoken_lm::multimodal::export_imported(model_dir, &Self::imports_dir())?
+            multitoken_lm::multimodal::export_imported(model_dir, &multitoken_lm::multimodal::imports_dir())?
         };
         let model_dir = imported.as_deref().unwrap_or(model_dir);
         let config_path = model_dir.join(MULTIMODAL_CONFIG_FILE);
@@ -487,17 +487,7 @@ impl TrainableModel {
         Some(dir.join(format!("{}-{:016x}.safetensors", entry.builder, h.finish())))
     }
 
-    /// Where imported checkpoints are rewritten for training:
-/// `${MULTITOKEN_WEIGHTS:-$HOME/.cache/multitoken}/imports`.
-fn imports_dir() -> PathBuf {
-    let base = std::env::var_os("MULTITOKEN_WEIGHTS")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/multitoken")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("imports")
-}
-
-/// Loads the cached features of frozen encoders from `dir` (missing files are
+    /// Loads the cached features of frozen encoders from `dir` (missing files are
     /// fine; an unreadable one is an error naming it). Returns the entries loaded.
     pub fn load_feature_cache(&self, dir: &Path) -> Result<usize> {
         let mut loaded = 0;

@@ -140,3 +140,34 @@ fn exported_directories_give_the_same_ids() -> TestResult {
     }
     Ok(())
 }
+
+/// `moe build` takes Idefics2 bases and experts as they are: a mixture of two
+/// copies of the base (k = 2) answers as the base does.
+#[test]
+fn moe_build_accepts_idefics2_checkpoints() -> TestResult {
+    multitoken_vision::link();
+    multitoken_vlm::link();
+    multitoken_moe::link();
+    let dir = fixtures().join("split");
+    let work = std::env::temp_dir().join(format!("multitoken-moe-build-idefics2-{}", std::process::id()));
+    let out = work.join("moe");
+    std::env::set_var("MULTITOKEN_WEIGHTS", &work);
+    multitoken_moe::build::build(&multitoken_moe::build::BuildConfig {
+        base: dir.clone(),
+        experts: vec![dir.clone(), dir.clone()],
+        k: 2,
+        routing: multitoken_moe::Routing::Cephalo,
+        out: out.clone(),
+        seed: 7,
+    })?;
+    let model = MultimodalModel::load(&out, &LoadOptions::default())?;
+    let expected: Expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
+    let case = &expected.cases[0];
+    let items = items(&case.images);
+    let prepared = model.prepare_raw(&case.prompt, &items)?;
+    let params = GenerationParams { max_new_tokens: expected.new_tokens, ignore_eos: true, ..GenerationParams::default() };
+    let out_ids = model.generate(&prepared, &items, &params, &mut |_| true)?.token_ids;
+    assert_eq!(out_ids, case.greedy_ids);
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
