@@ -171,3 +171,51 @@ fn moe_build_accepts_idefics2_checkpoints() -> TestResult {
     std::fs::remove_dir_all(&work)?;
     Ok(())
 }
+
+/// A copy of the `split` fixture whose weights went through `edit`.
+fn edited_copy(tag: &str, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let from = fixtures().join("split");
+    let dir = std::env::temp_dir().join(format!("multitoken-idefics2-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for entry in std::fs::read_dir(&from)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+    }
+    let mut tensors = candle_core::safetensors::load(from.join("model.safetensors"), &candle_core::Device::Cpu)?;
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    Ok(dir)
+}
+
+fn load_error(dir: &Path) -> String {
+    match MultimodalModel::load(dir, &LoadOptions::default()) {
+        Ok(_) => "loaded".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_or_misshaped_tensors_and_bad_configs_are_named() -> TestResult {
+    multitoken_vision::link();
+    multitoken_vlm::link();
+    let checks: Vec<(&str, Box<dyn FnOnce(&mut std::collections::HashMap<String, Tensor>)>, &str)> = vec![
+        ("no-latents", Box::new(|t| { t.remove("model.connector.perceiver_resampler.latents"); }), "perceiver_resampler.latents"),
+        ("bad-patch", Box::new(|t| { t.insert("model.vision_model.embeddings.patch_embedding.weight".into(), Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap_or_else(|_| unreachable!())); }), "patch_embedding.weight"),
+        ("no-text", Box::new(|t| { t.remove("model.text_model.embed_tokens.weight"); }), "model.text_model.embed_tokens.weight"),
+    ];
+    for (tag, edit, expect) in checks {
+        let dir = edited_copy(tag, edit)?;
+        let error = load_error(&dir);
+        assert!(error.contains(expect), "{tag}: {error}");
+        std::fs::remove_dir_all(&dir)?;
+    }
+    // A config whose perceiver cannot split its heads over its key/value heads.
+    let dir = edited_copy("bad-heads", |_| {})?;
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    config["perceiver_config"]["num_key_value_heads"] = serde_json::json!(3);
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    let error = load_error(&dir);
+    assert!(error.contains("num_key_value_heads") || error.contains("kv"), "{error}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
