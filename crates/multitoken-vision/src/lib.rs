@@ -1,4 +1,4 @@
-//! The CLIP vision modality of multitoken: `<image>` items in prompts.
+//! The vision modalities of multitoken: `<image>` items in prompts.
 //!
 //! - [`decode`]: png, jpeg, webp, bmp, gif (first frame) to RGB, alpha on white,
 //!   EXIF orientation applied, a decompression-bomb limit.
@@ -11,6 +11,12 @@
 //! - [`modality`]: the `vision_clip` and `vision_clip_pool` builders, registered
 //!   with the core registry; linking this crate is all a binary needs.
 //! - [`presets`]: named recipes as data (`llava-1.5`, `jnana`).
+//! - [`idefics2_processor`]: `Idefics2ImageProcessor`-equal preprocessing
+//!   (4 quarter crops + the whole image, edge-bounded resize, pixel masks).
+//! - [`siglip`]: Idefics2's SigLIP tower with NaViT position buckets, images
+//!   of any size and aspect ratio.
+//! - [`siglip_modality`]: the `vision_siglip` builder (Idefics2's images:
+//!   `<fake_token_around_image>`-wrapped crops, one piece per crop).
 
 // Tests may unwrap and panic: a failure there is the report.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -18,21 +24,28 @@
 pub mod clip;
 pub mod decode;
 pub mod error;
+pub mod idefics2_processor;
 pub mod modality;
 pub mod presets;
 pub mod processor;
 pub mod resample;
+pub mod siglip;
+pub mod siglip_modality;
 
 pub use clip::{ClipVisionConfig, ClipVisionOutput, ClipVisionTower, FeatureSelect};
 pub use decode::{decode_bytes, decode_item, describe_item, DecodeLimits, RgbImage};
 pub use error::{Error, Result};
+pub use idefics2_processor::{pack_crops, Crop, Idefics2ProcessorConfig, Idefics2Resize};
 pub use modality::{VisionClip, VisionClipConfig, VisionMode, IMAGES_KEY, IMAGE_TOKEN};
 pub use processor::{ImageProcessorConfig, ResizeTo};
 pub use resample::{resize, resize_window, ResampleFilter, Window};
+pub use siglip::{navit_position_ids, SiglipVisionConfig, SiglipVisionTower};
+pub use siglip_modality::{VisionSiglip, VisionSiglipConfig, FAKE_IMAGE_TOKEN};
 
 /// Forces the linker to keep this crate's `inventory` registrations
-/// (`vision_clip`, `vision_clip_pool`) in a binary: call it once (e.g. from
-/// `main`); it does nothing else.
+/// (`vision_clip`, `vision_clip_pool`, `vision_siglip`) in a binary: call it
+/// once (e.g. from `main`); it does nothing else.
 pub fn link() {
     modality::keep_registration();
+    siglip_modality::keep_registration();
 }

@@ -292,7 +292,7 @@ pub fn pad_to_square(image: &RgbImage, colour: [u8; 3]) -> RgbImage {
     out
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -327,7 +327,7 @@ fn parse_size(value: &serde_json::Value, what: &str) -> Result<ResizeTo> {
 }
 
 /// `image_mean`/`image_std`: three numbers or one for all channels.
-fn parse_triple(
+pub(crate) fn parse_triple(
     value: Option<&serde_json::Value>,
     default: [f32; 3],
     what: &str,

@@ -5,8 +5,10 @@
 //! centres fall in the filter's support (scaled up when downsampling), normalises
 //! them, turns them into 22-bit fixed point and accumulates in `i32` with a
 //! rounding bias; the horizontal pass runs first over only the rows the vertical
-//! pass needs, and each pass clamps its result to `u8`. Reproducing that exactly
-//! is what makes our pixel values equal to transformers' PIL-backed processors.
+//! pass needs (the vertical one first when the height shrinks by more than twice
+//! as many pixels as the width, as Pillow 13 does), and each pass clamps its
+//! result to `u8`. Reproducing that exactly is what makes our pixel values equal
+//! to transformers' PIL-backed processors.
 //!
 //! [`resize_window`] computes only a window of the output: the result equals
 //! cropping the full resize, because every output pixel depends only on its own
@@ -218,9 +220,7 @@ pub fn resize_window(
     if need_horizontal && need_vertical {
         let h = precompute(src.width, out_width, filter);
         let v = precompute(src.height, out_height, filter);
-        // Pillow 13 runs the pass with the longer kernel first (checked against
-        // it on random sizes); 12.x always ran the horizontal one first.
-        if v.ksize > h.ksize {
+        if vertical_first(src.width, src.height, out_width, out_height) {
             let (col_first, col_last) = span(&h.bounds[window.x0..window.x0 + window.width]);
             let cols = crop_columns(src, col_first, col_last);
             let temp = vertical_pass(&cols, &v, 0, window.y0, window.height);
@@ -245,6 +245,16 @@ pub fn resize_window(
         height: window.height,
         pixels: cols.pixels[start..start + window.height * cols.width * 3].to_vec(),
     }
+}
+
+/// Whether Pillow runs the vertical pass first: since 13.0
+/// (`ImagingResampleInner`), when the height shrinks by more than twice as
+/// many pixels as the width does; 12.x always ran the horizontal one first.
+/// The passes round to 8 bits in between, so the order shows in the output.
+fn vertical_first(in_width: usize, in_height: usize, out_width: usize, out_height: usize) -> bool {
+    let shrink_y = in_height as i64 - out_height as i64;
+    let shrink_x = in_width as i64 - out_width as i64;
+    shrink_y > 0 && shrink_y > shrink_x * 2
 }
 
 /// `(first input index, one past the last)` read by these output indexes.
@@ -439,7 +449,7 @@ pub fn resize_window_rows(
     if out_width != src.width && out_height != src.height {
         let h = precompute(src.width, out_width, filter);
         let v = precompute(src.height, out_height, filter);
-        if v.ksize <= h.ksize {
+        if !vertical_first(src.width, src.height, out_width, out_height) {
             let (row_first, row_last) = span(&v.bounds[window.y0..window.y0 + window.height]);
             let temp = horizontal(src, &h, 0, row_first, row_last, window.x0, window.width);
             vertical_rows(&temp, &v, row_first, window.y0, window.height, sink);
@@ -464,6 +474,17 @@ mod tests {
             let out = resize(&flat, w, h, ResampleFilter::Bicubic);
             assert_eq!(out, RgbImage::filled(w, h, [12, 200, 99]), "{w}x{h}");
         }
+    }
+
+    #[test]
+    fn vertical_pass_first_when_the_height_shrinks_twice_as_much() {
+        // Pillow 13.0.0: (in_h - out_h) > 0 and > 2 (in_w - out_w).
+        assert!(vertical_first(97, 211, 73, 160));
+        assert!(!vertical_first(200, 200, 100, 5));
+        assert!(vertical_first(200, 200, 150, 99));
+        assert!(!vertical_first(200, 200, 150, 100));
+        assert!(vertical_first(10, 50, 40, 20));
+        assert!(!vertical_first(10, 20, 5, 30));
     }
 
     #[test]

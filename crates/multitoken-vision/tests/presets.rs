@@ -14,7 +14,11 @@ fn check(name: &str, width: usize, dim: usize, hidden: usize, dtype: DType) -> T
     assert_eq!(preset.lm_hidden_size, hidden);
     // Widths do not depend on depth: two layers keep the random init to a fraction of a second.
     preset.config["tower_config"]["num_hidden_layers"] = 2.into();
-    let mut context = ModalityContext::new(Device::Cpu, dtype, std::env::temp_dir());
+    // An empty directory of its own: the system temp dir may hold other
+    // processes' *.safetensors, which the builder would load as the tower.
+    let dir = std::env::temp_dir().join(format!("multitoken-presets-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut context = ModalityContext::new(Device::Cpu, dtype, &dir);
     context.trainable = Some(VarMap::new());
     let modality = preset.build(&context)?;
     assert_eq!(
@@ -36,6 +40,7 @@ fn check(name: &str, width: usize, dim: usize, hidden: usize, dtype: DType) -> T
         &[1, width, hidden],
         "{name}"
     );
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
