@@ -1,6 +1,9 @@
 //! Image decoding: bytes in any supported format to an 8-bit RGB image.
 //!
-//! png, jpeg, webp, bmp and gif (first frame) are decoded with the `image` crate.
+//! png, webp, bmp and gif (first frame) are decoded with the `image` crate; jpeg
+//! with libjpeg-turbo's decoder (the `mozjpeg` crate, its C code built by `cc`),
+//! configured as Pillow configures its libjpeg-turbo, so that jpeg pixels are
+//! Pillow's to the bit (islow IDCT, fancy upsampling, libjpeg's YCbCr tables).
 //! The result matches what a LLaVA-style Python pipeline feeds its processor
 //! (`Image.open(p)`, `ImageOps.exif_transpose`, `.convert("RGB")`), except that
 //! transparent pixels are composited on white with Pillow's own integer
@@ -8,9 +11,13 @@
 //! Image dimensions are checked against [`DecodeLimits`] before any pixel is
 //! decoded, so a decompression bomb costs a header read.
 
-use std::io::Cursor;
+use std::cell::Cell;
+use std::io::{BufRead, Cursor, Read};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use mozjpeg::{ColorSpace, DctMethod, Decompress, Marker};
 use multitoken_core::Item;
 
 use crate::{Error, Result};
@@ -125,9 +132,8 @@ pub fn decode_bytes(bytes: &[u8], item: &str, limits: &DecodeLimits) -> Result<R
             ))
         }
     }
-    // zune-jpeg fills a truncated scan with grey where Pillow refuses the file.
-    if reader.format() == Some(ImageFormat::Jpeg) && !bytes.windows(2).any(|w| w == [0xFF, 0xD9]) {
-        return Err(fail("truncated jpeg: no end-of-image marker".to_string()));
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        return decode_jpeg(bytes, item, limits);
     }
     let mut image_limits = Limits::default();
     image_limits.max_image_width = Some(limits.max_side);
@@ -144,6 +150,181 @@ pub fn decode_bytes(bytes: &[u8], item: &str, limits: &DecodeLimits) -> Result<R
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
     image.apply_orientation(orientation);
     Ok(to_rgb_on_white(&image))
+}
+
+/// Decodes a jpeg as Pillow does: libjpeg-turbo's decoder with its defaults
+/// (islow IDCT, fancy upsampling), RGB out of YCbCr / RGB / grayscale files,
+/// CMYK and YCCK files as CMYK, inverted (Pillow's `CMYK;I`, Adobe polarity) and
+/// converted by Pillow's `cmyk2rgb`; then the EXIF orientation.
+///
+/// libjpeg reports a fatal error by unwinding out of its error handler (the
+/// `mozjpeg` crate's `C-unwind` callbacks); that unwind is caught here and
+/// becomes [`Error::Decode`]. Warnings (corrupt entropy data, which libjpeg
+/// patches over) are ignored, as Pillow ignores them. A file that ends before
+/// libjpeg has read its end-of-image marker is refused, as Pillow refuses it
+/// ("image file is truncated"), although libjpeg would pad it with grey.
+fn decode_jpeg(bytes: &[u8], item: &str, limits: &DecodeLimits) -> Result<RgbImage> {
+    let fail = |reason: String| Error::Decode {
+        item: item.to_string(),
+        reason,
+    };
+    // Cheap first test: with no end-of-image marker anywhere the file is cut short.
+    if !bytes.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(fail("truncated jpeg: no end-of-image marker".to_string()));
+    }
+    let ran_out = Cell::new(false);
+    let source = WatchedSlice {
+        rest: bytes,
+        ran_out: &ran_out,
+    };
+    // Only the decoder's own state, dropped during the unwind, is touched by a
+    // caught unwind; nothing of it is used afterwards.
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        decode_jpeg_pixels(source, item, limits)
+    }));
+    let (mut image, orientation) = match outcome {
+        // libjpeg asked for bytes past the end (and went on with a fake end marker).
+        Ok(Ok(_)) | Ok(Err(JpegFailure::Io(_))) | Err(_) if ran_out.get() => {
+            return Err(fail(
+                "truncated jpeg: the data ends before the image does".to_string(),
+            ))
+        }
+        Ok(Ok(decoded)) => decoded,
+        Ok(Err(JpegFailure::Limits(error))) => return Err(error),
+        Ok(Err(JpegFailure::Io(error))) => return Err(fail(format!("libjpeg: {error}"))),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("libjpeg failed");
+            let message = message
+                .strip_prefix("libjpeg fatal error: ")
+                .unwrap_or(message);
+            return Err(fail(format!("libjpeg: {message}")));
+        }
+    };
+    if orientation != Orientation::NoTransforms {
+        image.apply_orientation(orientation);
+    }
+    let rgb = image.into_rgb8();
+    Ok(RgbImage {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        pixels: rgb.into_raw(),
+    })
+}
+
+/// Why [`decode_jpeg_pixels`] stopped without unwinding.
+enum JpegFailure {
+    /// The image is empty or past the limits.
+    Limits(Error),
+    /// The `mozjpeg` crate's own checks (allocation, short reads).
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for JpegFailure {
+    fn from(error: std::io::Error) -> Self {
+        Self::Io(error)
+    }
+}
+
+/// The libjpeg part of [`decode_jpeg`]: header, limits, pixels, EXIF orientation.
+/// A libjpeg error unwinds out of this function.
+fn decode_jpeg_pixels(
+    source: WatchedSlice<'_>,
+    item: &str,
+    limits: &DecodeLimits,
+) -> std::result::Result<(DynamicImage, Orientation), JpegFailure> {
+    let mut jpeg = Decompress::with_markers(&[Marker::APP(1)]).from_reader(source)?;
+    let (width, height) = jpeg.size();
+    check_dimensions(
+        item,
+        u32::try_from(width).unwrap_or(u32::MAX),
+        u32::try_from(height).unwrap_or(u32::MAX),
+        limits,
+    )
+    .map_err(JpegFailure::Limits)?;
+    // Pillow reads the first Exif APP1 segment (later ones are appended to it).
+    let orientation = jpeg
+        .markers()
+        .filter(|m| m.marker == Marker::APP(1))
+        .find_map(|m| m.data.strip_prefix(b"Exif\0\0"))
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
+    // libjpeg's defaults, spelled out: they are what Pillow decodes with.
+    jpeg.dct_method(DctMethod::IntegerSlow);
+    jpeg.do_fancy_upsampling(true);
+    let cmyk = jpeg.components().len() == 4;
+    // Grayscale, YCbCr and RGB files come out as RGB (gray is copied to all three
+    // channels, as Pillow's `L` to `RGB`); libjpeg refuses other layouts.
+    let out_space = if cmyk {
+        ColorSpace::JCS_CMYK
+    } else {
+        ColorSpace::JCS_RGB
+    };
+    let mut started = jpeg.to_colorspace(out_space)?;
+    let (out_width, out_height) = (started.width(), started.height());
+    let mut pixels: Vec<u8> = started.read_scanlines()?;
+    started.finish()?;
+    if cmyk {
+        pixels = pixels
+            .chunks_exact(4)
+            .flat_map(inverted_cmyk_to_rgb)
+            .collect();
+    }
+    let image = image::RgbImage::from_raw(out_width as u32, out_height as u32, pixels).ok_or_else(
+        || {
+            JpegFailure::Io(std::io::Error::other(
+                "libjpeg returned fewer pixels than the image has",
+            ))
+        },
+    )?;
+    Ok((DynamicImage::ImageRgb8(image), orientation))
+}
+
+/// One pixel of a CMYK jpeg as Pillow sees it: libjpeg's CMYK samples inverted
+/// (`CMYK;I`, Adobe's polarity, which Pillow always assumes), then Pillow's
+/// `cmyk2rgb`: `255 - k - c * (255 - k) / 255` per channel, rounded its way.
+fn inverted_cmyk_to_rgb(px: &[u8]) -> [u8; 3] {
+    let nk = u32::from(px[3]); // 255 - (255 - k)
+    let channel = |v: u8| {
+        let c = 255 - u32::from(v);
+        let tmp = c * nk + 128;
+        let scaled = ((tmp >> 8) + tmp) >> 8;
+        nk.saturating_sub(scaled) as u8
+    };
+    [channel(px[0]), channel(px[1]), channel(px[2])]
+}
+
+/// The bytes of a jpeg, handed to libjpeg in one piece; notes when libjpeg asks
+/// for more after the last byte (a truncated file: libjpeg would go on with a
+/// fake end-of-image marker and grey pixels).
+struct WatchedSlice<'a> {
+    rest: &'a [u8],
+    ran_out: &'a Cell<bool>,
+}
+
+impl Read for WatchedSlice<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.fill_buf()?.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.rest[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for WatchedSlice<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.rest.is_empty() {
+            self.ran_out.set(true);
+        }
+        Ok(self.rest)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.rest = &self.rest[amount.min(self.rest.len())..];
+    }
 }
 
 /// Rejects empty images and images past the limits, before decoding pixels.

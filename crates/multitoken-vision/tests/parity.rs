@@ -50,12 +50,10 @@ fn decoded_rgb_matches_pillow() {
         assert_eq!((image.height, image.width), (h, w), "{name}: size");
         let got = Tensor::from_vec(image.pixels.clone(), (h, w, 3), &Device::Cpu).unwrap();
         let diff = max_diff(&got, want);
-        // Lossless formats are exact; jpeg decoders (zune-jpeg vs libjpeg-turbo)
-        // round their IDCT and chroma upsampling differently; 16-bit to 8-bit
-        // rounds where Pillow's test conversion shifts.
-        let allowed = if name.ends_with(".jpg") {
-            12.0
-        } else if name.starts_with("gray16") {
+        // Lossless formats are exact, and so is jpeg (libjpeg-turbo's decoder, as
+        // Pillow's; CMYK through Pillow's own conversion); 16-bit to 8-bit rounds
+        // where Pillow's test conversion shifts.
+        let allowed = if name.starts_with("gray16") {
             1.0
         } else {
             0.0
