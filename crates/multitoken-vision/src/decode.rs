@@ -82,8 +82,13 @@ pub fn describe_item(item: &Item) -> String {
     }
 }
 
-/// Decodes an [`Item`] (a path or bytes) to RGB.
+/// Decodes an [`Item`] (a path or bytes) to RGB, transparency over white.
 pub fn decode_item(item: &Item, limits: &DecodeLimits) -> Result<RgbImage> {
+    decode_item_with(item, limits, Transparency::OverWhite)
+}
+
+/// [`decode_item`] with a choice of what becomes of transparency.
+pub fn decode_item_with(item: &Item, limits: &DecodeLimits, transparency: Transparency) -> Result<RgbImage> {
     let name = describe_item(item);
     match item {
         Item::Path(path) => {
@@ -91,9 +96,9 @@ pub fn decode_item(item: &Item, limits: &DecodeLimits) -> Result<RgbImage> {
                 path: path.clone(),
                 source,
             })?;
-            decode_bytes(&bytes, &name, limits)
+            decode_bytes_with(&bytes, &name, limits, transparency)
         }
-        Item::Bytes(bytes) => decode_bytes(bytes, &name, limits),
+        Item::Bytes(bytes) => decode_bytes_with(bytes, &name, limits, transparency),
         Item::Text(_) => Err(Error::UnsupportedItem {
             item: name,
             reason: "inline text is not an image; give a path or the file's bytes".to_string(),
@@ -101,8 +106,26 @@ pub fn decode_item(item: &Item, limits: &DecodeLimits) -> Result<RgbImage> {
     }
 }
 
+/// What becomes of an image's transparency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transparency {
+    /// Composited on white with Pillow's `alpha_composite` arithmetic
+    /// (transformers' `convert_to_rgb`, which the image processors call).
+    #[default]
+    OverWhite,
+    /// Dropped: the colour channels as stored, Pillow's `convert("RGB")`.
+    /// Processors that load every image with transformers' `load_image`
+    /// first (Idefics2's `Idefics2Processor.__call__`) see this.
+    Dropped,
+}
+
 /// Decodes image file bytes to RGB; `item` names the image in errors.
 pub fn decode_bytes(bytes: &[u8], item: &str, limits: &DecodeLimits) -> Result<RgbImage> {
+    decode_bytes_with(bytes, item, limits, Transparency::OverWhite)
+}
+
+/// [`decode_bytes`] with a choice of what becomes of transparency.
+pub fn decode_bytes_with(bytes: &[u8], item: &str, limits: &DecodeLimits, transparency: Transparency) -> Result<RgbImage> {
     let fail = |reason: String| Error::Decode {
         item: item.to_string(),
         reason,
@@ -149,7 +172,13 @@ pub fn decode_bytes(bytes: &[u8], item: &str, limits: &DecodeLimits) -> Result<R
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
     image.apply_orientation(orientation);
-    Ok(to_rgb_on_white(&image))
+    Ok(match transparency {
+        Transparency::OverWhite => to_rgb_on_white(&image),
+        Transparency::Dropped => {
+            let rgb = image.to_rgb8();
+            RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, pixels: rgb.into_raw() }
+        }
+    })
 }
 
 /// Decodes a jpeg as Pillow does: libjpeg-turbo's decoder with its defaults
@@ -390,6 +419,18 @@ fn over_white(src: u32, alpha: u32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transparency_is_composited_on_white_or_dropped() {
+        let mut png = Vec::new();
+        let pixels = image::RgbaImage::from_raw(2, 1, vec![107, 125, 13, 0, 10, 20, 30, 255]).unwrap();
+        pixels.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let limits = DecodeLimits::default();
+        let white = decode_bytes_with(&png, "t", &limits, Transparency::OverWhite).unwrap();
+        assert_eq!(white.pixels, vec![255, 255, 255, 10, 20, 30]);
+        let dropped = decode_bytes_with(&png, "t", &limits, Transparency::Dropped).unwrap();
+        assert_eq!(dropped.pixels, vec![107, 125, 13, 10, 20, 30]);
+    }
 
     #[test]
     fn over_white_matches_pillow_corner_cases() {

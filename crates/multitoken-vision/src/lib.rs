@@ -33,7 +33,7 @@ pub mod siglip;
 pub mod siglip_modality;
 
 pub use clip::{ClipVisionConfig, ClipVisionOutput, ClipVisionTower, FeatureSelect};
-pub use decode::{decode_bytes, decode_item, describe_item, DecodeLimits, RgbImage};
+pub use decode::{decode_bytes, decode_bytes_with, decode_item, decode_item_with, describe_item, DecodeLimits, RgbImage, Transparency};
 pub use error::{Error, Result};
 pub use idefics2_processor::{pack_crops, Crop, Idefics2ProcessorConfig, Idefics2Resize};
 pub use modality::{VisionClip, VisionClipConfig, VisionMode, IMAGES_KEY, IMAGE_TOKEN};

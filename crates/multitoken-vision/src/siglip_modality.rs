@@ -59,7 +59,7 @@ use candle_nn::VarBuilder;
 use multitoken_core::{Item, ItemLayout, LayoutPart, Modality, ModalityBuilder, ModalityContext, ProjectorSpec, TextRule};
 use serde::Deserialize;
 
-use crate::decode::{decode_item, describe_item, DecodeLimits};
+use crate::decode::{decode_item_with, describe_item, DecodeLimits, Transparency};
 use crate::idefics2_processor::{pack_crops, Idefics2ProcessorConfig};
 use crate::modality::{IMAGES_KEY, IMAGE_TOKEN};
 use crate::processor::read_json;
@@ -286,7 +286,10 @@ impl Modality for VisionSiglip {
         self.tower.config().hidden_size
     }
     fn preprocess(&self, item: &Item) -> multitoken_core::Result<Tensor> {
-        let image = decode_item(item, &self.limits)?;
+        // Idefics2Processor loads every image with transformers' `load_image`,
+        // which is Pillow's `convert("RGB")`: transparency is dropped, not
+        // composited on white as the image processor alone would.
+        let image = decode_item_with(item, &self.limits, Transparency::Dropped)?;
         let crops = self.processor.preprocess(&image)?;
         let p = self.tower.config().patch_size;
         for (i, crop) in crops.iter().enumerate() {
