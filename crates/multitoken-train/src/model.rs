@@ -370,6 +370,15 @@ impl TrainableModel {
             _ => None,
         };
         let mut mm = MultimodalModel::from_parts(lm, runtimes, template)?;
+        if imported.is_some() {
+            // The imported families' processors tokenise the rendered chat like any
+            // text, so their rows start with the BOS (Idefics2: `processor(text=
+            // apply_chat_template(...))`); `multitoken.json` does not record that,
+            // and `from_parts` would tokenise the chat as the template alone.
+            mm.set_chat_leading_special_tokens(
+                multitoken_core::LeadingSpecialTokens::AddOnceIfMissing,
+            )?;
+        }
         let context = ModalityContext::new(device.clone(), DType::F32, model_dir);
         for modality in load_text_modalities(model_dir, &text_entries, &context)? {
             mm.add_text_modality(modality)?;
