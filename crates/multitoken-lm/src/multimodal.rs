@@ -67,6 +67,11 @@ pub struct MultimodalConfig {
     /// The modalities, in the order their spans are indexed.
     #[serde(default)]
     pub modalities: Vec<ModalityEntry>,
+    /// Chat prompts start with the tokenizer's BOS (added once if the template
+    /// does not write it), as processors that tokenise the rendered chat like
+    /// any text do (Idefics2); by default only what the template writes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat_adds_bos: bool,
 }
 
 /// One modality of `multitoken.json`.
@@ -165,6 +170,8 @@ pub fn export_imported(dir: &Path, work: &Path) -> Result<Option<PathBuf>> {
     };
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // Bumped when an export's layout changes, so older rewrites are not reused.
+    "export-2".hash(&mut hasher);
     dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).hash(&mut hasher);
     for file in ["config.json", "model.safetensors.index.json"] {
         std::fs::read(dir.join(file)).unwrap_or_default().hash(&mut hasher);
@@ -236,6 +243,9 @@ impl MultimodalModel {
             _ => None,
         };
         let mut model = Self::from_parts(lm, modalities, template)?;
+        if config.chat_adds_bos {
+            model.set_chat_leading_special_tokens(LeadingSpecialTokens::AddOnceIfMissing)?;
+        }
         let context = ModalityContext::new(opts.device.clone(), opts.dtype, path);
         for modality in load_text_modalities(path, &config.modalities, &context)? {
             model.add_text_modality(modality)?;

@@ -243,6 +243,7 @@ impl TrainableModel {
                 base_model: None,
                 chat_template: None,
                 modalities: Vec::new(),
+                chat_adds_bos: false,
             }
         };
         // Text modalities (`<transcript>`) have no encoder or projector to train:
@@ -370,11 +371,9 @@ impl TrainableModel {
             _ => None,
         };
         let mut mm = MultimodalModel::from_parts(lm, runtimes, template)?;
-        if imported.is_some() {
-            // The imported families' processors tokenise the rendered chat like any
-            // text, so their rows start with the BOS (Idefics2: `processor(text=
-            // apply_chat_template(...))`); `multitoken.json` does not record that,
-            // and `from_parts` would tokenise the chat as the template alone.
+        if config.chat_adds_bos {
+            // Idefics2's processor tokenises the rendered chat like any text, so
+            // its rows start with the BOS (the export records it).
             mm.set_chat_leading_special_tokens(
                 multitoken_core::LeadingSpecialTokens::AddOnceIfMissing,
             )?;

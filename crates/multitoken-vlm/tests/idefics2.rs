@@ -131,6 +131,10 @@ fn exported_directories_give_the_same_ids() -> TestResult {
         let params = GenerationParams { max_new_tokens: expected.new_tokens, ignore_eos: true, ..GenerationParams::default() };
         let out = model.generate(&prepared, &items, &params, &mut |_| true)?;
         assert_eq!(out.token_ids, case.greedy_ids, "{name} exported");
+        // Chat prompts keep Idefics2's BOS through the export.
+        let original = MultimodalModel::load(&dir, &LoadOptions::default())?;
+        let chat = [Message::user("<image>Describe.")];
+        assert_eq!(model.prepare_chat(&chat, &items)?.input_ids, original.prepare_chat(&chat, &items)?.input_ids, "{name}: chat ids");
         // A second export of the same checkpoint reuses the first.
         assert_eq!(multitoken_lm::multimodal::export_imported(&dir, &work)?, Some(exported));
         std::fs::remove_dir_all(&work)?;

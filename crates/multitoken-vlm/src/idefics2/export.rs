@@ -119,6 +119,8 @@ pub fn export_idefics2(dir: &Path, out: &Path) -> Result<()> {
     let spec = cfg.connector_spec()?;
     let manifest = json!({
         "base_model": "lm",
+        // Idefics2's processor tokenises the rendered chat with the BOS.
+        "chat_adds_bos": true,
         "modalities": [{
             "builder": VISION_BUILDER,
             "config": {
