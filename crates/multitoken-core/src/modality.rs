@@ -59,12 +59,13 @@ pub enum TextRule {
 pub struct ItemLayout {
     parts: Vec<LayoutPart>,
     rules: Vec<TextRule>,
+    grid: Option<[usize; 3]>,
 }
 
 impl ItemLayout {
     /// One run of `width` slots and no text: a fixed-width modality.
     pub fn fixed(width: usize) -> Self {
-        Self { parts: vec![LayoutPart::Slots(width)], rules: Vec::new() }
+        Self { parts: vec![LayoutPart::Slots(width)], rules: Vec::new(), grid: None }
     }
 
     /// A layout from its parts. Fails when it has no slot at all or an empty
@@ -76,7 +77,7 @@ impl ItemLayout {
         if !parts.iter().any(|part| matches!(part, LayoutPart::Slots(_))) {
             return Err(crate::Error::msg("an item layout has no embedding slots"));
         }
-        Ok(Self { parts, rules: Vec::new() })
+        Ok(Self { parts, rules: Vec::new(), grid: None })
     }
 
     /// Adds a rewrite of the row's text that this item's processor applies.
@@ -85,6 +86,41 @@ impl ItemLayout {
             self.rules.push(rule);
         }
         self
+    }
+
+    /// Gives the item's slots a position grid `[t, h, w]` in LM slots (after
+    /// any spatial merge), for LMs with multimodal rotary positions (Qwen2-VL's
+    /// M-RoPE): slot `(t, h, w)` gets the position streams `(t, h, w)` offset
+    /// by the text before it. The layout must be one run of `t * h * w` slots
+    /// (text parts around it are fine).
+    pub fn with_grid(mut self, grid: [usize; 3]) -> Result<Self> {
+        let runs: Vec<usize> = self
+            .parts
+            .iter()
+            .filter_map(|part| match part {
+                LayoutPart::Slots(n) => Some(*n),
+                LayoutPart::Text(_) => None,
+            })
+            .collect();
+        let cells = grid.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        match (runs.as_slice(), cells) {
+            ([run], Some(cells)) if cells == *run => {
+                self.grid = Some(grid);
+                Ok(self)
+            }
+            ([run], _) => Err(crate::Error::msg(format!(
+                "an item's position grid {grid:?} does not cover its {run} slots"
+            ))),
+            _ => Err(crate::Error::msg(format!(
+                "an item with a position grid must have one run of slots, this one has {}",
+                runs.len()
+            ))),
+        }
+    }
+
+    /// The item's position grid `[t, h, w]` ([`Self::with_grid`]), if any.
+    pub fn grid(&self) -> Option<[usize; 3]> {
+        self.grid
     }
 
     /// Shorthand for `with_text_rule(TextRule::CollapseRepeats(text))`.
@@ -177,6 +213,16 @@ mod layout_tests {
         assert!(ItemLayout::new(vec![LayoutPart::Slots(0)]).is_err());
         assert!(ItemLayout::new(vec![LayoutPart::Text("x".into())]).is_err());
         assert_eq!(ItemLayout::fixed(7).slots(), 7);
+    }
+
+    #[test]
+    fn grids_must_cover_the_single_slot_run() {
+        let one = ItemLayout::new(vec![LayoutPart::Text("<s>".into()), LayoutPart::Slots(12)]).map(|l| l.with_grid([1, 3, 4]));
+        assert_eq!(one.ok().and_then(|l| l.ok()).and_then(|l| l.grid()), Some([1, 3, 4]));
+        assert!(ItemLayout::fixed(12).with_grid([1, 3, 3]).is_err());
+        assert!(ItemLayout::fixed(12).grid().is_none());
+        let two = ItemLayout::new(vec![LayoutPart::Slots(6), LayoutPart::Slots(6)]);
+        assert!(two.map(|l| l.with_grid([1, 3, 4]).is_err()).unwrap_or(false));
     }
 }
 
