@@ -62,11 +62,12 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("train") => crate::bench_train::run(&args[1..]),
         Some("serve") => crate::bench_serve::run(&args[1..]),
         Some("moe") => crate::bench_moe::run(&args[1..]),
+        Some("vlm") => crate::bench_vlm::run(&args[1..]),
         // Children spawned by `lm`, in the release build.
         Some("lm-child") => child(&args[1..]),
         Some("membw-child") => membw_child(&args[1..]),
         Some("lm-parts") => parts(&args[1..]),
-        _ => bail!("usage: cargo xtask bench vision|audio|train|serve|moe [...] | document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
+        _ => bail!("usage: cargo xtask bench vision|vlm|audio|train|serve|moe [...] | document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
     }
 }
 

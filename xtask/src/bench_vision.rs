@@ -440,7 +440,7 @@ fn idefics2_report(s: &Idefics2Settings, ours: &Value, reference: Option<&Value>
 }
 
 /// `VmHWM` or `VmRSS` of this process, in bytes.
-fn proc_status_bytes(key: &str) -> Option<f64> {
+pub(crate) fn proc_status_bytes(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -448,12 +448,12 @@ fn proc_status_bytes(key: &str) -> Option<f64> {
 }
 
 /// Resets this process's peak RSS (`VmHWM`) to its current RSS (Linux 4.0+).
-fn reset_peak_rss() -> bool {
+pub(crate) fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Best and median of `times`.
-fn best_median(times: &[f64]) -> (f64, f64) {
+pub(crate) fn best_median(times: &[f64]) -> (f64, f64) {
     let mut sorted = times.to_vec();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();

@@ -13,6 +13,7 @@ mod bench_moe;
 mod bench_serve;
 mod bench_train;
 mod bench_vision;
+mod bench_vlm;
 mod demo_model;
 mod fixtures;
 mod tidy;
