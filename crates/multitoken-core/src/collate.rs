@@ -137,6 +137,7 @@ mod tests {
                     item_offset: 0,
                     start,
                     len,
+                    grid: None,
                 })
                 .collect(),
         }

@@ -44,7 +44,7 @@ pub use lm::{KvCache, LanguageModel, LogitsSelection};
 pub use modality::{Item, ItemLayout, LayoutPart, Modality, TextRule};
 pub use preparer::{
     InputPreparer, ItemsByKey, LayoutSource, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
-    PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality,
+    PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality, RopePositions,
 };
 pub use projector::{Projector, ProjectorSpec};
 pub use registry::{

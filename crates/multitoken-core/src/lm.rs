@@ -36,6 +36,11 @@ pub struct KvCache {
     pub attention_mask: Option<Tensor>,
     /// Number of positions already cached.
     pub seen: usize,
+    /// Per row, what to add to the plain position of every new token, set by
+    /// a forward with explicit positions ([`LanguageModel::forward_embeds_at`]):
+    /// Qwen2-VL's `rope_deltas`, `max position + 1 - real length`. `None`
+    /// means 0 for every row.
+    pub position_shift: Option<Vec<i64>>,
 }
 
 impl Clone for KvCache {
@@ -52,7 +57,7 @@ impl Clone for KvCache {
                 layer.as_ref().map(|(k, v)| (k.copy().unwrap_or_else(|_| k.clone()), v.copy().unwrap_or_else(|_| v.clone())))
             })
             .collect();
-        Self { layers, attention_mask: self.attention_mask.clone(), seen: self.seen }
+        Self { layers, attention_mask: self.attention_mask.clone(), seen: self.seen, position_shift: self.position_shift.clone() }
     }
 }
 
@@ -63,6 +68,7 @@ impl KvCache {
             layers: vec![None; num_layers],
             attention_mask: None,
             seen: 0,
+            position_shift: None,
         }
     }
 
@@ -73,6 +79,7 @@ impl KvCache {
         }
         self.attention_mask = None;
         self.seen = 0;
+        self.position_shift = None;
     }
 }
 
@@ -104,4 +111,33 @@ pub trait LanguageModel: Send + Sync {
         cache: &mut KvCache,
         logits: LogitsSelection,
     ) -> Result<Tensor>;
+
+    /// Whether the model takes explicit multimodal rotary positions
+    /// (Qwen2-VL's M-RoPE) through [`LanguageModel::forward_embeds_at`].
+    fn takes_positions(&self) -> bool {
+        false
+    }
+
+    /// [`LanguageModel::forward_embeds`] at explicit positions: `positions` is
+    /// `[3, batch, seq]` (integer; temporal, height and width streams, e.g.
+    /// [`crate::RopePositions::batch_tensor`]) for the new tokens, padding
+    /// included. The model then keeps each row's shift (`max position + 1 -
+    /// real length`) in the cache so that later calls without positions
+    /// continue where the prompt ended. `None` is `forward_embeds`. The
+    /// default rejects positions: only a model with M-RoPE reads them.
+    fn forward_embeds_at(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+        positions: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match positions {
+            None => self.forward_embeds(embeds, attention_mask, cache, logits),
+            Some(_) => Err(crate::Error::msg(
+                "explicit position ids were given to a language model without multimodal rotary positions (M-RoPE, mrope_section)",
+            )),
+        }
+    }
 }

@@ -112,6 +112,9 @@ pub struct PlaceholderSpan {
     pub start: usize,
     /// Number of positions.
     pub len: usize,
+    /// The item's position grid `[t, h, w]` ([`ItemLayout::with_grid`]): its
+    /// slots take multimodal rotary positions ([`PreparedInput::rope_positions`]).
+    pub grid: Option<[usize; 3]>,
 }
 
 impl PlaceholderSpan {
@@ -149,6 +152,106 @@ impl PreparedInput {
     /// Whether there are no positions.
     pub fn is_empty(&self) -> bool {
         self.input_ids.is_empty()
+    }
+
+    /// Whether an item of this row has a position grid, so that a model with
+    /// multimodal rotary positions (Qwen2-VL's M-RoPE) needs
+    /// [`Self::rope_positions`] rather than plain positions.
+    pub fn has_position_grids(&self) -> bool {
+        self.spans.iter().any(|span| span.grid.is_some())
+    }
+
+    /// The row's three position streams (temporal, height, width) as
+    /// transformers' Qwen2-VL `get_rope_index` computes them; see
+    /// [`RopePositions`].
+    pub fn rope_positions(&self) -> RopePositions {
+        RopePositions::of(self.len(), &self.spans)
+    }
+}
+
+/// The multimodal rotary positions of one row (Qwen2-VL's M-RoPE).
+///
+/// Text (and items without a grid) counts on from the previous position in
+/// all three streams. The slot `(t, h, w)` of an item with grid `[T, H, W]`
+/// that starts after position `p - 1` gets `(p + t, p + h, p + w)`, and the
+/// text after it continues at `p + max(H, W)` (transformers 5's `current_pos +=
+/// max(h, w)`; for an image, `T = 1`, this is its largest position + 1).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RopePositions {
+    /// Temporal, height and width positions, one per token each.
+    pub streams: [Vec<u32>; 3],
+    /// `max position + 1 - length`: added to the plain position of every later
+    /// token (decoding), as transformers' `rope_deltas`.
+    pub delta: i64,
+}
+
+impl RopePositions {
+    /// The positions of a row of `len` tokens with `spans`.
+    pub fn of(len: usize, spans: &[PlaceholderSpan]) -> Self {
+        let mut streams: [Vec<u32>; 3] = std::array::from_fn(|_| Vec::with_capacity(len));
+        let mut gridded: Vec<&PlaceholderSpan> = spans.iter().filter(|span| span.grid.is_some()).collect();
+        gridded.sort_by_key(|span| span.start);
+        let mut next = 0usize;
+        let mut at = 0usize;
+        let push_text = |streams: &mut [Vec<u32>; 3], count: usize, next: &mut usize| {
+            for stream in streams.iter_mut() {
+                stream.extend((*next..*next + count).map(|p| p as u32));
+            }
+            *next += count;
+        };
+        for span in gridded {
+            let (Some([t, h, w]), true) = (span.grid, span.start >= at && span.end() <= len) else {
+                continue;
+            };
+            push_text(&mut streams, span.start - at, &mut next);
+            for ti in 0..t {
+                for hi in 0..h {
+                    for wi in 0..w {
+                        streams[0].push((next + ti) as u32);
+                        streams[1].push((next + hi) as u32);
+                        streams[2].push((next + wi) as u32);
+                    }
+                }
+            }
+            next += h.max(w);
+            at = span.end();
+        }
+        push_text(&mut streams, len - at.min(len), &mut next);
+        let max = streams.iter().filter_map(|s| s.iter().max()).max().map_or(-1, |&m| i64::from(m));
+        Self { streams, delta: max + 1 - len as i64 }
+    }
+
+    /// Number of positions.
+    pub fn len(&self) -> usize {
+        self.streams[0].len()
+    }
+
+    /// Whether there are no positions.
+    pub fn is_empty(&self) -> bool {
+        self.streams[0].is_empty()
+    }
+
+    /// The positions of `rows` left-padded to `seq` positions (padding at
+    /// position 0, as transformers leaves it) as a `[3, rows, seq]` u32 tensor,
+    /// the `positions` argument of [`crate::LanguageModel::forward_embeds_at`].
+    pub fn batch_tensor(rows: &[&RopePositions], seq: usize, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+        let mut data = Vec::with_capacity(3 * rows.len() * seq);
+        for stream in 0..3 {
+            for row in rows {
+                let have = row.len();
+                if have > seq {
+                    return Err(Error::msg(format!("a row of {have} positions does not fit in {seq}")));
+                }
+                data.extend(std::iter::repeat_n(0u32, seq - have));
+                data.extend_from_slice(&row.streams[stream]);
+            }
+        }
+        Ok(candle_core::Tensor::from_vec(data, (3, rows.len(), seq), device)?)
+    }
+
+    /// This row alone as a `[3, 1, len]` u32 tensor.
+    pub fn to_tensor(&self, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+        Self::batch_tensor(&[self], self.len(), device)
     }
 }
 
@@ -338,7 +441,7 @@ impl InputPreparer {
                                     push_text(&mut chunks, layout_text, Labelled::No);
                                 }
                                 LayoutPart::Slots(len) => {
-                                    chunks.push(Chunk::Slots { modality, item_index, offset, len: *len });
+                                    chunks.push(Chunk::Slots { modality, item_index, offset, len: *len, grid: layout.grid() });
                                     offset += len;
                                 }
                             }
@@ -364,13 +467,14 @@ impl InputPreparer {
                     prepared.labels.extend(labels);
                     prepared.input_ids.extend(ids);
                 }
-                Chunk::Slots { modality, item_index, offset, len } => {
+                Chunk::Slots { modality, item_index, offset, len, grid } => {
                     prepared.spans.push(PlaceholderSpan {
                         modality,
                         item_index,
                         item_offset: offset,
                         start: prepared.input_ids.len(),
                         len,
+                        grid,
                     });
                     prepared
                         .input_ids
@@ -512,7 +616,7 @@ fn item_extent(spans: &[PlaceholderSpan], span: &PlaceholderSpan) -> (usize, usi
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Chunk {
     Text(String, Labelled),
-    Slots { modality: usize, item_index: usize, offset: usize, len: usize },
+    Slots { modality: usize, item_index: usize, offset: usize, len: usize, grid: Option<[usize; 3]> },
 }
 
 /// Appends text, joining it to a preceding text chunk with the same labelling.

@@ -212,6 +212,7 @@ mod tests {
             item_offset: 0,
             start,
             len,
+            grid: None,
         }
     }
 
@@ -378,8 +379,8 @@ mod tests {
         // One item of 5 rows valued 0..5, spread over two runs: rows 0..2 and 2..5.
         let rows: Vec<f32> = (0..5).flat_map(|r| [r as f32, r as f32]).collect();
         let item = vec![Tensor::from_vec(rows, (5, 2), &Device::Cpu)?];
-        let first = PlaceholderSpan { modality: 0, item_index: 0, item_offset: 0, start: 1, len: 2 };
-        let second = PlaceholderSpan { modality: 0, item_index: 0, item_offset: 2, start: 4, len: 3 };
+        let first = PlaceholderSpan { modality: 0, item_index: 0, item_offset: 0, start: 1, len: 2, grid: None };
+        let second = PlaceholderSpan { modality: 0, item_index: 0, item_offset: 2, start: 4, len: 3, grid: None };
         let paired = span_embeddings(&[first, second], &[item.clone()])?;
         let firsts: Vec<Vec<f32>> = paired
             .iter()

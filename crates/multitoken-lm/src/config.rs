@@ -93,4 +93,8 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Multimodal rotary positions (Qwen2-VL's M-RoPE): how many of the
+    /// `rot_dim / 2` frequencies follow the temporal, height and width
+    /// position streams, in that order. `None`: one position stream.
+    pub mrope_section: Option<[usize; 3]>,
 }

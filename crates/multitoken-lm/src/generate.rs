@@ -98,6 +98,21 @@ pub fn generate(
     params: &GenerationParams,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
+    generate_at(model, tokenizer, prompt_embeds, prompt_ids, None, params, on_text)
+}
+
+/// [`generate`] with the prompt at explicit M-RoPE positions `[3, 1, t]`
+/// ([`multitoken_core::RopePositions::to_tensor`]); the new tokens continue
+/// from the prompt's largest position ([`LanguageModel::forward_embeds_at`]).
+pub fn generate_at(
+    model: &dyn LanguageModel,
+    tokenizer: &tokenizers::Tokenizer,
+    prompt_embeds: &Tensor,
+    prompt_ids: &[u32],
+    positions: Option<&Tensor>,
+    params: &GenerationParams,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenerationOutput> {
     let (batch, prompt_len, hidden) = prompt_embeds.dims3()?;
     if batch != 1 {
         return Err(Error::Msg(format!("generate takes one prompt at a time, got a batch of {batch}")));
@@ -135,7 +150,7 @@ pub fn generate(
 
     let mut cache = KvCache::new(model.num_layers());
     let start = Instant::now();
-    let logits = model.forward_embeds(prompt_embeds, None, &mut cache, LogitsSelection::Last)?;
+    let logits = model.forward_embeds_at(prompt_embeds, None, &mut cache, LogitsSelection::Last, positions)?;
     let mut next = sampler.sample_tensor(&logits.to_dtype(DType::F32)?, &seen)?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let prefill_tok_s = rate(prompt_len, prefill_secs);

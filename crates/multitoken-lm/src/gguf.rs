@@ -262,6 +262,7 @@ impl GgufSource {
             // `lm_head.weight` is served from `token_embd` when `output` is absent,
             // kept quantized; the model must not tie it to the dense embedding table.
             tie_word_embeddings: false,
+            mrope_section: None,
         })
     }
 

@@ -113,6 +113,8 @@ pub struct RopeJson {
     pub high_freq_factor: Option<f64>,
     /// llama3 `original_max_position_embeddings`.
     pub original_max_position_embeddings: Option<usize>,
+    /// Qwen2-VL: frequencies per position stream (temporal, height, width).
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 /// One id or a list of ids (`eos_token_id`).
@@ -168,6 +170,8 @@ pub fn parse_config_value(value: serde_json::Value, path: &Path) -> Result<HfCon
         Some("llama") => Family::Llama,
         Some("mistral") => Family::Mistral,
         Some("qwen2") => Family::Qwen2,
+        // Qwen2-VL's text model: Qwen2 with M-RoPE (see `mrope`).
+        Some("qwen2_vl_text") => Family::Qwen2,
         Some("phi") => Family::Phi2,
         other => {
             let what = match other {
@@ -181,7 +185,45 @@ pub fn parse_config_value(value: serde_json::Value, path: &Path) -> Result<HfCon
         }
     };
     let raw: ConfigJson = serde_json::from_value(value).map_err(|e| cfg_err(e.to_string()))?;
+    if model_type.as_deref() == Some("qwen2_vl_text") {
+        return interpret_qwen2_vl_text(raw).map_err(cfg_err);
+    }
     interpret(family, raw).map_err(cfg_err)
+}
+
+/// Qwen2-VL's `text_config` (`Qwen2VLTextConfig`): a Qwen2 decoder whose head
+/// width is always `hidden_size / num_attention_heads` (its attention ignores
+/// `head_dim`), with rotary type `mrope` meaning `default`, and M-RoPE
+/// sections from `rope_parameters` / `rope_scaling` (`[16, 24, 24]` when
+/// absent, as `Qwen2VLRotaryEmbedding`), base 1e6 by default.
+fn interpret_qwen2_vl_text(mut raw: ConfigJson) -> std::result::Result<HfConfig, String> {
+    if raw.num_attention_heads == 0 {
+        return Err("num_attention_heads is 0".into());
+    }
+    raw.head_dim = Some(raw.hidden_size / raw.num_attention_heads);
+    raw.rms_norm_eps = Some(raw.rms_norm_eps.unwrap_or(1e-5));
+    raw.max_position_embeddings = Some(raw.max_position_embeddings.unwrap_or(32768));
+    raw.max_window_layers = Some(raw.max_window_layers.unwrap_or(80));
+    let mut rope = raw.rope_parameters.clone().or_else(|| raw.rope_scaling.clone()).unwrap_or_default();
+    let kind = rope.rope_type.clone().or_else(|| rope.kind.clone());
+    if kind.as_deref() == Some("mrope") {
+        rope.rope_type = Some("default".into());
+        rope.kind = None;
+    }
+    rope.rope_theta = Some(rope.rope_theta.or(raw.rope_theta).unwrap_or(1_000_000.0));
+    let section = rope.mrope_section.clone().unwrap_or_else(|| vec![16, 24, 24]);
+    raw.rope_parameters = Some(rope);
+    let mut parsed = interpret(Family::Qwen2, raw)?;
+    let half = parsed.model.head_dim / 2;
+    match section.as_slice() {
+        &[t, h, w] if t + h + w == half => parsed.model.mrope_section = Some([t, h, w]),
+        other => {
+            return Err(format!(
+                "mrope_section {other:?} must be three numbers adding up to head_dim / 2 = {half}"
+            ))
+        }
+    }
+    Ok(parsed)
 }
 
 /// Turn the raw fields into a [`ModelConfig`] the way transformers reads them.
@@ -278,6 +320,7 @@ fn interpret(family: Family, raw: ConfigJson) -> std::result::Result<HfConfig, S
         mlp_bias,
         sliding_window,
         tie_word_embeddings: raw.tie_word_embeddings,
+        mrope_section: None,
     };
     Ok(HfConfig { model, layer_sliding_windows: layer_windows, raw })
 }

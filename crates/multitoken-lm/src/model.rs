@@ -189,7 +189,20 @@ impl CausalLm {
         cache: &mut KvCache,
         logits: LogitsSelection,
     ) -> Result<Tensor> {
-        self.forward_collecting(embeds, attention_mask, cache, logits, None)
+        self.forward_collecting(embeds, attention_mask, cache, logits, None, None)
+    }
+
+    /// [`CausalLm::forward`] at explicit M-RoPE positions `[3, batch, seq]`;
+    /// see [`LanguageModel::forward_embeds_at`].
+    pub fn forward_at(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+        positions: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_collecting(embeds, attention_mask, cache, logits, None, positions)
     }
 
     /// Like [`CausalLm::forward`] with a fresh cache, also returning every hidden
@@ -203,7 +216,7 @@ impl CausalLm {
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut hidden = Vec::with_capacity(self.layers.len() + 1);
         let mut cache = KvCache::new(self.layers.len());
-        let logits = self.forward_collecting(embeds, attention_mask, &mut cache, LogitsSelection::All, Some(&mut hidden))?;
+        let logits = self.forward_collecting(embeds, attention_mask, &mut cache, LogitsSelection::All, Some(&mut hidden), None)?;
         if let Some(last) = hidden.last_mut() {
             *last = self.norm.forward(last)?;
         }
@@ -217,6 +230,7 @@ impl CausalLm {
         cache: &mut KvCache,
         logits: LogitsSelection,
         mut hidden: Option<&mut Vec<Tensor>>,
+        explicit: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, h) = embeds.dims3()?;
         if h != self.cfg.hidden_size {
@@ -268,6 +282,7 @@ impl CausalLm {
             }
             None => Positions::Range { start: seen, len: t },
         };
+        let (positions, shift) = self.mrope_positions(positions, explicit, full_mask.as_ref(), cache, b, t)?;
         let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
 
         // One mask per distinct window, shared by the layers that use it.
@@ -293,6 +308,9 @@ impl CausalLm {
         }
         cache.seen = seen + t;
         cache.attention_mask = full_mask;
+        if shift.is_some() {
+            cache.position_shift = shift;
+        }
 
         let x = match logits {
             LogitsSelection::All => x,
@@ -304,6 +322,65 @@ impl CausalLm {
             LogitsSelection::All | LogitsSelection::Tail(_) => out,
             LogitsSelection::Last => out.squeeze(1)?,
         })
+    }
+
+    /// The positions of the new tokens once explicit M-RoPE positions and the
+    /// cache's per-row shift are taken into account, and the shift to keep
+    /// when explicit positions set a new one (`max + 1 - real length`, the
+    /// `rope_deltas` of transformers' Qwen2-VL).
+    fn mrope_positions(
+        &self,
+        plain: Positions,
+        explicit: Option<&Tensor>,
+        full_mask: Option<&Tensor>,
+        cache: &KvCache,
+        b: usize,
+        t: usize,
+    ) -> Result<(Positions, Option<Vec<i64>>)> {
+        if let Some(ids) = explicit {
+            if !self.rotary.is_multimodal() {
+                return Err(Error::Msg(
+                    "explicit position ids were given but the model has no multimodal rotary positions (mrope_section)".into(),
+                ));
+            }
+            if ids.dims() != [3, b, t] {
+                return Err(Error::Msg(format!(
+                    "position ids have shape {:?}, expected [3, {b}, {t}] (streams, batch, new positions)",
+                    ids.dims()
+                )));
+            }
+            let ids = ids.to_dtype(DType::F32)?.to_device(&self.device)?;
+            let real: Vec<f32> = match full_mask {
+                Some(m) => m.sum(1)?.to_vec1::<f32>()?,
+                None => vec![(cache.seen + t) as f32; b],
+            };
+            let new_mask = match full_mask {
+                Some(m) => m.narrow(1, cache.seen, t)?.contiguous()?,
+                None => Tensor::ones((b, t), DType::F32, &self.device)?,
+            };
+            // Padding positions take no part in the row's largest position.
+            let max = ids.max(0)?.mul(&new_mask)?.max(1)?.to_vec1::<f32>()?;
+            let shift = max.iter().zip(&real).map(|(m, r)| (*m - *r + 1.0).round() as i64).collect();
+            return Ok((Positions::Streams(ids.contiguous()?), Some(shift)));
+        }
+        let Some(shift) = &cache.position_shift else {
+            return Ok((plain, None));
+        };
+        if shift.len() != b {
+            return Err(Error::Msg(format!("the KV cache keeps position shifts for {} rows, the batch has {b}", shift.len())));
+        }
+        let rows = match plain {
+            Positions::PerRow(p) => p,
+            Positions::Range { start, len } => {
+                let range: Vec<f32> = (start..start + len).map(|p| p as f32).collect();
+                Tensor::from_vec(range, (1, len), &self.device)?.broadcast_as((b, len))?.contiguous()?
+            }
+            Positions::Streams(p) => return Ok((Positions::Streams(p), None)),
+        };
+        let shift: Vec<f32> = shift.iter().map(|&s| s as f32).collect();
+        let shift = Tensor::from_vec(shift, (b, 1), &self.device)?;
+        // All three streams equal: M-RoPE reduces to plain rotary positions.
+        Ok((Positions::PerRow(rows.broadcast_add(&shift)?), None))
     }
 
     /// The `[b, seen + t]` f32 mask of every position, or `None` when no mask
@@ -488,6 +565,21 @@ impl LanguageModel for CausalLm {
         logits: LogitsSelection,
     ) -> multitoken_core::Result<Tensor> {
         Ok(self.forward(embeds, attention_mask, cache, logits)?)
+    }
+
+    fn takes_positions(&self) -> bool {
+        self.rotary.is_multimodal()
+    }
+
+    fn forward_embeds_at(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        logits: LogitsSelection,
+        positions: Option<&Tensor>,
+    ) -> multitoken_core::Result<Tensor> {
+        Ok(self.forward_at(embeds, attention_mask, cache, logits, positions)?)
     }
 }
 

@@ -42,7 +42,7 @@ use multitoken_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::generate::{generate, GenerationOutput, GenerationParams};
+use crate::generate::{generate_at, GenerationOutput, GenerationParams};
 use crate::loader::{load_model, LoadOptions, LoadedModel};
 use crate::{Error, Result};
 
@@ -432,7 +432,19 @@ impl MultimodalModel {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerationOutput> {
         let embeds = self.embed(prepared, items)?;
-        generate(self.lm.model.as_ref(), &self.lm.tokenizer, &embeds, &prepared.input_ids, params, on_text)
+        let positions = self.positions(prepared)?;
+        generate_at(self.lm.model.as_ref(), &self.lm.tokenizer, &embeds, &prepared.input_ids, positions.as_ref(), params, on_text)
+    }
+
+    /// The `[3, 1, len]` M-RoPE positions of a prepared row when the LM reads
+    /// them and an item of the row has a position grid (Qwen2-VL images);
+    /// `None` otherwise (plain positions are then right).
+    pub fn positions(&self, prepared: &PreparedInput) -> Result<Option<Tensor>> {
+        let lm = self.lm.model.as_ref();
+        if !lm.takes_positions() || !prepared.has_position_grids() {
+            return Ok(None);
+        }
+        Ok(Some(prepared.rope_positions().to_tensor(lm.device())?))
     }
 
 }

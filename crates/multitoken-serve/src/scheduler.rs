@@ -377,10 +377,26 @@ fn join(batch: &KvCache, new: &KvCache) -> Result<KvCache> {
     let mask_b = pad_left(&mask_of(new, batch_of(new)?, &device)?, 1, target)?;
     let mask = Tensor::cat(&[&mask_a, &mask_b], 0)?;
     let all_real = mask.min_all()?.to_scalar::<f32>()? >= 0.5;
+    // Each row keeps its own position shift (M-RoPE rows after their images).
+    let position_shift = match (&batch.position_shift, &new.position_shift) {
+        (None, None) => None,
+        (a, b) => {
+            let rows = |shift: &Option<Vec<i64>>, cache: &KvCache| -> Result<Vec<i64>> {
+                match shift {
+                    Some(shift) => Ok(shift.clone()),
+                    None => Ok(vec![0; batch_of(cache)?]),
+                }
+            };
+            let mut joined = rows(a, batch)?;
+            joined.extend(rows(b, new)?);
+            Some(joined)
+        }
+    };
     Ok(KvCache {
         layers,
         attention_mask: (!all_real).then_some(mask),
         seen: target,
+        position_shift,
     })
 }
 
@@ -416,9 +432,14 @@ fn select_rows(cache: &KvCache, keep: &[usize]) -> Result<KvCache> {
     }
     let mask = mask.narrow(1, lead, seen)?;
     let all_real = mask.min_all()?.to_scalar::<f32>()? >= 0.5;
+    let position_shift = cache
+        .position_shift
+        .as_ref()
+        .map(|shift| keep.iter().map(|&i| shift.get(i).copied().unwrap_or(0)).collect());
     Ok(KvCache {
         layers,
         attention_mask: (!all_real).then_some(mask),
         seen,
+        position_shift,
     })
 }

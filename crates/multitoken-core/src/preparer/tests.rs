@@ -130,6 +130,7 @@ fn spans(list: &[(usize, usize, usize, usize)]) -> Vec<PlaceholderSpan> {
             item_offset: 0,
             start,
             len,
+            grid: None,
         })
         .collect()
 }
@@ -463,7 +464,7 @@ impl LayoutSource for WrappedRuns {
 }
 
 fn span_at(modality: usize, item_index: usize, item_offset: usize, start: usize, len: usize) -> PlaceholderSpan {
-    PlaceholderSpan { modality, item_index, item_offset, start, len }
+    PlaceholderSpan { modality, item_index, item_offset, start, len, grid: None }
 }
 
 #[test]
@@ -501,4 +502,35 @@ fn item_layouts_put_text_around_slot_runs_of_any_width() -> Result<()> {
     bad.insert("speech_audios".into(), vec![Item::Bytes(vec![1])]);
     check_error(wrapped.prepare_text(prompt, &bad), "speech_audios item 1: unreadable clip");
     Ok(())
+}
+
+/// A span with a position grid.
+fn grid_span(item_index: usize, start: usize, grid: [usize; 3]) -> PlaceholderSpan {
+    PlaceholderSpan { modality: 0, item_index, item_offset: 0, start, len: grid.iter().product(), grid: Some(grid) }
+}
+
+#[test]
+fn rope_positions_follow_get_rope_index() {
+    // Numbers from transformers 5's Qwen2VLModel.get_rope_index: 2 text tokens,
+    // a 1x2x3 image, 2 text tokens, a 1x3x2 image, 1 text token.
+    let spans = [grid_span(0, 2, [1, 2, 3]), grid_span(1, 10, [1, 3, 2])];
+    let got = RopePositions::of(17, &spans);
+    assert_eq!(got.streams[0], [0, 1, 2, 2, 2, 2, 2, 2, 5, 6, 7, 7, 7, 7, 7, 7, 10]);
+    assert_eq!(got.streams[1], [0, 1, 2, 2, 2, 3, 3, 3, 5, 6, 7, 7, 8, 8, 9, 9, 10]);
+    assert_eq!(got.streams[2], [0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7, 8, 7, 8, 7, 8, 10]);
+    assert_eq!(got.delta, 11 - 17);
+    // No grid: plain positions, no shift.
+    let plain = RopePositions::of(4, &[span_at(0, 0, 0, 1, 2)]);
+    assert_eq!(plain.streams, [vec![0, 1, 2, 3], vec![0, 1, 2, 3], vec![0, 1, 2, 3]]);
+    assert_eq!(plain.delta, 0);
+    // An image at the very end.
+    let last = RopePositions::of(5, &[grid_span(0, 1, [1, 2, 2])]);
+    assert_eq!(last.streams[1], [0, 1, 1, 2, 2]);
+    assert_eq!(last.delta, 3 - 5);
+    let Ok(tensor) = RopePositions::batch_tensor(&[&last, &plain], 6, &candle_core::Device::Cpu) else {
+        panic!("batch tensor")
+    };
+    assert_eq!(tensor.dims(), [3, 2, 6]);
+    let rows = tensor.get(2).and_then(|t| t.to_vec2::<u32>()).ok();
+    assert_eq!(rows, Some(vec![vec![0, 0, 1, 2, 1, 2], vec![0, 0, 0, 1, 2, 3]]));
 }

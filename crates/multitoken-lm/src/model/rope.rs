@@ -17,6 +17,8 @@ pub(crate) enum Positions {
     Range { start: usize, len: usize },
     /// `[batch, seq]` f32 position ids, one row per sequence.
     PerRow(Tensor),
+    /// `[3, batch, seq]` f32 temporal, height and width position ids (M-RoPE).
+    Streams(Tensor),
 }
 
 /// The inverse frequencies of one model and how they are applied.
@@ -26,6 +28,9 @@ pub(crate) struct RotaryEmbedding {
     rot_dim: usize,
     head_dim: usize,
     style: RopeStyle,
+    /// M-RoPE: frequencies `[0, s0)` follow the temporal stream, the next
+    /// `s1` the height stream, the last `s2` the width stream.
+    mrope_section: Option<[usize; 3]>,
 }
 
 impl RotaryEmbedding {
@@ -46,7 +51,20 @@ impl RotaryEmbedding {
         }
         let inv_freq = inv_freq(rot_dim, cfg.rope_theta, cfg.rope_scaling.as_ref());
         let inv_freq = Tensor::from_vec(inv_freq, (1, rot_dim / 2), device)?;
-        Ok(Self { inv_freq, rot_dim, head_dim: cfg.head_dim, style: cfg.rope_style })
+        if let Some(section) = cfg.mrope_section {
+            if section.iter().sum::<usize>() != rot_dim / 2 {
+                return Err(Error::Msg(format!(
+                    "mrope_section {section:?} must add up to the rotary dimension / 2 = {}",
+                    rot_dim / 2
+                )));
+            }
+        }
+        Ok(Self { inv_freq, rot_dim, head_dim: cfg.head_dim, style: cfg.rope_style, mrope_section: cfg.mrope_section })
+    }
+
+    /// Whether the model reads three position streams (M-RoPE).
+    pub(crate) fn is_multimodal(&self) -> bool {
+        self.mrope_section.is_some()
     }
 
     /// cos and sin for `positions`: `[seq, rot/2]` for a shared range,
@@ -63,6 +81,30 @@ impl RotaryEmbedding {
                 let (b, t) = ids.dims2()?;
                 let pos = ids.to_dtype(DType::F32)?.reshape((b * t, 1))?;
                 pos.broadcast_mul(&self.inv_freq)?.reshape((b, t, self.rot_dim / 2))?
+            }
+            Positions::Streams(ids) => {
+                let (streams, b, t) = ids.dims3()?;
+                let Some(section) = self.mrope_section.filter(|_| streams == 3) else {
+                    return Err(Error::Msg(format!(
+                        "{streams} position streams given to a model with {} (M-RoPE reads 3)",
+                        if self.mrope_section.is_some() { "M-RoPE" } else { "one position stream" }
+                    )));
+                };
+                // transformers' `recomposition_frequencies`: each section of
+                // the frequencies takes its angles from its own stream.
+                let ids = ids.to_dtype(DType::F32)?;
+                let mut parts = Vec::with_capacity(3);
+                let mut first = 0;
+                for (stream, &width) in section.iter().enumerate() {
+                    if width == 0 {
+                        continue;
+                    }
+                    let pos = ids.get(stream)?.reshape((b * t, 1))?;
+                    let inv = self.inv_freq.narrow(1, first, width)?;
+                    parts.push(pos.broadcast_mul(&inv)?.reshape((b, t, width))?);
+                    first += width;
+                }
+                Tensor::cat(&parts, 2)?.contiguous()?
             }
         };
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
@@ -82,6 +124,11 @@ impl RotaryEmbedding {
         // candle's fused kernels have no backward pass: training (a tracked
         // input) takes ours, which reads `[seq, dim / 2]` tables.
         let differentiable = x.track_op() && cos.rank() == 2;
+        if x.track_op() && cos.rank() == 3 && self.style == RopeStyle::Half {
+            // Per-row tables (M-RoPE positions) in training: plain tensor ops,
+            // `x * cos + rotate_half(x) * sin`, which all have a backward pass.
+            return rotate_half_per_row(x, cos, sin);
+        }
         Ok(match (self.style, differentiable) {
             (RopeStyle::Half, false) => candle_nn::rotary_emb::rope(x, cos, sin)?,
             (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
@@ -89,6 +136,18 @@ impl RotaryEmbedding {
             (style, true) => multitoken_kernels::train::rope(x, cos, sin, style == RopeStyle::Interleaved)?,
         })
     }
+}
+
+/// transformers' `q * cos + rotate_half(q) * sin` with `[batch, seq, dim / 2]`
+/// tables, from differentiable ops.
+fn rotate_half_per_row(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = cos.dim(D::Minus1)?;
+    let widen = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[t, t], D::Minus1)?.unsqueeze(1)?) };
+    let (cos, sin) = (widen(cos)?, widen(sin)?);
+    let first = x.narrow(D::Minus1, 0, half)?;
+    let second = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
 /// `1 / theta^(2i / dim)`, with Llama-3 frequency scaling when configured.
