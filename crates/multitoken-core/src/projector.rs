@@ -33,6 +33,11 @@
 //!   `perceiver_resampler.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
 //!   `perceiver_resampler.layers.{i}.mlp.{gate,up,down}_proj.weight`,
 //!   `perceiver_resampler.norm.weight`. See `idefics2.rs`.
+//! - `qwen2_vl_merger`: Qwen2-VL's `PatchMerger`: LayerNorm (eps 1e-6) per row,
+//!   every `spatial_merge_size²` consecutive rows joined, then `Linear`, GELU,
+//!   `Linear` to the LM width; `width / spatial_merge_size²` positions out.
+//!   Keys as under `visual.merger.` in a Qwen2-VL checkpoint: `ln_q.*`,
+//!   `mlp.0.*`, `mlp.2.*`. See `qwen2_vl.rs`.
 //!
 //! GELU is the exact (erf) one, torch's `nn.GELU()` default; LayerNorm uses
 //! torch's default epsilon 1e-5.
@@ -50,6 +55,11 @@ pub mod idefics2;
 
 use idefics2::Idefics2Connector;
 pub use idefics2::Idefics2ConnectorConfig;
+
+pub mod qwen2_vl;
+
+use qwen2_vl::Qwen2VlMerger;
+pub use qwen2_vl::Qwen2VlMergerConfig;
 
 /// torch's `nn.LayerNorm` default epsilon.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -87,10 +97,14 @@ pub enum ProjectorSpec {
     /// Idefics2's connector: SwiGLU projection, then a perceiver resampler to
     /// `resampler_n_latents` positions.
     Idefics2Connector(Idefics2ConnectorConfig),
+    /// Qwen2-VL's patch merger: `spatial_merge_size²` rows into one position.
+    Qwen2VlMerger(Qwen2VlMergerConfig),
 }
 
 /// Kind name of [`ProjectorSpec::Idefics2Connector`].
 const IDEFICS2_CONNECTOR: &str = "idefics2_connector";
+/// Kind name of [`ProjectorSpec::Qwen2VlMerger`].
+const QWEN2_VL_MERGER: &str = "qwen2_vl_merger";
 
 impl ProjectorSpec {
     /// The spec's kind name as written in configs: `linear`, `mlp2x_gelu`,
@@ -103,6 +117,7 @@ impl ProjectorSpec {
             ProjectorSpec::ResBlock => "resblock".to_string(),
             ProjectorSpec::LinearResBlock => "linear_resblock".to_string(),
             ProjectorSpec::Idefics2Connector(_) => IDEFICS2_CONNECTOR.to_string(),
+            ProjectorSpec::Qwen2VlMerger(_) => QWEN2_VL_MERGER.to_string(),
         }
     }
 
@@ -113,6 +128,7 @@ impl ProjectorSpec {
         match self {
             ProjectorSpec::VectorMlp { num_tokens, .. } => *num_tokens,
             ProjectorSpec::Idefics2Connector(config) => config.resampler_n_latents,
+            ProjectorSpec::Qwen2VlMerger(config) => input_width / config.rows_per_output().max(1),
             _ => input_width,
         }
     }
@@ -122,6 +138,10 @@ impl ProjectorSpec {
     pub fn validate(&self) -> Result<()> {
         let kind = self.kind_name();
         match *self {
+            ProjectorSpec::Qwen2VlMerger(config) => match config.problem() {
+                Some(reason) => Err(Error::projector(kind, reason)),
+                None => Ok(()),
+            },
             ProjectorSpec::Idefics2Connector(config) => match config.problem() {
                 Some(reason) => Err(Error::projector(kind, reason)),
                 None => Ok(()),
@@ -164,6 +184,9 @@ impl fmt::Display for ProjectorSpec {
                 c.intermediate_size,
                 c.rms_norm_eps
             ),
+            ProjectorSpec::Qwen2VlMerger(c) => {
+                write!(f, "{QWEN2_VL_MERGER}(spatial_merge_size={})", c.spatial_merge_size)
+            }
             other => f.write_str(&other.kind_name()),
         }
     }
@@ -189,6 +212,12 @@ impl FromStr for ProjectorSpec {
                 return Err(Error::projector(
                     name,
                     "needs the perceiver's parameters; write it as an object",
+                ))
+            }
+            QWEN2_VL_MERGER => {
+                return Err(Error::projector(
+                    name,
+                    "needs spatial_merge_size; write it as an object",
                 ))
             }
             other => {
@@ -228,6 +257,7 @@ enum SpecParams {
         num_tokens: usize,
     },
     Idefics2(Idefics2ConnectorConfig),
+    Qwen2VlMerger(Qwen2VlMergerConfig),
 }
 
 /// The object form as read: the kind, and every other field kept for the kind's
@@ -287,6 +317,10 @@ impl TryFrom<SpecInput> for ProjectorSpec {
                 serde_json::from_value(params)
                     .map_err(|e| Error::projector(&kind, e.to_string()))?,
             ),
+            QWEN2_VL_MERGER => ProjectorSpec::Qwen2VlMerger(
+                serde_json::from_value(params)
+                    .map_err(|e| Error::projector(&kind, e.to_string()))?,
+            ),
             _ => {
                 let names: Vec<&str> = params
                     .as_object()
@@ -317,6 +351,7 @@ impl From<ProjectorSpec> for SpecRepr {
                 num_tokens,
             }),
             ProjectorSpec::Idefics2Connector(config) => Some(SpecParams::Idefics2(config)),
+            ProjectorSpec::Qwen2VlMerger(config) => Some(SpecParams::Qwen2VlMerger(config)),
             _ => None,
         };
         SpecRepr {
@@ -385,6 +420,7 @@ enum ProjectorLayers {
     ResBlock(SimpleResBlock),
     LinearResBlock(Linear, SimpleResBlock),
     Idefics2(Idefics2Connector),
+    Qwen2VlMerger(Qwen2VlMerger),
 }
 
 /// A projector module built from a [`ProjectorSpec`] and a var builder.
@@ -453,6 +489,9 @@ impl Projector {
             }
             ProjectorSpec::Idefics2Connector(config) => ProjectorLayers::Idefics2(
                 Idefics2Connector::load(&config, feature_dim, hidden_size, vb)?,
+            ),
+            ProjectorSpec::Qwen2VlMerger(config) => ProjectorLayers::Qwen2VlMerger(
+                Qwen2VlMerger::load(&config, feature_dim, hidden_size, vb)?,
             ),
         };
         Ok(Self {
@@ -536,6 +575,7 @@ impl Projector {
     fn forward_checked(&self, features: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
         match &self.layers {
             ProjectorLayers::Idefics2(connector) => connector.forward(features, key_mask),
+            ProjectorLayers::Qwen2VlMerger(merger) => merger.forward(features),
             ProjectorLayers::PerPosition(mlp) => mlp.forward(features),
             ProjectorLayers::ResBlock(block) => block.forward(features),
             ProjectorLayers::LinearResBlock(linear, block) => {

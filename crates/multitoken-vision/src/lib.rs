@@ -17,6 +17,12 @@
 //!   of any size and aspect ratio.
 //! - [`siglip_modality`]: the `vision_siglip` builder (Idefics2's images:
 //!   `<fake_token_around_image>`-wrapped crops, one piece per crop).
+//! - [`qwen2_vl_processor`]: `Qwen2VLImageProcessor`-equal preprocessing
+//!   (`smart_resize`, patch rows in merge-window order, `image_grid_thw`).
+//! - [`qwen2_vl`]: Qwen2-VL's vision tower (Conv3d patch embedding, 2-D rotary
+//!   attention), its patch merger being the core projector `qwen2_vl_merger`.
+//! - [`qwen2_vl_modality`]: the `vision_qwen2_vl` builder (`<|image_pad|>`:
+//!   one slot per merged patch, with its position grid).
 
 // Tests may unwrap and panic: a failure there is the report.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -28,6 +34,9 @@ pub mod idefics2_processor;
 pub mod modality;
 pub mod presets;
 pub mod processor;
+pub mod qwen2_vl;
+pub mod qwen2_vl_modality;
+pub mod qwen2_vl_processor;
 pub mod resample;
 pub mod siglip;
 pub mod siglip_modality;
@@ -41,6 +50,9 @@ pub use processor::{ImageProcessorConfig, ResizeTo};
 pub use resample::{resize, resize_window, ResampleFilter, Window};
 pub use siglip::{navit_position_ids, SiglipVisionConfig, SiglipVisionTower};
 pub use siglip_modality::{VisionSiglip, VisionSiglipConfig, FAKE_IMAGE_TOKEN};
+pub use qwen2_vl::{vision_position_ids, Qwen2VisionConfig, Qwen2VisionTower};
+pub use qwen2_vl_modality::{VisionQwen2Vl, VisionQwen2VlConfig, QWEN2_VL_IMAGE_TOKEN};
+pub use qwen2_vl_processor::{smart_resize, Qwen2VlPatches, Qwen2VlProcessorConfig};
 
 /// Forces the linker to keep this crate's `inventory` registrations
 /// (`vision_clip`, `vision_clip_pool`, `vision_siglip`) in a binary: call it
@@ -48,4 +60,5 @@ pub use siglip_modality::{VisionSiglip, VisionSiglipConfig, FAKE_IMAGE_TOKEN};
 pub fn link() {
     modality::keep_registration();
     siglip_modality::keep_registration();
+    qwen2_vl_modality::keep_registration();
 }

@@ -1,0 +1,99 @@
+//! Qwen2-VL's patch merger (Wang et al. 2024, "Qwen2-VL: Enhancing
+//! Vision-Language Model's Perception of the World at Any Resolution"), the
+//! `merger` of transformers' `Qwen2VisionTransformerPretrainedModel`
+//! (`PatchMerger` in `models/qwen2_vl/modeling_qwen2_vl.py`):
+//!
+//! `mlp(ln_q(x).view(-1, feature_dim · m²))` with `m = spatial_merge_size`:
+//! a LayerNorm (epsilon 1e-6) over each vision row, then every `m²`
+//! consecutive rows (one `m × m` window: the tower's rows come in
+//! merge-window order) joined into one vector, then `Linear(feature_dim · m²,
+//! feature_dim · m²)`, exact GELU, `Linear(feature_dim · m², hidden)`.
+//!
+//! Keys under the projector's var builder (the `merger` level of a Qwen2-VL
+//! checkpoint): `ln_q.{weight,bias}`, `mlp.0.{weight,bias}`, `mlp.2.{weight,bias}`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// `PatchMerger`'s LayerNorm epsilon (fixed in transformers, not configurable).
+const MERGER_LN_EPS: f64 = 1e-6;
+
+/// The parameters of a Qwen2-VL patch merger; the widths come from the caller
+/// (the tower's `embed_dim` in, the LM's hidden size out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Qwen2VlMergerConfig {
+    /// Side of the square window of rows merged into one (the vision config's
+    /// `spatial_merge_size`, 2 in every Qwen2-VL checkpoint).
+    pub spatial_merge_size: usize,
+}
+
+impl Qwen2VlMergerConfig {
+    /// Rows merged into one output position: `spatial_merge_size²`.
+    pub fn rows_per_output(&self) -> usize {
+        self.spatial_merge_size * self.spatial_merge_size
+    }
+
+    /// Why the parameters cannot build a merger, if they cannot.
+    pub(super) fn problem(&self) -> Option<String> {
+        (self.spatial_merge_size == 0).then(|| "spatial_merge_size must be at least 1".to_string())
+    }
+}
+
+/// The merger's layers.
+#[derive(Debug, Clone)]
+pub(super) struct Qwen2VlMerger {
+    ln_q: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    rows: usize,
+    merged_width: usize,
+}
+
+impl Qwen2VlMerger {
+    pub(super) fn load(config: &Qwen2VlMergerConfig, feature_dim: usize, hidden_size: usize, vb: VarBuilder) -> Result<Self> {
+        let rows = config.rows_per_output();
+        let merged_width = feature_dim * rows;
+        let ln_config = LayerNormConfig { eps: MERGER_LN_EPS, ..Default::default() };
+        Ok(Self {
+            ln_q: candle_nn::layer_norm(feature_dim, ln_config, vb.pp("ln_q"))?,
+            fc1: candle_nn::linear(merged_width, merged_width, vb.pp("mlp.0"))?,
+            fc2: candle_nn::linear(merged_width, hidden_size, vb.pp("mlp.2"))?,
+            rows,
+            merged_width,
+        })
+    }
+
+    /// `[n, width, feature_dim]` (width a multiple of `m²`) to `[n, width / m², hidden]`.
+    pub(super) fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        let (n, width, _) = features.dims3()?;
+        if width % self.rows != 0 {
+            return Err(Error::projector(
+                super::QWEN2_VL_MERGER,
+                format!(
+                    "merges {} rows into one but got {width} rows per item (shape {:?}); \
+                     an image's rows are a whole number of merge windows",
+                    self.rows,
+                    features.dims()
+                ),
+            ));
+        }
+        let normed = layer_norm(&self.ln_q, features)?;
+        let grouped = normed.reshape((n, width / self.rows, self.merged_width))?;
+        let hidden = self.fc1.forward(&grouped)?.gelu_erf()?;
+        Ok(self.fc2.forward(&hidden)?)
+    }
+}
+
+/// LayerNorm through candle's fused kernel, or its composite form when
+/// anything tracks gradients (the fused one has no backward).
+fn layer_norm(ln: &LayerNorm, xs: &Tensor) -> Result<Tensor> {
+    let tracked = xs.track_op() || ln.weight().track_op() || ln.bias().is_some_and(Tensor::track_op);
+    match ln.bias() {
+        Some(bias) if tracked => Ok(candle_nn::ops::layer_norm_slow(xs, ln.weight(), bias, MERGER_LN_EPS as f32)?),
+        _ => Ok(ln.forward(xs)?),
+    }
+}
