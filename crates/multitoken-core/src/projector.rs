@@ -33,6 +33,10 @@
 //!   `perceiver_resampler.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
 //!   `perceiver_resampler.layers.{i}.mlp.{gate,up,down}_proj.weight`,
 //!   `perceiver_resampler.norm.weight`. See `idefics2.rs`.
+//! - `idefics3_connector`: Idefics3's / SmolVLM's `Idefics3Connector`: a pixel
+//!   shuffle by `scale_factor` (`side²` positions of width `d` become
+//!   `side² / s²` of width `d · s²`), then `modality_projection.proj` (a
+//!   linear, no bias). See `idefics3.rs`.
 //! - `qwen2_vl_merger`: Qwen2-VL's `PatchMerger`: LayerNorm (eps 1e-6) per row,
 //!   every `spatial_merge_size²` consecutive rows joined, then `Linear`, GELU,
 //!   `Linear` to the LM width; `width / spatial_merge_size²` positions out.
@@ -55,6 +59,11 @@ pub mod idefics2;
 
 use idefics2::Idefics2Connector;
 pub use idefics2::Idefics2ConnectorConfig;
+
+pub mod idefics3;
+
+use idefics3::Idefics3Connector;
+pub use idefics3::Idefics3ConnectorConfig;
 
 pub mod qwen2_vl;
 
@@ -97,12 +106,17 @@ pub enum ProjectorSpec {
     /// Idefics2's connector: SwiGLU projection, then a perceiver resampler to
     /// `resampler_n_latents` positions.
     Idefics2Connector(Idefics2ConnectorConfig),
+    /// Idefics3's connector: pixel shuffle by `scale_factor`, then one linear
+    /// (no bias): `side²` positions in, `side² / scale_factor²` out.
+    Idefics3Connector(Idefics3ConnectorConfig),
     /// Qwen2-VL's patch merger: `spatial_merge_size²` rows into one position.
     Qwen2VlMerger(Qwen2VlMergerConfig),
 }
 
 /// Kind name of [`ProjectorSpec::Idefics2Connector`].
 const IDEFICS2_CONNECTOR: &str = "idefics2_connector";
+/// Kind name of [`ProjectorSpec::Idefics3Connector`].
+const IDEFICS3_CONNECTOR: &str = "idefics3_connector";
 /// Kind name of [`ProjectorSpec::Qwen2VlMerger`].
 const QWEN2_VL_MERGER: &str = "qwen2_vl_merger";
 
@@ -117,6 +131,7 @@ impl ProjectorSpec {
             ProjectorSpec::ResBlock => "resblock".to_string(),
             ProjectorSpec::LinearResBlock => "linear_resblock".to_string(),
             ProjectorSpec::Idefics2Connector(_) => IDEFICS2_CONNECTOR.to_string(),
+            ProjectorSpec::Idefics3Connector(_) => IDEFICS3_CONNECTOR.to_string(),
             ProjectorSpec::Qwen2VlMerger(_) => QWEN2_VL_MERGER.to_string(),
         }
     }
@@ -128,6 +143,9 @@ impl ProjectorSpec {
         match self {
             ProjectorSpec::VectorMlp { num_tokens, .. } => *num_tokens,
             ProjectorSpec::Idefics2Connector(config) => config.resampler_n_latents,
+            ProjectorSpec::Idefics3Connector(config) => {
+                input_width / (config.scale_factor * config.scale_factor).max(1)
+            }
             ProjectorSpec::Qwen2VlMerger(config) => input_width / config.rows_per_output().max(1),
             _ => input_width,
         }
@@ -143,6 +161,10 @@ impl ProjectorSpec {
                 None => Ok(()),
             },
             ProjectorSpec::Idefics2Connector(config) => match config.problem() {
+                Some(reason) => Err(Error::projector(kind, reason)),
+                None => Ok(()),
+            },
+            ProjectorSpec::Idefics3Connector(config) => match config.problem() {
                 Some(reason) => Err(Error::projector(kind, reason)),
                 None => Ok(()),
             },
@@ -187,6 +209,9 @@ impl fmt::Display for ProjectorSpec {
             ProjectorSpec::Qwen2VlMerger(c) => {
                 write!(f, "{QWEN2_VL_MERGER}(spatial_merge_size={})", c.spatial_merge_size)
             }
+            ProjectorSpec::Idefics3Connector(c) => {
+                write!(f, "{IDEFICS3_CONNECTOR}(scale_factor={})", c.scale_factor)
+            }
             other => f.write_str(&other.kind_name()),
         }
     }
@@ -212,6 +237,12 @@ impl FromStr for ProjectorSpec {
                 return Err(Error::projector(
                     name,
                     "needs the perceiver's parameters; write it as an object",
+                ))
+            }
+            IDEFICS3_CONNECTOR => {
+                return Err(Error::projector(
+                    name,
+                    "needs scale_factor; write it as an object",
                 ))
             }
             QWEN2_VL_MERGER => {
@@ -257,6 +288,7 @@ enum SpecParams {
         num_tokens: usize,
     },
     Idefics2(Idefics2ConnectorConfig),
+    Idefics3(Idefics3ConnectorConfig),
     Qwen2VlMerger(Qwen2VlMergerConfig),
 }
 
@@ -317,6 +349,10 @@ impl TryFrom<SpecInput> for ProjectorSpec {
                 serde_json::from_value(params)
                     .map_err(|e| Error::projector(&kind, e.to_string()))?,
             ),
+            IDEFICS3_CONNECTOR => ProjectorSpec::Idefics3Connector(
+                serde_json::from_value(params)
+                    .map_err(|e| Error::projector(&kind, e.to_string()))?,
+            ),
             QWEN2_VL_MERGER => ProjectorSpec::Qwen2VlMerger(
                 serde_json::from_value(params)
                     .map_err(|e| Error::projector(&kind, e.to_string()))?,
@@ -351,6 +387,7 @@ impl From<ProjectorSpec> for SpecRepr {
                 num_tokens,
             }),
             ProjectorSpec::Idefics2Connector(config) => Some(SpecParams::Idefics2(config)),
+            ProjectorSpec::Idefics3Connector(config) => Some(SpecParams::Idefics3(config)),
             ProjectorSpec::Qwen2VlMerger(config) => Some(SpecParams::Qwen2VlMerger(config)),
             _ => None,
         };
@@ -420,6 +457,7 @@ enum ProjectorLayers {
     ResBlock(SimpleResBlock),
     LinearResBlock(Linear, SimpleResBlock),
     Idefics2(Idefics2Connector),
+    Idefics3(Idefics3Connector),
     Qwen2VlMerger(Qwen2VlMerger),
 }
 
@@ -489,6 +527,9 @@ impl Projector {
             }
             ProjectorSpec::Idefics2Connector(config) => ProjectorLayers::Idefics2(
                 Idefics2Connector::load(&config, feature_dim, hidden_size, vb)?,
+            ),
+            ProjectorSpec::Idefics3Connector(config) => ProjectorLayers::Idefics3(
+                Idefics3Connector::load(&config, feature_dim, hidden_size, vb)?,
             ),
             ProjectorSpec::Qwen2VlMerger(config) => ProjectorLayers::Qwen2VlMerger(
                 Qwen2VlMerger::load(&config, feature_dim, hidden_size, vb)?,
@@ -575,6 +616,8 @@ impl Projector {
     fn forward_checked(&self, features: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
         match &self.layers {
             ProjectorLayers::Idefics2(connector) => connector.forward(features, key_mask),
+            // Every crop is a full square grid; padded rows would change the shuffle.
+            ProjectorLayers::Idefics3(connector) => connector.forward(features),
             ProjectorLayers::Qwen2VlMerger(merger) => merger.forward(features),
             ProjectorLayers::PerPosition(mlp) => mlp.forward(features),
             ProjectorLayers::ResBlock(block) => block.forward(features),

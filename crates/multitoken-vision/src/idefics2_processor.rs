@@ -275,7 +275,7 @@ impl Idefics2ProcessorConfig {
     /// The 256 values each channel's bytes become (rescale, then normalise, in
     /// transformers' arithmetic: a float64 product stored as float32, then
     /// `(v - mean) / std` in float32).
-    fn value_table(&self) -> [[f32; 256]; 3] {
+    pub(crate) fn value_table(&self) -> [[f32; 256]; 3] {
         let value = |v: u8, c: usize| -> f32 {
             let v = match self.rescale_factor {
                 Some(s) => (f64::from(v) * s) as f32,

@@ -17,6 +17,10 @@
 //!   of any size and aspect ratio.
 //! - [`siglip_modality`]: the `vision_siglip` builder (Idefics2's images:
 //!   `<fake_token_around_image>`-wrapped crops, one piece per crop).
+//! - [`idefics3_processor`]: `Idefics3ImageProcessor`-equal preprocessing (also
+//!   SmolVLM's): longest-edge resize, `max_image_size` tiles + the whole image.
+//! - [`idefics3_modality`]: the `vision_idefics3` builder (Idefics3 / SmolVLM:
+//!   `<row_r_col_c>` tiles and `<global-img>`, pixel-shuffle connector).
 //! - [`qwen2_vl_processor`]: `Qwen2VLImageProcessor`-equal preprocessing
 //!   (`smart_resize`, patch rows in merge-window order, `image_grid_thw`).
 //! - [`qwen2_vl`]: Qwen2-VL's vision tower (Conv3d patch embedding, 2-D rotary
@@ -31,6 +35,8 @@ pub mod clip;
 pub mod decode;
 pub mod error;
 pub mod idefics2_processor;
+pub mod idefics3_modality;
+pub mod idefics3_processor;
 pub mod modality;
 pub mod presets;
 pub mod processor;
@@ -50,6 +56,8 @@ pub use processor::{ImageProcessorConfig, ResizeTo};
 pub use resample::{resize, resize_window, ResampleFilter, Window};
 pub use siglip::{navit_position_ids, SiglipVisionConfig, SiglipVisionTower};
 pub use siglip_modality::{VisionSiglip, VisionSiglipConfig, FAKE_IMAGE_TOKEN};
+pub use idefics3_modality::{PatchRule, VisionIdefics3, VisionIdefics3Config, GLOBAL_IMAGE_TOKEN};
+pub use idefics3_processor::{Idefics3ProcessorConfig, Idefics3Resize, Idefics3Tiles};
 pub use qwen2_vl::{vision_position_ids, Qwen2VisionConfig, Qwen2VisionTower};
 pub use qwen2_vl_modality::{VisionQwen2Vl, VisionQwen2VlConfig, QWEN2_VL_IMAGE_TOKEN};
 pub use qwen2_vl_processor::{smart_resize, Qwen2VlPatches, Qwen2VlProcessorConfig};
@@ -60,5 +68,6 @@ pub use qwen2_vl_processor::{smart_resize, Qwen2VlPatches, Qwen2VlProcessorConfi
 pub fn link() {
     modality::keep_registration();
     siglip_modality::keep_registration();
+    idefics3_modality::keep_registration();
     qwen2_vl_modality::keep_registration();
 }

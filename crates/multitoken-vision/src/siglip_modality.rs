@@ -379,7 +379,7 @@ multitoken_core::inventory::submit! {
 }
 
 /// The tower dir's `config.json`, if it has one.
-fn read_dir_config(dir: &Path) -> Result<Option<serde_json::Value>> {
+pub(crate) fn read_dir_config(dir: &Path) -> Result<Option<serde_json::Value>> {
     let path = dir.join("config.json");
     if path.is_file() {
         read_json(&path).map(Some)
@@ -602,7 +602,7 @@ fn find_prefix(names: &BTreeSet<String>, dir: &Path) -> Result<String> {
 }
 
 /// Opens the tower's weights and loads it.
-fn load_tower(
+pub(crate) fn load_tower(
     config: &SiglipVisionConfig,
     dir: &Path,
     prefix: Option<&str>,

@@ -10,11 +10,14 @@
 //!
 //! - [`idefics2`]: `Idefics2ForConditionalGeneration` and Cephalo's
 //!   mixture-of-experts checkpoints (`model_type: idefics2_moe`).
+//! - [`idefics3`]: `Idefics3ForConditionalGeneration` and
+//!   `SmolVLMForConditionalGeneration` (`model_type` `idefics3` / `smolvlm`).
 //!
 //! [`MultimodalImporter`]: multitoken_lm::multimodal::MultimodalImporter
 
 pub mod error;
 pub mod idefics2;
+pub mod idefics3;
 
 pub use error::{Error, Result};
 
@@ -22,4 +25,5 @@ pub use error::{Error, Result};
 /// binary: call it once (e.g. from `main`); it does nothing else.
 pub fn link() {
     std::hint::black_box(idefics2::is_idefics2_dir as fn(&std::path::Path) -> bool);
+    std::hint::black_box(idefics3::is_idefics3_dir as fn(&std::path::Path) -> bool);
 }

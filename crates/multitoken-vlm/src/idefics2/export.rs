@@ -31,7 +31,7 @@ use super::{FAKE_IMAGE_TOKEN, VISION_BUILDER};
 use crate::{Error, Result};
 
 /// Files copied from the checkpoint into `out/lm/` when present.
-const LM_FILES: [&str; 7] = [
+pub(crate) const LM_FILES: [&str; 7] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -41,7 +41,7 @@ const LM_FILES: [&str; 7] = [
     "added_tokens.json",
 ];
 /// Processor files copied into `out/` when present.
-const PROCESSOR_FILES: [&str; 2] = ["preprocessor_config.json", "processor_config.json"];
+pub(crate) const PROCESSOR_FILES: [&str; 2] = ["preprocessor_config.json", "processor_config.json"];
 
 /// Writes `dir`'s Idefics2 checkpoint to `out` as a `multitoken.json` model
 /// directory (created; must not hold a model already).
@@ -140,7 +140,7 @@ pub fn export_idefics2(dir: &Path, out: &Path) -> Result<()> {
 
 /// Every safetensors file of the checkpoint (the index's shards, or
 /// `model.safetensors`), memory-mapped.
-fn map_checkpoint(dir: &Path) -> Result<Vec<(std::path::PathBuf, Mmap)>> {
+pub(crate) fn map_checkpoint(dir: &Path) -> Result<Vec<(std::path::PathBuf, Mmap)>> {
     let index = dir.join("model.safetensors.index.json");
     let mut paths = Vec::new();
     if index.is_file() {
@@ -169,25 +169,25 @@ fn map_checkpoint(dir: &Path) -> Result<Vec<(std::path::PathBuf, Mmap)>> {
 }
 
 /// Writes `tensors` to `path` through a temporary file and a rename.
-fn write_tensors(tensors: Vec<(String, TensorView<'_>)>, path: &Path) -> Result<()> {
+pub(crate) fn write_tensors(tensors: Vec<(String, TensorView<'_>)>, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     let metadata: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| io_error(path, &e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| io_error(path, &e.to_string()))
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| io_error(path, &e.to_string()))?;
     std::fs::write(path, text).map_err(|e| io_error(path, &e.to_string()))
 }
 
-fn copy_if_present(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_if_present(from: &Path, to: &Path) -> Result<()> {
     if from.is_file() {
         std::fs::copy(from, to).map_err(|e| io_error(from, &e.to_string()))?;
     }
     Ok(())
 }
 
-fn io_error(path: &Path, message: &str) -> Error {
+pub(crate) fn io_error(path: &Path, message: &str) -> Error {
     Error::Config { path: path.to_path_buf(), message: message.to_string() }
 }
