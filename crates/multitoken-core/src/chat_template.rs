@@ -415,9 +415,13 @@ impl ChatTemplate {
 impl ChatTemplate {
     /// Whether the template reads a message's content as a list of typed parts
     /// (`{"type": "image"}`, `{"type": "text", "text": …}`), as the processors'
-    /// templates of multimodal checkpoints (Idefics2, LLaVA-NeXT, Qwen2-VL) do.
+    /// templates of multimodal checkpoints (Idefics2, LLaVA-NeXT, Qwen2-VL) do;
+    /// llava-hf's LLaVA-NeXT / OneVision templates filter the parts with
+    /// `selectattr('type', 'equalto', 'image')`.
     fn uses_content_parts(&self) -> bool {
-        ["['type']", "[\"type\"]", ".type ", ".type=", ".type)"].iter().any(|probe| self.source.contains(probe))
+        ["['type']", "[\"type\"]", ".type ", ".type=", ".type)", "selectattr('type'", "selectattr(\"type\""]
+            .iter()
+            .any(|probe| self.source.contains(probe))
     }
 }
 

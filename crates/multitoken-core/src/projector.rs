@@ -33,15 +33,19 @@
 //!   `perceiver_resampler.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
 //!   `perceiver_resampler.layers.{i}.mlp.{gate,up,down}_proj.weight`,
 //!   `perceiver_resampler.norm.weight`. See `idefics2.rs`.
-//! - `idefics3_connector`: Idefics3's / SmolVLM's `Idefics3Connector`: a pixel
-//!   shuffle by `scale_factor` (`side²` positions of width `d` become
-//!   `side² / s²` of width `d · s²`), then `modality_projection.proj` (a
-//!   linear, no bias). See `idefics3.rs`.
 //! - `qwen2_vl_merger`: Qwen2-VL's `PatchMerger`: LayerNorm (eps 1e-6) per row,
 //!   every `spatial_merge_size²` consecutive rows joined, then `Linear`, GELU,
 //!   `Linear` to the LM width; `width / spatial_merge_size²` positions out.
 //!   Keys as under `visual.merger.` in a Qwen2-VL checkpoint: `ln_q.*`,
 //!   `mlp.0.*`, `mlp.2.*`. See `qwen2_vl.rs`.
+//! - `idefics3_connector`: Idefics3's / SmolVLM's `Idefics3Connector`: a pixel
+//!   shuffle by `scale_factor` (`side²` positions of width `d` become
+//!   `side² / s²` of width `d · s²`), then `modality_projection.proj` (a
+//!   linear, no bias). See `idefics3.rs`.
+//! - `llava_next`: LLaVA-NeXT's / LLaVA-OneVision's `linear_1`, GELU, `linear_2`
+//!   per position, and for a rank-4 grid piece the AnyRes packing (optional
+//!   `anyres_max_N` bilinear shrink, `image_newline` after each row). Keys:
+//!   `linear_{1,2}.*`, `image_newline`. See `llava_next.rs`.
 //!
 //! GELU is the exact (erf) one, torch's `nn.GELU()` default; LayerNorm uses
 //! torch's default epsilon 1e-5.
@@ -60,15 +64,20 @@ pub mod idefics2;
 use idefics2::Idefics2Connector;
 pub use idefics2::Idefics2ConnectorConfig;
 
+pub mod qwen2_vl;
+
+use qwen2_vl::Qwen2VlMerger;
+pub use qwen2_vl::Qwen2VlMergerConfig;
+
 pub mod idefics3;
 
 use idefics3::Idefics3Connector;
 pub use idefics3::Idefics3ConnectorConfig;
 
-pub mod qwen2_vl;
+pub mod llava_next;
 
-use qwen2_vl::Qwen2VlMerger;
-pub use qwen2_vl::Qwen2VlMergerConfig;
+use llava_next::LlavaNextProjector;
+pub use llava_next::LlavaNextProjectorConfig;
 
 /// torch's `nn.LayerNorm` default epsilon.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -106,19 +115,23 @@ pub enum ProjectorSpec {
     /// Idefics2's connector: SwiGLU projection, then a perceiver resampler to
     /// `resampler_n_latents` positions.
     Idefics2Connector(Idefics2ConnectorConfig),
+    /// Qwen2-VL's patch merger: `spatial_merge_size²` rows into one position.
+    Qwen2VlMerger(Qwen2VlMergerConfig),
     /// Idefics3's connector: pixel shuffle by `scale_factor`, then one linear
     /// (no bias): `side²` positions in, `side² / scale_factor²` out.
     Idefics3Connector(Idefics3ConnectorConfig),
-    /// Qwen2-VL's patch merger: `spatial_merge_size²` rows into one position.
-    Qwen2VlMerger(Qwen2VlMergerConfig),
+    /// LLaVA-NeXT / OneVision: per-position MLP, AnyRes grid packing.
+    LlavaNext(LlavaNextProjectorConfig),
 }
 
 /// Kind name of [`ProjectorSpec::Idefics2Connector`].
 const IDEFICS2_CONNECTOR: &str = "idefics2_connector";
-/// Kind name of [`ProjectorSpec::Idefics3Connector`].
-const IDEFICS3_CONNECTOR: &str = "idefics3_connector";
 /// Kind name of [`ProjectorSpec::Qwen2VlMerger`].
 const QWEN2_VL_MERGER: &str = "qwen2_vl_merger";
+/// Kind name of [`ProjectorSpec::Idefics3Connector`].
+const IDEFICS3_CONNECTOR: &str = "idefics3_connector";
+/// Kind name of [`ProjectorSpec::LlavaNext`].
+const LLAVA_NEXT: &str = "llava_next";
 
 impl ProjectorSpec {
     /// The spec's kind name as written in configs: `linear`, `mlp2x_gelu`,
@@ -131,8 +144,9 @@ impl ProjectorSpec {
             ProjectorSpec::ResBlock => "resblock".to_string(),
             ProjectorSpec::LinearResBlock => "linear_resblock".to_string(),
             ProjectorSpec::Idefics2Connector(_) => IDEFICS2_CONNECTOR.to_string(),
-            ProjectorSpec::Idefics3Connector(_) => IDEFICS3_CONNECTOR.to_string(),
             ProjectorSpec::Qwen2VlMerger(_) => QWEN2_VL_MERGER.to_string(),
+            ProjectorSpec::Idefics3Connector(_) => IDEFICS3_CONNECTOR.to_string(),
+            ProjectorSpec::LlavaNext(_) => LLAVA_NEXT.to_string(),
         }
     }
 
@@ -143,10 +157,10 @@ impl ProjectorSpec {
         match self {
             ProjectorSpec::VectorMlp { num_tokens, .. } => *num_tokens,
             ProjectorSpec::Idefics2Connector(config) => config.resampler_n_latents,
+            ProjectorSpec::Qwen2VlMerger(config) => input_width / config.rows_per_output().max(1),
             ProjectorSpec::Idefics3Connector(config) => {
                 input_width / (config.scale_factor * config.scale_factor).max(1)
             }
-            ProjectorSpec::Qwen2VlMerger(config) => input_width / config.rows_per_output().max(1),
             _ => input_width,
         }
     }
@@ -165,6 +179,10 @@ impl ProjectorSpec {
                 None => Ok(()),
             },
             ProjectorSpec::Idefics3Connector(config) => match config.problem() {
+                Some(reason) => Err(Error::projector(kind, reason)),
+                None => Ok(()),
+            },
+            ProjectorSpec::LlavaNext(config) => match config.problem() {
                 Some(reason) => Err(Error::projector(kind, reason)),
                 None => Ok(()),
             },
@@ -239,16 +257,22 @@ impl FromStr for ProjectorSpec {
                     "needs the perceiver's parameters; write it as an object",
                 ))
             }
+            QWEN2_VL_MERGER => {
+                return Err(Error::projector(
+                    name,
+                    "needs spatial_merge_size; write it as an object",
+                ))
+            }
             IDEFICS3_CONNECTOR => {
                 return Err(Error::projector(
                     name,
                     "needs scale_factor; write it as an object",
                 ))
             }
-            QWEN2_VL_MERGER => {
+            LLAVA_NEXT => {
                 return Err(Error::projector(
                     name,
-                    "needs spatial_merge_size; write it as an object",
+                    "needs tile_grid; write it as an object",
                 ))
             }
             other => {
@@ -288,8 +312,9 @@ enum SpecParams {
         num_tokens: usize,
     },
     Idefics2(Idefics2ConnectorConfig),
-    Idefics3(Idefics3ConnectorConfig),
     Qwen2VlMerger(Qwen2VlMergerConfig),
+    Idefics3(Idefics3ConnectorConfig),
+    LlavaNext(LlavaNextProjectorConfig),
 }
 
 /// The object form as read: the kind, and every other field kept for the kind's
@@ -349,11 +374,15 @@ impl TryFrom<SpecInput> for ProjectorSpec {
                 serde_json::from_value(params)
                     .map_err(|e| Error::projector(&kind, e.to_string()))?,
             ),
+            QWEN2_VL_MERGER => ProjectorSpec::Qwen2VlMerger(
+                serde_json::from_value(params)
+                    .map_err(|e| Error::projector(&kind, e.to_string()))?,
+            ),
             IDEFICS3_CONNECTOR => ProjectorSpec::Idefics3Connector(
                 serde_json::from_value(params)
                     .map_err(|e| Error::projector(&kind, e.to_string()))?,
             ),
-            QWEN2_VL_MERGER => ProjectorSpec::Qwen2VlMerger(
+            LLAVA_NEXT => ProjectorSpec::LlavaNext(
                 serde_json::from_value(params)
                     .map_err(|e| Error::projector(&kind, e.to_string()))?,
             ),
@@ -387,8 +416,9 @@ impl From<ProjectorSpec> for SpecRepr {
                 num_tokens,
             }),
             ProjectorSpec::Idefics2Connector(config) => Some(SpecParams::Idefics2(config)),
-            ProjectorSpec::Idefics3Connector(config) => Some(SpecParams::Idefics3(config)),
             ProjectorSpec::Qwen2VlMerger(config) => Some(SpecParams::Qwen2VlMerger(config)),
+            ProjectorSpec::Idefics3Connector(config) => Some(SpecParams::Idefics3(config)),
+            ProjectorSpec::LlavaNext(config) => Some(SpecParams::LlavaNext(config)),
             _ => None,
         };
         SpecRepr {
@@ -457,8 +487,9 @@ enum ProjectorLayers {
     ResBlock(SimpleResBlock),
     LinearResBlock(Linear, SimpleResBlock),
     Idefics2(Idefics2Connector),
-    Idefics3(Idefics3Connector),
     Qwen2VlMerger(Qwen2VlMerger),
+    Idefics3(Idefics3Connector),
+    LlavaNext(LlavaNextProjector),
 }
 
 /// A projector module built from a [`ProjectorSpec`] and a var builder.
@@ -528,11 +559,14 @@ impl Projector {
             ProjectorSpec::Idefics2Connector(config) => ProjectorLayers::Idefics2(
                 Idefics2Connector::load(&config, feature_dim, hidden_size, vb)?,
             ),
+            ProjectorSpec::Qwen2VlMerger(config) => ProjectorLayers::Qwen2VlMerger(
+                Qwen2VlMerger::load(&config, feature_dim, hidden_size, vb)?,
+            ),
             ProjectorSpec::Idefics3Connector(config) => ProjectorLayers::Idefics3(
                 Idefics3Connector::load(&config, feature_dim, hidden_size, vb)?,
             ),
-            ProjectorSpec::Qwen2VlMerger(config) => ProjectorLayers::Qwen2VlMerger(
-                Qwen2VlMerger::load(&config, feature_dim, hidden_size, vb)?,
+            ProjectorSpec::LlavaNext(config) => ProjectorLayers::LlavaNext(
+                LlavaNextProjector::load(&config, feature_dim, hidden_size, vb)?,
             ),
         };
         Ok(Self {
@@ -566,6 +600,10 @@ impl Projector {
     /// width and returns `resampler_n_latents` positions, every position of every
     /// row taking part (see [`Projector::forward_masked`] for padded rows).
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        // LLaVA-NeXT's grid pieces are rank 4; its own forward checks shapes.
+        if let ProjectorLayers::LlavaNext(layers) = &self.layers {
+            return layers.forward(features);
+        }
         let features = self.check_features(features)?;
         self.forward_checked(&features, None)
     }
@@ -616,9 +654,10 @@ impl Projector {
     fn forward_checked(&self, features: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
         match &self.layers {
             ProjectorLayers::Idefics2(connector) => connector.forward(features, key_mask),
+            ProjectorLayers::Qwen2VlMerger(merger) => merger.forward(features),
             // Every crop is a full square grid; padded rows would change the shuffle.
             ProjectorLayers::Idefics3(connector) => connector.forward(features),
-            ProjectorLayers::Qwen2VlMerger(merger) => merger.forward(features),
+            ProjectorLayers::LlavaNext(layers) => layers.forward(features),
             ProjectorLayers::PerPosition(mlp) => mlp.forward(features),
             ProjectorLayers::ResBlock(block) => block.forward(features),
             ProjectorLayers::LinearResBlock(linear, block) => {

@@ -17,21 +17,25 @@
 //!   of any size and aspect ratio.
 //! - [`siglip_modality`]: the `vision_siglip` builder (Idefics2's images:
 //!   `<fake_token_around_image>`-wrapped crops, one piece per crop).
-//! - [`idefics3_processor`]: `Idefics3ImageProcessor`-equal preprocessing (also
-//!   SmolVLM's): longest-edge resize, `max_image_size` tiles + the whole image.
-//! - [`idefics3_modality`]: the `vision_idefics3` builder (Idefics3 / SmolVLM:
-//!   `<row_r_col_c>` tiles and `<global-img>`, pixel-shuffle connector).
+//! - [`anyres`], [`anyres_modality`]: LLaVA-NeXT / OneVision AnyRes tiles and the
+//!   `vision_anyres` builder (CLIP or plain SigLIP tower).
 //! - [`qwen2_vl_processor`]: `Qwen2VLImageProcessor`-equal preprocessing
 //!   (`smart_resize`, patch rows in merge-window order, `image_grid_thw`).
 //! - [`qwen2_vl`]: Qwen2-VL's vision tower (Conv3d patch embedding, 2-D rotary
 //!   attention), its patch merger being the core projector `qwen2_vl_merger`.
 //! - [`qwen2_vl_modality`]: the `vision_qwen2_vl` builder (`<|image_pad|>`:
 //!   one slot per merged patch, with its position grid).
+//! - [`idefics3_processor`]: `Idefics3ImageProcessor`-equal preprocessing (also
+//!   SmolVLM's): longest-edge resize, `max_image_size` tiles + the whole image.
+//! - [`idefics3_modality`]: the `vision_idefics3` builder (Idefics3 / SmolVLM:
+//!   `<row_r_col_c>` tiles and `<global-img>`, pixel-shuffle connector).
 
 // Tests may unwrap and panic: a failure there is the report.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod clip;
+pub mod anyres;
+pub mod anyres_modality;
 pub mod decode;
 pub mod error;
 pub mod idefics2_processor;
@@ -56,11 +60,11 @@ pub use processor::{ImageProcessorConfig, ResizeTo};
 pub use resample::{resize, resize_window, ResampleFilter, Window};
 pub use siglip::{navit_position_ids, SiglipVisionConfig, SiglipVisionTower};
 pub use siglip_modality::{VisionSiglip, VisionSiglipConfig, FAKE_IMAGE_TOKEN};
-pub use idefics3_modality::{PatchRule, VisionIdefics3, VisionIdefics3Config, GLOBAL_IMAGE_TOKEN};
-pub use idefics3_processor::{Idefics3ProcessorConfig, Idefics3Resize, Idefics3Tiles};
 pub use qwen2_vl::{vision_position_ids, Qwen2VisionConfig, Qwen2VisionTower};
 pub use qwen2_vl_modality::{VisionQwen2Vl, VisionQwen2VlConfig, QWEN2_VL_IMAGE_TOKEN};
 pub use qwen2_vl_processor::{smart_resize, Qwen2VlPatches, Qwen2VlProcessorConfig};
+pub use idefics3_modality::{PatchRule, VisionIdefics3, VisionIdefics3Config, GLOBAL_IMAGE_TOKEN};
+pub use idefics3_processor::{Idefics3ProcessorConfig, Idefics3Resize, Idefics3Tiles};
 
 /// Forces the linker to keep this crate's `inventory` registrations
 /// (`vision_clip`, `vision_clip_pool`, `vision_siglip`) in a binary: call it
@@ -68,6 +72,7 @@ pub use qwen2_vl_processor::{smart_resize, Qwen2VlPatches, Qwen2VlProcessorConfi
 pub fn link() {
     modality::keep_registration();
     siglip_modality::keep_registration();
-    idefics3_modality::keep_registration();
+    anyres_modality::keep_registration();
     qwen2_vl_modality::keep_registration();
+    idefics3_modality::keep_registration();
 }

@@ -350,7 +350,7 @@ fn read_tower_config(dir: &Path, key: Option<&str>) -> Result<ClipVisionConfig> 
 }
 
 /// Memory-maps every `*.safetensors` file of `dir`.
-fn open_weights(dir: &Path, context: &ModalityContext) -> Result<VarBuilder<'static>> {
+pub(crate) fn open_weights(dir: &Path, context: &ModalityContext) -> Result<VarBuilder<'static>> {
     let entries = std::fs::read_dir(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -345,6 +345,47 @@ impl SiglipVisionTower {
     }
 }
 
+/// A plain `SiglipVisionModel` (LLaVA-OneVision's tower): square images of the
+/// checkpoint's size, position ids `0..patches` in order (no NaViT buckets).
+impl SiglipVisionTower {
+    /// `hidden_states` as transformers returns them, up to `upto` layers: the
+    /// embeddings, then each layer's output (no `post_layernorm`), for
+    /// `pixels` `[batch, channels, image_size, image_size]`.
+    pub fn plain_hidden_states(&self, pixels: &Tensor, upto: usize) -> Result<Vec<Tensor>> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let cfg = &self.config;
+        if c != cfg.num_channels || h != cfg.image_size || w != cfg.image_size || b == 0 {
+            return Err(Error::config(
+                "SigLIP vision tower",
+                format!(
+                    "expects pixels [batch, {}, {s}, {s}], got {:?}",
+                    cfg.num_channels,
+                    pixels.dims(),
+                    s = cfg.image_size
+                ),
+            ));
+        }
+        let side = cfg.num_patches_per_side();
+        let (p, d) = (cfg.patch_size, cfg.hidden_size);
+        let patches = pixels
+            .to_dtype(self.position_embedding.dtype())?
+            .narrow(2, 0, side * p)?
+            .narrow(3, 0, side * p)?
+            .reshape((b, c, side, p, side, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * side * side, c * p * p))?;
+        let embeds = self.patch_embedding.forward(&patches)?.reshape((b, side * side, d))?;
+        let mut hidden = embeds.broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let mut states = vec![hidden.clone()];
+        for layer in self.layers.iter().take(upto) {
+            hidden = layer.forward(&hidden)?;
+            states.push(hidden.clone());
+        }
+        Ok(states)
+    }
+}
+
 fn ln_config(config: &SiglipVisionConfig) -> LayerNormConfig {
     LayerNormConfig {
         eps: config.layer_norm_eps,
