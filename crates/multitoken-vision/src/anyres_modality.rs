@@ -307,6 +307,10 @@ impl Modality for VisionAnyRes {
             .permute((0, 2, 1, 3, 4))?
             .reshape((tile_rows * g, tile_cols * g, dim))?;
         let (top, left, rows, cols) = self.geometry.unpadded(height, width);
+        if rows == 0 {
+            // An extremely wide image: transformers keeps no grid row (and no newline).
+            return Ok(vec![base]);
+        }
         let grid = grid.narrow(0, top, rows)?.narrow(1, left, cols)?.unsqueeze(0)?;
         Ok(vec![base, grid])
     }

@@ -106,7 +106,7 @@ impl LlavaNextProjector {
         match dims.len() {
             2 => self.mlp(&features.unsqueeze(1)?),
             3 => self.mlp(features),
-            4 if dims[0] == 1 && dims[1] > 0 && dims[2] > 0 => self.grid(&features.get(0)?),
+            4 if dims[0] == 1 && dims[1] > 0 => self.grid(&features.get(0)?),
             _ => Err(bad(format!(
                 "expects per-position features [n, width, {f}] or one grid [1, rows, cols, {f}], got {dims:?}",
                 f = self.feature_dim
@@ -116,6 +116,11 @@ impl LlavaNextProjector {
 
     fn grid(&self, grid: &Tensor) -> Result<Tensor> {
         let (rows, cols, feat) = grid.dims3()?;
+        if cols == 0 {
+            // An extremely tall image keeps no column: each row is its newline alone.
+            let newline = self.image_newline.to_dtype(grid.dtype())?.reshape((1, 1, self.hidden))?;
+            return Ok(newline.broadcast_as((1, rows, self.hidden))?.contiguous()?);
+        }
         let projected = self.mlp(&grid.reshape((rows * cols, feat))?)?.reshape((rows, cols, self.hidden))?;
         let (new_rows, new_cols) = self.config.pooled_size(rows, cols);
         let pooled = if (new_rows, new_cols) == (rows, cols) {
