@@ -22,7 +22,9 @@
 //!   "projector": {"kind": "idefics2_connector", ...},  // what `Modality::projector` reports;
 //!                                     // optional: else built from the tower dir's config.json
 //!                                     // (`perceiver_config` + `text_config.intermediate_size`)
-//!   "max_pixels": 89478485            // decompression-bomb limit; optional
+//!   "max_pixels": 89478485,           // decompression-bomb limit; optional
+//!   "patch_rule": "all"               // a patch is real when all (Idefics2, default) or any
+//!                                     // (Idefics3) of its pixels are
 //! }
 //! ```
 //!
@@ -47,7 +49,10 @@
 //! the tower's last hidden state for that crop's whole patches alone, which is
 //! what transformers' padded, masked batch gives at the real patches (a patch
 //! is real when **all** its pixels are, so a crop of `h × w` pixels has
-//! `⌊h/p⌋ × ⌊w/p⌋` patches and no padding pixel ever reaches the tower).
+//! `⌊h/p⌋ × ⌊w/p⌋` patches and no padding pixel ever reaches the tower; with
+//! `patch_rule: "any"` a patch touching one real pixel counts, up to the
+//! padded crop's whole patches, and its padding pixels enter as 0.0, as they do
+//! in transformers).
 //! Crops whose RGB values are all 0.0 are dropped, as transformers drops them
 //! as padding images.
 
@@ -61,6 +66,7 @@ use serde::Deserialize;
 
 use crate::decode::{decode_item_with, describe_item, DecodeLimits, Transparency};
 use crate::idefics2_processor::{pack_crops, Idefics2ProcessorConfig};
+use crate::idefics3_modality::PatchRule;
 use crate::modality::{IMAGES_KEY, IMAGE_TOKEN};
 use crate::processor::read_json;
 use crate::siglip::{SiglipVisionConfig, SiglipVisionTower};
@@ -97,6 +103,10 @@ pub struct VisionSiglipConfig {
     /// Decompression-bomb limit in pixels.
     #[serde(default)]
     pub max_pixels: Option<u64>,
+    /// Which patches of a padded crop are real: `"all"` of their pixels
+    /// (Idefics2, the default) or `"any"` (Idefics3's rule).
+    #[serde(default)]
+    pub patch_rule: Option<PatchRule>,
 }
 
 /// The Idefics2 SigLIP vision modality.
@@ -107,6 +117,7 @@ pub struct VisionSiglip {
     fake_image_token: String,
     projector: ProjectorSpec,
     limits: DecodeLimits,
+    patch_rule: PatchRule,
     device: Device,
     dtype: DType,
 }
@@ -153,6 +164,7 @@ impl VisionSiglip {
             fake_image_token,
             projector,
             limits,
+            patch_rule: config.patch_rule.unwrap_or(PatchRule::All),
             device: context.device.clone(),
             dtype: context.dtype,
         })
@@ -238,7 +250,8 @@ impl VisionSiglip {
     fn real_patches(&self, index: usize, mask: &[Vec<f32>], h: usize, w: usize) -> Result<(usize, usize)> {
         let p = self.tower.config().patch_size;
         let (grid_h, grid_w) = (h / p, w / p);
-        let real = |r: usize, c: usize| (r * p..(r + 1) * p).all(|y| mask[y][c * p..(c + 1) * p].iter().all(|&m| m > 0.5));
+        let rule = self.patch_rule;
+        let real = |r: usize, c: usize| rule.is_real((r * p..(r + 1) * p).flat_map(|y| mask[y][c * p..(c + 1) * p].iter().copied()));
         let rows = (0..grid_h).take_while(|&r| grid_w > 0 && real(r, 0)).count();
         let cols = (0..grid_w).take_while(|&c| grid_h > 0 && real(0, c)).count();
         if rows == 0 || cols == 0 {

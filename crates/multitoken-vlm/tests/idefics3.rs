@@ -246,3 +246,30 @@ fn bad_configs_are_named() -> TestResult {
     }
     Ok(())
 }
+
+/// `vision_siglip`'s `patch_rule`: Idefics2's "all" (default) counts a patch
+/// as real when all its pixels are, "any" (Idefics3's rule) when one is. The
+/// quarter crops of `a_40x30.png` in the Idefics2 `split` fixture are 28x28
+/// pixels padded to 40x30: 3x3 whole patches of 8, but 3x4 touched ones (the
+/// padded height allows only 3 patch rows).
+#[test]
+fn vision_siglip_patch_rule_is_a_config_option() -> TestResult {
+    multitoken_vision::link();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/idefics2/split");
+    let context = ModalityContext::new(Device::Cpu, candle_core::DType::F32, &dir);
+    let item = Item::Path(dir.join("../images/a_40x30.png"));
+    let mut patches = Vec::new();
+    for rule in [None, Some("all"), Some("any")] {
+        let config = match rule {
+            Some(rule) => serde_json::json!({"patch_rule": rule}),
+            None => serde_json::json!({}),
+        };
+        let modality = multitoken_core::build_modality("vision_siglip", &config, &context)?;
+        let pieces = modality.encode_item(&modality.preprocess(&item)?)?;
+        patches.push(pieces.iter().map(|p| p.dim(1)).collect::<Result<Vec<_>, _>>()?);
+    }
+    assert_eq!(patches[0], patches[1], "the default is Idefics2's rule");
+    assert_eq!(patches[1][0], 9, "{patches:?}");
+    assert_eq!(patches[2][0], 12, "{patches:?}");
+    Ok(())
+}
