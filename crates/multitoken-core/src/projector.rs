@@ -225,7 +225,11 @@ impl fmt::Display for ProjectorSpec {
                 c.rms_norm_eps
             ),
             ProjectorSpec::Qwen2VlMerger(c) => {
-                write!(f, "{QWEN2_VL_MERGER}(spatial_merge_size={})", c.spatial_merge_size)
+                let norm = match c.norm {
+                    qwen2_vl::MergerNorm::LayerNorm => "layer_norm",
+                    qwen2_vl::MergerNorm::RmsNorm => "rms_norm",
+                };
+                write!(f, "{QWEN2_VL_MERGER}(spatial_merge_size={}, norm={norm})", c.spatial_merge_size)
             }
             ProjectorSpec::Idefics3Connector(c) => {
                 write!(f, "{IDEFICS3_CONNECTOR}(scale_factor={})", c.scale_factor)

@@ -22,7 +22,8 @@
 //! - [`qwen2_vl_processor`]: `Qwen2VLImageProcessor`-equal preprocessing
 //!   (`smart_resize`, patch rows in merge-window order, `image_grid_thw`).
 //! - [`qwen2_vl`]: Qwen2-VL's vision tower (Conv3d patch embedding, 2-D rotary
-//!   attention), its patch merger being the core projector `qwen2_vl_merger`.
+//!   attention; Qwen2.5-VL's window attention, RMSNorm, gated MLP), its patch
+//!   merger being the core projector `qwen2_vl_merger`.
 //! - [`qwen2_vl_modality`]: the `vision_qwen2_vl` builder (`<|image_pad|>`:
 //!   one slot per merged patch, with its position grid).
 //! - [`idefics3_processor`]: `Idefics3ImageProcessor`-equal preprocessing (also
@@ -60,7 +61,7 @@ pub use processor::{ImageProcessorConfig, ResizeTo};
 pub use resample::{resize, resize_window, ResampleFilter, Window};
 pub use siglip::{navit_position_ids, SiglipVisionConfig, SiglipVisionTower};
 pub use siglip_modality::{VisionSiglip, VisionSiglipConfig, FAKE_IMAGE_TOKEN};
-pub use qwen2_vl::{vision_position_ids, Qwen2VisionConfig, Qwen2VisionTower};
+pub use qwen2_vl::{vision_position_ids, window_order, Qwen2VisionConfig, Qwen2VisionTower};
 pub use qwen2_vl_modality::{VisionQwen2Vl, VisionQwen2VlConfig, QWEN2_VL_IMAGE_TOKEN};
 pub use qwen2_vl_processor::{smart_resize, Qwen2VlPatches, Qwen2VlProcessorConfig};
 pub use idefics3_modality::{PatchRule, VisionIdefics3, VisionIdefics3Config, GLOBAL_IMAGE_TOKEN};

@@ -20,9 +20,20 @@
 //!   (`quick_gelu` by default), `fc2`, residual. No final norm: the merger
 //!   has its own.
 //!
+//! Qwen2.5-VL's tower (`Qwen2_5_VisionTransformerPretrainedModel`, Bai et al.
+//! 2025, "Qwen2.5-VL Technical Report") is the same with RMSNorms, a gated
+//! MLP (`down(act(gate(x)) · up(x))`, SiLU by default, biases) and window
+//! attention: the rows are put in window order ([`window_order`]:
+//! `window_size` pixels a side, cut at the image's edges) and every block not
+//! in `fullatt_block_indexes` attends within a window only; the order is
+//! undone after the last block, so the output rows are in merge-window order
+//! for either family (transformers undoes it after the merger instead, which
+//! is the same since the merger works on each window of `m²` rows alone).
+//!
 //! Keys under the var builder given to [`Qwen2VisionTower::load`] (the
 //! `visual` level): `patch_embed.proj.weight`, `blocks.{i}.{norm1,norm2}.*`,
-//! `blocks.{i}.attn.{qkv,proj}.*`, `blocks.{i}.mlp.{fc1,fc2}.*`. The products
+//! `blocks.{i}.attn.{qkv,proj}.*`, `blocks.{i}.mlp.{fc1,fc2}.*` (Qwen2.5-VL:
+//! `blocks.{i}.{norm1,norm2}.weight`, `blocks.{i}.mlp.{gate,up,down}_proj.*`). The products
 //! go through multitoken-kernels' threaded `Linear` (the residual sums inside,
 //! the activation fused) and its attention kernel, as CLIP's tower does.
 
@@ -37,26 +48,39 @@ use crate::{Error, Result};
 /// The blocks' LayerNorm epsilon (fixed in transformers).
 const LAYER_NORM_EPS: f64 = 1e-6;
 
-/// `Qwen2VLVisionConfig` as in a Qwen2-VL `config.json`'s `vision_config`;
-/// other fields (`model_type`, `initializer_range`, the hub's `in_chans` /
-/// `spatial_patch_size`, which transformers ignores too) are ignored.
+/// `Qwen2VLVisionConfig` (or Qwen2.5-VL's `Qwen2_5_VLVisionConfig`) as in a
+/// `config.json`'s `vision_config`; other fields (`initializer_range`,
+/// `tokens_per_second`, the hub's `in_chans` / `spatial_patch_size`, which
+/// transformers ignores too) are ignored.
+///
+/// The two families name the widths differently: Qwen2-VL's tower is
+/// `embed_dim` wide and `hidden_size` is the LM's; Qwen2.5-VL's tower is
+/// `hidden_size` wide and `out_hidden_size` is the LM's. [`Self::width`] and
+/// [`Self::out_width`] read the right ones; [`Self::is_qwen2_5`] tells them apart.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Qwen2VisionConfig {
     /// Blocks.
     #[serde(default = "default_depth", alias = "num_hidden_layers")]
     pub depth: usize,
-    /// Width of the tower's residual stream.
+    /// Qwen2-VL: width of the tower's residual stream.
     #[serde(default = "default_embed_dim")]
     pub embed_dim: usize,
-    /// Width of the merger's output: the LM's hidden size.
+    /// Qwen2-VL: the merger's output width (the LM's); Qwen2.5-VL: the tower's width.
     #[serde(default = "default_hidden_size")]
     pub hidden_size: usize,
-    /// MLP activation: `quick_gelu`, `gelu`, `gelu_pytorch_tanh` / `gelu_new`, `silu`.
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    /// MLP width as a multiple of `embed_dim` (`int(embed_dim · mlp_ratio)`).
+    /// Qwen2.5-VL: the merger's output width (the LM's).
+    #[serde(default)]
+    pub out_hidden_size: Option<usize>,
+    /// MLP activation: `quick_gelu` (Qwen2-VL's default), `silu` (Qwen2.5-VL's),
+    /// `gelu`, `gelu_pytorch_tanh` / `gelu_new`.
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    /// Qwen2-VL: MLP width as a multiple of the width (`int(embed_dim · mlp_ratio)`).
     #[serde(default = "default_mlp_ratio")]
     pub mlp_ratio: f64,
+    /// Qwen2.5-VL: width of the gated MLP (3420 by default).
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
     /// Attention heads.
     #[serde(default = "default_heads", alias = "num_attention_heads")]
     pub num_heads: usize,
@@ -78,10 +102,14 @@ pub struct Qwen2VisionConfig {
     /// Older configs' top-level θ.
     #[serde(default)]
     pub rope_theta: Option<f64>,
-    /// Qwen2.5-VL's marker (its tower has window attention and RMSNorm): refused.
+    /// Qwen2.5-VL: side of an attention window in pixels (112 by default).
     #[serde(default)]
-    pub fullatt_block_indexes: Option<serde_json::Value>,
-    /// `qwen2_vl_vision` (or the older `qwen2_vl`); Qwen2.5-VL's is refused.
+    pub window_size: Option<usize>,
+    /// Qwen2.5-VL: the blocks with full attention (the others attend within
+    /// windows); `[7, 15, 23, 31]` by default.
+    #[serde(default)]
+    pub fullatt_block_indexes: Option<Vec<usize>>,
+    /// `qwen2_vl_vision` (or the older `qwen2_vl`), `qwen2_5_vl_vision` (or `qwen2_5_vl`).
     #[serde(default)]
     pub model_type: Option<String>,
 }
@@ -94,9 +122,6 @@ fn default_embed_dim() -> usize {
 }
 fn default_hidden_size() -> usize {
     3584
-}
-fn default_act() -> String {
-    "quick_gelu".to_string()
 }
 fn default_mlp_ratio() -> f64 {
     4.0
@@ -124,8 +149,10 @@ impl Default for Qwen2VisionConfig {
             depth: default_depth(),
             embed_dim: default_embed_dim(),
             hidden_size: default_hidden_size(),
-            hidden_act: default_act(),
+            out_hidden_size: None,
+            hidden_act: None,
             mlp_ratio: default_mlp_ratio(),
+            intermediate_size: None,
             num_heads: default_heads(),
             in_channels: default_channels(),
             patch_size: default_patch(),
@@ -133,6 +160,7 @@ impl Default for Qwen2VisionConfig {
             temporal_patch_size: default_temporal(),
             rope_parameters: None,
             rope_theta: None,
+            window_size: None,
             fullatt_block_indexes: None,
             model_type: None,
         }
@@ -150,15 +178,85 @@ enum MlpActivation {
     Silu,
 }
 
+impl MlpActivation {
+    fn apply(self, linear: &Linear, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            MlpActivation::Fused(act) => linear.forward_with(x, act)?,
+            MlpActivation::GeluTanh => gelu_tanh(&linear.forward(x)?)?,
+            MlpActivation::Silu => linear.forward(x)?.silu()?,
+        })
+    }
+}
+
 impl Qwen2VisionConfig {
-    /// Width of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.embed_dim / self.num_heads.max(1)
+    /// Whether this is Qwen2.5-VL's tower (RMSNorm, gated MLP, window
+    /// attention): its `model_type`, or Qwen2.5-only fields.
+    pub fn is_qwen2_5(&self) -> bool {
+        match self.model_type.as_deref() {
+            Some(t) if t.starts_with("qwen2_5_vl") => true,
+            Some(t) if t.starts_with("qwen2_vl") => false,
+            _ => self.fullatt_block_indexes.is_some() || self.out_hidden_size.is_some() || self.window_size.is_some(),
+        }
     }
 
-    /// Width of the MLP: `int(embed_dim · mlp_ratio)`.
+    /// Width of the tower's residual stream (the merger's input rows).
+    pub fn width(&self) -> usize {
+        if self.is_qwen2_5() {
+            self.hidden_size
+        } else {
+            self.embed_dim
+        }
+    }
+
+    /// Width of the merger's output: the LM's hidden size.
+    pub fn out_width(&self) -> usize {
+        if self.is_qwen2_5() {
+            self.out_hidden_size.unwrap_or(3584)
+        } else {
+            self.hidden_size
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.width() / self.num_heads.max(1)
+    }
+
+    /// Width of the MLP: Qwen2.5-VL's `intermediate_size`, else `int(width · mlp_ratio)`.
     pub fn mlp_dim(&self) -> usize {
-        (self.embed_dim as f64 * self.mlp_ratio) as usize
+        if self.is_qwen2_5() {
+            self.intermediate_size.unwrap_or(3420)
+        } else {
+            (self.width() as f64 * self.mlp_ratio) as usize
+        }
+    }
+
+    /// The activation's name: given, else the family's default.
+    pub fn activation_name(&self) -> &str {
+        match &self.hidden_act {
+            Some(name) => name,
+            None if self.is_qwen2_5() => "silu",
+            None => "quick_gelu",
+        }
+    }
+
+    /// Qwen2.5-VL's attention windows, in merged patches per side
+    /// (`window_size / spatial_merge_size / patch_size`); `None` for Qwen2-VL.
+    pub fn window_units(&self) -> Option<usize> {
+        self.is_qwen2_5()
+            .then(|| self.window_size.unwrap_or(112) / self.spatial_merge_size.max(1) / self.patch_size.max(1))
+    }
+
+    /// Whether block `index` attends over whole frames (every Qwen2-VL block;
+    /// Qwen2.5-VL's `fullatt_block_indexes`), rather than within windows.
+    pub fn full_attention(&self, index: usize) -> bool {
+        if !self.is_qwen2_5() {
+            return true;
+        }
+        match &self.fullatt_block_indexes {
+            Some(list) => list.contains(&index),
+            None => [7, 15, 23, 31].contains(&index),
+        }
     }
 
     /// Width of one preprocessed row: `in_channels · temporal_patch_size · patch_size²`.
@@ -180,13 +278,10 @@ impl Qwen2VisionConfig {
     /// names the config in errors.
     pub fn validate(&self, what: &str) -> Result<()> {
         let bad = |reason: String| Err(Error::config(what, reason));
-        if self.fullatt_block_indexes.is_some() || self.model_type.as_deref() == Some("qwen2_5_vl") {
-            return bad("this is a Qwen2.5-VL vision config (window attention, RMSNorm, SwiGLU): not supported, only Qwen2-VL's tower is".into());
-        }
         let sizes = [
             ("depth", self.depth),
-            ("embed_dim", self.embed_dim),
-            ("hidden_size", self.hidden_size),
+            ("width (embed_dim, or Qwen2.5-VL's hidden_size)", self.width()),
+            ("output width (hidden_size, or Qwen2.5-VL's out_hidden_size)", self.out_width()),
             ("num_heads", self.num_heads),
             ("in_channels", self.in_channels),
             ("patch_size", self.patch_size),
@@ -196,18 +291,31 @@ impl Qwen2VisionConfig {
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be at least 1"));
         }
-        if !self.embed_dim.is_multiple_of(self.num_heads) {
-            return bad(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
+        if !self.width().is_multiple_of(self.num_heads) {
+            return bad(format!("the width {} is not divisible by num_heads {}", self.width(), self.num_heads));
         }
         // The rotary angles split a head in four (h and w halves, each twice).
         if !self.head_dim().is_multiple_of(4) {
             return bad(format!(
-                "the head width embed_dim / num_heads = {} must be a multiple of 4 for the 2-D rotary embedding",
+                "the head width {} (width / num_heads) must be a multiple of 4 for the 2-D rotary embedding",
                 self.head_dim()
             ));
         }
-        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_dim() == 0 {
+        if !self.is_qwen2_5() && !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) {
             return bad(format!("mlp_ratio must be a positive number, got {}", self.mlp_ratio));
+        }
+        if self.mlp_dim() == 0 {
+            return bad("the MLP width (intermediate_size, or width · mlp_ratio) must be at least 1".into());
+        }
+        if self.window_units() == Some(0) {
+            return bad(format!(
+                "window_size {} is smaller than one merged patch ({} pixels)",
+                self.window_size.unwrap_or(112),
+                self.spatial_merge_size * self.patch_size
+            ));
+        }
+        if let Some(index) = self.fullatt_block_indexes.iter().flatten().find(|&&i| i >= self.depth) {
+            return bad(format!("fullatt_block_indexes names block {index} but the tower has {} (depth)", self.depth));
         }
         let theta = self.rope_theta();
         if !(theta.is_finite() && theta > 0.0) {
@@ -227,7 +335,7 @@ impl Qwen2VisionConfig {
     }
 
     fn activation(&self) -> std::result::Result<MlpActivation, String> {
-        match self.hidden_act.as_str() {
+        match self.activation_name() {
             "quick_gelu" => Ok(MlpActivation::Fused(Activation::QuickGelu)),
             "gelu" => Ok(MlpActivation::Fused(Activation::Gelu)),
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Ok(MlpActivation::GeluTanh),
@@ -261,7 +369,37 @@ pub fn vision_position_ids(grid: [usize; 3], merge: usize) -> Vec<[u32; 2]> {
     ids
 }
 
-/// The Qwen2-VL vision transformer, merger excluded.
+/// Qwen2.5-VL's window attention order of one `[t, h, w]` patch grid
+/// (transformers' `get_vision_window_index`): the merged patches (`m × m`
+/// windows of rows) of each frame taken window by window — windows of
+/// `units × units` merged patches row-major, cut short at the right and
+/// bottom edges, the merged patches of a window row-major — and the length in
+/// rows of each window, in that order.
+pub fn window_order(grid: [usize; 3], merge: usize, units: usize) -> (Vec<usize>, Vec<usize>) {
+    let [t, h, w] = grid;
+    let merge = merge.max(1);
+    let units = units.max(1);
+    let (llm_h, llm_w) = (h / merge, w / merge);
+    let mut order = Vec::with_capacity(t * llm_h * llm_w);
+    let mut lengths = Vec::new();
+    for frame in 0..t {
+        let offset = frame * llm_h * llm_w;
+        for wy in 0..llm_h.div_ceil(units) {
+            for wx in 0..llm_w.div_ceil(units) {
+                let before = order.len();
+                for y in wy * units..((wy + 1) * units).min(llm_h) {
+                    for x in wx * units..((wx + 1) * units).min(llm_w) {
+                        order.push(offset + y * llm_w + x);
+                    }
+                }
+                lengths.push((order.len() - before) * merge * merge);
+            }
+        }
+    }
+    (order, lengths)
+}
+
+/// The Qwen2-VL (or Qwen2.5-VL) vision transformer, merger excluded.
 #[derive(Debug, Clone)]
 pub struct Qwen2VisionTower {
     config: Qwen2VisionConfig,
@@ -279,7 +417,7 @@ impl Qwen2VisionTower {
     /// mis-shaped tensor is an error naming its key.
     pub fn load(vb: VarBuilder, config: &Qwen2VisionConfig) -> Result<Self> {
         config.validate("Qwen2-VL vision config")?;
-        let d = config.embed_dim;
+        let d = config.width();
         let (c, t, p) = (config.in_channels, config.temporal_patch_size, config.patch_size);
         let weight = vb
             .get((d, c, t, p, p), "patch_embed.proj.weight")?
@@ -289,7 +427,7 @@ impl Qwen2VisionTower {
             .activation()
             .map_err(|reason| Error::config("Qwen2-VL vision config", reason))?;
         let blocks = (0..config.depth)
-            .map(|i| Block::load(config, act, vb.pp(format!("blocks.{i}"))))
+            .map(|i| Block::load(config, act, i, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: config.clone(),
@@ -308,8 +446,9 @@ impl Qwen2VisionTower {
 
     /// Encodes one image's (or video's) rows `[t · h · w, row_width]` of patch
     /// grid `[t, h, w]` (the processor's `pixel_values` and `image_grid_thw`
-    /// for one item): the last block's output, `[t · h · w, embed_dim]`, rows
-    /// in the input's merge-window order. Each frame attends to itself only.
+    /// for one item): the last block's output, `[t · h · w, width]`, rows in
+    /// the input's merge-window order (Qwen2.5-VL's window order undone, so
+    /// that its merger needs no reordering). Each frame attends to itself only.
     pub fn forward(&self, rows: &Tensor, grid: [usize; 3]) -> Result<Tensor> {
         let cfg = &self.config;
         let [t, h, w] = grid;
@@ -333,24 +472,50 @@ impl Qwen2VisionTower {
             ));
         }
         let rows = rows.to_device(&self.device)?.to_dtype(self.dtype)?;
-        // Frames as the batch: attention stays inside each one (cu_seqlens).
-        let mut hidden = self.patch_embed.forward(&rows)?.reshape((t, h * w, cfg.embed_dim))?;
-        let (cos, sin) = self.rotary(grid)?;
-        for block in &self.blocks {
-            hidden = block.forward(&hidden, &cos, &sin)?;
+        let mut hidden = self.patch_embed.forward(&rows)?;
+        let (mut cos, mut sin) = self.rotary(grid)?;
+        // Full attention: each frame alone. Windows (Qwen2.5-VL): rows put in
+        // window order, each window alone; undone after the last block.
+        let frames = vec![h * w; t];
+        let mut windows = None;
+        if let Some(units) = cfg.window_units() {
+            let (order, lengths) = window_order(grid, m, units);
+            let unit = m * m;
+            let rows_order: Vec<u32> = order.iter().flat_map(|&u| (u * unit..(u + 1) * unit).map(|r| r as u32)).collect();
+            let mut inverse = vec![0u32; n];
+            for (at, &r) in rows_order.iter().enumerate() {
+                inverse[r as usize] = at as u32;
+            }
+            let forward_ids = Tensor::from_vec(rows_order, n, &self.device)?;
+            hidden = hidden.index_select(&forward_ids, 0)?;
+            cos = cos.index_select(&forward_ids, 0)?;
+            sin = sin.index_select(&forward_ids, 0)?;
+            windows = Some((lengths, Tensor::from_vec(inverse, n, &self.device)?));
         }
-        Ok(hidden.reshape((n, cfg.embed_dim))?)
+        let mut hidden = hidden.unsqueeze(0)?;
+        for block in &self.blocks {
+            let segments = match (&windows, block.full) {
+                (Some((lengths, _)), false) => lengths.as_slice(),
+                _ => frames.as_slice(),
+            };
+            hidden = block.forward(&hidden, &cos, &sin, segments)?;
+        }
+        let hidden = hidden.squeeze(0)?;
+        Ok(match windows {
+            Some((_, inverse)) => hidden.index_select(&inverse, 0)?,
+            None => hidden,
+        })
     }
 
-    /// `cos` and `sin` `[h · w, 1, head_dim]` of one frame's rows (every frame
-    /// has the same positions), float32.
+    /// `cos` and `sin` `[t · h · w, 1, head_dim]` of the rows in
+    /// merge-window order, float32.
     fn rotary(&self, grid: [usize; 3]) -> Result<(Tensor, Tensor)> {
-        let [_, h, w] = grid;
-        let ids = vision_position_ids([1, h, w], self.config.spatial_merge_size);
+        let ids = vision_position_ids(grid, self.config.spatial_merge_size);
         let quarter = self.inv_freq.len();
         let head_dim = 4 * quarter;
-        let mut cos = Vec::with_capacity(ids.len() * head_dim);
-        let mut sin = Vec::with_capacity(ids.len() * head_dim);
+        let rows = ids.len();
+        let mut cos = Vec::with_capacity(rows * head_dim);
+        let mut sin = Vec::with_capacity(rows * head_dim);
         let mut angles = vec![0f32; 2 * quarter];
         for [y, x] in ids {
             for (i, f) in self.inv_freq.iter().enumerate() {
@@ -363,7 +528,6 @@ impl Qwen2VisionTower {
                 sin.extend(angles.iter().map(|&a| f64::from(a).sin() as f32));
             }
         }
-        let rows = h * w;
         Ok((
             Tensor::from_vec(cos, (rows, 1, head_dim), &self.device)?,
             Tensor::from_vec(sin, (rows, 1, head_dim), &self.device)?,
@@ -385,71 +549,153 @@ fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
         .collect()
 }
 
-fn ln_config() -> LayerNormConfig {
-    LayerNormConfig {
-        eps: LAYER_NORM_EPS,
-        ..Default::default()
+/// A block's norm: Qwen2-VL's LayerNorm or Qwen2.5-VL's RMSNorm, epsilon 1e-6.
+#[derive(Debug, Clone)]
+enum Norm {
+    Layer(LayerNorm),
+    Rms(Tensor),
+}
+
+impl Norm {
+    fn load(cfg: &Qwen2VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.width();
+        if cfg.is_qwen2_5() {
+            return Ok(Norm::Rms(vb.get(d, "weight")?));
+        }
+        let config = LayerNormConfig {
+            eps: LAYER_NORM_EPS,
+            ..Default::default()
+        };
+        Ok(Norm::Layer(layer_norm(d, config, vb)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Layer(ln) => Ok(norm(ln, x)?),
+            Norm::Rms(weight) => {
+                // Qwen2_5_VLRMSNorm: float32 statistics, weight applied in the input dtype.
+                let dtype = x.dtype();
+                if !x.track_op() && !weight.track_op() && dtype == DType::F32 {
+                    return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, LAYER_NORM_EPS as f32)?);
+                }
+                let x32 = x.to_dtype(DType::F32)?;
+                let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = x32.broadcast_div(&(variance + LAYER_NORM_EPS)?.sqrt()?)?.to_dtype(dtype)?;
+                Ok(normed.broadcast_mul(weight)?)
+            }
+        }
     }
 }
 
-/// One `Qwen2VLVisionBlock`.
+/// A block's MLP: Qwen2-VL's `fc2(act(fc1(x)))` or Qwen2.5-VL's
+/// `down(act(gate(x)) · up(x))`, all with biases.
+#[derive(Debug, Clone)]
+enum Mlp {
+    Plain { fc1: Linear, fc2: Linear },
+    Gated { gate: Linear, up: Linear, down: Linear },
+}
+
+/// One `Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock`.
 #[derive(Debug, Clone)]
 struct Block {
-    norm1: LayerNorm,
+    norm1: Norm,
     qkv: Linear,
     proj: Linear,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    norm2: Norm,
+    mlp: Mlp,
     heads: usize,
     act: MlpActivation,
+    /// Attends over whole frames (else within Qwen2.5-VL's windows).
+    full: bool,
 }
 
 impl Block {
-    fn load(cfg: &Qwen2VisionConfig, act: MlpActivation, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.embed_dim;
-        let mlp = cfg.mlp_dim();
+    fn load(cfg: &Qwen2VisionConfig, act: MlpActivation, index: usize, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.width();
+        let inner = cfg.mlp_dim();
+        let mlp = if cfg.is_qwen2_5() {
+            Mlp::Gated {
+                gate: Linear::load(&vb.pp("mlp.gate_proj"), d, inner, true)?,
+                up: Linear::load(&vb.pp("mlp.up_proj"), d, inner, true)?,
+                down: Linear::load(&vb.pp("mlp.down_proj"), inner, d, true)?,
+            }
+        } else {
+            Mlp::Plain {
+                fc1: Linear::load(&vb.pp("mlp.fc1"), d, inner, true)?,
+                fc2: Linear::load(&vb.pp("mlp.fc2"), inner, d, true)?,
+            }
+        };
         Ok(Self {
-            norm1: layer_norm(d, ln_config(), vb.pp("norm1"))?,
+            norm1: Norm::load(cfg, vb.pp("norm1"))?,
             qkv: Linear::load(&vb.pp("attn.qkv"), d, 3 * d, true)?,
             proj: Linear::load(&vb.pp("attn.proj"), d, d, true)?,
-            norm2: layer_norm(d, ln_config(), vb.pp("norm2"))?,
-            fc1: Linear::load(&vb.pp("mlp.fc1"), d, mlp, true)?,
-            fc2: Linear::load(&vb.pp("mlp.fc2"), mlp, d, true)?,
+            norm2: Norm::load(cfg, vb.pp("norm2"))?,
+            mlp,
             heads: cfg.num_heads,
             act,
+            full: cfg.full_attention(index),
         })
     }
 
-    /// `x` `[frames, rows, d]`; `cos`, `sin` `[rows, 1, head_dim]`.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (frames, rows, d) = x.dims3()?;
+    /// `x` `[1, rows, d]`; `cos`, `sin` `[rows, 1, head_dim]`; attention
+    /// within each of the consecutive `segments` (lengths in rows).
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, segments: &[usize]) -> Result<Tensor> {
+        let (_, rows, d) = x.dims3()?;
         let head_dim = d / self.heads;
-        let h = norm(&self.norm1, x)?;
+        let h = self.norm1.forward(x)?;
         let qkv = self.qkv.forward(&h)?;
         let rotate = |part: usize| -> Result<Tensor> {
-            let t = qkv.narrow(D::Minus1, part * d, d)?.reshape((frames, rows, self.heads, head_dim))?;
-            Ok(apply_rotary(&t, cos, sin)?.reshape((frames, rows, d))?)
+            let t = qkv.narrow(D::Minus1, part * d, d)?.reshape((rows, self.heads, head_dim))?;
+            Ok(apply_rotary(&t, cos, sin)?.reshape((1, rows, d))?)
         };
         let q = rotate(0)?;
         let k = rotate(1)?;
         let v = qkv.narrow(D::Minus1, 2 * d, d)?;
         let scale = (head_dim as f64).powf(-0.5);
-        let attn = multitoken_kernels::attention(&q, &k, &v, self.heads, scale, None)?;
+        let attn = segmented_attention(&q, &k, &v, self.heads, scale, segments)?;
         // The residual sums are formed inside the products (one pass less each).
         let x = self.proj.forward_residual(&attn, x)?;
-        let h = norm(&self.norm2, &x)?;
-        let h = match self.act {
-            MlpActivation::Fused(act) => self.fc1.forward_with(&h, act)?,
-            MlpActivation::GeluTanh => gelu_tanh(&self.fc1.forward(&h)?)?,
-            MlpActivation::Silu => self.fc1.forward(&h)?.silu()?,
-        };
-        Ok(self.fc2.forward_residual(&h, &x)?)
+        let h = self.norm2.forward(&x)?;
+        match &self.mlp {
+            Mlp::Plain { fc1, fc2 } => Ok(fc2.forward_residual(&self.act.apply(fc1, &h)?, &x)?),
+            Mlp::Gated { gate, up, down } => {
+                let gated = (self.act.apply(gate, &h)? * up.forward(&h)?)?;
+                Ok(down.forward_residual(&gated, &x)?)
+            }
+        }
     }
 }
 
-/// `x · cos + rotate_half(x) · sin` over the last axis of `x` `[frames, rows,
-/// heads, head_dim]`, in float32 (`apply_rotary_pos_emb_vision`), cast back.
+/// Attention of `[1, rows, d]` rows within each consecutive segment (the
+/// `cu_seqlens` of transformers): segments of one length as one batch, else
+/// one call per segment.
+fn segmented_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, segments: &[usize]) -> Result<Tensor> {
+    let (_, rows, d) = q.dims3()?;
+    if segments.iter().sum::<usize>() != rows {
+        return Err(Error::config(
+            "Qwen2-VL vision tower",
+            format!("attention segments cover {} rows, not {rows}", segments.iter().sum::<usize>()),
+        ));
+    }
+    if let Some(&len) = segments.first() {
+        if segments.iter().all(|&l| l == len) {
+            let batch = |t: &Tensor| t.reshape((segments.len(), len, d));
+            let out = multitoken_kernels::attention(&batch(q)?, &batch(k)?, &batch(v)?, heads, scale, None)?;
+            return Ok(out.reshape((1, rows, d))?);
+        }
+    }
+    let mut outputs = Vec::with_capacity(segments.len());
+    let mut start = 0;
+    for &len in segments {
+        let part = |t: &Tensor| t.narrow(1, start, len);
+        outputs.push(multitoken_kernels::attention(&part(q)?, &part(k)?, &part(v)?, heads, scale, None)?);
+        start += len;
+    }
+    Ok(Tensor::cat(&outputs, 1)?)
+}
+
+/// `x · cos + rotate_half(x) · sin` over the last axis of `x` `[rows, heads,
+/// head_dim]`, in float32 (`apply_rotary_pos_emb_vision`), cast back.
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;

@@ -1,5 +1,6 @@
-//! The `vision_qwen2_vl` modality: Qwen2-VL's images (`<|image_pad|>`, data
-//! key `images`) through its vision tower, registered with the core registry.
+//! The `vision_qwen2_vl` modality: Qwen2-VL's (and Qwen2.5-VL's) images
+//! (`<|image_pad|>`, data key `images`) through its vision tower, registered
+//! with the core registry.
 //!
 //! Builder config (the `config` of a `multitoken.json` modality entry; an
 //! importer writes it from a Qwen2-VL `config.json`):
@@ -18,6 +19,7 @@
 //!   "image_token": "<|image_pad|>",   // the text token of one image; optional
 //!   "projector": {"kind": "qwen2_vl_merger", "spatial_merge_size": 2},  // optional: else the
 //!                                     // merger with the tower config's spatial_merge_size
+//!                                     // (and `"norm": "rms_norm"` for a Qwen2.5-VL tower)
 //!   "max_pixels": 89478485            // decompression-bomb limit of the decoder; optional
 //! }
 //! ```
@@ -40,7 +42,7 @@
 //! processor's `pixel_values` rows of the image, whose leading axes carry the
 //! patch grid (`image_grid_thw`); flattened over them the rows are in
 //! transformers' merge-window order, not raster order.
-//! [`Modality::encode_item`] gives one `[1, t·h·w, embed_dim]` piece: the
+//! [`Modality::encode_item`] gives one `[1, t·h·w, width]` piece: the
 //! tower's output before the merger, which the `qwen2_vl_merger` projector
 //! maps to `t·h·w / m²` LM positions.
 
@@ -123,7 +125,7 @@ impl VisionQwen2Vl {
         check_processor_fits(&processor, &tower_config)?;
         let projector = match config.projector {
             Some(spec) => spec,
-            None => merger_spec(tower_config.spatial_merge_size)?,
+            None => merger_spec(&tower_config)?,
         };
         projector.validate()?;
         if let ProjectorSpec::Qwen2VlMerger(merger) = projector {
@@ -183,7 +185,7 @@ impl VisionQwen2Vl {
         }
     }
 
-    /// Encodes one preprocessed item `[t, h, w, row]`: `[1, t·h·w, embed_dim]`.
+    /// Encodes one preprocessed item `[t, h, w, row]`: `[1, t·h·w, width]`.
     fn encode_one(&self, preprocessed: &Tensor) -> Result<Tensor> {
         let dims = preprocessed.dims();
         let &[t, h, w, width] = dims else {
@@ -215,7 +217,7 @@ impl Modality for VisionQwen2Vl {
         }
     }
     fn feature_dim(&self) -> usize {
-        self.tower.config().embed_dim
+        self.tower.config().width()
     }
     fn preprocess(&self, item: &Item) -> multitoken_core::Result<Tensor> {
         // Qwen2VLImageProcessor's convert_to_rgb composites transparency on white.
@@ -228,7 +230,7 @@ impl Modality for VisionQwen2Vl {
         Ok(Tensor::from_vec(patches.values, (t, h, w, patches.row_width), &Device::Cpu)?)
     }
     /// A batch of preprocessed items of one grid, `[items, t, h, w, row]`:
-    /// `[items, t·h·w, embed_dim]`, each image attending to itself only.
+    /// `[items, t·h·w, width]`, each image attending to itself only.
     fn encode(&self, batch: &Tensor) -> multitoken_core::Result<Tensor> {
         if batch.rank() != 5 {
             return Err(Error::config(
@@ -282,9 +284,13 @@ multitoken_core::inventory::submit! {
     ModalityBuilder { name: NAME, build }
 }
 
-/// `{"kind": "qwen2_vl_merger", "spatial_merge_size": m}`.
-fn merger_spec(merge: usize) -> Result<ProjectorSpec> {
-    let spec = serde_json::json!({"kind": "qwen2_vl_merger", "spatial_merge_size": merge});
+/// `{"kind": "qwen2_vl_merger", "spatial_merge_size": m}`, with `"norm":
+/// "rms_norm"` for Qwen2.5-VL.
+fn merger_spec(tower: &Qwen2VisionConfig) -> Result<ProjectorSpec> {
+    let mut spec = serde_json::json!({"kind": "qwen2_vl_merger", "spatial_merge_size": tower.spatial_merge_size});
+    if tower.is_qwen2_5() {
+        spec["norm"] = "rms_norm".into();
+    }
     serde_json::from_value(spec).map_err(|e| Error::config(NAME, format!("projector: {e}")))
 }
 
@@ -351,8 +357,14 @@ const PREFIXES: [&str; 4] = ["visual", "model.visual", "", "model.model.visual"]
 /// The tensors a tower of `config` reads, relative to its prefix.
 fn tower_keys(config: &Qwen2VisionConfig) -> Vec<String> {
     let mut keys = vec!["patch_embed.proj.weight".to_string()];
+    let (norms, mlp): (&[&str], &[&str]) = if config.is_qwen2_5() {
+        (&["norm1.weight", "norm2.weight"], &["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+    } else {
+        (&["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"], &["mlp.fc1", "mlp.fc2"])
+    };
     for i in 0..config.depth {
-        for module in ["norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] {
+        keys.extend(norms.iter().map(|n| format!("blocks.{i}.{n}")));
+        for module in ["attn.qkv", "attn.proj"].iter().chain(mlp) {
             for param in ["weight", "bias"] {
                 keys.push(format!("blocks.{i}.{module}.{param}"));
             }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use multitoken_core::{build_modality, Item, LayoutPart, Modality, ModalityContext, Projector, ProjectorSpec};
-use multitoken_vision::{decode_item, smart_resize, vision_position_ids, DecodeLimits, Qwen2VlProcessorConfig};
+use multitoken_vision::{decode_item, smart_resize, vision_position_ids, window_order, DecodeLimits, Qwen2VlProcessorConfig};
 use serde_json::json;
 
 fn dir() -> PathBuf {
@@ -177,6 +177,48 @@ fn tower_and_merger_match_transformers() {
 }
 
 #[test]
+fn qwen2_5_tower_and_merger_match_transformers() {
+    let root = dir().join("qwen2_5");
+    let expected = load(&root.join("expected.safetensors"));
+    let modality = build_modality("vision_qwen2_vl", &json!({}), &ModalityContext::cpu_f32(&root)).unwrap();
+    assert_eq!(modality.feature_dim(), 32);
+    let spec = modality.projector();
+    assert_eq!(spec.to_string(), "qwen2_vl_merger(spatial_merge_size=2, norm=rms_norm)");
+    let files = [root.join("model.safetensors")];
+    // SAFETY: the fixture file is not modified while the test runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }.unwrap();
+    let merger = Projector::load(spec, 32, 24, vb.pp("visual.merger")).unwrap();
+    for (i, name) in ["land_61x37.png", "port_29x70.png", "tiny_9x6.png", "big_203x117.png"].iter().enumerate() {
+        let item = Item::Path(image(name));
+        let grid = grid_of(&expected[&format!("img{i}.grid")]);
+        let pre = modality.preprocess(&item).unwrap();
+        let rows = pre.reshape((grid.iter().product::<usize>(), 96)).unwrap();
+        assert!(max_diff(&rows, &expected[&format!("img{i}.pixels")]) <= 1e-5, "{name}: pixel values");
+        let pieces = modality.encode_item(&pre).unwrap();
+        let diff = max_diff(&pieces[0].squeeze(0).unwrap(), &expected[&format!("img{i}.hidden")]);
+        assert!(diff <= 1e-4, "{name}: Qwen2.5-VL tower output max abs diff {diff}");
+        let slots = grid.iter().product::<usize>() / 4;
+        let merged = multitoken_core::project_item(&merger, &pieces, DType::F32, slots).unwrap();
+        let diff = max_diff(&merged, &expected[&format!("img{i}.merged")]);
+        assert!(diff <= 1e-4, "{name}: Qwen2.5-VL merger output max abs diff {diff}");
+        assert_eq!(modality.layout(&item).unwrap().grid(), Some([grid[0], grid[1] / 2, grid[2] / 2]));
+    }
+}
+
+#[test]
+fn windows_follow_transformers_order() {
+    // 5x8 merged patches in windows of 2: 3 rows x 4 columns of windows, the
+    // last row of windows one merged patch tall.
+    let (order, lengths) = window_order([1, 10, 16], 2, 2);
+    assert_eq!(lengths, vec![16, 16, 16, 16, 16, 16, 16, 16, 8, 8, 8, 8]);
+    assert_eq!(&order[..8], &[0, 1, 8, 9, 2, 3, 10, 11]);
+    assert_eq!(&order[32..], &[32, 33, 34, 35, 36, 37, 38, 39]);
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..40).collect::<Vec<_>>());
+}
+
+#[test]
 fn batches_of_one_grid_encode_as_single_items() {
     let modality = modality();
     let a = modality.preprocess(&Item::Path(image("land_61x37.png"))).unwrap();
@@ -247,13 +289,15 @@ fn bad_configs_and_inputs_give_clear_errors() {
     // The processor must cut the tower's patches.
     let error = error_of(build_modality("vision_qwen2_vl", &json!({"image_processor": {"patch_size": 14}}), &context));
     assert!(error.contains("patch_size is 14") && error.contains("tower's is 4"), "{error}");
-    // Qwen2.5-VL's tower is refused by name.
-    let error = error_of(build_modality(
-        "vision_qwen2_vl",
-        &json!({"tower_config": {"fullatt_block_indexes": [7], "patch_size": 4, "embed_dim": 32, "num_heads": 2}}),
-        &context,
-    ));
-    assert!(error.contains("Qwen2.5-VL"), "{error}");
+    // Qwen2.5-VL: blocks named in fullatt_block_indexes must exist; windows hold a merged patch.
+    let mut vision = read_json(&dir().join("qwen2_5/config.json"))["vision_config"].clone();
+    vision["fullatt_block_indexes"] = json!([1, 3]);
+    let error = error_of(build_modality("vision_qwen2_vl", &json!({"tower": "qwen2_5", "tower_config": vision}), &context));
+    assert!(error.contains("block 3"), "{error}");
+    let mut vision = read_json(&dir().join("qwen2_5/config.json"))["vision_config"].clone();
+    vision["window_size"] = json!(7);
+    let error = error_of(build_modality("vision_qwen2_vl", &json!({"tower": "qwen2_5", "tower_config": vision}), &context));
+    assert!(error.contains("window_size 7"), "{error}");
     // A bad activation names itself.
     let mut vision = read_json(&dir().join("config.json"))["vision_config"].clone();
     vision["hidden_act"] = json!("relu6");

@@ -9,10 +9,14 @@
 //! merge-window order) joined into one vector, then `Linear(feature_dim · m²,
 //! feature_dim · m²)`, exact GELU, `Linear(feature_dim · m², hidden)`.
 //!
+//! Qwen2.5-VL's `Qwen2_5_VLPatchMerger` is the same with an RMSNorm for
+//! `ln_q` (`"norm": "rms_norm"`; float32 statistics, no bias).
+//!
 //! Keys under the projector's var builder (the `merger` level of a Qwen2-VL
-//! checkpoint): `ln_q.{weight,bias}`, `mlp.0.{weight,bias}`, `mlp.2.{weight,bias}`.
+//! checkpoint): `ln_q.{weight,bias}` (`ln_q.weight` with RMSNorm),
+//! `mlp.0.{weight,bias}`, `mlp.2.{weight,bias}`.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +33,26 @@ pub struct Qwen2VlMergerConfig {
     /// Side of the square window of rows merged into one (the vision config's
     /// `spatial_merge_size`, 2 in every Qwen2-VL checkpoint).
     pub spatial_merge_size: usize,
+    /// `ln_q`'s kind: `layer_norm` (Qwen2-VL, the default) or `rms_norm` (Qwen2.5-VL).
+    #[serde(default, skip_serializing_if = "MergerNorm::is_layer_norm")]
+    pub norm: MergerNorm,
+}
+
+/// The norm a patch merger applies to each row first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergerNorm {
+    /// torch's `LayerNorm` with a bias (Qwen2-VL).
+    #[default]
+    LayerNorm,
+    /// `Qwen2_5_VLRMSNorm` (Qwen2.5-VL).
+    RmsNorm,
+}
+
+impl MergerNorm {
+    fn is_layer_norm(&self) -> bool {
+        *self == MergerNorm::LayerNorm
+    }
 }
 
 impl Qwen2VlMergerConfig {
@@ -46,7 +70,7 @@ impl Qwen2VlMergerConfig {
 /// The merger's layers.
 #[derive(Debug, Clone)]
 pub(super) struct Qwen2VlMerger {
-    ln_q: LayerNorm,
+    ln_q: RowNorm,
     fc1: Linear,
     fc2: Linear,
     rows: usize,
@@ -59,7 +83,10 @@ impl Qwen2VlMerger {
         let merged_width = feature_dim * rows;
         let ln_config = LayerNormConfig { eps: MERGER_LN_EPS, ..Default::default() };
         Ok(Self {
-            ln_q: candle_nn::layer_norm(feature_dim, ln_config, vb.pp("ln_q"))?,
+            ln_q: match config.norm {
+                MergerNorm::LayerNorm => RowNorm::Layer(candle_nn::layer_norm(feature_dim, ln_config, vb.pp("ln_q"))?),
+                MergerNorm::RmsNorm => RowNorm::Rms(vb.pp("ln_q").get(feature_dim, "weight")?),
+            },
             fc1: candle_nn::linear(merged_width, merged_width, vb.pp("mlp.0"))?,
             fc2: candle_nn::linear(merged_width, hidden_size, vb.pp("mlp.2"))?,
             rows,
@@ -81,10 +108,37 @@ impl Qwen2VlMerger {
                 ),
             ));
         }
-        let normed = layer_norm(&self.ln_q, features)?;
+        let normed = self.ln_q.forward(features)?;
         let grouped = normed.reshape((n, width / self.rows, self.merged_width))?;
         let hidden = self.fc1.forward(&grouped)?.gelu_erf()?;
         Ok(self.fc2.forward(&hidden)?)
+    }
+}
+
+/// The merger's `ln_q`.
+#[derive(Debug, Clone)]
+enum RowNorm {
+    Layer(LayerNorm),
+    /// An RMSNorm's weight.
+    Rms(Tensor),
+}
+
+impl RowNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            RowNorm::Layer(ln) => layer_norm(ln, xs),
+            RowNorm::Rms(weight) => {
+                // Qwen2_5_VLRMSNorm: float32 statistics, weight applied in the input dtype.
+                let dtype = xs.dtype();
+                if !xs.track_op() && !weight.track_op() && dtype == DType::F32 {
+                    return Ok(candle_nn::ops::rms_norm(&xs.contiguous()?, weight, MERGER_LN_EPS as f32)?);
+                }
+                let x32 = xs.to_dtype(DType::F32)?;
+                let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = x32.broadcast_div(&(variance + MERGER_LN_EPS)?.sqrt()?)?.to_dtype(dtype)?;
+                Ok(normed.broadcast_mul(weight)?)
+            }
+        }
     }
 }
 
