@@ -195,7 +195,8 @@ pub fn check_processor(cfg: &LlavaNextConfig, processor: &ProcessorSettings) -> 
                     .and_then(Value::as_u64)
                     .unwrap_or(cfg.vision_count("image_size")? as u64);
                 let extra = p.get("num_additional_image_tokens").and_then(Value::as_u64).unwrap_or(0);
-                let default = p.get("vision_feature_select_strategy").and_then(Value::as_str) != Some("full");
+                // LlavaNextProcessor subtracts one only for an explicit `default`.
+                let default = p.get("vision_feature_select_strategy").and_then(Value::as_str) == Some("default");
                 Some(((side / patch).pow(2) + extra).saturating_sub(u64::from(default)))
             }
             _ => None,
@@ -275,4 +276,36 @@ pub fn load_llava_next(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> 
         // The processors tokenise the rendered chat with the tokenizer's BOS.
         chat_leading_special_tokens: LeadingSpecialTokens::AddOnceIfMissing,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn check(family: &str, processor: Value) -> std::result::Result<(), String> {
+        let cfg = LlavaNextConfig::from_value(&json!({"model_type": family}), Path::new("config.json")).unwrap();
+        let settings = ProcessorSettings {
+            image_processor: json!({"crop_size": {"height": 336, "width": 336}}),
+            processor,
+            path: "processor_config.json".into(),
+        };
+        check_processor(&cfg, &settings).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_processors_token_arithmetic_must_match_the_tower() {
+        // CLIP 336 / 14: 576 base features.
+        assert!(check("llava_next", json!({"patch_size": 14})).is_ok());
+        assert!(check("llava_next", json!({"patch_size": 14, "num_additional_image_tokens": 1,
+                                           "vision_feature_select_strategy": "default"})).is_ok());
+        let err = check("llava_next", json!({"patch_size": 14, "vision_feature_select_strategy": "default"})).unwrap_err();
+        assert!(err.contains("575") && err.contains("576"), "{err}");
+        assert!(check("llava_next", Value::Null).is_ok());
+        // SigLIP 384 / 14: 27 x 27.
+        assert!(check("llava_onevision", json!({"num_image_tokens": 729, "vision_aspect_ratio": "anyres_max_9"})).is_ok());
+        assert!(check("llava_onevision", json!({"num_image_tokens": 576})).is_err());
+        assert!(check("llava_onevision", json!({"num_image_tokens": 729, "vision_aspect_ratio": "anyres_max_4"})).is_err());
+    }
 }
