@@ -426,7 +426,17 @@ impl ChatTemplate {
 }
 
 /// Part types of the modality tokens, as transformers' processors name them.
-const PART_TOKENS: [(&str, &str); 4] = [("<image>", "image"), ("<video>", "video"), ("<audio>", "audio"), ("<speech>", "audio")];
+/// Qwen2-VL's image token, alone or with the `<|vision_start|>` /
+/// `<|vision_end|>` its template writes around it, is an image part too (the
+/// server writes a model's own modality token for an `image_url` part).
+const PART_TOKENS: [(&str, &str); 6] = [
+    ("<image>", "image"),
+    ("<video>", "video"),
+    ("<audio>", "audio"),
+    ("<speech>", "audio"),
+    ("<|vision_start|><|image_pad|><|vision_end|>", "image"),
+    ("<|image_pad|>", "image"),
+];
 
 /// Messages with their content split at modality tokens into typed parts: the
 /// structured content a processor's template expects (`"Compare <image>"` →

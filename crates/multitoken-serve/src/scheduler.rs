@@ -51,6 +51,10 @@ pub struct Job {
     pub embeds: Tensor,
     /// The ids behind them (for the repetition penalty).
     pub prompt_ids: Vec<u32>,
+    /// `[3, 1, t]` multimodal rotary positions of the prompt (Qwen2-VL's
+    /// M-RoPE, [`multitoken_lm::multimodal::MultimodalModel::positions`]);
+    /// `None`: plain positions.
+    pub positions: Option<Tensor>,
     /// Sampling, stop strings, EOS ids, token budget.
     pub params: GenerationParams,
     /// Where text and the end go; a closed channel frees the slot.
@@ -242,7 +246,7 @@ impl Worker {
         let mut own = KvCache::new(self.model.num_layers());
         let logits = self
             .model
-            .forward_embeds(&job.embeds, None, &mut own, LogitsSelection::Last)?;
+            .forward_embeds_at(&job.embeds, None, &mut own, LogitsSelection::Last, job.positions.as_ref())?;
         let mut logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let token = row.sampler.sample(&mut logits, &row.seen)?;
         Ok(match self.accept(&mut row, token)? {

@@ -191,7 +191,7 @@ impl AppState {
         };
         let deadline = Instant::now() + limits.request_timeout;
         let state = self.clone();
-        let (embeds, prompt_ids) = tokio::task::spawn_blocking(move || state.embed(&request))
+        let (embeds, prompt_ids, positions) = tokio::task::spawn_blocking(move || state.embed(&request))
             .await
             .map_err(|e| Error::Internal(format!("preparing the request: {e}")))??;
         let prompt_tokens = prompt_ids.len();
@@ -199,6 +199,7 @@ impl AppState {
         self.scheduler.submit(Job {
             embeds,
             prompt_ids,
+            positions,
             params,
             events: tx,
             deadline,
@@ -209,8 +210,10 @@ impl AppState {
         })
     }
 
-    /// Items read and checked, ids prepared, embeddings with items spliced in.
-    fn embed(&self, request: &GenerationRequest) -> Result<(candle_core::Tensor, Vec<u32>)> {
+    /// Items read and checked, ids prepared, embeddings with items spliced in,
+    /// and the prompt's M-RoPE positions when the model reads them.
+    #[allow(clippy::type_complexity)]
+    fn embed(&self, request: &GenerationRequest) -> Result<(candle_core::Tensor, Vec<u32>, Option<candle_core::Tensor>)> {
         let mut items = ItemsByKey::new();
         for item in &request.items {
             self.token_for(&item.data_key, &item.what)?;
@@ -236,6 +239,10 @@ impl AppState {
             .model
             .embed(&prepared, &items)
             .map_err(|e| Error::bad_request(format!("reading the items: {e}")))?;
-        Ok((embeds, prepared.input_ids))
+        let positions = self
+            .model
+            .positions(&prepared)
+            .map_err(|e| Error::Internal(format!("the prompt's positions: {e}")))?;
+        Ok((embeds, prepared.input_ids, positions))
     }
 }

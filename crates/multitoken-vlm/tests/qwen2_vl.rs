@@ -216,3 +216,64 @@ fn exported_directory_gives_the_same_ids() -> TestResult {
     }
     Ok(())
 }
+
+/// In a chat message, `<image>`, Qwen2-VL's own `<|image_pad|>` (what the
+/// server writes for an `image_url` part) and the whole
+/// `<|vision_start|><|image_pad|><|vision_end|>` all stand for one image part.
+#[test]
+fn every_spelling_of_an_image_in_a_chat_message_is_one_image_part() -> TestResult {
+    let model = load("model")?;
+    let items = items(&["land_61x37.png".to_string()]);
+    let ids = |text: &str| model.prepare_chat(&[Message::user(text)], &items).map(|p| p.input_ids);
+    let want = ids("<image>What?")?;
+    assert_eq!(ids("<|image_pad|>What?")?, want);
+    assert_eq!(ids("<|vision_start|><|image_pad|><|vision_end|>What?")?, want);
+    Ok(())
+}
+
+/// Two prompts with different shifts in one left-padded batch (as the server
+/// and transformers batch them): the prompt at its `[3, 2, seq]` positions
+/// with the attention mask, then each step without positions; every row
+/// decodes transformers' greedy ids.
+#[test]
+fn a_left_padded_batch_decodes_each_row_at_its_own_shift() -> TestResult {
+    let expected = expected()?;
+    let model = load("model")?;
+    let lm = model.language_model();
+    let picked: Vec<&Case> = [0usize, 2].iter().filter_map(|&i| expected.cases.get(i)).collect();
+    let mut rows = Vec::new();
+    for case in &picked {
+        let items = items(&case.images);
+        let prepared = model.prepare_raw(&case.prompt, &items)?;
+        rows.push((model.embed(&prepared, &items)?, prepared.rope_positions()));
+    }
+    let seq = rows.iter().map(|(_, p)| p.len()).max().ok_or("no rows")?;
+    let hidden = lm.hidden_size();
+    let mut embeds = Vec::new();
+    let mut mask = Vec::new();
+    for (row, positions) in &rows {
+        let pad = seq - positions.len();
+        let zeros = Tensor::zeros((1, pad, hidden), row.dtype(), row.device())?;
+        embeds.push(Tensor::cat(&[&zeros, row], 1)?);
+        mask.extend(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, positions.len())));
+    }
+    let embeds = Tensor::cat(&embeds, 0)?;
+    let mask = Tensor::from_vec(mask, (rows.len(), seq), lm.device())?;
+    let positions = multitoken_core::RopePositions::batch_tensor(&rows.iter().map(|(_, p)| p).collect::<Vec<_>>(), seq, lm.device())?;
+    let mut cache = KvCache::new(lm.num_layers());
+    let mut logits = lm.forward_embeds_at(&embeds, Some(&mask), &mut cache, LogitsSelection::Last, Some(&positions))?;
+    assert_eq!(cache.position_shift, Some(picked.iter().map(|c| c.rope_delta).collect()));
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+    for _ in 0..expected.new_tokens {
+        let next: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        for (row, id) in got.iter_mut().zip(&next) {
+            row.push(*id);
+        }
+        let ids = Tensor::from_vec(next, (rows.len(), 1), lm.device())?;
+        logits = lm.forward_embeds(&lm.embed_tokens(&ids)?, None, &mut cache, LogitsSelection::Last)?;
+    }
+    for (case, ids) in picked.iter().zip(&got) {
+        assert_eq!(ids, &case.greedy_ids, "{:?}", case.images);
+    }
+    Ok(())
+}
