@@ -42,6 +42,10 @@ pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 /// The largest aspect ratio `smart_resize` accepts.
 const MAX_ASPECT_RATIO: f64 = 200.0;
 
+/// The most pixels a resized image may have: twice Pillow's decompression-bomb
+/// limit (a config asking for more would exhaust memory, not fail cleanly).
+const MAX_RESIZED_PIXELS: u64 = 2 * 89_478_485;
+
 /// Every preprocessing setting of a Qwen2-VL image processor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2VlProcessorConfig {
@@ -344,8 +348,9 @@ impl Qwen2VlProcessorConfig {
 /// aspect ratio kept as closely as possible. Python's float arithmetic
 /// throughout (`round` to even, `floor`, `ceil`, true division).
 ///
-/// Fails on an aspect ratio over 200 (transformers raises) and when the bounds
-/// leave no room for one `factor × factor` block.
+/// Fails on an aspect ratio over 200 (transformers raises), when the bounds
+/// leave no room for one `factor × factor` block, and past
+/// twice Pillow's decompression-bomb limit in pixels.
 pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: u64, max_pixels: u64) -> Result<(usize, usize)> {
     if height == 0 || width == 0 || factor == 0 {
         return Err(Error::config(
@@ -373,7 +378,16 @@ pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: u64,
         h_bar = (hf * beta / ff).ceil() * ff;
         w_bar = (wf * beta / ff).ceil() * ff;
     }
-    if !(h_bar >= ff && w_bar >= ff && h_bar.is_finite() && w_bar.is_finite() && h_bar * w_bar <= (1u64 << 40) as f64) {
+    if h_bar * w_bar > MAX_RESIZED_PIXELS as f64 {
+        return Err(Error::config(
+            "image",
+            format!(
+                "a {width}x{height} image resizes to {w_bar}x{h_bar} pixels with min_pixels {min_pixels}, \
+                 more than {MAX_RESIZED_PIXELS}; lower min_pixels / max_pixels"
+            ),
+        ));
+    }
+    if !(h_bar >= ff && w_bar >= ff && h_bar.is_finite() && w_bar.is_finite()) {
         return Err(Error::config(
             "image",
             format!(

@@ -283,6 +283,14 @@ fn bad_configs_and_inputs_give_clear_errors() {
     // An aspect ratio over 200, refused as transformers refuses it.
     let error = error_of(modality.preprocess(&Item::Bytes(png(402, 2))));
     assert!(error.contains("aspect ratio") && error.contains("402x2"), "{error}");
+    // A resize past memory is refused, not attempted.
+    let error = error_of(build_modality(
+        "vision_qwen2_vl",
+        &json!({"image_processor": {"min_pixels": 1u64 << 40, "max_pixels": 1u64 << 41, "patch_size": 4}}),
+        &context,
+    )
+    .and_then(|m| m.preprocess(&Item::Bytes(png(8, 8)))));
+    assert!(error.contains("lower min_pixels"), "{error}");
     // A tiny image grows to min_pixels; a 1x1 one too.
     let pre = modality.preprocess(&Item::Bytes(png(1, 1))).unwrap();
     assert_eq!(pre.dims(), &[1, 4, 4, 96]);
