@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use multitoken_core::{
     build_modality, encode_item, is_text_modality, project_item, span_embeddings, splice_embeddings, Item, ItemsByKey, KvCache,
-    LogitsSelection, ModalityContext, PreparedInput, Projector, IGNORE_INDEX,
+    LogitsSelection, ModalityContext, PreparedInput, Projector, RopePositions, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
 use multitoken_lm::lora::{LoraDropout, LoraLayer};
@@ -588,12 +588,28 @@ impl TrainableModel {
             .map(|(p, items)| self.embed(p, items))
             .collect::<Result<Vec<_>>>()?;
         let labels: Vec<&[i64]> = rows.iter().map(|(p, _)| p.labels.as_slice()).collect();
-        self.loss_from_embeds(&embeds, &labels)
+        // Qwen2-VL: rows with position grids train at their M-RoPE positions, as
+        // transformers' forward computes them (get_rope_index) from the grids.
+        let lm = self.mm.language_model();
+        let positions: Option<Vec<RopePositions>> = (lm.takes_positions() && rows.iter().any(|(p, _)| p.has_position_grids()))
+            .then(|| rows.iter().map(|(p, _)| p.rope_positions()).collect());
+        self.loss_from_embeds_at(&embeds, &labels, positions.as_deref())
     }
 
     /// The loss of [`TrainableModel::loss`] from per-row input embeddings
     /// `[1, len, hidden]` and their unshifted labels.
     pub fn loss_from_embeds(&self, rows: &[Tensor], labels: &[&[i64]]) -> Result<(Tensor, usize)> {
+        self.loss_from_embeds_at(rows, labels, None)
+    }
+
+    /// [`TrainableModel::loss_from_embeds`] with each row's M-RoPE positions
+    /// (one per row, for an LM that reads them; padding after each row).
+    pub fn loss_from_embeds_at(
+        &self,
+        rows: &[Tensor],
+        labels: &[&[i64]],
+        positions: Option<&[RopePositions]>,
+    ) -> Result<(Tensor, usize)> {
         let lm = self.mm.language_model();
         let lens = rows
             .iter()
@@ -645,7 +661,12 @@ impl TrainableModel {
         let embeds = Tensor::cat(&embeds, 0)?;
         let mut cache = KvCache::new(lm.num_layers());
         // Positions first..max_len; the last predicts nothing.
-        let logits = lm.forward_embeds(&embeds, None, &mut cache, LogitsSelection::Tail(predicted + 1))?;
+        let positions = match positions {
+            Some(rows_positions) => Some(right_padded_positions(rows_positions, max_len, embeds.device())?),
+            None => None,
+        };
+        let logits =
+            lm.forward_embeds_at(&embeds, None, &mut cache, LogitsSelection::Tail(predicted + 1), positions.as_ref())?;
         let (b, _, vocab) = logits.dims3()?;
         let logits = logits
             .narrow(1, 0, predicted)?
@@ -747,6 +768,23 @@ impl TrainableModel {
 /// Feeds the names and bytes of the regular files directly in `dir` (sorted)
 /// that `keep` accepts to `h`; unreadable entries are skipped (loading the
 /// encoder reports them).
+/// `[3, rows, len]` positions with each row's padding after it (position 0:
+/// right padding is never attended to by real positions).
+fn right_padded_positions(rows: &[RopePositions], len: usize, device: &Device) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(3 * rows.len() * len);
+    for stream in 0..3 {
+        for row in rows {
+            let have = &row.streams[stream];
+            if have.len() > len {
+                return Err(Error::Config(format!("a row has {} positions for {len} tokens", have.len())));
+            }
+            data.extend_from_slice(have);
+            data.extend(std::iter::repeat_n(0u32, len - have.len()));
+        }
+    }
+    Ok(Tensor::from_vec(data, (3, rows.len(), len), device)?)
+}
+
 fn hash_files(dir: &Path, h: &mut impl std::hash::Hasher, keep: impl Fn(&Path) -> bool) {
     use std::hash::Hash;
     use std::io::Read;
