@@ -164,10 +164,12 @@ fn tower_and_merger_match_transformers() {
         assert_eq!(pieces.len(), 1);
         let hidden = pieces[0].squeeze(0).unwrap();
         let diff = max_diff(&hidden, &expected[&format!("img{i}.hidden")]);
+        eprintln!("{name}: tower output max abs diff {diff}");
         assert!(diff <= 1e-4, "{name}: tower output max abs diff {diff}");
 
         let merged = multitoken_core::project_item(&merger, &pieces, DType::F32, grid.iter().product::<usize>() / 4).unwrap();
         let diff = max_diff(&merged, &expected[&format!("img{i}.merged")]);
+        eprintln!("{name}: merger output max abs diff {diff}");
         assert!(diff <= 1e-4, "{name}: merger output max abs diff {diff}");
 
         let layout = modality.layout(&item).unwrap();
@@ -196,10 +198,12 @@ fn qwen2_5_tower_and_merger_match_transformers() {
         assert!(max_diff(&rows, &expected[&format!("img{i}.pixels")]) <= 1e-5, "{name}: pixel values");
         let pieces = modality.encode_item(&pre).unwrap();
         let diff = max_diff(&pieces[0].squeeze(0).unwrap(), &expected[&format!("img{i}.hidden")]);
+        eprintln!("{name}: Qwen2.5-VL tower output max abs diff {diff}");
         assert!(diff <= 1e-4, "{name}: Qwen2.5-VL tower output max abs diff {diff}");
         let slots = grid.iter().product::<usize>() / 4;
         let merged = multitoken_core::project_item(&merger, &pieces, DType::F32, slots).unwrap();
         let diff = max_diff(&merged, &expected[&format!("img{i}.merged")]);
+        eprintln!("{name}: Qwen2.5-VL merger output max abs diff {diff}");
         assert!(diff <= 1e-4, "{name}: Qwen2.5-VL merger output max abs diff {diff}");
         assert_eq!(modality.layout(&item).unwrap().grid(), Some([grid[0], grid[1] / 2, grid[2] / 2]));
     }
