@@ -534,3 +534,29 @@ fn rope_positions_follow_get_rope_index() {
     let rows = tensor.get(2).and_then(|t| t.to_vec2::<u32>()).ok();
     assert_eq!(rows, Some(vec![vec![0, 0, 1, 2, 1, 2], vec![0, 0, 0, 1, 2, 3]]));
 }
+
+/// Images of a 1x2x3 grid (Qwen2-VL-like), one run of six slots each.
+struct GriddedImages;
+
+impl LayoutSource for GriddedImages {
+    fn layout(&self, _modality: usize, _item: &Item) -> Result<ItemLayout> {
+        ItemLayout::new(vec![LayoutPart::Text("<|im_end|>".into()), LayoutPart::Slots(6)])?.with_grid([1, 2, 3])
+    }
+}
+
+#[test]
+fn item_grids_reach_the_spans_and_the_rope_positions() -> Result<()> {
+    let gridded = preparer(tokenizer_with_bos(), "mistral", PreparerConfig::default())?.with_layouts(std::sync::Arc::new(GriddedImages));
+    let got = gridded.prepare_text("Compare <image> then", &items(&[("images", 1)]))?;
+    // <s> Compare <|im_end|> then six slots, then "then".
+    assert_eq!(got.spans.len(), 1);
+    assert_eq!((got.spans[0].start, got.spans[0].grid), (3, Some([1, 2, 3])));
+    assert!(got.has_position_grids());
+    let positions = got.rope_positions();
+    assert_eq!(positions.streams[1], [0, 1, 2, 3, 3, 3, 4, 4, 4, 6]);
+    assert_eq!(positions.streams[2], [0, 1, 2, 3, 4, 5, 3, 4, 5, 6]);
+    assert_eq!(positions.delta, 7 - 10);
+    let plain = preparer(tokenizer_with_bos(), "mistral", PreparerConfig::default())?.prepare_text("Compare <image>", &items(&[("images", 1)]))?;
+    assert!(!plain.has_position_grids());
+    Ok(())
+}
