@@ -20,7 +20,7 @@ use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 
-use super::builder_config;
+use super::{add_tokenizer_tokens, builder_config};
 use super::config::Idefics3Config;
 use super::VISION_BUILDER;
 use crate::idefics2::export::{copy_if_present, io_error, map_checkpoint, write_json, write_tensors, LM_FILES, PROCESSOR_FILES};
@@ -84,13 +84,15 @@ pub fn export_idefics3(dir: &Path, out: &Path) -> Result<()> {
         copy_if_present(&dir.join(file), &out.join(file))?;
     }
     let spec = cfg.connector_spec();
+    let mut config = builder_config(&cfg, "vision", "vision_model");
+    add_tokenizer_tokens(&mut config, dir);
     let manifest = json!({
         "base_model": "lm",
         // The processor tokenises the rendered chat with the tokenizer's leading tokens.
         "chat_adds_bos": true,
         "modalities": [{
             "builder": VISION_BUILDER,
-            "config": builder_config(&cfg, "vision", "vision_model"),
+            "config": config,
             "projector": spec,
             "projector_prefix": "connector",
         }],

@@ -36,8 +36,10 @@ use config::Idefics3Config;
 
 /// The registry name of the tower the importer builds.
 pub const VISION_BUILDER: &str = "vision_idefics3";
-/// The text tokens every Idefics3 image prompt uses.
-pub const REQUIRED_TOKENS: [&str; 3] = ["<fake_token_around_image>", "<image>", "<global-img>"];
+/// The tokens `Idefics3Processor` adds to its tokenizer, which every image
+/// prompt uses (`<global-img>` and `<row_r_col_c>` are plain text to a
+/// tokenizer without them, for transformers as for us).
+pub const REQUIRED_TOKENS: [&str; 2] = ["<fake_token_around_image>", "<image>"];
 
 multitoken_core::inventory::submit! {
     MultimodalImporter { name: "idefics3", detect: is_idefics3_dir, load: load_for_registry, export: export_for_registry }
@@ -75,6 +77,25 @@ pub(crate) fn builder_config(cfg: &Idefics3Config, tower: &str, weights_prefix: 
     })
 }
 
+/// SmolVLM's processor takes its fake-image and global-image tokens from the
+/// tokenizer's named special tokens when it has them (`extra_special_tokens`
+/// of `tokenizer_config.json`, transformers 5; or top-level keys), else the
+/// defaults: copy them into the builder config.
+pub(crate) fn add_tokenizer_tokens(builder: &mut Value, dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else {
+        return;
+    };
+    let Ok(config) = serde_json::from_str::<Value>(&text) else {
+        return;
+    };
+    for key in ["fake_image_token", "global_image_token"] {
+        let named = config.get("extra_special_tokens").and_then(|extra| extra.get(key)).or_else(|| config.get(key));
+        if let (Some(Value::String(token)), Value::Object(map)) = (named, &mut *builder) {
+            map.insert(key.to_string(), Value::String(token.clone()));
+        }
+    }
+}
+
 /// Loads an Idefics3 / SmolVLM directory: the Llama LM, the `<image>`
 /// modality with its connector, and the chat template (the checkpoint's, else
 /// the built-in `idefics2` one, which Idefics3 shares).
@@ -101,7 +122,9 @@ pub fn load_idefics3(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
     let text_hidden = lm.model.hidden_size();
     let vision_hidden = cfg.vision_hidden_size()?;
     let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
-    let modality = build_modality(VISION_BUILDER, &builder_config(&cfg, ".", &layout.vision_prefix()), &context)
+    let mut builder = builder_config(&cfg, ".", &layout.vision_prefix());
+    add_tokenizer_tokens(&mut builder, dir);
+    let modality = build_modality(VISION_BUILDER, &builder, &context)
         .map_err(|e| Error::Config {
             path: config_path.clone(),
             message: format!("the Idefics3 vision tower (`{VISION_BUILDER}`): {e}"),
