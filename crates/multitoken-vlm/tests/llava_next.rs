@@ -1,7 +1,8 @@
 //! LLaVA-NeXT and LLaVA-OneVision parity: `MultimodalModel::load` on the tiny
 //! random checkpoints of `xtask/fixtures/llava_next.py` (CLIP + llama, CLIP +
 //! mistral with two feature layers and no projector bias, SigLIP + Qwen2 with
-//! `anyres_max_2` pooling; zero, one and two images of several sizes, modes
+//! `anyres_max_2` pooling, SigLIP 30 px / patch 7 with two layers, `anyres_max_1`,
+//! a tied head and the hub's processor files; zero, one and two images of several sizes, modes
 //! and aspect ratios, a chat case) must give transformers' prompt ids (the
 //! processor's token count per image), the projected image features, the
 //! last-position logits (within 1e-4) and the greedy ids.
@@ -143,8 +144,13 @@ fn llava_onevision_with_anyres_max_pooling_matches_transformers() -> TestResult 
 }
 
 #[test]
+fn onevision_with_an_odd_tower_size_two_layers_and_a_tied_head_matches_transformers() -> TestResult {
+    check_model("ov_odd")
+}
+
+#[test]
 fn tiles_and_packed_features_match_get_image_features() -> TestResult {
-    for name in ["next", "next_ml", "ov"] {
+    for name in ["next", "next_ml", "ov", "ov_odd"] {
         check_intermediates(name)?;
     }
     Ok(())
