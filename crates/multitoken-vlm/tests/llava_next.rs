@@ -199,3 +199,35 @@ fn image_count_mismatch_is_a_clear_error() -> TestResult {
     assert!(err.contains('1') && err.contains('2'), "{err}");
     Ok(())
 }
+
+/// The tower's selected features of every tile (feature layer(s), strategy)
+/// against the projector's input in transformers, from transformers' own
+/// pixel values.
+#[test]
+fn tower_features_match_transformers() -> TestResult {
+    use multitoken_vlm::llava_next::config::{LlavaNextConfig, ProcessorSettings};
+    for name in ["next", "next_ml", "ov", "ov_odd"] {
+        let dir = fixtures().join(name);
+        let cfg = LlavaNextConfig::read(&dir.join("config.json"))?;
+        let processor = ProcessorSettings::read(&dir, cfg.family)?;
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)?;
+        let prefix = if weights.contains_key("vision_tower.vision_model.embeddings.patch_embedding.weight") {
+            "vision_tower.vision_model"
+        } else {
+            "vision_tower"
+        };
+        let builder = multitoken_vlm::llava_next::builder_config(&cfg, &processor, ".", prefix)?;
+        let config: multitoken_vision::anyres_modality::VisionAnyResConfig = serde_json::from_value(builder)?;
+        let context = multitoken_core::ModalityContext::new(candle_core::Device::Cpu, DType::F32, &dir);
+        let modality = multitoken_vision::anyres_modality::VisionAnyRes::from_config(&config, &context)?;
+        let tensors = candle_core::safetensors::load(dir.join("intermediates.safetensors"), &candle_core::Device::Cpu)?;
+        for index in [1, 2] {
+            let got = modality.tile_features(&tensors[&format!("case{index}.pixel_values")])?;
+            let want = &tensors[&format!("case{index}.selected")];
+            assert_eq!(got.dims(), want.dims(), "{name} case {index}");
+            let diff = max_diff(&got, want)?;
+            assert!(diff < 1e-4, "{name} case {index}: tower features differ by {diff}");
+        }
+    }
+    Ok(())
+}
