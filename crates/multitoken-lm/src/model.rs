@@ -214,9 +214,21 @@ impl CausalLm {
         embeds: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        self.forward_embeds_with_hidden_states_at(embeds, attention_mask, None)
+    }
+
+    /// [`CausalLm::forward_embeds_with_hidden_states`] at explicit M-RoPE
+    /// positions `[3, batch, seq]` (see [`LanguageModel::forward_embeds_at`]).
+    pub fn forward_embeds_with_hidden_states_at(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        positions: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut hidden = Vec::with_capacity(self.layers.len() + 1);
         let mut cache = KvCache::new(self.layers.len());
-        let logits = self.forward_collecting(embeds, attention_mask, &mut cache, LogitsSelection::All, Some(&mut hidden), None)?;
+        let logits =
+            self.forward_collecting(embeds, attention_mask, &mut cache, LogitsSelection::All, Some(&mut hidden), positions)?;
         if let Some(last) = hidden.last_mut() {
             *last = self.norm.forward(last)?;
         }

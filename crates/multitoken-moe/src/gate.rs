@@ -243,7 +243,9 @@ pub fn train_gates(dir: &Path, prompts_path: &Path, cfg: &TrainGateConfig) -> Re
             .collect();
         let prepared = mm.prepare_raw(&row.text, &items)?;
         let embeds = mm.embed(&prepared, &items)?;
-        let (_, hidden) = model.forward_embeds_with_hidden_states(&embeds, None)?;
+        // Qwen2-VL prompts with images run at their M-RoPE positions.
+        let positions = mm.positions(&prepared)?;
+        let (_, hidden) = model.forward_embeds_with_hidden_states_at(&embeds, None, positions.as_ref())?;
         let pooled: Vec<Tensor> = hidden
             .iter()
             .map(|h| h.to_dtype(DType::F32)?.mean(1)?.squeeze(0))
