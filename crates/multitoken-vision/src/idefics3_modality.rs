@@ -397,7 +397,7 @@ fn resolve_seq_len(
         ));
     };
     let s = connector.scale_factor;
-    if side == 0 || side % s != 0 {
+    if side == 0 || !side.is_multiple_of(s) {
         return Err(Error::config(
             "vision_idefics3",
             format!(

@@ -274,7 +274,7 @@ fn check_size(width: usize, height: usize) -> Result<()> {
 /// `_resize_output_size_rescale_to_max_len` (min_len 1): `(width, height)`.
 fn rescale_to_max_len(width: usize, height: usize, max_len: usize) -> (usize, usize) {
     let aspect = width as f64 / height as f64;
-    let even = |x: usize| if x % 2 != 0 { x + 1 } else { x };
+    let even = |x: usize| if x.is_multiple_of(2) { x } else { x + 1 };
     let (w, h) = if width >= height {
         (max_len, even((max_len as f64 / aspect) as usize))
     } else {

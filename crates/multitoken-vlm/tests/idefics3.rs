@@ -228,7 +228,8 @@ fn edited_config(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Result
 fn bad_configs_are_named() -> TestResult {
     multitoken_vision::link();
     multitoken_vlm::link();
-    let checks: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let checks: Vec<(&str, Edit, &str)> = vec![
         // 4x4 patches per tile cannot be shuffled by 3.
         ("scale3", Box::new(|c| c["scale_factor"] = serde_json::json!(3)), "scale_factor 3"),
         // The connector's input width no longer matches the tower.

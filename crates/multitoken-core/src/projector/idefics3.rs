@@ -63,7 +63,7 @@ impl Idefics3Connector {
 pub fn pixel_shuffle(x: &Tensor, s: usize) -> Result<Tensor> {
     let (n, seq, d) = x.dims3()?;
     let side = (seq as f64).sqrt().round() as usize;
-    if side * side != seq || s == 0 || side % s != 0 {
+    if side * side != seq || s == 0 || !side.is_multiple_of(s) {
         return Err(Error::projector(
             "idefics3_connector",
             format!(
