@@ -2,7 +2,7 @@
 //! random checkpoints of `xtask/fixtures/llava_next.py` (CLIP + llama, CLIP +
 //! mistral with two feature layers and no projector bias, SigLIP + Qwen2 with
 //! `anyres_max_2` pooling, SigLIP 30 px / patch 7 with two layers, `anyres_max_1`,
-//! a tied head and the hub's processor files; zero, one and two images of several sizes, modes
+//! a tied head and the hub's processor files, CLIP + phi; zero, one and two images of several sizes, modes
 //! and aspect ratios, a chat case) must give transformers' prompt ids (the
 //! processor's token count per image), the projected image features, the
 //! last-position logits (within 1e-4) and the greedy ids.
@@ -149,8 +149,13 @@ fn onevision_with_an_odd_tower_size_two_layers_and_a_tied_head_matches_transform
 }
 
 #[test]
+fn llava_next_over_phi_matches_transformers() -> TestResult {
+    check_model("next_phi")
+}
+
+#[test]
 fn tiles_and_packed_features_match_get_image_features() -> TestResult {
-    for name in ["next", "next_ml", "ov", "ov_odd"] {
+    for name in ["next", "next_ml", "ov", "ov_odd", "next_phi"] {
         check_intermediates(name)?;
     }
     Ok(())
@@ -162,7 +167,7 @@ fn tiles_and_packed_features_match_get_image_features() -> TestResult {
 fn exported_directories_give_the_same_ids() -> TestResult {
     multitoken_vision::link();
     multitoken_vlm::link();
-    for name in ["next_ml", "ov"] {
+    for name in ["next_ml", "ov", "next_phi"] {
         let dir = fixtures().join(name);
         let work = std::env::temp_dir().join(format!("multitoken-llava-next-export-{}-{name}", std::process::id()));
         let exported = multitoken_lm::multimodal::export_imported(&dir, &work)?.ok_or("not an importer directory")?;
@@ -206,7 +211,7 @@ fn image_count_mismatch_is_a_clear_error() -> TestResult {
 #[test]
 fn tower_features_match_transformers() -> TestResult {
     use multitoken_vlm::llava_next::config::{LlavaNextConfig, ProcessorSettings};
-    for name in ["next", "next_ml", "ov", "ov_odd"] {
+    for name in ["next", "next_ml", "ov", "ov_odd", "next_phi"] {
         let dir = fixtures().join(name);
         let cfg = LlavaNextConfig::read(&dir.join("config.json"))?;
         let processor = ProcessorSettings::read(&dir, cfg.family)?;

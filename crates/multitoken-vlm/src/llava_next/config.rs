@@ -95,8 +95,9 @@ impl LlavaNextConfig {
             Some(other) => return Err(fail(format!("text_config.model_type must be a string, got {other}"))),
         };
         text_config.insert("model_type".into(), json!(text_type));
-        let defaults = lm_defaults(&text_type)
-            .ok_or_else(|| fail(format!("text_config.model_type `{text_type}` is not supported (llama, mistral, qwen2)")))?;
+        let defaults = lm_defaults(&text_type).ok_or_else(|| {
+            fail(format!("text_config.model_type `{text_type}` is not supported (llama, mistral, qwen2, phi)"))
+        })?;
         fill(&mut text_config, defaults);
         let mut vision_config = object(value.get("vision_config"), "vision_config").map_err(&fail)?;
         let vision_type = vision_config.get("model_type").and_then(Value::as_str).map(str::to_string);
@@ -210,6 +211,8 @@ impl ProcessorSettings {
             (None, None) => (json!({}), proc_path),
         };
         if let Value::Object(map) = &mut image {
+            // transformers writes unset settings as null (or leaves them out): the class default.
+            map.retain(|_, value| !value.is_null());
             let defaults = match family {
                 Family::Next => json!({"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
                                         "do_center_crop": true, "resample": 3}),
@@ -288,6 +291,8 @@ fn lm_defaults(model_type: &str) -> Option<Value> {
                             "max_position_embeddings": 131072}),
         "qwen2" => json!({"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
                           "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 32768}),
+        "phi" => json!({"vocab_size": 51200, "hidden_size": 2048, "intermediate_size": 8192,
+                        "num_hidden_layers": 24, "num_attention_heads": 32}),
         _ => return None,
     })
 }

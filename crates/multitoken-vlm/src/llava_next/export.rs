@@ -67,6 +67,18 @@ pub fn export_llava_next(dir: &Path, out: &Path) -> Result<()> {
         }
     }
     let tied = !lm.iter().any(|(name, _)| name == "lm_head.weight");
+    // A phi LM's head has a bias; the model's own head has none: write zeros.
+    let phi = cfg.text_config.get("model_type").and_then(Value::as_str) == Some("phi");
+    let head_bias_zeros: Vec<u8>;
+    if phi && !lm.iter().any(|(name, _)| name == "lm_head.bias") {
+        let (dtype, vocab) = match lm.iter().find(|(name, _)| name == "lm_head.weight" || name == "model.embed_tokens.weight") {
+            Some((_, view)) => (view.dtype(), view.shape()[0]),
+            None => return Err(io_error(dir, "the checkpoint has no LM head or token embeddings")),
+        };
+        head_bias_zeros = vec![0u8; vocab * dtype.bitsize() / 8];
+        let view = TensorView::new(dtype, vec![vocab], &head_bias_zeros).map_err(|e| io_error(dir, &e.to_string()))?;
+        lm.push(("lm_head.bias".to_string(), view));
+    }
     let lm_dir = out.join("lm");
     std::fs::create_dir_all(&lm_dir).map_err(|e| io_error(&lm_dir, &e.to_string()))?;
     std::fs::create_dir_all(out.join("vision")).map_err(|e| io_error(out, &e.to_string()))?;

@@ -127,6 +127,8 @@ impl KeyLayout {
 struct LmKeys<'a> {
     inner: &'a SafetensorsSource,
     layout: &'a KeyLayout,
+    dtype: candle_core::DType,
+    device: candle_core::Device,
 }
 
 impl WeightSource for LmKeys<'_> {
@@ -137,9 +139,18 @@ impl WeightSource for LmKeys<'_> {
         self.inner.contains(&self.layout.lm_name(name))
     }
     fn tensor(&self, name: &str, shape: &[usize]) -> multitoken_lm::Result<Tensor> {
-        self.inner.tensor(&self.layout.lm_name(name), shape)
+        let renamed = self.layout.lm_name(name);
+        // The model's own `lm_head` has no bias, even over a family whose head has one (phi).
+        if name == "lm_head.bias" && !self.inner.contains(&renamed) {
+            return Ok(Tensor::zeros(shape, self.dtype, &self.device)?);
+        }
+        self.inner.tensor(&renamed, shape)
     }
     fn linear(&self, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> multitoken_lm::Result<Linear> {
+        if prefix == "lm_head" && bias {
+            let weight = self.tensor("lm_head.weight", &[out_dim, in_dim])?;
+            return Linear::dense(weight, Some(self.tensor("lm_head.bias", &[out_dim])?));
+        }
         self.inner.linear(&self.layout.lm_name(prefix), in_dim, out_dim, bias)
     }
 }
@@ -233,7 +244,8 @@ pub fn load_llava_next(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> 
 
     let mut hf = parse_config_value(cfg.text_config.clone(), &config_path.join("text_config"))?;
     hf.model.tie_word_embeddings = !weights.contains(&format!("{}.weight", layout.lm_head));
-    let lm = load_hf_dir_with(dir, &hf, &LmKeys { inner: &weights, layout: &layout })?;
+    let keys = LmKeys { inner: &weights, layout: &layout, dtype: opts.dtype, device: opts.device.clone() };
+    let lm = load_hf_dir_with(dir, &hf, &keys)?;
     match lm.tokenizer.id_to_token(cfg.image_token_id) {
         Some(token) if token == IMAGE_TOKEN => {}
         other => {
