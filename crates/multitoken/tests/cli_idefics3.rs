@@ -50,7 +50,7 @@ fn strings(value: &Value) -> Vec<&str> {
 
 #[test]
 fn the_parity_command_gives_transformers_ids() -> TestResult {
-    for name in ["split", "nosplit", "smolvlm"] {
+    for name in ["split", "nosplit", "smolvlm", "odd"] {
         let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join(name).join("expected.json"))?)?;
         let cases = expected["cases"].as_array().ok_or("cases")?;
         // One image (case 0) and two images, one of them a JPEG (case 1).
