@@ -42,7 +42,11 @@ fn new_ids(output: &Output) -> Result<Vec<u64>, Box<dyn std::error::Error>> {
 }
 
 fn cases() -> Result<Vec<Value>, Box<dyn std::error::Error>> {
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json"))?)?;
+    cases_of(&fixtures())
+}
+
+fn cases_of(dir: &Path) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
     Ok(expected["cases"].as_array().cloned().unwrap_or_default())
 }
 
@@ -54,13 +58,14 @@ fn ids(value: &Value) -> Vec<u64> {
     value.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
 }
 
-/// Every raw case with one or two images (text after them included), in both
-/// checkpoint layouts.
+/// Every raw case with none, one or two images (text after them included), in
+/// both checkpoint layouts and in a checkpoint of another shape.
 #[test]
 fn the_parity_command_gives_transformers_ids() -> TestResult {
-    let cases = cases()?;
     let mut checked = [0usize; 3];
-    for name in ["model", "hub"] {
+    for name in ["model", "hub", "tied"] {
+        let own = fixtures().join(name);
+        let cases = if own.join("expected.json").is_file() { cases_of(&own)? } else { cases()? };
         for case in cases.iter().filter(|c| c["chat"].as_bool() != Some(true)) {
             let images = strings(&case["images"]);
             let want = ids(&case["greedy_ids"]);
