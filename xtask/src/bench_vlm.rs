@@ -262,7 +262,8 @@ fn smolvlm_child(dir: &Path, repeat: usize, new_tokens: usize) -> Result<()> {
     let rss_after_load = proc_status_bytes("VmRSS:");
     let reset = reset_peak_rss();
 
-    let items: ItemsByKey = BTreeMap::from([("images".to_string(), vec![Item::Path(dir.join("image.png"))])]);
+    let image = Item::Path(dir.join("image.png"));
+    let items: ItemsByKey = BTreeMap::from([("images".to_string(), vec![image.clone()])]);
     // What `multitoken generate --raw --temperature 0 --ignore-eos` passes.
     let params = GenerationParams {
         max_new_tokens: new_tokens,
@@ -292,7 +293,7 @@ fn smolvlm_child(dir: &Path, repeat: usize, new_tokens: usize) -> Result<()> {
         .with_context(|| format!("writing {}", ids_path.display()))?;
     let passes = (0..repeat).map(|_| one_pass().map(|p| p.0)).collect::<Result<Vec<_>>>()?;
     let pass_peak = proc_status_bytes("VmHWM:");
-    let split = smolvlm_split(&model, &items["images"][0])?;
+    let split = smolvlm_split(&model, &image)?;
     let ttft: Vec<f64> = passes.iter().map(|p| p.ttft_s).collect();
     // Best and median of rates: the negated times' order.
     let decode: Vec<f64> = passes.iter().map(|p| -p.decode_tok_s).collect();
