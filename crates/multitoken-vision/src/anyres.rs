@@ -229,6 +229,29 @@ mod tests {
         assert_eq!(g.best_resolution(1000, 200), (1008, 336));
     }
 
+    /// Counts from transformers' `_get_number_of_features` (less one for
+    /// `default`) at the real checkpoints' geometry, for (h, w) images.
+    #[test]
+    fn counts_match_the_real_processors() {
+        let sizes = [(480, 640), (1000, 200), (200, 1000), (336, 336), (5, 4000), (4000, 5), (1080, 1920), (768, 1024)];
+        let next = next();
+        let want = [2340, 1656, 1598, 1176, 576, 648, 1948, 2340];
+        for (&(h, w), want) in sizes.iter().zip(want) {
+            assert_eq!(next.slots(h, w), want, "llava-v1.6 {h}x{w}");
+        }
+        let ov = AnyResGeometry {
+            pinpoints: (1..=6).flat_map(|i| (1..=6).map(move |j| (384 * i, 384 * j))).collect(),
+            tile: 384,
+            grid: 27,
+            base_positions: 729,
+            max_num_patches: Some(9),
+        };
+        let want = [2929, 2187, 2123, 1485, 892, 1053, 7269, 4725];
+        for (&(h, w), want) in sizes.iter().zip(want) {
+            assert_eq!(ov.slots(h, w), want, "onevision {h}x{w}");
+        }
+    }
+
     #[test]
     fn onevision_pools_large_grids() {
         assert_eq!(pooled_size(8, 8, 4, Some(2)), (5, 5));
