@@ -10,6 +10,8 @@
 //!
 //! - [`idefics2`]: `Idefics2ForConditionalGeneration` and Cephalo's
 //!   mixture-of-experts checkpoints (`model_type: idefics2_moe`).
+//! - [`llava_next`]: `LlavaNextForConditionalGeneration` and
+//!   `LlavaOnevisionForConditionalGeneration` (AnyRes tiles, `image_newline`).
 //! - [`idefics3`]: `Idefics3ForConditionalGeneration` and
 //!   `SmolVLMForConditionalGeneration` (`model_type` `idefics3` / `smolvlm`).
 //! - [`qwen2_vl`]: `Qwen2VLForConditionalGeneration` (dynamic resolution,
@@ -19,6 +21,7 @@
 
 pub mod error;
 pub mod idefics2;
+pub mod llava_next;
 pub mod idefics3;
 pub mod qwen2_vl;
 
@@ -28,6 +31,7 @@ pub use error::{Error, Result};
 /// binary: call it once (e.g. from `main`); it does nothing else.
 pub fn link() {
     std::hint::black_box(idefics2::is_idefics2_dir as fn(&std::path::Path) -> bool);
+    std::hint::black_box(llava_next::is_llava_next_dir as fn(&std::path::Path) -> bool);
     std::hint::black_box(idefics3::is_idefics3_dir as fn(&std::path::Path) -> bool);
     std::hint::black_box(qwen2_vl::is_qwen2_vl_dir as fn(&std::path::Path) -> bool);
 }
