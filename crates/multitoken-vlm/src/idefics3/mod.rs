@@ -150,9 +150,11 @@ pub fn load_idefics3(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
         lm,
         modalities: vec![ModalityRuntime { modality: Arc::from(modality), projector }],
         template,
-        // The processor tokenises the rendered chat with the tokenizer's own
-        // leading tokens (Idefics3's BOS; SmolVLM's tokenizer adds none).
-        chat_leading_special_tokens: LeadingSpecialTokens::AddOnceIfMissing,
+        // `Idefics3Processor(text=rendered)` tokenises the rendered chat with
+        // the tokenizer's own leading tokens (Idefics3's BOS; SmolVLM's
+        // tokenizer adds none), even after a template that wrote the BOS
+        // itself, as Idefics3-8B's does: then the prompt has two.
+        chat_leading_special_tokens: LeadingSpecialTokens::AddOnce,
     })
 }
 
