@@ -97,4 +97,22 @@ mod tests {
         assert!(pixel_shuffle(&Tensor::zeros((1, 9, 2), candle_core::DType::F32, &Device::Cpu)?, 2).is_err());
         Ok(())
     }
+
+    #[test]
+    fn the_spec_reads_and_writes_its_scale_factor() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use crate::ProjectorSpec;
+        use serde_json::json;
+        let written = json!({"kind": "idefics3_connector", "scale_factor": 4});
+        let spec: ProjectorSpec = serde_json::from_value(written.clone())?;
+        assert_eq!(spec, ProjectorSpec::Idefics3Connector(Idefics3ConnectorConfig { scale_factor: 4 }));
+        assert_eq!(serde_json::to_value(spec)?, written);
+        assert_eq!(spec.output_width(1024), 64);
+        assert_eq!(spec.to_string(), "idefics3_connector(scale_factor=4)");
+        for bad in [json!("idefics3_connector"), json!({"kind": "idefics3_connector"}),
+                    json!({"kind": "idefics3_connector", "scale_factor": 0}),
+                    json!({"kind": "idefics3_connector", "scale_factor": 2, "bias": true})] {
+            assert!(serde_json::from_value::<ProjectorSpec>(bad.clone()).is_err(), "{bad}");
+        }
+        Ok(())
+    }
 }
