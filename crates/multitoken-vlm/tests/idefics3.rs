@@ -208,7 +208,7 @@ fn exported_directories_give_the_same_ids() -> TestResult {
 }
 
 #[test]
-fn a_token_count_that_differs_from_the_images_is_a_clear_error() -> TestResult {
+fn a_token_count_that_differs_from_the_images_or_a_broken_image_is_a_clear_error() -> TestResult {
     multitoken_vision::link();
     multitoken_vlm::link();
     let model = MultimodalModel::load(&fixtures().join("split"), &LoadOptions::default())?;
@@ -218,6 +218,16 @@ fn a_token_count_that_differs_from_the_images_is_a_clear_error() -> TestResult {
         Err(e) => e.to_string(),
     };
     assert!(error.contains('2') && error.contains('1') && error.contains("<image>"), "{error}");
+    // Broken images are errors naming the item, never a panic.
+    let png = std::fs::read(fixtures().join("images/a_40x30.png"))?;
+    for (bytes, expect) in [(png[..300].to_vec(), "end of file"), (b"not an image".to_vec(), "not a recognised image")] {
+        let broken = ItemsByKey::from([("images".to_string(), vec![Item::Bytes(bytes)])]);
+        let error = match model.prepare_raw("User:<image>x", &broken).and_then(|p| model.embed(&p, &broken).map(|_| ())) {
+            Ok(()) => "accepted".to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains(expect) && error.contains("bytes"), "{error}");
+    }
     Ok(())
 }
 
