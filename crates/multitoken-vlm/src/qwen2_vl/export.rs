@@ -1,10 +1,11 @@
-//! A Qwen2-VL checkpoint rewritten as a `multitoken.json` model directory, so
+//! A Qwen2-VL or Qwen2.5-VL checkpoint rewritten as a `multitoken.json` model directory, so
 //! that training (`train --stage projectors|lora`) works on it in our layout.
 //!
 //! ```text
 //! out/
 //!   multitoken.json          base_model "lm"; one `vision_qwen2_vl` entry whose
-//!                            projector is `qwen2_vl_merger`, prefix `merger`
+//!                            projector is `qwen2_vl_merger` (RMSNorm for Qwen2.5-VL),
+//!                            prefix `merger`; the tower config carries the family's model_type
 //!   projectors.safetensors   merger.*               (from visual.merger.* / model.visual.merger.*)
 //!   vision/model.safetensors visual.*               (the tower, merger left out)
 //!   lm/                      a `qwen2_vl_text` HF directory (model.*, lm_head.weight; M-RoPE in
@@ -20,16 +21,17 @@ use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 
-use super::{text_config, IMAGE_TOKEN, VISION_BUILDER};
+use super::{family_of, text_config, IMAGE_TOKEN, VISION_BUILDER};
 use crate::idefics2::export::{copy_if_present, io_error, map_checkpoint, write_json, write_tensors, LM_FILES, PROCESSOR_FILES};
 use crate::Result;
 
-/// Writes `dir`'s Qwen2-VL checkpoint to `out` as a `multitoken.json` model
+/// Writes `dir`'s Qwen2-VL or Qwen2.5-VL checkpoint to `out` as a `multitoken.json` model
 /// directory (created; must not hold a model already).
 pub fn export_qwen2_vl(dir: &Path, out: &Path) -> Result<()> {
     let config_path = dir.join("config.json");
     let root = super::read_config(&config_path)?;
-    let vision_config = root.get("vision_config").cloned().ok_or_else(|| io_error(&config_path, "no `vision_config`"))?;
+    let family = family_of(&root, &config_path)?;
+    let vision_config = family.vision_config(&root).ok_or_else(|| io_error(&config_path, "no `vision_config` object"))?;
     if out.join("multitoken.json").exists() {
         return Err(io_error(out, "already holds a multitoken.json; choose an empty directory"));
     }
@@ -51,7 +53,8 @@ pub fn export_qwen2_vl(dir: &Path, out: &Path) -> Result<()> {
     } else if has("model.language_model.embed_tokens.weight") {
         ("model.language_model.", "model.visual.")
     } else {
-        return Err(io_error(dir, "no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight` (Qwen2-VL)"));
+        let message = format!("no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight` ({})", family.name());
+        return Err(io_error(dir, &message));
     };
 
     let mut lm: Vec<(String, TensorView<'_>)> = Vec::new();
@@ -94,8 +97,7 @@ pub fn export_qwen2_vl(dir: &Path, out: &Path) -> Result<()> {
     for file in PROCESSOR_FILES {
         copy_if_present(&dir.join(file), &out.join(file))?;
     }
-    let merge = vision_config.get("spatial_merge_size").and_then(Value::as_u64).unwrap_or(2);
-    let spec = json!({"kind": "qwen2_vl_merger", "spatial_merge_size": merge});
+    let spec = family.merger_spec(&vision_config);
     let manifest = json!({
         "base_model": "lm",
         "modalities": [{

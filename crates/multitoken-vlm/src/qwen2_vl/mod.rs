@@ -1,6 +1,14 @@
 //! Qwen2-VL (Wang et al. 2024, "Qwen2-VL: Enhancing Vision-Language Model's
 //! Perception of the World at Any Resolution"; transformers'
-//! `modeling_qwen2_vl.py`), loaded from the directory transformers writes.
+//! `modeling_qwen2_vl.py`) and Qwen2.5-VL (Bai et al. 2025;
+//! `modeling_qwen2_5_vl.py`), loaded from the directory transformers writes.
+//!
+//! The two families share this importer ([`Family`]): Qwen2.5-VL's text model,
+//! config nesting, key layouts, processor, chat template and still-image
+//! `get_rope_index` are Qwen2-VL's; only the tower differs (window attention,
+//! RMSNorm, gated SiLU MLP, `fullatt_block_indexes`, `out_hidden_size`) and its
+//! merger normalises with RMSNorm. Both live in `vision_qwen2_vl`, which tells
+//! them apart by the vision config's `model_type`, set here from the family.
 //!
 //! A Qwen2-VL model is a ViT with 2-D rotary positions over dynamically sized
 //! images (`vision_qwen2_vl`, built through the registry), the patch merger
@@ -53,8 +61,74 @@ multitoken_core::inventory::submit! {
     MultimodalImporter { name: "qwen2_vl", detect: is_qwen2_vl_dir, load: load_for_registry, export: export_for_registry }
 }
 
-/// Whether `dir` holds a Qwen2-VL checkpoint (`model_type: qwen2_vl` or the
-/// `Qwen2VLForConditionalGeneration` architecture).
+/// Which of the two model families a checkpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `Qwen2VLForConditionalGeneration`, model_type `qwen2_vl`.
+    Qwen2Vl,
+    /// `Qwen2_5_VLForConditionalGeneration`, model_type `qwen2_5_vl`.
+    Qwen2_5Vl,
+}
+
+impl Family {
+    /// The family of a parsed `config.json`: its `model_type`, else its
+    /// `architectures`.
+    pub fn of_config(value: &Value) -> Option<Self> {
+        match value.get("model_type").and_then(Value::as_str) {
+            Some("qwen2_vl") => return Some(Self::Qwen2Vl),
+            Some("qwen2_5_vl") => return Some(Self::Qwen2_5Vl),
+            _ => {}
+        }
+        let architectures = value.get("architectures").and_then(Value::as_array)?;
+        architectures.iter().find_map(|a| match a.as_str() {
+            Some("Qwen2VLForConditionalGeneration") => Some(Self::Qwen2Vl),
+            Some("Qwen2_5_VLForConditionalGeneration") => Some(Self::Qwen2_5Vl),
+            _ => None,
+        })
+    }
+
+    /// The name messages use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qwen2Vl => "Qwen2-VL",
+            Self::Qwen2_5Vl => "Qwen2.5-VL",
+        }
+    }
+
+    /// The `model_type` of the family's vision config, which selects the
+    /// tower in `vision_qwen2_vl`.
+    pub fn vision_model_type(self) -> &'static str {
+        match self {
+            Self::Qwen2Vl => "qwen2_vl_vision",
+            Self::Qwen2_5Vl => "qwen2_5_vl_vision",
+        }
+    }
+
+    /// The checkpoint's `vision_config` as the family's config class reads it:
+    /// transformers builds the family's vision config from the dict whatever
+    /// `model_type` it carries (the hub's Qwen2.5-VL files have none, or the
+    /// top-level `qwen2_5_vl`), so the tower is chosen by the family here.
+    pub fn vision_config(self, root: &Value) -> Option<Value> {
+        let mut vision = root.get("vision_config").filter(|v| v.is_object())?.clone();
+        if let Some(map) = vision.as_object_mut() {
+            map.insert("model_type".into(), json!(self.vision_model_type()));
+        }
+        Some(vision)
+    }
+
+    /// The patch merger's projector spec: Qwen2.5-VL's `ln_q` is an RMSNorm.
+    pub fn merger_spec(self, vision_config: &Value) -> Value {
+        let merge = vision_config.get("spatial_merge_size").and_then(Value::as_u64).unwrap_or(2);
+        let mut spec = json!({"kind": "qwen2_vl_merger", "spatial_merge_size": merge});
+        if self == Self::Qwen2_5Vl {
+            spec["norm"] = json!("rms_norm");
+        }
+        spec
+    }
+}
+
+/// Whether `dir` holds a Qwen2-VL or Qwen2.5-VL checkpoint (see
+/// [`Family::of_config`]).
 pub fn is_qwen2_vl_dir(dir: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
         return false;
@@ -62,12 +136,9 @@ pub fn is_qwen2_vl_dir(dir: &Path) -> bool {
     serde_json::from_str::<Value>(&text).is_ok_and(|value| is_qwen2_vl_config(&value))
 }
 
-/// Whether a parsed `config.json` is Qwen2-VL's.
+/// Whether a parsed `config.json` is Qwen2-VL's or Qwen2.5-VL's.
 pub fn is_qwen2_vl_config(value: &Value) -> bool {
-    let model_type = value.get("model_type").and_then(Value::as_str);
-    let architectures = value.get("architectures").and_then(Value::as_array);
-    model_type == Some("qwen2_vl")
-        || architectures.is_some_and(|list| list.iter().any(|a| a.as_str() == Some("Qwen2VLForConditionalGeneration")))
+    Family::of_config(value).is_some()
 }
 
 fn load_for_registry(dir: &Path, opts: &LoadOptions) -> multitoken_lm::Result<ImportedModel> {
@@ -108,17 +179,19 @@ pub struct KeyLayout {
 }
 
 impl KeyLayout {
-    /// Finds the layout from the token embeddings' key.
-    pub fn detect(weights: &SafetensorsSource) -> Result<Self> {
+    /// Finds the layout from the token embeddings' key (`family` names the
+    /// model in the error).
+    pub fn detect(weights: &SafetensorsSource, family: Family) -> Result<Self> {
         for (text, vision) in [("model.", "visual"), ("model.language_model.", "model.visual")] {
             if weights.contains(&format!("{text}embed_tokens.weight")) {
                 return Ok(Self { text: text.into(), vision: vision.into() });
             }
         }
         Err(Error::Lm(multitoken_lm::Error::Msg(format!(
-            "{}: no Qwen2-VL language model: expected `model.embed_tokens.weight` (or \
+            "{}: no {} language model: expected `model.embed_tokens.weight` (or \
              `model.language_model.embed_tokens.weight`)",
-            weights.describe()
+            weights.describe(),
+            family.name()
         ))))
     }
 
@@ -158,13 +231,15 @@ impl WeightSource for LmKeys<'_> {
     }
 }
 
-/// Loads a Qwen2-VL directory: the LM (with M-RoPE), the `<|image_pad|>`
-/// modality with its patch merger, and the checkpoint's chat template.
+/// Loads a Qwen2-VL or Qwen2.5-VL directory: the LM (with M-RoPE), the
+/// `<|image_pad|>` modality with its patch merger, and the checkpoint's chat
+/// template.
 pub fn load_qwen2_vl(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
     let config_path = dir.join("config.json");
     let root = read_config(&config_path)?;
+    let family = family_of(&root, &config_path)?;
     let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
-    let layout = KeyLayout::detect(&weights)?;
+    let layout = KeyLayout::detect(&weights, family)?;
 
     let mut hf = parse_config_value(text_config(&root), &config_path.join("text_config"))?;
     hf.model.tie_word_embeddings = !weights.contains("lm_head.weight");
@@ -174,17 +249,18 @@ pub fn load_qwen2_vl(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
         if lm.tokenizer.token_to_id(token).is_none() {
             return Err(Error::Config {
                 path: dir.join("tokenizer.json"),
-                message: format!("the tokenizer has no `{token}` token, which Qwen2-VL prompts need"),
+                message: format!("the tokenizer has no `{token}` token, which {} prompts need", family.name()),
             });
         }
     }
 
-    let vision_config = root.get("vision_config").cloned().ok_or_else(|| Error::Config {
+    let vision_config = family.vision_config(&root).ok_or_else(|| Error::Config {
         path: config_path.clone(),
-        message: "no `vision_config`".into(),
+        message: "no `vision_config` object".into(),
     })?;
     let builder_config = json!({
         "tower": ".",
+        "projector": family.merger_spec(&vision_config),
         "tower_config": vision_config,
         "weights_prefix": layout.vision,
         "image_token": IMAGE_TOKEN,
@@ -192,12 +268,12 @@ pub fn load_qwen2_vl(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
     let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
     let modality = build_modality(VISION_BUILDER, &builder_config, &context).map_err(|e| Error::Config {
         path: config_path.clone(),
-        message: format!("the Qwen2-VL vision tower (`{VISION_BUILDER}`): {e}"),
+        message: format!("the {} vision tower (`{VISION_BUILDER}`): {e}", family.name()),
     })?;
     let text_hidden = lm.model.hidden_size();
     let projector = load_merger(&weights, &layout, modality.as_ref(), text_hidden, opts).map_err(|e| Error::Config {
         path: dir.to_path_buf(),
-        message: format!("the Qwen2-VL patch merger (`{}`): {e}", layout.merger_prefix()),
+        message: format!("the {} patch merger (`{}`): {e}", family.name(), layout.merger_prefix()),
     })?;
     Ok(ImportedModel {
         lm,
@@ -205,6 +281,16 @@ pub fn load_qwen2_vl(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
         template: None,
         // Qwen2VLProcessor tokenises the rendered chat; Qwen2's tokenizer adds no BOS.
         chat_leading_special_tokens: LeadingSpecialTokens::TemplateOnly,
+    })
+}
+
+/// The family `config.json` names, or a clear error.
+fn family_of(root: &Value, path: &Path) -> Result<Family> {
+    Family::of_config(root).ok_or_else(|| Error::Config {
+        path: path.to_path_buf(),
+        message: "neither Qwen2-VL nor Qwen2.5-VL: expected `model_type` `qwen2_vl` / `qwen2_5_vl` or the \
+                  `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` architecture"
+            .into(),
     })
 }
 
