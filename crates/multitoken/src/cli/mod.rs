@@ -1,14 +1,44 @@
-//! Subcommands of the `multitoken` binary, one file each.
+//! The `multitoken` command line as a library: every subcommand of the
+//! `multitoken` binary, so that a binary which links one more modality crate
+//! gets all of them without copying any code:
+//!
+//! ```no_run
+//! // src/main.rs of a crate that depends on `multitoken` and on `my_modality`
+//! // (which registers its builder with `multitoken::core::inventory::submit!`).
+//! // `use … as _` keeps the crate, and so its registration, in the binary.
+//! // use my_modality as _;
+//! fn main() -> anyhow::Result<()> {
+//!     multitoken::cli::main()
+//! }
+//! ```
+//!
+//! [`main`] reads the process's arguments; [`run`] takes them from an iterator
+//! (the first one is the program name, as in `std::env::args`). Both set the
+//! process up first ([`setup_process`]): the rayon thread count, mimalloc's
+//! options, and the registrations of every modality crate this crate links
+//! (vision, audio, documents, the VLM importers, the MoE loader).
+//!
+//! The allocator: with the default `mimalloc` feature this *library* declares
+//! mimalloc the `#[global_allocator]` (why: the workspace `Cargo.toml`), so
+//! every binary linking it runs on the allocator the benches measured. A
+//! binary that declares its own global allocator must depend on `multitoken`
+//! with `default-features = false` (two global allocators do not link).
 
 mod chat;
 mod embed;
 mod generate;
 mod mel;
+mod modality;
 mod model_args;
 mod transcribe;
 
+use std::ffi::OsString;
+use std::sync::Once;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+pub use modality::ModalityArgs;
 
 /// Large multimodal models in Rust: chat, generate, train, serve.
 #[derive(Debug, Parser)]
@@ -42,20 +72,46 @@ enum Command {
     Moe(multitoken_moe::cli::MoeArgs),
     /// Serve a model over HTTP (/generate, OpenAI-compatible API, web chat page).
     Serve(multitoken_serve::cli::ServeArgs),
+    /// The modality builders linked in; add a modality to a model.
+    Modality(modality::ModalityArgs),
 }
 
-/// Run the parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
-    // Keep the document modality's registry entries in the binary.
-    multitoken_document::link();
-    // Keep the audio modality's registry entry in the binary.
-    multitoken_audio::link();
-    // Keep the vision modality's registry entries in the binary.
-    multitoken_vision::link();
-    // Keep the MoE directory loader's registration in the binary.
-    multitoken_moe::link();
-    // Keep the VLM importers (Idefics2, Cephalo MoE) in the binary.
-    multitoken_vlm::link();
+/// The whole command line of the running process: parse `std::env::args_os`,
+/// run the subcommand. Usage errors print the usage and exit with status 2,
+/// `--help` and `--version` print and exit with 0, as any clap binary does.
+pub fn main() -> Result<()> {
+    setup_process();
+    let cli = Cli::parse();
+    execute(cli)
+}
+
+/// The command line from `args` (the first one is the program name). Unlike
+/// [`main`] it never exits the process: a usage error is returned as the
+/// error (its text is clap's message), `--help` and `--version` are printed
+/// and give `Ok(())`.
+pub fn run<I, T>(args: I) -> Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    setup_process();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                print!("{error}");
+                return Ok(());
+            }
+            return Err(anyhow::anyhow!("{}", error.render()));
+        }
+    };
+    execute(cli)
+}
+
+/// Runs an already parsed command line (after [`setup_process`]).
+pub fn execute(cli: Cli) -> Result<()> {
+    link_modalities();
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
@@ -68,5 +124,61 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => multitoken_train::cli::eval(args),
         Command::Moe(args) => multitoken_moe::cli::run(args),
         Command::Serve(args) => multitoken_serve::cli::run(args),
+        Command::Modality(args) => modality::run(args),
     }
 }
+
+/// Keeps the registry entries of every modality crate this crate depends on in
+/// the binary: the linker drops a crate nothing calls into, and with it its
+/// `inventory` submissions. A custom modality crate is kept by the binary's own
+/// `use my_modality as _;` (or any call into it).
+pub fn link_modalities() {
+    multitoken_document::link();
+    multitoken_audio::link();
+    multitoken_vision::link();
+    // The MoE directory loader's registration.
+    multitoken_moe::link();
+    // The VLM importers (Idefics2, Cephalo MoE, LLaVA-NeXT, ...).
+    multitoken_vlm::link();
+}
+
+/// What the binary does before parsing its arguments, once per process:
+/// pins the rayon thread count and turns off mimalloc's purging (see the
+/// private helpers for why). [`main`] and [`run`] call it; a custom binary
+/// that calls [`execute`] itself should call it first, before any thread pool
+/// exists.
+pub fn setup_process() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        keep_freed_memory();
+        pin_thread_count();
+    });
+}
+
+/// candle asks for the CPU count on every matmul unless `RAYON_NUM_THREADS` is set,
+/// which costs measurable time per decoded token; answer it once, here, before
+/// any thread pool exists.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
+/// Turns off mimalloc's purging of freed memory, unless `MIMALLOC_PURGE_DELAY`
+/// says otherwise: freed pages stay committed for the next allocation instead of
+/// being handed back and faulted in again (why: the workspace `Cargo.toml`).
+/// `cargo xtask` does the same, so that benches measure what users run.
+#[cfg(feature = "mimalloc")]
+fn keep_freed_memory() {
+    /// `mi_option_purge_delay` in mimalloc's `mi_option_e`.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting an option is allowed at any time; -1 means "never purge".
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+    }
+}
+
+/// Without the `mimalloc` feature the binary's own allocator is in charge.
+#[cfg(not(feature = "mimalloc"))]
+fn keep_freed_memory() {}
