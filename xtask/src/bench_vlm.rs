@@ -238,6 +238,8 @@ fn peak_of(load_peak: Option<f64>, pass_peak: Option<f64>) -> Option<f64> {
 
 /// Times of one SmolVLM pass, in seconds.
 struct SmolPass {
+    /// `prepare_raw`: tokenising the prompt and laying out the image's slots.
+    prepare_s: f64,
     /// `prepare_raw` + `embed` (image preprocessing, tower, connector, splice):
     /// the time to first token less the prefill forward.
     to_embeds_s: f64,
@@ -274,6 +276,7 @@ fn smolvlm_child(dir: &Path, repeat: usize, new_tokens: usize) -> Result<()> {
     let one_pass = || -> Result<(SmolPass, Vec<u32>, Vec<u32>)> {
         let t0 = Instant::now();
         let prepared = model.prepare_raw(prompt, &items)?;
+        let prepare_s = t0.elapsed().as_secs_f64();
         let out = model.generate(&prepared, &items, &params, &mut |_| true)?;
         let total_s = t0.elapsed().as_secs_f64();
         if out.token_ids.len() != new_tokens || out.decode_tok_s <= 0.0 || out.prefill_tok_s <= 0.0 {
@@ -284,7 +287,7 @@ fn smolvlm_child(dir: &Path, repeat: usize, new_tokens: usize) -> Result<()> {
         let decode_s = (new_tokens - 1) as f64 / out.decode_tok_s;
         let prefill_s = out.prompt_tokens as f64 / out.prefill_tok_s;
         let ttft_s = total_s - decode_s;
-        let pass = SmolPass { to_embeds_s: ttft_s - prefill_s, ttft_s, decode_tok_s: out.decode_tok_s };
+        let pass = SmolPass { prepare_s, to_embeds_s: ttft_s - prefill_s, ttft_s, decode_tok_s: out.decode_tok_s };
         Ok((pass, prepared.input_ids, out.token_ids))
     };
     let (warm, input_ids, token_ids) = one_pass()?;
@@ -317,6 +320,7 @@ fn smolvlm_child(dir: &Path, repeat: usize, new_tokens: usize) -> Result<()> {
         "median_decode_tok_s": -median_decode,
         "best_to_embeds_s": best_to_embeds,
         "best_prefill_s": best_prefill,
+        "best_prepare_s": best_median(&passes.iter().map(|p| p.prepare_s).collect::<Vec<_>>()).0,
         "split_pre_s": split[0],
         "split_vision_s": split[1],
         "split_connector_s": split[2],
