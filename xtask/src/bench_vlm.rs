@@ -228,6 +228,70 @@ fn f(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
+/// What a table column shows, and which way is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// Seconds: lower is better.
+    Seconds,
+    /// Per second: higher is better.
+    Rate,
+    /// Bytes, shown in GB: lower is better.
+    Bytes,
+}
+
+/// One column of a report table: a header and the JSON key of both sides' value.
+struct Column {
+    header: &'static str,
+    key: &'static str,
+    unit: Unit,
+}
+
+impl Column {
+    fn time(header: &'static str, key: &'static str) -> Self {
+        Self { header, key, unit: Unit::Seconds }
+    }
+
+    fn rate(header: &'static str, key: &'static str) -> Self {
+        Self { header, key, unit: Unit::Rate }
+    }
+
+    fn bytes(header: &'static str, key: &'static str) -> Self {
+        Self { header, key, unit: Unit::Bytes }
+    }
+
+    fn cell(&self, v: &Value) -> String {
+        let x = f(v, self.key);
+        match self.unit {
+            Unit::Seconds if x < 1.0 => format!("{x:.3}"),
+            Unit::Seconds => format!("{x:.2}"),
+            Unit::Rate => format!("{x:.1}"),
+            Unit::Bytes => format!("{:.2}GB", x / 1e9),
+        }
+    }
+
+    /// How many times better ours is (above 1: ours is faster / smaller).
+    fn ratio(&self, ours: &Value, reference: &Value) -> String {
+        let (o, r) = (f(ours, self.key), f(reference, self.key));
+        let x = if self.unit == Unit::Rate { o / r } else { r / o };
+        format!("{x:.2}x")
+    }
+}
+
+/// Rows ours, transformers and "ours better by" (transformers / ours for times
+/// and memory, ours / transformers for rates).
+fn table(columns: &[Column], ours: &Value, reference: Option<&Value>) {
+    let row = |name: &str, cells: Vec<String>| {
+        let cells: Vec<String> = cells.iter().map(|c| format!("{c:>10}")).collect();
+        println!("{name:<14}{}", cells.join(""));
+    };
+    row("", columns.iter().map(|c| c.header.to_string()).collect());
+    row("ours", columns.iter().map(|c| c.cell(ours)).collect());
+    if let Some(r) = reference {
+        row("transformers", columns.iter().map(|c| c.cell(r)).collect());
+        row("ours better by", columns.iter().map(|c| c.ratio(ours, r)).collect());
+    }
+}
+
 /// Peak RSS of the whole process: the larger of the loading and the passes' peaks.
 fn peak_of(load_peak: Option<f64>, pass_peak: Option<f64>) -> Option<f64> {
     match (load_peak, pass_peak) {
@@ -350,7 +414,6 @@ fn smolvlm_split(model: &MultimodalModel, item: &Item) -> Result<[f64; 3]> {
 }
 
 fn smolvlm_report(s: &Settings, ours: &Value, reference: Option<&Value>) {
-    let gb = |v: &Value, k: &str| f(v, k) / 1e9;
     println!();
     println!(
         "SmolVLM-256M-Instruct config{} (random weights), one 512x512 PNG + a 20-token question ({} prompt tokens), \
@@ -361,29 +424,21 @@ fn smolvlm_report(s: &Settings, ours: &Value, reference: Option<&Value>) {
         s.threads,
         s.repeat
     );
-    println!(
-        "{:<14} {:>8} {:>9} {:>10} {:>10} {:>9} {:>10} {:>7} {:>9} {:>9}",
-        "", "TTFT s", "median s", "embeds s", "prefill s", "decode/s", "median/s", "load s", "peak RSS", "pass RSS"
+    table(
+        &[
+            Column::time("TTFT s", "best_ttft_s"),
+            Column::time("median s", "median_ttft_s"),
+            Column::time("embeds s", "best_to_embeds_s"),
+            Column::time("prefill s", "best_prefill_s"),
+            Column::rate("decode/s", "best_decode_tok_s"),
+            Column::rate("median/s", "median_decode_tok_s"),
+            Column::time("load s", "load_s"),
+            Column::bytes("peak RSS", "peak_rss_bytes"),
+            Column::bytes("pass RSS", "pass_peak_rss_bytes"),
+        ],
+        ours,
+        reference,
     );
-    let mut rows = vec![("ours", ours)];
-    if let Some(r) = reference {
-        rows.push(("transformers", r));
-    }
-    for (name, v) in rows {
-        println!(
-            "{:<14} {:>8.2} {:>9.2} {:>10.2} {:>10.2} {:>9.1} {:>10.1} {:>7.1} {:>7.2}GB {:>7.2}GB",
-            name,
-            f(v, "best_ttft_s"),
-            f(v, "median_ttft_s"),
-            f(v, "best_to_embeds_s"),
-            f(v, "best_prefill_s"),
-            f(v, "best_decode_tok_s"),
-            f(v, "median_decode_tok_s"),
-            f(v, "load_s"),
-            gb(v, "peak_rss_bytes"),
-            gb(v, "pass_peak_rss_bytes"),
-        );
-    }
     if let Some(r) = reference {
         println!(
             "ours / transformers speedup: time to first token {:.2}x best, {:.2}x median (goal >= 1.5); \
@@ -499,7 +554,6 @@ fn qwen2vl_child(dir: &Path, repeat: usize) -> Result<()> {
 }
 
 fn qwen2vl_report(s: &Settings, ours: &Value, reference: Option<&Value>) {
-    let gb = |v: &Value, k: &str| f(v, k) / 1e9;
     println!();
     println!(
         "Qwen2-VL-2B vision tower + merger{} (random weights), one 448x448 PNG -> features {}, {} threads, f32; \
@@ -509,28 +563,20 @@ fn qwen2vl_report(s: &Settings, ours: &Value, reference: Option<&Value>) {
         s.threads,
         s.repeat
     );
-    println!(
-        "{:<14} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}",
-        "", "best s", "median s", "pre s", "tower s", "merger s", "load s", "peak RSS", "pass RSS"
+    table(
+        &[
+            Column::time("best s", "best_s"),
+            Column::time("median s", "median_s"),
+            Column::time("pre s", "best_pre_s"),
+            Column::time("tower s", "best_tower_s"),
+            Column::time("merger s", "best_merger_s"),
+            Column::time("load s", "load_s"),
+            Column::bytes("peak RSS", "peak_rss_bytes"),
+            Column::bytes("pass RSS", "pass_peak_rss_bytes"),
+        ],
+        ours,
+        reference,
     );
-    let mut rows = vec![("ours", ours)];
-    if let Some(r) = reference {
-        rows.push(("transformers", r));
-    }
-    for (name, v) in rows {
-        println!(
-            "{:<14} {:>9.2} {:>9.2} {:>8.3} {:>9.2} {:>9.3} {:>8.1} {:>8.2}GB {:>8.2}GB",
-            name,
-            f(v, "best_s"),
-            f(v, "median_s"),
-            f(v, "best_pre_s"),
-            f(v, "best_tower_s"),
-            f(v, "best_merger_s"),
-            f(v, "load_s"),
-            gb(v, "peak_rss_bytes"),
-            gb(v, "pass_peak_rss_bytes"),
-        );
-    }
     if let Some(r) = reference {
         println!(
             "ours / transformers speedup: {:.2}x best, {:.2}x median",
