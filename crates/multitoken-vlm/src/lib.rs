@@ -14,8 +14,9 @@
 //!   `LlavaOnevisionForConditionalGeneration` (AnyRes tiles, `image_newline`).
 //! - [`idefics3`]: `Idefics3ForConditionalGeneration` and
 //!   `SmolVLMForConditionalGeneration` (`model_type` `idefics3` / `smolvlm`).
-//! - [`qwen2_vl`]: `Qwen2VLForConditionalGeneration` (dynamic resolution,
-//!   M-RoPE positions).
+//! - [`qwen2_vl`]: `Qwen2VLForConditionalGeneration` and
+//!   `Qwen2_5_VLForConditionalGeneration` (dynamic resolution, M-RoPE
+//!   positions; Qwen2.5-VL's window-attention tower).
 //!
 //! [`MultimodalImporter`]: multitoken_lm::multimodal::MultimodalImporter
 
