@@ -105,22 +105,11 @@ impl WhisperAudio {
             None => Whisper::load(&dir, &context.device, context.dtype)?,
             // Trainable: the checkpoint's tensors (if any) become variables of `map`;
             // a directory with `config.json` but no weights starts from random weights.
-            Some(map) => {
+            Some(_) => {
                 let whisper_config = crate::whisper::WhisperConfig::from_file(&dir.join("config.json"))?;
-                let weights = dir.join("model.safetensors");
-                if weights.is_file() {
-                    let fail = |e: candle_core::Error| Error::Checkpoint(format!("{}: {e}", weights.display()));
-                    let tensors = candle_core::safetensors::load(&weights, &context.device).map_err(fail)?;
-                    let mut vars = map
-                        .data()
-                        .lock()
-                        .map_err(|_| Error::Checkpoint("the trainable variable map is poisoned".to_string()))?;
-                    for (name, tensor) in tensors {
-                        let var = candle_core::Var::from_tensor(&tensor.to_dtype(context.dtype).map_err(fail)?).map_err(fail)?;
-                        vars.insert(name, var);
-                    }
-                }
-                let vb = candle_nn::VarBuilder::from_varmap(map, context.dtype, &context.device);
+                let vb = context
+                    .var_builder(&dir.join("model.safetensors"))
+                    .map_err(|e| Error::Checkpoint(e.to_string()))?;
                 Whisper::from_var_builder(vb, whisper_config)?
             }
         };
@@ -205,6 +194,12 @@ impl Modality for WhisperAudio {
     }
     fn encode(&self, batch: &Tensor) -> multitoken_core::Result<Tensor> {
         Ok(self.encode_batch(batch)?)
+    }
+    fn media(&self) -> multitoken_core::ItemMedia {
+        multitoken_core::ItemMedia::Audio
+    }
+    fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
+        Some(multitoken_core::EncoderWeights::at("model_path").with_default("whisper"))
     }
     fn projector(&self) -> ProjectorSpec {
         match self.config.features {

@@ -41,14 +41,14 @@ pub use chat_template::{ChatTemplate, Message, RenderedChat};
 pub use collate::{collate, Batch, CollateConfig, PaddingSide};
 pub use error::{Error, Result};
 pub use lm::{KvCache, LanguageModel, LogitsSelection};
-pub use modality::{Item, ItemLayout, LayoutPart, Modality, TextRule};
+pub use modality::{item_from_json, EncoderWeights, Item, ItemLayout, ItemMedia, LayoutPart, Modality, TextRule};
 pub use preparer::{
     InputPreparer, ItemsByKey, LayoutSource, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
     PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality, RopePositions,
 };
 pub use projector::{Projector, ProjectorSpec};
 pub use registry::{
-    build_modality, build_text_modality, builder_names, builders, find_builder, is_text_modality,
+    build_modality, build_text_modality, builder_names, builders, find_builder, is_text_modality, load_into_varmap,
     ModalityBuilder, ModalityContext, TextModalityBuilder,
 };
 pub use splice::{encode_item, project_item, span_embeddings, splice_embeddings, SpanEmbedding};

@@ -1,6 +1,6 @@
 //! The `Modality` trait: how an encoder plugs into multitoken.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
@@ -226,6 +226,84 @@ mod layout_tests {
     }
 }
 
+/// The kind of media a modality's items are. A server picks its per-item
+/// limits by it (pixels of an image, seconds of audio, pages of a PDF) and the
+/// OpenAI content part that reaches the modality (`image_url`, `input_audio`,
+/// `file`); `Other` items get no media-specific limit and are reached through
+/// the generic `input_item` part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ItemMedia {
+    /// Still images (PNG, JPEG, ...).
+    Image,
+    /// Audio clips (WAV, MP3, FLAC, ...).
+    Audio,
+    /// Documents (PDF or text).
+    Document,
+    /// Anything else: the modality validates its items itself
+    /// ([`Modality::check_item`]).
+    #[default]
+    Other,
+}
+
+/// Where a modality's encoder weights live: the key of the modality's config
+/// (in `multitoken.json`) that names the weights directory, relative to the
+/// model directory. Training saves a trained encoder into a new directory and
+/// points this key at it; a frozen encoder's key is pointed at the original.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncoderWeights {
+    /// The config key naming the directory, e.g. `tower`.
+    pub config_key: String,
+    /// The directory used when the config leaves the key out (relative to the
+    /// model directory), if the builder has such a default.
+    pub default_dir: Option<String>,
+}
+
+impl EncoderWeights {
+    /// Weights named by `config_key`, with no default directory.
+    pub fn at(config_key: impl Into<String>) -> Self {
+        Self { config_key: config_key.into(), default_dir: None }
+    }
+
+    /// Adds the directory used when the config leaves the key out.
+    pub fn with_default(mut self, dir: impl Into<String>) -> Self {
+        self.default_dir = Some(dir.into());
+        self
+    }
+
+    /// The directory `config` names (or the default), resolved against
+    /// `model_dir`; `None` when neither says.
+    pub fn dir_in(&self, model_dir: &Path, config: &serde_json::Value) -> Option<PathBuf> {
+        let relative = config.get(&self.config_key).and_then(serde_json::Value::as_str).or(self.default_dir.as_deref())?;
+        Some(model_dir.join(relative))
+    }
+}
+
+/// The default reading of one dataset/request item given as JSON
+/// ([`Modality::item_from_json`]): a string is a file path relative to `base`
+/// (URLs are refused: only the CLI/server layer fetches), and when `inline` is
+/// set a string that names no file is the item's text and any other JSON value
+/// (numbers, lists, objects) is the item's text as compact JSON, which the
+/// modality parses in [`Modality::preprocess`].
+pub fn item_from_json(value: &serde_json::Value, base: &Path, inline: bool) -> Result<Item> {
+    match value {
+        serde_json::Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => Err(crate::Error::msg(format!(
+            "`{s}` is a URL; items are read from local files only (download it first)"
+        ))),
+        serde_json::Value::String(s) => {
+            let path = base.join(s);
+            if inline && !path.is_file() {
+                Ok(Item::Text(s.clone()))
+            } else {
+                Ok(Item::Path(path))
+            }
+        }
+        other if inline => Ok(Item::Text(other.to_string())),
+        other => Err(crate::Error::msg(format!(
+            "an item must be a file path (a string), got {other}; this modality takes no inline items"
+        ))),
+    }
+}
+
 /// A pluggable encoder for one kind of input.
 ///
 /// Fixed-width modalities implement the required methods only. A modality whose
@@ -269,5 +347,39 @@ pub trait Modality: Send + Sync {
     /// layout slots. The default is one piece, `encode` on a batch of one.
     fn encode_item(&self, preprocessed: &Tensor) -> Result<Vec<Tensor>> {
         Ok(vec![self.encode(&preprocessed.unsqueeze(0)?)?])
+    }
+
+    /// The kind of media the items are ([`ItemMedia`]): picks a server's
+    /// per-item limits and OpenAI content part. The default is `Other`.
+    fn media(&self) -> ItemMedia {
+        ItemMedia::Other
+    }
+
+    /// Where the encoder's weights live, so that `train --train-encoders NAME`
+    /// can save them and a trained model's config points at them. `None` (the
+    /// default) means the encoder cannot be trained; a frozen one still works.
+    fn encoder_weights(&self) -> Option<EncoderWeights> {
+        None
+    }
+
+    /// Whether items may be given inline rather than as files: a dataset
+    /// string that names no file, or a JSON number/list/object, becomes
+    /// [`Item::Text`] (JSON as compact text). The default is files only.
+    fn inline_items(&self) -> bool {
+        false
+    }
+
+    /// Reads one item of a dataset row (`base` is the dataset's directory).
+    /// The default is [`item_from_json`] with [`Modality::inline_items`].
+    fn item_from_json(&self, value: &serde_json::Value, base: &Path) -> Result<Item> {
+        item_from_json(value, base, self.inline_items())
+    }
+
+    /// A cheap check of one item before it is queued (a server calls it on
+    /// every item of a request, after its media limits): e.g. a size or a
+    /// header. The default accepts everything; `preprocess` reports the rest.
+    fn check_item(&self, item: &Item) -> Result<()> {
+        let _ = item;
+        Ok(())
     }
 }

@@ -102,6 +102,62 @@ impl ModalityContext {
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
         self.model_dir.join(path)
     }
+
+    /// The encoder weights in the safetensors file `weights` as a
+    /// `VarBuilder`, the one way builders honour [`ModalityContext::trainable`]:
+    /// with a trainable map, the file's tensors (when it exists) become
+    /// variables of the map in the context's dtype, and weights it lacks are
+    /// created there (fresh: zeros, which training reseeds); without one, the
+    /// file is memory-mapped read-only and must exist.
+    pub fn var_builder(&self, weights: &Path) -> Result<candle_nn::VarBuilder<'static>> {
+        match &self.trainable {
+            Some(map) => {
+                if weights.is_file() {
+                    load_into_varmap(map, weights, self.dtype, &self.device)?;
+                }
+                Ok(candle_nn::VarBuilder::from_varmap(map, self.dtype, &self.device))
+            }
+            None => {
+                if !weights.is_file() {
+                    return Err(Error::msg(format!("{}: the encoder weights are missing", weights.display())));
+                }
+                // SAFETY: the file is memory-mapped read-only; as everywhere in
+                // candle, it must not be modified while the model is alive.
+                unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[weights], self.dtype, &self.device) }
+                    .map_err(|e| Error::msg(format!("{}: {e}", weights.display())))
+            }
+        }
+    }
+}
+
+/// Every tensor of the safetensors file at `path` as a variable of `map`, in
+/// `dtype` on `device` (replacing variables of the same name); returns how
+/// many were loaded. Fails naming the file and, where one is bad, the tensor.
+pub fn load_into_varmap(map: &candle_nn::VarMap, path: &Path, dtype: DType, device: &Device) -> Result<usize> {
+    let tensors = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::msg(format!("{}: cannot read: {e}", path.display())))?;
+    let mut vars = map
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("the trainable variable map is poisoned (an earlier panic while it was held)"))?;
+    let count = tensors.len();
+    for (name, tensor) in tensors {
+        let var = tensor
+            .to_dtype(dtype)
+            .and_then(|t| candle_core::Var::from_tensor(&t))
+            .map_err(|e| Error::msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+        vars.insert(name, var);
+    }
+    Ok(count)
+}
+
+/// The message of a caught panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
 }
 
 /// Constructor of one modality: its registry name and a function from the
@@ -147,7 +203,20 @@ pub fn build_modality(
     context: &ModalityContext,
 ) -> Result<Box<dyn Modality>> {
     let builder = the_one(name, builders().filter(|builder| builder.name == name))?;
-    (builder.build)(config, context)
+    // A builder is third-party code: a panic in it is reported as an error
+    // naming the modality instead of taking the process down.
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (builder.build)(config, context)))
+        .map_err(|payload| Error::msg(format!("modality builder `{name}` panicked: {}", panic_message(payload.as_ref()))))??;
+    if built.name() != name {
+        return Err(Error::msg(format!(
+            "modality builder `{name}` built a modality named `{}`; a modality's name() must equal its builder's name",
+            built.name()
+        )));
+    }
+    if built.token().is_empty() || built.data_key().is_empty() {
+        return Err(Error::msg(format!("modality `{name}` has an empty token or data key")));
+    }
+    Ok(built)
 }
 
 /// The single builder among `matching`: unknown (listing every name) when there

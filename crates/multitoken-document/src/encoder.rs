@@ -158,19 +158,9 @@ impl SentenceEncoder {
 
         let weights = dir.join("model.safetensors");
         let vb = if let Some(map) = trainable {
-            if weights.is_file() {
-                let tensors = candle_core::safetensors::load(&weights, device)
-                    .map_err(|e| fail(format!("cannot read model.safetensors: {e}")))?;
-                let mut vars = map.data().lock().map_err(|_| fail("the trainable variable map is poisoned".to_string()))?;
-                for (name, tensor) in tensors {
-                    let var = tensor
-                        .to_dtype(dtype)
-                        .and_then(|t| candle_core::Var::from_tensor(&t))
-                        .map_err(|e| fail(format!("model.safetensors `{name}`: {e}")))?;
-                    vars.insert(name, var);
-                }
-            }
-            VarBuilder::from_varmap(map, dtype, device)
+            let mut context = multitoken_core::ModalityContext::new(device.clone(), dtype, &dir);
+            context.trainable = Some(map.clone());
+            context.var_builder(&weights).map_err(|e| fail(e.to_string()))?
         } else {
             if !weights.is_file() {
                 return Err(fail(

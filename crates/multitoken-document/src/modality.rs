@@ -329,6 +329,16 @@ impl Modality for DocumentModality {
     fn projector(&self) -> ProjectorSpec {
         self.projector
     }
+    fn media(&self) -> multitoken_core::ItemMedia {
+        multitoken_core::ItemMedia::Document
+    }
+    fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
+        Some(multitoken_core::EncoderWeights::at("encoder"))
+    }
+    /// A dataset string that names no file is the document's text.
+    fn inline_items(&self) -> bool {
+        true
+    }
 }
 
 /// Parses a builder config; `null` means all defaults.

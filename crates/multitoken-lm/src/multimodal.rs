@@ -83,21 +83,34 @@ pub struct ModalityEntry {
     /// The builder's own settings.
     #[serde(default)]
     pub config: serde_json::Value,
-    /// The projector from encoder features to LM embeddings (a text modality
-    /// has none: the field may be left out there, and is ignored).
-    #[serde(default = "no_projector")]
-    pub projector: ProjectorSpec,
+    /// The projector from encoder features to LM embeddings. Left out, it is
+    /// the modality's own [`Modality::projector`]; given, it must equal that
+    /// (a text modality has none: the field is ignored there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projector: Option<ProjectorSpec>,
     /// Key prefix of this projector in `projectors.safetensors`.
     #[serde(default)]
     pub projector_prefix: Option<String>,
 }
 
-/// The placeholder projector of entries that leave it out (text modalities).
-fn no_projector() -> ProjectorSpec {
-    ProjectorSpec::Linear
-}
-
 impl ModalityEntry {
+    /// The projector of this entry's built `modality`: the modality's own
+    /// [`Modality::projector`] when the entry names none, else the entry's,
+    /// which must then equal the modality's (one source of truth: a
+    /// disagreement is an error naming the modality and both specs).
+    pub fn projector_for(&self, modality: &dyn Modality) -> Result<ProjectorSpec> {
+        let own = modality.projector();
+        match self.projector {
+            None => Ok(own),
+            Some(spec) if spec == own => Ok(spec),
+            Some(spec) => Err(Error::Msg(format!(
+                "modality `{}`: multitoken.json names the projector `{spec}` but the modality's projector() is `{own}`; \
+                 leave `projector` out of the entry (the modality's is the default) or change the modality's config",
+                self.builder
+            ))),
+        }
+    }
+
     /// The projector's key prefix (multi_token's `{name}_lmm_projector` by default).
     pub fn prefix(&self) -> String {
         self.projector_prefix.clone().unwrap_or_else(|| format!("{}_lmm_projector", self.builder))
@@ -267,6 +280,7 @@ impl MultimodalModel {
         for runtime in &modalities {
             check_projector(runtime, lm.model.hidden_size())?;
         }
+        check_unique_tokens(&modalities)?;
         let chat_leading = LeadingSpecialTokens::TemplateOnly;
         let (chat_preparer, raw_preparer) = build_preparers(&lm, &modalities, &template, chat_leading)?;
         Ok(Self { lm, modalities, text_modalities: Vec::new(), template, chat_leading, chat_preparer, raw_preparer })
@@ -394,8 +408,9 @@ impl MultimodalModel {
         for piece in &pieces {
             as_feature_batch(piece, modality)?;
         }
-        project_item(&runtime.projector, &pieces, self.lm.model.dtype(), slots)
-            .map_err(|e| Error::Msg(format!("{}: {e}", describe())))
+        project_item(&runtime.projector, &pieces, self.lm.model.dtype(), slots).map_err(|e| {
+            Error::Msg(format!("{}: modality `{}` with projector `{}`: {e}", describe(), modality.name(), runtime.projector.spec()))
+        })
     }
 
     /// Input embeddings `[1, seq, hidden]` of a prepared row: token embeddings
@@ -535,7 +550,8 @@ fn load_modalities(
         .map(|entry| {
             let modality = build_modality(&entry.builder, &entry.config, &context)
                 .map_err(|e| Error::Msg(format!("{}: modality `{}`: {e}", dir.join(MULTIMODAL_CONFIG_FILE).display(), entry.builder)))?;
-            let projector = Projector::load(entry.projector, modality.feature_dim(), hidden, vb.pp(entry.prefix()))
+            let spec = entry.projector_for(modality.as_ref()).map_err(|e| Error::Msg(format!("{}: {e}", dir.join(MULTIMODAL_CONFIG_FILE).display())))?;
+            let projector = Projector::load(spec, modality.feature_dim(), hidden, vb.pp(entry.prefix()))
                 .map_err(|e| {
                     Error::Msg(format!("{}: projector `{}` of `{}`: {e}", projectors_path.display(), entry.prefix(), entry.builder))
                 })?;
@@ -578,8 +594,47 @@ fn special_strings(lm: &LoadedModel) -> (String, String) {
     (bos, eos)
 }
 
+/// Every modality's token and data key must be its own: two modalities
+/// reading `<image>` would make every prompt ambiguous.
+fn check_unique_tokens(modalities: &[ModalityRuntime]) -> Result<()> {
+    for (i, a) in modalities.iter().enumerate() {
+        for b in &modalities[..i] {
+            let (a, b) = (a.modality.as_ref(), b.modality.as_ref());
+            if a.token() == b.token() {
+                return Err(Error::Msg(format!(
+                    "modality `{}` uses the token {} that modality `{}` already uses; each modality needs its own token",
+                    a.name(),
+                    a.token(),
+                    b.name()
+                )));
+            }
+            if a.data_key() == b.data_key() {
+                return Err(Error::Msg(format!(
+                    "modality `{}` reads items under `{}` as modality `{}` already does; each modality needs its own data key",
+                    a.name(),
+                    a.data_key(),
+                    b.name()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_projector(runtime: &ModalityRuntime, hidden: usize) -> Result<()> {
     let modality = runtime.modality.as_ref();
+    // A vector projector emits a fixed number of positions whatever the
+    // encoder gives: a fixed-width modality must occupy exactly those.
+    if let ProjectorSpec::VectorMlp { num_tokens, .. } = runtime.projector.spec() {
+        let width = modality.token_width();
+        if width != num_tokens && width % num_tokens.max(1) != 0 {
+            return Err(Error::Msg(format!(
+                "modality `{}`: its projector `{}` outputs {num_tokens} positions per piece but token_width() is {width}",
+                modality.name(),
+                runtime.projector.spec()
+            )));
+        }
+    }
     if runtime.projector.hidden_size() != hidden {
         return Err(Error::Msg(format!(
             "the projector of `{}` outputs width {} but the LM's hidden size is {hidden}",

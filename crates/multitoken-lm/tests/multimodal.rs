@@ -177,8 +177,11 @@ fn bad_input_is_a_clear_error() -> TestResult {
     let unknown = ok.replace("test_bytes", "vision_nonexistent");
     check_error("unknown", &unknown, true, "x", ItemsByKey::new(), &["vision_nonexistent", "test_bytes"])?;
     check_error("malformed", "{\"modalities\": [", true, "x", ItemsByKey::new(), &["multitoken.json"])?;
-    let wrong_key = ok.replace("mlp2x_gelu", "mlp3x_gelu");
-    check_error("projector-keys", &wrong_key, true, "x", ItemsByKey::new(), &["test_bytes_lmm_projector"])?;
+    // The entry's projector must be the modality's own (one source of truth).
+    let wrong_kind = ok.replace("mlp2x_gelu", "mlp3x_gelu");
+    check_error("projector-kind", &wrong_kind, true, "x", ItemsByKey::new(), &["test_bytes", "mlp3x_gelu", "mlp2x_gelu"])?;
+    let wrong_key = ok.replace("\"projector\":\"mlp2x_gelu\"", "\"projector\":\"mlp2x_gelu\",\"projector_prefix\":\"elsewhere\"");
+    check_error("projector-keys", &wrong_key, true, "x", ItemsByKey::new(), &["elsewhere", "test_bytes"])?;
     Ok(())
 }
 

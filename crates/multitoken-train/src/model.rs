@@ -345,7 +345,8 @@ impl TrainableModel {
                 randomize_zero_weights(map, seed)?;
             }
             let vb = VarBuilder::from_varmap(&projectors, DType::F32, device).pp(entry.prefix());
-            let projector = Projector::load(entry.projector, modality.feature_dim(), hidden, vb)
+            let spec = entry.projector_for(modality.as_ref()).map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
+            let projector = Projector::load(spec, modality.feature_dim(), hidden, vb)
                 .map_err(|e| {
                     Error::Config(format!(
                         "projector `{}` of `{}`: {e}",

@@ -230,6 +230,12 @@ impl VisionAnyRes {
 }
 
 impl Modality for VisionAnyRes {
+    fn media(&self) -> multitoken_core::ItemMedia {
+        multitoken_core::ItemMedia::Image
+    }
+    fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
+        Some(multitoken_core::EncoderWeights::at("tower").with_default("."))
+    }
     fn name(&self) -> &str {
         "vision_anyres"
     }

@@ -281,6 +281,12 @@ impl LayoutBuilder {
 }
 
 impl Modality for VisionIdefics3 {
+    fn media(&self) -> multitoken_core::ItemMedia {
+        multitoken_core::ItemMedia::Image
+    }
+    fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
+        Some(multitoken_core::EncoderWeights::at("tower").with_default("."))
+    }
     fn name(&self) -> &str {
         "vision_idefics3"
     }

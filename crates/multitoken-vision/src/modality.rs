@@ -224,6 +224,12 @@ impl VisionClip {
 }
 
 impl Modality for VisionClip {
+    fn media(&self) -> multitoken_core::ItemMedia {
+        multitoken_core::ItemMedia::Image
+    }
+    fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
+        Some(multitoken_core::EncoderWeights::at("tower").with_default("."))
+    }
     fn name(&self) -> &str {
         self.name
     }
@@ -361,17 +367,8 @@ pub(crate) fn open_weights(dir: &Path, context: &ModalityContext) -> Result<VarB
         // Trainable: the checkpoint's tensors (if any) become variables of `map`;
         // whatever it lacks is created with the layers' random init.
         for file in &files {
-            let tensors = candle_core::safetensors::load(file, &context.device)
+            multitoken_core::load_into_varmap(map, file, context.dtype, &context.device)
                 .map_err(|e| Error::config(file.display().to_string(), e.to_string()))?;
-            let mut vars = map
-                .data()
-                .lock()
-                .map_err(|_| Error::config(dir.display().to_string(), "the trainable variable map is poisoned"))?;
-            for (name, tensor) in tensors {
-                let tensor = tensor.to_dtype(context.dtype).map_err(|e| Error::config(file.display().to_string(), e.to_string()))?;
-                let var = candle_core::Var::from_tensor(&tensor).map_err(|e| Error::config(file.display().to_string(), e.to_string()))?;
-                vars.insert(name, var);
-            }
         }
         return Ok(VarBuilder::from_varmap(map, context.dtype, &context.device));
     }

@@ -200,6 +200,12 @@ impl VisionQwen2Vl {
 }
 
 impl Modality for VisionQwen2Vl {
+    fn media(&self) -> multitoken_core::ItemMedia {
+        multitoken_core::ItemMedia::Image
+    }
+    fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
+        Some(multitoken_core::EncoderWeights::at("tower").with_default("."))
+    }
     fn name(&self) -> &str {
         NAME
     }

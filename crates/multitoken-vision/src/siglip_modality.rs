@@ -283,6 +283,12 @@ fn real_extent(mask: &[Vec<f32>]) -> (usize, usize) {
 }
 
 impl Modality for VisionSiglip {
+    fn media(&self) -> multitoken_core::ItemMedia {
+        multitoken_core::ItemMedia::Image
+    }
+    fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
+        Some(multitoken_core::EncoderWeights::at("tower").with_default("."))
+    }
     fn name(&self) -> &str {
         "vision_siglip"
     }
