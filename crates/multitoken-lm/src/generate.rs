@@ -26,7 +26,9 @@ pub struct GenerationParams {
     pub stop_strings: Vec<String>,
     /// Ids that end generation (from generation_config.json or GGUF metadata).
     pub eos_token_ids: Vec<u32>,
-    /// Keep generating past EOS ids.
+    /// Generate exactly `max_new_tokens` (unless a stop string or the context ends it):
+    /// the EOS ids are never chosen, as transformers' `min_new_tokens` does, so greedy
+    /// ids equal `generate(min_new_tokens=N, max_new_tokens=N)`.
     pub ignore_eos: bool,
 }
 
@@ -151,7 +153,7 @@ pub fn generate_at(
     let mut cache = KvCache::new(model.num_layers());
     let start = Instant::now();
     let logits = model.forward_embeds_at(prompt_embeds, None, &mut cache, LogitsSelection::Last, positions)?;
-    let mut next = sampler.sample_tensor(&logits.to_dtype(DType::F32)?, &seen)?;
+    let mut next = pick(&mut sampler, &logits, &seen, params)?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let prefill_tok_s = rate(prompt_len, prefill_secs);
 
@@ -173,7 +175,7 @@ pub fn generate_at(
         let ids = Tensor::new(&[[next]], model.device())?;
         let embeds = model.embed_tokens(&ids)?;
         let logits = model.forward_embeds(&embeds, None, &mut cache, LogitsSelection::Last)?;
-        next = sampler.sample_tensor(&logits.to_dtype(DType::F32)?, &seen)?;
+        next = pick(&mut sampler, &logits, &seen, params)?;
     };
     let decode_secs = decode_start.elapsed().as_secs_f64();
     if finish != FinishReason::Stop {
@@ -181,6 +183,22 @@ pub fn generate_at(
     }
     let decode_tok_s = rate(token_ids.len().saturating_sub(1), decode_secs);
     Ok(output(token_ids, stream, finish, prefill_tok_s, decode_tok_s))
+}
+
+/// The next id from last-position logits; with `ignore_eos` the EOS ids are masked
+/// out first (transformers' MinNewTokensLengthLogitsProcessor sets them to -inf).
+fn pick(sampler: &mut Sampler, logits: &Tensor, seen: &[u32], params: &GenerationParams) -> Result<u32> {
+    let logits = logits.flatten_all()?.to_dtype(DType::F32)?;
+    if !params.ignore_eos || params.eos_token_ids.is_empty() {
+        return sampler.sample_tensor(&logits, seen);
+    }
+    let mut row = logits.to_vec1::<f32>()?;
+    for &id in &params.eos_token_ids {
+        if let Some(value) = row.get_mut(id as usize) {
+            *value = f32::NEG_INFINITY;
+        }
+    }
+    sampler.sample(&mut row, seen)
 }
 
 /// [`generate`] from token ids: embeds them with the model's own embedding table.

@@ -83,7 +83,7 @@ fn check_model(name: &str) -> TestResult {
         if diff >= 1e-4 {
             failures.push(format!("{what}: last logits differ by {diff}"));
         }
-        let params = GenerationParams { max_new_tokens: expected.new_tokens, ignore_eos: true, ..GenerationParams::default() };
+        let params = GenerationParams { max_new_tokens: expected.new_tokens, eos_token_ids: model.lm.generation.eos_token_ids.clone(), ignore_eos: true, ..GenerationParams::default() };
         let out = model.generate(&prepared, &items, &params, &mut |_| true)?;
         if out.token_ids != case.greedy_ids {
             failures.push(format!("{what}: greedy ids {:?}, transformers {:?}", out.token_ids, case.greedy_ids));
@@ -177,7 +177,7 @@ fn exported_directories_give_the_same_ids() -> TestResult {
         let items = items(&case.images);
         let prepared = model.prepare_raw(&case.prompt, &items)?;
         assert_eq!(prepared.input_ids.len(), case.input_ids.len(), "{name}: prompt length");
-        let params = GenerationParams { max_new_tokens: expected.new_tokens, ignore_eos: true, ..GenerationParams::default() };
+        let params = GenerationParams { max_new_tokens: expected.new_tokens, eos_token_ids: model.lm.generation.eos_token_ids.clone(), ignore_eos: true, ..GenerationParams::default() };
         let out = model.generate(&prepared, &items, &params, &mut |_| true)?;
         assert_eq!(out.token_ids, case.greedy_ids, "{name} exported");
         let original = MultimodalModel::load(&dir, &LoadOptions::default())?;

@@ -56,7 +56,8 @@ pub struct SamplingArgs {
     /// Stop when this text is generated (repeatable).
     #[arg(long = "stop")]
     pub stop_strings: Vec<String>,
-    /// Keep generating past the end-of-sequence token.
+    /// Generate exactly --max-new-tokens: the end-of-sequence ids are never chosen
+    /// (transformers' min_new_tokens).
     #[arg(long)]
     pub ignore_eos: bool,
 }
