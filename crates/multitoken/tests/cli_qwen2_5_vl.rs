@@ -1,8 +1,8 @@
-//! `multitoken generate` on a Qwen2.5-VL directory as transformers saves it
-//! and in the hub's layout (`xtask/fixtures/qwen2_5_vl.py`): the parity
-//! contract's command (`--raw --temperature 0 --ignore-eos --json`) with no,
-//! one and two images gives transformers' greedy ids (window-attention tower,
-//! M-RoPE positions and the decode delta included), and a prompt without
+//! `multitoken generate` on Qwen2.5-VL directories (`xtask/fixtures/qwen2_5_vl.py`:
+//! as transformers saves it, in the hub's layout, and one of another shape):
+//! the parity contract's command (`--raw --temperature 0 --ignore-eos --json`)
+//! with no, one and two images gives transformers' greedy ids (window-attention
+//! tower, M-RoPE positions and the decode delta included), and a prompt without
 //! `--raw` goes through the checkpoint's chat template.
 
 use std::path::{Path, PathBuf};
@@ -42,7 +42,11 @@ fn new_ids(output: &Output) -> Result<Vec<u64>, Box<dyn std::error::Error>> {
 }
 
 fn cases() -> Result<Vec<Value>, Box<dyn std::error::Error>> {
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json"))?)?;
+    cases_of(&fixtures())
+}
+
+fn cases_of(dir: &Path) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
     Ok(expected["cases"].as_array().cloned().unwrap_or_default())
 }
 
@@ -55,12 +59,13 @@ fn ids(value: &Value) -> Vec<u64> {
 }
 
 /// Every raw case with none, one or two images (text after them included), in
-/// both checkpoint layouts.
+/// both checkpoint layouts and in a checkpoint of another shape.
 #[test]
 fn the_qwen2_5_vl_parity_command_gives_transformers_ids() -> TestResult {
     let mut checked = [0usize; 3];
-    let cases = cases()?;
-    for name in ["model", "hub"] {
+    for name in ["model", "hub", "tied"] {
+        let own = fixtures().join(name);
+        let cases = if own.join("expected.json").is_file() { cases_of(&own)? } else { cases()? };
         for case in cases.iter().filter(|c| c["chat"].as_bool() != Some(true)) {
             let images = strings(&case["images"]);
             let want = ids(&case["greedy_ids"]);
