@@ -19,14 +19,19 @@
 //! | `length` | 32 | points per channel after resampling |
 //! | `window` | 8 | points per LM position |
 //! | `hidden` | 32 | encoder output width (the projector's input) |
-//! | `weights` | none | encoder weights (safetensors, `encoder.weight` / `encoder.bias`), relative to the model directory; without it the encoder is seeded-random (frozen) or fresh (trained) |
-//! | `seed` | 0 | seed of the encoder weights when there is no `weights` file |
+//! | `encoder` | none | directory of the encoder's weights (`model.safetensors`: `encoder.weight`, `encoder.bias`), relative to the model directory; without it the encoder is seeded-random |
+//! | `seed` | 0 | seed of the encoder weights when there is no `encoder` directory |
+//! | `projector` | `mlp2x_gelu` | the projector ([`Modality::projector`]) |
+//!
+//! Training the encoder (`train --train-encoders sensor_series`) writes its
+//! weights to a new directory of the trained model and points `encoder` at it
+//! ([`Modality::encoder_weights`]).
 
-use std::path::PathBuf;
-
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
-use multitoken::core::{Error, Item, Modality, ModalityBuilder, ModalityContext, ProjectorSpec, Result};
+use multitoken::core::{
+    EncoderWeights, Error, Item, Modality, ModalityBuilder, ModalityContext, ProjectorSpec, Result,
+};
 use serde::Deserialize;
 
 /// The builder's registry name.
@@ -35,9 +40,15 @@ pub const NAME: &str = "sensor_series";
 pub const TOKEN: &str = "<series>";
 /// The dataset / request key listing a row's series.
 pub const DATA_KEY: &str = "series";
-/// Key prefix of the encoder's weights (in its `weights` file and, while it
+/// Key prefix of the encoder's weights (in its weights file and, while it
 /// trains, in the trainer's variable map).
 pub const WEIGHTS_PREFIX: &str = "encoder";
+/// The config key naming the encoder's weights directory.
+pub const ENCODER_KEY: &str = "encoder";
+/// The weights file in that directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Largest series accepted (bytes of CSV), checked before any parsing.
+pub const MAX_ITEM_BYTES: usize = 4 << 20;
 
 /// The entry's `config` in `multitoken.json`.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,15 +62,25 @@ pub struct SeriesConfig {
     pub window: usize,
     /// Encoder output width.
     pub hidden: usize,
-    /// Encoder weights, relative to the model directory.
-    pub weights: Option<PathBuf>,
-    /// Seed of the encoder weights when `weights` is not given.
+    /// Directory of the encoder weights, relative to the model directory.
+    pub encoder: Option<String>,
+    /// Seed of the encoder weights when `encoder` is not given.
     pub seed: u64,
+    /// The projector from the encoder's features to the LM.
+    pub projector: ProjectorSpec,
 }
 
 impl Default for SeriesConfig {
     fn default() -> Self {
-        Self { channels: 1, length: 32, window: 8, hidden: 32, weights: None, seed: 0 }
+        Self {
+            channels: 1,
+            length: 32,
+            window: 8,
+            hidden: 32,
+            encoder: None,
+            seed: 0,
+            projector: ProjectorSpec::MlpGelu { depth: 2 },
+        }
     }
 }
 
@@ -82,6 +103,7 @@ impl SeriesConfig {
                 "{NAME}: channels, window and hidden must be at least 1 and length at least 2 (got {self:?})"
             )));
         }
+        self.projector.validate()?;
         if !self.length.is_multiple_of(self.window) {
             return Err(Error::msg(format!(
                 "{NAME}: window {} does not divide length {}",
@@ -97,6 +119,7 @@ pub struct SensorSeries {
     config: SeriesConfig,
     encoder: Linear,
     device: Device,
+    dtype: DType,
 }
 
 impl SensorSeries {
@@ -104,31 +127,30 @@ impl SensorSeries {
     pub fn new(config: SeriesConfig, context: &ModalityContext) -> Result<Self> {
         config.check()?;
         let (input, output) = (config.window_features(), config.hidden);
-        let weights = config.weights.as_ref().map(|path| context.resolve(path));
-        let encoder = match (&context.trainable, &weights) {
-            // Training the encoder: its weights are variables of the trainer's
-            // map (candle's initialisation), overwritten by the file when there is one.
-            (Some(map), _) => {
-                let vb = VarBuilder::from_varmap(map, DType::F32, &context.device).pp(WEIGHTS_PREFIX);
-                let layer = candle_nn::linear(input, output, vb)?;
-                if let Some(path) = &weights {
-                    load_into(map, path, &context.device)?;
-                }
-                layer
+        let weights = config.encoder.as_ref().map(|dir| context.resolve(dir).join(WEIGHTS_FILE));
+        let vb = match (&context.trainable, weights) {
+            // A weights file: `var_builder` memory-maps it for a frozen encoder,
+            // or loads it into the trainer's map when the encoder trains.
+            (_, Some(path)) => context.var_builder(&path)?,
+            // A fresh encoder that trains: seeded variables in the trainer's map.
+            (Some(map), None) => {
+                let (weight, bias) = seeded_weights(input, output, config.seed, &context.device)?;
+                let mut vars = map.data().lock().map_err(|_| Error::msg("variable map poisoned"))?;
+                vars.insert(format!("{WEIGHTS_PREFIX}.weight"), Var::from_tensor(&weight.to_dtype(context.dtype)?)?);
+                vars.insert(format!("{WEIGHTS_PREFIX}.bias"), Var::from_tensor(&bias.to_dtype(context.dtype)?)?);
+                drop(vars);
+                VarBuilder::from_varmap(map, context.dtype, &context.device)
             }
-            // Frozen, from the file.
-            (None, Some(path)) => {
-                if !path.is_file() {
-                    return Err(Error::msg(format!("{NAME}: encoder weights {} not found", path.display())));
-                }
-                // SAFETY: read-only memory map of a file nobody truncates while the model lives.
-                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &context.device) }?;
-                candle_nn::linear(input, output, vb.pp(WEIGHTS_PREFIX))?
+            // Frozen and seeded: a fixed random feature map the projector learns to read.
+            (None, None) => {
+                let (weight, bias) = seeded_weights(input, output, config.seed, &context.device)?;
+                let encoder = Linear::new(weight.to_dtype(context.dtype)?, Some(bias.to_dtype(context.dtype)?));
+                return Ok(Self { config, encoder, device: context.device.clone(), dtype: context.dtype });
             }
-            // Frozen and seeded: a fixed random feature map, which the projector learns to read.
-            (None, None) => seeded_linear(input, output, config.seed, &context.device)?,
         };
-        Ok(Self { config, encoder, device: context.device.clone() })
+        let encoder = candle_nn::linear(input, output, vb.pp(WEIGHTS_PREFIX))
+            .map_err(|e| Error::msg(format!("{NAME}: encoder weights: {e}")))?;
+        Ok(Self { config, encoder, device: context.device.clone(), dtype: context.dtype })
     }
 
     /// The parsed config.
@@ -157,14 +179,39 @@ impl Modality for SensorSeries {
         let text = item_text(item)?;
         let columns = parse_csv(&text, self.config.channels).map_err(|e| Error::msg(format!("{}: {e}", describe(item))))?;
         let features = window_features(&columns, &self.config);
-        Ok(Tensor::from_vec(features, (self.config.positions(), self.config.window_features()), &self.device)?)
+        let shape = (self.config.positions(), self.config.window_features());
+        Ok(Tensor::from_vec(features, shape, &self.device)?.to_dtype(self.dtype)?)
     }
     fn encode(&self, batch: &Tensor) -> Result<Tensor> {
         // [n, positions, window features] -> [n, positions, hidden]
         Ok(self.encoder.forward(batch)?.gelu_erf()?)
     }
     fn projector(&self) -> ProjectorSpec {
-        ProjectorSpec::MlpGelu { depth: 2 }
+        self.config.projector
+    }
+    // The hooks below have defaults; a modality overrides what it needs.
+    fn encoder_weights(&self) -> Option<EncoderWeights> {
+        // `train --train-encoders sensor_series` saves the trained encoder to a
+        // new directory and points this config key at it.
+        Some(EncoderWeights::at(ENCODER_KEY))
+    }
+    fn inline_items(&self) -> bool {
+        // Dataset rows may hold the series itself: CSV text or a JSON array.
+        true
+    }
+    fn check_item(&self, item: &Item) -> Result<()> {
+        let size = match item {
+            Item::Path(path) => std::fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0),
+            Item::Bytes(bytes) => bytes.len(),
+            Item::Text(text) => text.len(),
+        };
+        if size > MAX_ITEM_BYTES {
+            return Err(Error::msg(format!(
+                "{}: {size} bytes, more than a series may have ({MAX_ITEM_BYTES})",
+                describe(item)
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -201,8 +248,13 @@ fn describe(item: &Item) -> String {
     }
 }
 
-/// Columns of numbers; a first line that is not numeric is a header.
+/// Columns of numbers from CSV (a first line that is not numeric is a
+/// header) or from a JSON array (`[1, 2, 3]` for one channel, `[[a, b], ...]`
+/// for one row of channels per step), as inline dataset items give it.
 pub fn parse_csv(text: &str, channels: usize) -> std::result::Result<Vec<Vec<f32>>, String> {
+    if text.trim_start().starts_with('[') {
+        return parse_json(text, channels);
+    }
     let mut columns = vec![Vec::new(); channels];
     for (index, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -230,6 +282,19 @@ pub fn parse_csv(text: &str, channels: usize) -> std::result::Result<Vec<Vec<f32
         return Err(format!("{} time steps; a series needs at least 2", columns[0].len()));
     }
     Ok(columns)
+}
+
+/// A JSON array series (see [`parse_csv`]).
+fn parse_json(text: &str, channels: usize) -> std::result::Result<Vec<Vec<f32>>, String> {
+    let rows: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| format!("not a JSON array of numbers: {e}"))?;
+    let as_csv: Vec<String> = rows
+        .iter()
+        .map(|row| match row {
+            serde_json::Value::Array(cells) => cells.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+            other => other.to_string(),
+        })
+        .collect();
+    parse_csv(&as_csv.join("\n"), channels)
 }
 
 /// Linear interpolation of `values` at `length` evenly spaced points.
@@ -274,9 +339,9 @@ fn window_features(columns: &[Vec<f32>], config: &SeriesConfig) -> Vec<f32> {
     out
 }
 
-/// A `Linear` with seeded U(±1/√fan_in) weights and zero bias (a small
+/// Seeded U(±1/√fan_in) weights `[output, input]` and a zero bias (a small
 /// xorshift generator: the example needs no `rand`).
-fn seeded_linear(input: usize, output: usize, seed: u64, device: &Device) -> Result<Linear> {
+fn seeded_weights(input: usize, output: usize, seed: u64, device: &Device) -> Result<(Tensor, Tensor)> {
     let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
     let bound = 1.0 / (input as f32).sqrt();
     let weights: Vec<f32> = (0..input * output)
@@ -290,21 +355,7 @@ fn seeded_linear(input: usize, output: usize, seed: u64, device: &Device) -> Res
         .collect();
     let weight = Tensor::from_vec(weights, (output, input), device)?;
     let bias = Tensor::zeros(output, DType::F32, device)?;
-    Ok(Linear::new(weight, Some(bias)))
-}
-
-/// Sets the map's `encoder.*` variables from a safetensors file.
-fn load_into(map: &candle_nn::VarMap, path: &std::path::Path, device: &Device) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, device)
-        .map_err(|e| Error::msg(format!("{NAME}: {}: {e}", path.display())))?;
-    let data = map.data().lock().map_err(|_| Error::msg("variable map poisoned"))?;
-    for (name, var) in data.iter().filter(|(name, _)| name.starts_with(WEIGHTS_PREFIX)) {
-        let tensor = tensors
-            .get(name)
-            .ok_or_else(|| Error::msg(format!("{NAME}: {} has no tensor {name}", path.display())))?;
-        var.set(&tensor.to_dtype(DType::F32)?)?;
-    }
-    Ok(())
+    Ok((weight, bias))
 }
 
 #[cfg(test)]
@@ -329,5 +380,7 @@ mod tests {
         assert!(parse_csv("1,2\n3\n", 2).unwrap_err().contains("line 2"));
         assert!(parse_csv("x\n1\n", 1).unwrap_err().contains("at least 2"));
         assert!(parse_csv("1\nnope\n", 1).unwrap_err().contains("line 2"));
+        assert_eq!(parse_csv("[1, 2.5]", 1).unwrap(), vec![vec![1.0, 2.5]]);
+        assert_eq!(parse_csv("[[1, 2], [3, 4]]", 2).unwrap(), vec![vec![1.0, 3.0], vec![2.0, 4.0]]);
     }
 }

@@ -65,8 +65,9 @@ struct AddArgs {
     #[arg(long)]
     config: Option<String>,
     /// The projector: a kind (`linear`, `mlp2x_gelu`, ...) or a JSON spec
-    /// (`{"kind": "vector_mlp", "num_layers": 2, "num_tokens": 4}`) [default: the
-    /// modality's own `Modality::projector()`].
+    /// (`{"kind": "vector_mlp", "num_layers": 2, "num_tokens": 4}`); it must be
+    /// the modality's own `Modality::projector()` (the default), which its
+    /// config decides where it offers a choice.
     #[arg(long)]
     projector: Option<String>,
     /// The new model directory (must differ from --model).
@@ -232,29 +233,28 @@ fn add(args: &AddArgs) -> Result<()> {
     let context_dir = source.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let modality = build_guarded(&args.builder, &config, &ModalityContext::cpu_f32(&context_dir))?;
     check_collisions(&args.builder, modality.as_ref(), &source.config, &model)?;
-    let spec = match &args.projector {
-        Some(text) => parse_projector(text)?,
-        None => modality.projector(),
-    };
-    spec.validate().map_err(|e| anyhow!("projector of `{}`: {e}", args.builder))?;
-    if let ProjectorSpec::VectorMlp { num_tokens, .. } = spec {
-        if num_tokens != modality.token_width() {
+    // One source of truth: the loader takes the modality's own projector(), so
+    // a --projector may only restate it (a modality whose config picks its
+    // projector is given that choice through --config).
+    let spec = modality.projector();
+    if let Some(text) = &args.projector {
+        let asked = parse_projector(text)?;
+        if asked != spec {
             bail!(
-                "projector {} of `{}` emits {num_tokens} positions but the modality's items take {} (token_width)",
-                spec.kind_name(),
-                args.builder,
-                modality.token_width()
+                "--projector {asked} is not `{}`'s projector {spec}; the modality decides its projector (through its config, if it offers a choice), and loading checks that they agree",
+                args.builder
             );
         }
     }
+    spec.validate().map_err(|e| anyhow!("projector of `{}`: {e}", args.builder))?;
     let hidden = model.lm.model.hidden_size();
     drop(model);
 
     let mut new_config = source.config.clone();
+    // The entry names no projector: the loader takes the modality's own.
     let entry: ModalityEntry = serde_json::from_value(json!({
         "builder": args.builder,
         "config": config,
-        "projector": spec,
     }))
     .context("writing the new modality entry")?;
     let prefix = entry.prefix();
