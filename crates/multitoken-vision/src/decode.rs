@@ -170,7 +170,8 @@ pub fn decode_bytes_with(bytes: &[u8], item: &str, limits: &DecodeLimits, transp
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
+    let mut image = to_pillow_depth(image).ok_or_else(|| fail("a 16-bit image whose pixels do not fill it".to_string()))?;
     image.apply_orientation(orientation);
     Ok(match transparency {
         Transparency::OverWhite => to_rgb_on_white(&image),
@@ -378,6 +379,38 @@ fn check_dimensions(item: &str, width: u32, height: u32, limits: &DecodeLimits) 
     Ok(())
 }
 
+/// 16-bit images as Pillow opens them (8-bit conversions in the `image` crate
+/// round `v / 257` instead): 16-bit grayscale is Pillow's `I;16`, which its
+/// conversions to `L` / `RGB` / `RGBA` clip to 255 (so most of a full-range image
+/// is white); 16-bit RGB, RGBA and gray+alpha PNGs are unpacked to 8 bits by taking
+/// each sample's high byte. `None` only if a buffer does not match its size.
+fn to_pillow_depth(image: DynamicImage) -> Option<DynamicImage> {
+    use image::ImageBuffer;
+    fn high_bytes(samples: Vec<u16>) -> Vec<u8> {
+        samples.into_iter().map(|v| (v >> 8) as u8).collect()
+    }
+    Some(match image {
+        DynamicImage::ImageLuma16(img) => {
+            let (w, h) = img.dimensions();
+            let clipped = img.into_raw().into_iter().map(|v| v.min(255) as u8).collect();
+            DynamicImage::ImageLuma8(ImageBuffer::from_raw(w, h, clipped)?)
+        }
+        DynamicImage::ImageLumaA16(img) => {
+            let (w, h) = img.dimensions();
+            DynamicImage::ImageLumaA8(ImageBuffer::from_raw(w, h, high_bytes(img.into_raw()))?)
+        }
+        DynamicImage::ImageRgb16(img) => {
+            let (w, h) = img.dimensions();
+            DynamicImage::ImageRgb8(ImageBuffer::from_raw(w, h, high_bytes(img.into_raw()))?)
+        }
+        DynamicImage::ImageRgba16(img) => {
+            let (w, h) = img.dimensions();
+            DynamicImage::ImageRgba8(ImageBuffer::from_raw(w, h, high_bytes(img.into_raw()))?)
+        }
+        other => other,
+    })
+}
+
 /// RGB of a decoded image; transparency is composited on white.
 fn to_rgb_on_white(image: &DynamicImage) -> RgbImage {
     let width = image.width() as usize;
@@ -430,6 +463,33 @@ mod tests {
         assert_eq!(white.pixels, vec![255, 255, 255, 10, 20, 30]);
         let dropped = decode_bytes_with(&png, "t", &limits, Transparency::Dropped).unwrap();
         assert_eq!(dropped.pixels, vec![107, 125, 13, 10, 20, 30]);
+    }
+
+    fn png16<P: image::PixelWithColorType<Subpixel = u16>>(width: u32, samples: Vec<u16>) -> Vec<u8> {
+        let channels = usize::from(P::CHANNEL_COUNT);
+        let height = (samples.len() / channels) as u32 / width;
+        let img = image::ImageBuffer::<P, Vec<u16>>::from_raw(width, height, samples).unwrap();
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        png
+    }
+
+    /// Numbers from Pillow 13 (`Image.open(p)` then transformers' `convert_to_rgb`).
+    #[test]
+    fn sixteen_bit_pngs_decode_as_pillow_opens_them() {
+        let limits = DecodeLimits::default();
+        let red = |png: &[u8]| -> Vec<u8> { decode_bytes(png, "t", &limits).unwrap().pixels.iter().step_by(3).copied().collect() };
+        // 16-bit gray is Pillow's `I;16`: clipped to 255, not scaled.
+        let gray = png16::<image::Luma<u16>>(8, vec![0, 1, 200, 255, 256, 300, 1000, 65535]);
+        assert_eq!(red(&gray), vec![0, 1, 200, 255, 255, 255, 255, 255]);
+        // RGB / RGBA / gray+alpha: the high byte of each sample (not v / 257 rounded).
+        let v: [u16; 6] = [0, 0x80FF, 0x7F80, 0xFFFF, 0x0180, 0x1234];
+        let rgb: Vec<u16> = (0..6).flat_map(|i| [v[i], v[5 - i], v[i]]).collect();
+        assert_eq!(red(&png16::<image::Rgb<u16>>(6, rgb)), vec![0, 128, 127, 255, 1, 18]);
+        let rgba: Vec<u16> = (0..6).flat_map(|i| [v[i], v[5 - i], v[i], 0x8000]).collect();
+        assert_eq!(red(&png16::<image::Rgba<u16>>(6, rgba)), vec![127, 191, 191, 255, 128, 136]);
+        let la: Vec<u16> = (0..6).flat_map(|i| [v[i], 0xFFFF]).collect();
+        assert_eq!(red(&png16::<image::LumaA<u16>>(6, la)), vec![0, 128, 127, 255, 1, 18]);
     }
 
     #[test]
