@@ -49,6 +49,6 @@ pub use preparer::{
 pub use projector::{Projector, ProjectorSpec};
 pub use registry::{
     build_modality, build_text_modality, builder_names, builders, find_builder, is_text_modality, load_into_varmap,
-    ModalityBuilder, ModalityContext, TextModalityBuilder,
+    modality_infos, registered_tokens, ModalityInfo, ModalityBuilder, ModalityContext, TextModalityBuilder,
 };
 pub use splice::{encode_item, project_item, span_embeddings, splice_embeddings, SpanEmbedding};

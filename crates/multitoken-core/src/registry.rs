@@ -236,6 +236,35 @@ fn the_one<B>(name: &str, matching: impl Iterator<Item = B>) -> Result<B> {
     }
 }
 
+/// What a modality crate may declare about one of its builders without
+/// building it (building needs weights and a config), registered with
+/// `inventory::submit!` next to its [`ModalityBuilder`]: tools that have no
+/// model (`dataset check` without `--model`) then know its token and data key.
+#[derive(Debug)]
+pub struct ModalityInfo {
+    /// Registry name of the builder.
+    pub builder: &'static str,
+    /// The token its modality reads, e.g. `<series>`.
+    pub token: &'static str,
+    /// The dataset row key of its items, e.g. `series`.
+    pub data_key: &'static str,
+}
+
+inventory::collect!(ModalityInfo);
+
+/// Every declared [`ModalityInfo`].
+pub fn modality_infos() -> impl Iterator<Item = &'static ModalityInfo> {
+    inventory::iter::<ModalityInfo>.into_iter()
+}
+
+/// `(data key, token)` of every declared [`ModalityInfo`], sorted by key.
+pub fn registered_tokens() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = modality_infos().map(|i| (i.data_key.to_string(), i.token.to_string())).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Constructor of one text modality (a token replaced by text made from an
 /// item, such as `<transcript>`): registered like a [`ModalityBuilder`], and
 /// listed in `multitoken.json`'s `modalities` the same way, but with no

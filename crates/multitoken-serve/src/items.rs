@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use multitoken_core::Item;
+use multitoken_core::{Item, ItemMedia};
 
 use crate::config::{Limits, ServeConfig};
 use crate::error::{Error, Result};
@@ -24,6 +24,8 @@ pub enum ItemSource {
     Url(String),
     /// A path, relative to the allowed directory.
     Path(String),
+    /// Inline text (or compact JSON) that the modality parses itself.
+    Text(String),
 }
 
 impl ItemSource {
@@ -43,7 +45,14 @@ impl ItemSource {
 
 /// Reads one item's bytes. `what` names it in errors (e.g. `images[1]`).
 pub fn resolve(source: &ItemSource, what: &str, config: &ServeConfig) -> Result<Item> {
+    if let ItemSource::Text(text) = source {
+        if text.is_empty() {
+            return Err(Error::bad_param(what, format!("{what}: the item is empty")));
+        }
+        return Ok(Item::Text(text.clone()));
+    }
     let bytes = match source {
+        ItemSource::Text(_) => Vec::new(),
         ItemSource::Base64(text) => decode_base64(text, what)?,
         ItemSource::Url(url) => fetch_url(url, what, config)?,
         ItemSource::Path(path) => read_allowed_file(path, what, config)?,
@@ -159,12 +168,14 @@ fn fetch_url(url: &str, what: &str, config: &ServeConfig) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Checks an item of the modality reading `data_key` against the limits that
-/// apply to it; the item must be [`Item::Bytes`] (what [`resolve`] returns).
-pub fn check_limits(data_key: &str, item: &Item, what: &str, limits: &Limits) -> Result<()> {
+/// Checks an item of a modality whose items are `media`
+/// ([`multitoken_core::Modality::media`]) against the limits that apply to
+/// that media; only [`Item::Bytes`] (what [`resolve`] returns for files and
+/// base64) are checked here.
+pub fn check_limits(media: ItemMedia, item: &Item, what: &str, limits: &Limits) -> Result<()> {
     let Item::Bytes(bytes) = item else { return Ok(()) };
-    match data_key {
-        "images" => {
+    match media {
+        ItemMedia::Image => {
             let (w, h) = image_dimensions(bytes)
                 .map_err(|e| Error::bad_param(what, format!("{what}: not a decodable image: {e}")))?;
             if u64::from(w) * u64::from(h) > limits.max_image_pixels {
@@ -177,7 +188,7 @@ pub fn check_limits(data_key: &str, item: &Item, what: &str, limits: &Limits) ->
                 ));
             }
         }
-        "speech_audios" | "audios" => {
+        ItemMedia::Audio => {
             let seconds = audio_seconds(bytes)
                 .map_err(|e| Error::bad_param(what, format!("{what}: not decodable audio: {e}")))?;
             if let Some(seconds) = seconds.filter(|&s| s > limits.max_audio_seconds) {
@@ -190,7 +201,7 @@ pub fn check_limits(data_key: &str, item: &Item, what: &str, limits: &Limits) ->
                 ));
             }
         }
-        "documents" if bytes.starts_with(b"%PDF") => {
+        ItemMedia::Document if bytes.starts_with(b"%PDF") => {
             let pages = pdf_page_count(bytes);
             if pages > limits.max_document_pages {
                 return Err(Error::bad_param(
@@ -301,27 +312,27 @@ mod tests {
             max_document_pages: 2,
             ..Limits::default()
         };
-        let err = check_limits("speech_audios", &wav, "speech_audios[0]", &tight)
+        let err = check_limits(ItemMedia::Audio, &wav, "speech_audios[0]", &tight)
             .unwrap_err()
             .to_string();
         assert!(
             err.starts_with("speech_audios[0]: the audio lasts") && err.contains("limit of 0.01 s"),
             "{err}"
         );
-        assert!(check_limits("speech_audios", &wav, "a", &Limits::default()).is_ok());
-        let err = check_limits("speech_audios", &Item::Bytes(b"not audio".to_vec()), "a", &tight)
+        assert!(check_limits(ItemMedia::Audio, &wav, "a", &Limits::default()).is_ok());
+        let err = check_limits(ItemMedia::Audio, &Item::Bytes(b"not audio".to_vec()), "a", &tight)
             .unwrap_err()
             .to_string();
         assert!(err.contains("not decodable audio"), "{err}");
         let pdf = Item::Bytes(b"%PDF-1.4 /Type /Page /Type /Page /Type /Page".to_vec());
-        let err = check_limits("documents", &pdf, "documents[1]", &tight)
+        let err = check_limits(ItemMedia::Document, &pdf, "documents[1]", &tight)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("documents[1]: the PDF has 3 pages, more than the limit of 2"),
             "{err}"
         );
-        assert!(check_limits("documents", &Item::Bytes(b"plain text".to_vec()), "d", &tight).is_ok());
+        assert!(check_limits(ItemMedia::Document, &Item::Bytes(b"plain text".to_vec()), "d", &tight).is_ok());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use multitoken_core::{ItemsByKey, Message};
+use multitoken_core::{Item, ItemMedia, ItemsByKey, Message};
 use multitoken_lm::generate::GenerationParams;
 use multitoken_lm::multimodal::MultimodalModel;
 use multitoken_lm::sampling::SamplingParams;
@@ -136,6 +136,79 @@ impl AppState {
         }
     }
 
+    /// The data key of the first modality whose items are `media` (the
+    /// built-in content parts `image_url`, `input_audio`, `file` reach it), or
+    /// a 400 naming the media's usual key when this model reads none.
+    pub fn key_for_media(&self, media: ItemMedia, what: &str) -> Result<String> {
+        if let Some(m) = self.model.modalities.iter().find(|m| m.modality.media() == media) {
+            return Ok(m.modality.data_key().to_string());
+        }
+        let usual = match media {
+            ItemMedia::Image => "images",
+            ItemMedia::Audio => "speech_audios",
+            ItemMedia::Document => "documents",
+            ItemMedia::Other => "items",
+        };
+        Err(Error::bad_param(
+            what,
+            format!("{what}: this model reads no `{usual}` (its modalities: {})", self.modality_list()),
+        ))
+    }
+
+    /// The data key of the modality (or text modality) that `name` names: its
+    /// builder name, data key or token (the generic `input_item` part).
+    pub fn key_for_modality(&self, name: &str, what: &str) -> Result<String> {
+        let found = self
+            .model
+            .modalities
+            .iter()
+            .map(|m| (m.modality.name(), m.modality.data_key(), m.modality.token()))
+            .chain(self.model.text_modalities().map(|m| (m.name(), m.data_key(), m.token())))
+            .find(|(n, key, token)| *n == name || *key == name || *token == name);
+        match found {
+            Some((_, key, _)) => Ok(key.to_string()),
+            None => Err(Error::bad_param(
+                what,
+                format!("{what}: this model has no modality `{name}` (its modalities: {})", self.modality_list()),
+            )),
+        }
+    }
+
+    /// Where a request's item value is, for the modality reading `data_key`:
+    /// a string is a data URL, URL or allowed path ([`ItemSource::parse`]) or,
+    /// when `inline_strings` is set and the modality takes inline items
+    /// ([`multitoken_core::Modality::inline_items`]), the item's text; any other
+    /// JSON value is read by the modality ([`multitoken_core::Modality::item_from_json`])
+    /// and must become inline text (a server never reads a path a modality names).
+    pub fn item_source(&self, data_key: &str, value: &serde_json::Value, inline_strings: bool, what: &str) -> Result<ItemSource> {
+        let inline = match self.model.modality_for_key(data_key) {
+            Some((_, m)) => m.modality.inline_items(),
+            // Text modalities read text.
+            None => self.model.text_modalities().any(|m| m.data_key() == data_key),
+        };
+        if let serde_json::Value::String(text) = value {
+            let source = ItemSource::parse(text);
+            return Ok(match source {
+                ItemSource::Path(_) if inline && inline_strings => ItemSource::Text(text.clone()),
+                other => other,
+            });
+        }
+        let item = match self.model.modality_for_key(data_key) {
+            Some((_, m)) => m.modality.item_from_json(value, std::path::Path::new("")).map_err(|e| {
+                Error::bad_param(what, format!("{what}: modality `{}`: {e}", m.modality.name()))
+            })?,
+            None if inline => Item::Text(value.to_string()),
+            None => return Err(Error::bad_param(what, format!("{what}: must be a string"))),
+        };
+        match item {
+            Item::Text(text) => Ok(ItemSource::Text(text)),
+            _ => Err(Error::bad_param(
+                what,
+                format!("{what}: this modality takes no inline JSON items; send a string (a data URL, URL or path)"),
+            )),
+        }
+    }
+
     fn modality_list(&self) -> String {
         let keys: Vec<&str> = self
             .model
@@ -218,7 +291,12 @@ impl AppState {
         for item in &request.items {
             self.token_for(&item.data_key, &item.what)?;
             let resolved = resolve(&item.source, &item.what, &self.config)?;
-            check_limits(&item.data_key, &resolved, &item.what, &self.config.limits)?;
+            if let Some((_, m)) = self.model.modality_for_key(&item.data_key) {
+                check_limits(m.modality.media(), &resolved, &item.what, &self.config.limits)?;
+                m.modality
+                    .check_item(&resolved)
+                    .map_err(|e| Error::bad_param(&item.what, format!("{}: modality `{}`: {e}", item.what, m.modality.name())))?;
+            }
             items.entry(item.data_key.clone()).or_default().push(resolved);
         }
         let prepared = self

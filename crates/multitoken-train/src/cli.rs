@@ -300,6 +300,7 @@ pub fn dataset(args: DatasetArgs) -> Result<()> {
         DatasetCommand::Check { dataset, model } => {
             let mut tokens: BTreeMap<String, String> = data::default_tokens();
             let mut problems = Vec::new();
+            let mut loaded_model = None;
             if let Some(model) = &model {
                 let loaded = crate::model::TrainableModel::load(
                     model,
@@ -317,7 +318,7 @@ pub fn dataset(args: DatasetArgs) -> Result<()> {
                         )
                     })
                     .collect();
-                if let Ok(rows) = data::read_jsonl(&dataset) {
+                if let Ok(rows) = data::read_jsonl_for(&dataset, &loaded.mm) {
                     for row in rows {
                         if let Err(e) = loaded
                             .mm
@@ -332,8 +333,12 @@ pub fn dataset(args: DatasetArgs) -> Result<()> {
                         }
                     }
                 }
+                loaded_model = Some(loaded);
             }
-            let mut report = data::check(&dataset, &tokens)?;
+            let mut report = match &loaded_model {
+                Some(loaded) => data::check_with(&dataset, &tokens, &data::model_items(&loaded.mm))?,
+                None => data::check(&dataset, &tokens)?,
+            };
             report.problems.extend(problems);
             let items: Vec<String> = report
                 .items

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use multitoken_core::{Item, ItemsByKey, Message};
+use multitoken_lm::multimodal::MultimodalModel;
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -46,8 +47,57 @@ impl Row {
     }
 }
 
+/// How a row's items are read: `(data key, JSON value, dataset directory)` to
+/// an item, or a message saying why not. With a model, each modality reads
+/// its own ([`model_items`]); without one, [`default_items`].
+pub type ItemReader<'a> = dyn Fn(&str, &Value, &Path) -> std::result::Result<Item, String> + 'a;
+
+/// The item reader of a loaded model: the modality (or text modality) reading
+/// the key parses the value ([`Modality::item_from_json`]: paths, inline text,
+/// JSON numbers); keys no modality reads fall back to [`default_items`].
+pub fn model_items(model: &MultimodalModel) -> impl Fn(&str, &Value, &Path) -> std::result::Result<Item, String> + '_ {
+    move |key: &str, value: &Value, base: &Path| {
+        if let Some((_, runtime)) = model.modality_for_key(key) {
+            return runtime.modality.item_from_json(value, base).map_err(|e| format!("modality `{}`: {e}", runtime.modality.name()));
+        }
+        if model.text_modalities().any(|m| m.data_key() == key) {
+            // A text modality's items are text or files, as the row gives them.
+            return multitoken_core::item_from_json(value, base, true).map_err(|e| e.to_string());
+        }
+        default_items(key, value, base)
+    }
+}
+
+/// The item reader without a model: strings are file paths relative to the
+/// dataset, except under the data keys of [`default_inline_keys`] (multi_token's
+/// `documents`), where a string that names no file is the item's text.
+pub fn default_items(key: &str, value: &Value, base: &Path) -> std::result::Result<Item, String> {
+    if value.is_string() || !default_inline_keys().contains(&key) {
+        if let Some(s) = value.as_str() {
+            return resolve_item(key, s, base);
+        }
+        return Err(format!("must be a string, got {value}"));
+    }
+    multitoken_core::item_from_json(value, base, true).map_err(|e| e.to_string())
+}
+
+/// Data keys whose items may be inline text when no model says otherwise.
+pub fn default_inline_keys() -> &'static [&'static str] {
+    &["documents"]
+}
+
 /// Reads every row of a JSONL dataset; the first bad row is an error naming its line and id.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
+    read_jsonl_with(path, &default_items)
+}
+
+/// [`read_jsonl`] with the items read by the modalities of `model`.
+pub fn read_jsonl_for(path: &Path, model: &MultimodalModel) -> Result<Vec<Row>> {
+    read_jsonl_with(path, &model_items(model))
+}
+
+/// [`read_jsonl`] with items read by `items`.
+pub fn read_jsonl_with(path: &Path, items: &ItemReader<'_>) -> Result<Vec<Row>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut rows = Vec::new();
@@ -55,7 +105,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
         if line.trim().is_empty() {
             continue;
         }
-        rows.push(parse_row(path, &base, index + 1, line)?);
+        rows.push(parse_row_with(path, &base, index + 1, line, items)?);
     }
     if rows.is_empty() {
         return Err(Error::Config(format!(
@@ -68,6 +118,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
 
 /// Parses one JSONL line.
 pub fn parse_row(file: &Path, base: &Path, line: usize, text: &str) -> Result<Row> {
+    parse_row_with(file, base, line, text, &default_items)
+}
+
+/// Parses one JSONL line, its items read by `reader`.
+pub fn parse_row_with(file: &Path, base: &Path, line: usize, text: &str, reader: &ItemReader<'_>) -> Result<Row> {
     let fail = |id: &str, message: String| Error::Row {
         file: file.to_path_buf(),
         line,
@@ -144,14 +199,8 @@ pub fn parse_row(file: &Path, base: &Path, line: usize, text: &str) -> Result<Ro
         };
         let mut row_items = Vec::with_capacity(list.len());
         for (k, item) in list.iter().enumerate() {
-            let Some(s) = item.as_str() else {
-                return Err(fail(
-                    &id,
-                    format!("`{key}` item {} must be a string", k + 1),
-                ));
-            };
             row_items.push(
-                resolve_item(key, s, base)
+                reader(key, item, base)
                     .map_err(|m| fail(&id, format!("`{key}` item {}: {m}", k + 1)))?,
             );
         }
@@ -177,7 +226,7 @@ fn resolve_item(key: &str, s: &str, base: &Path) -> std::result::Result<Item, St
         ));
     }
     let path = base.join(s);
-    if key == "documents" && !path.is_file() {
+    if default_inline_keys().contains(&key) && !path.is_file() {
         return Ok(Item::Text(s.to_string()));
     }
     Ok(Item::Path(path))
@@ -198,6 +247,11 @@ pub struct CheckReport {
 /// files present and readable, and that each data key's items match the count of
 /// `tokens[key]` (e.g. `images` -> `<image>`) in the text.
 pub fn check(path: &Path, tokens: &BTreeMap<String, String>) -> Result<CheckReport> {
+    check_with(path, tokens, &default_items)
+}
+
+/// [`check`] with the items read by `reader` (a model's: [`model_items`]).
+pub fn check_with(path: &Path, tokens: &BTreeMap<String, String>, reader: &ItemReader<'_>) -> Result<CheckReport> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut report = CheckReport::default();
@@ -206,7 +260,7 @@ pub fn check(path: &Path, tokens: &BTreeMap<String, String>) -> Result<CheckRepo
             continue;
         }
         report.rows += 1;
-        let row = match parse_row(path, &base, index + 1, line) {
+        let row = match parse_row_with(path, &base, index + 1, line, reader) {
             Ok(row) => row,
             Err(e) => {
                 report.problems.push(e.to_string());
@@ -268,9 +322,11 @@ pub fn check(path: &Path, tokens: &BTreeMap<String, String>) -> Result<CheckRepo
     Ok(report)
 }
 
-/// The usual modality tokens of multi_token's data keys.
+/// The usual modality tokens of multi_token's data keys, plus those of every
+/// modality crate linked in that declares its token without a model
+/// ([`multitoken_core::registered_tokens`]).
 pub fn default_tokens() -> BTreeMap<String, String> {
-    [
+    let mut tokens: BTreeMap<String, String> = [
         ("images", "<image>"),
         ("speech_audios", "<speech>"),
         ("documents", "<document>"),
@@ -278,7 +334,11 @@ pub fn default_tokens() -> BTreeMap<String, String> {
     ]
     .into_iter()
     .map(|(k, t)| (k.to_string(), t.to_string()))
-    .collect()
+    .collect();
+    for (key, token) in multitoken_core::registered_tokens() {
+        tokens.entry(key).or_insert(token);
+    }
+    tokens
 }
 
 /// Converts LLaVA's JSON (a list of `{"id", "image", "conversations": [{"from":

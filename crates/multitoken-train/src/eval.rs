@@ -12,7 +12,6 @@ use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::multimodal::MultimodalModel;
 use serde::Serialize;
 
-use crate::data::read_jsonl;
 use crate::{Error, Result};
 
 /// One evaluated row.
@@ -62,7 +61,7 @@ pub fn evaluate(
     limit: Option<usize>,
 ) -> Result<EvalReport> {
     let model = MultimodalModel::load(model_dir, &LoadOptions::default())?;
-    let rows = read_jsonl(dataset)?;
+    let rows = crate::data::read_jsonl_for(dataset, &model)?;
     let mut params = GenerationParams {
         max_new_tokens,
         ..GenerationParams::default()

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use multitoken_core::{
     build_modality, encode_item, is_text_modality, project_item, span_embeddings, splice_embeddings, Item, ItemsByKey, KvCache,
-    LogitsSelection, ModalityContext, PreparedInput, Projector, RopePositions, IGNORE_INDEX,
+    EncoderWeights, LogitsSelection, Modality, ModalityContext, PreparedInput, Projector, RopePositions, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
 use multitoken_lm::lora::{LoraDropout, LoraLayer};
@@ -210,6 +210,8 @@ pub struct TrainableModel {
     features: std::sync::Mutex<std::collections::HashMap<(usize, u64), Vec<Tensor>>>,
     /// `multitoken.json`'s text-modality entries (not in `config`), written back on save.
     text_entries: Vec<ModalityEntry>,
+    /// Where each modality's encoder weights live ([`Modality::encoder_weights`]).
+    weights: Vec<Option<EncoderWeights>>,
 }
 
 impl TrainableModel {
@@ -329,6 +331,7 @@ impl TrainableModel {
         }
         let mut runtimes = Vec::with_capacity(config.modalities.len());
         let mut encoders = Vec::with_capacity(config.modalities.len());
+        let mut weights = Vec::with_capacity(config.modalities.len());
         for entry in &config.modalities {
             let mut context = ModalityContext::new(device.clone(), DType::F32, model_dir);
             let encoder_vars = parts.encoders.includes(&entry.builder).then(VarMap::new);
@@ -342,8 +345,11 @@ impl TrainableModel {
                     ))
                 })?;
             if let Some(map) = &encoder_vars {
+                // Checked before any step runs, so that a run is never lost at save time.
+                check_trainable_encoder(modality.as_ref(), map, model_dir, &entry.config)?;
                 randomize_zero_weights(map, seed)?;
             }
+            weights.push(modality.encoder_weights());
             let vb = VarBuilder::from_varmap(&projectors, DType::F32, device).pp(entry.prefix());
             let spec = entry.projector_for(modality.as_ref()).map_err(|e| Error::Config(format!("{}: {e}", config_path.display())))?;
             let projector = Projector::load(spec, modality.feature_dim(), hidden, vb)
@@ -397,6 +403,7 @@ impl TrainableModel {
             lora_rng,
             parts,
             features: Default::default(),
+            weights,
         })
     }
 
@@ -490,7 +497,11 @@ impl TrainableModel {
             p.file_name()
                 .is_some_and(|n| n == "preprocessor_config.json" || n == "processor_config.json")
         });
-        let encoder_dir = configured_encoder_dir(&self.model_dir, &entry.builder, &entry.config)
+        let encoder_dir = self
+            .weights
+            .get(index)
+            .and_then(Option::as_ref)
+            .and_then(|w| w.dir_in(&self.model_dir, &entry.config))
             .unwrap_or_else(|| self.model_dir.clone());
         hash_files(&encoder_dir, &mut h, |_| true);
         Some(dir.join(format!("{}-{:016x}.safetensors", entry.builder, h.finish())))
@@ -699,18 +710,25 @@ impl TrainableModel {
             config.base_model = Some(absolute(&self.lm_path).display().to_string());
         }
         for (i, entry) in config.modalities.iter_mut().enumerate() {
-            let Some((key, _)) = encoder_dir_key(&entry.builder) else {
+            // Paths in the config, relative to the old directory, stay valid from the new one.
+            absolutize_paths(&self.model_dir, &mut entry.config);
+            let Some(weights) = self.weights.get(i).and_then(Option::as_ref) else {
                 if self.encoders.get(i).is_some_and(Option::is_some) {
                     return Err(Error::Config(format!(
-                        "cannot save the trained encoder of `{}`: its weights directory key is unknown",
+                        "cannot save the trained encoder of `{}`: the modality does not say where its weights live (Modality::encoder_weights)",
                         entry.builder
                     )));
                 }
                 continue;
             };
-            let Some(source_dir) =
-                configured_encoder_dir(&self.model_dir, &entry.builder, &entry.config)
-            else {
+            let key = weights.config_key.as_str();
+            let Some(source_dir) = weights.dir_in(&self.model_dir, &self.config.modalities[i].config) else {
+                if self.encoders.get(i).is_some_and(Option::is_some) {
+                    return Err(Error::Config(format!(
+                        "cannot save the trained encoder of `{}`: its config names no `{key}` directory",
+                        entry.builder
+                    )));
+                }
                 continue;
             };
             let new_value = match self.encoders.get(i).and_then(Option::as_ref) {
@@ -742,15 +760,7 @@ impl TrainableModel {
         for entry in &self.text_entries {
             let mut entry = entry.clone();
             // Paths in its config resolved against the old directory stay valid from the new one.
-            if let serde_json::Value::Object(obj) = &mut entry.config {
-                for value in obj.values_mut() {
-                    if let Some(path) = value.as_str().map(|p| self.model_dir.join(p)) {
-                        if path.exists() {
-                            *value = serde_json::Value::String(absolute(&path).display().to_string());
-                        }
-                    }
-                }
-            }
+            absolutize_paths(&self.model_dir, &mut entry.config);
             config.modalities.push(entry);
         }
         if let (Some(map), Some(settings)) = (&self.lora_vars, &self.parts.lora) {
@@ -936,29 +946,45 @@ fn attach_lora(
     Ok(modules)
 }
 
-/// Config key naming the weights directory of a builder, with its default.
-fn encoder_dir_key(builder: &str) -> Option<(&'static str, Option<&'static str>)> {
-    if builder.starts_with("vision_") {
-        Some(("tower", Some(".")))
-    } else if builder.starts_with("audio_") {
-        Some(("model_path", Some("whisper")))
-    } else if builder.starts_with("document_") {
-        Some(("encoder", None))
-    } else {
-        None
+/// Before any training step: a trained encoder must have a known save
+/// location ([`Modality::encoder_weights`] naming a directory) and its builder
+/// must have honoured [`ModalityContext::trainable`] (created variables).
+fn check_trainable_encoder(modality: &dyn Modality, map: &VarMap, model_dir: &Path, config: &serde_json::Value) -> Result<()> {
+    let name = modality.name();
+    let Some(weights) = modality.encoder_weights() else {
+        return Err(Error::Config(format!(
+            "--train-encoders {name}: the modality does not say where its encoder weights live \
+             (implement Modality::encoder_weights), so a trained encoder could not be saved"
+        )));
+    };
+    if weights.dir_in(model_dir, config).is_none() {
+        return Err(Error::Config(format!(
+            "--train-encoders {name}: its config names no `{}` directory for the encoder weights",
+            weights.config_key
+        )));
     }
+    if map.all_vars().is_empty() {
+        return Err(Error::Config(format!(
+            "--train-encoders {name}: the builder created no trainable variables \
+             (load the encoder through ModalityContext::var_builder to honour ModalityContext::trainable)"
+        )));
+    }
+    Ok(())
 }
 
-/// The encoder directory a modality's config names (its [`encoder_dir_key`]
-/// value, or the builder's default), resolved against the model directory.
-fn configured_encoder_dir(
-    model_dir: &Path,
-    builder: &str,
-    config: &serde_json::Value,
-) -> Option<PathBuf> {
-    let (key, default) = encoder_dir_key(builder)?;
-    let relative = config.get(key).and_then(|v| v.as_str()).or(default)?;
-    Some(resolve(model_dir, relative))
+/// Rewrites the string values of a modality config that name an existing
+/// path relative to `model_dir` as absolute paths, so that the config keeps
+/// working from another directory.
+fn absolutize_paths(model_dir: &Path, config: &mut serde_json::Value) {
+    if let serde_json::Value::Object(obj) = config {
+        for value in obj.values_mut() {
+            if let Some(path) = value.as_str().filter(|p| !p.is_empty()).map(|p| resolve(model_dir, p)) {
+                if path.exists() {
+                    *value = serde_json::Value::String(absolute(&path).display().to_string());
+                }
+            }
+        }
+    }
 }
 
 fn resolve(dir: &Path, relative: &str) -> PathBuf {

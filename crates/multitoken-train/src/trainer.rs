@@ -19,7 +19,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{read_jsonl, write_atomic, Row};
+use crate::data::{write_atomic, Row};
 use crate::model::{EncoderChoice, LoraSettings, TrainParts, TrainableModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use crate::{Error, Result};
@@ -212,7 +212,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }),
     };
     let model = TrainableModel::load_seeded(&cfg.model, parts, &device, cfg.seed)?;
-    let rows = read_jsonl(&cfg.dataset)?;
+    let rows = crate::data::read_jsonl_for(&cfg.dataset, &model.mm)?;
     let examples = prepare(&model, &rows, cfg)?;
     if let Some(dir) = &cfg.feature_cache {
         model.load_feature_cache(dir)?;

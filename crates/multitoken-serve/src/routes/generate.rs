@@ -14,7 +14,6 @@ use serde_json::Value;
 
 use super::{collect, json_object, optional, sampling_fields, type_name, usize_field};
 use crate::error::{Error, Result};
-use crate::items::ItemSource;
 use crate::state::{AppState, GenerationRequest, RequestItem};
 
 /// Row keys that are never item lists.
@@ -75,18 +74,21 @@ pub fn parse_row(state: &AppState, row: &serde_json::Map<String, Value>) -> Resu
         state.token_for(key, key)?;
         for (i, entry) in list.iter().enumerate() {
             let what = format!("{key}[{i}]");
-            let Value::String(text) = entry else {
-                return Err(Error::bad_param(
-                    &what,
-                    format!(
-                        "{what} must be a string (a data URL, URL or path), not {}",
-                        type_name(entry)
-                    ),
-                ));
-            };
+            // A string is a data URL, URL or path; other JSON (numbers, lists)
+            // is read by the modality when it takes inline items.
+            let source = state.item_source(key, entry, false, &what).map_err(|e| {
+                if entry.is_string() {
+                    e
+                } else {
+                    Error::bad_param(
+                        &what,
+                        format!("{what} must be a string (a data URL, URL or path), not {}: {e}", type_name(entry)),
+                    )
+                }
+            })?;
             items.push(RequestItem {
                 data_key: key.clone(),
-                source: ItemSource::parse(text),
+                source,
                 what,
             });
         }

@@ -1,7 +1,11 @@
 //! `POST /v1/chat/completions` and `GET /v1/models`, OpenAI-compatible.
 //!
 //! Content parts `text`, `image_url` (data URLs; http(s) with `--allow-urls`),
-//! `input_audio` (base64 wav/mp3/...), `file` (base64 document) become the
+//! `input_audio` (base64 wav/mp3/...), `file` (base64 document), reaching the
+//! modality whose [`multitoken_core::Modality::media`] is an image, audio or
+//! document, and the generic `{"type": "input_item", "modality": NAME, "data": ...}`
+//! (NAME: a builder name, data key or token; `data` a data URL, URL, allowed
+//! path, or for modalities taking inline items text or any JSON value) become the
 //! message text with each item's modality token at its place (parts joined by
 //! newlines, so `[image, text]` reads `<image>\nquestion` as LLaVA prompts do).
 //! `stream: true` answers with server-sent events in OpenAI's chunk format,
@@ -16,7 +20,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use multitoken_core::Message;
+use multitoken_core::{ItemMedia, Message};
 use multitoken_lm::generate::FinishReason;
 use serde_json::{json, Value};
 
@@ -322,12 +326,20 @@ fn parse_part(state: &AppState, what: &str, part: &Value, items: &mut Vec<Reques
                 Some(Value::String(url)) => url.clone(),
                 _ => string_at(&["image_url", "url"])?,
             };
-            ("images", ItemSource::parse(&url))
+            (state.key_for_media(ItemMedia::Image, what)?, ItemSource::parse(&url))
         }
         "input_audio" => (
-            "speech_audios",
+            state.key_for_media(ItemMedia::Audio, what)?,
             ItemSource::Base64(string_at(&["input_audio", "data"])?),
         ),
+        // The generic part: any registered modality, by builder name, data key or token.
+        "input_item" => {
+            let name = string_at(&["modality"])?;
+            let key = state.key_for_modality(&name, what)?;
+            let data = map.get("data").ok_or_else(|| Error::bad_param(what, format!("{what}: an input_item needs `data`")))?;
+            let source = state.item_source(&key, data, true, &format!("{what}.data"))?;
+            (key, source)
+        }
         "file" => {
             if map.get("file").and_then(|f| f.get("file_id")).is_some() {
                 return Err(Error::bad_param(
@@ -335,19 +347,19 @@ fn parse_part(state: &AppState, what: &str, part: &Value, items: &mut Vec<Reques
                     format!("{what}: uploaded file ids are not supported; send `file_data` (base64)"),
                 ));
             }
-            ("documents", ItemSource::Base64(string_at(&["file", "file_data"])?))
+            (state.key_for_media(ItemMedia::Document, what)?, ItemSource::Base64(string_at(&["file", "file_data"])?))
         }
         "" => return Err(Error::bad_param(what, format!("{what} has no `type`"))),
         other => {
             return Err(Error::bad_param(
                 what,
-                format!("{what}: content part type {other:?} is not supported (text, image_url, input_audio, file)"),
+                format!("{what}: content part type {other:?} is not supported (text, image_url, input_audio, file, input_item)"),
             ))
         }
     };
-    let token = state.token_for(data_key, what)?;
+    let token = state.token_for(&data_key, what)?;
     items.push(RequestItem {
-        data_key: data_key.to_string(),
+        data_key,
         source,
         what: what.to_string(),
     });
