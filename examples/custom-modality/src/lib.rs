@@ -19,8 +19,8 @@
 //! | `length` | 32 | points per channel after resampling |
 //! | `window` | 8 | points per LM position |
 //! | `hidden` | 32 | encoder output width (the projector's input) |
-//! | `encoder` | none | directory of the encoder's weights (`model.safetensors`: `encoder.weight`, `encoder.bias`), relative to the model directory; without it the encoder is seeded-random |
-//! | `seed` | 0 | seed of the encoder weights when there is no `encoder` directory |
+//! | `encoder` | `series-encoder` | directory of the encoder's weights (`model.safetensors`: `encoder.weight`, `encoder.bias`), relative to the model directory; without that file the encoder is seeded-random |
+//! | `seed` | 0 | seed of the encoder weights when there is no weights file |
 //! | `projector` | `mlp2x_gelu` | the projector ([`Modality::projector`]) |
 //!
 //! Training the encoder (`train --train-encoders sensor_series`) writes its
@@ -45,6 +45,9 @@ pub const DATA_KEY: &str = "series";
 pub const WEIGHTS_PREFIX: &str = "encoder";
 /// The config key naming the encoder's weights directory.
 pub const ENCODER_KEY: &str = "encoder";
+/// The encoder's weights directory when the config names none (relative to
+/// the model directory); without a weights file there the encoder is seeded.
+pub const DEFAULT_ENCODER_DIR: &str = "series-encoder";
 /// The weights file in that directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Largest series accepted (bytes of CSV), checked before any parsing.
@@ -127,7 +130,8 @@ impl SensorSeries {
     pub fn new(config: SeriesConfig, context: &ModalityContext) -> Result<Self> {
         config.check()?;
         let (input, output) = (config.window_features(), config.hidden);
-        let weights = config.encoder.as_ref().map(|dir| context.resolve(dir).join(WEIGHTS_FILE));
+        let dir = config.encoder.as_deref().unwrap_or(DEFAULT_ENCODER_DIR);
+        let weights = Some(context.resolve(dir).join(WEIGHTS_FILE)).filter(|path| path.is_file());
         let vb = match (&context.trainable, weights) {
             // A weights file: `var_builder` memory-maps it for a frozen encoder,
             // or loads it into the trainer's map when the encoder trains.
@@ -193,7 +197,7 @@ impl Modality for SensorSeries {
     fn encoder_weights(&self) -> Option<EncoderWeights> {
         // `train --train-encoders sensor_series` saves the trained encoder to a
         // new directory and points this config key at it.
-        Some(EncoderWeights::at(ENCODER_KEY))
+        Some(EncoderWeights::at(ENCODER_KEY).with_default(DEFAULT_ENCODER_DIR))
     }
     fn inline_items(&self) -> bool {
         // Dataset rows may hold the series itself: CSV text or a JSON array.

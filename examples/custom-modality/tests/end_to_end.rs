@@ -181,6 +181,44 @@ fn series_modality_added_trained_and_served() {
         "2 `<series>` token(s) but 1 series item(s)",
     );
 
+    // `chat`: items from flags, then interactively with `/image` and `/series` (any data key).
+    let answer = ok(&[
+        "chat", "--model", s(&trained), "--image", s(&red_circle()), "--item", &item, "--prompt", &prompt,
+        "--max-new-tokens", "8",
+    ]);
+    assert_eq!(answer.trim(), rising_text.trim(), "chat and generate differ");
+    let mut chat = Command::new(BIN)
+        .args(["chat", "--model", s(&trained), "--max-new-tokens", "8"])
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "/image {}\n/series {}\n{prompt}\n/exit\n",
+        s(&red_circle()),
+        s(&series("rising-00"))
+    );
+    chat.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = chat.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !stderr.contains("error"), "{stderr}");
+    assert!(stdout.contains(rising_text.trim()), "interactive chat answered {stdout:?}");
+
+    // A trained encoder: saved under the new model, which the config then names.
+    let encoder = work.join("trained-encoder");
+    ok(&[
+        "train", "--model", s(&model), "--stage", "projectors", "--train-encoders", "sensor_series", "--dataset",
+        s(&rows), "--output-dir", s(&encoder), "--max-steps", "8", "--learning-rate", "3e-3", "--seed", "0",
+    ]);
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(encoder.join("multitoken.json")).unwrap()).unwrap();
+    let dir = config["modalities"][3]["config"]["encoder"].as_str().unwrap_or_default().to_string();
+    let weights = candle_core::safetensors::load(encoder.join(&dir).join("model.safetensors"), &cpu).unwrap();
+    assert_eq!(weights["encoder.weight"].dims(), [32, 10], "{dir}");
+    let reply = generate(&encoder, &series("falling-01"), &prompt);
+    assert!(!reply["text"].as_str().unwrap_or_default().trim().is_empty(), "{reply}");
+
     // `serve`: /generate (a dataset row).
     let mut server = Server::start(&trained);
     let row = json!({

@@ -2,7 +2,8 @@
 //!
 //! Each turn re-renders the whole conversation with the model's chat template,
 //! so what the model sees is exactly what transformers' `apply_chat_template`
-//! would give it. `/image PATH`, `/audio PATH` and `/document PATH` attach an
+//! would give it. `/image PATH`, `/audio PATH` and `/document PATH` (and for any
+//! modality `/item KEY PATH` or `/KEY PATH`, KEY its data key) attach an
 //! item to the next message (its token is added in front when the message has
 //! none); items stay attached to the turn they came with. `--image/--audio/
 //! --document/--item` attach items to the first message, and `--prompt TEXT`
@@ -79,7 +80,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let mut stdout = std::io::stdout();
     let tokens = model.modality_tokens().join(" ");
     eprintln!(
-        "multitoken chat with {}{} — /image, /audio, /document PATH attach an item; /reset clears; /exit (or Ctrl-D) quits",
+        "multitoken chat with {}{} — /image, /audio, /document PATH (or /item KEY PATH, /KEY PATH for any modality) attach an item; /reset clears; /exit (or Ctrl-D) quits",
         model.lm.name,
         if tokens.is_empty() { String::new() } else { format!(" (reads {tokens})") }
     );
@@ -101,8 +102,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 pending.clear();
                 continue;
             }
-            "/image" | "/audio" | "/document" => {
+            "/image" | "/audio" | "/document" | "/item" => {
                 match attach(&model, command, argument.trim()) {
+                    Ok(attached) => pending.push(attached),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+                continue;
+            }
+            // `/KEY PATH` for any modality's data key (`/series data.csv`).
+            _ if command.strip_prefix('/').is_some_and(|key| model.modality_for_key(key).is_some()) => {
+                let spec = format!("{} {}", &command[1..], argument.trim());
+                match attach(&model, "/item", &spec) {
                     Ok(attached) => pending.push(attached),
                     Err(e) => eprintln!("error: {e}"),
                 }
@@ -146,13 +156,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-/// The item a `/image`, `/audio` or `/document` command attaches, keyed by the
-/// data key of the model's modality for it.
-fn attach(model: &MultimodalModel, command: &str, path: &str) -> anyhow::Result<(String, Item)> {
-    let key = match command {
-        "/image" => "images",
-        "/audio" => "speech_audios",
-        _ => "documents",
+/// The item a `/image`, `/audio`, `/document` or `/item KEY` command attaches,
+/// keyed by the data key of the model's modality for it.
+fn attach(model: &MultimodalModel, command: &str, argument: &str) -> anyhow::Result<(String, Item)> {
+    let (key, path) = match command {
+        "/image" => ("images", argument),
+        "/audio" => ("speech_audios", argument),
+        "/item" => argument
+            .split_once(' ')
+            .map(|(key, path)| (key, path.trim()))
+            .ok_or_else(|| anyhow::anyhow!("/item needs a data key and a path, e.g. /item series data.csv"))?,
+        _ => ("documents", argument),
     };
     if model.modality_for_key(key).is_none() {
         anyhow::bail!("{} reads no {key}", model.lm.name);
