@@ -30,7 +30,7 @@
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
 use multitoken::core::{
-    EncoderWeights, Error, Item, Modality, ModalityBuilder, ModalityContext, ProjectorSpec, Result,
+    EncoderWeights, Error, Item, Modality, ModalityBuilder, ModalityContext, ModalityInfo, ProjectorSpec, Result,
 };
 use serde::Deserialize;
 
@@ -231,6 +231,12 @@ fn build(config: &serde_json::Value, context: &ModalityContext) -> Result<Box<dy
 
 multitoken::core::inventory::submit! {
     ModalityBuilder { name: NAME, build }
+}
+
+// Token and data key without building: `dataset check` without `--model`
+// and `modality list` read them from here.
+multitoken::core::inventory::submit! {
+    ModalityInfo { builder: NAME, token: TOKEN, data_key: DATA_KEY }
 }
 
 /// An item's CSV text: a file's, given bytes', or inline text.

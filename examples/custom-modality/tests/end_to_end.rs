@@ -10,6 +10,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 /// The example's binary, which cargo builds for this test.
@@ -140,12 +141,15 @@ fn series_modality_added_trained_and_served() {
         assert_eq!(diff, 0.0, "{name} changed");
     }
 
+    // `dataset check` knows `series` without a model (the ModalityInfo registration).
+    let rows = crate_dir().join("data/rows.jsonl");
+    ok(&["dataset", "check", s(&rows)]);
+
     // Before training the projector reads nothing: the model answers one way.
     let untrained = accuracy(&model, &work.join("eval-before.json"));
 
     // `train --stage projectors`: the loss falls, the model reads the series.
     let trained = work.join("trained");
-    let rows = crate_dir().join("data/rows.jsonl");
     ok(&[
         "train", "--model", s(&model), "--stage", "projectors", "--dataset", s(&rows), "--output-dir", s(&trained),
         "--max-steps", "40", "--learning-rate", "3e-3", "--logging-steps", "1", "--seed", "0",
@@ -219,7 +223,7 @@ fn series_modality_added_trained_and_served() {
     let reply = generate(&encoder, &series("falling-01"), &prompt);
     assert!(!reply["text"].as_str().unwrap_or_default().trim().is_empty(), "{reply}");
 
-    // `serve`: /generate (a dataset row).
+    // `serve`: /generate (a dataset row) and the OpenAI endpoint (a generic item part).
     let mut server = Server::start(&trained);
     let row = json!({
         "messages": [{"role": "user", "content": prompt}],
@@ -238,6 +242,39 @@ fn series_modality_added_trained_and_served() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("series"), "{body}");
 
+    let csv = std::fs::read(series("falling-01")).unwrap();
+    let image = std::fs::read(red_circle()).unwrap();
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let chat = json!({
+        "model": "trained",
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", b64(&image))}},
+            {"type": "input_item", "modality": "series", "data": format!("data:text/csv;base64,{}", b64(&csv))},
+            {"type": "text", "text": SERIES_QUESTION},
+        ]}],
+    });
+    let (status, body) = server.post("/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(!content.trim().is_empty(), "{answer}");
+    assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 4, "{answer}");
+
+    // An inline series (the modality takes inline items): a JSON array, named by the token.
+    let inline = json!({
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": [
+            {"type": "input_item", "modality": "<series>", "data": [1.0, 2.0, 3.5, 5.0, 8.0]},
+            {"type": "text", "text": SERIES_QUESTION},
+        ]}],
+    });
+    let (status, body) = server.post("/v1/chat/completions", &inline);
+    assert_eq!(status, 200, "{body}");
+    let unknown = json!({"messages": [{"role": "user", "content": [{"type": "input_item", "modality": "smell", "data": "x"}]}]});
+    let (status, body) = server.post("/v1/chat/completions", &unknown);
+    assert_eq!(status, 400, "{body}");
     server.stop();
 
     let _ = std::fs::remove_dir_all(&work);

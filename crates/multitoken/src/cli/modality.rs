@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, Subcommand};
 use multitoken_core::{
-    build_modality, builder_names, Modality, ModalityContext, Projector, ProjectorSpec, TextModalityBuilder,
+    build_modality, builder_names, modality_infos, Modality, ModalityContext, Projector, ProjectorSpec,
+    TextModalityBuilder,
 };
 use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::multimodal::{
@@ -123,11 +124,19 @@ fn list(args: &ListArgs) -> Result<()> {
                 "feature_dim": modality.feature_dim(),
                 "projector": modality.projector().kind_name(),
             }),
-            Err(error) => json!({
-                "builder": name,
-                "kind": "embedding",
-                "needs_config": first_line(&error.to_string()),
-            }),
+            Err(error) => {
+                let mut row = json!({
+                    "builder": name,
+                    "kind": "embedding",
+                    "needs_config": first_line(&error.to_string()),
+                });
+                // Declared without building (`ModalityInfo`), where the crate does.
+                if let Some(info) = modality_infos().find(|info| info.builder == name) {
+                    row["token"] = json!(info.token);
+                    row["data_key"] = json!(info.data_key);
+                }
+                row
+            }
         };
         rows.push(row);
     }
@@ -151,7 +160,8 @@ fn list(args: &ListArgs) -> Result<()> {
         if row["kind"] == "text" {
             println!("{name:<28} text modality (its token becomes text; no projector)");
         } else if let Some(reason) = field("needs_config") {
-            println!("{name:<28} needs a config: {reason}");
+            let token = field("token").map(|t| format!("{t:<14} key {:<16} ", field("data_key").unwrap_or_default()));
+            println!("{name:<28} {}needs a config: {reason}", token.unwrap_or_default());
         } else {
             println!(
                 "{name:<28} {:<14} key {:<16} {} positions of {} features, projector {}",
