@@ -31,7 +31,8 @@ pub const WIDTH: usize = 2;
 
 /// The modality.
 pub struct Sensor {
-    proj: candle_nn::Linear,
+    /// `[FEATURES, INPUT]`, a variable when the encoder trains.
+    proj: Tensor,
     bad_shape: bool,
     projector: ProjectorSpec,
 }
@@ -79,7 +80,7 @@ impl Modality for Sensor {
         Ok(Tensor::from_vec(data, (WIDTH, INPUT), &Device::Cpu)?)
     }
     fn encode(&self, batch: &Tensor) -> Result<Tensor> {
-        let out = candle_core::Module::forward(&self.proj, batch)?;
+        let out = batch.broadcast_matmul(&self.proj.t()?)?;
         if self.bad_shape {
             return Ok(out.narrow(2, 0, FEATURES - 1)?);
         }
@@ -103,7 +104,7 @@ fn build(config: &serde_json::Value, context: &ModalityContext) -> Result<Box<dy
     let weights = EncoderWeights::at("encoder").with_default("sensor");
     let dir = weights.dir_in(&context.model_dir, config).unwrap_or_else(|| context.model_dir.join("sensor"));
     let vb = context.var_builder(&dir.join("model.safetensors"))?;
-    let proj = candle_nn::linear_no_bias(INPUT, FEATURES, vb.pp("proj"))?;
+    let proj = vb.pp("proj").get((FEATURES, INPUT), "weight")?;
     let projector = match config.get("projector") {
         Some(spec) => serde_json::from_value(spec.clone()).map_err(|e| multitoken_core::Error::msg(format!("projector: {e}")))?,
         None => ProjectorSpec::MlpGelu { depth: 2 },
