@@ -58,6 +58,10 @@ pub struct LlavaNextConfig {
     pub text_config: Value,
     /// The vision tower's config.
     pub vision_config: Value,
+    /// The tower kind the modality builds (`clip` / `siglip`): from
+    /// `vision_config.model_type` (transformers builds whatever tower it names),
+    /// else the family's.
+    pub tower_kind: &'static str,
     /// `image_token_index`.
     pub image_token_id: u32,
     /// `vision_feature_layer` (an int or a list).
@@ -101,11 +105,17 @@ impl LlavaNextConfig {
         fill(&mut text_config, defaults);
         let mut vision_config = object(value.get("vision_config"), "vision_config").map_err(&fail)?;
         let vision_type = vision_config.get("model_type").and_then(Value::as_str).map(str::to_string);
-        match (family, vision_type.as_deref()) {
-            (Family::Next, None | Some("clip_vision_model")) => fill(&mut vision_config, clip_defaults()),
-            (Family::OneVision, None | Some("siglip_vision_model")) => fill(&mut vision_config, siglip_defaults()),
-            (_, Some(other)) => return Err(fail(format!("vision_config.model_type `{other}` is not supported here"))),
-        }
+        let tower_kind = match vision_type.as_deref() {
+            None => family.tower_kind(),
+            Some("clip_vision_model") => "clip",
+            Some("siglip_vision_model") => "siglip",
+            Some(other) => {
+                return Err(fail(format!(
+                    "vision_config.model_type `{other}` is not supported here (clip_vision_model, siglip_vision_model)"
+                )))
+            }
+        };
+        fill(&mut vision_config, if tower_kind == "clip" { clip_defaults() } else { siglip_defaults() });
         let (image_token_default, layer_default, strategy_default) = match family {
             Family::Next => (32000, json!(-2), "default"),
             Family::OneVision => (151646, json!(-1), "full"),
@@ -141,6 +151,7 @@ impl LlavaNextConfig {
             family,
             text_config: Value::Object(text_config),
             vision_config: Value::Object(vision_config),
+            tower_kind,
             image_token_id,
             vision_feature_layer: value.get("vision_feature_layer").cloned().filter(|v| !v.is_null()).unwrap_or(layer_default),
             vision_feature_select_strategy: strategy,
@@ -336,5 +347,19 @@ mod tests {
         assert!(bad.unwrap_err().to_string().contains("image_grid_pinpoints"));
         let bad = LlavaNextConfig::from_value(&json!({"model_type": "llava_next", "text_config": {"model_type": "gpt2"}}), Path::new("c"));
         assert!(bad.unwrap_err().to_string().contains("gpt2"));
+    }
+
+    /// transformers builds the tower `vision_config.model_type` names, whichever family.
+    #[test]
+    fn the_tower_kind_follows_the_vision_model_type() {
+        let read = |v: Value| LlavaNextConfig::from_value(&v, Path::new("c"));
+        assert_eq!(read(json!({"model_type": "llava_next"})).unwrap().tower_kind, "clip");
+        assert_eq!(read(json!({"model_type": "llava_onevision"})).unwrap().tower_kind, "siglip");
+        let siglip_next = read(json!({"model_type": "llava_next", "vision_config": {"model_type": "siglip_vision_model"}}));
+        assert_eq!(siglip_next.unwrap().tower_kind, "siglip");
+        let clip_ov = read(json!({"model_type": "llava_onevision", "vision_config": {"model_type": "clip_vision_model"}}));
+        assert_eq!(clip_ov.unwrap().tower_kind, "clip");
+        let other = read(json!({"model_type": "llava_next", "vision_config": {"model_type": "dinov2"}}));
+        assert!(other.unwrap_err().to_string().contains("dinov2"));
     }
 }

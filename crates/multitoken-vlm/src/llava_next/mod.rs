@@ -177,7 +177,7 @@ pub fn builder_config(
     }
     Ok(json!({
         "tower": tower,
-        "tower_kind": cfg.family.tower_kind(),
+        "tower_kind": cfg.tower_kind,
         "tower_config": cfg.vision_config,
         "weights_prefix": weights_prefix,
         "vision_feature_layer": cfg.vision_feature_layer,
