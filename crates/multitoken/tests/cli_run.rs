@@ -2,6 +2,8 @@
 //! help and version succeed, usage errors come back as errors (the process
 //! keeps running), and subcommands run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[test]
 fn run_takes_the_arguments_and_never_exits() {
     assert!(multitoken::cli::run(["multitoken", "--version"]).is_ok());
