@@ -115,6 +115,7 @@ fn check_output(output: &str) -> TestResult {
 
         let params = GenerationParams {
             max_new_tokens: expected.new_tokens,
+            eos_token_ids: model.lm.generation.eos_token_ids.clone(),
             ignore_eos: true,
             ..Default::default()
         };
