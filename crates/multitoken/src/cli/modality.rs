@@ -371,7 +371,8 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// Writes `--out`: the source directory's files (hard links where possible),
+/// Writes `--out`: the source directory's files (hard links where possible;
+/// not the records of its training run),
 /// paths that pointed outside it made absolute, the new `multitoken.json` and
 /// `projectors.safetensors`.
 fn write_model(args: &AddArgs, source: &Source, config: &mut MultimodalConfig, map: &VarMap) -> Result<()> {
@@ -424,6 +425,12 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry.with_context(|| format!("reading {}", from.display()))?;
         let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // The source's training run (its checkpoints, metrics and plot) does not describe the new model.
+        let run_record = name.starts_with("checkpoint-") || ["metrics.jsonl", "loss.png", "trainer_state.json"].contains(&name.as_str());
+        if run_record {
+            continue;
+        }
         let target = to.join(entry.file_name());
         if path.is_dir() {
             std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
