@@ -216,6 +216,21 @@ mod layout_tests {
     }
 
     #[test]
+    fn json_items_are_paths_or_inline_text() {
+        let base = Path::new("/data");
+        let read = |value: serde_json::Value, inline| item_from_json(&value, base, inline).map_err(|e| e.to_string());
+        assert_eq!(read(serde_json::json!("a.png"), false), Ok(Item::Path(PathBuf::from("/data/a.png"))));
+        assert_eq!(read(serde_json::json!("no such file"), true), Ok(Item::Text("no such file".into())));
+        assert_eq!(read(serde_json::json!([1, 2.5]), true), Ok(Item::Text("[1,2.5]".into())));
+        assert!(read(serde_json::json!([1]), false).is_err_and(|e| e.contains("no inline items")));
+        assert!(read(serde_json::json!("https://x/a.png"), true).is_err_and(|e| e.contains("URL")));
+        let weights = EncoderWeights::at("tower").with_default(".");
+        assert_eq!(weights.dir_in(base, &serde_json::json!({"tower": "clip"})), Some(PathBuf::from("/data/clip")));
+        assert_eq!(weights.dir_in(base, &serde_json::json!({})), Some(PathBuf::from("/data/.")));
+        assert_eq!(EncoderWeights::at("x").dir_in(base, &serde_json::Value::Null), None);
+    }
+
+    #[test]
     fn grids_must_cover_the_single_slot_run() {
         let one = ItemLayout::new(vec![LayoutPart::Text("<s>".into()), LayoutPart::Slots(12)]).map(|l| l.with_grid([1, 3, 4]));
         assert_eq!(one.ok().and_then(|l| l.ok()).and_then(|l| l.grid()), Some([1, 3, 4]));

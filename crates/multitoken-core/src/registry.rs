@@ -203,6 +203,11 @@ pub fn build_modality(
     context: &ModalityContext,
 ) -> Result<Box<dyn Modality>> {
     let builder = the_one(name, builders().filter(|builder| builder.name == name))?;
+    if is_text_modality(name) {
+        return Err(Error::msg(format!(
+            "`{name}` is registered both as a modality and as a text modality; each name must be unique"
+        )));
+    }
     // A builder is third-party code: a panic in it is reported as an error
     // naming the modality instead of taking the process down.
     let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (builder.build)(config, context)))
@@ -370,6 +375,21 @@ mod tests {
     inventory::submit! { ModalityBuilder { name: "test_twice", build: build_twice } }
     inventory::submit! { ModalityBuilder { name: "test_twice", build: build_twice } }
 
+    fn build_panicking(_: &serde_json::Value, _: &ModalityContext) -> Result<Box<dyn Modality>> {
+        panic!("no sensor attached")
+    }
+
+    /// Registered as `test_misnamed` but builds `test_counting`.
+    fn build_misnamed(_: &serde_json::Value, _: &ModalityContext) -> Result<Box<dyn Modality>> {
+        Ok(Box::new(CountingModality { width: 1 }))
+    }
+
+    inventory::submit! { ModalityBuilder { name: "test_panicking", build: build_panicking } }
+    inventory::submit! { ModalityBuilder { name: "test_misnamed", build: build_misnamed } }
+    inventory::submit! {
+        ModalityInfo { builder: "test_counting", token: "<count>", data_key: "counts" }
+    }
+
     /// Builds `name` with `config` and renders the outcome as a short string.
     fn check(name: &str, config: serde_json::Value, expect: &str) {
         let context = ModalityContext::cpu_f32("/models/demo");
@@ -401,7 +421,14 @@ mod tests {
             "vision_nope",
             serde_json::json!({}),
             "error: no modality builder named `vision_nope` is linked in; known builders: \
-             test_counting, test_twice",
+             test_counting, test_misnamed, test_panicking, test_twice",
+        );
+        check("test_panicking", serde_json::json!({}), "error: modality builder `test_panicking` panicked: no sensor attached");
+        check(
+            "test_misnamed",
+            serde_json::json!({}),
+            "error: modality builder `test_misnamed` built a modality named `test_counting`; \
+             a modality's name() must equal its builder's name",
         );
         check(
             "test_twice",
@@ -418,7 +445,8 @@ mod tests {
             "an ambiguous name must not resolve"
         );
         assert!(find_builder("missing").is_none());
-        assert_eq!(builder_names(), vec!["test_counting", "test_twice"]);
+        assert_eq!(builder_names(), vec!["test_counting", "test_misnamed", "test_panicking", "test_twice"]);
+        assert_eq!(registered_tokens(), vec![("counts".to_string(), "<count>".to_string())]);
     }
 
     #[test]
