@@ -70,12 +70,17 @@ pub fn model_items(model: &MultimodalModel) -> impl Fn(&str, &Value, &Path) -> s
 
 /// The item reader without a model: strings are file paths relative to the
 /// dataset, except under the data keys of [`default_inline_keys`] (multi_token's
-/// `documents`), where a string that names no file is the item's text.
+/// `documents`), where a string that names no file is the item's text. Other
+/// JSON (numbers, lists) can name no file: under multi_token's usual keys
+/// ([`default_tokens`]'s, file modalities) it is an error, under any other key
+/// (a modality linked in, whose model is not loaded) it is kept as inline text
+/// for that modality to parse.
 pub fn default_items(key: &str, value: &Value, base: &Path) -> std::result::Result<Item, String> {
-    if value.is_string() || !default_inline_keys().contains(&key) {
-        if let Some(s) = value.as_str() {
-            return resolve_item(key, s, base);
-        }
+    if let Some(s) = value.as_str() {
+        return resolve_item(key, s, base);
+    }
+    const FILE_KEYS: [&str; 3] = ["images", "speech_audios", "videos"];
+    if FILE_KEYS.contains(&key) {
         return Err(format!("must be a string, got {value}"));
     }
     multitoken_core::item_from_json(value, base, true).map_err(|e| e.to_string())

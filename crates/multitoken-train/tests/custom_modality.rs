@@ -153,9 +153,9 @@ fn trained_encoder_of_a_custom_modality_is_saved_under_its_key() -> TestResult {
 }
 
 /// Dataset rows: with the model, the modality parses its items (JSON lists
-/// and CSV text become inline text); without one, a JSON list is refused
-/// naming the key, and `dataset check` knows `<reading>` from the
-/// modality's `ModalityInfo`.
+/// and CSV text become inline text); without one, a JSON list is kept as text
+/// for a key no built-in file modality reads (refused under `images`), and
+/// `dataset check` knows `<reading>` from the modality's `ModalityInfo`.
 #[test]
 fn dataset_rows_are_parsed_by_the_modality() -> TestResult {
     let root = temp("rows")?;
@@ -167,8 +167,21 @@ fn dataset_rows_are_parsed_by_the_modality() -> TestResult {
     for row in &rows {
         model.mm.prepare_training(&row.messages, &row.items)?;
     }
-    let err = multitoken_train::data::read_jsonl(&cfg.dataset).unwrap_err().to_string();
-    assert!(err.contains("`readings` item 1") && err.contains("must be a string"), "{err}");
+    let without_model = multitoken_train::data::read_jsonl(&cfg.dataset)?;
+    assert_eq!(without_model[0].items["readings"], vec![Item::Text("[1,2,3]".into())]);
+    let images = root.join("images.jsonl");
+    std::fs::write(&images, std::fs::read_to_string(&cfg.dataset)?.replace("\"readings\"", "\"images\""))?;
+    let err = multitoken_train::data::read_jsonl(&images).unwrap_err().to_string();
+    assert!(err.contains("`images` item 1") && err.contains("must be a string"), "{err}");
+    let tokens = multitoken_train::data::default_tokens();
+    let report = multitoken_train::data::check_with(&cfg.dataset, &tokens, &multitoken_train::data::model_items(&model.mm))?;
+    assert_eq!(report.items.get("readings"), Some(&4));
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // Without the model a string is a file path: the CSV strings are reported
+    // as missing files, and nothing else (the token counts agree).
+    let report = multitoken_train::data::check(&cfg.dataset, &tokens)?;
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(report.problems.iter().all(|p| p.contains("`readings` item 1")), "{:?}", report.problems);
     assert_eq!(multitoken_train::data::default_tokens().get("readings").map(String::as_str), Some("<reading>"));
     Ok(())
 }
