@@ -271,12 +271,23 @@ pub struct EncoderWeights {
     /// The directory used when the config leaves the key out (relative to the
     /// model directory), if the builder has such a default.
     pub default_dir: Option<String>,
+    /// The safetensors file in that directory a trained encoder's variables
+    /// (`ModalityContext::trainable`, keyed as the builder created them) are
+    /// saved as; `model.safetensors` unless [`EncoderWeights::with_file`].
+    pub weights_file: String,
 }
 
 impl EncoderWeights {
-    /// Weights named by `config_key`, with no default directory.
+    /// Weights named by `config_key`, with no default directory, saved as
+    /// `model.safetensors`.
     pub fn at(config_key: impl Into<String>) -> Self {
-        Self { config_key: config_key.into(), default_dir: None }
+        Self { config_key: config_key.into(), default_dir: None, weights_file: "model.safetensors".to_string() }
+    }
+
+    /// Sets the file name a trained encoder is saved as in its directory.
+    pub fn with_file(mut self, file: impl Into<String>) -> Self {
+        self.weights_file = file.into();
+        self
     }
 
     /// Adds the directory used when the config leaves the key out.

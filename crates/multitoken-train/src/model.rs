@@ -736,7 +736,7 @@ impl TrainableModel {
                     let name = format!("encoder-{i}");
                     let dir = out.join(&name);
                     copy_non_weights(&source_dir, &dir)?;
-                    save_varmap(map, &dir.join("model.safetensors"))?;
+                    save_varmap(map, &dir.join(&weights.weights_file))?;
                     name
                 }
                 None => absolute(&source_dir).display().to_string(),
@@ -957,6 +957,13 @@ fn check_trainable_encoder(modality: &dyn Modality, map: &VarMap, model_dir: &Pa
              (implement Modality::encoder_weights), so a trained encoder could not be saved"
         )));
     };
+    let file = Path::new(&weights.weights_file);
+    if file.file_name().is_none_or(|f| f != file.as_os_str()) || !weights.weights_file.ends_with(".safetensors") {
+        return Err(Error::Config(format!(
+            "--train-encoders {name}: its encoder weights file `{}` must be a plain `*.safetensors` file name",
+            weights.weights_file
+        )));
+    }
     if weights.dir_in(model_dir, config).is_none() {
         return Err(Error::Config(format!(
             "--train-encoders {name}: its config names no `{}` directory for the encoder weights",
