@@ -113,6 +113,12 @@ impl AppState {
                     "token": m.modality.token(),
                     "data_key": m.modality.data_key(),
                     "token_width": m.modality.token_width(),
+                    "media": match m.modality.media() {
+                        ItemMedia::Image => "image",
+                        ItemMedia::Audio => "audio",
+                        ItemMedia::Document => "document",
+                        ItemMedia::Other => "other",
+                    },
                 })
             })
             .collect();

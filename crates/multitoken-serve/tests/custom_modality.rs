@@ -95,6 +95,11 @@ fn input_item_parts_reach_a_custom_modality() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["output"], json!(want));
 
+    // The model list says what kind of items each modality reads.
+    let (status, models) = get(&server.url("/v1/models"));
+    assert_eq!(status, 200, "{models}");
+    assert!(models.contains("\"media\":\"other\"") && models.contains("<reading>"), "{models}");
+
     let (status, body) = ask("thermometer", json!([1]));
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("thermometer"), "{body}");
