@@ -9,7 +9,8 @@
 //! encoder is one linear layer `proj.weight` `[FEATURES, INPUT]` read from
 //! `{encoder}/model.safetensors` through `ModalityContext::var_builder`, so
 //! it can be trained. `{"panic": true}` in the config makes the builder panic,
-//! `{"bad_shape": true}` makes the encoder return features of the wrong width.
+//! `{"bad_shape": true}` makes the encoder return features of the wrong width,
+//! `{"hide_weights": true}` makes it not say where its weights live.
 
 #![allow(dead_code)]
 
@@ -34,6 +35,7 @@ pub struct Sensor {
     /// `[FEATURES, INPUT]`, a variable when the encoder trains.
     proj: Tensor,
     bad_shape: bool,
+    hide_weights: bool,
     projector: ProjectorSpec,
 }
 
@@ -90,6 +92,9 @@ impl Modality for Sensor {
         self.projector
     }
     fn encoder_weights(&self) -> Option<EncoderWeights> {
+        if self.hide_weights {
+            return None;
+        }
         Some(EncoderWeights::at("encoder").with_default("sensor"))
     }
     fn inline_items(&self) -> bool {
@@ -109,7 +114,12 @@ fn build(config: &serde_json::Value, context: &ModalityContext) -> Result<Box<dy
         Some(spec) => serde_json::from_value(spec.clone()).map_err(|e| multitoken_core::Error::msg(format!("projector: {e}")))?,
         None => ProjectorSpec::MlpGelu { depth: 2 },
     };
-    Ok(Box::new(Sensor { proj, bad_shape: config.get("bad_shape").is_some(), projector }))
+    Ok(Box::new(Sensor {
+        proj,
+        bad_shape: config.get("bad_shape").is_some(),
+        hide_weights: config.get("hide_weights").is_some(),
+        projector,
+    }))
 }
 
 multitoken_core::inventory::submit! { ModalityBuilder { name: NAME, build } }

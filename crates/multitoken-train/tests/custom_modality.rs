@@ -152,6 +152,26 @@ fn trained_encoder_of_a_custom_modality_is_saved_under_its_key() -> TestResult {
     Ok(())
 }
 
+/// `--train-encoders` on a modality that does not say where its weights live
+/// fails at load, before any step (no checkpoint, no output model), naming it.
+#[test]
+fn an_encoder_without_a_save_location_fails_before_training() -> TestResult {
+    let root = temp("nowhere")?;
+    let mut cfg = config(&root, 2)?;
+    let dir = model_dir(&root, serde_json::json!({"config": {"encoder": "sensor", "hide_weights": true}}))?;
+    cfg.model = dir;
+    cfg.train_encoders = sensor::NAME.parse()?;
+    let err = train(&cfg).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("test_sensor") && err.contains("encoder_weights"), "{err}");
+    assert!(!cfg.output_dir.join("multitoken.json").exists());
+    assert!(!cfg.output_dir.join("checkpoint-1").exists());
+    // Frozen, the same modality trains its projector and saves fine.
+    cfg.train_encoders = Default::default();
+    train(&cfg)?;
+    assert_eq!(saved_entry(&cfg.output_dir)?["config"]["encoder"].as_str().map(|p| p.starts_with('/')), Some(true));
+    Ok(())
+}
+
 /// Dataset rows: with the model, the modality parses its items (JSON lists
 /// and CSV text become inline text); without one, a JSON list is kept as text
 /// for a key no built-in file modality reads (refused under `images`), and
