@@ -33,12 +33,14 @@ fn sensor_model_dir() -> PathBuf {
         "modalities": [{"builder": sensor::NAME}]
     });
     std::fs::write(dir.join("multitoken.json"), config.to_string()).unwrap();
-    let (features, hidden, dev) = (sensor::FEATURES, 64, Device::Cpu);
+    let (features, hidden) = (sensor::FEATURES, 64);
+    // Fixed weights (not random per run), so that the answers compared below
+    // are the same in every run.
     let tensors: HashMap<String, Tensor> = [
-        ("0.weight", Tensor::randn(0f32, 0.5, (hidden, features), &dev).unwrap()),
-        ("0.bias", Tensor::randn(0f32, 0.5, hidden, &dev).unwrap()),
-        ("2.weight", Tensor::randn(0f32, 0.2, (hidden, hidden), &dev).unwrap()),
-        ("2.bias", Tensor::randn(0f32, 0.2, hidden, &dev).unwrap()),
+        ("0.weight", fixed(&[hidden, features], 0.5, 7)),
+        ("0.bias", fixed(&[hidden], 0.5, 11)),
+        ("2.weight", fixed(&[hidden, hidden], 0.2, 13)),
+        ("2.bias", fixed(&[hidden], 0.2, 17)),
     ]
     .into_iter()
     .map(|(k, v)| (format!("test_sensor_lmm_projector.{k}"), v))
@@ -47,9 +49,17 @@ fn sensor_model_dir() -> PathBuf {
     dir
 }
 
+/// Deterministic values in `[-scale, scale]`.
+fn fixed(shape: &[usize], scale: f32, step: usize) -> Tensor {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|i| ((i * step % 97) as f32 / 48.0 - 1.0) * scale).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
 fn direct_answer(model: &MultimodalModel, reading: &str) -> String {
     let items = ItemsByKey::from([("readings".to_string(), vec![Item::Text(reading.to_string())])]);
-    let prepared = model.prepare_chat(&[Message::new("user", "value <reading>")], &items).unwrap();
+    // Content parts are joined by newlines.
+    let prepared = model.prepare_chat(&[Message::new("user", "value\n<reading>")], &items).unwrap();
     let params = GenerationParams { max_new_tokens: 6, eos_token_ids: model.lm.generation.eos_token_ids.clone(), ..Default::default() };
     model.generate(&prepared, &items, &params, &mut |_| true).unwrap().text
 }
@@ -66,7 +76,7 @@ fn input_item_parts_reach_a_custom_modality() {
     );
     let ask = |modality: &str, data: serde_json::Value| {
         let content = json!([
-            {"type": "text", "text": "value "},
+            {"type": "text", "text": "value"},
             {"type": "input_item", "modality": modality, "data": data}
         ]);
         let request = json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 6});
@@ -81,16 +91,15 @@ fn input_item_parts_reach_a_custom_modality() {
         assert_eq!(status, 200, "{modality}: {body}");
         assert_eq!(body["choices"][0]["message"]["content"], json!(want), "{modality}");
     }
-    // Another reading gives another prompt (the item really arrives).
-    if want != other {
-        let (status, body) = ask("test_sensor", json!([9, 0, 4]));
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["choices"][0]["message"]["content"], json!(other));
-    }
+    // Another reading gives another answer (the item really arrives).
+    assert_ne!(want, other);
+    let (status, body) = ask("test_sensor", json!([9, 0, 4]));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], json!(other));
     // /generate rows: JSON items for a modality that takes them inline.
     let (status, body) = post_json(
         &server.url("/generate"),
-        &json!({"messages": [{"role": "user", "content": "value <reading>"}], "readings": [[1, 2, 3]], "max_new_tokens": 6}),
+        &json!({"messages": [{"role": "user", "content": "value\n<reading>"}], "readings": [[1, 2, 3]], "max_new_tokens": 6}),
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["output"], json!(want));
