@@ -404,7 +404,8 @@ impl MultimodalModel {
             .ok_or_else(|| Error::Msg(format!("no modality with index {index}")))?;
         let modality = runtime.modality.as_ref();
         let describe = || format!("{} item {} ({})", modality.data_key(), item_index + 1, describe_item(item));
-        let pieces = encode_item(modality, item).map_err(|e| Error::Msg(format!("{}: {e}", describe())))?;
+        let pieces = encode_item(modality, item)
+            .map_err(|e| Error::Msg(format!("{}: modality `{}`: {e}", describe(), modality.name())))?;
         for piece in &pieces {
             as_feature_batch(piece, modality)?;
         }
