@@ -449,7 +449,7 @@ impl TrainableModel {
             let frozen = self.encoders.get(index).is_none_or(Option::is_none);
             let mut rows = Vec::with_capacity(slots.len());
             for (k, (item, &slots)) in given.iter().zip(&slots).enumerate() {
-                let describe = || format!("{} item {}", modality.data_key(), k + 1);
+                let describe = || format!("{} item {} (modality `{}`)", modality.data_key(), k + 1, modality.name());
                 let key = (index, item_hash(item));
                 let cached = if frozen {
                     self.cached_features(&key)
@@ -461,6 +461,15 @@ impl TrainableModel {
                     None => {
                         let f = encode_item(modality, item)
                             .map_err(|e| Error::Config(format!("{}: {e}", describe())))?;
+                        // A wrong feature width would surface as an opaque matmul error.
+                        if let Some(piece) = f.iter().find(|p| p.dims().last() != Some(&modality.feature_dim())) {
+                            return Err(Error::Config(format!(
+                                "{}: the encoder gave features of shape {:?}, expected a last dimension of {} (feature_dim)",
+                                describe(),
+                                piece.dims(),
+                                modality.feature_dim()
+                            )));
+                        }
                         if frozen {
                             if let Ok(mut cache) = self.features.lock() {
                                 cache.insert(key, f.clone());

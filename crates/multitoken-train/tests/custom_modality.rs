@@ -244,5 +244,7 @@ fn bad_custom_modalities_are_clear_errors() -> TestResult {
     let prepared = model.mm.prepare_raw("x <reading>", &items)?;
     let err = model.mm.embed(&prepared, &items).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("test_sensor"), "{err}");
+    let err = model.embed(&prepared, &items).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("test_sensor") && err.contains("feature_dim"), "{err}");
     Ok(())
 }
