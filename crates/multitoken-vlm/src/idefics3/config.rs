@@ -55,9 +55,9 @@ impl Idefics3Config {
         }
         let text_config = with_defaults(value.get("text_config"), llama_defaults(), "text_config").map_err(&fail)?;
         let text_type = text_config.get("model_type").and_then(Value::as_str).unwrap_or("llama");
-        if !matches!(text_type, "llama" | "mistral") {
+        if !matches!(text_type, "llama" | "mistral" | "qwen2") {
             return Err(fail(format!(
-                "text_config.model_type `{text_type}` is not supported (Idefics3 and SmolVLM use llama)"
+                "text_config.model_type `{text_type}` is not supported (llama, mistral, qwen2)"
             )));
         }
         let vision_config = with_defaults(value.get("vision_config"), vision_defaults(), "vision_config").map_err(&fail)?;
