@@ -143,6 +143,9 @@ mod tests {
         check(json!({"architectures": ["SmolVLMForConditionalGeneration"]}), "ok scale=2");
         check(json!({"model_type": "idefics3", "scale_factor": 0}), "scale_factor must be a positive integer");
         check(json!({"model_type": "idefics3", "text_config": {"model_type": "gpt2"}}), "not supported");
+        // transformers builds any text model under Idefics3; qwen2 / mistral load as the plain LMs.
+        check(json!({"model_type": "idefics3", "text_config": {"model_type": "qwen2"}}), "ok scale=2");
+        check(json!({"model_type": "idefics3", "text_config": {"model_type": "mistral"}}), "ok scale=2");
         check(json!({"model_type": "idefics3", "vision_config": 3}), "vision_config must be an object");
         check(json!({"model_type": "idefics2"}), "not an Idefics3");
     }
