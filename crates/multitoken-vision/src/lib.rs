@@ -48,6 +48,7 @@ pub mod processor;
 pub mod qwen2_vl;
 pub mod qwen2_vl_modality;
 pub mod qwen2_vl_processor;
+mod qwen2_vl_weights;
 pub mod resample;
 pub mod siglip;
 pub mod siglip_modality;

@@ -651,8 +651,10 @@ impl Block {
             let t = qkv.narrow(D::Minus1, part * d, d)?.reshape((rows, self.heads, head_dim))?;
             Ok(apply_rotary(&t, cos, sin)?.reshape((1, rows, d))?)
         };
-        let q = rotate(0)?;
-        let k = rotate(1)?;
+        let (q, k) = match fused_rotary(&qkv, cos, sin, self.heads)? {
+            Some(qk) => qk,
+            None => (rotate(0)?, rotate(1)?),
+        };
         let v = qkv.narrow(D::Minus1, 2 * d, d)?;
         let scale = (head_dim as f64).powf(-0.5);
         let attn = segmented_attention(&q, &k, &v, self.heads, scale, segments)?;
@@ -695,6 +697,61 @@ fn segmented_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: 
         start += len;
     }
     Ok(Tensor::cat(&outputs, 1)?)
+}
+
+/// q and k of a fused `[1, rows, 3d]` QKV output, rotated as [`apply_rotary`]
+/// does, in one pass each (candle's composite took seven ops and copies per
+/// tensor); `None` unless everything is a dense f32 CPU tensor outside autograd.
+/// Same arithmetic: `a · cos - b · sin` equals `a · cos + (-b) · sin` to the bit.
+fn fused_rotary(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Option<(Tensor, Tensor)>> {
+    let all = [qkv, cos, sin];
+    if !all.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op() && t.is_contiguous()) {
+        return Ok(None);
+    }
+    let (_, rows, width) = qkv.dims3()?;
+    let d = width / 3;
+    let head_dim = d / heads.max(1);
+    if cos.elem_count() != rows * head_dim || sin.elem_count() != rows * head_dim || !head_dim.is_multiple_of(2) {
+        return Ok(None);
+    }
+    let half = head_dim / 2;
+    let (q, k) = {
+        let (qkv_s, qkv_l) = qkv.storage_and_layout();
+        let (cos_s, cos_l) = cos.storage_and_layout();
+        let (sin_s, sin_l) = sin.storage_and_layout();
+        let data = |s: &candle_core::Storage, l: &candle_core::Layout, len: usize| -> Result<Vec<f32>> {
+            match s {
+                candle_core::Storage::Cpu(cpu) => Ok(cpu.as_slice::<f32>()?[l.start_offset()..][..len].to_vec()),
+                _ => Err(Error::config("Qwen2-VL vision tower", "expected CPU tensors")),
+            }
+        };
+        // The tables are small (rows · head_dim); the qkv rows are read in place.
+        let (cos, sin) = (data(&cos_s, cos_l, rows * head_dim)?, data(&sin_s, sin_l, rows * head_dim)?);
+        let candle_core::Storage::Cpu(cpu) = &*qkv_s else {
+            return Ok(None);
+        };
+        let x = &cpu.as_slice::<f32>()?[qkv_l.start_offset()..][..rows * width];
+        let mut q = vec![0f32; rows * d];
+        let mut k = vec![0f32; rows * d];
+        for r in 0..rows {
+            let (c, s) = (&cos[r * head_dim..][..head_dim], &sin[r * head_dim..][..head_dim]);
+            for (part, out) in [(0, &mut q), (1, &mut k)] {
+                let src = &x[r * width + part * d..][..d];
+                let dst = &mut out[r * d..][..d];
+                for h in 0..heads {
+                    let (src, dst) = (&src[h * head_dim..][..head_dim], &mut dst[h * head_dim..][..head_dim]);
+                    for i in 0..half {
+                        let (a, b) = (src[i], src[i + half]);
+                        dst[i] = a * c[i] - b * s[i];
+                        dst[i + half] = b * c[i + half] + a * s[i + half];
+                    }
+                }
+            }
+        }
+        (q, k)
+    };
+    let device = qkv.device();
+    Ok(Some((Tensor::from_vec(q, (1, rows, d), device)?, Tensor::from_vec(k, (1, rows, d), device)?)))
 }
 
 /// `x · cos + rotate_half(x) · sin` over the last axis of `x` `[rows, heads,

@@ -49,7 +49,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use multitoken_core::{Item, ItemLayout, Modality, ModalityBuilder, ModalityContext, ProjectorSpec};
 use serde::Deserialize;
@@ -59,6 +59,7 @@ use crate::modality::IMAGES_KEY;
 use crate::processor::read_json;
 use crate::qwen2_vl::{Qwen2VisionConfig, Qwen2VisionTower};
 use crate::qwen2_vl_processor::Qwen2VlProcessorConfig;
+use crate::qwen2_vl_weights::FrozenF32Weights;
 use crate::{Error, Result};
 
 /// Qwen2-VL's image token: the processor repeats it once per merged patch.
@@ -485,10 +486,29 @@ fn load_tower(
             VarBuilder::from_varmap(map, context.dtype, &context.device)
         }
         None => {
-            // SAFETY: as above.
-            unsafe { VarBuilder::from_mmaped_safetensors(&files, context.dtype, &context.device) }.map_err(|e| where_(&e))?
+            drop(mapped);
+            frozen_f32(config, &files, &prefix, context)?.map_or_else(
+                // SAFETY: as above.
+                || unsafe { VarBuilder::from_mmaped_safetensors(&files, context.dtype, &context.device) }.map_err(|e| where_(&e)),
+                Ok,
+            )?
         }
     };
     let vb = if prefix.is_empty() { vb } else { vb.pp(&prefix) };
     Qwen2VisionTower::load(vb, config).map_err(|e| where_(&format!("prefix `{prefix}`: {e}")))
+}
+
+/// A frozen f32 CPU tower whose tensors are all stored as f32 reads them with
+/// [`FrozenF32Weights`] (one copy each, 2-D weights pre-transposed for the
+/// kernels' `Linear`); `None` sends anything else through candle's mmap'd builder.
+fn frozen_f32<'a>(config: &Qwen2VisionConfig, files: &[PathBuf], prefix: &str, context: &ModalityContext) -> Result<Option<VarBuilder<'a>>> {
+    if !context.device.is_cpu() || context.dtype != DType::F32 {
+        return Ok(None);
+    }
+    let weights = FrozenF32Weights::open(files)?;
+    let keys: Vec<String> = tower_keys(config).into_iter().map(|k| join(prefix, &k)).collect();
+    if !weights.covers(keys.iter().map(String::as_str)) {
+        return Ok(None);
+    }
+    Ok(Some(VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu)))
 }
