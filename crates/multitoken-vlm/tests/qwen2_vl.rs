@@ -146,7 +146,7 @@ fn check_model(name: &str) -> TestResult {
         if !case.images.is_empty() {
             assert_eq!(cache.position_shift, Some(vec![case.rope_delta]), "{what}: the cache keeps the delta");
         }
-        let params = GenerationParams { max_new_tokens: expected.new_tokens, ignore_eos: true, ..GenerationParams::default() };
+        let params = GenerationParams { max_new_tokens: expected.new_tokens, eos_token_ids: model.lm.generation.eos_token_ids.clone(), ignore_eos: true, ..GenerationParams::default() };
         let out = model.generate(&prepared, &items, &params, &mut |_| true)?;
         if out.token_ids != case.greedy_ids {
             failures.push(format!("{what}: greedy ids {:?}, transformers {:?}", out.token_ids, case.greedy_ids));
@@ -225,7 +225,7 @@ fn exported_directory_gives_the_same_ids() -> TestResult {
             let items = items(&case.images);
             let prepared = model.prepare_raw(&case.prompt, &items)?;
             assert_eq!(prepared.rope_positions().streams, case.position_ids, "{name} exported: positions");
-            let params = GenerationParams { max_new_tokens: expected.new_tokens, ignore_eos: true, ..GenerationParams::default() };
+            let params = GenerationParams { max_new_tokens: expected.new_tokens, eos_token_ids: model.lm.generation.eos_token_ids.clone(), ignore_eos: true, ..GenerationParams::default() };
             let out = model.generate(&prepared, &items, &params, &mut |_| true)?;
             assert_eq!(out.token_ids, case.greedy_ids, "{name} exported");
         }
