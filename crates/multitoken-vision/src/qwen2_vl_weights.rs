@@ -114,18 +114,31 @@ impl FrozenF32Weights {
             .map_err(|e| candle_core::Error::Msg(format!("{}: reading `{name}`: {e}", path.display())))?;
         let raw = &staging[..bytes];
         let value = |i: usize| f32::from_le_bytes([raw[4 * i], raw[4 * i + 1], raw[4 * i + 2], raw[4 * i + 3]]);
-        if let [rows, cols] = entry.shape[..] {
+        if let ([rows, cols], true) = (&entry.shape[..], count > 0) {
+            let (rows, cols) = (*rows, *cols);
             let mut out = vec![0f32; count];
-            for r0 in (0..rows).step_by(TILE) {
-                for c0 in (0..cols).step_by(TILE) {
-                    for c in c0..(c0 + TILE).min(cols) {
-                        let dst = &mut out[c * rows..(c + 1) * rows];
-                        for (r, slot) in dst.iter_mut().enumerate().take((r0 + TILE).min(rows)).skip(r0) {
-                            *slot = value(r * cols + c);
+            // The fresh pages' first touch (the kernel zeroing each) costs more
+            // than the transpose itself: split the columns over the threads.
+            let threads = candle_core::utils::get_num_threads().clamp(1, cols.div_ceil(TILE).max(1));
+            let per_thread = cols.div_ceil(TILE).div_ceil(threads) * TILE;
+            std::thread::scope(|scope| {
+                for (part, chunk) in out.chunks_mut(per_thread * rows).enumerate() {
+                    let first = part * per_thread;
+                    scope.spawn(move || {
+                        let chunk_cols = chunk.len() / rows.max(1);
+                        for r0 in (0..rows).step_by(TILE) {
+                            for c0 in (0..chunk_cols).step_by(TILE) {
+                                for c in c0..(c0 + TILE).min(chunk_cols) {
+                                    let dst = &mut chunk[c * rows..(c + 1) * rows];
+                                    for (r, slot) in dst.iter_mut().enumerate().take((r0 + TILE).min(rows)).skip(r0) {
+                                        *slot = value(r * cols + first + c);
+                                    }
+                                }
+                            }
                         }
-                    }
+                    });
                 }
-            }
+            });
             return Tensor::from_vec(out, (cols, rows), &Device::Cpu)?.t();
         }
         let out: Vec<f32> = (0..count).map(value).collect();
