@@ -13,7 +13,7 @@
 //! buffer: the `[out, in]` shape the loader asks for, whose `.t()` the
 //! `Linear` finds contiguous and keeps without a copy.
 //!
-//! Only for f32 tensors loaded as f32 on the CPU and not trained (the caller
+//! Only for f32 (or bf16) tensors loaded as f32 on the CPU and not trained (the caller
 //! checks with [`FrozenF32Weights::covers`]); anything else goes through
 //! candle's var builders.
 
@@ -86,9 +86,10 @@ impl FrozenF32Weights {
         })
     }
 
-    /// Whether every one of `keys` is stored as f32.
+    /// Whether every one of `keys` is stored as f32 or bf16 (bf16 widens to
+    /// f32 exactly, as torch's `.float()` does).
     pub(crate) fn covers<'a>(&self, mut keys: impl Iterator<Item = &'a str>) -> bool {
-        keys.all(|k| self.entries.get(k).is_some_and(|e| e.dtype == "F32"))
+        keys.all(|k| self.entries.get(k).is_some_and(|e| element_size(&e.dtype).is_some()))
     }
 
     /// Reads tensor `name`; a 2-D one comes back as the transposed view of a
@@ -99,12 +100,12 @@ impl FrozenF32Weights {
             .get(name)
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let (path, file) = &self.files[entry.file];
-        if entry.dtype != "F32" {
-            candle_core::bail!("{}: tensor `{name}` is {}, this reader takes F32 only", path.display(), entry.dtype);
-        }
+        let Some(size) = element_size(&entry.dtype) else {
+            candle_core::bail!("{}: tensor `{name}` is {}, this reader takes F32 and BF16 only", path.display(), entry.dtype);
+        };
         let count: usize = entry.shape.iter().product();
         let bytes = (entry.end - entry.start) as usize;
-        if bytes != count * 4 {
+        if bytes != count * size {
             candle_core::bail!("{}: tensor `{name}` holds {bytes} bytes for shape {:?}", path.display(), entry.shape);
         }
         let mut staging = self.staging.lock().map_err(|_| candle_core::Error::Msg("weight staging buffer poisoned".into()))?;
@@ -113,7 +114,11 @@ impl FrozenF32Weights {
         file.read_exact_at(&mut staging[..bytes], entry.start)
             .map_err(|e| candle_core::Error::Msg(format!("{}: reading `{name}`: {e}", path.display())))?;
         let raw = &staging[..bytes];
-        let value = |i: usize| f32::from_le_bytes([raw[4 * i], raw[4 * i + 1], raw[4 * i + 2], raw[4 * i + 3]]);
+        let value = |i: usize| match size {
+            4 => f32::from_le_bytes([raw[4 * i], raw[4 * i + 1], raw[4 * i + 2], raw[4 * i + 3]]),
+            // bf16 is the top half of an f32.
+            _ => f32::from_bits(u32::from(u16::from_le_bytes([raw[2 * i], raw[2 * i + 1]])) << 16),
+        };
         if let ([rows, cols], true) = (&entry.shape[..], count > 0) {
             let (rows, cols) = (*rows, *cols);
             let mut out = vec![0f32; count];
@@ -143,6 +148,15 @@ impl FrozenF32Weights {
         }
         let out: Vec<f32> = (0..count).map(value).collect();
         Tensor::from_vec(out, entry.shape.clone(), &Device::Cpu)
+    }
+}
+
+/// Bytes per element of the dtypes this reader takes.
+fn element_size(dtype: &str) -> Option<usize> {
+    match dtype {
+        "F32" => Some(4),
+        "BF16" => Some(2),
+        _ => None,
     }
 }
 
@@ -186,5 +200,42 @@ impl candle_nn::var_builder::SimpleBackend for FrozenF32Weights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::var_builder::SimpleBackend;
+
+    /// Every tensor comes back with candle's loader's shape and values (bf16
+    /// widened), a 2-D one as a transposed view.
+    #[test]
+    fn reads_as_candle_does() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("qwen2_vl_weights_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        let path = dir.join("w.safetensors");
+        let values: Vec<f32> = (0..7 * 70).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let tensors = [
+            ("a", Tensor::from_vec(values.clone(), (7, 70), &Device::Cpu)?),
+            ("b", Tensor::from_vec(values[..70].to_vec(), 70, &Device::Cpu)?.to_dtype(DType::BF16)?),
+            ("c", Tensor::from_vec(values.clone(), (70, 7), &Device::Cpu)?.to_dtype(DType::BF16)?),
+            ("d", Tensor::from_vec(values[..24].to_vec(), (2, 3, 4), &Device::Cpu)?),
+        ];
+        candle_core::safetensors::save(&tensors.iter().cloned().map(|(k, v)| (k.to_string(), v)).collect::<HashMap<_, _>>(), &path)?;
+        let weights = FrozenF32Weights::open(std::slice::from_ref(&path))?;
+        assert!(weights.covers(["a", "b", "c", "d"].into_iter()));
+        assert!(!weights.covers(["a", "missing"].into_iter()));
+        for (name, want) in &tensors {
+            let got = weights.get(want.shape().clone(), name, candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu)?;
+            let want = want.to_dtype(DType::F32)?;
+            assert_eq!(got.dims(), want.dims(), "{name}");
+            let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{name}");
+        }
+        let a = weights.get_unchecked("a", DType::F32, &Device::Cpu)?;
+        assert!(a.t()?.is_contiguous(), "a 2-D weight is a transposed view of a dense [in, out]");
+        std::fs::remove_dir_all(&dir).map_err(|source| Error::Io { path: dir.clone(), source })?;
+        Ok(())
     }
 }
