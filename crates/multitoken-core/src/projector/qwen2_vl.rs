@@ -111,7 +111,7 @@ impl Qwen2VlMerger {
         let normed = self.ln_q.forward(features)?;
         let grouped = normed.reshape((n, width / self.rows, self.merged_width))?;
         let hidden = self.fc1.forward(&grouped)?.gelu_erf()?;
-        Ok(self.fc2.forward(&hidden)?)
+        self.fc2.forward(&hidden)
     }
 }
 
