@@ -560,3 +560,44 @@ fn item_grids_reach_the_spans_and_the_rope_positions() -> Result<()> {
     assert!(!plain.has_position_grids());
     Ok(())
 }
+
+/// A modality whose `layout` panics (third-party code with a bug).
+struct PanickingLayout;
+
+impl Modality for PanickingLayout {
+    fn name(&self) -> &str {
+        "test_panicking_layout"
+    }
+    fn token(&self) -> &str {
+        "<vec>"
+    }
+    fn data_key(&self) -> &str {
+        "vectors"
+    }
+    fn token_width(&self) -> usize {
+        1
+    }
+    fn feature_dim(&self) -> usize {
+        1
+    }
+    fn preprocess(&self, _item: &Item) -> Result<candle_core::Tensor> {
+        Err(Error::msg("not used"))
+    }
+    fn encode(&self, batch: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Ok(batch.clone())
+    }
+    fn projector(&self) -> crate::ProjectorSpec {
+        crate::ProjectorSpec::Linear
+    }
+    #[allow(clippy::panic)]
+    fn layout(&self, _item: &Item) -> Result<ItemLayout> {
+        panic!("layout bug")
+    }
+}
+
+#[test]
+fn a_panicking_layout_is_an_error_naming_the_modality() {
+    let source: Vec<Arc<dyn Modality>> = vec![Arc::new(PanickingLayout)];
+    let error = source.layout(0, &Item::Text("1 2 3".into())).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("test_panicking_layout") && error.contains("layout bug"), "{error}");
+}
