@@ -25,6 +25,29 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// `--help`: the flags with their defaults, and every task by name.
+fn usage() -> String {
+    let defaults = GenerateConfig::default();
+    let mut text = format!(
+        "Writes the synthetic shapes / beeps / topics dataset: DIR/train.jsonl, DIR/heldout.jsonl and their items.
+
+usage: multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...]
+
+  --out DIR        where to write (created when missing)
+  --seed N         random seed [default: {}]
+  --train N        training rows per task [default: {}]
+  --heldout N      held-out rows per task [default: {}]
+  --tasks a,b,...  the tasks to write [default: all]
+
+tasks:",
+        defaults.seed, defaults.train_per_task, defaults.heldout_per_task
+    );
+    for task in Task::ALL {
+        text.push_str(&format!("\n  {}", task.name()));
+    }
+    text
+}
+
 /// Parses the command line into the output directory and the config.
 pub fn parse(args: &[String]) -> Result<(PathBuf, GenerateConfig)> {
     let mut out = None;
@@ -59,7 +82,7 @@ pub fn parse(args: &[String]) -> Result<(PathBuf, GenerateConfig)> {
                     .collect::<Result<_>>()?
             }
             "-h" | "--help" => {
-                println!("usage: multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...]");
+                println!("{}", usage());
                 std::process::exit(0);
             }
             other => bail!("unknown argument `{other}` (try --help)"),
