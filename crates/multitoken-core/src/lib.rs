@@ -48,7 +48,8 @@ pub use preparer::{
 };
 pub use projector::{Projector, ProjectorSpec};
 pub use registry::{
-    build_modality, build_text_modality, builder_names, builders, find_builder, is_text_modality, load_into_varmap,
+    build_modality, build_text_modality, builder_names, builders, find_builder, guard, install_panic_hook, is_text_modality,
+    load_into_varmap,
     modality_infos, registered_tokens, ModalityInfo, ModalityBuilder, ModalityContext, TextModalityBuilder,
 };
 pub use splice::{encode_item, project_item, span_embeddings, splice_embeddings, SpanEmbedding};

@@ -270,13 +270,7 @@ impl LayoutSource for Vec<Arc<dyn Modality>> {
         })?;
         // `layout` is the modality crate's code: a panic in it is an error
         // naming the modality, as in `encode_item`, not the end of the process.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| found.layout(item))).map_err(|payload| {
-            Error::msg(format!(
-                "modality `{}` panicked while laying out an item: {}",
-                found.name(),
-                crate::registry::panic_message(payload.as_ref())
-            ))
-        })?
+        crate::registry::guard(found.name(), "laying out an item", || found.layout(item))
     }
 }
 

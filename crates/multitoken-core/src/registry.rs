@@ -107,7 +107,9 @@ impl ModalityContext {
     /// `VarBuilder`, the one way builders honour [`ModalityContext::trainable`]:
     /// with a trainable map, the file's tensors (when it exists) become
     /// variables of the map in the context's dtype, and weights it lacks are
-    /// created there (fresh: zeros, which training reseeds); without one, the
+    /// created there with the initialisation the builder asks for (`vb.get`
+    /// gives zeros, `get_with_hints` or `candle_nn::linear` a random init:
+    /// nothing reseeds them later, so ask for one); without one, the
     /// file is memory-mapped read-only and must exist.
     pub fn var_builder(&self, weights: &Path) -> Result<candle_nn::VarBuilder<'static>> {
         match &self.trainable {
@@ -149,6 +151,41 @@ pub fn load_into_varmap(map: &candle_nn::VarMap, path: &Path, dtype: DType, devi
         vars.insert(name, var);
     }
     Ok(count)
+}
+
+thread_local! {
+    /// Set while [`guard`] runs modality code on this thread: a panic there is
+    /// caught and reported as an error, so the hook stays quiet about it.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs third-party modality code (`build`, `layout`, `preprocess`, `encode`,
+/// `check_item`), turning a panic into an error `"modality `name` panicked
+/// while {what}: {message}"`. With [`install_panic_hook`] in place the panic
+/// is not also printed as "thread 'main' panicked at ..." first: the error
+/// that names the modality is the one report.
+pub fn guard<T>(name: &str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    GUARDED.with(|depth| depth.set(depth.get() + 1));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|depth| depth.set(depth.get().saturating_sub(1)));
+    outcome.map_err(|payload| {
+        Error::msg(format!("modality `{name}` panicked while {what}: {}", panic_message(payload.as_ref())))
+    })?
+}
+
+/// Installs (once per process) a panic hook that stays silent for panics
+/// inside [`guard`] and defers to the previous hook for every other panic.
+/// `multitoken::cli::main()` and the server install it.
+pub fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|depth| depth.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// The message of a caught panic payload.
@@ -210,8 +247,7 @@ pub fn build_modality(
     }
     // A builder is third-party code: a panic in it is reported as an error
     // naming the modality instead of taking the process down.
-    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (builder.build)(config, context)))
-        .map_err(|payload| Error::msg(format!("modality builder `{name}` panicked: {}", panic_message(payload.as_ref()))))??;
+    let built = guard(name, "building", || (builder.build)(config, context))?;
     if built.name() != name {
         return Err(Error::msg(format!(
             "modality builder `{name}` built a modality named `{}`; a modality's name() must equal its builder's name",
@@ -423,7 +459,7 @@ mod tests {
             "error: no modality builder named `vision_nope` is linked in; known builders: \
              test_counting, test_misnamed, test_panicking, test_twice",
         );
-        check("test_panicking", serde_json::json!({}), "error: modality builder `test_panicking` panicked: no sensor attached");
+        check("test_panicking", serde_json::json!({}), "error: modality `test_panicking` panicked while building: no sensor attached");
         check(
             "test_misnamed",
             serde_json::json!({}),

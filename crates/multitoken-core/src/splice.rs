@@ -77,17 +77,10 @@ pub fn span_embeddings(
 /// A panic in the modality's code is caught and reported as an error naming
 /// the modality.
 pub fn encode_item(modality: &dyn Modality, item: &Item) -> Result<Vec<Tensor>> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    crate::registry::guard(modality.name(), "encoding an item", || {
         let preprocessed = modality.preprocess(item)?;
         modality.encode_item(&preprocessed)
-    }))
-    .map_err(|payload| {
-        Error::msg(format!(
-            "modality `{}` panicked while encoding an item: {}",
-            modality.name(),
-            crate::registry::panic_message(payload.as_ref())
-        ))
-    })?
+    })
 }
 
 /// Projects an item's feature pieces and joins their rows: `[slots, hidden]`
