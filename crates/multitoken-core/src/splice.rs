@@ -77,10 +77,24 @@ pub fn span_embeddings(
 /// A panic in the modality's code is caught and reported as an error naming
 /// the modality.
 pub fn encode_item(modality: &dyn Modality, item: &Item) -> Result<Vec<Tensor>> {
-    crate::registry::guard(modality.name(), "encoding an item", || {
+    let pieces = crate::registry::guard(modality.name(), "encoding an item", || {
         let preprocessed = modality.preprocess(item)?;
         modality.encode_item(&preprocessed)
-    })
+    })?;
+    // A NaN from an encoder would flow through the projector and the LM and
+    // come out as an empty or garbled answer with no error: stop it here. One
+    // f32 sum per piece (NaN and infinities propagate into it).
+    for (i, piece) in pieces.iter().enumerate() {
+        let total = piece.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        if !total.is_finite() {
+            return Err(Error::msg(format!(
+                "modality `{}` encoded an item into non-finite features (NaN or infinity) in piece {i} of shape {:?}",
+                modality.name(),
+                piece.dims()
+            )));
+        }
+    }
+    Ok(pieces)
 }
 
 /// Projects an item's feature pieces and joins their rows: `[slots, hidden]`
@@ -219,6 +233,49 @@ mod tests {
             len,
             grid: None,
         }
+    }
+
+    /// Numbers from inline text, encoded as they are: `"1 NaN"` gives a NaN feature.
+    struct Numbers;
+
+    impl Modality for Numbers {
+        fn name(&self) -> &str {
+            "test_numbers"
+        }
+        fn token(&self) -> &str {
+            "<numbers>"
+        }
+        fn data_key(&self) -> &str {
+            "numbers"
+        }
+        fn token_width(&self) -> usize {
+            1
+        }
+        fn feature_dim(&self) -> usize {
+            2
+        }
+        fn preprocess(&self, item: &Item) -> Result<Tensor> {
+            let Item::Text(text) = item else { return Err(Error::msg("inline numbers only")) };
+            let values: Vec<f32> = text.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+            Ok(Tensor::from_vec(values, (1, 2), &Device::Cpu)?)
+        }
+        fn encode(&self, batch: &Tensor) -> Result<Tensor> {
+            Ok(batch.clone())
+        }
+        fn projector(&self) -> crate::ProjectorSpec {
+            crate::ProjectorSpec::Linear
+        }
+    }
+
+    #[test]
+    fn non_finite_features_are_an_error_naming_the_modality() -> Result<()> {
+        let fine = encode_item(&Numbers, &Item::Text("1 2".into()))?;
+        assert_eq!(fine[0].dims(), [1, 1, 2]);
+        for bad in ["1 NaN", "inf 0", "-inf 3"] {
+            let err = encode_item(&Numbers, &Item::Text(bad.into())).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains("test_numbers") && err.contains("non-finite"), "{bad}: {err}");
+        }
+        Ok(())
     }
 
     /// Token embeddings where position `p` of sequence `s` holds `[s*100 + p, -(s*100 + p)]`.
