@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 /// HF key (after `model.`) -> whisper.cpp key, for names outside the layers.
@@ -141,7 +141,7 @@ pub fn convert(hf: &Path, out: &Path) -> Result<()> {
         n_mels,
         1,
     ])?;
-    let filters = multitoken_audio::mel::mel_filters(n_mels as usize, 400, multitoken_audio::SAMPLE_RATE);
+    let filters = mel_filters(n_mels as usize, 400, 16_000);
     let bins = filters.first().map_or(0, Vec::len);
     i32s(&mut bytes, &[n_mels, bins as i64])?;
     for row in &filters {
@@ -166,23 +166,24 @@ pub fn convert(hf: &Path, out: &Path) -> Result<()> {
         i32s(&mut bytes, &[raw.len() as i64])?;
         bytes.extend_from_slice(&raw);
     }
-    let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)?;
-    let mut names: Vec<&String> = tensors.keys().collect();
+    let path = hf.join("model.safetensors");
+    let file = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let tensors = SafeTensors::deserialize(&file).with_context(|| format!("parsing {}", path.display()))?;
+    let mut names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
     names.sort();
-    for key in names {
+    for key in &names {
         let Some(name) = ggml_name(key)? else { continue };
-        let mut tensor: Tensor = tensors[key].clone();
+        let view = tensors.tensor(key).with_context(|| format!("{}: {key}", path.display()))?;
+        let values = to_f32(view.dtype(), view.data()).with_context(|| format!("{}: {key}", path.display()))?;
+        let mut dims = view.shape().to_vec();
         if name.ends_with("conv1.bias") || name.ends_with("conv2.bias") {
-            tensor = tensor.reshape((tensor.elem_count(), 1))?;
+            dims = vec![values.len(), 1];
         }
-        let dims = tensor.dims().to_vec();
         let f32_kept = dims.len() < 2 || name.ends_with("positional_embedding") || (name.contains(".conv") && name.ends_with("bias"));
         let (ftype, data) = if f32_kept {
-            let values = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             (0, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
         } else {
-            let values = tensor.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?;
-            (1, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+            (1, values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect::<Vec<u8>>())
         };
         i32s(&mut bytes, &[dims.len() as i64, name.len() as i64, ftype])?;
         let reversed: Vec<i64> = dims.iter().rev().map(|&d| d as i64).collect();
@@ -195,6 +196,61 @@ pub fn convert(hf: &Path, out: &Path) -> Result<()> {
         .and_then(|mut f| f.write_all(&bytes))
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+}
+
+/// A tensor's little-endian data widened to f32 (f16 and bf16 exactly).
+fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => bail!("dtype {other:?} is not a float type this converter reads"),
+    })
+}
+
+/// Whisper's log-mel filter bank (librosa's Slaney mel scale and norm), the same
+/// as `multitoken_audio::mel::mel_filters` (a unit test checks it): kept here so
+/// that `cargo xtask weights` links no model crate.
+fn mel_filters(n_mels: usize, n_fft: usize, sample_rate: u32) -> Vec<Vec<f64>> {
+    // Slaney: linear below 1 kHz, logarithmic above (the audio crate's formulas, verbatim).
+    let hertz_to_mel = |freq: f64| {
+        let logstep = 27.0 / 6.4f64.ln();
+        if freq >= 1000.0 {
+            15.0 + (freq / 1000.0).ln() * logstep
+        } else {
+            3.0 * freq / 200.0
+        }
+    };
+    let mel_to_hertz = |mel: f64| {
+        let logstep = 6.4f64.ln() / 27.0;
+        if mel >= 15.0 {
+            1000.0 * (logstep * (mel - 15.0)).exp()
+        } else {
+            200.0 * mel / 3.0
+        }
+    };
+    let n_freqs = n_fft / 2 + 1;
+    let nyquist = f64::from(sample_rate / 2);
+    let mel_min = hertz_to_mel(0.0);
+    let mel_max = hertz_to_mel(nyquist);
+    let filter_freqs: Vec<f64> = (0..n_mels + 2)
+        .map(|i| mel_to_hertz(mel_min + (mel_max - mel_min) * i as f64 / (n_mels + 1) as f64))
+        .collect();
+    let fft_freqs: Vec<f64> = (0..n_freqs).map(|i| nyquist * i as f64 / (n_freqs - 1).max(1) as f64).collect();
+    (0..n_mels)
+        .map(|m| {
+            let (lower, center, upper) = (filter_freqs[m], filter_freqs[m + 1], filter_freqs[m + 2]);
+            let enorm = 2.0 / (upper - lower);
+            fft_freqs
+                .iter()
+                .map(|&f| {
+                    let down = (f - lower) / (center - lower);
+                    let up = (upper - f) / (upper - center);
+                    down.min(up).max(0.0) * enorm
+                })
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -215,6 +271,15 @@ mod tests {
             assert_eq!(ggml_name(key).unwrap().as_deref(), want, "{key}");
         }
         assert!(ggml_name("model.encoder.layers.0.mystery.weight").is_err());
+    }
+
+    #[test]
+    fn mel_filters_match_the_audio_crate() {
+        for n_mels in [80, 128] {
+            let ours = mel_filters(n_mels, 400, 16_000);
+            let theirs = multitoken_audio::mel::mel_filters(n_mels, 400, multitoken_audio::SAMPLE_RATE);
+            assert_eq!(ours, theirs, "{n_mels} mels");
+        }
     }
 
     #[test]
