@@ -43,7 +43,7 @@ pub use extract::{
     describe_item, detect_format, extract_bytes, extract_item, DocumentFormat, ExtractConfig,
     DEFAULT_MAX_BYTES,
 };
-pub use modality::{DocumentConfig, DocumentModality, DOCUMENT_DATA_KEY, DOCUMENT_TOKEN};
+pub use modality::{document_item_from_json, DocumentConfig, DocumentModality, DOCUMENT_DATA_KEY, DOCUMENT_TOKEN};
 
 /// Where `cargo xtask weights` installs all-MiniLM-L6-v2:
 /// `${MULTITOKEN_WEIGHTS:-$HOME/.cache/multitoken}/all-minilm-l6-v2`.

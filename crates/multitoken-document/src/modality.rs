@@ -335,9 +335,36 @@ impl Modality for DocumentModality {
     fn encoder_weights(&self) -> Option<multitoken_core::EncoderWeights> {
         Some(multitoken_core::EncoderWeights::at("encoder"))
     }
-    /// A dataset string that names no file is the document's text.
+    /// Documents may be inline text: a server's OpenAI route reads a text
+    /// part's string as the document; a dataset row marks it (`{"text": ...}`,
+    /// see [`DocumentModality::item_from_json`]).
     fn inline_items(&self) -> bool {
         true
+    }
+    /// A dataset string is always a file path (so a missing file is an error,
+    /// never silently trained on as the text of its name); inline text is
+    /// written `{"text": "..."}`.
+    fn item_from_json(&self, value: &serde_json::Value, base: &std::path::Path) -> multitoken_core::Result<Item> {
+        document_item_from_json(value, base)
+    }
+}
+
+/// A document item of a dataset row or request: a string is a file path
+/// relative to `base` (URLs are refused), `{"text": "..."}` is the document's
+/// text; anything else is an error saying so.
+pub fn document_item_from_json(value: &serde_json::Value, base: &std::path::Path) -> multitoken_core::Result<Item> {
+    match value {
+        serde_json::Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => Err(multitoken_core::Error::msg(format!(
+            "`{s}` is a URL; items are read from local files only (download it first)"
+        ))),
+        serde_json::Value::String(s) => Ok(Item::Path(base.join(s))),
+        serde_json::Value::Object(map) if map.len() == 1 && map.contains_key("text") => match map.get("text") {
+            Some(serde_json::Value::String(text)) => Ok(Item::Text(text.clone())),
+            _ => Err(multitoken_core::Error::msg(format!("`text` of a document must be a string, got {value}"))),
+        },
+        other => Err(multitoken_core::Error::msg(format!(
+            "a document is a file path (a string) or inline text written {{\"text\": \"...\"}}, got {other}"
+        ))),
     }
 }
 
@@ -396,6 +423,23 @@ multitoken_core::inventory::submit! {
 #[cfg(test)]
 mod tests {
     use super::chunk_group_ranges;
+
+    /// A dataset string is a path even when no such file exists (the reader
+    /// reports it missing); inline text is `{"text": ...}`; other JSON is refused.
+    #[test]
+    fn document_items_are_paths_unless_marked_as_text() {
+        use super::{document_item_from_json, Item};
+        use std::path::Path;
+        let base = Path::new("/data");
+        let item = |v: serde_json::Value| document_item_from_json(&v, base).map_err(|e| e.to_string());
+        assert_eq!(item(serde_json::json!("notes/a.txt")), Ok(Item::Path(base.join("notes/a.txt"))));
+        assert_eq!(item(serde_json::json!("Plain words, no file")), Ok(Item::Path(base.join("Plain words, no file"))));
+        assert_eq!(item(serde_json::json!({"text": "Plain words"})), Ok(Item::Text("Plain words".into())));
+        for bad in [serde_json::json!(3), serde_json::json!({"text": 3}), serde_json::json!({"path": "a"}), serde_json::json!("https://x/y.pdf")] {
+            let err = item(bad.clone()).err().unwrap_or_default();
+            assert!(!err.is_empty(), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn chunk_groups_repeat_few_and_average_many() {

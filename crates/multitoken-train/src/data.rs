@@ -11,8 +11,8 @@
 //! Every key other than `id` and `messages` is a modality's data key
 //! (`images`, `speech_audios`, `documents`, ...) listing that row's items, in
 //! the order their tokens appear. Item strings are paths relative to the
-//! dataset file; under `documents`, a string that names no file is the
-//! document's text itself (multi_token's document rows hold text). Errors name
+//! dataset file, and a path that names no file is an error naming the row and
+//! the item; a document given as text is marked `{"text": "..."}`. Errors name
 //! the file, the line and the row id.
 
 use std::collections::BTreeMap;
@@ -69,15 +69,22 @@ pub fn model_items(model: &MultimodalModel) -> impl Fn(&str, &Value, &Path) -> s
 }
 
 /// The item reader without a model: strings are file paths relative to the
-/// dataset, except under the data keys of [`default_inline_keys`] (multi_token's
-/// `documents`), where a string that names no file is the item's text. Other
-/// JSON (numbers, lists) can name no file: under multi_token's usual keys
-/// ([`default_tokens`]'s, file modalities) it is an error, under any other key
-/// (a modality linked in, whose model is not loaded) it is kept as inline text
-/// for that modality to parse.
+/// dataset. Other JSON can name no file: under `documents` it must be inline
+/// text marked `{"text": "..."}` (as the document modality reads it), under
+/// the other usual keys of multi_token ([`default_tokens`]'s, file modalities)
+/// it is an error, and under any other key (a modality linked in, whose model
+/// is not loaded) it is kept as inline text for that modality to parse.
 pub fn default_items(key: &str, value: &Value, base: &Path) -> std::result::Result<Item, String> {
     if let Some(s) = value.as_str() {
-        return resolve_item(key, s, base);
+        return resolve_item(s, base);
+    }
+    if key == "documents" {
+        return match value.as_object().filter(|m| m.len() == 1).and_then(|m| m.get("text")) {
+            Some(Value::String(text)) => Ok(Item::Text(text.clone())),
+            _ => Err(format!(
+                "a document is a file path (a string) or inline text written {{\"text\": \"...\"}}, got {value}"
+            )),
+        };
     }
     const FILE_KEYS: [&str; 3] = ["images", "speech_audios", "videos"];
     if FILE_KEYS.contains(&key) {
@@ -86,9 +93,14 @@ pub fn default_items(key: &str, value: &Value, base: &Path) -> std::result::Resu
     multitoken_core::item_from_json(value, base, true).map_err(|e| e.to_string())
 }
 
-/// Data keys whose items may be inline text when no model says otherwise.
-pub fn default_inline_keys() -> &'static [&'static str] {
-    &["documents"]
+/// What a missing item file's error adds for `key`: how inline text is written
+/// where it may be (documents).
+fn missing_hint(key: &str) -> &'static str {
+    if key == "documents" {
+        " (a document string is a file path; write a document's text inline as {\"text\": \"...\"})"
+    } else {
+        ""
+    }
 }
 
 /// Reads every row of a JSONL dataset; the first bad row is an error naming its line and id.
@@ -110,7 +122,24 @@ pub fn read_jsonl_with(path: &Path, items: &ItemReader<'_>) -> Result<Vec<Row>> 
         if line.trim().is_empty() {
             continue;
         }
-        rows.push(parse_row_with(path, &base, index + 1, line, items)?);
+        let row = parse_row_with(path, &base, index + 1, line, items)?;
+        // A missing file is found here, naming the row and the item, rather
+        // than deep inside preprocessing.
+        for (key, list) in &row.items {
+            for (k, item) in list.iter().enumerate() {
+                if let Item::Path(p) = item {
+                    if let Err(e) = file_exists(p) {
+                        return Err(Error::Row {
+                            file: path.to_path_buf(),
+                            line: row.line,
+                            id: row.id_suffix(),
+                            message: format!("`{key}` item {} {}: {e}{}", k + 1, p.display(), missing_hint(key)),
+                        });
+                    }
+                }
+            }
+        }
+        rows.push(row);
     }
     if rows.is_empty() {
         return Err(Error::Config(format!(
@@ -224,17 +253,23 @@ pub fn parse_row_with(file: &Path, base: &Path, line: usize, text: &str, reader:
     })
 }
 
-fn resolve_item(key: &str, s: &str, base: &Path) -> std::result::Result<Item, String> {
+fn resolve_item(s: &str, base: &Path) -> std::result::Result<Item, String> {
     if s.starts_with("http://") || s.starts_with("https://") {
         return Err(format!(
             "`{s}` is a URL; training reads local files only (download it first)"
         ));
     }
-    let path = base.join(s);
-    if default_inline_keys().contains(&key) && !path.is_file() {
-        return Ok(Item::Text(s.to_string()));
+    Ok(Item::Path(base.join(s)))
+}
+
+/// `Ok` when `p` is a readable-looking regular file.
+fn file_exists(p: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(p)?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("not a file"))
     }
-    Ok(Item::Path(path))
 }
 
 /// What `dataset check` found.
@@ -277,17 +312,12 @@ pub fn check_with(path: &Path, tokens: &BTreeMap<String, String>, reader: &ItemR
             *report.items.entry(key.clone()).or_default() += items.len();
             for (k, item) in items.iter().enumerate() {
                 if let Item::Path(p) = item {
-                    if let Err(e) = std::fs::metadata(p).and_then(|m| {
-                        if m.is_file() {
-                            Ok(())
-                        } else {
-                            Err(std::io::Error::other("not a file"))
-                        }
-                    }) {
+                    if let Err(e) = file_exists(p) {
                         report.problems.push(format!(
-                            "{at}: `{key}` item {} {}: {e}",
+                            "{at}: `{key}` item {} {}: {e}{}",
                             k + 1,
-                            p.display()
+                            p.display(),
+                            missing_hint(key)
                         ));
                     }
                 }
@@ -349,8 +379,9 @@ pub fn default_tokens() -> BTreeMap<String, String> {
 /// Converts LLaVA's JSON (a list of `{"id", "image", "conversations": [{"from":
 /// "human"|"gpt"|"system", "value"}]}`) to multitoken JSONL rows.
 ///
-/// Image paths are written relative to the output file's directory; they are
-/// looked up under `image_folder` (default: the input file's directory).
+/// Image paths are written relative to the output file's directory (created
+/// when missing); they are looked up under `image_folder` (default: the input
+/// file's directory).
 /// Returns the number of rows written.
 pub fn convert_llava(input: &Path, output: &Path, image_folder: Option<&Path>) -> Result<usize> {
     let text = std::fs::read_to_string(input).map_err(|e| Error::io(input, e))?;
@@ -436,6 +467,9 @@ pub fn convert_llava(input: &Path, output: &Path, image_folder: Option<&Path>) -
         out.insert("messages".into(), Value::Array(messages));
         lines.push_str(&Value::Object(out).to_string());
         lines.push('\n');
+    }
+    if !out_dir.as_os_str().is_empty() {
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     }
     write_atomic(output, lines.as_bytes())?;
     Ok(list.len())

@@ -3,7 +3,8 @@
 //! Datasets in multi_token's JSONL schema ([`data`]), the trainable model
 //! (projectors, LoRA adapters, the whole LM, encoders: [`model`]), AdamW with
 //! warmup + cosine/linear schedules and global-norm clipping ([`optim`]), the
-//! training loop with atomic checkpoints and exact resume ([`trainer`]), and the
+//! training loop with atomic checkpoints and exact resume ([`trainer`]), output
+//! directory safety and run identities ([`run`]), and the
 //! `train` / `dataset` / `merge-lora` / `eval` subcommands ([`cli`]).
 
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod run;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -99,6 +99,22 @@ pub fn merge_lora(model: &Path, adapter: Option<&Path>, out: &Path) -> Result<Pa
             }
         }
         config.base_model = Some("lm".into());
+        // The copied `encoder-*` directories keep their relative names; every
+        // other path the model's config names (relative to `model`, e.g. a
+        // frozen tower inside the run directory) is made absolute, since `out`
+        // is elsewhere.
+        let refer = |p: &Path| -> String {
+            match p.strip_prefix(model).ok().and_then(|rel| {
+                let first = rel.components().next()?.as_os_str().to_string_lossy().into_owned();
+                first.starts_with("encoder-").then(|| rel.display().to_string())
+            }) {
+                Some(rel) => rel,
+                None => crate::run::resolved(p).display().to_string(),
+            }
+        };
+        for entry in &mut config.modalities {
+            crate::model::rewrite_paths(model, &mut entry.config, &refer);
+        }
         let text =
             serde_json::to_string_pretty(config).map_err(|e| Error::Config(e.to_string()))?;
         write_atomic(&out.join(MULTIMODAL_CONFIG_FILE), text.as_bytes())?;

@@ -705,10 +705,20 @@ impl TrainableModel {
 
     /// Writes a loadable model directory: `multitoken.json`, `projectors.safetensors`,
     /// the LM under `lm/` when it was trained (else `base_model` points at the
-    /// original, absolute), trained encoders under `encoder-{i}/` (frozen ones
-    /// keep pointing at the originals).
+    /// original), trained encoders under `encoder-{i}/` (frozen ones keep
+    /// pointing at the originals). Same as [`Self::save_in_run`] with `out` as the run.
     pub fn save(&self, out: &Path) -> Result<()> {
+        self.save_in_run(out, out)
+    }
+
+    /// [`Self::save`] into `out`, a directory inside the run directory `root`
+    /// (`root` itself, or a checkpoint in it): every path the config names
+    /// (the original LM, frozen encoders, other config paths, the adapter's
+    /// base) is written relative to `out` when it lies inside `root`, so that
+    /// the run directory can be moved, and absolute otherwise.
+    pub fn save_in_run(&self, out: &Path, root: &Path) -> Result<()> {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let refer = |p: &Path| crate::run::reference(p, out, root);
         let mut config = self.config.clone();
         if let Some(map) = &self.lm_vars {
             let lm_dir = out.join("lm");
@@ -716,11 +726,11 @@ impl TrainableModel {
             save_varmap(map, &lm_dir.join("model.safetensors"))?;
             config.base_model = Some("lm".into());
         } else {
-            config.base_model = Some(absolute(&self.lm_path).display().to_string());
+            config.base_model = Some(refer(&self.lm_path));
         }
         for (i, entry) in config.modalities.iter_mut().enumerate() {
             // Paths in the config, relative to the old directory, stay valid from the new one.
-            absolutize_paths(&self.model_dir, &mut entry.config);
+            rewrite_paths(&self.model_dir, &mut entry.config, &refer);
             let Some(weights) = self.weights.get(i).and_then(Option::as_ref) else {
                 if self.encoders.get(i).is_some_and(Option::is_some) {
                     return Err(Error::Config(format!(
@@ -748,7 +758,7 @@ impl TrainableModel {
                     save_varmap(map, &dir.join(&weights.weights_file))?;
                     name
                 }
-                None => absolute(&source_dir).display().to_string(),
+                None => refer(&source_dir),
             };
             if let serde_json::Value::Object(obj) = &mut entry.config {
                 obj.insert(key.to_string(), serde_json::Value::String(new_value));
@@ -769,12 +779,12 @@ impl TrainableModel {
         for entry in &self.text_entries {
             let mut entry = entry.clone();
             // Paths in its config resolved against the old directory stay valid from the new one.
-            absolutize_paths(&self.model_dir, &mut entry.config);
+            rewrite_paths(&self.model_dir, &mut entry.config, &refer);
             config.modalities.push(entry);
         }
         if let (Some(map), Some(settings)) = (&self.lora_vars, &self.parts.lora) {
             save_varmap(map, &out.join(ADAPTER_WEIGHTS_FILE))?;
-            let adapter = adapter_config(settings, &self.lora_modules, &absolute(&self.lm_path));
+            let adapter = adapter_config(settings, &self.lora_modules, Path::new(&refer(&self.lm_path)));
             let text =
                 serde_json::to_string_pretty(&adapter).map_err(|e| Error::Config(e.to_string()))?;
             write_atomic(&out.join(ADAPTER_CONFIG_FILE), text.as_bytes())?;
@@ -989,14 +999,14 @@ fn check_trainable_encoder(modality: &dyn Modality, map: &VarMap, model_dir: &Pa
 }
 
 /// Rewrites the string values of a modality config that name an existing
-/// path relative to `model_dir` as absolute paths, so that the config keeps
-/// working from another directory.
-fn absolutize_paths(model_dir: &Path, config: &mut serde_json::Value) {
+/// path relative to `model_dir` as `refer` writes them (absolute, or relative
+/// to the new directory), so that the config keeps working from there.
+pub(crate) fn rewrite_paths(model_dir: &Path, config: &mut serde_json::Value, refer: &dyn Fn(&Path) -> String) {
     if let serde_json::Value::Object(obj) = config {
         for value in obj.values_mut() {
             if let Some(path) = value.as_str().filter(|p| !p.is_empty()).map(|p| resolve(model_dir, p)) {
                 if path.exists() {
-                    *value = serde_json::Value::String(absolute(&path).display().to_string());
+                    *value = serde_json::Value::String(refer(&path));
                 }
             }
         }

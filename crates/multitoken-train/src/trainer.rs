@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{write_atomic, Row};
 use crate::model::{EncoderChoice, LoraSettings, TrainParts, TrainableModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
+use crate::run::RunIdentity;
 use crate::{Error, Result};
 
 /// Every setting of a run (the CLI flags / TOML keys).
@@ -87,6 +88,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Continue from the latest checkpoint in `output_dir` (or this one).
     pub resume: Option<PathBuf>,
+    /// Replace a previous run in `output_dir` (its checkpoints, metrics and
+    /// model files are removed before the first step); without it, an output
+    /// directory holding a run is refused unless resuming.
+    #[serde(default)]
+    pub overwrite_output_dir: bool,
     /// Directory of the on-disk cache of frozen-encoder features.
     pub feature_cache: Option<PathBuf>,
     /// Show a progress bar.
@@ -139,6 +145,7 @@ impl TrainConfig {
             logging_steps: 1,
             seed: 42,
             resume: None,
+            overwrite_output_dir: false,
             feature_cache: None,
             progress: true,
         }
@@ -173,6 +180,10 @@ pub struct TrainerState {
     pub seed: u64,
     /// Every step's log so far.
     pub log: Vec<StepLog>,
+    /// The run that wrote it (`None` in checkpoints of older versions, which
+    /// `--resume` refuses: it cannot tell whose they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunIdentity>,
 }
 
 /// What a finished run reports.
@@ -198,6 +209,7 @@ struct Example {
 /// Runs training as configured.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     validate(cfg)?;
+    let previous_run = crate::run::check_output_dir(cfg)?;
     let device = Device::Cpu;
     let parts = TrainParts {
         projectors: true,
@@ -212,6 +224,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }),
     };
     let model = TrainableModel::load_seeded(&cfg.model, parts, &device, cfg.seed)?;
+    crate::run::check_not_lm(cfg, &model.lm_path)?;
+    let identity = RunIdentity::of(cfg, &model.lm_path)?;
     let rows = crate::data::read_jsonl_for(&cfg.dataset, &model.mm)?;
     let examples = prepare(&model, &rows, cfg)?;
     if let Some(dir) = &cfg.feature_cache {
@@ -242,6 +256,11 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         weight_decay: cfg.weight_decay,
     };
     let mut opt = AdamW::new(params, opt_config)?;
+    // Only now, with the model and data loaded, is the previous run removed:
+    // a run that cannot start leaves it as it was.
+    if cfg.overwrite_output_dir {
+        crate::run::clear(&cfg.output_dir, &previous_run)?;
+    }
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
 
     let mut state = TrainerState {
@@ -249,6 +268,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         total_steps,
         seed: cfg.seed,
         log: Vec::new(),
+        run: Some(identity.clone()),
     };
     if let Some(resume) = &cfg.resume {
         let dir = if resume.as_os_str().is_empty() || resume == Path::new("latest") {
@@ -261,16 +281,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         } else {
             resume.clone()
         };
-        state = load_checkpoint(&dir, &mut opt)?;
-        if state.seed != cfg.seed {
-            return Err(Error::Checkpoint {
-                path: dir,
-                message: format!(
-                    "it was trained with seed {}, this run has {}",
-                    state.seed, cfg.seed
-                ),
-            });
-        }
+        state = load_checkpoint(&dir, &mut opt, cfg.seed, &identity)?;
         state.total_steps = total_steps;
     }
     let metrics_path = cfg.output_dir.join("metrics.jsonl");
@@ -400,7 +411,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         bar.finish_with_message(format!("done in {:.1}s", started.elapsed().as_secs_f64()));
     }
     save_checkpoint(&model, &opt, &state, &cfg.output_dir, cfg.save_total_limit)?;
-    model.save(&cfg.output_dir)?;
+    model.save_in_run(&cfg.output_dir, &cfg.output_dir)?;
     if let Some(dir) = &cfg.feature_cache {
         model.save_feature_cache(dir)?;
     }
@@ -442,14 +453,7 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     if !(0.0..1.0).contains(&cfg.adam_beta1) || !(0.0..1.0).contains(&cfg.adam_beta2) {
         return bad("adam betas must be in [0, 1)");
     }
-    if absolute(&cfg.output_dir) == absolute(&cfg.model) {
-        return bad("output_dir must differ from the model directory");
-    }
     Ok(())
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn prepare(model: &TrainableModel, rows: &[Row], cfg: &TrainConfig) -> Result<Vec<Example>> {
@@ -599,7 +603,9 @@ fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    model.save(&tmp)?;
+    // Paths into the run directory are written relative: `tmp` and the final
+    // checkpoint directory sit side by side, so they stay valid after the rename.
+    model.save_in_run(&tmp, out)?;
     let tensors: std::collections::HashMap<String, Tensor> = opt
         .params()
         .iter()
@@ -623,8 +629,10 @@ fn save_checkpoint(
     Ok(final_dir)
 }
 
-/// Restores variables, optimizer state and trainer state from a checkpoint.
-fn load_checkpoint(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
+/// Restores variables, optimizer state and trainer state from a checkpoint,
+/// after checking that it belongs to this run (`seed`, `identity`): nothing is
+/// loaded from another run's checkpoint.
+fn load_checkpoint(dir: &Path, opt: &mut AdamW, seed: u64, identity: &RunIdentity) -> Result<TrainerState> {
     let fail = |message: String| Error::Checkpoint {
         path: dir.to_path_buf(),
         message,
@@ -637,6 +645,26 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
         .map_err(|e| fail(format!("trainer_state.json: {e}")))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| fail(format!("trainer_state.json is corrupt: {e}")))?;
+    if state.seed != seed {
+        return Err(fail(format!(
+            "it was trained with seed {}, this run has {seed}",
+            state.seed
+        )));
+    }
+    match &state.run {
+        None => {
+            return Err(fail(
+                "it records no run identity (written by an older multitoken), so it cannot be told \
+                 apart from another run's; start a new run instead"
+                    .into(),
+            ))
+        }
+        Some(theirs) => {
+            if let Some(why) = theirs.mismatch(identity) {
+                return Err(fail(why));
+            }
+        }
+    }
     let weights = dir.join("trainable.safetensors");
     let device = opt
         .params()

@@ -187,8 +187,14 @@ fn dataset_rows_are_parsed_by_the_modality() -> TestResult {
     for row in &rows {
         model.mm.prepare_training(&row.messages, &row.items)?;
     }
-    let without_model = multitoken_train::data::read_jsonl(&cfg.dataset)?;
+    // Without the model a JSON list is kept as text, and a string is a file
+    // path: the CSV row is a missing file, named with its row and item.
+    let lists = root.join("lists.jsonl");
+    std::fs::write(&lists, std::fs::read_to_string(&cfg.dataset)?.lines().next().unwrap_or_default())?;
+    let without_model = multitoken_train::data::read_jsonl(&lists)?;
     assert_eq!(without_model[0].items["readings"], vec![Item::Text("[1,2,3]".into())]);
+    let err = multitoken_train::data::read_jsonl(&cfg.dataset).unwrap_err().to_string();
+    assert!(err.contains(":2 (id s1)") && err.contains("`readings` item 1") && err.contains("9, 8, 7"), "{err}");
     let images = root.join("images.jsonl");
     std::fs::write(&images, std::fs::read_to_string(&cfg.dataset)?.replace("\"readings\"", "\"images\""))?;
     let err = multitoken_train::data::read_jsonl(&images).unwrap_err().to_string();
