@@ -589,6 +589,19 @@ pub fn builtin_template(name: &str, lm: &LoadedModel) -> Result<ChatTemplate> {
     Ok(ChatTemplate::builtin(name)?.with_special_tokens(bos, eos))
 }
 
+/// The chat template a command line names (`--chat-template`): a jinja file
+/// when `spec` is one, else a built-in name (chatml, mistral, llama2, idefics2,
+/// phi2), with the LM's BOS/EOS strings. `generate`, `chat` and `serve` share it.
+pub fn template_from_spec(spec: &str, lm: &LoadedModel) -> Result<ChatTemplate> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        let source = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let (bos, eos) = special_strings(lm);
+        return Ok(ChatTemplate::new(spec.to_string(), source, bos, eos)?);
+    }
+    builtin_template(spec, lm)
+}
+
 fn special_strings(lm: &LoadedModel) -> (String, String) {
     let bos = lm.special_tokens.bos_token.clone().unwrap_or_default();
     let eos = lm.special_tokens.eos_token.clone().unwrap_or_default();

@@ -1,5 +1,6 @@
 //! The `serve` subcommand of the `multitoken` binary:
-//! `multitoken serve [--model DIR] [--host H] [--port P] [--allow-files DIR] [--allow-urls] [limits]`.
+//! `multitoken serve [--model DIR] [--host H] [--port P] [--allow-files DIR] [--allow-urls]
+//! [--dtype D] [--dequantize] [--chat-template NAME|FILE] [limits]`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use multitoken_lm::loader::LoadOptions;
-use multitoken_lm::multimodal::MultimodalModel;
+use multitoken_lm::gguf::{load_gguf_with, GgufWeights};
+use multitoken_lm::multimodal::{template_from_spec, MultimodalModel};
 
 use crate::config::{Limits, ServeConfig};
 use crate::state::AppState;
@@ -35,9 +37,18 @@ pub struct ServeArgs {
     /// Name listed by /v1/models [default: the model directory's name].
     #[arg(long)]
     pub name: Option<String>,
-    /// Activation dtype: f32, f16 or bf16.
+    /// Activation / weight dtype: f32, f16 or bf16. A GGUF keeps its quantized
+    /// matrices unless `--dequantize` is given.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Dequantize a GGUF's matrices to `--dtype` instead of keeping them quantized
+    /// (as `generate --dequantize`).
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Chat template to use instead of the model's own: a built-in name (chatml,
+    /// mistral, llama2, idefics2, phi2) or a jinja file (as `generate --chat-template`).
+    #[arg(long)]
+    pub chat_template: Option<String>,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
@@ -144,14 +155,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "bf16" => DType::BF16,
         other => bail!("unknown --dtype {other:?}; expected f32, f16 or bf16"),
     };
-    let model = MultimodalModel::load(
-        &path,
-        &LoadOptions {
-            dtype,
-            device: Device::Cpu,
-        },
-    )
-    .with_context(|| format!("loading model {}", path.display()))?;
+    let options = LoadOptions {
+        dtype,
+        device: Device::Cpu,
+    };
+    let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let loaded = if is_gguf && args.dequantize {
+        load_gguf_with(&path, &options, GgufWeights::Dequantized)
+            .and_then(|lm| MultimodalModel::from_parts(lm, Vec::new(), None))
+    } else {
+        MultimodalModel::load(&path, &options)
+    };
+    let mut model = loaded.with_context(|| format!("loading model {}", path.display()))?;
+    if let Some(spec) = &args.chat_template {
+        let template = template_from_spec(spec, &model.lm).with_context(|| format!("--chat-template {spec}"))?;
+        model.set_chat_template(template)?;
+    }
+    crate::log::init_stderr();
     let name = args.name.clone().unwrap_or_else(|| {
         let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
         canonical

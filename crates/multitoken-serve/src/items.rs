@@ -55,6 +55,12 @@ pub fn resolve(source: &ItemSource, what: &str, config: &ServeConfig) -> Result<
         ItemSource::Text(_) => Vec::new(),
         ItemSource::Base64(text) => decode_base64(text, what)?,
         ItemSource::Url(url) => fetch_url(url, what, config)?,
+        // `/generate` rows name paths and data alike as strings: bare base64 (as the
+        // OpenAI route's `input_audio.data` takes it) is read as data unless it names
+        // an allowed file.
+        ItemSource::Path(path) if looks_like_base64(path) && !names_allowed_file(path, config) => {
+            decode_base64(path, what)?
+        }
         ItemSource::Path(path) => read_allowed_file(path, what, config)?,
     };
     if bytes.is_empty() {
@@ -103,6 +109,22 @@ pub fn decode_base64(text: &str, what: &str) -> Result<Vec<u8>> {
         what,
         format!("{what}: invalid base64 data ({reason})"),
     ))
+}
+
+/// Whether `text` reads as bare base64 rather than a path: at least 64 characters,
+/// all of base64's alphabets (standard or URL-safe, padding, line breaks) and no
+/// `.`, which no file name with an extension lacks; the shortest media file is
+/// longer than 48 bytes anyway.
+pub fn looks_like_base64(text: &str) -> bool {
+    text.len() >= 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_' | b'\n' | b'\r'))
+}
+
+/// Whether `path` is a file the server may read (`--allow-files`).
+fn names_allowed_file(path: &str, config: &ServeConfig) -> bool {
+    config.allow_files.as_deref().is_some_and(|root| allowed_path(root, Path::new(path)).is_some())
 }
 
 /// Reads `path` if it resolves to a regular file under the allowed directory.
@@ -289,6 +311,20 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(ItemSource::parse(text), want, "{text}");
         }
+    }
+
+    #[test]
+    fn bare_base64_is_told_from_paths() {
+        // The first 60 bytes of a PNG.
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAA0AAAAVCAIAAAASDPPdAAADK0lEQVR4nAXBW1fadgAA8D///AOEcA0J";
+        assert!(looks_like_base64(png));
+        assert!(looks_like_base64("/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8UHR0"));
+        for path in ["cat.png", "images/a/b/c.jpeg", "/abs/olute/path/without/a/dot", "a b"] {
+            assert!(!looks_like_base64(path), "{path}");
+        }
+        let config = ServeConfig::default();
+        let item = resolve(&ItemSource::Path(png.into()), "images[0]", &config).unwrap();
+        assert!(matches!(item, Item::Bytes(bytes) if bytes.starts_with(b"\x89PNG")));
     }
 
     #[test]

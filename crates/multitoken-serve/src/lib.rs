@@ -20,6 +20,7 @@ pub mod config;
 pub mod detok;
 pub mod error;
 pub mod items;
+pub mod log;
 pub mod metrics;
 pub mod routes;
 pub mod scheduler;

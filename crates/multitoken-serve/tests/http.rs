@@ -188,6 +188,12 @@ fn images_come_as_data_urls_or_allowed_files() {
     };
     let (status, body) = generate(json!([image_data_url("rgb_96x64.png")]), "<image>\nWhat is this?");
     assert_eq!(status, 200, "{body}");
+    // Bare base64 (no `data:` header), as the OpenAI route's `input_audio.data`: the same answer.
+    let data_url = image_data_url("rgb_96x64.png");
+    let bare = data_url.split_once(',').unwrap().1.to_string();
+    let (status, bare_body) = generate(json!([bare]), "<image>\nWhat is this?");
+    assert_eq!(status, 200, "{bare_body}");
+    assert_eq!(bare_body["output"], body["output"], "bare base64 reads as the data URL does");
     let (status, body) = generate(
         json!(["cat.png", image_data_url("rgb_13x21.png")]),
         "<image> and <image>?",

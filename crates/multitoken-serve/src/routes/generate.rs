@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use multitoken_core::Message;
 use serde_json::Value;
@@ -33,12 +34,17 @@ const NON_ITEM_KEYS: [&str; 9] = [
 pub async fn generate(
     State(state): State<Arc<AppState>>,
     body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>> {
+) -> Result<Response> {
     let row = json_object(body, state.config.limits.max_body_bytes)?;
     let request = parse_row(&state, &row)?;
     let mut started = state.start(request).await?;
-    let (text, _) = collect(&mut started.events).await?;
-    Ok(Json(serde_json::json!({ "output": text })))
+    let (text, finished) = collect(&mut started.events).await?;
+    let mut response = Json(serde_json::json!({ "output": text })).into_response();
+    response.extensions_mut().insert(crate::log::TokenCounts {
+        prompt: finished.prompt_tokens,
+        completion: finished.completion_tokens,
+    });
+    Ok(response)
 }
 
 /// A dataset row to a generation request.

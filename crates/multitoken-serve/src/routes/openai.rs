@@ -58,7 +58,7 @@ pub async fn chat_completions(
     }
     let mut events = started.events;
     let (text, finished) = collect(&mut events).await?;
-    Ok(Json(json!({
+    let mut response = Json(json!({
         "id": id,
         "object": "chat.completion",
         "created": now(),
@@ -71,7 +71,12 @@ pub async fn chat_completions(
         }],
         "usage": usage(finished.prompt_tokens, finished.completion_tokens),
     }))
-    .into_response())
+    .into_response();
+    response.extensions_mut().insert(crate::log::TokenCounts {
+        prompt: finished.prompt_tokens,
+        completion: finished.completion_tokens,
+    });
+    Ok(response)
 }
 
 fn stream_response(

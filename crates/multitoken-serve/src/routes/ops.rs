@@ -40,8 +40,10 @@ pub const ROUTES: [&str; 6] = [
     "/metrics",
 ];
 
-/// Counts every request by route and status and times it to its response head.
+/// Counts every request by route and status, times it to its response head and
+/// logs it ([`crate::log`]: method, path, status, tokens, time).
 pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
     // The path when it is one of ours; anything else is one label, so a scan of
     // random paths cannot grow the metrics without bound.
     let path = request.uri().path();
@@ -51,10 +53,15 @@ pub async fn track(State(state): State<Arc<AppState>>, request: Request, next: N
         .copied()
         .unwrap_or("other")
         .to_string();
+    // The path as asked (a URI holds no spaces or line breaks), cut short so that a
+    // scan of long random paths cannot flood the log.
+    let shown: String = path.chars().take(128).collect();
     let start = Instant::now();
     let response = next.run(request).await;
-    state
-        .metrics
-        .record_request(&route, response.status().as_u16(), start.elapsed());
+    let elapsed = start.elapsed();
+    let status = response.status().as_u16();
+    state.metrics.record_request(&route, status, elapsed);
+    let tokens = response.extensions().get::<crate::log::TokenCounts>().copied();
+    crate::log::request_line(method.as_str(), &shown, status, tokens, elapsed);
     response
 }
