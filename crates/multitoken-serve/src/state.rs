@@ -300,15 +300,7 @@ impl AppState {
             if let Some((_, m)) = self.model.modality_for_key(&item.data_key) {
                 check_limits(m.modality.media(), &resolved, &item.what, &self.config.limits)?;
                 // The modality crate's code: a panic in it is an error naming the modality.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.modality.check_item(&resolved)))
-                    .unwrap_or_else(|payload| {
-                        let reason = payload
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| payload.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        Err(multitoken_core::Error::msg(format!("check_item panicked: {reason}")))
-                    })
+                multitoken_core::guard(m.modality.name(), "checking an item", || m.modality.check_item(&resolved))
                     .map_err(|e| Error::bad_param(&item.what, format!("{}: modality `{}`: {e}", item.what, m.modality.name())))?;
             }
             items.entry(item.data_key.clone()).or_default().push(resolved);

@@ -152,6 +152,9 @@ pub fn setup_process() {
     ONCE.call_once(|| {
         keep_freed_memory();
         pin_thread_count();
+        // A panic in a modality crate's code is caught and reported as an
+        // error naming the modality; without this it is also printed raw.
+        multitoken_core::install_panic_hook();
     });
 }
 

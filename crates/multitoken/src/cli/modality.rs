@@ -9,7 +9,6 @@
 //! multitoken train --model my-model --stage projectors --dataset rows.jsonl --output-dir trained
 //! ```
 
-use std::panic::AssertUnwindSafe;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -92,18 +91,15 @@ pub fn run(args: ModalityArgs) -> Result<()> {
 
 /// Builds `name` with `config`, a panicking builder turned into an error naming it.
 fn build_guarded(name: &str, config: &Value, context: &ModalityContext) -> Result<Box<dyn Modality>> {
-    match std::panic::catch_unwind(AssertUnwindSafe(|| build_modality(name, config, context))) {
-        Ok(Ok(modality)) => Ok(modality),
-        Ok(Err(error)) => Err(anyhow!("modality `{name}`: {error}")),
-        Err(payload) => {
-            let reason = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "no message".into());
-            Err(anyhow!("modality `{name}`: its builder panicked: {reason}"))
+    // build_modality catches a panicking builder itself (core's `guard`).
+    build_modality(name, config, context).map_err(|error| {
+        let message = error.to_string();
+        if message.starts_with(&format!("modality `{name}`")) {
+            anyhow!(message)
+        } else {
+            anyhow!("modality `{name}`: {message}")
         }
-    }
+    })
 }
 
 fn list(args: &ListArgs) -> Result<()> {
@@ -240,6 +236,11 @@ fn add(args: &AddArgs) -> Result<()> {
             args.model.display()
         );
     }
+    // Before building: a builder the model already has would otherwise fail
+    // first on its own config (a CLIP tower without its config.json, say).
+    if source.config.modalities.iter().any(|entry| entry.builder == args.builder) {
+        bail!("the model already has a `{}` modality", args.builder);
+    }
     let context_dir = source.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let modality = build_guarded(&args.builder, &config, &ModalityContext::cpu_f32(&context_dir))?;
     check_collisions(&args.builder, modality.as_ref(), &source.config, &model)?;
@@ -299,10 +300,20 @@ fn add(args: &AddArgs) -> Result<()> {
         args.out.display()
     );
     eprintln!(
-        "train its projector: multitoken train --model {} --stage projectors --dataset ROWS.jsonl --output-dir DIR",
+        "train its projector: {} train --model {} --stage projectors --dataset ROWS.jsonl --output-dir DIR",
+        this_binary(),
         args.out.display()
     );
     Ok(())
+}
+
+/// The name this program was started as (`multitoken`, or a custom binary
+/// built on `multitoken::cli::main()`, which alone knows its own modalities).
+fn this_binary() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|arg0| std::path::Path::new(&arg0).file_name().map(|name| name.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "multitoken".to_string())
 }
 
 /// The new modality's builder, token and data key must be new to the model.
