@@ -17,6 +17,9 @@ use crate::math;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod gemv;
+
+pub use gemv::gemv;
 
 /// The activation a linear layer applies to its output while it is still in cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

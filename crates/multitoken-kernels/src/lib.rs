@@ -14,6 +14,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod cpu;
+pub mod lm;
 pub mod math;
 pub mod train;
 

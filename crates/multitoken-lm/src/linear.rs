@@ -165,11 +165,16 @@ impl Linear {
         let x = x.reshape((rows, self.in_dim))?;
         // Many rows (prefill, training): the threaded kernel, whose backward skips
         // the gradient of a frozen weight (LoRA and projector training never read
-        // it). Decode steps (one row) keep candle's matmul, measured in issue 3.
+        // it). Decode steps (a few rows) stream the f32 weight once over the
+        // threads (candle's matmul ran gemm's packing path on one thread: issue
+        // 19); other dtypes, and tracked tensors, keep candle's matmul.
         let y = if rows >= KERNEL_FROM_ROWS {
             multitoken_kernels::linear(&x, w, None, multitoken_kernels::Activation::Identity)?
         } else {
-            x.matmul(&w.t()?)?
+            match multitoken_kernels::lm::linear_rows(&x, w)? {
+                Some(y) => y,
+                None => x.matmul(&w.t()?)?,
+            }
         };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {

@@ -1,0 +1,258 @@
+//! `out[r, n] = x[r, k] · W[n, k]^T` for a handful of rows (a decode step):
+//! a matrix-vector product that streams `W` once from memory.
+//!
+//! A decode step of a small f32 model is bound by the bandwidth it reads its
+//! weights with (SmolVLM-256M's text model reads ~540 MB per token), and
+//! candle's `x.matmul(&w.t())` on one row runs gemm's packing path on one
+//! thread. Here the rows of `W` are split over the pool's threads in
+//! contiguous chunks, each thread streams its rows four at a time (four
+//! sequential read streams, which the hardware prefetcher follows), and every
+//! output is one dot product in a fixed order: the result does not depend on
+//! the thread count or on which thread ran which chunk.
+
+use std::mem::MaybeUninit;
+
+use super::{for_each_unit, SharedOut};
+
+/// Rows of `W` per register block: four dot products in flight, each with two
+/// accumulators, so eight independent FMA chains hide the FMA latency.
+const W_BLOCK: usize = 4;
+
+/// Below this many weights (`n · k`) the product runs on the calling thread:
+/// the pool's hand-off costs a few microseconds, about what 32K floats take to
+/// stream on one core.
+const PARALLEL_FROM: usize = 1 << 15;
+
+/// `out[r * n + j] = Σ_i x[r * k + i] · w[j * k + i]` for `r < rows`, `j < n`.
+/// `x` is `[rows, k]` and `w` `[n, k]`, both row-major and dense. Every element
+/// of `out` is written, so it may start uninitialised.
+pub fn gemv(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [MaybeUninit<f32>]) {
+    assert!(x.len() >= rows * k && w.len() >= n * k && out.len() >= rows * n, "gemv: operands too short");
+    if rows == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..rows * n].fill(MaybeUninit::new(0.0));
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let units = if n * k < PARALLEL_FROM { 1 } else { threads.min(n.div_ceil(W_BLOCK)) };
+    // Chunks of whole W blocks, so that only the last one has a ragged end.
+    let chunk = n.div_ceil(units).next_multiple_of(W_BLOCK);
+    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    for_each_unit(units, |unit| {
+        let (j0, j1) = (unit * chunk, ((unit + 1) * chunk).min(n));
+        if j0 >= j1 {
+            return;
+        }
+        // SAFETY: columns j0..j1 of every output row belong to this unit only;
+        // the slices cover the operands checked above.
+        unsafe { gemv_columns(x, rows, k, w, n, j0, j1, out_ptr) };
+    });
+}
+
+/// Columns `j0..j1` of [`gemv`]'s output.
+///
+/// # Safety
+/// `out` points at `rows * n` writable floats of which this call owns columns
+/// `j0..j1`; `x` and `w` hold `[rows, k]` and `[n, k]`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_columns(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, j0: usize, j1: usize, out: SharedOut) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the caller's guarantees carry over.
+        unsafe { avx512::columns(x, rows, k, w, n, j0, j1, out) };
+        return;
+    }
+    for j in j0..j1 {
+        let wj = &w[j * k..(j + 1) * k];
+        for r in 0..rows {
+            let value = dot_generic(&x[r * k..(r + 1) * k], wj);
+            // SAFETY: (r, j) is inside `out` and owned by this call.
+            unsafe { *out.at(r * n + j) = value };
+        }
+    }
+}
+
+/// `a · b` in sixteen lanes (the same order on every call).
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{SharedOut, W_BLOCK};
+
+    /// [`super::gemv_columns`] with AVX-512: blocks of four W rows, each block
+    /// multiplied by every x row while it is in L1.
+    ///
+    /// # Safety
+    /// AVX-512F, and [`super::gemv_columns`]'s contract.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn columns(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, j0: usize, j1: usize, out: SharedOut) {
+        unsafe {
+            let mut j = j0;
+            while j + W_BLOCK <= j1 {
+                let wp = w.as_ptr().add(j * k);
+                for r in 0..rows {
+                    let sums = block4(x.as_ptr().add(r * k), wp, k);
+                    for (c, &s) in sums.iter().enumerate() {
+                        *out.at(r * n + j + c) = s;
+                    }
+                }
+                j += W_BLOCK;
+            }
+            while j < j1 {
+                let wp = w.as_ptr().add(j * k);
+                for r in 0..rows {
+                    *out.at(r * n + j) = block1(x.as_ptr().add(r * k), wp, k);
+                }
+                j += 1;
+            }
+        }
+    }
+
+    /// The mask of the last `k % 16` lanes.
+    #[inline]
+    fn tail_mask(k: usize) -> __mmask16 {
+        ((1u32 << (k % 16)) - 1) as __mmask16
+    }
+
+    /// `x · w[c]` for the four consecutive rows `w[c]` (`k` apart) at `w`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block4(x: *const f32, w: *const f32, k: usize) -> [f32; 4] {
+        unsafe {
+            let mut a = [_mm512_setzero_ps(); 4];
+            let mut b = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            // Two vectors per step and row: eight independent FMA chains.
+            while i + 32 <= k {
+                let x0 = _mm512_loadu_ps(x.add(i));
+                let x1 = _mm512_loadu_ps(x.add(i + 16));
+                for c in 0..4 {
+                    let row = w.add(c * k + i);
+                    a[c] = _mm512_fmadd_ps(x0, _mm512_loadu_ps(row), a[c]);
+                    b[c] = _mm512_fmadd_ps(x1, _mm512_loadu_ps(row.add(16)), b[c]);
+                }
+                i += 32;
+            }
+            if i + 16 <= k {
+                let x0 = _mm512_loadu_ps(x.add(i));
+                for (c, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w.add(c * k + i)), *a);
+                }
+                i += 16;
+            }
+            if i < k {
+                let mask = tail_mask(k);
+                let x0 = _mm512_maskz_loadu_ps(mask, x.add(i));
+                for (c, b) in b.iter_mut().enumerate() {
+                    *b = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(mask, w.add(c * k + i)), *b);
+                }
+            }
+            [
+                _mm512_reduce_add_ps(_mm512_add_ps(a[0], b[0])),
+                _mm512_reduce_add_ps(_mm512_add_ps(a[1], b[1])),
+                _mm512_reduce_add_ps(_mm512_add_ps(a[2], b[2])),
+                _mm512_reduce_add_ps(_mm512_add_ps(a[3], b[3])),
+            ]
+        }
+    }
+
+    /// `x · w` for one row.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block1(x: *const f32, w: *const f32, k: usize) -> f32 {
+        unsafe {
+            let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut i = 0;
+            while i + 32 <= k {
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i)), _mm512_loadu_ps(w.add(i)), a);
+                b = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i + 16)), _mm512_loadu_ps(w.add(i + 16)), b);
+                i += 32;
+            }
+            if i + 16 <= k {
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(i)), _mm512_loadu_ps(w.add(i)), a);
+                i += 16;
+            }
+            if i < k {
+                let mask = tail_mask(k);
+                b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x.add(i)), _mm512_maskz_loadu_ps(mask, w.add(i)), b);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(a, b))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn run(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = crate::output_buffer(rows * n);
+        gemv(x, rows, k, w, n, &mut out);
+        // SAFETY: gemv writes every element.
+        unsafe { crate::assume_init(out) }
+    }
+
+    #[test]
+    fn gemv_matches_a_naive_product() {
+        // Odd widths, tails of every length, n not a multiple of the block,
+        // sizes on both sides of the parallel threshold.
+        let shapes = [(1, 1, 1), (1, 7, 5), (3, 17, 9), (1, 33, 130), (2, 48, 31), (15, 95, 67), (1, 576, 197), (1, 577, 1003), (4, 1536, 77), (1, 64, 1)];
+        for (seed, &(rows, k, n)) in shapes.iter().enumerate() {
+            let x = values(rows * k, seed as u64);
+            let w = values(n * k, 100 + seed as u64);
+            let got = run(&x, rows, k, &w, n);
+            for r in 0..rows {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
+                    let g = got[r * n + j];
+                    assert!((g as f64 - want).abs() < 1e-4 * (1.0 + (k as f64).sqrt()), "rows {rows} k {k} n {n} at ({r}, {j}): {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_is_deterministic_and_per_row_identical() {
+        // A row's result is the same alone or among other rows, and twice.
+        let (k, n) = (577, 1001);
+        let x = values(5 * k, 1);
+        let w = values(n * k, 2);
+        let all = run(&x, 5, k, &w, n);
+        assert_eq!(all, run(&x, 5, k, &w, n));
+        for r in 0..5 {
+            let one = run(&x[r * k..(r + 1) * k], 1, k, &w, n);
+            assert_eq!(&all[r * n..(r + 1) * n], &one[..]);
+        }
+    }
+
+    #[test]
+    fn gemv_with_no_width_is_zeros() {
+        let got = run(&[], 2, 0, &[], 3);
+        assert_eq!(got, vec![0.0; 6]);
+    }
+}
