@@ -17,8 +17,10 @@ use crate::math;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod causal;
 mod gemv;
 
+pub use causal::{causal_attention, causal_fast, CausalShape, Strided4};
 pub use gemv::gemv;
 
 /// The activation a linear layer applies to its output while it is still in cache.

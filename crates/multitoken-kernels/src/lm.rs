@@ -1,5 +1,6 @@
 //! Tensor entry points of the decoder LM's inference kernels: the decode
-//! step's matrix-vector products ([`cpu::gemv`]).
+//! step's matrix-vector products ([`cpu::gemv`]) and the prefill's causal
+//! grouped-query attention ([`cpu::causal_attention`]).
 //!
 //! Each returns `None` when its fast path does not apply (a tensor that tracks
 //! gradients, not f32, not on the CPU, an unusual layout), and the caller then
@@ -38,6 +39,56 @@ pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, (rows, n), x.device())?))
 }
 
+/// Causal attention with grouped key heads for a prefill: `q` `[b, heads, t,
+/// head_dim]`, `k` and `v` `[b, kv_heads, keys, head_dim]` (`keys >= t`, the
+/// cached positions first; views into a larger cache buffer need no copy).
+/// Query `i` sits at position `keys - t + i` and sees every key up to it, with
+/// no padding or window. Returns `[b, t, heads * head_dim]`, heads side by
+/// side, or `None` when the fast path does not apply: no AVX-512, a head width
+/// that is not a multiple of 16 (see [`cpu::causal_fast`]), or see the module docs.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let (b, heads, t, head_dim) = q.dims4()?;
+    let (kb, kv_heads, keys, kd) = k.dims4()?;
+    if kb != b || kd != head_dim || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || keys < t {
+        candle_core::bail!(
+            "causal_attention: q {:?}, k {:?}, v {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if !cpu::causal_fast(head_dim) || !fast_path(&[q, k, v]) {
+        return Ok(None);
+    }
+    let dense_last = |t: &Tensor| -> Result<Tensor> {
+        if t.stride()[3] == 1 {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (dense_last(q)?, dense_last(k)?, dense_last(v)?);
+    let mut out = output_buffer(b * t * heads * head_dim);
+    {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let strides = |l: &candle_core::Layout| [l.stride()[0], l.stride()[1], l.stride()[2]];
+        let operand = |data, l| cpu::Strided4 { data, strides: strides(l) };
+        cpu::causal_attention(
+            operand(cpu_data(&qs, ql)?, ql),
+            operand(cpu_data(&ks, kl)?, kl),
+            operand(cpu_data(&vs, vl)?, vl),
+            cpu::CausalShape { batch: b, heads, kv_heads, queries: t, keys, head_dim },
+            scale as f32,
+            &mut out,
+        );
+    }
+    // SAFETY: causal_attention writes every element of its output.
+    let out = unsafe { assume_init(out) };
+    Ok(Some(Tensor::from_vec(out, (b, t, heads * head_dim), q.device())?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +105,38 @@ mod tests {
         assert!(linear_rows(&random(&[16, 95], 3), &w).unwrap().is_none());
         assert!(linear_rows(&random(&[2, 67], 3), &w.t().unwrap()).unwrap().is_none());
         assert!(linear_rows(&random(&[2, 94], 3), &w).is_err());
+    }
+
+    #[test]
+    fn causal_attention_matches_masked_softmax_with_a_strided_cache() {
+        // 9 query heads over 3 key heads, 37 new positions after 20 cached ones,
+        // k and v views into a buffer of 80 positions.
+        let (b, heads, kvh, t, seen, hd) = (2, 9, 3, 37, 20, 64);
+        let q = random(&[b, heads, t, hd], 1);
+        let k = random(&[b, kvh, 80, hd], 2).narrow(2, 0, seen + t).unwrap();
+        let v = random(&[b, kvh, 80, hd], 3).narrow(2, 0, seen + t).unwrap();
+        let scale = 0.125;
+        let Some(got) = causal_attention(&q, &k, &v, scale).unwrap() else {
+            assert!(!cpu::causal_fast(hd));
+            return;
+        };
+        let n_rep = heads / kvh;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..seen + t).map(move |j| if j <= seen + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, seen + t), q.device()).unwrap();
+        let qg = (q * scale).unwrap().reshape((b, kvh, n_rep * t, hd)).unwrap();
+        let scores = qg.matmul(&k.t().unwrap()).unwrap().reshape((b, kvh, n_rep, t, seen + t)).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap().reshape((b, kvh, n_rep * t, seen + t)).unwrap()).unwrap();
+        let want = probs
+            .matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .reshape((b, heads, t, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, heads * hd))
+            .unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
     }
 }

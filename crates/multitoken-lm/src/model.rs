@@ -313,7 +313,9 @@ impl CausalLm {
                     m
                 }
             };
-            x = layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), layer_cache, seen)?;
+            // Exactly causal: no padding, and no window shorter than the sequence.
+            let causal = padding.is_none() && window.is_none_or(|w| seen + t <= w);
+            x = layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), causal, layer_cache, seen)?;
             if let Some(h) = hidden.as_deref_mut() {
                 h.push(x.clone());
             }
@@ -480,17 +482,19 @@ impl DecoderLayer {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         rope: &RotaryEmbedding,
         cos_sin: &(Tensor, Tensor),
         mask: Option<&Tensor>,
+        causal: bool,
         cache: &mut Option<(Tensor, Tensor)>,
         seen: usize,
     ) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward(&normed, rope, cos_sin, mask, cache, seen)?;
+        let attn = self.self_attn.forward(&normed, rope, cos_sin, mask, causal, cache, seen)?;
         match &self.post_attention_layernorm {
             // phi-2: x + attn(ln(x)) + mlp(ln(x))
             None => Ok(((x + attn)? + self.mlp.forward(&normed)?)?),

@@ -32,13 +32,13 @@ use super::{for_each_unit, AttentionShape, AttentionUnits, Rows, SharedOut};
 use crate::math;
 
 /// Keys per packed panel: four zmm vectors.
-const PANEL: usize = 64;
+pub(super) const PANEL: usize = 64;
 /// Query rows per register tile.
 const TILE_ROWS: usize = 6;
 /// Query rows per unit: a multiple of [`TILE_ROWS`]. 48 rows of 1500 keys is
 /// 288 KiB of scores, which stays in L2 beside the head's packed K and its V
 /// (384 KiB each).
-const QUERY_BLOCK: usize = 48;
+pub(super) const QUERY_BLOCK: usize = 48;
 /// Keys per chunk of the ·V product: 128 rows of V at width 64 is 32 KiB, inside L1.
 const KEY_CHUNK: usize = 128;
 
@@ -179,7 +179,7 @@ pub(super) fn attention(
 
 /// Packs head `h` of batch `b`: K scaled into 64-key panels, V rows side by side.
 #[allow(clippy::too_many_arguments)]
-fn pack_head(
+pub(super) fn pack_head(
     packed: &mut Vec<f32>,
     values: &mut Vec<f32>,
     k: Rows,
@@ -212,7 +212,7 @@ fn pack_head(
 /// every panel (padded keys included).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores_block(
+pub(super) unsafe fn scores_block(
     q: &[f32],
     q_stride: usize,
     rows: usize,
@@ -294,7 +294,7 @@ unsafe fn scores_tile<const R: usize>(
 /// `row[..keys] = e^(row - max)` for every `stride`-long row of `scores`,
 /// the sums in `sums` (see [`crate::math::avx512::exp_row`]).
 #[target_feature(enable = "avx512f")]
-fn exp_block(scores: &mut [f32], stride: usize, keys: usize, sums: &mut [f32]) {
+pub(super) fn exp_block(scores: &mut [f32], stride: usize, keys: usize, sums: &mut [f32]) {
     for (row, sum) in scores.chunks_exact_mut(stride).zip(sums.iter_mut()) {
         // SAFETY: the row holds stride >= keys floats.
         *sum = unsafe { math::avx512::exp_row(row.as_mut_ptr(), keys) };
@@ -306,7 +306,7 @@ fn exp_block(scores: &mut [f32], stride: usize, keys: usize, sums: &mut [f32]) {
 /// dense, `keys` rows of `head_dim`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn values_block(
+pub(super) unsafe fn values_block(
     probs: &[f32],
     stride: usize,
     keys: usize,

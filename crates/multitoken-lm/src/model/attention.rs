@@ -29,13 +29,17 @@ pub(crate) struct Attention {
 impl Attention {
     /// `x`: `[b, t, hidden]`; `mask`: additive f32 `[b|1, 1, 1, t, kv]`;
     /// `cache`: this layer's key/value buffers `[b, kv_heads, capacity, head_dim]`
-    /// of which the first `seen` positions are filled.
+    /// of which the first `seen` positions are filled. `causal`: the mask is
+    /// exactly the causal one (no padding, no window that bites), so the fused
+    /// causal kernel may replace it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         rope: &RotaryEmbedding,
         cos_sin: &(Tensor, Tensor),
         mask: Option<&Tensor>,
+        causal: bool,
         cache: &mut Option<(Tensor, Tensor)>,
         seen: usize,
     ) -> Result<Tensor> {
@@ -60,6 +64,15 @@ impl Attention {
         }
 
         let scale = 1.0 / (hd as f64).sqrt();
+        if causal && t > 1 {
+            // Inference prefill under a plain causal mask: blocks of queries
+            // against only the keys they see, without the [n_rep * t, kv] score
+            // tensor (half of it masked) and its three passes (issue 19). `None`
+            // for tracked tensors (training), other dtypes and devices.
+            if let Some(out) = multitoken_kernels::lm::causal_attention(&q, &k, &v, scale)? {
+                return self.o_proj.forward(&out);
+            }
+        }
         if q.track_op() && q.dtype() == DType::F32 {
             // Training: the scaling, the mask and the softmax as one op each way.
             let q = q.reshape((b, nkv, n_rep * t, hd))?;
