@@ -66,3 +66,31 @@ fn embed_contract_and_bad_input() {
     let hello = testdata("hello.pdf");
     check(&[&hello, "--text", "A cat sits on the mat.", "--text", "Second text", "--json"], Ok((3, 384)));
 }
+
+/// `--json`'s `inputs`: one object per input in the order the command line gave
+/// them (texts and files interleaved), each naming its input and kind, with the
+/// same embedding as the older `embeddings` rows (files first, then texts).
+#[test]
+fn json_inputs_follow_the_command_line_order() {
+    let Some(_) = minilm() else { return };
+    let hello = testdata("hello.pdf");
+    let out = run(&["--text", "First text", &hello, "--text", "Second text", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let inputs = value["inputs"].as_array().unwrap();
+    let named: Vec<(&str, &str)> =
+        inputs.iter().map(|i| (i["kind"].as_str().unwrap(), i["input"].as_str().unwrap())).collect();
+    assert_eq!(named, [("text", "First text"), ("file", hello.as_str()), ("text", "Second text")]);
+    let rows = value["embeddings"].as_array().unwrap();
+    // `embeddings`: hello.pdf, First text, Second text.
+    assert_eq!(inputs[0]["embedding"], rows[1]);
+    assert_eq!(inputs[1]["embedding"], rows[0]);
+    assert_eq!(inputs[2]["embedding"], rows[2]);
+    assert_ne!(rows[1], rows[2]);
+    // The plain listing follows the same order.
+    let out = run(&["--text", "First text", &hello]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("inline text") && lines[1].starts_with(&hello), "{stdout}");
+}

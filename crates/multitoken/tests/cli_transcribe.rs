@@ -92,3 +92,90 @@ fn generate_substitutes_transcript_tokens() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A mono 16-bit WAV of `seconds` of seeded white noise (xorshift; no fixture file).
+fn noise_wav(path: &Path, seconds: u32, seed: u64) {
+    let rate = 16_000u32;
+    let n = rate * seconds;
+    let mut state = seed | 1;
+    let mut data = Vec::with_capacity(n as usize * 2);
+    for _ in 0..n {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // Uniform in [-0.1, 0.1) of full scale.
+        let v = ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.2;
+        data.extend_from_slice(&((v * 32767.0) as i16).to_le_bytes());
+    }
+    let mut wav = Vec::new();
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes());
+    wav.extend_from_slice(&rate.to_le_bytes());
+    wav.extend_from_slice(&(rate * 2).to_le_bytes());
+    wav.extend_from_slice(&2u16.to_le_bytes());
+    wav.extend_from_slice(&16u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&data);
+    std::fs::write(path, wav).unwrap();
+}
+
+/// Noise gives no text or a short one, never a repetition loop (openai-whisper's
+/// compression-ratio / log-probability fallback and no-speech rules), and
+/// `--max-new-tokens` bounds a window's tokens.
+#[test]
+fn noise_gives_no_repetition_loop() {
+    let dir = multitoken_audio::default_whisper_dir();
+    if !dir.join("model.safetensors").is_file() {
+        eprintln!("skipped: no Whisper base at {} (run `cargo xtask weights`)", dir.display());
+        return;
+    }
+    let wav = std::env::temp_dir().join(format!("multitoken-noise-{}.wav", std::process::id()));
+    noise_wav(&wav, 8, 0x5eed);
+    let transcribe = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+            .args(["transcribe", "--json"])
+            .args(extra)
+            .arg(&wav)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        value
+    };
+    let value = transcribe(&[]);
+    let text = value["text"].as_str().unwrap();
+    eprintln!("noise: {text:?} {}", value["decodes"]);
+    let tokens = value["tokens"][0].as_array().unwrap().len();
+    assert!(tokens < 100, "{tokens} tokens for noise: {text:?}");
+    assert!(
+        multitoken_audio::compression_ratio(text) <= 2.4,
+        "a repetition: {text:?}"
+    );
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    for word in &words {
+        let count = words.iter().filter(|w| *w == word).count();
+        assert!(count <= 5, "{word:?} {count} times in {text:?}");
+    }
+    // The flag bounds the plain greedy decode as well.
+    let value = transcribe(&["--no-fallback", "--max-new-tokens", "6"]);
+    assert!(value["tokens"][0].as_array().unwrap().len() <= 6, "{value}");
+    let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+        .args(["transcribe", "--max-new-tokens", "0"])
+        .arg(&wav)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("max_new_tokens is 0"), "{stderr}");
+    let _ = std::fs::remove_file(&wav);
+}

@@ -178,8 +178,8 @@ fn attach(model: &MultimodalModel, command: &str, argument: &str) -> anyhow::Res
 }
 
 /// The message with a modality token in front for each attached item the text
-/// does not already refer to.
-fn with_tokens(model: &MultimodalModel, text: &str, pending: &[(String, Item)]) -> String {
+/// does not already refer to (`generate` places its items the same way).
+pub(super) fn with_tokens(model: &MultimodalModel, text: &str, pending: &[(String, Item)]) -> String {
     let mut prefix = String::new();
     for (key, _) in pending {
         if let Some((_, runtime)) = model.modality_for_key(key) {

@@ -4,18 +4,21 @@
 //! multitoken embed FILE... [--text T]... [--model DIR] [--json]
 //! ```
 //!
-//! One row per input, FILEs first then each `--text`, both in the order given;
-//! pooled and normalised as the model's sentence-transformers config says. A
-//! document longer than the encoder's window is chunked and its chunk embeddings
-//! averaged (never truncated). With `--json` the last stdout line is
-//! `{"model", "dim", "embeddings": [[...], ...]}`. This contract is relied on by
-//! scripts outside the repo: change it only additively.
+//! One row per input, pooled and normalised as the model's sentence-transformers
+//! config says. A document longer than the encoder's window is chunked and its
+//! chunk embeddings averaged (never truncated). With `--json` the last stdout line
+//! is `{"model", "dim", "inputs": [{"input", "kind", "embedding"}, ...], "embeddings":
+//! [[...], ...]}`: `inputs` has one object per input in the order the command line
+//! gave them (FILEs and `--text`s interleaved as typed), each naming its input (the
+//! path as given, or the text itself) and its kind (`file` or `text`);
+//! `embeddings` is the older form, FILEs first then each `--text`. This contract
+//! is relied on by scripts outside the repo: change it only additively.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use clap::Args;
+use clap::{ArgMatches, Args};
 use multitoken_core::Item;
 use multitoken_document::{extract_item, ChunkConfig, ExtractConfig, SentenceEncoder};
 use serde_json::json;
@@ -41,6 +44,37 @@ pub struct EmbedArgs {
     /// Print one JSON object on the last stdout line.
     #[arg(long)]
     json: bool,
+    /// The inputs in command-line order, as (is a file, index in `files` or
+    /// `texts`); empty when the arguments were not parsed from a command line
+    /// (then FILEs come first, then the texts).
+    #[arg(skip)]
+    order: Vec<(bool, usize)>,
+}
+
+impl EmbedArgs {
+    /// Records the order in which the command line gave FILEs and `--text`s
+    /// (clap keeps positional and option values apart; their indices say which came first).
+    pub fn record_order(&mut self, matches: &ArgMatches) {
+        let mut order: Vec<(usize, (bool, usize))> = Vec::new();
+        if let Some(indices) = matches.indices_of("files") {
+            order.extend(indices.enumerate().map(|(i, at)| (at, (true, i))));
+        }
+        if let Some(indices) = matches.indices_of("texts") {
+            order.extend(indices.enumerate().map(|(i, at)| (at, (false, i))));
+        }
+        order.sort_by_key(|(at, _)| *at);
+        if order.len() == self.files.len() + self.texts.len() {
+            self.order = order.into_iter().map(|(_, input)| input).collect();
+        }
+    }
+
+    /// (is a file, index) of every input, in the order given.
+    fn inputs_in_order(&self) -> Vec<(bool, usize)> {
+        if !self.order.is_empty() {
+            return self.order.clone();
+        }
+        (0..self.files.len()).map(|i| (true, i)).chain((0..self.texts.len()).map(|i| (false, i))).collect()
+    }
 }
 
 /// Run `multitoken embed`.
@@ -72,15 +106,31 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let embeddings = encoder
         .embed_texts(&refs, &chunking)
         .with_context(|| format!("embedding with {}", dir.display()))?;
+    // `embeddings` (and `names`) hold the files first, then the texts.
+    let row_of = |(is_file, i): (bool, usize)| if is_file { i } else { args.files.len() + i };
+    let ordered = args.inputs_in_order();
     if args.json {
+        let inputs: Vec<serde_json::Value> = ordered
+            .iter()
+            .map(|&(is_file, i)| {
+                let input = if is_file { args.files[i].display().to_string() } else { args.texts[i].clone() };
+                json!({
+                    "input": input,
+                    "kind": if is_file { "file" } else { "text" },
+                    "embedding": embeddings.get(row_of((is_file, i))),
+                })
+            })
+            .collect();
         let line = json!({
             "model": dir.display().to_string(),
             "dim": encoder.dim(),
+            "inputs": inputs,
             "embeddings": embeddings,
         });
         println!("{line}");
     } else {
-        for (name, row) in names.iter().zip(&embeddings) {
+        let rows = ordered.iter().filter_map(|&input| Some((names.get(row_of(input))?, embeddings.get(row_of(input))?)));
+        for (name, row) in rows {
             let head: Vec<String> = row.iter().take(4).map(|v| format!("{v:.4}")).collect();
             println!("{name}: [{}, ...] ({} values)", head.join(", "), row.len());
         }

@@ -27,9 +27,13 @@ pub struct GenerateArgs {
     #[command(flatten)]
     items: ItemArgs,
     /// The prompt: the user turn of the chat template, or the whole text with --raw.
+    /// Items whose modality token the prompt lacks are placed before the text, one
+    /// token per item on its own line, as `chat` does.
     #[arg(long)]
     prompt: String,
-    /// Tokenize the prompt as is (with the tokenizer's own special tokens), no chat template.
+    /// Tokenize the prompt as is (with the tokenizer's own special tokens), no chat
+    /// template; it must hold a modality token per item (as transformers' processors
+    /// require), nothing is added.
     #[arg(long)]
     raw: bool,
     /// A system message for the chat template.
@@ -105,6 +109,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     messages.push(Message::user(&args.prompt));
     substitute_transcripts(&args, &mut messages, &mut items)?;
     let model = args.model.load()?;
+    if !args.raw {
+        // As `chat`: an item whose token the prompt lacks goes before the text.
+        let given: Vec<(String, Item)> = items
+            .iter()
+            .flat_map(|(key, list)| list.iter().map(move |item| (key.clone(), item.clone())))
+            .collect();
+        if let Some(user) = messages.last_mut() {
+            user.content = super::chat::with_tokens(&model, &user.content, &given);
+        }
+    }
     let prepared = if args.raw {
         // --raw has no system turn; the prompt is the last message.
         let prompt = messages

@@ -36,7 +36,7 @@ use std::ffi::OsString;
 use std::sync::Once;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use modality::ModalityArgs;
 
@@ -81,8 +81,19 @@ enum Command {
 /// `--help` and `--version` print and exit with 0, as any clap binary does.
 pub fn main() -> Result<()> {
     setup_process();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = from_matches(&matches).unwrap_or_else(|error| error.exit());
     execute(cli)
+}
+
+/// The parsed command line, plus what only the matches know (the order in which
+/// `embed` was given its FILEs and `--text`s).
+fn from_matches(matches: &ArgMatches) -> Result<Cli, clap::Error> {
+    let mut cli = Cli::from_arg_matches(matches)?;
+    if let (Command::Embed(args), Some(sub)) = (&mut cli.command, matches.subcommand_matches("embed")) {
+        args.record_order(sub);
+    }
+    Ok(cli)
 }
 
 /// The command line from `args` (the first one is the program name). Unlike
@@ -95,7 +106,7 @@ where
     T: Into<OsString> + Clone,
 {
     setup_process();
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match Cli::command().try_get_matches_from(args).and_then(|matches| from_matches(&matches)) {
         Ok(cli) => cli,
         Err(error) => {
             use clap::error::ErrorKind;

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use multitoken_core::{ChatTemplate, Item, ItemsByKey};
+use multitoken_core::{Item, ItemsByKey};
 use multitoken_lm::generate::GenerationParams;
 use multitoken_lm::gguf::{load_gguf_with, GgufWeights};
 use multitoken_lm::loader::LoadOptions;
-use multitoken_lm::multimodal::{builtin_template, MultimodalModel};
+use multitoken_lm::multimodal::{template_from_spec, MultimodalModel};
 use multitoken_lm::sampling::SamplingParams;
 
 /// Which model to load and how.
@@ -98,14 +98,7 @@ impl ModelArgs {
         };
         let mut model = loaded.with_context(|| format!("loading model {}", path.display()))?;
         if let Some(spec) = &self.chat_template {
-            let template = if std::path::Path::new(spec).is_file() {
-                let source = std::fs::read_to_string(spec).with_context(|| format!("reading chat template {spec}"))?;
-                let bos = model.lm.special_tokens.bos_token.clone().unwrap_or_default();
-                let eos = model.lm.special_tokens.eos_token.clone().unwrap_or_default();
-                ChatTemplate::new(spec.clone(), source, bos, eos)?
-            } else {
-                builtin_template(spec, &model.lm)?
-            };
+            let template = template_from_spec(spec, &model.lm).with_context(|| format!("--chat-template {spec}"))?;
             model.set_chat_template(template)?;
         }
         Ok(model)

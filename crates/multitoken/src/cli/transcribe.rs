@@ -1,15 +1,21 @@
-//! `multitoken transcribe FILE [--model DIR] [--json]`: greedy Whisper transcription.
+//! `multitoken transcribe FILE [--model DIR] [--max-new-tokens N] [--json]`: Whisper
+//! transcription, greedy with openai-whisper's temperature fallback and no-speech
+//! rules (`multitoken_audio::TranscribeOptions`), so noise gives no text or a short
+//! one rather than a repetition loop.
 //!
 //! The default model is the converted Whisper base that `cargo xtask weights` installs
 //! in `$MULTITOKEN_WEIGHTS/whisper-base/hf` (default `~/.cache/multitoken`). With
-//! `--json` the last stdout line is `{"text": "...", "windows": N, "tokens": [[...]]}`.
+//! `--json` the last stdout line is `{"text": "...", "windows": N, "tokens": [[...]],
+//! "decodes": [{"temperature", "avg_logprob", "compression_ratio", "no_speech_prob",
+//! "skipped"}, ...]}` (one `decodes` entry per 30 s window).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use multitoken_audio::{DecodeConfig, Transcriber};
+use multitoken_audio::transcribe::MAX_TOKENS_PER_WINDOW;
+use multitoken_audio::{DecodeConfig, TranscribeOptions, Transcriber};
 use multitoken_core::Item;
 use serde_json::json;
 
@@ -25,6 +31,24 @@ pub struct TranscribeArgs {
     /// Longest accepted audio in seconds.
     #[arg(long, default_value_t = 3600.0)]
     max_seconds: f64,
+    /// Most tokens generated per 30 s window.
+    #[arg(long, default_value_t = MAX_TOKENS_PER_WINDOW)]
+    max_new_tokens: usize,
+    /// A decode whose text's zlib compression ratio is above this (a repetition)
+    /// is retried at the next temperature (openai-whisper's rule).
+    #[arg(long, default_value_t = 2.4)]
+    compression_ratio_threshold: f64,
+    /// A decode whose mean token log-probability is below this is retried at the
+    /// next temperature.
+    #[arg(long, default_value_t = -1.0, allow_negative_numbers = true)]
+    logprob_threshold: f64,
+    /// A window whose no-speech probability is above this, and whose decode is
+    /// below --logprob-threshold, is silence: no text.
+    #[arg(long, default_value_t = 0.6)]
+    no_speech_threshold: f64,
+    /// Greedy only: no temperature fallback, no thresholds (the plain decode).
+    #[arg(long)]
+    no_fallback: bool,
     /// Print one JSON object on the last stdout line.
     #[arg(long)]
     json: bool,
@@ -54,12 +78,44 @@ pub fn run(args: TranscribeArgs) -> Result<()> {
     let config = DecodeConfig {
         max_seconds: args.max_seconds,
     };
-    let transcript = transcriber.transcribe_item(&Item::Path(args.file), &config)?;
+    let options = if args.no_fallback {
+        TranscribeOptions {
+            max_new_tokens: args.max_new_tokens,
+            temperatures: vec![0.0],
+            compression_ratio_threshold: None,
+            logprob_threshold: None,
+            no_speech_threshold: None,
+            seed: 0,
+        }
+    } else {
+        TranscribeOptions {
+            max_new_tokens: args.max_new_tokens,
+            compression_ratio_threshold: Some(args.compression_ratio_threshold),
+            logprob_threshold: Some(args.logprob_threshold),
+            no_speech_threshold: Some(args.no_speech_threshold),
+            ..TranscribeOptions::default()
+        }
+    };
+    let transcript = transcriber.transcribe_item_with(&Item::Path(args.file), &config, &options)?;
     if args.json {
+        let decodes: Vec<serde_json::Value> = transcript
+            .windows
+            .iter()
+            .map(|w| {
+                json!({
+                    "temperature": w.temperature,
+                    "avg_logprob": w.avg_logprob,
+                    "compression_ratio": w.compression_ratio,
+                    "no_speech_prob": w.no_speech_prob,
+                    "skipped": w.skipped,
+                })
+            })
+            .collect();
         let line = json!({
             "text": transcript.text,
             "windows": transcript.tokens.len(),
             "tokens": transcript.tokens,
+            "decodes": decodes,
         });
         println!("{line}");
     } else {
