@@ -3,7 +3,12 @@
 //! ```text
 //! cargo xtask bench lm [--threads N] [--prefill 512] [--decode 128] [--repeat 2]
 //!                      [--no-build] [--no-python]
+//! cargo xtask bench lm --contended [--threads 2] [--prefill 128] [--decode 64] [--repeat 5]
+//!                      [--no-build] [--busy-cpu N]
 //! ```
+//!
+//! `--contended` measures speed with one core taken by a busy process instead
+//! (decode, prefill, the CLIP tower and a LoRA training step; see `bench_contended`).
 //!
 //! Our side is this very program built in release mode (into `target/bench`, so the
 //! release build never holds the lock of the normal `target/debug`), each measurement in
@@ -50,6 +55,10 @@ struct Settings {
     repeat: usize,
     build: bool,
     python: bool,
+    /// `--contended`: the busy-process comparison instead (see `bench_contended`).
+    contended: bool,
+    /// `--busy-cpu N`: pin the busy process to CPU N.
+    busy_cpu: Option<usize>,
 }
 
 /// Run this task.
@@ -67,7 +76,9 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("lm-child") => child(&args[1..]),
         Some("membw-child") => membw_child(&args[1..]),
         Some("lm-parts") => parts(&args[1..]),
-        _ => bail!("usage: cargo xtask bench vision|vlm|audio|train|serve|moe [...] | document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]"),
+        Some("busy-child") => crate::bench_contended::busy_child(),
+        Some("contended-child") => crate::bench_contended::child(&args[1..]),
+        _ => bail!("usage: cargo xtask bench vision|vlm|audio|train|serve|moe [...] | document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python] [--contended [--busy-cpu N]]"),
     }
 }
 
@@ -79,7 +90,18 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
         repeat: 2,
         build: true,
         python: true,
+        contended: false,
+        busy_cpu: None,
     };
+    // `--contended` has its own defaults (the issue's 2 threads, shorter runs, more rounds),
+    // which explicit flags override.
+    if args.iter().any(|a| a == "--contended") {
+        s.contended = true;
+        s.threads = 2;
+        s.prefill = 128;
+        s.decode = 64;
+        s.repeat = 5;
+    }
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut number = |name: &str| -> Result<usize> {
@@ -93,6 +115,8 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
             "--repeat" => s.repeat = number("--repeat")?.max(1),
             "--no-build" => s.build = false,
             "--no-python" => s.python = false,
+            "--contended" => {}
+            "--busy-cpu" => s.busy_cpu = Some(number("--busy-cpu")?),
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -114,6 +138,16 @@ fn lm(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&target)?;
     let prompt_file = target.join("prompt_ids.json");
     std::fs::write(&prompt_file, serde_json::to_string(&prompt_ids(s.prefill))?)?;
+    if s.contended {
+        let settings = crate::bench_contended::Settings {
+            threads: s.threads,
+            prefill: s.prefill,
+            decode: s.decode,
+            repeat: s.repeat,
+            busy_cpu: s.busy_cpu,
+        };
+        return crate::bench_contended::run(&settings, &exe, &gguf, &prompt_file);
+    }
     let threads = s.threads.to_string();
     let common = |cmd: &mut Command| {
         cmd.env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads).env("MKL_NUM_THREADS", &threads);
@@ -160,11 +194,15 @@ fn prompt_ids(n: usize) -> Vec<u32> {
 }
 
 /// `cargo build --release -p {package}` into the target directory `target`;
-/// returns the path of the package's binary there.
+/// returns the path of the package's binary there. xtask itself is built with its
+/// `models` feature: the bench children (`lm-child`, ...) live behind it, and a
+/// build without it would re-run them through `cargo run` in debug.
 pub(crate) fn build_release(package: &str, target: &Path) -> Result<PathBuf> {
     eprintln!("building the release {package} binary into {} ...", target.display());
+    let features: &[&str] = if package == "xtask" { &["--features", "models"] } else { &[] };
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["build", "--release", "-p", package])
+        .args(features)
         .env("CARGO_TARGET_DIR", target)
         .current_dir(workspace_root())
         .status()

@@ -19,6 +19,8 @@ mod bench;
 #[cfg(feature = "models")]
 mod bench_audio;
 #[cfg(feature = "models")]
+mod bench_contended;
+#[cfg(feature = "models")]
 mod bench_document;
 #[cfg(feature = "models")]
 mod bench_moe;

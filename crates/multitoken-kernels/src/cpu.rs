@@ -5,8 +5,8 @@
 //! attention head) are below that line, so gemm ran them on one core, or paid
 //! a rayon wake-up for each head. Here each call is cut into units first
 //! (column blocks of a linear layer, (batch, head, query block) triples of an
-//! attention), and every unit runs a single-threaded gemm on candle's spinning
-//! barrier pool, the pool candle's own element-wise ops use.
+//! attention), and every unit runs a single-threaded gemm on [`crate::pool`],
+//! which spins briefly between calls and never waits for a descheduled thread.
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -58,13 +58,9 @@ impl SharedOut {
     }
 }
 
-/// Runs `f(unit)` for `0..units` on candle's pool (inline when there is one unit or one thread).
+/// Runs `f(unit)` for `0..units` on [`crate::pool`] (inline when there is one unit or one thread).
 pub(crate) fn for_each_unit(units: usize, f: impl Fn(usize) + Sync) {
-    if units <= 1 || candle_core::utils::get_num_threads() <= 1 {
-        (0..units).for_each(f);
-        return;
-    }
-    candle_core::utils::barrier_pool().execute_chunked(units, |range| range.for_each(&f));
+    crate::pool::for_each_item(units, f);
 }
 
 /// The sizes of a linear layer's product: `x` is `[m, k]`, the weight `[n, k]`.

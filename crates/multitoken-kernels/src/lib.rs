@@ -16,6 +16,7 @@
 pub mod cpu;
 pub mod lm;
 pub mod math;
+pub mod pool;
 pub mod train;
 
 use std::mem::MaybeUninit;

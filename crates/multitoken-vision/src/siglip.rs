@@ -488,11 +488,7 @@ impl CustomOp1 for GeluTanh {
                 let mut dst = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
                 gelu_tanh_slice(src, &mut dst);
             };
-            if chunks.len() <= 1 || candle_core::utils::get_num_threads() <= 1 {
-                (0..chunks.len()).for_each(run);
-            } else {
-                candle_core::utils::barrier_pool().execute_chunked(chunks.len(), |range| range.for_each(&run));
-            }
+            multitoken_kernels::pool::for_each_item(chunks.len(), run);
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
