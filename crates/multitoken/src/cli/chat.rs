@@ -185,7 +185,7 @@ pub(super) fn with_tokens(model: &MultimodalModel, text: &str, pending: &[(Strin
         if let Some((_, runtime)) = model.modality_for_key(key) {
             let token = runtime.modality.token();
             let wanted = pending.iter().filter(|(k, _)| k == key).count();
-            let present = text.matches(token).count();
+            let present = occurrences(text, token);
             if present < wanted && prefix.matches(token).count() < wanted - present {
                 prefix.push_str(token);
                 prefix.push('\n');
@@ -194,3 +194,17 @@ pub(super) fn with_tokens(model: &MultimodalModel, text: &str, pending: &[(Strin
     }
     format!("{prefix}{text}")
 }
+
+/// How often `text` refers to `token`'s modality. Chat templates that take
+/// content parts read `<image>` as an image part too (`chat_template.rs`,
+/// `PART_TOKENS`), so a Qwen2-VL prompt written with `<image>` already places
+/// its `<|image_pad|>` item.
+fn occurrences(text: &str, token: &str) -> usize {
+    let own = text.matches(token).count();
+    if token != "<image>" && token.contains("image_pad") {
+        own + text.matches("<image>").count()
+    } else {
+        own
+    }
+}
+
