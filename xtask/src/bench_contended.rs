@@ -17,8 +17,10 @@
 //!
 //! Each is measured idle and beside a busy process (a spinning child, `bench
 //! busy-child`; pinned to CPU `--busy-cpu` with `taskset` when given), the two in
-//! alternating order over `--repeat` rounds, and with the kernels on our pool and on
-//! candle's barrier pool (`MULTITOKEN_POOL=candle`, what the kernels used before).
+//! alternating order over `--repeat` rounds, and as the binaries run now (our
+//! kernels on `multitoken_kernels::pool`, candle's barrier pool sized to one thread:
+//! `CANDLE_NUM_THREADS=1`) and as they ran before (`MULTITOKEN_POOL=candle`,
+//! `CANDLE_NUM_THREADS` = `--threads`: everything on candle's barrier pool).
 //! The report gives the median (and range) of each, contended / idle (goal >= 0.45)
 //! and ours / candle's pool idle (goal: no loss beyond 3 %). The load average is
 //! printed with the figures: the machine may be shared.
@@ -114,6 +116,10 @@ pub(crate) fn run(s: &Settings, exe: &Path, gguf: &Path, prompt_file: &Path) -> 
             }
         }
         cmd.env("RAYON_NUM_THREADS", &threads).env("MULTITOKEN_POOL", pool);
+        if pool == "candle" {
+            // Before: candle's barrier pool sized as RAYON_NUM_THREADS, our kernels on it.
+            cmd.env("CANDLE_NUM_THREADS", &threads);
+        }
         last_json_line(&mut cmd)
     };
     // results[(workload, pool, contended)] = figures of every round.

@@ -57,6 +57,12 @@ tasks:
 fn main() -> Result<()> {
     #[cfg(feature = "models")]
     keep_freed_memory();
+    // As the multitoken binary: candle's spinning barrier pool off, our kernels'
+    // pool in charge (see `multitoken::cli::setup_process`).
+    #[cfg(feature = "models")]
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or(&[]).to_vec();
     match args.first().map(String::as_str) {
