@@ -321,7 +321,7 @@ fn sample(values: &[f32], temperature: f64, rng: &mut SplitMix) -> Result<u32> {
     let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let weights: Vec<f64> = values.iter().map(|&v| ((v as f64 - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return Err(Error::Config("no token can be sampled (all logits suppressed)".into()));
     }
     let mut target = rng.next_f64() * total;
