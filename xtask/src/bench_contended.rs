@@ -43,6 +43,9 @@ const WORKLOADS: [(&str, &str, &str); 4] = [
     ("train", "steps_per_s", "step/s"),
 ];
 
+/// One series of measurements: (workload, pool, contended).
+type Key = (&'static str, &'static str, bool);
+
 /// Settings of `bench lm --contended`.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -122,9 +125,9 @@ pub(crate) fn run(s: &Settings, exe: &Path, gguf: &Path, prompt_file: &Path) -> 
         }
         last_json_line(&mut cmd)
     };
-    // results[(workload, pool, contended)] = figures of every round.
-    let mut results: Vec<((&str, &str, bool), Vec<f64>)> = Vec::new();
-    let mut push = |key: (&'static str, &'static str, bool), v: f64| match results.iter_mut().find(|(k, _)| *k == key) {
+    // (key, figures of every round), key = (workload, pool, contended).
+    let mut results: Vec<(Key, Vec<f64>)> = Vec::new();
+    let mut push = |key: Key, v: f64| match results.iter_mut().find(|(k, _)| *k == key) {
         Some((_, vs)) => vs.push(v),
         None => results.push((key, vec![v])),
     };

@@ -248,7 +248,7 @@ impl Drop for Close<'_> {
         let mut spins = 0u32;
         while state.load(Ordering::Acquire) & COUNT != 0 {
             spins += 1;
-            if spins % 64 != 0 || start.elapsed() < CALLER_SPIN {
+            if !spins.is_multiple_of(64) || start.elapsed() < CALLER_SPIN {
                 std::hint::spin_loop();
             } else {
                 // A joined worker is still busy (or was preempted mid-chunk): leave
@@ -286,7 +286,7 @@ fn worker(shared: &'static Shared) {
                 continue;
             }
             spins += 1;
-            if spins % 64 != 0 {
+            if !spins.is_multiple_of(64) {
                 std::hint::spin_loop();
                 continue;
             }
