@@ -22,10 +22,14 @@ pub mod audio;
 pub mod documents;
 pub mod images;
 pub mod rows;
+pub mod varied;
 
 use std::path::{Path, PathBuf};
 
-pub use rows::{generate, generate_split, judge, GenerateConfig, Row, Split, Summary, Task};
+pub use rows::{
+    generate, generate_split, judge, GenerateConfig, Message, Row, Split, Style, Summary, Task,
+    UNSURE,
+};
 
 /// Errors of the dataset generator.
 #[derive(Debug, thiserror::Error)]

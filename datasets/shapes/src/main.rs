@@ -1,7 +1,7 @@
 //! `multitoken-datasets`: writes the synthetic shapes / beeps / topics dataset.
 //!
 //! ```text
-//! multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...]
+//! multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...] [--style S]
 //! ```
 //! `--train`/`--heldout` are rows per task; task names are those of
 //! `multitoken_datasets::Task::name` (image_shape, audio_count, ...).
@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use multitoken_datasets::{generate, GenerateConfig, Task};
+use multitoken_datasets::{generate, GenerateConfig, Style, Task};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,19 +31,27 @@ fn usage() -> String {
     let mut text = format!(
         "Writes the synthetic shapes / beeps / topics dataset: DIR/train.jsonl, DIR/heldout.jsonl and their items.
 
-usage: multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...]
+usage: multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...] [--style S]
 
   --out DIR        where to write (created when missing)
   --seed N         random seed [default: {}]
   --train N        training rows per task [default: {}]
   --heldout N      held-out rows per task [default: {}]
   --tasks a,b,...  the tasks to write [default: all]
+  --style S        classic (the original phrasings and plain square images),
+                   varied (dozens of phrasings, any aspect, tinted/noisy
+                   backgrounds, plus unanswerable and multi_turn tasks) or
+                   unlike (a test style sharing no phrasing or background
+                   with the others) [default: classic]
 
 tasks:",
         defaults.seed, defaults.train_per_task, defaults.heldout_per_task
     );
     for task in Task::ALL {
         text.push_str(&format!("\n  {}", task.name()));
+    }
+    for task in Task::EXTRA {
+        text.push_str(&format!("\n  {} (added by --style varied|unlike)", task.name()));
     }
     text
 }
@@ -80,6 +88,12 @@ pub fn parse(args: &[String]) -> Result<(PathBuf, GenerateConfig)> {
                             .with_context(|| format!("--tasks: unknown task `{name}`"))
                     })
                     .collect::<Result<_>>()?
+            }
+            "--style" => {
+                let name = value()?;
+                config.style = Style::from_name(name).with_context(|| {
+                    format!("--style: unknown style `{name}` (classic, varied or unlike)")
+                })?
             }
             "-h" | "--help" => {
                 println!("{}", usage());

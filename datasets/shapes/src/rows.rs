@@ -29,6 +29,51 @@ pub enum Task {
     AudioDescribe,
     /// `<document> What is this document about?` -> `Cooking.`
     DocumentTopic,
+    /// Non-classic styles only: a question no item answers (`/help`, `What
+    /// time is it?`), with or without an item -> [`UNSURE`].
+    Unanswerable,
+    /// Non-classic styles only: a chat of two or three turns that switches
+    /// between an image, a clip and a document; judged on the last answer.
+    MultiTurn,
+}
+
+/// The reply to a question the model cannot answer.
+pub const UNSURE: &str = "I can't tell from this.";
+
+/// The look of the data: phrasings, image style and extra tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Style {
+    /// The original generator, byte for byte: a few phrasings per task,
+    /// square images with one shape on a plain light background.
+    #[default]
+    Classic,
+    /// Several dozen phrasings per task (many naming the item: "the picture",
+    /// "the clip", "the document"...), images of aspect 1:4 to 4:1 with small
+    /// to large shapes anywhere on plain, tinted or noisy backgrounds, plus
+    /// the [`Task::Unanswerable`] and [`Task::MultiTurn`] tasks. For training.
+    Varied,
+    /// A test style sharing no phrasing, item noun or background with
+    /// `Varied` or `Classic` (graded, dark, speckled and striped backgrounds),
+    /// for measuring how a model trained on `Varied` generalises.
+    Unlike,
+}
+
+impl Style {
+    /// `classic`, `varied` or `unlike`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Style::Classic => "classic",
+            Style::Varied => "varied",
+            Style::Unlike => "unlike",
+        }
+    }
+
+    /// Parses [`Style::name`].
+    pub fn from_name(name: &str) -> Option<Style> {
+        [Style::Classic, Style::Varied, Style::Unlike]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
 }
 
 impl Task {
@@ -55,12 +100,21 @@ impl Task {
             Task::AudioPitch => "audio_pitch",
             Task::AudioDescribe => "audio_describe",
             Task::DocumentTopic => "document_topic",
+            Task::Unanswerable => "unanswerable",
+            Task::MultiTurn => "multi_turn",
         }
     }
 
-    /// Parses [`Task::name`].
+    /// The tasks only the varied and unlike styles add (not in [`Task::ALL`],
+    /// so the classic output stays as it was).
+    pub const EXTRA: [Task; 2] = [Task::Unanswerable, Task::MultiTurn];
+
+    /// Parses [`Task::name`] (of [`Task::ALL`] and [`Task::EXTRA`]).
     pub fn from_name(name: &str) -> Option<Task> {
-        Task::ALL.into_iter().find(|t| t.name() == name)
+        Task::ALL
+            .into_iter()
+            .chain(Task::EXTRA)
+            .find(|t| t.name() == name)
     }
 
     /// Number of answer classes samples cycle through (balanced counts).
@@ -74,11 +128,17 @@ impl Task {
             Task::AudioPitch => 2,
             Task::AudioDescribe => 8,
             Task::DocumentTopic => 6,
+            Task::Unanswerable => 1,
+            Task::MultiTurn => 6,
         }
     }
 
     fn index(self) -> u64 {
-        Task::ALL.iter().position(|t| *t == self).unwrap_or(0) as u64
+        Task::ALL
+            .iter()
+            .chain(Task::EXTRA.iter())
+            .position(|t| *t == self)
+            .unwrap_or(0) as u64
     }
 }
 
@@ -144,12 +204,25 @@ impl Row {
             .unwrap_or("")
     }
 
-    /// The reference answer.
+    /// The reference answer (of the first turn).
     pub fn answer(&self) -> &str {
         self.messages
             .get(1)
             .map(|m| m.content.as_str())
             .unwrap_or("")
+    }
+
+    /// The last reference answer: what a multi-turn row is judged on.
+    pub fn last_answer(&self) -> &str {
+        self.messages
+            .last()
+            .map(|m| m.content.as_str())
+            .unwrap_or("")
+    }
+
+    /// Every message before the last answer: the chat a model is given.
+    pub fn prompt(&self) -> &[Message] {
+        &self.messages[..self.messages.len().saturating_sub(1)]
     }
 }
 
@@ -167,6 +240,10 @@ pub struct GenerateConfig {
     /// Tasks whose training split has this many times `train_per_task` rows
     /// (default: none); the held-out split keeps `heldout_per_task` of each.
     pub train_weights: Vec<(Task, usize)>,
+    /// Phrasings, image style and extra tasks (default: [`Style::Classic`],
+    /// the original output byte for byte). Non-classic styles add
+    /// [`Task::EXTRA`] to the tasks.
+    pub style: Style,
 }
 
 impl Default for GenerateConfig {
@@ -177,6 +254,7 @@ impl Default for GenerateConfig {
             heldout_per_task: 60,
             tasks: Task::ALL.to_vec(),
             train_weights: Vec::new(),
+            style: Style::Classic,
         }
     }
 }
@@ -217,7 +295,10 @@ pub fn generate_split(
     if config.tasks.is_empty() {
         return Err(Error::Config("no tasks selected".to_string()));
     }
-    let tasks: BTreeSet<Task> = config.tasks.iter().copied().collect();
+    let mut tasks: BTreeSet<Task> = config.tasks.iter().copied().collect();
+    if config.style != Style::Classic {
+        tasks.extend(Task::EXTRA);
+    }
     let files = dir.join(split.name());
     for sub in ["images", "audio", "documents"] {
         let path = files.join(sub);
@@ -237,7 +318,11 @@ pub fn generate_split(
         };
         for i in 0..per_task * weight {
             let mut rng = task_rng.fork(i as u64);
-            rows.push(make_row(dir, split, task, i, &mut rng)?);
+            rows.push(if config.style == Style::Classic {
+                make_row(dir, split, task, i, &mut rng)?
+            } else {
+                crate::varied::make_row(dir, split, task, i, config.style, &mut rng)?
+            });
         }
     }
     // Interleave tasks deterministically (Fisher-Yates).
@@ -258,7 +343,7 @@ pub fn generate_split(
     Ok(rows)
 }
 
-fn write(dir: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write(dir: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(relative);
     std::fs::write(&path, bytes).map_err(|e| io_error(&path, e))
 }
@@ -272,11 +357,11 @@ fn write_image(dir: &Path, relative: &str, spec: &ShapeSpec, rng: &mut Rng) -> R
     write(dir, relative, &bytes)
 }
 
-fn pick<T: Copy>(items: &[T], rng: &mut Rng) -> T {
+pub(crate) fn pick<T: Copy>(items: &[T], rng: &mut Rng) -> T {
     items[rng.range(0, items.len() - 1)]
 }
 
-fn capitalise(text: &str) -> String {
+pub(crate) fn capitalise(text: &str) -> String {
     let mut chars = text.chars();
     chars
         .next()
@@ -284,7 +369,7 @@ fn capitalise(text: &str) -> String {
         .unwrap_or_default()
 }
 
-fn user_assistant(question: String, answer: String) -> Vec<Message> {
+pub(crate) fn user_assistant(question: String, answer: String) -> Vec<Message> {
     vec![
         Message {
             role: "user".to_string(),
@@ -463,6 +548,9 @@ fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Re
             };
             row.messages = user_assistant(format!("<speech> {question}"), answer);
         }
+        Task::Unanswerable | Task::MultiTurn => {
+            return crate::varied::make_row(dir, split, task, i, Style::Varied, rng);
+        }
         Task::DocumentTopic => {
             let topic = Topic::ALL[class];
             let path = format!("{base}documents/{id}.txt");
@@ -518,9 +606,20 @@ fn words(text: &str) -> Vec<String> {
 /// the second …") is right
 /// only when each image is described as itself and the verdict is the
 /// reference's. Groups the
-/// reference does not use are not judged. A reference naming nothing is never
-/// matched.
+/// reference does not use are not judged. A reference that is the honest
+/// reply [`UNSURE`] matches an answer that says it can't tell and names none
+/// of the groups' words; any other reference naming nothing is never matched.
 pub fn judge(reference: &str, generated: &str) -> bool {
+    if words(reference) == words(UNSURE) {
+        let generated = words(generated);
+        let says_unsure = generated.windows(2).any(|w| {
+            (w[0] == "t" || w[0] == "cannot") && w[1] == "tell"
+        });
+        let names_something = generated
+            .iter()
+            .any(|w| GROUPS.iter().any(|group| group.contains(&w.as_str())));
+        return says_unsure && !names_something;
+    }
     let reference = words(reference);
     let used: Vec<&[&str]> = GROUPS
         .iter()

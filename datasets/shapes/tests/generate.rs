@@ -250,6 +250,7 @@ fn train_weights_multiply_a_tasks_training_rows() {
         heldout_per_task: 2,
         tasks: vec![Task::ImageShape, Task::ImageCompare],
         train_weights: vec![(Task::ImageCompare, 3)],
+        ..GenerateConfig::default()
     };
     let summary = multitoken_datasets::generate(&dir, &cfg).unwrap();
     assert_eq!((summary.train_rows, summary.heldout_rows), (16, 4));
@@ -261,4 +262,67 @@ fn train_weights_multiply_a_tasks_training_rows() {
     let id = |rows: &[multitoken_datasets::Row], id: &str| rows.iter().find(|r| r.id == id).map(|r| r.messages.clone());
     assert_eq!(id(&train, "train-image_compare-00003"), id(&unweighted, "train-image_compare-00003"));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn varied_and_unlike_phrasings_never_meet() {
+    use multitoken_datasets::varied::all_questions;
+    use multitoken_datasets::Style;
+    let varied: std::collections::BTreeSet<String> =
+        all_questions(Style::Varied).into_iter().collect();
+    let unlike: std::collections::BTreeSet<String> =
+        all_questions(Style::Unlike).into_iter().collect();
+    assert!(varied.len() >= 300, "only {} varied questions", varied.len());
+    assert!(unlike.len() >= 100, "only {} unlike questions", unlike.len());
+    let shared: Vec<_> = varied.intersection(&unlike).collect();
+    assert!(shared.is_empty(), "in both: {shared:?}");
+}
+
+#[test]
+fn varied_style_adds_tasks_and_odd_shaped_images() {
+    use multitoken_datasets::{Style, UNSURE};
+    let dir = temp_dir("varied");
+    let cfg = GenerateConfig {
+        seed: 9,
+        train_per_task: 12,
+        heldout_per_task: 12,
+        tasks: vec![Task::ImageShape, Task::DocumentTopic],
+        style: Style::Varied,
+        ..GenerateConfig::default()
+    };
+    let rows = generate_split(&dir, Split::Train, 12, &cfg).unwrap();
+    assert_eq!(rows.len(), 48);
+    let unsure: Vec<_> = rows.iter().filter(|r| r.id.contains("unanswerable")).collect();
+    assert_eq!(unsure.len(), 12);
+    assert!(unsure.iter().all(|r| r.answer() == UNSURE));
+    let multi: Vec<_> = rows.iter().filter(|r| r.id.contains("multi_turn")).collect();
+    assert!(multi.iter().all(|r| r.messages.len() >= 4 && r.prompt().len() == r.messages.len() - 1));
+    // Every item a row names exists, and the images are not all square.
+    let mut aspects = Vec::new();
+    for row in &rows {
+        for p in row.images.iter().chain(&row.speech_audios).chain(&row.documents) {
+            assert!(dir.join(p).is_file(), "{p}");
+        }
+        for p in &row.images {
+            let img = image::open(dir.join(p)).unwrap();
+            aspects.push(f64::from(img.width()) / f64::from(img.height()));
+        }
+    }
+    assert!(aspects.iter().any(|a| *a > 1.5) && aspects.iter().any(|a| *a < 0.67), "{aspects:?}");
+    // The unlike style writes the same tasks from other streams of words.
+    let unlike_dir = temp_dir("unlike");
+    let unlike = generate_split(&unlike_dir, Split::Heldout, 12, &GenerateConfig { style: Style::Unlike, ..cfg }).unwrap();
+    assert_eq!(unlike.len(), 48);
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(unlike_dir).unwrap();
+}
+
+#[test]
+fn judge_accepts_an_honest_reply_only_to_an_unanswerable_question() {
+    use multitoken_datasets::UNSURE;
+    assert!(judge(UNSURE, "I can't tell from this."));
+    assert!(judge(UNSURE, "I cannot tell."));
+    assert!(!judge(UNSURE, "A yellow triangle."));
+    assert!(!judge(UNSURE, "I can't tell, maybe a circle."));
+    assert!(!judge("A red circle.", UNSURE));
 }
