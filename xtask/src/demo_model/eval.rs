@@ -54,7 +54,8 @@ pub fn evaluate(model_dir: &Path, jsonl: &Path, limit: usize, verbose: bool) -> 
         let row: Row =
             serde_json::from_str(line).with_context(|| format!("{}:{}", jsonl.display(), n + 1))?;
         let answer = answer(&model, &row, base)?;
-        let ok = judge(row.answer(), &answer);
+        // Multi-turn rows are judged on their last answer, given the chat before it.
+        let ok = judge(row.last_answer(), &answer);
         let task = row.id.split('-').nth(1).unwrap_or("?").to_string();
         let entry = report.by_task.entry(task).or_default();
         entry.1 += 1;
@@ -65,16 +66,17 @@ pub fn evaluate(model_dir: &Path, jsonl: &Path, limit: usize, verbose: bool) -> 
             println!(
                 "  wrong {}: {:?} -> {:?} (want {:?})",
                 row.id,
-                row.question(),
+                row.prompt().last().map_or("", |m| m.content.as_str()),
                 answer,
-                row.answer()
+                row.last_answer()
             );
         }
     }
     Ok(report)
 }
 
-/// The model's greedy answer to a row's question.
+/// The model's greedy answer to a row's last question, given the chat before
+/// it (one question for single-turn rows).
 pub fn answer(model: &MultimodalModel, row: &Row, base: &Path) -> Result<String> {
     let mut items = ItemsByKey::new();
     for (key, paths) in [
@@ -89,10 +91,14 @@ pub fn answer(model: &MultimodalModel, row: &Row, base: &Path) -> Result<String>
             );
         }
     }
-    let messages = [Message {
-        role: "user".to_string(),
-        content: row.question().to_string(),
-    }];
+    let messages: Vec<Message> = row
+        .prompt()
+        .iter()
+        .map(|m| Message {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect();
     let prepared = model.prepare_chat(&messages, &items)?;
     let params = GenerationParams {
         max_new_tokens: 64,
