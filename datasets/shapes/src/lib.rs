@@ -17,6 +17,13 @@
 //! different streams of the seed, so no held-out sample is a training sample.
 //! [`judge`] decides whether a generated answer names what a reference answer
 //! names (the shape, colour, count, pitch, topic or image position).
+//!
+//! [`GenerateConfig::style`] picks the look of the data: [`Style::Classic`]
+//! (the default, above, byte for byte as it always was), [`Style::Varied`]
+//! (for training: dozens of phrasings per task, odd aspect ratios, small to
+//! large shapes, tinted and noisy backgrounds, unanswerable questions and
+//! multi-turn chats; module [`varied`]) or [`Style::Unlike`] (a test set
+//! sharing no phrasing, item noun or background with the other two).
 
 pub mod audio;
 pub mod documents;
