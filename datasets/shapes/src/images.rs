@@ -254,7 +254,7 @@ impl Background {
                 _ => c,
             },
             Background::Stripes(a, b, width) => {
-                if ((x + y) / width.max(1)) % 2 == 0 {
+                if ((x + y) / width.max(1)).is_multiple_of(2) {
                     a
                 } else {
                     b

@@ -13,24 +13,60 @@ use std::path::Path;
 use crate::audio::{self, BeepSpec, Pitch};
 use crate::documents::{self, Topic};
 use crate::images::{self, Colour, Shape, ShapeSpec};
-use crate::rows::{capitalise, pick, user_assistant, write, Message, Row, Split, Style, Task, UNSURE};
+use crate::rows::{
+    capitalise, pick, user_assistant, write, Message, Row, Split, Style, Task, UNSURE,
+};
 use crate::{Error, Result, Rng};
 
 /// Noun phrases for an image, per style.
 pub const IMAGE_NOUNS: [&[&str]; 2] = [
-    &["this", "the image", "this image", "the picture", "this picture", "the photo", "this photo"],
-    &["the pic", "this graphic", "the illustration", "this snapshot", "the drawing"],
+    &[
+        "this",
+        "the image",
+        "this image",
+        "the picture",
+        "this picture",
+        "the photo",
+        "this photo",
+    ],
+    &[
+        "the pic",
+        "this graphic",
+        "the illustration",
+        "this snapshot",
+        "the drawing",
+    ],
 ];
 
 /// Noun phrases for an audio clip, per style.
 pub const AUDIO_NOUNS: [&[&str]; 2] = [
-    &["this", "the clip", "this clip", "the recording", "this recording", "the audio", "the sound"],
-    &["this sound file", "the track", "the sample", "this audio snippet"],
+    &[
+        "this",
+        "the clip",
+        "this clip",
+        "the recording",
+        "this recording",
+        "the audio",
+        "the sound",
+    ],
+    &[
+        "this sound file",
+        "the track",
+        "the sample",
+        "this audio snippet",
+    ],
 ];
 
 /// Noun phrases for a document, per style.
 pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
-    &["this", "the document", "this document", "the file", "this file", "the text"],
+    &[
+        "this",
+        "the document",
+        "this document",
+        "the file",
+        "this file",
+        "the text",
+    ],
     &["this page", "the article", "the note", "the writing"],
 ];
 
@@ -371,12 +407,18 @@ pub(crate) fn make_row(
                 let first = pick(&Shape::ALL, rng);
                 let others: Vec<Shape> = Shape::ALL.into_iter().filter(|s| *s != first).collect();
                 let second = pick(&others, rng);
-                ((first, pick(&Colour::ALL, rng)), (second, pick(&Colour::ALL, rng)))
+                (
+                    (first, pick(&Colour::ALL, rng)),
+                    (second, pick(&Colour::ALL, rng)),
+                )
             } else {
                 let first = pick(&Colour::ALL, rng);
                 let others: Vec<Colour> = Colour::ALL.into_iter().filter(|c| *c != first).collect();
                 let second = pick(&others, rng);
-                ((pick(&Shape::ALL, rng), first), (pick(&Shape::ALL, rng), second))
+                (
+                    (pick(&Shape::ALL, rng), first),
+                    (pick(&Shape::ALL, rng), second),
+                )
             };
             for (suffix, (shape, colour)) in [("a", a), ("b", b)] {
                 let path = format!("{base}images/{id}-{suffix}.png");
@@ -392,7 +434,11 @@ pub(crate) fn make_row(
             let which = if target_second { "second" } else { "first" };
             // The same checked answer as the classic style (see rows.rs).
             let check = |(shape, colour): (Shape, Colour)| {
-                let fits = if by_shape { shape == target.0 } else { colour == target.1 };
+                let fits = if by_shape {
+                    shape == target.0
+                } else {
+                    colour == target.1
+                };
                 format!(
                     "a {} {}. {}? {}",
                     colour.name(),
@@ -426,7 +472,11 @@ pub(crate) fn make_row(
         }
         Task::DocumentTopic => {
             let topic = Topic::ALL[class];
-            write(dir, &document_path, documents::render(topic, rng).as_bytes())?;
+            write(
+                dir,
+                &document_path,
+                documents::render(topic, rng).as_bytes(),
+            )?;
             row.documents.push(document_path);
             let question = ask(TOPIC, Kind::Document, style, rng);
             row.messages = user_assistant(
@@ -444,19 +494,45 @@ pub(crate) fn make_row(
             };
             let question = match kind {
                 0 => {
-                    image_item(dir, &image_path, pick(&Shape::ALL, rng), pick(&Colour::ALL, rng), style, rng)?;
+                    image_item(
+                        dir,
+                        &image_path,
+                        pick(&Shape::ALL, rng),
+                        pick(&Colour::ALL, rng),
+                        style,
+                        rng,
+                    )?;
                     row.images.push(image_path);
-                    format!("<image> {}", fill(template, pick(IMAGE_NOUNS[lists(style)], rng)))
+                    format!(
+                        "<image> {}",
+                        fill(template, pick(IMAGE_NOUNS[lists(style)], rng))
+                    )
                 }
                 1 => {
-                    write_audio(dir, &audio_path, rng.range(1, 4), pick(&Pitch::ALL, rng), rng)?;
+                    write_audio(
+                        dir,
+                        &audio_path,
+                        rng.range(1, 4),
+                        pick(&Pitch::ALL, rng),
+                        rng,
+                    )?;
                     row.speech_audios.push(audio_path);
-                    format!("<speech> {}", fill(template, pick(AUDIO_NOUNS[lists(style)], rng)))
+                    format!(
+                        "<speech> {}",
+                        fill(template, pick(AUDIO_NOUNS[lists(style)], rng))
+                    )
                 }
                 2 => {
-                    write(dir, &document_path, documents::render(pick(&Topic::ALL, rng), rng).as_bytes())?;
+                    write(
+                        dir,
+                        &document_path,
+                        documents::render(pick(&Topic::ALL, rng), rng).as_bytes(),
+                    )?;
                     row.documents.push(document_path);
-                    format!("<document> {}", fill(template, pick(DOCUMENT_NOUNS[lists(style)], rng)))
+                    format!(
+                        "<document> {}",
+                        fill(template, pick(DOCUMENT_NOUNS[lists(style)], rng))
+                    )
                 }
                 _ => template.to_string(),
             };
@@ -496,7 +572,11 @@ pub(crate) fn make_row(
                         row.speech_audios.push(audio_path.clone());
                     }
                     Kind::Document => {
-                        write(dir, &document_path, documents::render(topic, rng).as_bytes())?;
+                        write(
+                            dir,
+                            &document_path,
+                            documents::render(topic, rng).as_bytes(),
+                        )?;
                         row.documents.push(document_path.clone());
                     }
                 }
@@ -514,7 +594,10 @@ pub(crate) fn make_row(
                 };
                 let (question, answer) = match kind {
                     Kind::Image => match rng.range(0, 2) {
-                        0 => (ask(SHAPE, *kind, style, rng), format!("A {}.", shape.name())),
+                        0 => (
+                            ask(SHAPE, *kind, style, rng),
+                            format!("A {}.", shape.name()),
+                        ),
                         1 => (
                             ask(COLOUR, *kind, style, rng),
                             format!("{}.", capitalise(colour.name())),
@@ -553,7 +636,11 @@ fn write_audio(dir: &Path, path: &str, count: usize, pitch: Pitch, rng: &mut Rng
     )
 }
 
-fn audio_question(task: Task, count: usize, pitch: Pitch) -> ([&'static [&'static str]; 2], String) {
+fn audio_question(
+    task: Task,
+    count: usize,
+    pitch: Pitch,
+) -> ([&'static [&'static str]; 2], String) {
     let plural = if count == 1 { "beep" } else { "beeps" };
     match task {
         Task::AudioCount => (
