@@ -200,7 +200,9 @@ fn series_modality_added_trained_and_served() {
         .spawn()
         .unwrap();
     let script = format!(
-        "/image {}\n/series {}\n{prompt}\n/exit\n",
+        // The modality by its builder name (its data key `/series` and bare
+        // token `/series` work alike); a mistyped command is not sent as a question.
+        "/image {}\n/sensor_series {}\n/bogus x\n{prompt}\n/exit\n",
         s(&red_circle()),
         s(&series("rising-00"))
     );
@@ -208,6 +210,7 @@ fn series_modality_added_trained_and_served() {
     let out = chat.wait_with_output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && !stderr.contains("error"), "{stderr}");
+    assert!(stderr.contains("unknown command /bogus") && stderr.contains("/series PATH"), "{stderr}");
     assert!(stdout.contains(rising_text.trim()), "interactive chat answered {stdout:?}");
 
     // A trained encoder: saved under the new model, which the config then names.

@@ -109,12 +109,22 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 }
                 continue;
             }
-            // `/KEY PATH` for any modality's data key (`/series data.csv`).
-            _ if command.strip_prefix('/').is_some_and(|key| model.modality_for_key(key).is_some()) => {
-                let spec = format!("{} {}", &command[1..], argument.trim());
-                match attach(&model, "/item", &spec) {
-                    Ok(attached) => pending.push(attached),
-                    Err(e) => eprintln!("error: {e}"),
+            // `/KEY PATH` for any modality, named by its data key, its name or
+            // its token without brackets (`/series`, `/sensor_series`, `/vec`).
+            _ if command.starts_with('/') && command.len() > 1 && !command[1..].contains('/') => {
+                let word = &command[1..];
+                match key_for_command(&model, word) {
+                    Some(key) => {
+                        let spec = format!("{key} {}", argument.trim());
+                        match attach(&model, "/item", &spec) {
+                            Ok(attached) => pending.push(attached),
+                            Err(e) => eprintln!("error: {e}"),
+                        }
+                    }
+                    // Not sent to the model as a question: a mistyped command
+                    // would otherwise get an answer about nothing.
+                    None if word == "help" => eprintln!("{}", commands_help(&model)),
+                    None => eprintln!("unknown command {command}; {}", commands_help(&model)),
                 }
                 continue;
             }
@@ -154,6 +164,26 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The data key of the model's modality that `/WORD` names: its data key, its
+/// builder name or its token without the angle brackets.
+fn key_for_command(model: &MultimodalModel, word: &str) -> Option<String> {
+    model.modalities.iter().find_map(|m| {
+        let modality = &m.modality;
+        let bare_token = modality.token().trim_start_matches('<').trim_end_matches('>');
+        (modality.data_key() == word || modality.name() == word || bare_token == word)
+            .then(|| modality.data_key().to_string())
+    })
+}
+
+/// The commands `chat` knows for this model.
+fn commands_help(model: &MultimodalModel) -> String {
+    let keys: Vec<String> = model.modalities.iter().map(|m| format!("/{}", m.modality.data_key())).collect();
+    format!(
+        "commands: /image, /audio, /document PATH, /item KEY PATH{}, /reset, /exit",
+        if keys.is_empty() { String::new() } else { format!(", {} PATH", keys.join(", ")) }
+    )
 }
 
 /// The item a `/image`, `/audio`, `/document` or `/item KEY` command attaches,
