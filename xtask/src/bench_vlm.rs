@@ -44,10 +44,12 @@
 //! its peak RSS (whole process, and the passes alone). `--tiny` shrinks the
 //! layer counts (and SmolVLM's upscaling, to 5 crops) into
 //! `target/bench/vlm-<family>-tiny/` for a quick check of the plumbing. Time the
-//! release build on an idle machine: `cargo build --release -p xtask
+//! release build on an idle machine (torch collapses under contention, so loaded
+//! ratios flatter us): `cargo build --release -p xtask --features models
 //! --target-dir target/bench`, then `target/bench/release/xtask bench vlm`
-//! (about 10 minutes on 2 cores with `--repeat 3`: a SmolVLM pass is ~30 s
-//! ours, ~80 s transformers; a Qwen2-VL tower pass ~20 s each). Ours also runs
+//! (about 4 minutes on 2 cores with `--repeat 3` once the inputs exist: a
+//! SmolVLM pass is ~12 s ours, ~16 s transformers; a Qwen2-VL tower pass ~4 s
+//! each). Ours also runs
 //! one extra SmolVLM pass over the image alone, timed per step, to show where
 //! the image's share of the time to first token goes.
 
