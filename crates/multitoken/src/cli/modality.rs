@@ -243,7 +243,7 @@ fn add(args: &AddArgs) -> Result<()> {
     }
     let context_dir = source.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let modality = build_guarded(&args.builder, &config, &ModalityContext::cpu_f32(&context_dir))?;
-    check_collisions(&args.builder, modality.as_ref(), &source.config, &model)?;
+    check_collisions(&args.builder, modality.as_ref(), &model)?;
     // One source of truth: the loader takes the modality's own projector(), so
     // a --projector may only restate it (a modality whose config picks its
     // projector is given that choice through --config).
@@ -316,16 +316,9 @@ fn this_binary() -> String {
         .unwrap_or_else(|| "multitoken".to_string())
 }
 
-/// The new modality's builder, token and data key must be new to the model.
-fn check_collisions(
-    builder: &str,
-    modality: &dyn Modality,
-    config: &MultimodalConfig,
-    model: &MultimodalModel,
-) -> Result<()> {
-    if config.modalities.iter().any(|entry| entry.builder == builder) {
-        bail!("the model already has a `{builder}` modality");
-    }
+/// The new modality's token and data key must be new to the model (its
+/// builder is checked before it is built, in `add`).
+fn check_collisions(builder: &str, modality: &dyn Modality, model: &MultimodalModel) -> Result<()> {
     let mut taken: Vec<(String, String, String)> = model
         .modalities
         .iter()
