@@ -115,7 +115,10 @@ impl Linear {
             // 13-25 ms vs 96 ms for SmolLM2's up_proj on 512 rows).
             LinearWeight::Quantized(q) if rows >= DEQUANTIZE_FROM_ROWS => match q.as_ref() {
                 QMatMul::QTensor(qt) => {
-                    let w = qt.dequantize(x.device())?.to_dtype(x.dtype())?;
+                    let w = match own_kernel_format(qt, x) {
+                        Some(format) => self.own_dequantized(format, qt, x.device())?,
+                        None => qt.dequantize(x.device())?.to_dtype(x.dtype())?,
+                    };
                     self.dense_matmul(x, &w, &dims, rows)?
                 }
                 other => other.forward(x)?,
@@ -138,8 +141,8 @@ impl Linear {
         })
     }
 
-    /// `x W^T` for a Q4_1 or Q8_0 weight with our kernels ([`crate::quantized`]).
-    fn own_quantized_matmul(&self, format: Format, qt: &QTensor, x: &Tensor, dims: &[usize], rows: usize) -> Result<Tensor> {
+    /// The raw blocks of a Q4_1 or Q8_0 weight, checked against its shape.
+    fn own_blocks<'a>(&self, format: Format, qt: &'a QTensor) -> Result<std::borrow::Cow<'a, [u8]>> {
         let data = qt.data()?;
         let expected = self.out_dim * self.in_dim / crate::quantized::BLOCK * format.block_bytes();
         if data.len() != expected {
@@ -150,6 +153,20 @@ impl Linear {
                 data.len()
             )));
         }
+        Ok(data)
+    }
+
+    /// A Q4_1 or Q8_0 weight as the f32 `[out, in]` matrix candle's dequantize
+    /// gives, computed on the kernels' pool ([`crate::quantized::dequantize`]).
+    fn own_dequantized(&self, format: Format, qt: &QTensor, device: &candle_core::Device) -> Result<Tensor> {
+        let data = self.own_blocks(format, qt)?;
+        let w = crate::quantized::dequantize(format, &data, self.out_dim, self.in_dim);
+        Ok(Tensor::from_vec(w, (self.out_dim, self.in_dim), device)?)
+    }
+
+    /// `x W^T` for a Q4_1 or Q8_0 weight with our kernels ([`crate::quantized`]).
+    fn own_quantized_matmul(&self, format: Format, qt: &QTensor, x: &Tensor, dims: &[usize], rows: usize) -> Result<Tensor> {
+        let data = self.own_blocks(format, qt)?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut y = vec![0f32; rows * self.out_dim];
         crate::quantized::matmul(format, &data, self.out_dim, self.in_dim, &xs, rows, &mut y);

@@ -77,6 +77,42 @@ pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usiz
     }
 }
 
+/// The `[out_dim, in_dim]` f32 matrix of `W`, row-major, exactly as candle's
+/// `QTensor::dequantize` computes it (`q * d + m`, `q * d`), spread over the
+/// kernels' pool. For the prefill's dequantize-then-GEMM path: candle
+/// dequantizes on its own barrier pool, which the binary sizes to one thread
+/// (`CANDLE_NUM_THREADS=1`) so that it cannot stall under contention.
+/// Callers check `blocks.len() == out_dim * in_dim / 32 * block_bytes`.
+pub(crate) fn dequantize(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize) -> Vec<f32> {
+    let per_row = in_dim / BLOCK * format.block_bytes();
+    let mut out = vec![0f32; out_dim * in_dim];
+    let work = |first_out: usize, chunk: &mut [f32]| {
+        for (k, dst) in chunk.chunks_exact_mut(in_dim).enumerate() {
+            let o = first_out + k;
+            let row = &blocks[o * per_row..(o + 1) * per_row];
+            for (block, ys) in row.chunks_exact(format.block_bytes()).zip(dst.chunks_exact_mut(BLOCK)) {
+                let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                match format {
+                    Format::Q4_1 => {
+                        let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                        for (j, q) in block[4..20].iter().enumerate() {
+                            ys[j] = f32::from(q & 0x0f) * d + m;
+                            ys[j + 16] = f32::from(q >> 4) * d + m;
+                        }
+                    }
+                    Format::Q8_0 => {
+                        for (y, q) in ys.iter_mut().zip(&block[2..34]) {
+                            *y = f32::from(*q as i8) * d;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    crate::parallel::fill_items(&mut out, in_dim, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
+    out
+}
+
 /// One weight row against every input row: `dst[r] = w · x[r]`.
 fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -279,6 +315,21 @@ mod tests {
 
     /// The kernels against candle's dequantized matrix times `x` in f32, for
     /// shapes that take the one-thread and the parallel paths, 1 to 9 rows.
+    #[test]
+    fn dequantize_is_candles_bit_for_bit() {
+        // (1536, 576) takes the pool's parallel path, the others one thread.
+        for (format, dtype) in [(Format::Q4_1, GgmlDType::Q4_1), (Format::Q8_0, GgmlDType::Q8_0)] {
+            for (out_dim, in_dim) in [(8, 32), (100, 64), (1536, 576)] {
+                let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let got = dequantize(format, &q.data().unwrap(), out_dim, in_dim);
+                let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same && got.len() == want.len(), "{format:?} {out_dim}x{in_dim}");
+            }
+        }
+    }
+
     #[test]
     fn match_dequantized_matmul() {
         for (format, dtype) in [(Format::Q4_1, GgmlDType::Q4_1), (Format::Q8_0, GgmlDType::Q8_0)] {
