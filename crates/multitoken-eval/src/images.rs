@@ -128,9 +128,14 @@ impl RowImages {
             .map(|r| {
                 columns
                     .iter()
-                    .map(|c| match ImageCell::parse(r.value(c)) {
-                        ImageCell::Data(mut items) if !items.is_empty() => items.swap_remove(0),
-                        _ => String::new(),
+                    // These columns hold data only: a short string is a short
+                    // (probably broken) image, never a reference.
+                    .map(|c| match r.value(c) {
+                        Some(Value::String(s)) => s.clone(),
+                        other => match ImageCell::parse(other) {
+                            ImageCell::Data(mut items) if !items.is_empty() => items.swap_remove(0),
+                            _ => String::new(),
+                        },
                     })
                     .collect()
             })

@@ -651,6 +651,38 @@ mod tests {
     }
 
     #[test]
+    fn prompts_interleave_images_where_their_markers_stand() {
+        let png = "iVBORw0KGgo=";
+        let row = format!(
+            "{{\"id\": \"validation_Art_1\", \"question\": \"Compare <image 2> and <image 1>.\", \"options\": \"['<image 1>', 'neither']\", \"answer\": \"A\", \"question_type\": \"multiple-choice\", \"image_1\": {{\"bytes\": \"{png}\"}}, \"image_2\": \"iVBORw0KGgoAAAA\"}}\n{{\"id\": \"validation_Math_2\", \"question\": \"How many?\", \"options\": \"[]\", \"answer\": \"3\", \"question_type\": \"open\", \"image_1\": \"{png}\"}}\n"
+        );
+        let table = Table::from_jsonl(std::path::Path::new("m.jsonl"), &row).unwrap();
+        let mmmu = Mmmu::load(table).unwrap();
+        let p = mmmu.prompt(0).unwrap();
+        assert_eq!(
+            p.text,
+            "Compare <image> and <image>.\nA. <image>\nB. neither\n\nAnswer with the option's letter from the given choices directly."
+        );
+        // Image 2, image 1, then image 1 again (the option), in the order the markers stand.
+        assert_eq!(p.images.len(), 3);
+        assert_eq!(p.images[0].len(), 11);
+        assert_eq!(p.images[1], p.images[2]);
+        // No marker: the images first, then lmms-eval's open-question prompt.
+        let p = mmmu.prompt(1).unwrap();
+        assert_eq!(
+            p.text,
+            "<image>\nHow many?\n\nAnswer the question using a single word or phrase."
+        );
+        assert_eq!(
+            mmmu.keys(None),
+            vec![
+                RowKey::Text("validation_Art_1".into()),
+                RowKey::Text("validation_Math_2".into())
+            ]
+        );
+    }
+
+    #[test]
     fn subjects_and_domains() {
         assert_eq!(
             subject_of_id("validation_Art_Theory_12").as_deref(),

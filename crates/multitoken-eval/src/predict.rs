@@ -141,12 +141,14 @@ pub fn answer_missing(
     let image_token = model
         .modality_for_key("images")
         .map(|(_, m)| m.modality.token().to_string());
+    // Up to two batches are queued: the next questions are embedded while these decode.
+    let window = config.max_batch.max(1) * 2;
     let scheduler = Scheduler::start(
         model.lm.model.clone(),
         model.lm.tokenizer.clone(),
         Arc::new(Metrics::default()),
         config.max_batch,
-        usize::MAX,
+        window + 1,
     )
     .map_err(|e| Error::Model(e.to_string()))?;
     let params = GenerationParams {
@@ -163,7 +165,6 @@ pub fn answer_missing(
         .open(file)
         .map_err(|e| Error::io(file, e))?;
     let bar = progress_bar(config.progress, keys.len(), keys.len() - missing.len());
-    let window = config.max_batch.max(1) * 2;
     let mut queued: VecDeque<(RowKey, UnboundedReceiver<Event>)> = VecDeque::new();
     let mut next = 0;
     let mut asked = 0;
