@@ -33,7 +33,7 @@ impl ImageCell {
         match value {
             None | Some(Value::Null) => Self::None,
             Some(Value::Array(items)) => {
-                Self::Data(items.iter().filter_map(|v| Self::one(v)).collect())
+                Self::Data(items.iter().filter_map(Self::one).collect())
             }
             Some(Value::String(s)) => Self::from_text(s),
             Some(other) => match Self::one(other) {
@@ -216,7 +216,7 @@ mod tests {
         let text = format!("index\timage\n1\t{long}\n1000001\t1\n");
         let table = Table::from_tsv(Path::new("m.tsv"), &text).unwrap();
         let images = RowImages::resolve(&table, "image", &keys[..2]).unwrap();
-        assert_eq!(images.row(1), &[long.clone()]);
+        assert_eq!(images.row(1), std::slice::from_ref(&long));
     }
 
     #[test]

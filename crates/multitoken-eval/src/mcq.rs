@@ -64,7 +64,7 @@ pub fn can_infer_option(answer: &str, choices: &[Choice]) -> Option<char> {
         .map(|c| if ".()[],:;!*#{}".contains(c) { ' ' } else { c })
         .collect();
     let words = py_split(&spaced);
-    let is_word = |s: &str| words.iter().any(|w| *w == s);
+    let is_word = |s: &str| words.contains(&s);
     let mut letter_buf = [0u8; 4];
     let count = choices
         .iter()

@@ -83,7 +83,7 @@ pub fn py_round2(x: f64) -> f64 {
     let first = rest.as_bytes().first().copied().unwrap_or(b'0');
     let beyond_half = rest.bytes().skip(1).any(|b| b != b'0');
     let mut digits: Vec<u8> = format!("{int_part}{kept}").into_bytes();
-    let last_even = digits.last().is_some_and(|d| (d - b'0') % 2 == 0);
+    let last_even = digits.last().is_some_and(|d| (d - b'0').is_multiple_of(2));
     let round_up = first > b'5' || (first == b'5' && (beyond_half || !last_even));
     if round_up {
         let mut i = digits.len();
@@ -303,7 +303,7 @@ mod tests {
             (0.375, 0.38),
             (1.005, 1.0),
             (-2.5, -2.5),
-            (3.14159, 3.14),
+            (5.14159, 5.14),
             (99.995, 100.0),
             (0.995, 0.99),
             (9.999, 10.0),
