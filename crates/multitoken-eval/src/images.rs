@@ -32,9 +32,7 @@ impl ImageCell {
     pub fn parse(value: Option<&Value>) -> Self {
         match value {
             None | Some(Value::Null) => Self::None,
-            Some(Value::Array(items)) => {
-                Self::Data(items.iter().filter_map(Self::one).collect())
-            }
+            Some(Value::Array(items)) => Self::Data(items.iter().filter_map(Self::one).collect()),
             Some(Value::String(s)) => Self::from_text(s),
             Some(other) => match Self::one(other) {
                 Some(s) => Self::Data(vec![s]),

@@ -45,7 +45,7 @@ pub struct PredictionLine {
 }
 
 /// Reads a predictions file for `loaded`. Every line must be a JSON object
-/// with `index` and `prediction` (a string or number); a `benchmark` other
+/// with `index` and `prediction` (a string, a number, or null for no answer); a `benchmark` other
 /// than this one, an index naming no row of the benchmark file, or one index
 /// with two different answers is an error naming the line.
 pub fn read_predictions(path: &Path, loaded: &Loaded) -> Result<Predictions> {
@@ -72,6 +72,9 @@ pub fn read_predictions(path: &Path, loaded: &Loaded) -> Result<Predictions> {
         let prediction = match value.get("prediction") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(n @ serde_json::Value::Number(_)) => n.to_string(),
+            // A missing answer (pandas' NaN, written as null) reads as no answer:
+            // scored wrong and counted as unparsed, as VLMEvalKit scores `str(nan)`.
+            Some(serde_json::Value::Null) => String::new(),
             _ => return Err(row_error(format!("index {index}: no `prediction` string"))),
         };
         if let Some(other) = value.get("benchmark").and_then(|b| b.as_str()) {

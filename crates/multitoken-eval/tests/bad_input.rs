@@ -70,7 +70,7 @@ fn predictions_that_do_not_belong() {
             Benchmark::MmBench,
             MMB,
             "tsv",
-            Some("{\"index\": 1, \"prediction\": null}\n")
+            Some("{\"index\": 1, \"prediction\": [1]}\n")
         ),
         "DIR/predictions.jsonl:1: index 1: no `prediction` string"
     );
@@ -183,4 +183,23 @@ fn an_image_marker_without_its_image_names_the_row() {
         e.ends_with("m.jsonl:1: row validation_Art_1 names <image 2>, but has no image 2"),
         "{e}"
     );
+}
+
+#[test]
+fn a_null_prediction_is_a_counted_unparsed_answer() {
+    let dir = scratch("null");
+    let data = write(&dir, "m.tsv", MMB);
+    let loaded = Loaded::read(Benchmark::MmBench, &data).unwrap();
+    let preds = write(
+        &dir,
+        "p.jsonl",
+        "{\"index\": 1, \"prediction\": \"A\"}\n{\"index\": \"1000001\", \"prediction\": null}\n",
+    );
+    let scores = loaded
+        .score(&read_predictions(&preds, &loaded).unwrap(), None)
+        .unwrap();
+    assert_eq!(scores.rows.len(), 1);
+    assert_eq!(scores.rows[0].score, 0.0);
+    assert!(scores.rows[0].unparsed);
+    assert_eq!(scores.rows[0].parsed.as_deref(), Some("A,?"));
 }
