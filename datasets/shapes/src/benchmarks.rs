@@ -245,6 +245,26 @@ mod tests {
         Ok(())
     }
 
+    /// `examples/benchmarks/` holds this generator's output for the default
+    /// seed (what `multitoken-datasets --benchmark ... --out FILE` writes).
+    #[test]
+    fn committed_files_are_the_generators_output() -> Result<()> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/benchmarks");
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| crate::io_error(&dir.join(name), e))
+        };
+        assert!(
+            read("shapes-mmbench.tsv")? == mmbench_tsv(7, 20)?,
+            "regenerate shapes-mmbench.tsv"
+        );
+        assert!(
+            read("shapes-pope.tsv")? == pope_tsv(7, 40)?,
+            "regenerate shapes-pope.tsv"
+        );
+        Ok(())
+    }
+
     #[test]
     fn pope_is_balanced() -> Result<()> {
         let tsv = pope_tsv(1, 8)?;
