@@ -16,9 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::images::RowImages;
 use crate::mcq::{can_infer, Choice};
-use crate::pytext::py_float_repr;
 use crate::score::{mean, require_predictions, Predictions, Scored, Scores};
-use crate::table::{Record, RowKey, Table};
+use crate::table::{as_pandas, column_kind, ColumnKind, Record, RowKey, Table};
 use crate::{Prompt, Result};
 
 /// Copies of a question have indices `original + k * CIRCULAR_OFFSET`.
@@ -74,58 +73,6 @@ fn find_column<'a>(table: &'a Table, name: &str) -> Option<&'a str> {
 
 fn cell(record: &Record, column: Option<&str>) -> Option<String> {
     column.and_then(|c| record.text(c))
-}
-
-/// How pandas types an option column.
-enum ColumnKind {
-    Text,
-    Int,
-    Float,
-}
-
-fn pandas_int(s: &str) -> Option<i64> {
-    let t = s.trim_matches(' ');
-    let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    t.parse().ok()
-}
-
-fn pandas_float(s: &str) -> Option<f64> {
-    let t = s.trim_matches(' ');
-    if t.bytes().any(|b| b == b'_') {
-        return None;
-    }
-    t.parse().ok()
-}
-
-fn column_kind(table: &Table, column: &str) -> ColumnKind {
-    let cells: Vec<Option<String>> = table.rows.iter().map(|r| r.text(column)).collect();
-    let present: Vec<&String> = cells.iter().flatten().collect();
-    if present.is_empty() {
-        return ColumnKind::Text;
-    }
-    let any_missing = present.len() < cells.len();
-    if present.iter().all(|s| pandas_int(s).is_some()) {
-        return if any_missing {
-            ColumnKind::Float
-        } else {
-            ColumnKind::Int
-        };
-    }
-    if present.iter().all(|s| pandas_float(s).is_some()) {
-        return ColumnKind::Float;
-    }
-    ColumnKind::Text
-}
-
-fn as_pandas(kind: &ColumnKind, text: String) -> String {
-    match kind {
-        ColumnKind::Text => text,
-        ColumnKind::Int => pandas_int(&text).map(|n| n.to_string()).unwrap_or(text),
-        ColumnKind::Float => pandas_float(&text).map(py_float_repr).unwrap_or(text),
-    }
 }
 
 impl MmBench {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::score::Predictions;
-use crate::table::RowKey;
+use crate::table::{as_pandas, column_kind, RowKey, Table};
 use crate::{Benchmark, Error, Loaded, Result, IMAGE_TOKEN};
 
 /// The predictions file in the output directory.
@@ -44,27 +44,23 @@ pub struct PredictionLine {
     pub benchmark: Option<String>,
 }
 
-/// Reads a predictions file for `loaded`. Every line must be a JSON object
-/// with `index` and `prediction` (a string, a number, or null for no answer); a `benchmark` other
-/// than this one, an index naming no row of the benchmark file, or one index
-/// with two different answers is an error naming the line.
+/// Reads a predictions file for `loaded`: JSON Lines, one object a line with
+/// `index` and `prediction` (a string, a number, or null for no answer), or a
+/// TSV with `index` and `prediction` columns (VLMEvalKit's result files, read
+/// as pandas reads them). A `benchmark` other than this one, an index naming no
+/// row of the benchmark file, or one index with two different answers is an
+/// error naming the line.
 pub fn read_predictions(path: &Path, loaded: &Loaded) -> Result<Predictions> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let known: HashSet<RowKey> = loaded.all_keys().into_iter().collect();
     let benchmark = loaded.benchmark();
     let mut by_key: HashMap<RowKey, String> = HashMap::new();
     let mut unknown = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (line, value) in prediction_rows(path)? {
         let row_error = |message: String| Error::Row {
             file: path.to_path_buf(),
-            line: i + 1,
+            line,
             message,
         };
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| row_error(format!("not JSON: {e}")))?;
         let index = value
             .get("index")
             .and_then(RowKey::from_json)
@@ -85,7 +81,7 @@ pub fn read_predictions(path: &Path, loaded: &Loaded) -> Result<Predictions> {
             }
         }
         if !known.contains(&index) {
-            unknown.push((i + 1, index));
+            unknown.push((line, index));
             continue;
         }
         if let Some(previous) = by_key.get(&index) {
@@ -109,6 +105,48 @@ pub fn read_predictions(path: &Path, loaded: &Loaded) -> Result<Predictions> {
         });
     }
     Ok(Predictions { by_key })
+}
+
+/// The rows of a predictions file as JSON objects with their line numbers.
+fn prediction_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let is_tsv = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+    if is_tsv {
+        let table = Table::read(path)?;
+        table.require("predictions", &["index", "prediction"])?;
+        let kind = column_kind(&table, "prediction");
+        return Ok(table
+            .rows
+            .iter()
+            .map(|r| {
+                let prediction = r
+                    .text("prediction")
+                    .map(|p| serde_json::Value::String(as_pandas(&kind, p)))
+                    .unwrap_or(serde_json::Value::Null);
+                let index = r.value("index").cloned().unwrap_or(serde_json::Value::Null);
+                (
+                    r.line,
+                    serde_json::json!({"index": index, "prediction": prediction}),
+                )
+            })
+            .collect());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value = serde_json::from_str(line).map_err(|e| Error::Row {
+            file: path.to_path_buf(),
+            line: i + 1,
+            message: format!("not JSON: {e}"),
+        })?;
+        rows.push((i + 1, value));
+    }
+    Ok(rows)
 }
 
 /// How to prompt.

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::pytext::py_float_repr;
 use crate::{Error, Result};
 
 /// The strings pandas' `read_csv` reads as NaN by default (`STR_NA_VALUES`).
@@ -326,6 +327,63 @@ fn split_tsv(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usiz
         }
     }
     Ok(records)
+}
+
+/// How pandas types a column of a TSV (VLMEvalKit prints cells as `str(value)`).
+pub enum ColumnKind {
+    /// Strings, printed as written.
+    Text,
+    /// int64: every present cell an integer and none missing (`007` prints `7`).
+    Int,
+    /// float64: numbers, or integers with a missing cell (`3` prints `3.0`).
+    Float,
+}
+
+fn pandas_int(s: &str) -> Option<i64> {
+    let t = s.trim_matches(' ');
+    let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
+fn pandas_float(s: &str) -> Option<f64> {
+    let t = s.trim_matches(' ');
+    if t.bytes().any(|b| b == b'_') {
+        return None;
+    }
+    t.parse().ok()
+}
+
+/// How pandas types `column` of `table`.
+pub fn column_kind(table: &Table, column: &str) -> ColumnKind {
+    let cells: Vec<Option<String>> = table.rows.iter().map(|r| r.text(column)).collect();
+    let present: Vec<&String> = cells.iter().flatten().collect();
+    if present.is_empty() {
+        return ColumnKind::Text;
+    }
+    let any_missing = present.len() < cells.len();
+    if present.iter().all(|s| pandas_int(s).is_some()) {
+        return if any_missing {
+            ColumnKind::Float
+        } else {
+            ColumnKind::Int
+        };
+    }
+    if present.iter().all(|s| pandas_float(s).is_some()) {
+        return ColumnKind::Float;
+    }
+    ColumnKind::Text
+}
+
+/// `str()` of a cell as pandas typed its column.
+pub fn as_pandas(kind: &ColumnKind, text: String) -> String {
+    match kind {
+        ColumnKind::Text => text,
+        ColumnKind::Int => pandas_int(&text).map(|n| n.to_string()).unwrap_or(text),
+        ColumnKind::Float => pandas_float(&text).map(py_float_repr).unwrap_or(text),
+    }
 }
 
 #[cfg(test)]

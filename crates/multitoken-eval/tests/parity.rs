@@ -80,6 +80,23 @@ fn mmbench_circular_scores_equal_vlmevalkits() {
     );
 }
 
+/// VLMEvalKit's own result file (a TSV with the data's columns and `prediction`,
+/// written by pandas) scores as the JSON Lines predictions do.
+#[test]
+fn a_vlmevalkit_result_tsv_scores_the_same() {
+    let from_tsv = scored(Benchmark::MmBench, "mmbench.tsv", "mmbench_result.tsv");
+    let from_jsonl = scored(
+        Benchmark::MmBench,
+        "mmbench.tsv",
+        "mmbench_predictions.jsonl",
+    );
+    assert_eq!(from_tsv.rows, from_jsonl.rows);
+    assert!(close(
+        from_tsv.score,
+        json("mmbench_expected.json")["overall"].as_f64().unwrap()
+    ));
+}
+
 #[test]
 fn numeric_options_score_as_vlmevalkits_pandas_reads_them() {
     check_mmbench(
