@@ -80,7 +80,17 @@ impl MmBench {
     /// missing or non-integer index, a duplicate index, a missing answer, or an
     /// image reference that names no row.
     pub fn load(table: Table) -> Result<Self> {
-        table.require("MMBench", &["index", "question", "answer", "A", "B"])?;
+        // VLMEvalKit lower-cases every column name but the option letters.
+        let needed = ["index", "question", "answer"];
+        let missing: Vec<&str> = needed
+            .into_iter()
+            .filter(|c| find_column(&table, c).is_none())
+            .collect();
+        if !missing.is_empty() {
+            table.require("MMBench", &missing)?;
+        }
+        table.require("MMBench", &["A", "B"])?;
+        let index_col = find_column(&table, "index");
         let question_col = find_column(&table, "question");
         let hint_col = find_column(&table, "hint");
         let answer_col = find_column(&table, "answer");
@@ -94,9 +104,8 @@ impl MmBench {
         let mut rows = Vec::with_capacity(table.rows.len());
         let mut seen: HashMap<i64, usize> = HashMap::new();
         for (i, record) in table.rows.iter().enumerate() {
-            let index_text = record
-                .text("index")
-                .ok_or_else(|| table.row_error(record, "no `index`"))?;
+            let index_text =
+                cell(record, index_col).ok_or_else(|| table.row_error(record, "no `index`"))?;
             let index = match RowKey::parse(&index_text) {
                 RowKey::Int(n) => n,
                 RowKey::Text(t) => {
@@ -134,7 +143,8 @@ impl MmBench {
                 question,
                 hint: cell(record, hint_col),
                 choices,
-                answer: answer.trim().to_string(),
+                // Compared as written: VLMEvalKit does not strip it either.
+                answer,
                 category: cell(record, category_col),
                 l2_category: cell(record, l2_col),
                 split: cell(record, split_col),

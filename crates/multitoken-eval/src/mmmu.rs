@@ -89,16 +89,14 @@ pub fn domain_of(subject: &str) -> Option<&'static str> {
 
 /// `extract_subset_name`: the subject in an id `{split}_{Subject_Name}_{n}`.
 pub fn subject_of_id(id: &str) -> Option<String> {
-    let (split, rest) = id.split_once('_')?;
-    let _ = split;
-    let (subject, n) = rest.rsplit_once('_')?;
-    // `(.+?)_\d+$`: the lazy group stops at the first `_digits` that ends the id.
-    let first = rest.match_indices('_').map(|(i, _)| i).find(|&i| {
+    // `^{split}_(.+?)_\d+$` with `split` the text before the first `_`: the lazy
+    // group ends at the first later `_` after which only digits follow.
+    let (_, rest) = id.split_once('_')?;
+    let end = rest.match_indices('_').map(|(i, _)| i).find(|&i| {
         let tail = &rest[i + 1..];
-        !tail.is_empty() && tail.chars().all(|c| c.is_ascii_digit()) && i > 0
+        i > 0 && !tail.is_empty() && tail.chars().all(|c| c.is_ascii_digit())
     })?;
-    let _ = (subject, n);
-    Some(rest[..first].to_string())
+    Some(rest[..end].to_string())
 }
 
 /// What `parse_open_response` returns: text or a number (rounded to two places).
