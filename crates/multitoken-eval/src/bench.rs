@@ -146,9 +146,10 @@ impl Loaded {
 
     fn position(&self, key: &RowKey) -> Option<usize> {
         match self {
-            Self::MmBench(b) => b.rows().iter().position(|r| RowKey::Int(r.index) == *key),
+            Self::MmBench(b) => b.position(key),
             Self::Mmmu(b) => b.position(key),
-            Self::Pope(_) | Self::Vqav2(_) => self.all_keys().iter().position(|k| k == key),
+            Self::Pope(b) => b.position(key),
+            Self::Vqav2(b) => b.position(key),
         }
     }
 

@@ -59,6 +59,8 @@ pub struct MmBench {
     table: Table,
     rows: Vec<McqRow>,
     images: RowImages,
+    /// Row of each index.
+    position: HashMap<i64, usize>,
 }
 
 /// A column by name as VLMEvalKit finds it: names other than the option
@@ -155,11 +157,21 @@ impl MmBench {
             Some(col) => RowImages::resolve(&table, col, &keys)?,
             None => RowImages::default(),
         };
+        let position = rows.iter().enumerate().map(|(i, r)| (r.index, i)).collect();
         Ok(Self {
             table,
             rows,
             images,
+            position,
         })
+    }
+
+    /// The row with `key`.
+    pub fn position(&self, key: &RowKey) -> Option<usize> {
+        match key {
+            RowKey::Int(n) => self.position.get(n).copied(),
+            RowKey::Text(_) => None,
+        }
     }
 
     /// The rows.

@@ -62,6 +62,11 @@ impl Pope {
         })
     }
 
+    /// The row with `key`.
+    pub fn position(&self, key: &RowKey) -> Option<usize> {
+        self.rows.position.get(key).copied()
+    }
+
     /// The keys to answer (the first `limit`).
     pub fn keys(&self, limit: Option<usize>) -> Vec<RowKey> {
         self.rows
