@@ -149,6 +149,23 @@ fn prediction_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     Ok(rows)
 }
 
+/// Drops an unfinished last line of a predictions file (the run was killed
+/// while writing it), so that resuming asks that question again instead of
+/// failing on half a JSON object. Returns whether a line was dropped.
+pub fn drop_partial_tail(path: &Path) -> Result<bool> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(false);
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.set_len(keep as u64).map_err(|e| Error::io(path, e))?;
+    Ok(true)
+}
+
 /// How to prompt.
 #[derive(Debug, Clone)]
 pub struct PromptConfig {

@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use crate::predict::{answer_missing, read_predictions, PromptConfig, PREDICTIONS_FILE};
+use crate::predict::{
+    answer_missing, drop_partial_tail, read_predictions, PromptConfig, PREDICTIONS_FILE,
+};
 use crate::report::Report;
 use crate::score::Predictions;
 use crate::{Benchmark, Error, Loaded, Result};
@@ -58,6 +60,9 @@ pub fn run(config: &EvalConfig) -> Result<EvalOutcome> {
         (None, Some(file)) => (read_predictions(file, &loaded)?, 0),
         (Some(model), None) => {
             let file = config.out.join(PREDICTIONS_FILE);
+            if file.is_file() && drop_partial_tail(&file)? {
+                eprintln!("note: {}: dropped an unfinished last line; that question is asked again", file.display());
+            }
             let mut predictions = if file.is_file() { read_predictions(&file, &loaded)? } else { Predictions::default() };
             let prompt = PromptConfig {
                 model: model.clone(),

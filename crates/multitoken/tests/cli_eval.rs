@@ -97,12 +97,21 @@ fn demo_model_answers_mmbench_and_resumes() -> TestResult {
     let png = std::fs::read(out.join("accuracy.png"))?;
     assert!(png.starts_with(b"\x89PNG"));
 
+    // A run killed while writing a line leaves half of it: the next run drops it.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(out.join("predictions.jsonl"))?;
+        write!(f, "{{\"index\": 3, \"predic")?;
+    }
     let second = eval(&out, &["--limit", "3"])?;
     assert!(
         second.status.success(),
         "{}",
         String::from_utf8_lossy(&second.stderr)
     );
+    assert!(String::from_utf8_lossy(&second.stderr).contains("dropped an unfinished last line"));
     let stdout = String::from_utf8(second.stdout)?;
     assert!(
         stdout.contains("asked 3 questions"),
