@@ -136,6 +136,8 @@ fn check_dependencies(krate: &str, deps: &[String]) -> Vec<String> {
         // The importers build towers through the registry and Cephalo's
         // mixtures with multitoken-moe's layers; never a modality crate by name.
         "multitoken-vlm" => Some(&["multitoken-core", "multitoken-lm", "multitoken-moe"]),
+        // Benchmarks prompt through the server's scheduler, never a modality crate.
+        "multitoken-eval" => Some(&["multitoken-core", "multitoken-lm", "multitoken-serve"]),
         _ if is_modality => Some(&["multitoken-core", "multitoken-kernels"]),
         _ => None,
     };

@@ -8,6 +8,7 @@ pub mod cli;
 pub use multitoken_audio as audio;
 pub use multitoken_core as core;
 pub use multitoken_document as document;
+pub use multitoken_eval as eval;
 pub use multitoken_lm as lm;
 pub use multitoken_moe as moe;
 pub use multitoken_serve as serve;

@@ -18,6 +18,9 @@
 //! [`judge`] decides whether a generated answer names what a reference answer
 //! names (the shape, colour, count, pitch, topic or image position).
 //!
+//! [`benchmarks`] writes small benchmark-format files of the same images
+//! (an MMBench TSV with circular copies, a POPE TSV) for `multitoken eval`.
+//!
 //! [`GenerateConfig::style`] picks the look of the data: [`Style::Classic`]
 //! (the default, above, byte for byte as it always was), [`Style::Varied`]
 //! (for training: dozens of phrasings per task, odd aspect ratios, small to
@@ -26,6 +29,7 @@
 //! sharing no phrasing, item noun or background with the other two).
 
 pub mod audio;
+pub mod benchmarks;
 pub mod documents;
 pub mod images;
 pub mod rows;

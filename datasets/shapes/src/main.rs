@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...] [--style S]
+//! multitoken-datasets --benchmark mmbench|pope --out FILE [--seed N] [--questions N]
 //! ```
 //! `--train`/`--heldout` are rows per task; task names are those of
 //! `multitoken_datasets::Task::name` (image_shape, audio_count, ...).
@@ -13,6 +14,9 @@ use multitoken_datasets::{generate, GenerateConfig, Style, Task};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--benchmark") {
+        return benchmark(&args);
+    }
     let (out, config) = parse(&args)?;
     let summary = generate(&out, &config)?;
     println!(
@@ -25,6 +29,42 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// `--benchmark mmbench|pope --out FILE [--seed N] [--questions N]`: a
+/// benchmark-format TSV of the shapes images (`--questions`: per task for
+/// MMBench, in all for POPE).
+fn benchmark(args: &[String]) -> Result<()> {
+    let (mut kind, mut out, mut seed, mut questions) = (None, None, 7u64, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--benchmark" => kind = Some(value()?.clone()),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--seed" => seed = value()?.parse().with_context(|| format!("{flag}: not an integer"))?,
+            "--questions" => questions = Some(value()?.parse::<usize>().with_context(|| format!("{flag}: not an integer"))?),
+            other => bail!("unknown argument `{other}` with --benchmark (--benchmark, --out, --seed, --questions)"),
+        }
+    }
+    let out = out.context("--out FILE is required")?;
+    let text = match kind.as_deref() {
+        Some("mmbench") => {
+            multitoken_datasets::benchmarks::mmbench_tsv(seed, questions.unwrap_or(20))?
+        }
+        Some("pope") => multitoken_datasets::benchmarks::pope_tsv(seed, questions.unwrap_or(40))?,
+        other => bail!(
+            "--benchmark: `{}` is not mmbench or pope",
+            other.unwrap_or("")
+        ),
+    };
+    std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} ({} rows)",
+        out.display(),
+        text.lines().count().saturating_sub(1)
+    );
+    Ok(())
+}
+
 /// `--help`: the flags with their defaults, and every task by name.
 fn usage() -> String {
     let defaults = GenerateConfig::default();
@@ -32,6 +72,7 @@ fn usage() -> String {
         "Writes the synthetic shapes / beeps / topics dataset: DIR/train.jsonl, DIR/heldout.jsonl and their items.
 
 usage: multitoken-datasets --out DIR [--seed N] [--train N] [--heldout N] [--tasks a,b,...] [--style S]
+       multitoken-datasets --benchmark mmbench|pope --out FILE [--seed N] [--questions N]
 
   --out DIR        where to write (created when missing)
   --seed N         random seed [default: {}]
@@ -51,7 +92,10 @@ tasks:",
         text.push_str(&format!("\n  {}", task.name()));
     }
     for task in Task::EXTRA {
-        text.push_str(&format!("\n  {} (added by --style varied|unlike)", task.name()));
+        text.push_str(&format!(
+            "\n  {} (added by --style varied|unlike)",
+            task.name()
+        ));
     }
     text
 }

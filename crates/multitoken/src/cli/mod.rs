@@ -26,6 +26,7 @@
 
 mod chat;
 mod embed;
+mod eval;
 mod generate;
 mod mel;
 mod modality;
@@ -66,8 +67,8 @@ enum Command {
     Dataset(multitoken_train::cli::DatasetArgs),
     /// Merge a PEFT LoRA adapter into the base model's weights.
     MergeLora(multitoken_train::cli::MergeLoraArgs),
-    /// Accuracy of a model on a held-out dataset.
-    Eval(multitoken_train::cli::EvalArgs),
+    /// A model's score on MMBench, MMMU, POPE or VQAv2 files (their reference rules), or on held-out rows.
+    Eval(eval::EvalArgs),
     /// Build and tune a mixture of experts from fine-tuned models.
     Moe(multitoken_moe::cli::MoeArgs),
     /// Serve a model over HTTP (/generate, OpenAI-compatible API, web chat page).
@@ -132,7 +133,7 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Train(args) => multitoken_train::cli::train(args),
         Command::Dataset(args) => multitoken_train::cli::dataset(args),
         Command::MergeLora(args) => multitoken_train::cli::merge_lora(args),
-        Command::Eval(args) => multitoken_train::cli::eval(args),
+        Command::Eval(args) => eval::run(args),
         Command::Moe(args) => multitoken_moe::cli::run(args),
         Command::Serve(args) => multitoken_serve::cli::run(args),
         Command::Modality(args) => modality::run(args),
