@@ -12,7 +12,7 @@ use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::gguf::{load_gguf_with, GgufWeights};
 use multitoken_lm::multimodal::{template_from_spec, MultimodalModel};
 
-use crate::config::{Limits, ServeConfig};
+use crate::config::{ConnectionLimits, Limits, ServeConfig};
 use crate::state::AppState;
 
 /// `multitoken serve`.
@@ -76,6 +76,17 @@ pub struct ServeArgs {
     /// Most requests waiting for a slot (more get 429).
     #[arg(long, default_value_t = ServeConfig::default().max_queue)]
     pub max_queue: usize,
+    /// Seconds a client has to send a request's headers; also how long a
+    /// kept-alive connection may sit idle before it is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
+    pub header_read_timeout: u64,
+    /// Seconds a client has to send a whole request body (408 after).
+    #[arg(long, value_name = "SECONDS", default_value_t = ConnectionLimits::default().body_read_timeout.as_secs())]
+    pub body_read_timeout: u64,
+    /// Most connections open at once (lowered to fit the file-descriptor limit,
+    /// whose soft value is raised to the hard one at start); more wait to be accepted.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
 }
 
 impl ServeArgs {
@@ -101,6 +112,11 @@ impl ServeArgs {
             },
             max_batch: self.max_batch,
             max_queue: self.max_queue,
+            connections: ConnectionLimits {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
+                body_read_timeout: Duration::from_secs(self.body_read_timeout.max(1)),
+                max_connections: self.max_connections.max(1),
+            },
         })
     }
 

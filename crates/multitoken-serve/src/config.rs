@@ -54,6 +54,35 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Most requests waiting for a batch slot; beyond it requests get a 429.
     pub max_queue: usize,
+    /// Connection limits (slow or idle clients).
+    pub connections: ConnectionLimits,
+}
+
+/// What one TCP connection may hold: an idle or half-sent request must not
+/// keep a socket (and its file descriptor) forever, and the number of open
+/// connections is capped so that a flood of sockets cannot exhaust the
+/// process's file descriptors and make `/health` unreachable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionLimits {
+    /// Time a client has to send a request's headers, counted from the moment
+    /// the server waits for them: a new connection, or a kept-alive one after
+    /// its previous response (so it is also the idle timeout).
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a whole request body once its headers arrived.
+    pub body_read_timeout: Duration,
+    /// Most connections open at once; further ones wait in the listen backlog
+    /// until one closes. Lowered at start to fit the file-descriptor limit.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        }
+    }
 }
 
 impl Default for ServeConfig {
@@ -65,6 +94,7 @@ impl Default for ServeConfig {
             limits: Limits::default(),
             max_batch: 16,
             max_queue: 256,
+            connections: ConnectionLimits::default(),
         }
     }
 }

@@ -1,0 +1,248 @@
+//! Hostile clients (issue 23): slow and idle connections, symlink races under
+//! `--allow-files`, slow preparation, huge prompts, stop strings and chat
+//! templates that try to stall the server, special tokens typed into messages.
+//! Every assertion is about behaviour (status, message, that a bound held);
+//! time limits are generous upper bounds, never measurements.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use multitoken_serve::{ConnectionLimits, ServeConfig};
+use serde_json::{json, Value};
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+/// Reads until the server closes the connection; what it sent, or a panic
+/// when it is still open after `limit` (the server never dropped it).
+fn read_until_closed(mut stream: TcpStream, limit: Duration) -> String {
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // A reset is the server closing too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server kept the connection open past {limit:?}: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn connect(server: &TestServer) -> TcpStream {
+    TcpStream::connect(server.addr).unwrap()
+}
+
+/// Idle, half-header and half-body sockets are closed after the header or
+/// body read timeout, while `/health` keeps answering.
+#[test]
+fn slow_and_idle_clients_are_disconnected_while_health_answers() {
+    let server = TestServer::start(
+        text_model(),
+        ServeConfig {
+            connections: ConnectionLimits {
+                header_read_timeout: Duration::from_secs(1),
+                body_read_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let idle = connect(&server);
+    let mut half_header = connect(&server);
+    half_header
+        .write_all(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Le")
+        .unwrap();
+    let mut half_body = connect(&server);
+    half_body
+        .write_all(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": ")
+        .unwrap();
+    let (status, body) = get(&server.url("/health"));
+    assert_eq!(status, 200, "{body}");
+    // Generous: the timeouts are 1 s; a server that never closes fails here.
+    let limit = Duration::from_secs(60);
+    read_until_closed(idle, limit);
+    read_until_closed(half_header, limit);
+    let answer = read_until_closed(half_body, limit);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--body-read-timeout"), "{answer}");
+    assert_eq!(get(&server.url("/health")).0, 200);
+}
+
+/// 1,100 idle sockets (more than Linux's default 1,024 descriptors, which the
+/// server raises at start) leave `/health` reachable.
+#[test]
+fn eleven_hundred_idle_sockets_leave_health_reachable() {
+    // Start from the common default soft limit so that the server's raise is what
+    // makes room (client and server sockets share this test process).
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if limit.rlim_max < 4096 {
+        eprintln!(
+            "skipped: the hard file-descriptor limit {} is below 4096",
+            limit.rlim_max
+        );
+        return;
+    }
+    let lowered = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) };
+    let server = TestServer::start(text_model(), ServeConfig::default());
+    let rss_before = rss_kib();
+    let sockets: Vec<TcpStream> = (0..1100).map(|_| connect(&server)).collect();
+    let start = Instant::now();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(20)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let response = agent.get(&server.url("/health")).call();
+    let elapsed = start.elapsed();
+    let status = response.map(|r| r.status().as_u16());
+    assert!(matches!(status, Ok(200)), "{status:?}");
+    eprintln!(
+        "1,100 idle sockets: /health answered in {elapsed:?}; process RSS {} KiB -> {} KiB",
+        rss_before,
+        rss_kib()
+    );
+    drop(sockets);
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A directory under `--allow-files` swapped back and forth for a symlink to a
+/// directory outside it while items name a file through it: no read ever
+/// returns the outside file (before the fix, some did).
+#[test]
+fn a_symlink_swapped_under_the_allowed_dir_is_never_read() {
+    use multitoken_serve::items::{resolve, ItemSource};
+    let base = std::env::temp_dir().join(format!("multitoken-hostile-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (root, outside) = (base.join("root"), base.join("outside"));
+    std::fs::create_dir_all(root.join("real")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(root.join("real/a.txt"), "inside").unwrap();
+    std::fs::write(outside.join("a.txt"), "SECRET").unwrap();
+    let config = ServeConfig {
+        allow_files: Some(root.clone()),
+        ..Default::default()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // `sub` is a real directory and `alt` a symlink out; the swapper exchanges
+    // the two names atomically (renameat2 RENAME_EXCHANGE), as fast as it can.
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("sub/a.txt"), "inside").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("alt")).unwrap();
+    let swapper = {
+        let (root, stop) = (root.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::ffi::OsStrExt;
+            let name =
+                |n: &str| std::ffi::CString::new(root.join(n).as_os_str().as_bytes()).unwrap();
+            let (sub, alt) = (name("sub"), name("alt"));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: two valid NUL-terminated paths.
+                let done = unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        sub.as_ptr(),
+                        libc::AT_FDCWD,
+                        alt.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+                if done != 0 {
+                    // No RENAME_EXCHANGE here (old kernel or file system): swap by renames.
+                    let _ = std::fs::rename(root.join("sub"), root.join("tmp"));
+                    let _ = std::fs::rename(root.join("alt"), root.join("sub"));
+                    let _ = std::fs::rename(root.join("tmp"), root.join("alt"));
+                }
+            }
+        })
+    };
+    let (mut inside, mut refused) = (0, 0);
+    for _ in 0..20_000 {
+        match resolve(
+            &ItemSource::Path("sub/a.txt".into()),
+            "documents[0]",
+            &config,
+        ) {
+            Ok(multitoken_core::Item::Bytes(bytes)) => {
+                assert_ne!(
+                    bytes, b"SECRET",
+                    "read a file outside --allow-files through a swapped symlink"
+                );
+                inside += 1;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => {
+                assert!(
+                    e.to_string()
+                        .contains("not a file under the allowed directory"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    eprintln!("symlink race: {inside} reads inside, {refused} refused, 0 outside");
+    // A symlink out, a FIFO (which must not block the open) and a file over the
+    // size cap are refused with clear errors.
+    std::os::unix::fs::symlink(outside.join("a.txt"), root.join("out.txt")).unwrap();
+    let fifo = root.join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    std::fs::write(root.join("big.txt"), vec![b'x'; 5000]).unwrap();
+    let small = ServeConfig {
+        allow_files: Some(root.clone()),
+        limits: multitoken_serve::Limits {
+            max_body_bytes: 4096,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut cases = vec![
+        ("out.txt", "not a file under the allowed directory"),
+        ("big.txt", "larger than the limit of 4096 bytes"),
+    ];
+    if made {
+        cases.push(("pipe", "not a file under the allowed directory"));
+    }
+    for (path, want) in cases {
+        let err = resolve(&ItemSource::Path(path.into()), "documents[0]", &small)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{path}: {err}");
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}
