@@ -10,7 +10,9 @@
 //! `{encoder}/model.safetensors` through `ModalityContext::var_builder`, so
 //! it can be trained. `{"panic": true}` in the config makes the builder panic,
 //! `{"bad_shape": true}` makes the encoder return features of the wrong width,
-//! `{"hide_weights": true}` makes it not say where its weights live.
+//! `{"hide_weights": true}` makes it not say where its weights live,
+//! `{"check_sleep_ms": N}` makes each item's cheap pre-check (`check_item`)
+//! take N ms (slow preparation for the server's deadline tests).
 
 #![allow(dead_code)]
 
@@ -18,7 +20,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use multitoken_core::{
-    EncoderWeights, Item, Modality, ModalityBuilder, ModalityContext, ModalityInfo, ProjectorSpec, Result,
+    EncoderWeights, Item, Modality, ModalityBuilder, ModalityContext, ModalityInfo, ProjectorSpec,
+    Result,
 };
 
 /// The builder name.
@@ -36,6 +39,7 @@ pub struct Sensor {
     proj: Tensor,
     bad_shape: bool,
     hide_weights: bool,
+    check_sleep: std::time::Duration,
     projector: ProjectorSpec,
 }
 
@@ -44,7 +48,8 @@ pub fn numbers(item: &Item) -> Result<Vec<f32>> {
     let text = match item {
         Item::Text(text) => text.clone(),
         Item::Bytes(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-        Item::Path(path) => std::fs::read_to_string(path).map_err(|e| multitoken_core::Error::msg(format!("{}: {e}", path.display())))?,
+        Item::Path(path) => std::fs::read_to_string(path)
+            .map_err(|e| multitoken_core::Error::msg(format!("{}: {e}", path.display())))?,
     };
     let values: Vec<f32> = text
         .trim()
@@ -52,10 +57,15 @@ pub fn numbers(item: &Item) -> Result<Vec<f32>> {
         .trim_end_matches(']')
         .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<f32>().map_err(|e| multitoken_core::Error::msg(format!("`{s}` is not a number: {e}"))))
+        .map(|s| {
+            s.parse::<f32>()
+                .map_err(|e| multitoken_core::Error::msg(format!("`{s}` is not a number: {e}")))
+        })
         .collect::<Result<_>>()?;
     if values.is_empty() {
-        return Err(multitoken_core::Error::msg("a reading needs at least one number"));
+        return Err(multitoken_core::Error::msg(
+            "a reading needs at least one number",
+        ));
     }
     Ok(values)
 }
@@ -78,7 +88,9 @@ impl Modality for Sensor {
     }
     fn preprocess(&self, item: &Item) -> Result<Tensor> {
         let values = numbers(item)?;
-        let data: Vec<f32> = (0..WIDTH * INPUT).map(|i| values[i % values.len()] / 10.0).collect();
+        let data: Vec<f32> = (0..WIDTH * INPUT)
+            .map(|i| values[i % values.len()] / 10.0)
+            .collect();
         Ok(Tensor::from_vec(data, (WIDTH, INPUT), &Device::Cpu)?)
     }
     fn encode(&self, batch: &Tensor) -> Result<Tensor> {
@@ -100,6 +112,10 @@ impl Modality for Sensor {
     fn inline_items(&self) -> bool {
         true
     }
+    fn check_item(&self, _item: &Item) -> Result<()> {
+        std::thread::sleep(self.check_sleep);
+        Ok(())
+    }
 }
 
 fn build(config: &serde_json::Value, context: &ModalityContext) -> Result<Box<dyn Modality>> {
@@ -107,17 +123,26 @@ fn build(config: &serde_json::Value, context: &ModalityContext) -> Result<Box<dy
         panic!("the sensor is unplugged");
     }
     let weights = EncoderWeights::at("encoder").with_default("sensor");
-    let dir = weights.dir_in(&context.model_dir, config).unwrap_or_else(|| context.model_dir.join("sensor"));
+    let dir = weights
+        .dir_in(&context.model_dir, config)
+        .unwrap_or_else(|| context.model_dir.join("sensor"));
     let vb = context.var_builder(&dir.join("model.safetensors"))?;
     let proj = vb.pp("proj").get((FEATURES, INPUT), "weight")?;
     let projector = match config.get("projector") {
-        Some(spec) => serde_json::from_value(spec.clone()).map_err(|e| multitoken_core::Error::msg(format!("projector: {e}")))?,
+        Some(spec) => serde_json::from_value(spec.clone())
+            .map_err(|e| multitoken_core::Error::msg(format!("projector: {e}")))?,
         None => ProjectorSpec::MlpGelu { depth: 2 },
     };
     Ok(Box::new(Sensor {
         proj,
         bad_shape: config.get("bad_shape").is_some(),
         hide_weights: config.get("hide_weights").is_some(),
+        check_sleep: std::time::Duration::from_millis(
+            config
+                .get("check_sleep_ms")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+        ),
         projector,
     }))
 }
@@ -128,10 +153,13 @@ multitoken_core::inventory::submit! { ModalityInfo { builder: NAME, token: "<rea
 /// Writes the encoder weights (seeded) to `dir/model.safetensors`.
 pub fn write_encoder(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| multitoken_core::Error::msg(e.to_string()))?;
-    let values: Vec<f32> = (0..FEATURES * INPUT).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+    let values: Vec<f32> = (0..FEATURES * INPUT)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
+        .collect();
     let weight = Tensor::from_vec(values, (FEATURES, INPUT), &Device::Cpu)?.to_dtype(DType::F32)?;
     let tensors = std::collections::HashMap::from([("proj.weight".to_string(), weight)]);
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-    std::fs::write(dir.join("config.json"), "{\"kind\": \"test_sensor\"}").map_err(|e| multitoken_core::Error::msg(e.to_string()))?;
+    std::fs::write(dir.join("config.json"), "{\"kind\": \"test_sensor\"}")
+        .map_err(|e| multitoken_core::Error::msg(e.to_string()))?;
     Ok(())
 }

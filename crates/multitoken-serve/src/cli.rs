@@ -67,9 +67,18 @@ pub struct ServeArgs {
     /// Most new tokens per request (also the default).
     #[arg(long, default_value_t = Limits::default().max_new_tokens)]
     pub max_new_tokens: usize,
-    /// Per-request time limit in seconds.
+    /// Per-request time limit in seconds, preparation included (items read and
+    /// checked, prompt tokenised, items embedded: 408 when not done in time).
     #[arg(long, default_value_t = Limits::default().request_timeout.as_secs())]
     pub request_timeout: u64,
+    /// Most bytes of message text per request, refused before tokenising
+    /// [default: the model's context length x its longest vocabulary entry].
+    #[arg(long, value_name = "BYTES")]
+    pub max_prompt_bytes: Option<usize>,
+    /// Most requests prepared at once, each on a blocking thread [default: the
+    /// number of CPUs]; others wait their turn within --request-timeout.
+    #[arg(long, value_name = "N")]
+    pub max_preparing: Option<usize>,
     /// Most sequences decoded together.
     #[arg(long, default_value_t = ServeConfig::default().max_batch)]
     pub max_batch: usize,
@@ -109,9 +118,11 @@ impl ServeArgs {
                 max_document_pages: self.max_document_pages,
                 max_new_tokens: self.max_new_tokens,
                 request_timeout: Duration::from_secs(self.request_timeout),
+                max_prompt_bytes: self.max_prompt_bytes,
             },
             max_batch: self.max_batch,
             max_queue: self.max_queue,
+            max_preparing: self.max_preparing.unwrap_or(ServeConfig::default().max_preparing).max(1),
             connections: ConnectionLimits {
                 header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
                 body_read_timeout: Duration::from_secs(self.body_read_timeout.max(1)),

@@ -19,9 +19,16 @@ pub struct Limits {
     pub max_document_pages: usize,
     /// Most new tokens one request may ask for (also the default).
     pub max_new_tokens: usize,
-    /// Wall-clock limit of one request; at the limit the answer so far is
-    /// returned with `finish_reason: "length"`.
+    /// Wall-clock limit of one request, preparation included: a request whose
+    /// items and prompt are not ready by then gets a 408; one that is decoding
+    /// at the limit returns the answer so far with `finish_reason: "length"`.
     pub request_timeout: Duration,
+    /// Most bytes of message text one request may carry; `None`: the model's
+    /// context length times the byte length of its longest vocabulary entry,
+    /// the most text that could still fit the context. Checked before the
+    /// prompt is rendered or tokenised (tokenising costs ~180 bytes of memory
+    /// per byte of text).
+    pub max_prompt_bytes: Option<usize>,
 }
 
 impl Default for Limits {
@@ -34,6 +41,7 @@ impl Default for Limits {
             max_document_pages: 200,
             max_new_tokens: 512,
             request_timeout: Duration::from_secs(300),
+            max_prompt_bytes: None,
         }
     }
 }
@@ -56,6 +64,10 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Connection limits (slow or idle clients).
     pub connections: ConnectionLimits,
+    /// Most requests prepared at once (items read and checked, prompt
+    /// rendered and tokenised, items embedded), each on a blocking thread;
+    /// more wait for a turn within their `request_timeout`.
+    pub max_preparing: usize,
 }
 
 /// What one TCP connection may hold: an idle or half-sent request must not
@@ -95,6 +107,7 @@ impl Default for ServeConfig {
             max_batch: 16,
             max_queue: 256,
             connections: ConnectionLimits::default(),
+            max_preparing: std::thread::available_parallelism().map_or(4, |n| n.get()),
         }
     }
 }

@@ -55,6 +55,7 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     disconnects: AtomicU64,
+    preparations_abandoned: AtomicU64,
     queue_depth: AtomicI64,
     running: AtomicI64,
 }
@@ -90,6 +91,11 @@ impl Metrics {
     /// Counts a client that went away before its answer was complete.
     pub fn add_disconnect(&self) {
         self.disconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request's preparation stopped early (client gone or deadline passed).
+    pub fn add_preparation_abandoned(&self) {
+        self.preparations_abandoned.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Changes the number of requests waiting for a batch slot.
@@ -158,6 +164,11 @@ impl Metrics {
                 "multitoken_client_disconnects_total",
                 "Clients gone before their answer was complete.",
                 self.disconnects.load(Ordering::Relaxed),
+            ),
+            (
+                "multitoken_preparations_abandoned_total",
+                "Request preparations stopped early because the client went away or the deadline passed.",
+                self.preparations_abandoned.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {

@@ -8,12 +8,17 @@
 
 mod common;
 
+#[path = "../../../tests/support/sensor_modality.rs"]
+mod sensor;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use multitoken_serve::{ConnectionLimits, ServeConfig};
+use multitoken_lm::loader::LoadOptions;
+use multitoken_lm::multimodal::MultimodalModel;
+use multitoken_serve::{ConnectionLimits, Limits, ServeConfig};
 use serde_json::{json, Value};
 
 fn user(text: &str) -> Value {
@@ -225,7 +230,7 @@ fn a_symlink_swapped_under_the_allowed_dir_is_never_read() {
     std::fs::write(root.join("big.txt"), vec![b'x'; 5000]).unwrap();
     let small = ServeConfig {
         allow_files: Some(root.clone()),
-        limits: multitoken_serve::Limits {
+        limits: Limits {
             max_body_bytes: 4096,
             ..Default::default()
         },
@@ -245,4 +250,162 @@ fn a_symlink_swapped_under_the_allowed_dir_is_never_read() {
         assert!(err.contains(want), "{path}: {err}");
     }
     std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// The llama fixture with the test-only `<reading>` modality, whose per-item
+/// check takes `check_sleep_ms` (a slow item to prepare).
+fn slow_sensor_model(check_sleep_ms: u64) -> MultimodalModel {
+    use candle_core::{Device, Tensor};
+    let dir = std::env::temp_dir().join(format!(
+        "multitoken-hostile-sensor-{}-{check_sleep_ms}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    sensor::write_encoder(&dir.join("sensor")).unwrap();
+    let config = json!({
+        "base_model": fixtures().join("lm/llama"),
+        "modalities": [{"builder": sensor::NAME, "config": {"check_sleep_ms": check_sleep_ms}}]
+    });
+    std::fs::write(dir.join("multitoken.json"), config.to_string()).unwrap();
+    let (features, hidden) = (sensor::FEATURES, 64);
+    let dev = Device::Cpu;
+    let tensors: std::collections::HashMap<String, Tensor> = [
+        (
+            "0.weight",
+            Tensor::randn(0f32, 0.5, (hidden, features), &dev).unwrap(),
+        ),
+        (
+            "0.bias",
+            Tensor::zeros(hidden, candle_core::DType::F32, &dev).unwrap(),
+        ),
+        (
+            "2.weight",
+            Tensor::randn(0f32, 0.2, (hidden, hidden), &dev).unwrap(),
+        ),
+        (
+            "2.bias",
+            Tensor::zeros(hidden, candle_core::DType::F32, &dev).unwrap(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("test_sensor_lmm_projector.{k}"), v))
+    .collect();
+    candle_core::safetensors::save(&tensors, dir.join("projectors.safetensors")).unwrap();
+    MultimodalModel::load(&dir, &LoadOptions::default()).unwrap()
+}
+
+/// Waits (up to a minute) until `/metrics` shows `line`.
+fn wait_for_metric(server: &TestServer, line: &str) {
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = get(&server.url("/metrics"));
+        if metrics.contains(line) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no `{line}` in\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Preparation (reading and checking items, the prompt, embedding) runs under
+/// `--request-timeout`: past it the client gets a 408 rather than waiting for
+/// the work, and with one preparation turn a second request waiting for it
+/// also gets a 408 instead of queueing without bound. The abandoned work stops
+/// at its next step.
+#[test]
+fn preparation_past_the_deadline_is_a_timeout() {
+    let server = TestServer::start(
+        slow_sensor_model(8000),
+        ServeConfig {
+            limits: Limits {
+                request_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
+            max_preparing: 1,
+            ..Default::default()
+        },
+    );
+    let request = json!({"messages": user("<reading> <reading>"), "readings": [[1, 2, 3], [4, 5, 6]], "max_new_tokens": 2});
+    let (status, body) = post_json(&server.url("/generate"), &request);
+    assert_eq!(status, 408, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("were not ready within --request-timeout (1 s)"),
+        "{message}"
+    );
+    // The first request's item check still holds the only turn.
+    let (status, body) = post_json(&server.url("/generate"), &request);
+    assert_eq!(status, 408, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("busy preparing other requests"),
+        "{message}"
+    );
+    assert_eq!(get(&server.url("/health")).0, 200);
+    // The first request stops after its first item instead of checking the second.
+    wait_for_metric(&server, "multitoken_preparations_abandoned_total 1");
+}
+
+/// A client that hangs up while its request is prepared stops that work.
+#[test]
+fn a_disconnected_client_stops_its_preparation() {
+    let server = TestServer::start(slow_sensor_model(3000), ServeConfig::default());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(500)))
+        .build()
+        .into();
+    let request = json!({"messages": user("<reading> <reading>"), "readings": [[1, 2, 3], [4, 5, 6]], "max_new_tokens": 2});
+    let gave_up = agent
+        .post(&server.url("/generate"))
+        .send(request.to_string());
+    assert!(gave_up.is_err(), "the client should have timed out");
+    wait_for_metric(&server, "multitoken_preparations_abandoned_total 1");
+}
+
+/// A 25 MB prompt is refused by its byte count before it is rendered or
+/// tokenised (which would cost ~4.5 GB), with a message naming the limit.
+#[test]
+fn a_25_mb_prompt_is_refused_before_tokenising() {
+    let server = TestServer::start(text_model(), ServeConfig::default());
+    let limit = server.state.max_prompt_bytes;
+    let context = server.state.model.lm.model.max_context();
+    assert!(limit >= context, "{limit} bytes for {context} tokens");
+    let rss_before = rss_kib();
+    let start = Instant::now();
+    let prompt = "word ".repeat(5 * 1024 * 1024);
+    let (status, body) = post_json(
+        &server.url("/generate"),
+        &json!({"messages": user(&prompt)}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "hold 26214400 bytes of text, more than the limit of {limit} bytes"
+        )) && message.contains("--max-prompt-bytes"),
+        "{message}"
+    );
+    eprintln!(
+        "25 MB prompt refused in {:?}; RSS {rss_before} KiB -> {} KiB",
+        start.elapsed(),
+        rss_kib()
+    );
+    // Text that fits the byte limit but not the context is still refused after
+    // tokenising, naming the positions.
+    let prompt = "word ".repeat(limit / 5);
+    let (status, body) = post_json(
+        &server.url("/generate"),
+        &json!({"messages": user(&prompt)}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("positions"),
+        "{body}"
+    );
 }
