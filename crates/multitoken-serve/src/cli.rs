@@ -75,6 +75,12 @@ pub struct ServeArgs {
     /// [default: the model's context length x its longest vocabulary entry].
     #[arg(long, value_name = "BYTES")]
     pub max_prompt_bytes: Option<usize>,
+    /// Most stop strings per request.
+    #[arg(long, default_value_t = Limits::default().max_stop_strings)]
+    pub max_stop_strings: usize,
+    /// Longest stop string in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_stop_bytes)]
+    pub max_stop_bytes: usize,
     /// Most requests prepared at once, each on a blocking thread [default: the
     /// number of CPUs]; others wait their turn within --request-timeout.
     #[arg(long, value_name = "N")]
@@ -119,6 +125,8 @@ impl ServeArgs {
                 max_new_tokens: self.max_new_tokens,
                 request_timeout: Duration::from_secs(self.request_timeout),
                 max_prompt_bytes: self.max_prompt_bytes,
+                max_stop_strings: self.max_stop_strings,
+                max_stop_bytes: self.max_stop_bytes,
             },
             max_batch: self.max_batch,
             max_queue: self.max_queue,

@@ -29,6 +29,10 @@ pub struct Limits {
     /// prompt is rendered or tokenised (tokenising costs ~180 bytes of memory
     /// per byte of text).
     pub max_prompt_bytes: Option<usize>,
+    /// Most stop strings per request.
+    pub max_stop_strings: usize,
+    /// Longest stop string in bytes.
+    pub max_stop_bytes: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +46,8 @@ impl Default for Limits {
             max_new_tokens: 512,
             request_timeout: Duration::from_secs(300),
             max_prompt_bytes: None,
+            max_stop_strings: 32,
+            max_stop_bytes: 1024,
         }
     }
 }

@@ -290,6 +290,29 @@ impl AppState {
                 ),
             ));
         }
+        // The scheduler thread matches stop strings for every user's tokens:
+        // their number and length are bounded (and matching is incremental,
+        // `detok::StopMatcher`).
+        if request.stop.len() > limits.max_stop_strings {
+            return Err(Error::bad_param(
+                "stop",
+                format!(
+                    "`stop` holds {} strings, more than the limit of {} (--max-stop-strings)",
+                    request.stop.len(),
+                    limits.max_stop_strings
+                ),
+            ));
+        }
+        if let Some((i, long)) = request.stop.iter().enumerate().find(|(_, s)| s.len() > limits.max_stop_bytes) {
+            return Err(Error::bad_param(
+                "stop",
+                format!(
+                    "stop[{i}] is {} bytes long, more than the limit of {} bytes (--max-stop-bytes)",
+                    long.len(),
+                    limits.max_stop_bytes
+                ),
+            ));
+        }
         let sampling = SamplingParams {
             temperature: Some(request.temperature.unwrap_or(0.0)),
             top_k: None,

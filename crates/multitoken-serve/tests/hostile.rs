@@ -409,3 +409,54 @@ fn a_25_mb_prompt_is_refused_before_tokenising() {
         "{body}"
     );
 }
+
+/// 10,000 stop strings or one 1 MB stop string are refused with the limit
+/// named; the most a request may send (32 strings of 1 KiB that all stay
+/// partially matched) runs beside another user's 32-token request, and both
+/// answer.
+#[test]
+fn stop_strings_are_bounded_and_cannot_stall_other_requests() {
+    let server = TestServer::start(text_model(), ServeConfig::default());
+    let url = server.url("/v1/chat/completions");
+    let many: Vec<String> = (0..10_000).map(|i| format!("stop{i}")).collect();
+    let huge = "x".repeat(1 << 20);
+    let cases = [
+        (
+            json!(many),
+            "`stop` holds 10000 strings, more than the limit of 32 (--max-stop-strings)",
+        ),
+        (
+            json!([huge]),
+            "stop[0] is 1048576 bytes long, more than the limit of 1024 bytes (--max-stop-bytes)",
+        ),
+    ];
+    for (stop, want) in cases {
+        let (status, body) = post_json(
+            &url,
+            &json!({"messages": user("hi"), "stop": stop, "max_tokens": 4}),
+        );
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["message"], json!(want));
+        assert_eq!(body["error"]["param"], json!("stop"));
+    }
+    // The most allowed, and adversarial: every generated space could start each.
+    let heavy: Vec<String> = (0..32)
+        .map(|i| format!("{}{i}", " ".repeat(1020)))
+        .collect();
+    let heavy_url = url.clone();
+    let start = Instant::now();
+    let heavy_request = std::thread::spawn(move || {
+        let result = post_json(
+            &heavy_url,
+            &json!({"messages": user("count"), "stop": heavy, "max_tokens": 200}),
+        );
+        (result, start.elapsed())
+    });
+    let light_start = Instant::now();
+    let (status, body) = post_json(&url, &json!({"messages": user("hello"), "max_tokens": 32}));
+    let light = light_start.elapsed();
+    assert_eq!(status, 200, "{body}");
+    let ((status, body), heavy_time) = heavy_request.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    eprintln!("32 x 1 KiB stop strings, 200 tokens: {heavy_time:?}; a 32-token request beside it: {light:?}");
+}
