@@ -460,3 +460,28 @@ fn stop_strings_are_bounded_and_cannot_stall_other_requests() {
     assert_eq!(status, 200, "{body}");
     eprintln!("32 x 1 KiB stop strings, 200 tokens: {heavy_time:?}; a 32-token request beside it: {light:?}");
 }
+
+/// A chat template that would loop for hours or double a string to gigabytes
+/// (as `--chat-template` or a model's tokenizer_config.json may hold) ends in a
+/// 400 naming the template and its budget; the server goes on serving.
+#[test]
+fn runaway_chat_templates_are_clear_errors() {
+    let mut model = text_model();
+    let source = "{% set s = namespace(v=messages[0]['content']) %}{% for i in range(64) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}";
+    let template = multitoken_core::ChatTemplate::new("doubling.jinja", source, "", "").unwrap();
+    model.set_chat_template(template).unwrap();
+    let server = TestServer::start(model, ServeConfig::default());
+    let (status, body) = post_json(
+        &server.url("/generate"),
+        &json!({"messages": user("hello")}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("chat template `doubling.jinja`")
+            && message.contains("went over its budget"),
+        "{message}"
+    );
+    eprintln!("runaway template: {message}");
+    assert_eq!(get(&server.url("/health")).0, 200);
+}
