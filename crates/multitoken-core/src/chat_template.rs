@@ -464,7 +464,7 @@ impl ChatTemplate {
 /// Qwen2-VL's image token, alone or with the `<|vision_start|>` /
 /// `<|vision_end|>` its template writes around it, is an image part too (the
 /// server writes a model's own modality token for an `image_url` part).
-const PART_TOKENS: [(&str, &str); 6] = [
+pub(crate) const PART_TOKENS: [(&str, &str); 6] = [
     ("<image>", "image"),
     ("<video>", "video"),
     ("<audio>", "audio"),

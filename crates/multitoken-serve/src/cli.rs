@@ -75,6 +75,12 @@ pub struct ServeArgs {
     /// [default: the model's context length x its longest vocabulary entry].
     #[arg(long, value_name = "BYTES")]
     pub max_prompt_bytes: Option<usize>,
+    /// Let special tokens typed in messages (`<|im_end|>`, `</s>`) act as the
+    /// tokens they spell by default (a request's `parse_special_tokens` still
+    /// decides); without it message text is tokenised as plain text. Only for
+    /// clients that are trusted to write raw prompts.
+    #[arg(long)]
+    pub parse_special_tokens: bool,
     /// Most stop strings per request.
     #[arg(long, default_value_t = Limits::default().max_stop_strings)]
     pub max_stop_strings: usize,
@@ -130,6 +136,7 @@ impl ServeArgs {
             },
             max_batch: self.max_batch,
             max_queue: self.max_queue,
+            parse_special_tokens: self.parse_special_tokens,
             max_preparing: self.max_preparing.unwrap_or(ServeConfig::default().max_preparing).max(1),
             connections: ConnectionLimits {
                 header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),

@@ -70,6 +70,11 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Connection limits (slow or idle clients).
     pub connections: ConnectionLimits,
+    /// Whether special tokens typed in message text (`<|im_end|>`, `</s>`)
+    /// act as the tokens they spell when a request does not say
+    /// (`parse_special_tokens`). Off: message text is text, and only the chat
+    /// template writes turn boundaries.
+    pub parse_special_tokens: bool,
     /// Most requests prepared at once (items read and checked, prompt
     /// rendered and tokenised, items embedded), each on a blocking thread;
     /// more wait for a turn within their `request_timeout`.
@@ -113,6 +118,7 @@ impl Default for ServeConfig {
             max_batch: 16,
             max_queue: 256,
             connections: ConnectionLimits::default(),
+            parse_special_tokens: false,
             max_preparing: std::thread::available_parallelism().map_or(4, |n| n.get()),
         }
     }

@@ -76,6 +76,10 @@ pub struct GenerationRequest {
     pub seed: Option<u64>,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Whether special tokens typed in message text act as the tokens they
+    /// spell (`None`: the server's `--parse-special-tokens`). Otherwise
+    /// `<|im_end|>` in a message is the ten characters, not a turn boundary.
+    pub parse_special_tokens: Option<bool>,
 }
 
 /// A queued generation: its events and its prompt length.
@@ -420,9 +424,22 @@ impl AppState {
             items.entry(item.data_key.clone()).or_default().push(resolved);
         }
         self.check_abandoned(abandon)?;
+        let parse_special = request.parse_special_tokens.unwrap_or(self.config.parse_special_tokens);
+        let marked: Vec<Message>;
+        let messages = if parse_special {
+            &request.messages
+        } else {
+            let preparer = self.model.chat_preparer();
+            marked = request
+                .messages
+                .iter()
+                .map(|m| Message::new(m.role.clone(), preparer.mark_special_tokens_as_text(&m.content)))
+                .collect();
+            &marked
+        };
         let prepared = self
             .model
-            .prepare_chat(&request.messages, &items)
+            .prepare_chat(messages, &items)
             .map_err(|e| Error::bad_request(format!("preparing the prompt: {e}")))?;
         let max_context = self.model.lm.model.max_context();
         if prepared.input_ids.len() >= max_context {
