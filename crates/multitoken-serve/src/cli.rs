@@ -72,7 +72,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = Limits::default().request_timeout.as_secs())]
     pub request_timeout: u64,
     /// Most bytes of message text per request, refused before tokenising
-    /// [default: the model's context length x its longest vocabulary entry].
+    /// [default: the model's context length x its longest vocabulary entry, at
+    /// most 1 MiB or 8 bytes per context position, whichever is larger].
     #[arg(long, value_name = "BYTES")]
     pub max_prompt_bytes: Option<usize>,
     /// Let special tokens typed in messages (`<|im_end|>`, `</s>`) act as the

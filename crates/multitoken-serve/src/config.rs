@@ -24,8 +24,9 @@ pub struct Limits {
     /// at the limit returns the answer so far with `finish_reason: "length"`.
     pub request_timeout: Duration,
     /// Most bytes of message text one request may carry; `None`: the model's
-    /// context length times the byte length of its longest vocabulary entry,
-    /// the most text that could still fit the context. Checked before the
+    /// context length times the byte length of its longest vocabulary entry
+    /// (the most text that could still fit the context), capped at 1 MiB or 8
+    /// bytes per context position, whichever is larger. Checked before the
     /// prompt is rendered or tokenised (tokenising costs ~180 bytes of memory
     /// per byte of text).
     pub max_prompt_bytes: Option<usize>,

@@ -464,10 +464,13 @@ impl AppState {
     }
 }
 
-/// The most message text that could still fit `model`'s context: its context
-/// length times the UTF-8 length of its longest vocabulary entry (byte-level
-/// BPE writes a byte as a 1-2 byte character and SentencePiece a space as the
-/// 3-byte `▁`, so this over-counts, erring towards accepting).
+/// The default message-text limit for `model`: the most text that could
+/// still fit its context (context length times the UTF-8 length of its
+/// longest vocabulary entry: byte-level BPE writes a byte as a 1-2 byte
+/// character and SentencePiece a space as the 3-byte `▁`, so this over-counts),
+/// but no more than [`PROMPT_BYTES_CAP`] or 8 bytes per context position,
+/// whichever is larger (tokenising costs ~180 bytes of memory per byte, per
+/// request being prepared; typical text is 3-5 bytes per token).
 fn default_prompt_bytes(model: &MultimodalModel) -> usize {
     let longest = model
         .lm
@@ -478,5 +481,10 @@ fn default_prompt_bytes(model: &MultimodalModel) -> usize {
         .max()
         .unwrap_or(0)
         .max(16);
-    model.lm.model.max_context().saturating_mul(longest)
+    let context = model.lm.model.max_context();
+    let could_fit = context.saturating_mul(longest);
+    could_fit.min(PROMPT_BYTES_CAP.max(context.saturating_mul(8)))
 }
+
+/// See [`default_prompt_bytes`]: 1 MiB.
+const PROMPT_BYTES_CAP: usize = 1 << 20;
