@@ -452,10 +452,14 @@ impl AppState {
             ));
         }
         self.check_abandoned(abandon)?;
-        let embeds = self
-            .model
-            .embed(&prepared, &items)
-            .map_err(|e| Error::bad_request(format!("reading the items: {e}")))?;
+        let embeds = match self.model.embed_while(&prepared, &items, &|| !abandon.load(Ordering::Relaxed)) {
+            Ok(embeds) => embeds,
+            Err(e) => {
+                // Stopped between items because the request was abandoned.
+                self.check_abandoned(abandon)?;
+                return Err(Error::bad_request(format!("reading the items: {e}")));
+            }
+        };
         let positions = self
             .model
             .positions(&prepared)

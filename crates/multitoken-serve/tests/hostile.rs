@@ -253,8 +253,9 @@ fn a_symlink_swapped_under_the_allowed_dir_is_never_read() {
 }
 
 /// The llama fixture with the test-only `<reading>` modality, whose per-item
-/// check takes `check_sleep_ms` (a slow item to prepare).
-fn slow_sensor_model(check_sleep_ms: u64) -> MultimodalModel {
+/// check takes `check_sleep_ms` and whose preprocessing `preprocess_sleep_ms`
+/// (a slow item to prepare).
+fn slow_sensor_model(check_sleep_ms: u64, preprocess_sleep_ms: u64) -> MultimodalModel {
     use candle_core::{Device, Tensor};
     let dir = std::env::temp_dir().join(format!(
         "multitoken-hostile-sensor-{}-{check_sleep_ms}",
@@ -264,7 +265,7 @@ fn slow_sensor_model(check_sleep_ms: u64) -> MultimodalModel {
     sensor::write_encoder(&dir.join("sensor")).unwrap();
     let config = json!({
         "base_model": fixtures().join("lm/llama"),
-        "modalities": [{"builder": sensor::NAME, "config": {"check_sleep_ms": check_sleep_ms}}]
+        "modalities": [{"builder": sensor::NAME, "config": {"check_sleep_ms": check_sleep_ms, "preprocess_sleep_ms": preprocess_sleep_ms}}]
     });
     std::fs::write(dir.join("multitoken.json"), config.to_string()).unwrap();
     let (features, hidden) = (sensor::FEATURES, 64);
@@ -318,7 +319,7 @@ fn wait_for_metric(server: &TestServer, line: &str) {
 #[test]
 fn preparation_past_the_deadline_is_a_timeout() {
     let server = TestServer::start(
-        slow_sensor_model(8000),
+        slow_sensor_model(8000, 0),
         ServeConfig {
             limits: Limits {
                 request_timeout: Duration::from_secs(1),
@@ -349,10 +350,11 @@ fn preparation_past_the_deadline_is_a_timeout() {
     wait_for_metric(&server, "multitoken_preparations_abandoned_total 1");
 }
 
-/// A client that hangs up while its request is prepared stops that work.
+/// A client that hangs up while its request is prepared stops that work:
+/// here between encoding its first and its second item.
 #[test]
 fn a_disconnected_client_stops_its_preparation() {
-    let server = TestServer::start(slow_sensor_model(3000), ServeConfig::default());
+    let server = TestServer::start(slow_sensor_model(0, 3000), ServeConfig::default());
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_millis(500)))
         .build()

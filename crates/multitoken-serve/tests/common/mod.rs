@@ -164,10 +164,7 @@ impl Drop for TestServer {
 
 /// A client that returns 4xx/5xx responses instead of failing on them.
 pub fn client() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
 /// POST a body; (status, body text).
@@ -178,10 +175,7 @@ pub fn post(url: &str, content_type: &str, body: &[u8]) -> (u16, String) {
         .send(body)
         .unwrap();
     let status = response.status().as_u16();
-    (
-        status,
-        response.body_mut().read_to_string().unwrap_or_default(),
-    )
+    (status, response.body_mut().read_to_string().unwrap_or_default())
 }
 
 /// POST JSON; (status, parsed body).
@@ -197,10 +191,7 @@ pub fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value
 pub fn get(url: &str) -> (u16, String) {
     let mut response = client().get(url).call().unwrap();
     let status = response.status().as_u16();
-    (
-        status,
-        response.body_mut().read_to_string().unwrap_or_default(),
-    )
+    (status, response.body_mut().read_to_string().unwrap_or_default())
 }
 
 /// A data URL of a fixture image.
