@@ -28,7 +28,9 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Items may name files under this directory (no local file is read without it).
+    /// Items may name files under this directory (no local file is read without
+    /// it); a file is opened once, checked to lie under DIR as opened, and read
+    /// up to --max-body-bytes.
     #[arg(long, value_name = "DIR")]
     pub allow_files: Option<PathBuf>,
     /// Items may be http(s) URLs, fetched by the server.
