@@ -58,6 +58,7 @@ pub struct Metrics {
     preparations_abandoned: AtomicU64,
     queue_depth: AtomicI64,
     running: AtomicI64,
+    connections: AtomicI64,
 }
 
 impl Metrics {
@@ -106,6 +107,11 @@ impl Metrics {
     /// Requests waiting for a batch slot now.
     pub fn queue_depth(&self) -> i64 {
         self.queue_depth.load(Ordering::Relaxed)
+    }
+
+    /// Changes the number of open client connections.
+    pub fn add_connections(&self, delta: i64) {
+        self.connections.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// Sets the number of sequences in the running batch.
@@ -184,6 +190,11 @@ impl Metrics {
                 "multitoken_running_sequences",
                 "Sequences in the decoding batch.",
                 self.running.load(Ordering::Relaxed),
+            ),
+            (
+                "multitoken_open_connections",
+                "Client connections open (at most --max-connections).",
+                self.connections.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in gauges {

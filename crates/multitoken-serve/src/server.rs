@@ -166,6 +166,8 @@ pub async fn serve(
         let header_timeout = limits.header_read_timeout;
         let stop_tx = stop_tx.clone();
         let done_rx = done_rx.clone();
+        let metrics = state.metrics.clone();
+        metrics.add_connections(1);
         tokio::spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -183,6 +185,7 @@ pub async fn serve(
                     }
                 }
             }
+            metrics.add_connections(-1);
             drop(permit);
             drop(done_rx);
         });

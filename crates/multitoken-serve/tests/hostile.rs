@@ -81,6 +81,10 @@ fn slow_and_idle_clients_are_disconnected_while_health_answers() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--body-read-timeout"), "{answer}");
     assert_eq!(get(&server.url("/health")).0, 200);
+    // The server holds none of them any more (the one asking may be open).
+    wait_for_metric_value(&server, "multitoken_open_connections", &|v| {
+        (0..=1).contains(&v)
+    });
 }
 
 /// 1,100 idle sockets (more than Linux's default 1,024 descriptors, which the
@@ -111,6 +115,9 @@ fn eleven_hundred_idle_sockets_leave_health_reachable() {
     let server = TestServer::start(text_model(), ServeConfig::default());
     let rss_before = rss_kib();
     let sockets: Vec<TcpStream> = (0..1100).map(|_| connect(&server)).collect();
+    // All of them accepted (the cap of 4,096 fits the raised limit) ...
+    wait_for_metric_at_least(&server, "multitoken_open_connections", 1100);
+    // ... and /health still answers.
     let start = Instant::now();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(20)))
@@ -293,6 +300,34 @@ fn slow_sensor_model(check_sleep_ms: u64, preprocess_sleep_ms: u64) -> Multimoda
     .collect();
     candle_core::safetensors::save(&tensors, dir.join("projectors.safetensors")).unwrap();
     MultimodalModel::load(&dir, &LoadOptions::default()).unwrap()
+}
+
+/// Waits (up to a minute) until `/metrics` shows `name` at `least`.
+fn wait_for_metric_at_least(server: &TestServer, name: &str, least: i64) {
+    wait_for_metric_value(server, name, &|v| v >= least);
+}
+
+/// Waits (up to a minute) until the value of `/metrics`'s `name` passes `good`.
+fn wait_for_metric_value(server: &TestServer, name: &str, good: &dyn Fn(i64) -> bool) {
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = get(&server.url("/metrics"));
+        let value = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<i64>().ok())
+            })
+            .unwrap_or(-1);
+        if good(value) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name} stayed at {value}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits (up to a minute) until `/metrics` shows `line`.
