@@ -332,7 +332,11 @@ impl AppState {
             eos_token_ids: self.model.lm.generation.eos_token_ids.clone(),
             ignore_eos: false,
         };
-        let deadline = Instant::now() + limits.request_timeout;
+        // A --request-timeout too large for the clock means no limit (a year).
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(limits.request_timeout)
+            .unwrap_or(now + std::time::Duration::from_secs(365 * 24 * 3600));
         let (embeds, prompt_ids, positions) = self.prepare(request, deadline).await?;
         let prompt_tokens = prompt_ids.len();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
