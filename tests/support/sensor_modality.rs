@@ -10,7 +10,10 @@
 //! `{encoder}/model.safetensors` through `ModalityContext::var_builder`, so
 //! it can be trained. `{"panic": true}` in the config makes the builder panic,
 //! `{"bad_shape": true}` makes the encoder return features of the wrong width,
-//! `{"hide_weights": true}` makes it not say where its weights live.
+//! `{"hide_weights": true}` makes it not say where its weights live,
+//! `{"check_sleep_ms": N}` makes each item's cheap pre-check (`check_item`)
+//! and `{"preprocess_sleep_ms": N}` its preprocessing take N ms (slow
+//! preparation for the server's deadline tests).
 
 #![allow(dead_code)]
 
@@ -36,6 +39,8 @@ pub struct Sensor {
     proj: Tensor,
     bad_shape: bool,
     hide_weights: bool,
+    check_sleep: std::time::Duration,
+    preprocess_sleep: std::time::Duration,
     projector: ProjectorSpec,
 }
 
@@ -77,6 +82,7 @@ impl Modality for Sensor {
         FEATURES
     }
     fn preprocess(&self, item: &Item) -> Result<Tensor> {
+        std::thread::sleep(self.preprocess_sleep);
         let values = numbers(item)?;
         let data: Vec<f32> = (0..WIDTH * INPUT).map(|i| values[i % values.len()] / 10.0).collect();
         Ok(Tensor::from_vec(data, (WIDTH, INPUT), &Device::Cpu)?)
@@ -100,6 +106,10 @@ impl Modality for Sensor {
     fn inline_items(&self) -> bool {
         true
     }
+    fn check_item(&self, _item: &Item) -> Result<()> {
+        std::thread::sleep(self.check_sleep);
+        Ok(())
+    }
 }
 
 fn build(config: &serde_json::Value, context: &ModalityContext) -> Result<Box<dyn Modality>> {
@@ -118,8 +128,14 @@ fn build(config: &serde_json::Value, context: &ModalityContext) -> Result<Box<dy
         proj,
         bad_shape: config.get("bad_shape").is_some(),
         hide_weights: config.get("hide_weights").is_some(),
+        check_sleep: sleep_ms(config, "check_sleep_ms"),
+        preprocess_sleep: sleep_ms(config, "preprocess_sleep_ms"),
         projector,
     }))
+}
+
+fn sleep_ms(config: &serde_json::Value, key: &str) -> std::time::Duration {
+    std::time::Duration::from_millis(config.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0))
 }
 
 multitoken_core::inventory::submit! { ModalityBuilder { name: NAME, build } }

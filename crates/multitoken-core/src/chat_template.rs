@@ -24,6 +24,21 @@ use crate::{Error, Result};
 /// Name under which the single template is stored in the environment.
 const TEMPLATE_NAME: &str = "chat";
 
+/// Fuel every render gets whatever the conversation (minijinja charges one
+/// fuel per instruction and per 64 bytes of data produced): about a million
+/// instructions or 64 MB, far above what any real chat template needs for a
+/// short conversation, far below what a runaway one could take.
+pub const TEMPLATE_BASE_FUEL: u64 = 1_000_000;
+
+/// Extra fuel per byte of message text, so that a long conversation may be
+/// copied ~16 times over (`strip`, `replace`, content parts, the output).
+const TEMPLATE_FUEL_PER_4_BYTES: u64 = 1;
+
+/// Deepest nesting of loops, blocks, macros and filters in a render (minijinja
+/// allows 500; real templates nest a few levels, a recursive macro on tool
+/// schemas a few dozen).
+const TEMPLATE_RECURSION_LIMIT: usize = 200;
+
 /// One chat message, as in a dataset row or an OpenAI-style request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -391,8 +406,13 @@ impl ChatTemplate {
     }
 
     fn render_with(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
+        // Templates come from model files and `--chat-template`, and render
+        // what clients send: every render is bounded in work and memory
+        // (a nested loop or a string doubled in a loop ends in a clear error).
+        let fuel = render_fuel(messages);
+        let mut env = self.env.clone();
+        env.set_fuel(Some(fuel));
+        let template = env
             .get_template(TEMPLATE_NAME)
             .map_err(|error| Error::template(&self.name, error))?;
         let messages = if self.uses_content_parts() {
@@ -406,10 +426,25 @@ impl ChatTemplate {
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };
-        template
-            .render(context)
-            .map_err(|error| Error::template(&self.name, error))
+        template.render(context).map_err(|error| {
+            if error.kind() == ErrorKind::OutOfFuel {
+                let detail = format!(
+                    "rendering went over its budget of {fuel} fuel (about {fuel} steps or {} MB of text) \
+                     for this conversation: does a loop never end, or text keep growing?",
+                    fuel * 64 / 1_000_000
+                );
+                return Error::template(&self.name, minijinja::Error::new(ErrorKind::OutOfFuel, detail));
+            }
+            Error::template(&self.name, error)
+        })
     }
+}
+
+/// The fuel one render of `messages` gets: [`TEMPLATE_BASE_FUEL`] plus some
+/// per byte of message text.
+fn render_fuel(messages: &[Message]) -> u64 {
+    let bytes: u64 = messages.iter().map(|m| (m.content.len() + m.role.len()) as u64).sum();
+    TEMPLATE_BASE_FUEL.saturating_add(bytes / 4 * TEMPLATE_FUEL_PER_4_BYTES)
 }
 
 impl ChatTemplate {
@@ -429,7 +464,7 @@ impl ChatTemplate {
 /// Qwen2-VL's image token, alone or with the `<|vision_start|>` /
 /// `<|vision_end|>` its template writes around it, is an image part too (the
 /// server writes a model's own modality token for an `image_url` part).
-const PART_TOKENS: [(&str, &str); 6] = [
+pub(crate) const PART_TOKENS: [(&str, &str); 6] = [
     ("<image>", "image"),
     ("<video>", "video"),
     ("<audio>", "audio"),
@@ -471,6 +506,7 @@ fn content_parts(messages: &[Message]) -> Vec<serde_json::Value> {
 /// `source` as its one template.
 fn build_environment(source: &str) -> std::result::Result<Environment<'static>, minijinja::Error> {
     let mut env = Environment::new();
+    env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)

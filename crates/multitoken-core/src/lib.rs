@@ -44,7 +44,7 @@ pub use lm::{KvCache, LanguageModel, LogitsSelection};
 pub use modality::{item_from_json, EncoderWeights, Item, ItemLayout, ItemMedia, LayoutPart, Modality, TextRule};
 pub use preparer::{
     InputPreparer, ItemsByKey, LayoutSource, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
-    PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality, RopePositions,
+    PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality, RopePositions, LITERAL_END, LITERAL_START,
 };
 pub use projector::{Projector, ProjectorSpec};
 pub use registry::{

@@ -274,6 +274,13 @@ impl LayoutSource for Vec<Arc<dyn Modality>> {
     }
 }
 
+/// Starts text that is tokenised as plain text even where it spells one of
+/// the tokenizer's special tokens ([`InputPreparer::mark_special_tokens_as_text`]).
+/// A Unicode noncharacter: reserved for a program's internal use, never text.
+pub const LITERAL_START: char = '\u{FDD0}';
+/// Ends what [`LITERAL_START`] started.
+pub const LITERAL_END: char = '\u{FDD1}';
+
 /// Turns messages and items into [`PreparedInput`]s for one model.
 #[derive(Clone)]
 pub struct InputPreparer {
@@ -283,6 +290,10 @@ pub struct InputPreparer {
     config: PreparerConfig,
     leading_ids: Vec<u32>,
     layouts: Option<Arc<dyn LayoutSource>>,
+    /// The tokenizer with special-token splitting off, built when first needed.
+    literal_tokenizer: std::sync::OnceLock<Tokenizer>,
+    /// The special tokens a user could type (not the modality tokens), longest first.
+    special_tokens: std::sync::OnceLock<Vec<String>>,
 }
 
 impl std::fmt::Debug for InputPreparer {
@@ -338,6 +349,79 @@ impl InputPreparer {
             config,
             leading_ids,
             layouts: None,
+            literal_tokenizer: std::sync::OnceLock::new(),
+            special_tokens: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// `text` (a message's content) with every one of the tokenizer's special
+    /// tokens in it (`<|im_end|>`, `</s>`, ...; modality tokens excepted)
+    /// wrapped in [`LITERAL_START`] / [`LITERAL_END`], so that it is tokenised
+    /// as the characters it spells and cannot become a real turn boundary or
+    /// end of sequence; markers already in `text` are removed. A server marks
+    /// what clients send this way unless they ask for special tokens to be
+    /// parsed. (Each marked token is tokenised on its own, so the text right
+    /// around it may split into tokens a little differently.)
+    pub fn mark_special_tokens_as_text(&self, text: &str) -> String {
+        let clean: std::borrow::Cow<'_, str> = if text.contains([LITERAL_START, LITERAL_END]) {
+            text.replace([LITERAL_START, LITERAL_END], "").into()
+        } else {
+            text.into()
+        };
+        let specials = self.special_tokens();
+        if specials.is_empty() {
+            return clean.into_owned();
+        }
+        let bytes = clean.as_bytes();
+        // Modality tokens, and the spellings of items that templates know
+        // (Qwen2-VL's `<|vision_start|><|image_pad|><|vision_end|>`), stay as
+        // they are: they place items, they are not turn structure.
+        let item_spellings: Vec<&str> = self
+            .modalities
+            .iter()
+            .map(|m| m.token.as_str())
+            .chain(crate::chat_template::PART_TOKENS.iter().map(|(token, _)| *token))
+            .collect();
+        let mut out = String::with_capacity(clean.len());
+        let (mut copied, mut at) = (0, 0);
+        while at < bytes.len() {
+            if let Some(item) = item_spellings.iter().find(|t| bytes[at..].starts_with(t.as_bytes())) {
+                at += item.len();
+                continue;
+            }
+            let found = specials
+                .iter()
+                .find(|token| token.as_bytes()[0] == bytes[at] && bytes[at..].starts_with(token.as_bytes()));
+            match found {
+                // A token starts with a character's first byte, so `at` is a boundary.
+                Some(token) => {
+                    out.push_str(&clean[copied..at]);
+                    out.push(LITERAL_START);
+                    out.push_str(token);
+                    out.push(LITERAL_END);
+                    at += token.len();
+                    copied = at;
+                }
+                None => at += 1,
+            }
+        }
+        out.push_str(&clean[copied..]);
+        out
+    }
+
+    fn special_tokens(&self) -> &[String] {
+        self.special_tokens.get_or_init(|| {
+            let mut tokens: Vec<String> = self
+                .tokenizer
+                .get_added_tokens_decoder()
+                .into_values()
+                .filter(|token| token.special && !token.content.is_empty())
+                .map(|token| token.content)
+                .filter(|content| !self.modalities.iter().any(|m| &m.token == content))
+                .collect();
+            tokens.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+            tokens.dedup();
+            tokens
         })
     }
 
@@ -461,7 +545,7 @@ impl InputPreparer {
                     for rule in &rules {
                         chunk_text = rule.apply(&chunk_text);
                     }
-                    let ids = self.encode(&chunk_text)?;
+                    let ids = self.encode_marked(&chunk_text)?;
                     let labels = ids.iter().map(|&id| match labelled {
                         Labelled::Yes => i64::from(id),
                         Labelled::No => IGNORE_INDEX,
@@ -510,6 +594,45 @@ impl InputPreparer {
             .encode(text, false)
             .map_err(|error| Error::Tokenizer(error.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Encodes text in which [`LITERAL_START`]..[`LITERAL_END`] stretches are
+    /// plain text even where they spell special tokens.
+    fn encode_marked(&self, text: &str) -> Result<Vec<u32>> {
+        if !text.contains([LITERAL_START, LITERAL_END]) {
+            return self.encode(text);
+        }
+        let plain = |piece: &str| piece.replace(LITERAL_END, "");
+        let mut ids = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find(LITERAL_START) {
+            let before = plain(&rest[..open]);
+            if !before.is_empty() {
+                ids.extend(self.encode(&before)?);
+            }
+            let after = &rest[open + LITERAL_START.len_utf8()..];
+            let (literal, next) = match after.find(LITERAL_END) {
+                Some(close) => (&after[..close], &after[close + LITERAL_END.len_utf8()..]),
+                None => (after, ""),
+            };
+            if !literal.is_empty() {
+                let tokenizer = self.literal_tokenizer.get_or_init(|| {
+                    let mut tokenizer = self.tokenizer.clone();
+                    tokenizer.set_encode_special_tokens(true);
+                    tokenizer
+                });
+                let encoding = tokenizer
+                    .encode(literal, false)
+                    .map_err(|error| Error::Tokenizer(error.to_string()))?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+            rest = next;
+        }
+        let tail = plain(rest);
+        if !tail.is_empty() {
+            ids.extend(self.encode(&tail)?);
+        }
+        Ok(ids)
     }
 
     fn check_item_keys(&self, items: &ItemsByKey) -> Result<()> {

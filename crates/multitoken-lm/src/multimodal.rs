@@ -417,6 +417,14 @@ impl MultimodalModel {
     /// Input embeddings `[1, seq, hidden]` of a prepared row: token embeddings
     /// with every item's projected rows spliced in at its spans.
     pub fn embed(&self, prepared: &PreparedInput, items: &ItemsByKey) -> Result<Tensor> {
+        self.embed_while(prepared, items, &|| true)
+    }
+
+    /// [`MultimodalModel::embed`] that asks `keep_going` before each item
+    /// (preprocessing and encoding an item is the costly part) and stops with
+    /// an error once it says no: a server stops the work of a request whose
+    /// client left or whose deadline passed.
+    pub fn embed_while(&self, prepared: &PreparedInput, items: &ItemsByKey, keep_going: &dyn Fn() -> bool) -> Result<Tensor> {
         let lm = self.lm.model.as_ref();
         let ids = Tensor::new(prepared.input_ids.as_slice(), lm.device())?.unsqueeze(0)?;
         let token_embeds = lm.embed_tokens(&ids)?;
@@ -431,7 +439,12 @@ impl MultimodalModel {
             let rows = slots
                 .iter()
                 .enumerate()
-                .map(|(k, &slots)| self.project_item(index, k, &given[k], slots))
+                .map(|(k, &slots)| {
+                    if !keep_going() {
+                        return Err(Error::Msg("stopped before encoding every item".into()));
+                    }
+                    self.project_item(index, k, &given[k], slots)
+                })
                 .collect::<Result<Vec<_>>>()?;
             projected.push(rows);
         }

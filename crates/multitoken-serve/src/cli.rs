@@ -12,7 +12,7 @@ use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::gguf::{load_gguf_with, GgufWeights};
 use multitoken_lm::multimodal::{template_from_spec, MultimodalModel};
 
-use crate::config::{Limits, ServeConfig};
+use crate::config::{ConnectionLimits, Limits, ServeConfig};
 use crate::state::AppState;
 
 /// `multitoken serve`.
@@ -28,7 +28,9 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Items may name files under this directory (no local file is read without it).
+    /// Items may name files under this directory (no local file is read without
+    /// it); a file is opened once, checked to lie under DIR as opened, and read
+    /// up to --max-body-bytes.
     #[arg(long, value_name = "DIR")]
     pub allow_files: Option<PathBuf>,
     /// Items may be http(s) URLs, fetched by the server.
@@ -67,15 +69,48 @@ pub struct ServeArgs {
     /// Most new tokens per request (also the default).
     #[arg(long, default_value_t = Limits::default().max_new_tokens)]
     pub max_new_tokens: usize,
-    /// Per-request time limit in seconds.
+    /// Per-request time limit in seconds, preparation included (items read and
+    /// checked, prompt tokenised, items embedded: 408 when not done in time).
     #[arg(long, default_value_t = Limits::default().request_timeout.as_secs())]
     pub request_timeout: u64,
+    /// Most bytes of message text per request, refused before tokenising
+    /// [default: the model's context length x its longest vocabulary entry, at
+    /// most 1 MiB or 8 bytes per context position, whichever is larger].
+    #[arg(long, value_name = "BYTES")]
+    pub max_prompt_bytes: Option<usize>,
+    /// Let special tokens typed in messages (`<|im_end|>`, `</s>`) act as the
+    /// tokens they spell by default (a request's `parse_special_tokens` still
+    /// decides); without it message text is tokenised as plain text. Only for
+    /// clients that are trusted to write raw prompts.
+    #[arg(long)]
+    pub parse_special_tokens: bool,
+    /// Most stop strings per request.
+    #[arg(long, default_value_t = Limits::default().max_stop_strings)]
+    pub max_stop_strings: usize,
+    /// Longest stop string in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_stop_bytes)]
+    pub max_stop_bytes: usize,
+    /// Most requests prepared at once, each on a blocking thread [default: the
+    /// number of CPUs]; others wait their turn within --request-timeout.
+    #[arg(long, value_name = "N")]
+    pub max_preparing: Option<usize>,
     /// Most sequences decoded together.
     #[arg(long, default_value_t = ServeConfig::default().max_batch)]
     pub max_batch: usize,
     /// Most requests waiting for a slot (more get 429).
     #[arg(long, default_value_t = ServeConfig::default().max_queue)]
     pub max_queue: usize,
+    /// Seconds a client has to send a request's headers; also how long a
+    /// kept-alive connection may sit idle before it is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
+    pub header_read_timeout: u64,
+    /// Seconds a client has to send a whole request body (408 after).
+    #[arg(long, value_name = "SECONDS", default_value_t = ConnectionLimits::default().body_read_timeout.as_secs())]
+    pub body_read_timeout: u64,
+    /// Most connections open at once (lowered to fit the file-descriptor limit,
+    /// whose soft value is raised to the hard one at start); more wait to be accepted.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
 }
 
 impl ServeArgs {
@@ -98,9 +133,19 @@ impl ServeArgs {
                 max_document_pages: self.max_document_pages,
                 max_new_tokens: self.max_new_tokens,
                 request_timeout: Duration::from_secs(self.request_timeout),
+                max_prompt_bytes: self.max_prompt_bytes,
+                max_stop_strings: self.max_stop_strings,
+                max_stop_bytes: self.max_stop_bytes,
             },
             max_batch: self.max_batch,
             max_queue: self.max_queue,
+            parse_special_tokens: self.parse_special_tokens,
+            max_preparing: self.max_preparing.unwrap_or(ServeConfig::default().max_preparing).max(1),
+            connections: ConnectionLimits {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
+                body_read_timeout: Duration::from_secs(self.body_read_timeout.max(1)),
+                max_connections: self.max_connections.max(1),
+            },
         })
     }
 

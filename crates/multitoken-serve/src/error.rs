@@ -31,6 +31,10 @@ pub enum Error {
     /// The method is not served on this route (405).
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
+    /// The client took longer than a time limit: to send its body, or for its
+    /// request to be prepared within `--request-timeout` (408).
+    #[error("{0}")]
+    Timeout(String),
     /// The server is at its queue limit (429).
     #[error("the server is busy: {0}")]
     Overloaded(String),
@@ -72,6 +76,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) | Error::Startup(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,6 +90,7 @@ impl Error {
                 "invalid_request_error"
             }
             Error::NotFound(_) => "not_found_error",
+            Error::Timeout(_) => "timeout_error",
             Error::Overloaded(_) => "rate_limit_error",
             Error::ShuttingDown | Error::Internal(_) | Error::Startup(_) => "server_error",
         }

@@ -3,8 +3,9 @@
 //! modality sees them.
 //!
 //! Only this layer reads files or the network for an item (the modalities get
-//! bytes): a path is read only when it resolves, symlinks followed, to a file
-//! under `--allow-files DIR`; a URL is fetched only with `--allow-urls`.
+//! bytes): a path is read only when the file it opens is a regular file
+//! under `--allow-files DIR` (checked on the open handle, so no symlink swap
+//! can race the check); a URL is fetched only with `--allow-urls`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -127,7 +128,13 @@ fn names_allowed_file(path: &str, config: &ServeConfig) -> bool {
     config.allow_files.as_deref().is_some_and(|root| allowed_path(root, Path::new(path)).is_some())
 }
 
-/// Reads `path` if it resolves to a regular file under the allowed directory.
+/// Reads `path` if it is a regular file under the allowed directory, at most
+/// `--max-body-bytes` of it (a file item may be as large as an inline one).
+///
+/// The file is opened once and read from that handle; the check is made on
+/// what was opened, not on a path that could change between a check and an
+/// open (a directory swapped for a symlink to `/` mid-request). See
+/// [`open_allowed_file`].
 fn read_allowed_file(path: &str, what: &str, config: &ServeConfig) -> Result<Vec<u8>> {
     let Some(root) = &config.allow_files else {
         return Err(Error::bad_param(
@@ -135,17 +142,93 @@ fn read_allowed_file(path: &str, what: &str, config: &ServeConfig) -> Result<Vec
             format!("{what}: local paths are not allowed on this server (it was started without --allow-files DIR); send the data as a base64 data URL"),
         ));
     };
-    let resolved = allowed_path(root, Path::new(path)).ok_or_else(|| {
+    let outside = || Error::bad_param(what, format!("{what}: {path:?} is not a file under the allowed directory"));
+    let file = open_allowed_file(root, Path::new(path)).ok_or_else(outside)?;
+    let limit = config.limits.max_body_bytes as u64;
+    let too_large = || {
         Error::bad_param(
             what,
-            format!("{what}: {path:?} is not a file under the allowed directory"),
+            format!("{what}: {path:?} is larger than the limit of {limit} bytes (--max-body-bytes)"),
         )
-    })?;
-    std::fs::read(&resolved).map_err(|e| Error::bad_param(what, format!("{what}: cannot read {path:?}: {e}")))
+    };
+    if file.metadata().is_ok_and(|m| m.len() > limit) {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::bad_param(what, format!("{what}: cannot read {path:?}: {e}")))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// Opens `path` (relative to `root`, or absolute) when the file opened is a
+/// regular file inside `root`.
+///
+/// Race-free by construction: the file is opened first (non-blocking, so a
+/// FIFO cannot hang the request), then the *opened* file is checked. Where
+/// `/proc/self/fd` exists, its link names the opened file's real path, which
+/// must lie under the canonical root; elsewhere the path is canonicalised
+/// after the open and must be under the root *and* name the same file
+/// (device and inode) as the handle. Whatever is swapped in between, the bytes
+/// read come from the handle that passed the check. (A hard link inside the
+/// root to a file outside it is that file's name inside the root, as it is for
+/// any check; making one needs write access to the root.)
+pub fn open_allowed_file(root: &Path, path: &Path) -> Option<std::fs::File> {
+    let root = root.canonicalize().ok()?;
+    let candidate = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    };
+    let file = open_nonblocking(&candidate).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    if !opened_file_is_under(&file, &meta, &candidate, &root) {
+        return None;
+    }
+    Some(file)
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+#[cfg(unix)]
+fn opened_file_is_under(file: &std::fs::File, meta: &std::fs::Metadata, candidate: &Path, root: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
+    let proc_link = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    if let Ok(real) = std::fs::read_link(&proc_link) {
+        return real.is_absolute() && real.starts_with(root);
+    }
+    let Ok(resolved) = candidate.canonicalize() else { return false };
+    let Ok(named) = std::fs::metadata(&resolved) else { return false };
+    resolved.starts_with(root) && named.dev() == meta.dev() && named.ino() == meta.ino()
+}
+
+#[cfg(not(unix))]
+fn opened_file_is_under(_file: &std::fs::File, _meta: &std::fs::Metadata, candidate: &Path, root: &Path) -> bool {
+    candidate.canonicalize().is_ok_and(|resolved| resolved.starts_with(root))
 }
 
 /// The canonical path of `path` (relative to `root`, or absolute) when it is a
-/// regular file inside `root` after resolving `..` and symlinks.
+/// regular file inside `root` after resolving `..` and symlinks. A check only
+/// (it tells a path from bare base64); reading goes through [`open_allowed_file`].
 pub fn allowed_path(root: &Path, path: &Path) -> Option<PathBuf> {
     let root = root.canonicalize().ok()?;
     let candidate = if path.is_absolute() {

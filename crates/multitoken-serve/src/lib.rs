@@ -27,7 +27,7 @@ pub mod scheduler;
 pub mod server;
 pub mod state;
 
-pub use config::{Limits, ServeConfig};
+pub use config::{ConnectionLimits, Limits, ServeConfig};
 pub use error::{Error, Result};
 pub use server::{router, serve};
 pub use state::AppState;

@@ -55,8 +55,10 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     disconnects: AtomicU64,
+    preparations_abandoned: AtomicU64,
     queue_depth: AtomicI64,
     running: AtomicI64,
+    connections: AtomicI64,
 }
 
 impl Metrics {
@@ -92,6 +94,11 @@ impl Metrics {
         self.disconnects.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request's preparation stopped early (client gone or deadline passed).
+    pub fn add_preparation_abandoned(&self) {
+        self.preparations_abandoned.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Changes the number of requests waiting for a batch slot.
     pub fn add_queued(&self, delta: i64) {
         self.queue_depth.fetch_add(delta, Ordering::Relaxed);
@@ -100,6 +107,11 @@ impl Metrics {
     /// Requests waiting for a batch slot now.
     pub fn queue_depth(&self) -> i64 {
         self.queue_depth.load(Ordering::Relaxed)
+    }
+
+    /// Changes the number of open client connections.
+    pub fn add_connections(&self, delta: i64) {
+        self.connections.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// Sets the number of sequences in the running batch.
@@ -159,6 +171,11 @@ impl Metrics {
                 "Clients gone before their answer was complete.",
                 self.disconnects.load(Ordering::Relaxed),
             ),
+            (
+                "multitoken_preparations_abandoned_total",
+                "Request preparations stopped early because the client went away or the deadline passed.",
+                self.preparations_abandoned.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
@@ -173,6 +190,11 @@ impl Metrics {
                 "multitoken_running_sequences",
                 "Sequences in the decoding batch.",
                 self.running.load(Ordering::Relaxed),
+            ),
+            (
+                "multitoken_open_connections",
+                "Client connections open (at most --max-connections).",
+                self.connections.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in gauges {

@@ -1,7 +1,7 @@
 //! The shared server state, and the path every generation request takes:
 //! resolve and check items, prepare ids and spans, embed, queue for the scheduler.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +29,22 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Unix time the server started (OpenAI's `created`).
     pub created: u64,
+    /// Turns to prepare a request (`max_preparing`).
+    preparing: Arc<tokio::sync::Semaphore>,
+    /// The message-text limit in force ([`crate::Limits::max_prompt_bytes`]).
+    pub max_prompt_bytes: usize,
     next_id: AtomicU64,
+}
+
+/// Raises a request's abandon flag when dropped: the handler's future is
+/// dropped when its client disconnects, and returns early at the deadline, so
+/// the blocking preparation sees the flag at its next step and stops.
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// One item of a request: the modality's data key, where its data is, and how
@@ -61,6 +76,10 @@ pub struct GenerationRequest {
     pub seed: Option<u64>,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Whether special tokens typed in message text act as the tokens they
+    /// spell (`None`: the server's `--parse-special-tokens`). Otherwise
+    /// `<|im_end|>` in a message is the ten characters, not a turn boundary.
+    pub parse_special_tokens: Option<bool>,
 }
 
 /// A queued generation: its events and its prompt length.
@@ -86,12 +105,19 @@ impl AppState {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let max_prompt_bytes = config
+            .limits
+            .max_prompt_bytes
+            .unwrap_or_else(|| default_prompt_bytes(&model));
+        let preparing = Arc::new(tokio::sync::Semaphore::new(config.max_preparing.max(1)));
         Ok(Arc::new(Self {
             model: Arc::new(model),
             config,
             scheduler,
             metrics,
             created,
+            preparing,
+            max_prompt_bytes,
             next_id: AtomicU64::new(1),
         }))
     }
@@ -253,6 +279,44 @@ impl AppState {
         if request.messages.is_empty() {
             return Err(Error::bad_param("messages", "messages is empty"));
         }
+        // Before anything renders or tokenises the text (tokenising costs ~180
+        // bytes of memory per byte): more text than could fit the context is
+        // refused outright.
+        let prompt_bytes: usize = request.messages.iter().map(|m| m.content.len()).sum();
+        if prompt_bytes > self.max_prompt_bytes {
+            return Err(Error::bad_param(
+                "messages",
+                format!(
+                    "the messages hold {prompt_bytes} bytes of text, more than the limit of {} bytes \
+                     for this model's context of {} tokens (--max-prompt-bytes)",
+                    self.max_prompt_bytes,
+                    self.model.lm.model.max_context()
+                ),
+            ));
+        }
+        // The scheduler thread matches stop strings for every user's tokens:
+        // their number and length are bounded (and matching is incremental,
+        // `detok::StopMatcher`).
+        if request.stop.len() > limits.max_stop_strings {
+            return Err(Error::bad_param(
+                "stop",
+                format!(
+                    "`stop` holds {} strings, more than the limit of {} (--max-stop-strings)",
+                    request.stop.len(),
+                    limits.max_stop_strings
+                ),
+            ));
+        }
+        if let Some((i, long)) = request.stop.iter().enumerate().find(|(_, s)| s.len() > limits.max_stop_bytes) {
+            return Err(Error::bad_param(
+                "stop",
+                format!(
+                    "stop[{i}] is {} bytes long, more than the limit of {} bytes (--max-stop-bytes)",
+                    long.len(),
+                    limits.max_stop_bytes
+                ),
+            ));
+        }
         let sampling = SamplingParams {
             temperature: Some(request.temperature.unwrap_or(0.0)),
             top_k: None,
@@ -268,11 +332,12 @@ impl AppState {
             eos_token_ids: self.model.lm.generation.eos_token_ids.clone(),
             ignore_eos: false,
         };
-        let deadline = Instant::now() + limits.request_timeout;
-        let state = self.clone();
-        let (embeds, prompt_ids, positions) = tokio::task::spawn_blocking(move || state.embed(&request))
-            .await
-            .map_err(|e| Error::Internal(format!("preparing the request: {e}")))??;
+        // A --request-timeout too large for the clock means no limit (a year).
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(limits.request_timeout)
+            .unwrap_or(now + std::time::Duration::from_secs(365 * 24 * 3600));
+        let (embeds, prompt_ids, positions) = self.prepare(request, deadline).await?;
         let prompt_tokens = prompt_ids.len();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.scheduler.submit(Job {
@@ -289,12 +354,69 @@ impl AppState {
         })
     }
 
-    /// Items read and checked, ids prepared, embeddings with items spliced in,
-    /// and the prompt's M-RoPE positions when the model reads them.
+    /// Prepares `request` on a blocking thread, one of at most `max_preparing`,
+    /// by `deadline`: a 408 when no turn comes free or the work is not done in
+    /// time. When the deadline passes or the client goes away (this future is
+    /// dropped), the blocking work stops at its next step.
     #[allow(clippy::type_complexity)]
-    fn embed(&self, request: &GenerationRequest) -> Result<(candle_core::Tensor, Vec<u32>, Option<candle_core::Tensor>)> {
+    async fn prepare(
+        self: &Arc<Self>,
+        request: GenerationRequest,
+        deadline: Instant,
+    ) -> Result<(candle_core::Tensor, Vec<u32>, Option<candle_core::Tensor>)> {
+        let abandon = Arc::new(AtomicBool::new(false));
+        let _abandon_on_drop = AbandonOnDrop(abandon.clone());
+        let seconds = self.config.limits.request_timeout.as_secs_f64();
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let permit = tokio::time::timeout_at(deadline, self.preparing.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                Error::Timeout(format!(
+                    "the server was busy preparing other requests for the whole --request-timeout ({seconds} s)"
+                ))
+            })?
+            .map_err(|_| Error::ShuttingDown)?;
+        let state = self.clone();
+        let flag = abandon.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            // The turn is held until the work really ends, even when the request
+            // was abandoned, so that abandoned work still counts against the pool.
+            let _permit = permit;
+            state.embed(&request, &flag)
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(prepared)) => prepared,
+            Ok(Err(e)) => {
+                tracing::error!("preparing a request: {e}");
+                Err(Error::Internal("preparing the request stopped unexpectedly".into()))
+            }
+            Err(_) => Err(Error::Timeout(format!(
+                "the request's items and prompt were not ready within --request-timeout ({seconds} s)"
+            ))),
+        }
+    }
+
+    /// `Err` once the request was abandoned (counted once, where it is seen).
+    fn check_abandoned(&self, abandon: &AtomicBool) -> Result<()> {
+        if abandon.load(Ordering::Relaxed) {
+            self.metrics.add_preparation_abandoned();
+            return Err(Error::Timeout("the request was abandoned during preparation".into()));
+        }
+        Ok(())
+    }
+
+    /// Items read and checked, ids prepared, embeddings with items spliced in,
+    /// and the prompt's M-RoPE positions when the model reads them; stops
+    /// between steps once `abandon` is set.
+    #[allow(clippy::type_complexity)]
+    fn embed(
+        &self,
+        request: &GenerationRequest,
+        abandon: &AtomicBool,
+    ) -> Result<(candle_core::Tensor, Vec<u32>, Option<candle_core::Tensor>)> {
         let mut items = ItemsByKey::new();
         for item in &request.items {
+            self.check_abandoned(abandon)?;
             self.token_for(&item.data_key, &item.what)?;
             let resolved = resolve(&item.source, &item.what, &self.config)?;
             if let Some((_, m)) = self.model.modality_for_key(&item.data_key) {
@@ -305,9 +427,23 @@ impl AppState {
             }
             items.entry(item.data_key.clone()).or_default().push(resolved);
         }
+        self.check_abandoned(abandon)?;
+        let parse_special = request.parse_special_tokens.unwrap_or(self.config.parse_special_tokens);
+        let marked: Vec<Message>;
+        let messages = if parse_special {
+            &request.messages
+        } else {
+            let preparer = self.model.chat_preparer();
+            marked = request
+                .messages
+                .iter()
+                .map(|m| Message::new(m.role.clone(), preparer.mark_special_tokens_as_text(&m.content)))
+                .collect();
+            &marked
+        };
         let prepared = self
             .model
-            .prepare_chat(&request.messages, &items)
+            .prepare_chat(messages, &items)
             .map_err(|e| Error::bad_request(format!("preparing the prompt: {e}")))?;
         let max_context = self.model.lm.model.max_context();
         if prepared.input_ids.len() >= max_context {
@@ -319,10 +455,15 @@ impl AppState {
                 ),
             ));
         }
-        let embeds = self
-            .model
-            .embed(&prepared, &items)
-            .map_err(|e| Error::bad_request(format!("reading the items: {e}")))?;
+        self.check_abandoned(abandon)?;
+        let embeds = match self.model.embed_while(&prepared, &items, &|| !abandon.load(Ordering::Relaxed)) {
+            Ok(embeds) => embeds,
+            Err(e) => {
+                // Stopped between items because the request was abandoned.
+                self.check_abandoned(abandon)?;
+                return Err(Error::bad_request(format!("reading the items: {e}")));
+            }
+        };
         let positions = self
             .model
             .positions(&prepared)
@@ -330,3 +471,28 @@ impl AppState {
         Ok((embeds, prepared.input_ids, positions))
     }
 }
+
+/// The default message-text limit for `model`: the most text that could
+/// still fit its context (context length times the UTF-8 length of its
+/// longest vocabulary entry: byte-level BPE writes a byte as a 1-2 byte
+/// character and SentencePiece a space as the 3-byte `▁`, so this over-counts),
+/// but no more than [`PROMPT_BYTES_CAP`] or 8 bytes per context position,
+/// whichever is larger (tokenising costs ~180 bytes of memory per byte, per
+/// request being prepared; typical text is 3-5 bytes per token).
+fn default_prompt_bytes(model: &MultimodalModel) -> usize {
+    let longest = model
+        .lm
+        .tokenizer
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max(16);
+    let context = model.lm.model.max_context();
+    let could_fit = context.saturating_mul(longest);
+    could_fit.min(PROMPT_BYTES_CAP.max(context.saturating_mul(8)))
+}
+
+/// See [`default_prompt_bytes`]: 1 MiB.
+const PROMPT_BYTES_CAP: usize = 1 << 20;

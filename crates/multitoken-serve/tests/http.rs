@@ -594,6 +594,11 @@ fn graceful_shutdown_finishes_running_requests_and_disconnects_free_slots() {
     );
     assert_eq!(status, 200, "{body}");
 
+    // The scheduler updates its gauge just after answering: wait for the last
+    // request to have left it, so that the `1` seen below is the next request.
+    while !get(&server.url("/metrics")).1.contains("multitoken_running_sequences 0") {
+        std::thread::yield_now();
+    }
     let url = server.url("/generate");
     let running =
         std::thread::spawn(move || post_json(&url, &json!({"messages": user("finish me"), "max_new_tokens": 60})));

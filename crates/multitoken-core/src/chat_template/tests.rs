@@ -445,3 +445,47 @@ fn templates_of_typed_parts_get_content_split_at_modality_tokens() -> Result<()>
     assert_eq!(rendered, "User:<image>Describe.<end_of_utterance>\nAssistant: A cat.<end_of_utterance>\nUser: And <image><image>?<end_of_utterance>\nAssistant:");
     Ok(())
 }
+
+/// Hostile templates (issue 23): a nested loop that would run for hours,
+/// text doubled in a loop (6 GB before the limit), unbounded recursion and a
+/// huge `range` end in clear errors in bounded time and memory; real
+/// templates render long conversations within the budget.
+#[test]
+fn runaway_templates_end_in_clear_errors() -> Result<()> {
+    let cases = [
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "went over its budget",
+        ),
+        (
+            "{% set s = namespace(v='ab') %}{% for i in range(40) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}",
+            "went over its budget",
+        ),
+        (
+            "{% for i in range(100) %}{{ messages[0]['content'] * 1000000 }}{% endfor %}",
+            "went over its budget",
+        ),
+        (
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "recursion limit exceeded",
+        ),
+    ];
+    let messages = chat(&[("user", "hello")]);
+    for (source, want) in cases {
+        let template = ChatTemplate::new("hostile.jinja", source, "", "")?;
+        let outcome = render_outcome(&template, &messages);
+        assert!(
+            outcome.starts_with("chat template `hostile.jinja`") && outcome.contains(want),
+            "{source}: {outcome}"
+        );
+    }
+    // A long conversation with a real template: 200 turns of 2 KB each.
+    let template = real_template("mistral")?;
+    let long: Vec<(&str, String)> = (0..200)
+        .map(|i| (if i % 2 == 0 { "user" } else { "assistant" }, "word ".repeat(400)))
+        .collect();
+    let turns: Vec<(&str, &str)> = long.iter().map(|(r, c)| (*r, c.as_str())).collect();
+    let outcome = render_outcome(&template, &chat(&turns));
+    assert!(outcome.starts_with("ok "), "{}", &outcome[..outcome.len().min(300)]);
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! `POST /generate`: multi_token's API. The body is a dataset row
 //! (`messages` plus item lists such as `images`, `speech_audios`, `documents`)
-//! with optional `max_new_tokens`, `temperature`, `top_p`, `seed`; the answer is
+//! with optional `max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`,
+//! `parse_special_tokens` (see [`crate::state::GenerationRequest`]); the answer is
 //! `{"output": "..."}`.
 
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::state::{AppState, GenerationRequest, RequestItem};
 
 /// Row keys that are never item lists.
-const NON_ITEM_KEYS: [&str; 9] = [
+const NON_ITEM_KEYS: [&str; 10] = [
     "messages",
     "max_new_tokens",
     "temperature",
@@ -28,6 +29,7 @@ const NON_ITEM_KEYS: [&str; 9] = [
     "stop",
     "conversations",
     "metadata",
+    "parse_special_tokens",
 ];
 
 /// The handler.
@@ -129,6 +131,7 @@ pub fn parse_row(state: &AppState, row: &serde_json::Map<String, Value>) -> Resu
         top_p,
         seed,
         stop,
+        parse_special_tokens: optional(row, "parse_special_tokens", "a boolean", Value::as_bool)?,
     })
 }
 

@@ -10,6 +10,8 @@
 //! newlines, so `[image, text]` reads `<image>\nquestion` as LLaVA prompts do).
 //! `stream: true` answers with server-sent events in OpenAI's chunk format,
 //! ending `data: [DONE]`; `stream_options.include_usage` adds a usage chunk.
+//! `parse_special_tokens: true` lets special tokens typed in messages act as
+//! tokens (default: the server's `--parse-special-tokens`, off: text is text).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -243,6 +245,7 @@ fn parse_request(state: &AppState, map: &serde_json::Map<String, Value>) -> Resu
         top_p,
         seed,
         stop,
+        parse_special_tokens: optional(map, "parse_special_tokens", "a boolean", Value::as_bool)?,
     };
     Ok((request, stream, include_usage))
 }
