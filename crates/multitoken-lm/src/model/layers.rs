@@ -52,9 +52,13 @@ impl Mlp {
             Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
                 let gate = gate_proj.forward(x)?;
                 let up = up_proj.forward(x)?;
-                // Training: one op each way for silu(gate) · up (candle's composite
-                // keeps two activations and takes eight ops backward).
-                let gated = if *act == Activation::Silu && (gate.track_op() || up.track_op()) {
+                // One op each way for silu(gate) · up: in training candle's
+                // composite keeps two activations and takes eight ops backward;
+                // in a prefill its two element-wise maps run on candle's pool,
+                // which the binary sizes to one thread (`CANDLE_NUM_THREADS=1`,
+                // for contention), while ours spreads the rows over the kernels'
+                // pool (~6% of an idle SmolLM2 prefill).
+                let gated = if *act == Activation::Silu {
                     multitoken_kernels::train::silu_mul(&gate, &up)?
                 } else {
                     (activate(&gate, *act)? * up)?
