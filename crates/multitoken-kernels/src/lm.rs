@@ -39,6 +39,37 @@ pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, (rows, n), x.device())?))
 }
 
+/// Rows from which [`add`] spreads over the pool: below, one thread is faster.
+const ADD_PARALLEL_FROM_ROWS: usize = 32;
+
+/// `a + b` for two contiguous f32 tensors of one shape (the residual adds of
+/// a prefill), rows of the last axis spread over the pool; exactly candle's
+/// sums. `None` when the fast path does not apply (fewer than 32 rows, other
+/// layouts, or see the module docs): candle's add runs its element-wise map
+/// on its own pool, which the binary sizes to one thread.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let width = a.dims().last().copied().unwrap_or(1).max(1);
+    let n = a.elem_count();
+    if a.dims() != b.dims() || n / width < ADD_PARALLEL_FROM_ROWS || !a.is_contiguous() || !b.is_contiguous() || !fast_path(&[a, b]) {
+        return Ok(None);
+    }
+    let mut out = output_buffer(n);
+    {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (xa, xb) = (&cpu_data(&sa, la)?[..n], &cpu_data(&sb, lb)?[..n]);
+        cpu::for_each_row(n / width, width, 16, &mut out, |r, dst| {
+            let (ra, rb) = (&xa[r * width..][..width], &xb[r * width..][..width]);
+            for ((o, &x), &y) in dst.iter_mut().zip(ra).zip(rb) {
+                o.write(x + y);
+            }
+        });
+    }
+    // SAFETY: for_each_row wrote every row.
+    let out = unsafe { assume_init(out) };
+    Ok(Some(Tensor::from_vec(out, a.dims(), a.device())?))
+}
+
 /// Causal attention with grouped key heads for a prefill: `q` `[b, heads, t,
 /// head_dim]`, `k` and `v` `[b, kv_heads, keys, head_dim]` (`keys >= t`, the
 /// cached positions first; views into a larger cache buffer need no copy).
@@ -91,6 +122,20 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn add_matches_candle_exactly() {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (3, 40, 72), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (3, 40, 72), &dev).unwrap();
+        let want: Vec<f32> = (&a + &b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = super::add(&a, &b).unwrap().expect("fast path");
+        assert_eq!(got.dims(), a.dims());
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        // Few rows: candle's add.
+        let small = Tensor::ones((4, 8), candle_core::DType::F32, &dev).unwrap();
+        assert!(super::add(&small, &small).unwrap().is_none());
+    }
+
     use super::*;
     use crate::tests::{max_diff, random};
 

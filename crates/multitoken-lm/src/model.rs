@@ -497,13 +497,22 @@ impl DecoderLayer {
         let attn = self.self_attn.forward(&normed, rope, cos_sin, mask, causal, cache, seen)?;
         match &self.post_attention_layernorm {
             // phi-2: x + attn(ln(x)) + mlp(ln(x))
-            None => Ok(((x + attn)? + self.mlp.forward(&normed)?)?),
+            None => residual_add(&residual_add(x, &attn)?, &self.mlp.forward(&normed)?),
             Some(post) => {
-                let x = (x + attn)?;
+                let x = residual_add(x, &attn)?;
                 let mlp = self.mlp.forward(&post.forward(&x)?)?;
-                Ok((x + mlp)?)
+                residual_add(&x, &mlp)
             }
         }
+    }
+}
+
+/// `x + y` for a residual stream: a prefill's rows over the kernels' pool
+/// (candle's add runs on its one-thread pool, see `multitoken_kernels::lm::add`).
+fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    match multitoken_kernels::lm::add(x, y)? {
+        Some(sum) => Ok(sum),
+        None => Ok((x + y)?),
     }
 }
 
