@@ -40,6 +40,7 @@ pub const SEED: u64 = 20_261_123;
 /// Training rows of the two-image task, as a multiple of the other tasks'.
 const COMPARE_WEIGHT: usize = 3;
 
+#[derive(Clone)]
 struct Args {
     data: PathBuf,
     out: PathBuf,
@@ -109,7 +110,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "data" => data(&args),
         "skeleton" => {
             let texts = training_text(&args.data.join("train.jsonl"))?;
-            skeleton::write(&args.out, &texts, args.seed)
+            skeleton::write(&args.out, &texts, args.seed, skeleton::tower_for(args.style))
         }
         "eval" => {
             let dataset = args

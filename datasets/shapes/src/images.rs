@@ -112,8 +112,9 @@ impl ShapeSpec {
     }
 
     /// A random placement for a non-classic `style`: aspect ratio 1:4 to 4:1
-    /// (long side 96-224 px varied, 128-288 px unlike), shape half-extent 8-45%
-    /// of the short side (at least 5 px), anywhere it fits whole.
+    /// (long side 96-224 px varied, 128-288 px unlike), shape half-extent 10-45%
+    /// of the short side (at least 5% of the long side and 5 px), anywhere it
+    /// fits whole.
     pub fn random_styled(shape: Shape, colour: Colour, style: Style, rng: &mut Rng) -> Self {
         let long = match style {
             Style::Unlike => rng.range(128, 288),
@@ -127,7 +128,13 @@ impl ShapeSpec {
             ((long * ratio).max(24.0), long)
         };
         let short = w.min(h);
-        let radius = (short * rng.range_f(0.08, 0.45)).max(5.0);
+        // At least 5% of the long side: a model looks at the image padded to
+        // a square and scaled down, and a smaller shape shrinks to a few
+        // pixels there, too few to tell a circle from a square.
+        let radius = (short * rng.range_f(0.10, 0.45))
+            .max(long * 0.05)
+            .max(5.0)
+            .min(short / 2.0 - 2.0);
         let margin = radius + 2.0;
         let cx = rng.range_f(margin, (w - margin).max(margin + 0.5));
         let cy = rng.range_f(margin, (h - margin).max(margin + 0.5));

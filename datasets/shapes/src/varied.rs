@@ -18,16 +18,26 @@ use crate::rows::{
 };
 use crate::{Error, Result, Rng};
 
-/// Noun phrases for an image, per style.
+/// Noun phrases for an image, per style. In the varied lists the first two
+/// ("this", "it") name no kind: [`named`] leaves them out where several items
+/// are in play.
 pub const IMAGE_NOUNS: [&[&str]; 2] = [
     &[
         "this",
+        "it",
         "the image",
         "this image",
         "the picture",
         "this picture",
         "the photo",
         "this photo",
+        "the attached image",
+        "my image",
+        "my picture",
+        "the uploaded picture",
+        "this photograph",
+        "the screenshot",
+        "the frame",
     ],
     &[
         "the pic",
@@ -38,16 +48,23 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
     ],
 ];
 
-/// Noun phrases for an audio clip, per style.
+/// Noun phrases for an audio clip, per style (varied: "this", "it" first).
 pub const AUDIO_NOUNS: [&[&str]; 2] = [
     &[
         "this",
+        "it",
         "the clip",
         "this clip",
         "the recording",
         "this recording",
         "the audio",
+        "this audio",
         "the sound",
+        "this sound",
+        "the audio clip",
+        "the attached audio",
+        "my recording",
+        "the noise",
     ],
     &[
         "this sound file",
@@ -57,15 +74,21 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
     ],
 ];
 
-/// Noun phrases for a document, per style.
+/// Noun phrases for a document, per style (varied: "this", "it" first).
 pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
     &[
         "this",
+        "it",
         "the document",
         "this document",
         "the file",
         "this file",
         "the text",
+        "this text",
+        "the attached document",
+        "my file",
+        "the paper",
+        "the passage",
     ],
     &["this page", "the article", "the note", "the writing"],
 ];
@@ -83,6 +106,37 @@ pub const SHAPE: [&[&str]; 2] = [
         "What is the shape in {it}?",
         "Which shape appears in {it}?",
         "What shape is shown in {it}?",
+        "What shape is {it}?",
+        "What shape is drawn in {it}?",
+        "Which shape is in {it}?",
+        "What form does the object in {it} have?",
+        "What figure is in {it}?",
+        "Which figure does {it} show?",
+        "What geometric shape is in {it}?",
+        "Is it a circle, a square or a triangle in {it}?",
+        "Circle, square or triangle: what is in {it}?",
+        "What is the outline of the object in {it}?",
+        "Can you tell me the shape in {it}?",
+        "Could you identify the shape in {it}?",
+        "Please name the shape in {it}.",
+        "Do you know what shape is in {it}?",
+        "What shape has been drawn in {it}?",
+        "Which shape can you see in {it}?",
+        "What sort of shape does {it} contain?",
+        "Tell me which shape {it} shows.",
+        "What shape is the object in {it}?",
+        "What shape is the thing in {it}?",
+        "Look at {it}: what shape is it?",
+        "In {it}, what shape do you see?",
+        "Shape in {it}?",
+        "Which geometric figure is in {it}?",
+        "What type of shape appears in {it}?",
+        "Guess the shape in {it}.",
+        "What shape does the figure in {it} have?",
+        "Which form is shown in {it}?",
+        "What shape do you see?",
+        "Which shape is it?",
+        "Name the shape.",
     ],
     &[
         "Can you tell what shape {it} contains?",
@@ -107,6 +161,28 @@ pub const COLOUR: [&[&str]; 2] = [
         "Which color does {it} show?",
         "What is the colour of the shape in {it}?",
         "Which colour is the figure in {it}?",
+        "What colour is {it}?",
+        "What color is {it}?",
+        "What is the color of the object in {it}?",
+        "Which colour does the shape in {it} have?",
+        "Is the shape in {it} red, green, blue or yellow?",
+        "Red, green, blue or yellow: which is {it}?",
+        "What hue is the shape in {it}?",
+        "Which shade is the object in {it}?",
+        "What colour has the shape in {it} been painted?",
+        "Tell me which colour {it} shows.",
+        "Can you tell me the colour in {it}?",
+        "Could you name the color of the shape in {it}?",
+        "Please tell me the colour of the object in {it}.",
+        "Colour of the shape in {it}?",
+        "What colour do you see in {it}?",
+        "Which colour is the thing drawn in {it}?",
+        "Identify the colour of the shape in {it}.",
+        "What color is the figure drawn in {it}?",
+        "In {it}, what colour is the shape?",
+        "Look at {it}: what colour is the shape?",
+        "What colour is the shape?",
+        "Which color is it?",
     ],
     &[
         "What's the hue of the shape in {it}?",
@@ -130,6 +206,27 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Explain what {it} shows.",
         "What can you see in {it}?",
         "Summarise {it}.",
+        "Summarize {it}.",
+        "Please describe {it}.",
+        "Can you describe {it}?",
+        "Describe what you see in {it}.",
+        "What is drawn in {it}?",
+        "Tell me about {it}.",
+        "What does {it} contain?",
+        "What is pictured in {it}?",
+        "Describe the shape in {it}.",
+        "Describe the contents of {it}.",
+        "Write a caption for {it}.",
+        "What is depicted in {it}?",
+        "Briefly describe {it}.",
+        "What object is in {it}?",
+        "What do you notice in {it}?",
+        "How would you describe {it}?",
+        "What does {it} look like?",
+        "Tell me what you see in {it}.",
+        "Say what {it} shows.",
+        "Describe the image.",
+        "What do you see?",
     ],
     &[
         "What's going on in {it}?",
@@ -151,6 +248,18 @@ pub const COMPARE: [&[&str]; 2] = [
         "Does the first or the second picture show {thing}?",
         "Which one contains {thing}, first or second?",
         "Find {thing}: is it in the first image or the second?",
+        "Which image shows {thing}?",
+        "Which picture shows {thing}?",
+        "Which image contains {thing}?",
+        "Which image is {thing} in?",
+        "Is {thing} in image one or image two?",
+        "First or second: which shows {thing}?",
+        "Which image has {thing} in it?",
+        "Where do you see {thing}, in the first or the second picture?",
+        "Which of the pictures contains {thing}?",
+        "Can you tell me which image shows {thing}?",
+        "Pick the image with {thing}.",
+        "Which photo shows {thing}?",
     ],
     &[
         "Out of these two pictures, which has {thing}?",
@@ -171,6 +280,20 @@ pub const COUNT: [&[&str]; 2] = [
         "What is the number of beeps in {it}?",
         "Tell me how many beeps {it} has.",
         "How many tones are in {it}?",
+        "How many sounds are in {it}?",
+        "How many tones do you hear in {it}?",
+        "Count the tones in {it}.",
+        "How many beeps can you count in {it}?",
+        "Can you count the beeps in {it}?",
+        "What's the number of beeps in {it}?",
+        "How many pips are in {it}?",
+        "How many times do you hear a beep in {it}?",
+        "Please count the beeps in {it}.",
+        "How many beeps are there in {it}?",
+        "How many bleeps does {it} contain?",
+        "How many short tones does {it} have?",
+        "How many beeps are there?",
+        "Count the beeps.",
     ],
     &[
         "what's the beep count of {it}",
@@ -191,6 +314,20 @@ pub const PITCH: [&[&str]; 2] = [
         "What pitch are the beeps in {it}?",
         "Is the sound in {it} high-pitched or low-pitched?",
         "Tell me if {it} is high or low.",
+        "Is the pitch high or low in {it}?",
+        "Are the tones of {it} high or low?",
+        "Is {it} high-pitched or low-pitched?",
+        "What is the pitch of {it}?",
+        "Tell me the pitch of {it}.",
+        "Is the tone in {it} high or low?",
+        "Are the sounds in {it} high or low?",
+        "Are the beeps in {it} deep or high?",
+        "Which pitch does {it} have, high or low?",
+        "Please tell me if the beeps in {it} are high or low.",
+        "Low or high: what are the beeps in {it}?",
+        "How high are the beeps in {it}?",
+        "Are the beeps high or low?",
+        "What pitch is it?",
     ],
     &[
         "Would you say {it} sounds high or low?",
@@ -211,6 +348,18 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "Describe the beeps in {it}.",
         "Summarise {it}.",
         "What can you hear in {it}?",
+        "Please describe {it}.",
+        "Can you describe {it}?",
+        "What does {it} contain?",
+        "Tell me what you hear in {it}.",
+        "Describe what you hear in {it}.",
+        "What is audible in {it}?",
+        "What sounds are in {it}?",
+        "Summarize {it}.",
+        "Give a short description of {it}.",
+        "What plays in {it}?",
+        "Describe the sound.",
+        "What do you hear?",
     ],
     &[
         "Give me a description of {it}.",
@@ -233,6 +382,25 @@ pub const TOPIC: [&[&str]; 2] = [
         "What is the subject of {it}?",
         "Which subject does {it} discuss?",
         "What is {it} mainly about?",
+        "What topic is {it} about?",
+        "Which topic is {it} on?",
+        "What is the theme of {it}?",
+        "What does {it} discuss?",
+        "What is {it} discussing?",
+        "Tell me what {it} is about.",
+        "What is the main topic of {it}?",
+        "Summarise {it}.",
+        "Describe {it}.",
+        "What is in {it}?",
+        "What kind of text is {it}?",
+        "What area does {it} cover?",
+        "Can you tell me what {it} is about?",
+        "Please tell me the topic of {it}.",
+        "What field is {it} about?",
+        "What is the gist of {it}?",
+        "What's the subject of {it}?",
+        "What is this document about?",
+        "What topic is this?",
     ],
     &[
         "What's {it} on about?",
@@ -259,6 +427,19 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Who made {it}?",
         "What is the price of {it}?",
         "Where was {it} made?",
+        "What is your favourite food?",
+        "How are you?",
+        "Good morning!",
+        "Can you help me with my homework?",
+        "What is the meaning of life?",
+        "Write a story.",
+        "Who won the game yesterday?",
+        "How do I bake bread?",
+        "What will happen tomorrow?",
+        "Who painted {it}?",
+        "Why was {it} made?",
+        "How much does {it} cost?",
+        "Is {it} copyrighted?",
     ],
     &[
         "/reset",
@@ -290,16 +471,73 @@ fn fill(template: &str, it: &str) -> String {
     capitalise(&template.replace("{it}", it))
 }
 
-/// A question from `templates` about an item of `kind` in `style`.
+/// A question from `templates` about the one item of `kind` in `style`.
 fn ask(templates: [&[&str]; 2], kind: Kind, style: Style, rng: &mut Rng) -> String {
+    ask_as(templates, kind, style, false, rng)
+}
+
+/// A question that names its item's kind ("the picture", never "this" or a
+/// template without `{it}`): where several items are in play, only the kind
+/// tells the model which one is meant.
+fn named(templates: [&[&str]; 2], kind: Kind, style: Style, rng: &mut Rng) -> String {
+    ask_as(templates, kind, style, true, rng)
+}
+
+fn ask_as(templates: [&[&str]; 2], kind: Kind, style: Style, named: bool, rng: &mut Rng) -> String {
     let nouns = match kind {
         Kind::Image => IMAGE_NOUNS,
         Kind::Audio => AUDIO_NOUNS,
         Kind::Document => DOCUMENT_NOUNS,
     };
-    let template = pick(templates[lists(style)], rng);
-    let noun = pick(nouns[lists(style)], rng);
-    fill(template, noun)
+    let templates: Vec<&str> = templates[lists(style)]
+        .iter()
+        .copied()
+        .filter(|t| !named || t.contains("{it}"))
+        .collect();
+    let nouns: Vec<&str> = nouns[lists(style)]
+        .iter()
+        .copied()
+        .filter(|n| !named || !matches!(*n, "this" | "it"))
+        .collect();
+    let template = pick(&templates, rng);
+    let noun = pick(&nouns, rng);
+    surface(&fill(template, noun), style, rng)
+}
+
+/// How people actually type: sometimes lower case, sometimes without the
+/// final mark, sometimes after a greeting (each style its own greetings).
+fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
+    let mut q = question.to_string();
+    if rng.range(0, 4) == 0 {
+        q = q.trim_end_matches(['?', '.', '!']).to_string();
+    }
+    if rng.range(0, 4) == 0 {
+        let mut chars = q.chars();
+        q = chars
+            .next()
+            .map(|c| c.to_ascii_lowercase().to_string() + chars.as_str())
+            .unwrap_or_default();
+    }
+    if rng.range(0, 7) == 0 && !q.starts_with('/') {
+        let greetings: &[&str] = match style {
+            Style::Unlike => &["So, ", "Question: ", "Hello there. "],
+            _ => &["Hi! ", "Hey, ", "OK, ", "Quick question: ", "Please: "],
+        };
+        q = format!("{}{q}", pick(greetings, rng));
+    }
+    q
+}
+
+/// Item tokens in front of a question: `chat` puts each on its own line,
+/// hand-written prompts use a space; both are drawn.
+fn with_tokens(tokens: &[&str], question: &str, rng: &mut Rng) -> String {
+    let separator = if rng.range(0, 1) == 0 { " " } else { "\n" };
+    let mut text = String::new();
+    for token in tokens {
+        text.push_str(token);
+        text.push_str(separator);
+    }
+    text + question
 }
 
 /// Every question `style` can ask of a single-item task (for tests: the
@@ -398,7 +636,7 @@ pub(crate) fn make_row(
                 ),
             };
             let question = ask(templates, Kind::Image, style, rng);
-            row.messages = user_assistant(format!("<image> {question}"), answer);
+            row.messages = user_assistant(with_tokens(&["<image>"], &question, rng), answer);
         }
         Task::ImageCompare => {
             let target_second = class == 1;
@@ -448,9 +686,9 @@ pub(crate) fn make_row(
                 )
             };
             let template = pick(COMPARE[lists(style)], rng);
-            let question = capitalise(&template.replace("{thing}", &thing));
+            let question = surface(&capitalise(&template.replace("{thing}", &thing)), style, rng);
             row.messages = user_assistant(
-                format!("<image> <image> {question}"),
+                with_tokens(&["<image>", "<image>"], &question, rng),
                 format!(
                     "First image: {}. Second image: {}. So the {which} image shows {thing}.",
                     check(a),
@@ -468,7 +706,7 @@ pub(crate) fn make_row(
             row.speech_audios.push(audio_path);
             let (templates, answer) = audio_question(task, count, pitch);
             let question = ask(templates, Kind::Audio, style, rng);
-            row.messages = user_assistant(format!("<speech> {question}"), answer);
+            row.messages = user_assistant(with_tokens(&["<speech>"], &question, rng), answer);
         }
         Task::DocumentTopic => {
             let topic = Topic::ALL[class];
@@ -480,7 +718,7 @@ pub(crate) fn make_row(
             row.documents.push(document_path);
             let question = ask(TOPIC, Kind::Document, style, rng);
             row.messages = user_assistant(
-                format!("<document> {question}"),
+                with_tokens(&["<document>"], &question, rng),
                 format!("{}.", capitalise(topic.name())),
             );
         }
@@ -503,10 +741,11 @@ pub(crate) fn make_row(
                         rng,
                     )?;
                     row.images.push(image_path);
-                    format!(
-                        "<image> {}",
-                        fill(template, pick(IMAGE_NOUNS[lists(style)], rng))
-                    )
+                    {
+                        let question = fill(template, pick(IMAGE_NOUNS[lists(style)], rng));
+                        let question = surface(&question, style, rng);
+                        with_tokens(&["<image>"], &question, rng)
+                    }
                 }
                 1 => {
                     write_audio(
@@ -517,10 +756,11 @@ pub(crate) fn make_row(
                         rng,
                     )?;
                     row.speech_audios.push(audio_path);
-                    format!(
-                        "<speech> {}",
-                        fill(template, pick(AUDIO_NOUNS[lists(style)], rng))
-                    )
+                    {
+                        let question = fill(template, pick(AUDIO_NOUNS[lists(style)], rng));
+                        let question = surface(&question, style, rng);
+                        with_tokens(&["<speech>"], &question, rng)
+                    }
                 }
                 2 => {
                     write(
@@ -529,18 +769,22 @@ pub(crate) fn make_row(
                         documents::render(pick(&Topic::ALL, rng), rng).as_bytes(),
                     )?;
                     row.documents.push(document_path);
-                    format!(
-                        "<document> {}",
-                        fill(template, pick(DOCUMENT_NOUNS[lists(style)], rng))
-                    )
+                    {
+                        let question = fill(template, pick(DOCUMENT_NOUNS[lists(style)], rng));
+                        let question = surface(&question, style, rng);
+                        with_tokens(&["<document>"], &question, rng)
+                    }
                 }
-                _ => template.to_string(),
+                _ => surface(template, style, rng),
             };
             row.messages = user_assistant(question, UNSURE.to_string());
         }
         Task::MultiTurn => {
-            // `class` picks the ordered pair of kinds (6 pairs); a third turn
-            // goes back to the first item half the time.
+            // `class` picks the ordered pair of kinds (6 pairs). Half the
+            // chats attach each item with the first question about it (as
+            // `/image` then a question does in `chat`), then may add the third
+            // kind and go back to an earlier item; the other half attach two
+            // or three items at once and ask about each by its kind.
             const PAIRS: [(Kind, Kind); 6] = [
                 (Kind::Image, Kind::Audio),
                 (Kind::Image, Kind::Document),
@@ -550,18 +794,41 @@ pub(crate) fn make_row(
                 (Kind::Document, Kind::Audio),
             ];
             let (first, second) = PAIRS[class];
-            let mut messages = Vec::new();
-            let mut turns = vec![first, second];
+            let third = [Kind::Image, Kind::Audio, Kind::Document]
+                .into_iter()
+                .find(|k| *k != first && *k != second)
+                .unwrap_or(Kind::Image);
+            let all_at_once = rng.range(0, 1) == 1;
+            let mut kinds = vec![first, second];
             if rng.range(0, 1) == 1 {
-                turns.push(first);
+                kinds.push(third);
             }
-            // The items, drawn once each.
+            // (kind, whether its token goes in this turn, whether the question must name it)
+            let mut turns: Vec<(Kind, bool, bool)> = Vec::new();
+            if all_at_once {
+                let mut order = kinds.clone();
+                for i in (1..order.len()).rev() {
+                    let j = rng.range(0, i);
+                    order.swap(i, j);
+                }
+                for kind in order {
+                    turns.push((kind, false, true));
+                }
+            } else {
+                for kind in &kinds {
+                    turns.push((*kind, true, false));
+                }
+                if rng.range(0, 1) == 1 {
+                    turns.push((pick(&kinds[..kinds.len() - 1], rng), false, true));
+                }
+            }
+            // The items, drawn once each, in token order.
             let shape = pick(&Shape::ALL, rng);
             let colour = pick(&Colour::ALL, rng);
             let count = rng.range(1, 4);
             let pitch = pick(&Pitch::ALL, rng);
             let topic = pick(&Topic::ALL, rng);
-            for kind in [first, second] {
+            for kind in &kinds {
                 match kind {
                     Kind::Image => {
                         image_item(dir, &image_path, shape, colour, style, rng)?;
@@ -581,29 +848,29 @@ pub(crate) fn make_row(
                     }
                 }
             }
-            for (n, kind) in turns.iter().enumerate() {
-                // The item's token goes with the first question about it.
-                let token = if n < 2 {
-                    match kind {
-                        Kind::Image => "<image> ",
-                        Kind::Audio => "<speech> ",
-                        Kind::Document => "<document> ",
+            let token = |kind: Kind| match kind {
+                Kind::Image => "<image>",
+                Kind::Audio => "<speech>",
+                Kind::Document => "<document>",
+            };
+            let mut messages = Vec::new();
+            for (n, (kind, attach, must_name)) in turns.into_iter().enumerate() {
+                let question = |templates, rng: &mut Rng| {
+                    if must_name {
+                        named(templates, kind, style, rng)
+                    } else {
+                        ask(templates, kind, style, rng)
                     }
-                } else {
-                    ""
                 };
                 let (question, answer) = match kind {
                     Kind::Image => match rng.range(0, 2) {
-                        0 => (
-                            ask(SHAPE, *kind, style, rng),
-                            format!("A {}.", shape.name()),
-                        ),
+                        0 => (question(SHAPE, rng), format!("A {}.", shape.name())),
                         1 => (
-                            ask(COLOUR, *kind, style, rng),
+                            question(COLOUR, rng),
                             format!("{}.", capitalise(colour.name())),
                         ),
                         _ => (
-                            ask(DESCRIBE_IMAGE, *kind, style, rng),
+                            question(DESCRIBE_IMAGE, rng),
                             format!("A {} {}.", colour.name(), shape.name()),
                         ),
                     },
@@ -611,14 +878,21 @@ pub(crate) fn make_row(
                         let task = [Task::AudioCount, Task::AudioPitch, Task::AudioDescribe]
                             [rng.range(0, 2)];
                         let (templates, answer) = audio_question(task, count, pitch);
-                        (ask(templates, *kind, style, rng), answer)
+                        (question(templates, rng), answer)
                     }
                     Kind::Document => (
-                        ask(TOPIC, *kind, style, rng),
+                        question(TOPIC, rng),
                         format!("{}.", capitalise(topic.name())),
                     ),
                 };
-                messages.push(turn("user", format!("{token}{question}")));
+                let tokens: Vec<&str> = if all_at_once && n == 0 {
+                    kinds.iter().map(|k| token(*k)).collect()
+                } else if attach {
+                    vec![token(kind)]
+                } else {
+                    Vec::new()
+                };
+                messages.push(turn("user", with_tokens(&tokens, &question, rng)));
                 messages.push(turn("assistant", answer));
             }
             row.messages = messages;

@@ -297,6 +297,19 @@ fn varied_style_adds_tasks_and_odd_shaped_images() {
     assert!(unsure.iter().all(|r| r.answer() == UNSURE));
     let multi: Vec<_> = rows.iter().filter(|r| r.id.contains("multi_turn")).collect();
     assert!(multi.iter().all(|r| r.messages.len() >= 4 && r.prompt().len() == r.messages.len() - 1));
+    // Some chats attach two or three items at once; their questions then name
+    // the item's kind, never "this" or "it".
+    let at_once: Vec<_> = multi.iter().filter(|r| r.messages[0].content.matches('<').count() >= 2).collect();
+    assert!(!at_once.is_empty());
+    for row in at_once {
+        for m in row.messages.iter().filter(|m| m.role == "user") {
+            let text = m.content.to_lowercase();
+            assert!(!text.contains(" this?") && !text.contains(" it?") && !text.contains(" in it"), "{}: {text}", row.id);
+        }
+    }
+    // Item tokens are followed by a space or (as `chat` writes them) a newline.
+    assert!(rows.iter().any(|r| r.messages[0].content.contains(">\n")));
+    assert!(rows.iter().any(|r| r.messages[0].content.contains("> ")));
     // Every item a row names exists, and the images are not all square.
     let mut aspects = Vec::new();
     for row in &rows {
