@@ -751,7 +751,9 @@ pub fn substitute_text_items(
             .remove(modality.data_key())
             .unwrap_or_default()
             .iter()
-            .map(|item| modality.to_text(item))
+            // An item boundary like `encode_item`'s: a panic in the modality's
+            // code (a decoder asserting on a hostile file) is this item's error.
+            .map(|item| crate::registry::guard(modality.name(), "turning an item into text", || modality.to_text(item)))
             .collect::<Result<Vec<_>>>()?;
         let mut texts = texts.into_iter();
         for message in messages.iter_mut() {
@@ -791,6 +793,7 @@ mod text_modality_tests {
         }
         fn to_text(&self, item: &Item) -> Result<String> {
             match item {
+                Item::Text(text) if text == "panic" => panic!("a decoder asserted"),
                 Item::Text(text) => Ok(text.to_uppercase()),
                 other => Err(Error::msg(format!("not text: {other:?}"))),
             }
@@ -838,6 +841,13 @@ mod text_modality_tests {
         bad.insert("transcript_audios".into(), vec![Item::Bytes(vec![1])]);
         let error = substitute_text_items(&mut messages, &mut bad, &[&Upper]).unwrap_err();
         assert!(error.to_string().contains("not text"), "{error}");
+        // A panic in the modality is the item's error (issue 23).
+        let mut panics = items(&["panic"]);
+        let error = substitute_text_items(&mut messages, &mut panics, &[&Upper]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "modality `upper` panicked while turning an item into text: a decoder asserted"
+        );
     }
 }
 
