@@ -443,6 +443,15 @@ impl InputPreparer {
                                     push_text(&mut chunks, layout_text, Labelled::No);
                                 }
                                 LayoutPart::Slots(len) => {
+                                    // Checked before any placeholder is written: a run
+                                    // longer than the context can never be kept.
+                                    if let Some(max) = self.config.model_max_length.filter(|&max| offset + len > max) {
+                                        return Err(Error::msg(format!(
+                                            "item {} of {} takes more than {max} positions, the longest sequence kept",
+                                            item_index + 1,
+                                            self.modalities[modality].token
+                                        )));
+                                    }
                                     chunks.push(Chunk::Slots { modality, item_index, offset, len: *len, grid: layout.grid() });
                                     offset += len;
                                 }

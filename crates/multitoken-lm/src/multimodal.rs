@@ -279,6 +279,15 @@ impl MultimodalModel {
         };
         for runtime in &modalities {
             check_projector(runtime, lm.model.hidden_size())?;
+            // A wider item never fits the context; refused at load, before a
+            // prompt allocates its placeholders (`token_width: 1e9` aborted).
+            let (width, context) = (runtime.modality.token_width(), lm.model.max_context());
+            if width > context {
+                return Err(Error::Msg(format!(
+                    "modality `{}`: token_width {width} is more than the LM's context of {context} positions",
+                    runtime.modality.name()
+                )));
+            }
         }
         check_unique_tokens(&modalities)?;
         let chat_leading = LeadingSpecialTokens::TemplateOnly;

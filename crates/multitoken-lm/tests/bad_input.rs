@@ -97,6 +97,11 @@ fn broken_directories_are_named_errors() -> TestResult {
             &["config.json", "yarn", "llama3"]),
         ("llama", "bad-heads", |d| edit_config(d, |c| c["num_key_value_heads"] = 3.into()),
             &["num_key_value_heads", "3"]),
+        // Issue 23: these loaded and then generated nothing (NaN logits).
+        ("llama", "negative-eps", |d| edit_config(d, |c| c["rms_norm_eps"] = (-1e-6).into()),
+            &["rms_norm_eps", "must be a positive number, got -0.000001"]),
+        ("llama", "zero-rope-theta", |d| edit_config(d, |c| c["rope_parameters"]["rope_theta"] = 0.0.into()),
+            &["rope_theta must be a positive number, got 0"]),
         ("llama", "no-config", |d| Ok(std::fs::remove_file(d.join("config.json"))?), &["config.json"]),
         ("llama", "no-weights", |d| Ok(std::fs::remove_file(d.join("model.safetensors"))?),
             &["model.safetensors"]),

@@ -492,6 +492,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Saves tensors as safetensors at `path` with the permissions any other file the
+/// run writes gets (`0666` less the umask).
+///
+/// safetensors writes through a temporary file created `0600` and renames it, so
+/// trained weights came out readable by their owner alone.
+pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
+    tensors: &std::collections::HashMap<K, candle_core::Tensor>,
+    path: &Path,
+) -> Result<()> {
+    candle_core::safetensors::save(tensors, path)?;
+    respect_umask(path)
+}
+
+/// Gives `path` mode `0666` less the process umask (read from `/proc/self/status`;
+/// `022` where that is unavailable), as `File::create` would have.
+pub fn respect_umask(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()
+            })
+            .unwrap_or(0o022);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask)).map_err(|e| Error::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// `path` with `.tmp` appended to its name.
 pub fn temp_path(path: &Path) -> PathBuf {
     let mut name = path
