@@ -251,10 +251,13 @@ fn read_item(item: &Item, config: &DecodeConfig, layout: Layout) -> Result<Decod
     let name = describe_item(item);
     match item {
         Item::Path(path) => {
-            let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            let io = |source| Error::Io {
                 item: name.clone(),
                 source,
-            })?;
+            };
+            // Before opening: opening a FIFO would block until a writer comes.
+            multitoken_core::check_regular_file(path).map_err(io)?;
+            let bytes = std::fs::read(path).map_err(io)?;
             let hint = path.extension().and_then(|e| e.to_str());
             decode_with(&name, bytes, hint, config, layout)
         }

@@ -141,6 +141,9 @@ pub struct PreparedInput {
     pub labels: Vec<i64>,
     /// Placeholder spans in order of position.
     pub spans: Vec<PlaceholderSpan>,
+    /// The number of positions before truncation to `model_max_length`, when
+    /// the row was cut (so that an error can report the prompt's real length).
+    pub truncated_from: Option<usize>,
 }
 
 impl PreparedInput {
@@ -605,6 +608,7 @@ impl InputPreparer {
             }
         }
         prepared.spans.retain(|span| span.end() <= max_length);
+        prepared.truncated_from = Some(prepared.input_ids.len());
         prepared.input_ids.truncate(max_length);
         prepared.labels.truncate(max_length);
         Ok(())

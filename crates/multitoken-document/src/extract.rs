@@ -329,6 +329,8 @@ fn read_limited(path: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
         item: name.to_string(),
         source,
     };
+    // Before opening: opening a FIFO would block until a writer comes.
+    multitoken_core::check_regular_file(path).map_err(io)?;
     let file = std::fs::File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
     check_size(size, name, limit)?;

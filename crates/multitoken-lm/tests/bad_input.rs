@@ -188,3 +188,25 @@ fn processor_chat_template_files_are_read() -> TestResult {
     // check_load_error removes the directory.
     check_load_error(&dir, &["chat_template.json"])
 }
+
+/// Issue 23: `--chat-template my.jinja` with the file missing said "no built-in
+/// chat template named `my.jinja`"; a directory was taken for a name too.
+#[test]
+fn a_template_path_that_is_not_a_file_names_the_file() -> TestResult {
+    let loaded = load_model(&fixture_dir("llama"), &LoadOptions::default())?;
+    let dir = std::env::temp_dir();
+    let missing = dir.join(format!("multitoken-no-such-{}.jinja", std::process::id()));
+    let cases = [
+        (missing.display().to_string(), "No such file"),
+        (dir.display().to_string(), "is a directory, not a file"),
+        ("vicuna".to_string(), "no built-in chat template named `vicuna`"),
+    ];
+    for (spec, expect) in &cases {
+        let err = multitoken_lm::multimodal::template_from_spec(spec, &loaded).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(expect), "{spec}: `{err}` should say `{expect}`");
+        if spec != "vicuna" {
+            assert!(err.contains(spec.as_str()) && !err.contains("built-in"), "{spec}: {err}");
+        }
+    }
+    Ok(())
+}
