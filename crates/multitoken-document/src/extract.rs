@@ -106,6 +106,38 @@ pub fn extract_item(item: &Item, config: &ExtractConfig) -> Result<String> {
     }
 }
 
+/// The cheap checks of a document item before it is queued (a server's
+/// [`check_item`](multitoken_core::Modality::check_item)): its size, and for a PDF
+/// its page count from the parsed page tree. Text is not extracted.
+pub fn check_document(item: &Item, config: &ExtractConfig) -> Result<()> {
+    let name = describe_item(item);
+    let bytes = match item {
+        Item::Text(text) => return check_size(text.len() as u64, &name, config.max_bytes),
+        Item::Bytes(bytes) => std::borrow::Cow::Borrowed(bytes.as_slice()),
+        Item::Path(path) => std::borrow::Cow::Owned(read_limited(path, &name, config.max_bytes)?),
+    };
+    check_size(bytes.len() as u64, &name, config.max_bytes)?;
+    let path = match item {
+        Item::Path(path) => Some(path.as_path()),
+        _ => None,
+    };
+    if detect_format(path, &bytes) == DocumentFormat::Pdf {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pdf::check_pages(&bytes, &name, config.max_pages)));
+        match outcome {
+            Ok(result) => {
+                result?;
+            }
+            Err(_) => {
+                return Err(Error::Pdf {
+                    item: name,
+                    reason: "malformed PDF (the parser failed)".to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The format of a document: `%PDF-` in the first KiB wins, then the extension
 /// of `path`, then plain text.
 pub fn detect_format(path: Option<&Path>, bytes: &[u8]) -> DocumentFormat {

@@ -360,6 +360,12 @@ impl Modality for DocumentModality {
     /// Documents may be inline text: a server's OpenAI route reads a text
     /// part's string as the document; a dataset row marks it (`{"text": ...}`,
     /// see [`DocumentModality::item_from_json`]).
+    /// Size and, for a PDF, pages counted in the parsed page tree (a server
+    /// calls it before queueing the item).
+    fn check_item(&self, item: &Item) -> multitoken_core::Result<()> {
+        Ok(crate::extract::check_document(item, &self.extract)?)
+    }
+
     fn inline_items(&self) -> bool {
         true
     }

@@ -180,6 +180,11 @@ fn pdf_bombs_hit_their_limits() {
         );
         assert_eq!(extract_pdf(&pdf(3, page_type, true, page_text), &config), "Page 0\n\nPage 1\n\nPage 2");
     }
+    // The server's cheap check counts the same way, without extracting.
+    let many = Item::Bytes(pdf(40, "/#50age", false, page_text));
+    let err = multitoken_document::check_document(&many, &config).unwrap_err().to_string();
+    assert!(err.contains("the PDF has 40 pages, more than the limit of 5"), "{err}");
+    multitoken_document::check_document(&Item::Bytes(pdf(3, "/#50age", true, page_text)), &config).unwrap();
     // One page whose content inflates from a few KB to 8 MiB of spaces.
     let bomb = pdf(1, "/Page", true, |_| vec![b' '; 8 << 20]);
     assert!(bomb.len() < 64 << 10, "{}", bomb.len());

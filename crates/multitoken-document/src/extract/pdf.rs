@@ -49,21 +49,7 @@ pub(crate) fn pdf_text(bytes: &[u8], name: &str, limits: &PdfLimits) -> Result<S
         item: name.to_string(),
         reason,
     };
-    let mut doc = Document::load_mem_with_options(bytes, LoadOptions::with_filter(drop_object_stream_bombs))
-        .map_err(|e| pdf_error(e.to_string()))?;
-    if doc.is_encrypted() {
-        // An empty user password opens many "protected" files (what pdf-extract does).
-        doc.decrypt("").map_err(|_| Error::EncryptedPdf {
-            item: name.to_string(),
-        })?;
-    }
-    let pages = doc.get_pages().len();
-    if pages > limits.max_pages {
-        return Err(limit(format!(
-            "the PDF has {pages} pages, more than the limit of {} (raise max_pages to allow it)",
-            limits.max_pages
-        )));
-    }
+    let mut doc = load_counted(bytes, name, limits.max_pages)?;
     inflate_streams(&mut doc, limits.max_stream_bytes).map_err(|OverBudget| {
         limit(format!(
             "the PDF's compressed streams inflate to more than the limit of {} bytes \
@@ -81,6 +67,35 @@ pub(crate) fn pdf_text(bytes: &[u8], name: &str, limits: &PdfLimits) -> Result<S
     }
     outcome.map_err(|e| pdf_error(format!("{e:?}")))?;
     Ok(output.pages.join("\n\n"))
+}
+
+/// Parses a PDF (object-stream bombs dropped, an empty password tried on an
+/// encrypted file) and refuses it when its page tree has more than `max_pages` pages.
+fn load_counted(bytes: &[u8], name: &str, max_pages: usize) -> Result<Document> {
+    let mut doc = Document::load_mem_with_options(bytes, LoadOptions::with_filter(drop_object_stream_bombs)).map_err(|e| Error::Pdf {
+        item: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    if doc.is_encrypted() {
+        // An empty user password opens many "protected" files (what pdf-extract does).
+        doc.decrypt("").map_err(|_| Error::EncryptedPdf {
+            item: name.to_string(),
+        })?;
+    }
+    let pages = doc.get_pages().len();
+    if pages > max_pages {
+        return Err(Error::Limit {
+            item: name.to_string(),
+            reason: format!("the PDF has {pages} pages, more than the limit of {max_pages} (raise max_pages to allow it)"),
+        });
+    }
+    Ok(doc)
+}
+
+/// The page count of a PDF from its parsed page tree, checked against `max_pages`
+/// (a server's cheap check before queueing: nothing is inflated but object streams).
+pub(crate) fn check_pages(bytes: &[u8], name: &str, max_pages: usize) -> Result<usize> {
+    Ok(load_counted(bytes, name, max_pages)?.get_pages().len())
 }
 
 /// lopdf's load filter: an object stream (`/Type /ObjStm`) that inflates past
