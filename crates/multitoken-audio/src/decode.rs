@@ -144,7 +144,7 @@ fn check_rate_channels(name: &str, sample_rate: u32, channels: usize, config: &D
         item: name.to_string(),
         reason,
     };
-    if !(config.max_seconds > 0.0) {
+    if config.max_seconds.is_nan() || config.max_seconds <= 0.0 {
         return Err(format(format!(
             "the length limit max_seconds must be a positive number of seconds, got {}",
             config.max_seconds
@@ -165,8 +165,8 @@ fn check_rate_channels(name: &str, sample_rate: u32, channels: usize, config: &D
 /// `frames` at `sample_rate` against `max_seconds`.
 fn check_duration(name: &str, frames: u64, sample_rate: u32, config: &DecodeConfig) -> Result<()> {
     let seconds = frames as f64 / f64::from(sample_rate.max(1));
-    // Written so that a NaN limit refuses instead of accepting.
-    if !(seconds <= config.max_seconds) {
+    // A NaN limit refuses instead of accepting.
+    if config.max_seconds.is_nan() || seconds > config.max_seconds {
         return Err(Error::TooLong {
             item: name.to_string(),
             seconds,
