@@ -200,3 +200,20 @@ fn pdf_bombs_hit_their_limits() {
     );
     assert_eq!(extract_pdf(&wordy, &ExtractConfig::with_max_bytes(LIMIT)).len(), 4 * 599 + 3 * 2);
 }
+
+/// Issue 23: `embed FIFO` blocked forever in `open`; a FIFO or a directory is
+/// named as such before anything is opened.
+#[test]
+fn fifos_and_directories_are_not_documents() {
+    let dir = std::env::temp_dir().join(format!("multitoken-document-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("notes.txt");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let config = ExtractConfig::with_max_bytes(LIMIT);
+    for (path, expect) in [(&fifo, "is not a regular file (a FIFO, socket or device)"), (&dir, "is a directory, not a file")] {
+        let err = extract_item(&Item::Path(path.clone()), &config).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: cannot read: {expect}", path.display()));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
