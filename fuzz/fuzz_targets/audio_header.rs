@@ -10,6 +10,11 @@ use multitoken_audio::{decode_bytes, load_audio, DecodeConfig};
 use multitoken_core::Item;
 
 fuzz_target!(init: keep_caught_panics(), |data: &[u8]| {
+    // A crash libFuzzer cannot record (a stack overflow kills it outright): with
+    // MULTITOKEN_FUZZ_LAST set, every input is written there first.
+    if let Some(last) = std::env::var_os("MULTITOKEN_FUZZ_LAST") {
+        let _ = std::fs::write(last, data);
+    }
     let config = DecodeConfig { max_seconds: 2.0, max_sample_rate: 48_000, max_channels: 8 };
     if let Ok(samples) = load_audio(&Item::Bytes(data.to_vec()), &config) {
         // 2 s at 16 kHz, rounded up by the resampler.

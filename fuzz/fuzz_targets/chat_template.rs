@@ -10,6 +10,11 @@ use libfuzzer_sys::fuzz_target;
 use multitoken_core::{ChatTemplate, Message};
 
 fuzz_target!(init: keep_caught_panics(), |data: &[u8]| {
+    // A crash libFuzzer cannot record (a stack overflow kills it outright): with
+    // MULTITOKEN_FUZZ_LAST set, every input is written there first.
+    if let Some(last) = std::env::var_os("MULTITOKEN_FUZZ_LAST") {
+        let _ = std::fs::write(last, data);
+    }
     let Ok(text) = std::str::from_utf8(data) else { return };
     let (source, user) = text.split_once('\0').unwrap_or((text, "Describe <image> please"));
     let Ok(template) = ChatTemplate::new("fuzz".to_string(), source.to_string(), "<s>", "</s>") else { return };

@@ -11,6 +11,11 @@ use multitoken_lm::gguf::load_gguf;
 use multitoken_lm::loader::LoadOptions;
 
 fuzz_target!(init: keep_caught_panics(), |data: &[u8]| {
+    // A crash libFuzzer cannot record (a stack overflow kills it outright): with
+    // MULTITOKEN_FUZZ_LAST set, every input is written there first.
+    if let Some(last) = std::env::var_os("MULTITOKEN_FUZZ_LAST") {
+        let _ = std::fs::write(last, data);
+    }
     // The loader memory-maps a path; /dev/shm keeps the write in memory.
     let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
     let path = dir.join(format!("multitoken-fuzz-{}.gguf", std::process::id()));

@@ -9,6 +9,11 @@ use libfuzzer_sys::fuzz_target;
 use multitoken_train::data;
 
 fuzz_target!(init: keep_caught_panics(), |data: &[u8]| {
+    // A crash libFuzzer cannot record (a stack overflow kills it outright): with
+    // MULTITOKEN_FUZZ_LAST set, every input is written there first.
+    if let Some(last) = std::env::var_os("MULTITOKEN_FUZZ_LAST") {
+        let _ = std::fs::write(last, data);
+    }
     let dir = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
     let path = dir.join(format!("multitoken-fuzz-{}.jsonl", std::process::id()));
     if std::fs::write(&path, data).is_err() {

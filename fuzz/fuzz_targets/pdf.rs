@@ -7,6 +7,11 @@ use libfuzzer_sys::fuzz_target;
 use multitoken_document::{extract_bytes, DocumentFormat, ExtractConfig};
 
 fuzz_target!(init: keep_caught_panics(), |data: &[u8]| {
+    // A crash libFuzzer cannot record (a stack overflow kills it outright): with
+    // MULTITOKEN_FUZZ_LAST set, every input is written there first.
+    if let Some(last) = std::env::var_os("MULTITOKEN_FUZZ_LAST") {
+        let _ = std::fs::write(last, data);
+    }
     let config = ExtractConfig {
         max_bytes: 1 << 20,
         max_pages: 50,

@@ -217,3 +217,52 @@ fn fifos_and_directories_are_not_documents() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A PDF of the given object bodies (object `i + 1` is `objects[i]`, 1 the catalog).
+fn raw_pdf(objects: &[&str]) -> Vec<u8> {
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for offset in offsets {
+        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes());
+    out
+}
+
+/// Found by the `pdf` fuzz target: pdf-extract climbs `/Parent` for an inherited
+/// MediaBox and follows `Do` into forms by plain recursion, so a page that is its
+/// own parent, or a form that draws itself, overflowed the stack and killed the
+/// process (no panic to catch). Both are refused before extraction.
+#[test]
+fn recursive_pdf_structures_are_refused() {
+    let config = ExtractConfig::with_max_bytes(LIMIT);
+    let font = "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>";
+    let own_parent = raw_pdf(&[
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 3 0 R /Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
+        font,
+        "<< /Length 32 >>\nstream\nBT /F1 12 Tf 72 712 Td (Hi) Tj ET\nendstream",
+    ]);
+    assert_eq!(
+        extract_pdf(&own_parent, &config),
+        "error: bomb.pdf: cannot read PDF: the page tree loops (a page is its own ancestor through /Parent)"
+    );
+    let self_drawing = raw_pdf(&[
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 /MediaBox [0 0 612 792] >>",
+        "<< /Type /Page /Parent 2 0 R /Resources << /XObject << /X 4 0 R >> >> /Contents 5 0 R >>",
+        "<< /Type /XObject /Subtype /Form /BBox [0 0 10 10] /Resources << /XObject << /X 4 0 R >> >> /Length 5 >>\nstream\n/X Do\nendstream",
+        "<< /Length 5 >>\nstream\n/X Do\nendstream",
+    ]);
+    assert_eq!(
+        extract_pdf(&self_drawing, &config),
+        "error: bomb.pdf: cannot read PDF: a form XObject draws itself (directly or through other forms)"
+    );
+}

@@ -57,6 +57,8 @@ pub(crate) fn pdf_text(bytes: &[u8], name: &str, limits: &PdfLimits) -> Result<S
             limits.max_stream_bytes
         ))
     })?;
+    // After inflation: the check reads form contents, now plain.
+    check_recursion(&doc).map_err(|reason| pdf_error(reason.to_string()))?;
     let mut output = PageText::new(limits.max_text_bytes);
     let outcome = pdf_extract::output_doc(&doc, &mut output);
     if output.over {
@@ -117,13 +119,127 @@ fn drop_object_stream_bombs(id: ObjectId, object: &mut Object) -> Option<(Object
     }
 }
 
+/// Deepest chain of form XObjects accepted (a form drawing a form ...).
+const MAX_FORM_DEPTH: usize = 32;
+
+/// Refuses the structures pdf-extract follows by unbounded recursion, whose stack
+/// overflow kills the process (no panic to catch; found by fuzzing): a page whose
+/// `/Parent` chain loops or runs deeper than lopdf's page tree limit (pdf-extract
+/// climbs it for an inherited `MediaBox` or `Resources`), and form XObjects that
+/// draw themselves, directly or through others, or nest deeper than
+/// [`MAX_FORM_DEPTH`].
+fn check_recursion(doc: &Document) -> std::result::Result<(), &'static str> {
+    for page in doc.get_pages().into_values() {
+        let mut at = page;
+        let mut seen = std::collections::HashSet::new();
+        while let Ok(parent) = doc.get_dictionary(at).and_then(|d| d.get(b"Parent")).and_then(Object::as_reference) {
+            if !seen.insert(parent) || seen.len() > 256 {
+                return Err("the page tree loops (a page is its own ancestor through /Parent)");
+            }
+            at = parent;
+        }
+    }
+    // Which forms each form draws: the names of its `Do` operators resolved in its
+    // own resources, else in every XObject dictionary that lists it (the callers'
+    // resources it inherits).
+    let xobject_dicts: Vec<&Dictionary> = doc
+        .objects
+        .values()
+        .filter_map(|object| match object {
+            Object::Dictionary(dict) => Some(dict),
+            Object::Stream(stream) => Some(&stream.dict),
+            _ => None,
+        })
+        .filter_map(|dict| resources_xobjects(doc, dict))
+        .collect();
+    let is_form = |id: &ObjectId| {
+        matches!(doc.objects.get(id), Some(Object::Stream(s)) if s.dict.get(b"Subtype").and_then(Object::as_name).ok() == Some(b"Form".as_slice()))
+    };
+    let mut draws: std::collections::HashMap<ObjectId, Vec<ObjectId>> = std::collections::HashMap::new();
+    for (&id, object) in &doc.objects {
+        let Object::Stream(stream) = object else { continue };
+        if !is_form(&id) {
+            continue;
+        }
+        let names: Vec<Vec<u8>> = pdf_extract::content::Content::decode(&stream.get_plain_content().unwrap_or_default())
+            .map(|content| {
+                content
+                    .operations
+                    .into_iter()
+                    .filter(|op| op.operator == "Do")
+                    .filter_map(|op| op.operands.first().and_then(|o| o.as_name().ok()).map(<[u8]>::to_vec))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names.is_empty() {
+            continue;
+        }
+        let own = resources_xobjects(doc, &stream.dict);
+        let lookups: Vec<&Dictionary> = match own {
+            Some(dict) => vec![dict],
+            None => xobject_dicts.iter().copied().filter(|d| d.iter().any(|(_, v)| v.as_reference().ok() == Some(id))).collect(),
+        };
+        let targets = names
+            .iter()
+            .flat_map(|name| lookups.iter().filter_map(move |d| d.get(name).and_then(Object::as_reference).ok()))
+            .filter(is_form)
+            .collect();
+        draws.insert(id, targets);
+    }
+    // Depth-first, with the forms on the current path: one seen again is a cycle.
+    fn depth(
+        id: ObjectId,
+        draws: &std::collections::HashMap<ObjectId, Vec<ObjectId>>,
+        path: &mut Vec<ObjectId>,
+        done: &mut std::collections::HashMap<ObjectId, usize>,
+    ) -> std::result::Result<usize, &'static str> {
+        if let Some(&d) = done.get(&id) {
+            return Ok(d);
+        }
+        if path.contains(&id) {
+            return Err("a form XObject draws itself (directly or through other forms)");
+        }
+        if path.len() > MAX_FORM_DEPTH {
+            return Err("form XObjects are nested too deeply");
+        }
+        path.push(id);
+        let mut deepest = 0;
+        for &next in draws.get(&id).map(Vec::as_slice).unwrap_or_default() {
+            deepest = deepest.max(depth(next, draws, path, done)?);
+        }
+        path.pop();
+        done.insert(id, deepest + 1);
+        Ok(deepest + 1)
+    }
+    let mut done = std::collections::HashMap::new();
+    for &id in draws.keys() {
+        if depth(id, &draws, &mut Vec::new(), &mut done)? > MAX_FORM_DEPTH {
+            return Err("form XObjects are nested too deeply");
+        }
+    }
+    Ok(())
+}
+
+/// The `/XObject` dictionary of a dictionary's `/Resources`, through references.
+fn resources_xobjects<'a>(doc: &'a Document, dict: &'a Dictionary) -> Option<&'a Dictionary> {
+    let deref = |object: &'a Object| match object {
+        Object::Reference(id) => doc.get_object(*id).ok(),
+        other => Some(other),
+    };
+    let resources = deref(dict.get(b"Resources").ok()?)?.as_dict().ok()?;
+    deref(resources.get(b"XObject").ok()?)?.as_dict().ok()
+}
+
 /// Inflates, under one budget of `max_bytes`, every stream pdf-extract may read
 /// (all but images) and stores it back plain, so that each is inflated once.
+/// Images are emptied instead: text never needs their pixels, and pdf-extract's
+/// `Do` would inflate one and parse it as content.
 fn inflate_streams(doc: &mut Document, max_bytes: u64) -> std::result::Result<(), OverBudget> {
     let mut used: u64 = 0;
     for object in doc.objects.values_mut() {
         let Object::Stream(stream) = object else { continue };
         if is_image(&stream.dict) {
+            stream.set_plain_content(Vec::new());
             continue;
         }
         let left = max_bytes.saturating_sub(used);
