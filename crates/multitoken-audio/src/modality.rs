@@ -184,9 +184,7 @@ impl Modality for WhisperAudio {
         self.model.config.d_model
     }
     fn preprocess(&self, item: &Item) -> multitoken_core::Result<Tensor> {
-        let decode = DecodeConfig {
-            max_seconds: self.config.max_seconds,
-        };
+        let decode = DecodeConfig::with_max_seconds(self.config.max_seconds);
         let samples = load_audio(item, &decode)?;
         self.mel_tensor(&samples).map_err(|e| {
             multitoken_core::Error::msg(format!("{}: {e}", describe_item(item)))

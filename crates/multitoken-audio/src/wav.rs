@@ -76,6 +76,29 @@ pub(crate) fn parse(bytes: &[u8]) -> Option<PlainWav<'_>> {
     None
 }
 
+/// `(channels, sample rate)` of any RIFF/WAVE file's `fmt ` chunk, whatever its
+/// format tag: the header is checked before symphonia, which asserts on a zero
+/// rate. `None` when the bytes are not RIFF/WAVE or have no readable `fmt `.
+pub(crate) fn fmt_header(bytes: &[u8]) -> Option<(usize, u32)> {
+    if bytes.get(0..4)? != b"RIFF" || bytes.get(8..12)? != b"WAVE" {
+        return None;
+    }
+    let mut at = 12usize;
+    while at + 8 <= bytes.len() {
+        let id = bytes.get(at..at + 4)?;
+        let size = u32_at(bytes, at + 4)? as usize;
+        let body = at + 8;
+        if id == b"fmt " {
+            return Some((
+                usize::from(u16_at(bytes, body + 2)?),
+                u32_at(bytes, body + 4)?,
+            ));
+        }
+        at = body.checked_add(size)?.checked_add(size & 1)?;
+    }
+    None
+}
+
 /// `(format, channels, rate)` of a `fmt ` chunk this module reads.
 fn parse_fmt(chunk: &[u8]) -> Option<(PcmFormat, usize, u32)> {
     let mut tag = u16_at(chunk, 0)?;
@@ -131,6 +154,24 @@ impl PlainWav<'_> {
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
         }
+    }
+
+    /// The mean of the channels, frame by frame, read straight from the bytes
+    /// (no interleaved copy).
+    pub fn mono(&self) -> Vec<f32> {
+        let width = self.format.bytes_per_sample();
+        let scale = 1.0 / self.channels as f32;
+        let sample = |b: &[u8]| match self.format {
+            PcmFormat::I16 => f32::from(i16::from_le_bytes([b[0], b[1]])) * (1.0 / 32768.0),
+            PcmFormat::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        };
+        if self.channels == 1 {
+            return self.samples();
+        }
+        self.data
+            .chunks_exact(width * self.channels)
+            .map(|frame| frame.chunks_exact(width).map(sample).sum::<f32>() * scale)
+            .collect()
     }
 
     /// Whether the samples can hold NaN or infinity (only float data can).

@@ -38,7 +38,7 @@ fn float_wav(samples: &[f32]) -> Vec<u8> {
 
 /// Loads `bytes` as an item and renders the outcome.
 fn check(bytes: Vec<u8>, max_seconds: f64, expect: &str) {
-    let config = DecodeConfig { max_seconds };
+    let config = DecodeConfig::with_max_seconds(max_seconds);
     let got = match load_audio(&Item::Bytes(bytes), &config) {
         Ok(samples) => format!("ok {} samples", samples.len()),
         Err(e) => e.to_string(),
@@ -121,7 +121,7 @@ fn raw_samples_are_checked() {
         (&[0.0; 20_000], 16_000, 1, "over the limit of 1.0 s"),
     ];
     for (samples, rate, channels, expect) in cases {
-        let got = match to_mono_16k("clip", samples, *rate, *channels, &DecodeConfig { max_seconds: 1.0 }) {
+        let got = match to_mono_16k("clip", samples, *rate, *channels, &DecodeConfig::with_max_seconds(1.0)) {
             Ok(out) => format!("ok {}", out.len()),
             Err(e) => e.to_string(),
         };
@@ -147,4 +147,145 @@ fn transcript_modality_configs_that_cannot_work_are_refused() {
     assert!(typo.contains("model_pth"), "{typo}");
     let negative = build(serde_json::json!({"model_path": "x", "max_seconds": -1.0}));
     assert!(negative.contains("max_seconds"), "{negative}");
+}
+
+/// CRC-8 (poly 0x07) of a FLAC frame header.
+fn crc8(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |mut crc, &b| {
+        crc ^= b;
+        for _ in 0..8 {
+            crc = if crc & 0x80 != 0 {
+                (crc << 1) ^ 0x07
+            } else {
+                crc << 1
+            };
+        }
+        crc
+    })
+}
+
+/// CRC-16 (poly 0x8005) of a whole FLAC frame.
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |mut crc, &b| {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x8005
+            } else {
+                crc << 1
+            };
+        }
+        crc
+    })
+}
+
+/// A FLAC file of `frames` frames of `block` samples per channel, every subframe
+/// CONSTANT (3 bytes a channel a frame, whatever the block size): a few KB that
+/// decode to as many samples as the header says. `total` is STREAMINFO's sample
+/// count (0: unknown).
+fn constant_flac(rate: u32, channels: u8, block: u16, frames: u32, total: u64) -> Vec<u8> {
+    let mut out = b"fLaC".to_vec();
+    // Last metadata block, STREAMINFO, 34 bytes.
+    out.extend_from_slice(&[0x80, 0, 0, 34]);
+    out.extend_from_slice(&block.to_be_bytes());
+    out.extend_from_slice(&block.to_be_bytes());
+    out.extend_from_slice(&[0; 6]);
+    // 20 bits rate, 3 bits channels - 1, 5 bits bits-per-sample - 1, 36 bits total.
+    let packed: u64 = (u64::from(rate) << 44)
+        | (u64::from(channels - 1) << 41)
+        | (15 << 36)
+        | (total & ((1 << 36) - 1));
+    out.extend_from_slice(&packed.to_be_bytes());
+    out.extend_from_slice(&[0; 16]);
+    for number in 0..frames {
+        let start = out.len();
+        // Sync, fixed blocking; block size from the 16 bits after the number, rate
+        // from STREAMINFO; independent channels, 16 bits per sample.
+        out.extend_from_slice(&[0xFF, 0xF8, 0x70, ((channels - 1) << 4) | 0x08]);
+        match number {
+            0..=0x7F => out.push(number as u8),
+            0x80..=0x7FF => {
+                out.extend_from_slice(&[0xC0 | (number >> 6) as u8, 0x80 | (number & 0x3F) as u8])
+            }
+            _ => out.extend_from_slice(&[
+                0xE0 | (number >> 12) as u8,
+                0x80 | ((number >> 6) & 0x3F) as u8,
+                0x80 | (number & 0x3F) as u8,
+            ]),
+        }
+        out.extend_from_slice(&(block - 1).to_be_bytes());
+        out.push(crc8(&out[start..]));
+        for channel in 0..channels {
+            // CONSTANT subframe, no wasted bits, then the 16-bit value.
+            out.push(0);
+            out.extend_from_slice(&(1000i16 * i16::from(channel)).to_be_bytes());
+        }
+        out.extend_from_slice(&crc16(&out[start..]).to_be_bytes());
+    }
+    out
+}
+
+/// Issue 23, item 1: a header announcing a huge rate or many channels is refused
+/// before a single packet is decoded, and the duration limit counts samples as
+/// they are decoded when the header gives no count.
+#[test]
+fn audio_bombs_are_refused_from_the_header() {
+    let check = |bytes: Vec<u8>, config: DecodeConfig, expect: &str| {
+        let got = match load_audio(&Item::Bytes(bytes), &config) {
+            Ok(samples) => format!("ok {} samples", samples.len()),
+            Err(e) => e.to_string(),
+        };
+        assert!(got.contains(expect), "expected `{expect}` in `{got}`");
+    };
+    let server = DecodeConfig::with_max_seconds(30.0);
+    // The issue's file: 655,350 Hz x 8 channels, 29.9 s in ~11 KB.
+    let bomb = constant_flac(655_350, 8, 65_535, 299, 299 * 65_535);
+    assert!(bomb.len() < 12_000, "{}", bomb.len());
+    check(
+        bomb,
+        server,
+        "sample rate 655350 Hz is outside 1000..=192000 Hz",
+    );
+    // An allowed rate with too many channels, and both within limits.
+    check(
+        constant_flac(48_000, 8, 4_800, 2, 9_600),
+        DecodeConfig {
+            max_channels: 4,
+            ..server
+        },
+        "8 channels (1..=4 supported)",
+    );
+    check(
+        constant_flac(48_000, 8, 4_800, 10, 48_000),
+        server,
+        "ok 16000 samples",
+    );
+    // The header's count over the limit is refused before decoding.
+    check(
+        constant_flac(192_000, 8, 65_535, 3, 192_000 * 60),
+        server,
+        "audio is 60.0 s long, over the limit of 30.0 s",
+    );
+    // No count in the header: 88 frames of 65,535 samples (30.04 s) stop at the
+    // limit, one packet past it.
+    check(
+        constant_flac(192_000, 8, 65_535, 88, 0),
+        server,
+        "over the limit of 30.0 s",
+    );
+    // A WAV at 0 Hz used to reach symphonia's `TimeBase` assertion (a panic).
+    for (rate, channels, expect) in [
+        (0, 1, "sample rate 0 Hz is outside"),
+        (8_000, 0, "0 channels"),
+    ] {
+        let mut bytes = wav(1, 1, rate, 24, &[0u8; 30]);
+        bytes[22..24].copy_from_slice(&u16::to_le_bytes(channels));
+        check(bytes, DecodeConfig::default(), expect);
+    }
+    // A limit that is not a positive number refuses instead of turning off.
+    check(
+        wav(1, 1, 16_000, 16, &[0u8; 64]),
+        DecodeConfig::with_max_seconds(f64::NAN),
+        "must be a positive number",
+    );
 }

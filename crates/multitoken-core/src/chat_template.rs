@@ -694,16 +694,19 @@ fn strip_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(open) = rest.find("{%") {
-        let Some(close) = rest[open..].find("%}") else {
+        // The closing `%}` is searched after the opening `{%`: in `{%}` they
+        // overlap, and slicing between them panicked (found by fuzzing).
+        let Some(len) = rest[open + 2..].find("%}") else {
             break;
         };
-        let tag = &rest[open + 2..open + close];
+        let end = open + 2 + len + 2;
+        let tag = &rest[open + 2..open + 2 + len];
         let word = tag.trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out.push_str(&rest[..open]);
         if word != "generation" && word != "endgeneration" {
-            out.push_str(&rest[open..open + close + 2]);
+            out.push_str(&rest[open..end]);
         }
-        rest = &rest[open + close + 2..];
+        rest = &rest[end..];
     }
     out.push_str(rest);
     out

@@ -127,6 +127,7 @@ mod tests {
 
     fn row(ids: &[u32], labels: &[i64], spans: &[(usize, usize, usize, usize)]) -> PreparedInput {
         PreparedInput {
+            truncated_from: None,
             input_ids: ids.to_vec(),
             labels: labels.to_vec(),
             spans: spans

@@ -19,6 +19,23 @@ pub enum Item {
     Text(String),
 }
 
+/// Checks, without opening it, that `path` is a regular file: opening a FIFO
+/// blocks until something writes to it, and a directory or a device is never an
+/// item, a dataset or a document. The error says which it is (missing, a
+/// directory, or another kind of file); callers add the path.
+pub fn check_regular_file(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let what = if meta.is_dir() {
+        "is a directory, not a file"
+    } else {
+        "is not a regular file (a FIFO, socket or device)"
+    };
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
+}
+
 /// One part of an item's place in the token stream ([`ItemLayout`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayoutPart {

@@ -141,6 +141,9 @@ pub struct PreparedInput {
     pub labels: Vec<i64>,
     /// Placeholder spans in order of position.
     pub spans: Vec<PlaceholderSpan>,
+    /// The number of positions before truncation to `model_max_length`, when
+    /// the row was cut (so that an error can report the prompt's real length).
+    pub truncated_from: Option<usize>,
 }
 
 impl PreparedInput {
@@ -527,6 +530,15 @@ impl InputPreparer {
                                     push_text(&mut chunks, layout_text, Labelled::No);
                                 }
                                 LayoutPart::Slots(len) => {
+                                    // Checked before any placeholder is written: a run
+                                    // longer than the context can never be kept.
+                                    if let Some(max) = self.config.model_max_length.filter(|&max| offset + len > max) {
+                                        return Err(Error::msg(format!(
+                                            "item {} of {} takes more than {max} positions, the longest sequence kept",
+                                            item_index + 1,
+                                            self.modalities[modality].token
+                                        )));
+                                    }
                                     chunks.push(Chunk::Slots { modality, item_index, offset, len: *len, grid: layout.grid() });
                                     offset += len;
                                 }
@@ -719,6 +731,7 @@ impl InputPreparer {
             }
         }
         prepared.spans.retain(|span| span.end() <= max_length);
+        prepared.truncated_from = Some(prepared.input_ids.len());
         prepared.input_ids.truncate(max_length);
         prepared.labels.truncate(max_length);
         Ok(())
@@ -874,7 +887,9 @@ pub fn substitute_text_items(
             .remove(modality.data_key())
             .unwrap_or_default()
             .iter()
-            .map(|item| modality.to_text(item))
+            // An item boundary like `encode_item`'s: a panic in the modality's
+            // code (a decoder asserting on a hostile file) is this item's error.
+            .map(|item| crate::registry::guard(modality.name(), "turning an item into text", || modality.to_text(item)))
             .collect::<Result<Vec<_>>>()?;
         let mut texts = texts.into_iter();
         for message in messages.iter_mut() {
@@ -914,6 +929,7 @@ mod text_modality_tests {
         }
         fn to_text(&self, item: &Item) -> Result<String> {
             match item {
+                Item::Text(text) if text == "panic" => panic!("a decoder asserted"),
                 Item::Text(text) => Ok(text.to_uppercase()),
                 other => Err(Error::msg(format!("not text: {other:?}"))),
             }
@@ -961,6 +977,13 @@ mod text_modality_tests {
         bad.insert("transcript_audios".into(), vec![Item::Bytes(vec![1])]);
         let error = substitute_text_items(&mut messages, &mut bad, &[&Upper]).unwrap_err();
         assert!(error.to_string().contains("not text"), "{error}");
+        // A panic in the modality is the item's error (issue 23).
+        let mut panics = items(&["panic"]);
+        let error = substitute_text_items(&mut messages, &mut panics, &[&Upper]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "modality `upper` panicked while turning an item into text: a decoder asserted"
+        );
     }
 }
 

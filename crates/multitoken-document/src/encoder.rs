@@ -223,19 +223,30 @@ impl SentenceEncoder {
 
     /// Text tokens of `text`, without special tokens (lower-cased first when the
     /// model says `do_lower_case`).
+    ///
+    /// The text is tokenized in pieces of about [`TOKENIZE_PIECE_BYTES`] cut at
+    /// whitespace: a whole-text `encode` keeps offsets, alignments and token strings
+    /// for every byte (about 125 bytes of memory per byte of text); in pieces, memory
+    /// is the ids plus one piece's working set. The ids are the same for tokenizers
+    /// that split words at whitespace first (BERT's WordPiece, which the supported
+    /// encoders use).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let lowered;
-        let text = if self.do_lower_case {
-            lowered = text.to_lowercase();
-            lowered.as_str()
-        } else {
-            text
-        };
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        let mut ids = Vec::new();
+        for piece in whitespace_pieces(text, TOKENIZE_PIECE_BYTES) {
+            let lowered;
+            let piece = if self.do_lower_case {
+                lowered = piece.to_lowercase();
+                lowered.as_str()
+            } else {
+                piece
+            };
+            let encoding = self
+                .tokenizer
+                .encode(piece, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            ids.extend_from_slice(encoding.get_ids());
+        }
+        Ok(ids)
     }
 
     /// Token windows of `text` (special tokens included) as [`ChunkConfig`] says;
@@ -461,4 +472,57 @@ fn special_tokens(tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<u32>)> {
         ));
     }
     Ok((ids[..leading].to_vec(), ids[ids.len() - trailing..].to_vec()))
+}
+
+/// Bytes of text handed to the tokenizer at once by [`SentenceEncoder::tokenize`].
+pub const TOKENIZE_PIECE_BYTES: usize = 1 << 16;
+
+/// `text` cut into pieces of at most `size` bytes, each cut just before a
+/// whitespace character; a longer run without whitespace stays whole (cutting a
+/// word would change its tokens).
+pub(crate) fn whitespace_pieces(text: &str, size: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let cut = if rest.len() <= size {
+            rest.len()
+        } else {
+            let space = |(_, c): &(usize, char)| c.is_whitespace();
+            // The last whitespace that leaves at most `size` bytes before it, else
+            // the first one after.
+            let head = &rest[..rest.floor_char_boundary(size + 1)];
+            head.char_indices()
+                .rev()
+                .find(space)
+                .filter(|&(at, _)| at > 0)
+                .or_else(|| rest.char_indices().skip(1).find(space))
+                .map_or(rest.len(), |(at, _)| at)
+        };
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+#[cfg(test)]
+mod piece_tests {
+    use super::whitespace_pieces;
+
+    fn check(text: &str, size: usize, expect: &[&str]) {
+        let got: Vec<&str> = whitespace_pieces(text, size).collect();
+        assert_eq!(got, expect, "{text:?} in pieces of {size}");
+        assert_eq!(got.concat(), text);
+    }
+
+    #[test]
+    fn pieces_cut_before_whitespace_and_keep_long_words_whole() {
+        check("", 4, &[]);
+        check("ab cd", 8, &["ab cd"]);
+        check("ab cd ef gh", 6, &["ab cd", " ef gh"]);
+        check("abcdefgh ij", 4, &["abcdefgh", " ij"]);
+        check(" abcdefgh", 4, &[" abcdefgh"]);
+        check("é é é é", 5, &["é é", " é", " é"]);
+    }
 }

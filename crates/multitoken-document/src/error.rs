@@ -27,6 +27,15 @@ pub enum Error {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The document is within the byte limit but over another bound: pages, inflated
+    /// PDF streams or extracted text.
+    #[error("{item}: {reason}")]
+    Limit {
+        /// The item.
+        item: String,
+        /// Which bound, the document's figure and the limit.
+        reason: String,
+    },
     /// The PDF is password-protected and cannot be opened with an empty password.
     #[error("{item}: encrypted PDF (password-protected); decrypt it first")]
     EncryptedPdf {

@@ -5,6 +5,10 @@
 //! Every failure names the item. The PDF parser is third-party code that can panic
 //! on malformed files; its panics are caught here and reported as a corrupt PDF, so
 //! that one bad document never takes down a batch.
+//!
+//! Cost is bounded by the limits in [`ExtractConfig`]: input bytes, PDF pages
+//! (counted in the parsed page tree), inflated PDF streams and extracted text; PDF
+//! extraction is one pass over the pages ([`pdf`]).
 
 use std::io::Read;
 use std::path::Path;
@@ -14,8 +18,17 @@ use pulldown_cmark::{Event, Options, Parser, TagEnd};
 
 use crate::{Error, Result};
 
-/// Default document size limit: 64 MiB.
-pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+/// Default document size limit: 16 MiB. Extraction and chunking take about ten
+/// bytes of memory per byte of text (the text, its normalised copy, token ids and
+/// windows), so the default keeps one document well under 200 MB; a book is 1–4 MB.
+pub const DEFAULT_MAX_BYTES: u64 = 16 << 20;
+/// Default most pages of a PDF.
+pub const DEFAULT_MAX_PAGES: usize = 2000;
+/// Default most bytes a PDF's compressed streams (images aside) inflate to: 16 MiB,
+/// a few thousand pages of text; pdf-extract processes content at roughly 3 s per MB.
+pub const DEFAULT_MAX_PDF_STREAM_BYTES: u64 = 16 << 20;
+/// Default most bytes of text extracted from a PDF.
+pub const DEFAULT_MAX_TEXT_BYTES: u64 = 16 << 20;
 
 /// What kind of document a file or byte string holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,17 +41,36 @@ pub enum DocumentFormat {
     Text,
 }
 
-/// Settings of text extraction.
+/// Settings of text extraction: the bounds every document is held to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExtractConfig {
     /// Documents larger than this many bytes are rejected.
     pub max_bytes: u64,
+    /// PDFs with more pages (counted in the parsed page tree) are rejected.
+    pub max_pages: usize,
+    /// PDFs whose compressed streams (images aside) inflate to more bytes are rejected.
+    pub max_pdf_stream_bytes: u64,
+    /// PDFs whose text is longer than this many bytes are rejected.
+    pub max_text_bytes: u64,
 }
 
 impl Default for ExtractConfig {
     fn default() -> Self {
         Self {
             max_bytes: DEFAULT_MAX_BYTES,
+            max_pages: DEFAULT_MAX_PAGES,
+            max_pdf_stream_bytes: DEFAULT_MAX_PDF_STREAM_BYTES,
+            max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
+        }
+    }
+}
+
+impl ExtractConfig {
+    /// The default bounds with a size limit of `max_bytes`.
+    pub fn with_max_bytes(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            ..Self::default()
         }
     }
 }
@@ -74,6 +106,38 @@ pub fn extract_item(item: &Item, config: &ExtractConfig) -> Result<String> {
     }
 }
 
+/// The cheap checks of a document item before it is queued (a server's
+/// [`check_item`](multitoken_core::Modality::check_item)): its size, and for a PDF
+/// its page count from the parsed page tree. Text is not extracted.
+pub fn check_document(item: &Item, config: &ExtractConfig) -> Result<()> {
+    let name = describe_item(item);
+    let bytes = match item {
+        Item::Text(text) => return check_size(text.len() as u64, &name, config.max_bytes),
+        Item::Bytes(bytes) => std::borrow::Cow::Borrowed(bytes.as_slice()),
+        Item::Path(path) => std::borrow::Cow::Owned(read_limited(path, &name, config.max_bytes)?),
+    };
+    check_size(bytes.len() as u64, &name, config.max_bytes)?;
+    let path = match item {
+        Item::Path(path) => Some(path.as_path()),
+        _ => None,
+    };
+    if detect_format(path, &bytes) == DocumentFormat::Pdf {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pdf::check_pages(&bytes, &name, config.max_pages)));
+        match outcome {
+            Ok(result) => {
+                result?;
+            }
+            Err(_) => {
+                return Err(Error::Pdf {
+                    item: name,
+                    reason: "malformed PDF (the parser failed)".to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The format of a document: `%PDF-` in the first KiB wins, then the extension
 /// of `path`, then plain text.
 pub fn detect_format(path: Option<&Path>, bytes: &[u8]) -> DocumentFormat {
@@ -102,7 +166,7 @@ pub fn extract_bytes(
     check_size(bytes.len() as u64, name, config.max_bytes)?;
     match format {
         DocumentFormat::Pdf => {
-            let text = normalize_whitespace(&pdf_text(bytes, name)?);
+            let text = normalize_whitespace(&pdf_text(bytes, name, config)?);
             if text.is_empty() {
                 return Err(Error::NoExtractableText {
                     item: name.to_string(),
@@ -122,7 +186,7 @@ pub fn extract_bytes(
 }
 
 /// The raw text layer of a PDF, unnormalised.
-fn pdf_text(bytes: &[u8], name: &str) -> Result<String> {
+fn pdf_text(bytes: &[u8], name: &str, config: &ExtractConfig) -> Result<String> {
     let pdf_error = |reason: String| {
         if looks_encrypted(bytes) {
             Error::EncryptedPdf {
@@ -135,13 +199,16 @@ fn pdf_text(bytes: &[u8], name: &str) -> Result<String> {
             }
         }
     };
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        pdf_extract::extract_text_from_mem_by_pages(bytes)
-    }));
+    let limits = pdf::PdfLimits {
+        max_pages: config.max_pages,
+        max_stream_bytes: config.max_pdf_stream_bytes,
+        max_text_bytes: config.max_text_bytes,
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pdf::pdf_text(bytes, name, &limits)));
     match outcome {
-        // A page break is a paragraph break.
-        Ok(Ok(pages)) => Ok(pages.join("\n\n")),
-        Ok(Err(error)) => Err(pdf_error(error.to_string())),
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(Error::Pdf { reason, .. })) => Err(pdf_error(reason)),
+        Ok(Err(error)) => Err(error),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<&str>()
@@ -294,6 +361,8 @@ fn read_limited(path: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
         item: name.to_string(),
         source,
     };
+    // Before opening: opening a FIFO would block until a writer comes.
+    multitoken_core::check_regular_file(path).map_err(io)?;
     let file = std::fs::File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
     check_size(size, name, limit)?;
@@ -306,5 +375,6 @@ fn read_limited(path: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+mod pdf;
 #[cfg(test)]
 mod tests;

@@ -40,8 +40,8 @@ pub use chunk::ChunkConfig;
 pub use encoder::{PoolingMode, SentenceEncoder};
 pub use error::{Error, Result};
 pub use extract::{
-    describe_item, detect_format, extract_bytes, extract_item, DocumentFormat, ExtractConfig,
-    DEFAULT_MAX_BYTES,
+    check_document, describe_item, detect_format, extract_bytes, extract_item, DocumentFormat, ExtractConfig,
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_PAGES, DEFAULT_MAX_PDF_STREAM_BYTES, DEFAULT_MAX_TEXT_BYTES,
 };
 pub use modality::{document_item_from_json, DocumentConfig, DocumentModality, DOCUMENT_DATA_KEY, DOCUMENT_TOKEN};
 

@@ -40,7 +40,8 @@ pub const DOCUMENT_DATA_KEY: &str = "documents";
 ///
 /// ```json
 /// {"encoder": "document_encoder", "chunk_tokens": 512, "chunk_overlap": 32,
-///  "pooling": "mean", "num_tokens": 4, "num_layers": 2, "max_bytes": 67108864}
+///  "pooling": "mean", "num_tokens": 4, "num_layers": 2, "max_bytes": 16777216,
+///  "max_pages": 2000, "max_pdf_stream_bytes": 16777216, "max_text_bytes": 16777216}
 /// ```
 ///
 /// `encoder` is a sentence-transformers directory, relative to the model
@@ -74,6 +75,15 @@ pub struct DocumentConfig {
     /// Documents over this many bytes are rejected.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// PDFs with more pages are rejected.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: usize,
+    /// PDFs whose compressed streams inflate to more bytes are rejected.
+    #[serde(default = "default_max_pdf_stream_bytes")]
+    pub max_pdf_stream_bytes: u64,
+    /// PDFs with more bytes of text are rejected.
+    #[serde(default = "default_max_text_bytes")]
+    pub max_text_bytes: u64,
 }
 
 fn default_overlap() -> usize {
@@ -93,6 +103,15 @@ fn default_num_layers() -> usize {
 }
 fn default_max_bytes() -> u64 {
     DEFAULT_MAX_BYTES
+}
+fn default_max_pages() -> usize {
+    ExtractConfig::default().max_pages
+}
+fn default_max_pdf_stream_bytes() -> u64 {
+    ExtractConfig::default().max_pdf_stream_bytes
+}
+fn default_max_text_bytes() -> u64 {
+    ExtractConfig::default().max_text_bytes
 }
 
 /// The document modality: extraction, chunking and a frozen sentence encoder.
@@ -177,6 +196,9 @@ impl DocumentModality {
             chunking,
             extract: ExtractConfig {
                 max_bytes: config.max_bytes,
+                max_pages: config.max_pages,
+                max_pdf_stream_bytes: config.max_pdf_stream_bytes,
+                max_text_bytes: config.max_text_bytes,
             },
             projector,
             chunk_groups,
@@ -338,6 +360,12 @@ impl Modality for DocumentModality {
     /// Documents may be inline text: a server's OpenAI route reads a text
     /// part's string as the document; a dataset row marks it (`{"text": ...}`,
     /// see [`DocumentModality::item_from_json`]).
+    /// Size and, for a PDF, pages counted in the parsed page tree (a server
+    /// calls it before queueing the item).
+    fn check_item(&self, item: &Item) -> multitoken_core::Result<()> {
+        Ok(crate::extract::check_document(item, &self.extract)?)
+    }
+
     fn inline_items(&self) -> bool {
         true
     }

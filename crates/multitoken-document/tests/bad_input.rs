@@ -16,7 +16,7 @@ fn testdata(name: &str) -> PathBuf {
 /// the testdata directory written as `T`.
 fn check(name: &str, max_bytes: u64, expect: &str) {
     let path = testdata(name);
-    let got = match extract_item(&Item::Path(path), &ExtractConfig { max_bytes }) {
+    let got = match extract_item(&Item::Path(path), &ExtractConfig::with_max_bytes(max_bytes)) {
         Ok(text) => text,
         Err(error) => format!("error: {error}"),
     };
@@ -41,7 +41,7 @@ fn pdfs_good_and_bad() {
 #[test]
 fn corrupt_and_truncated_pdfs_name_the_file() {
     for name in ["corrupt.pdf", "truncated.pdf"] {
-        let got = extract_item(&Item::Path(testdata(name)), &ExtractConfig { max_bytes: LIMIT });
+        let got = extract_item(&Item::Path(testdata(name)), &ExtractConfig::with_max_bytes(LIMIT));
         let message = got.expect_err(name).to_string();
         assert!(message.contains(name) && message.contains("cannot read PDF"), "{message}");
     }
@@ -53,7 +53,7 @@ fn check_bytes(name: &str, bytes: &[u8], expect: &str) {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
-    let got = match extract_item(&Item::Path(path.clone()), &ExtractConfig { max_bytes: LIMIT }) {
+    let got = match extract_item(&Item::Path(path.clone()), &ExtractConfig::with_max_bytes(LIMIT)) {
         Ok(text) => text,
         Err(error) => format!("error: {error}"),
     };
@@ -65,7 +65,7 @@ fn check_bytes(name: &str, bytes: &[u8], expect: &str) {
 fn text_documents_good_and_bad() {
     check_bytes("empty.txt", b"", "error: D/empty.txt: empty document (no text after extraction)");
     check_bytes("blank.md", b"  \n\n<!-- only a comment -->\n", "error: D/blank.md: empty document (no text after extraction)");
-    check_bytes("empty.pdf", b"", "error: D/empty.pdf: cannot read PDF: PDF error: couldn't parse input: invalid file header");
+    check_bytes("empty.pdf", b"", "error: D/empty.pdf: cannot read PDF: couldn't parse input: invalid file header");
     check_bytes("image.txt", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10", "error: D/image.txt: looks like binary data, not text (it contains NUL bytes)");
     check_bytes("latin1.txt", b"Caf\xe9 cr\xe8me br\xfbl\xe9e, d\xe9j\xe0 vu.\n\nNext paragraph.", "Café crème brûlée, déjà vu.\n\nNext paragraph.");
     check_bytes("notes.md", b"# Notes\n\n* first *point*\n* second", "Notes\n\nfirst point second");
@@ -76,7 +76,7 @@ fn text_documents_good_and_bad() {
 #[test]
 fn mutated_pdfs_never_panic() {
     let good = std::fs::read(testdata("hello.pdf")).unwrap();
-    let config = ExtractConfig { max_bytes: LIMIT };
+    let config = ExtractConfig::with_max_bytes(LIMIT);
     let name = "mutated.pdf";
     let mut outcomes = [0usize; 2];
     let mut run = |bytes: &[u8]| {
@@ -104,4 +104,165 @@ fn mutated_pdfs_never_panic() {
         run(&bytes);
     }
     assert!(outcomes[0] > 0 && outcomes[1] > 0, "{outcomes:?}");
+}
+
+/// A PDF of `pages` pages, page `i` showing `text(i)` in Helvetica; its content
+/// streams deflated when `deflate`. `page_type` is how page objects spell their
+/// type (`/Page`, or `/#50age`, the same name escaped).
+fn pdf(pages: usize, page_type: &str, deflate: bool, text: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
+    use std::io::Write;
+    let mut objects: Vec<Vec<u8>> = Vec::new();
+    let kids: Vec<String> = (0..pages).map(|i| format!("{} 0 R", 4 + 2 * i)).collect();
+    objects.push(b"<< /Type /Catalog /Pages 2 0 R >>".to_vec());
+    objects.push(format!("<< /Type /Pages /Kids [{}] /Count {pages} >>", kids.join(" ")).into_bytes());
+    objects.push(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_vec());
+    for i in 0..pages {
+        objects.push(
+            format!(
+                "<< /Type {page_type} /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
+                5 + 2 * i
+            )
+            .into_bytes(),
+        );
+        let mut content = b"BT /F1 12 Tf 72 712 Td (".to_vec();
+        content.extend_from_slice(&text(i));
+        content.extend_from_slice(b") Tj ET");
+        let (filter, body) = if deflate {
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+            z.write_all(&content).unwrap();
+            (" /Filter /FlateDecode", z.finish().unwrap())
+        } else {
+            ("", content)
+        };
+        let mut stream = format!("<< /Length {}{filter} >>\nstream\n", body.len()).into_bytes();
+        stream.extend_from_slice(&body);
+        stream.extend_from_slice(b"\nendstream");
+        objects.push(stream);
+    }
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
+        out.extend_from_slice(object);
+        out.extend_from_slice(b"\nendobj\n");
+    }
+    let xref = out.len();
+    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for offset in offsets {
+        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes());
+    out
+}
+
+/// Extracts PDF bytes with `config` and renders the outcome.
+fn extract_pdf(bytes: &[u8], config: &ExtractConfig) -> String {
+    match multitoken_document::extract_bytes(bytes, DocumentFormat::Pdf, "bomb.pdf", config) {
+        Ok(text) => text,
+        Err(error) => format!("error: {error}"),
+    }
+}
+
+/// Issue 23, item 2: pages are counted in the parsed page tree (an escaped
+/// `/#50age` is still a page), compressed streams inflate under a budget, and the
+/// extracted text has a limit.
+#[test]
+fn pdf_bombs_hit_their_limits() {
+    let page_text = |i: usize| format!("Page {i}").into_bytes();
+    let config = ExtractConfig { max_pages: 5, ..ExtractConfig::with_max_bytes(LIMIT) };
+    for page_type in ["/Page", "/#50age"] {
+        let many = pdf(40, page_type, false, page_text);
+        assert_eq!(
+            extract_pdf(&many, &config),
+            "error: bomb.pdf: the PDF has 40 pages, more than the limit of 5 (raise max_pages to allow it)",
+            "{page_type}"
+        );
+        assert_eq!(extract_pdf(&pdf(3, page_type, true, page_text), &config), "Page 0\n\nPage 1\n\nPage 2");
+    }
+    // The server's cheap check counts the same way, without extracting.
+    let many = Item::Bytes(pdf(40, "/#50age", false, page_text));
+    let err = multitoken_document::check_document(&many, &config).unwrap_err().to_string();
+    assert!(err.contains("the PDF has 40 pages, more than the limit of 5"), "{err}");
+    multitoken_document::check_document(&Item::Bytes(pdf(3, "/#50age", true, page_text)), &config).unwrap();
+    // One page whose content inflates from a few KB to 8 MiB of spaces.
+    let bomb = pdf(1, "/Page", true, |_| vec![b' '; 8 << 20]);
+    assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+    let streams = ExtractConfig { max_pdf_stream_bytes: 1 << 20, ..ExtractConfig::with_max_bytes(LIMIT) };
+    let got = extract_pdf(&bomb, &streams);
+    assert!(got.starts_with("error: bomb.pdf: the PDF's compressed streams inflate to more than the limit of 1048576 bytes"), "{got}");
+    // Text past the limit stops extraction.
+    let wordy = pdf(4, "/Page", true, |_| b"words ".repeat(100));
+    let text = ExtractConfig { max_text_bytes: 1000, ..ExtractConfig::with_max_bytes(LIMIT) };
+    assert_eq!(
+        extract_pdf(&wordy, &text),
+        "error: bomb.pdf: the PDF's text is longer than the limit of 1000 bytes (raise max_text_bytes to allow it)"
+    );
+    assert_eq!(extract_pdf(&wordy, &ExtractConfig::with_max_bytes(LIMIT)).len(), 4 * 599 + 3 * 2);
+}
+
+/// Issue 23: `embed FIFO` blocked forever in `open`; a FIFO or a directory is
+/// named as such before anything is opened.
+#[test]
+fn fifos_and_directories_are_not_documents() {
+    let dir = std::env::temp_dir().join(format!("multitoken-document-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("notes.txt");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let config = ExtractConfig::with_max_bytes(LIMIT);
+    for (path, expect) in [(&fifo, "is not a regular file (a FIFO, socket or device)"), (&dir, "is a directory, not a file")] {
+        let err = extract_item(&Item::Path(path.clone()), &config).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: cannot read: {expect}", path.display()));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A PDF of the given object bodies (object `i + 1` is `objects[i]`, 1 the catalog).
+fn raw_pdf(objects: &[&str]) -> Vec<u8> {
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for offset in offsets {
+        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes());
+    out
+}
+
+/// Found by the `pdf` fuzz target: pdf-extract climbs `/Parent` for an inherited
+/// MediaBox and follows `Do` into forms by plain recursion, so a page that is its
+/// own parent, or a form that draws itself, overflowed the stack and killed the
+/// process (no panic to catch). Both are refused before extraction.
+#[test]
+fn recursive_pdf_structures_are_refused() {
+    let config = ExtractConfig::with_max_bytes(LIMIT);
+    let font = "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>";
+    let own_parent = raw_pdf(&[
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 3 0 R /Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
+        font,
+        "<< /Length 32 >>\nstream\nBT /F1 12 Tf 72 712 Td (Hi) Tj ET\nendstream",
+    ]);
+    assert_eq!(
+        extract_pdf(&own_parent, &config),
+        "error: bomb.pdf: cannot read PDF: the page tree loops (a page is its own ancestor through /Parent)"
+    );
+    let self_drawing = raw_pdf(&[
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 /MediaBox [0 0 612 792] >>",
+        "<< /Type /Page /Parent 2 0 R /Resources << /XObject << /X 4 0 R >> >> /Contents 5 0 R >>",
+        "<< /Type /XObject /Subtype /Form /BBox [0 0 10 10] /Resources << /XObject << /X 4 0 R >> >> /Length 5 >>\nstream\n/X Do\nendstream",
+        "<< /Length 5 >>\nstream\n/X Do\nendstream",
+    ]);
+    assert_eq!(
+        extract_pdf(&self_drawing, &config),
+        "error: bomb.pdf: cannot read PDF: a form XObject draws itself (directly or through other forms)"
+    );
 }

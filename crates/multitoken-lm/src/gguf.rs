@@ -120,6 +120,37 @@ impl std::fmt::Debug for GgufSource {
     }
 }
 
+/// Whether a GGUF header sets `general.alignment` to 0: the key as the format
+/// stores it (u64 length 17, the name, a u32 integer type 0–5) followed by a zero
+/// of that type's width.
+fn zero_alignment(bytes: &[u8]) -> bool {
+    const KEY: &[u8] = b"\x11\0\0\0\0\0\0\0general.alignment";
+    let mut rest = bytes;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        let value = &rest[at + KEY.len()..];
+        let width = match value.get(..4).map(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]])) {
+            Some(0 | 1) => 1,
+            Some(2 | 3) => 2,
+            Some(4 | 5) => 4,
+            _ => 0,
+        };
+        if width > 0 && value.get(4..4 + width).is_some_and(|v| v.iter().all(|&b| b == 0)) {
+            return true;
+        }
+        rest = &rest[at + 1..];
+    }
+    false
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown failure".to_string())
+}
+
 impl GgufSource {
     /// Opens and memory-maps `path` and reads its header; fails on an architecture we
     /// do not build.
@@ -130,8 +161,15 @@ impl GgufSource {
         // changed underneath a running process is outside what we can guard against
         // (the same contract as safetensors' mmap loading).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let content = Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| Error::Config { path: path.to_path_buf(), message: format!("not a readable GGUF file: {e}") })?;
+        let unreadable = |message: String| Error::Config { path: path.to_path_buf(), message: format!("not a readable GGUF file: {message}") };
+        // candle's reader divides by `general.alignment`: 0 is refused before it runs.
+        if zero_alignment(&mmap) {
+            return Err(unreadable("`general.alignment` is 0 (it must be a positive multiple of 8)".into()));
+        }
+        // Last resort: any other panic in the reader is an unreadable file, not a crash.
+        let content = std::panic::catch_unwind(|| Content::read(&mut Cursor::new(&mmap[..])))
+            .map_err(|panic| unreadable(format!("the reader failed ({})", panic_message(&*panic))))?
+            .map_err(|e| unreadable(e.to_string()))?;
         let arch_name = content
             .metadata
             .get("general.architecture")

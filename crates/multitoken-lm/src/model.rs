@@ -550,6 +550,18 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
     if cfg.sliding_window == Some(0) {
         return bad("sliding_window is 0".into());
     }
+    // A zero or negative epsilon, or a zero base, runs without an error and yields
+    // NaN logits (empty output); they are refused here instead.
+    let positive = [
+        ("rms_norm_eps / layer_norm_eps", cfg.norm_eps),
+        ("rope_theta", cfg.rope_theta),
+    ];
+    if let Some((name, value)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+        return bad(format!("{name} must be a positive number, got {value}"));
+    }
+    if !(cfg.partial_rotary_factor > 0.0 && cfg.partial_rotary_factor <= 1.0) {
+        return bad(format!("partial_rotary_factor must be in (0, 1], got {}", cfg.partial_rotary_factor));
+    }
     Ok(())
 }
 

@@ -279,6 +279,15 @@ impl MultimodalModel {
         };
         for runtime in &modalities {
             check_projector(runtime, lm.model.hidden_size())?;
+            // A wider item never fits the context; refused at load, before a
+            // prompt allocates its placeholders (`token_width: 1e9` aborted).
+            let (width, context) = (runtime.modality.token_width(), lm.model.max_context());
+            if width > context {
+                return Err(Error::Msg(format!(
+                    "modality `{}`: token_width {width} is more than the LM's context of {context} positions",
+                    runtime.modality.name()
+                )));
+            }
         }
         check_unique_tokens(&modalities)?;
         let chat_leading = LeadingSpecialTokens::TemplateOnly;
@@ -460,6 +469,14 @@ impl MultimodalModel {
         params: &GenerationParams,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerationOutput> {
+        // The preparer cut the prompt to the context: report its real length
+        // (generation would have reported the cut one), before any item is encoded.
+        if let Some(full) = prepared.truncated_from {
+            return Err(Error::Msg(format!(
+                "the prompt has {full} tokens, which leaves no room in the model's context of {}",
+                self.lm.model.max_context()
+            )));
+        }
         let embeds = self.embed(prepared, items)?;
         let positions = self.positions(prepared)?;
         generate_at(self.lm.model.as_ref(), &self.lm.tokenizer, &embeds, &prepared.input_ids, positions.as_ref(), params, on_text)
@@ -607,8 +624,12 @@ pub fn builtin_template(name: &str, lm: &LoadedModel) -> Result<ChatTemplate> {
 /// phi2), with the LM's BOS/EOS strings. `generate`, `chat` and `serve` share it.
 pub fn template_from_spec(spec: &str, lm: &LoadedModel) -> Result<ChatTemplate> {
     let path = Path::new(spec);
-    if path.is_file() {
-        let source = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    // Built-in names have no dot or slash: anything else is a file, and a missing
+    // one is reported as such, not as an unknown built-in name.
+    if spec.contains(['/', '\\', '.']) || path.exists() {
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        multitoken_core::check_regular_file(path).map_err(io)?;
+        let source = std::fs::read_to_string(path).map_err(io)?;
         let (bos, eos) = special_strings(lm);
         return Ok(ChatTemplate::new(spec.to_string(), source, bos, eos)?);
     }

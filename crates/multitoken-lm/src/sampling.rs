@@ -110,13 +110,19 @@ impl Sampler {
             return Ok(argmax(logits));
         }
         let temperature = self.params.temperature.unwrap_or(1.0) as f32;
+        // A temperature so small that `logit / t` overflows (1e-45) would give
+        // infinities whose softmax is NaN: then the logits are shifted by their
+        // maximum first, which leaves the distribution as it is and gives its
+        // limit, the greedy choice (ties shared), instead of an error.
+        let max = logits.iter().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        let shift = if (max / temperature).is_finite() || !max.is_finite() { 0.0 } else { max };
         self.candidates.clear();
         self.candidates.extend(
             logits
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| !l.is_nan())
-                .map(|(i, &l)| (l / temperature, i as u32)),
+                .map(|(i, &l)| ((l - shift) / temperature, i as u32)),
         );
         if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
             top_k_filter(&mut self.candidates, k);
@@ -260,6 +266,21 @@ mod tests {
         let mut sampler = Sampler::new(params(Some(0.0), Some(5), Some(0.5), None)).unwrap();
         for _ in 0..10 {
             assert_eq!(sampler.sample(&mut [0.5, 0.7, 0.6], &[]).unwrap(), 1);
+        }
+    }
+
+    /// Issue 23: `temperature: 1e-45` made every logit infinite and sampling failed
+    /// ("no token has a finite logit"); a tiny temperature now picks the largest
+    /// logit (either of two tied ones), with any filter.
+    #[test]
+    fn a_vanishing_temperature_is_greedy() {
+        for (top_k, top_p) in [(None, None), (Some(2), None), (None, Some(0.9))] {
+            let mut sampler = Sampler::new(params(Some(1e-45), top_k, top_p, None)).unwrap();
+            for _ in 0..10 {
+                assert_eq!(sampler.sample(&mut [0.5, 3.0, -2.0, 1.0], &[]).unwrap(), 1);
+                assert_eq!(sampler.sample(&mut [-7.0, -9.0], &[]).unwrap(), 0);
+                assert!(matches!(sampler.sample(&mut [4.0, 1.0, 4.0], &[]).unwrap(), 0 | 2));
+            }
         }
     }
 

@@ -97,6 +97,11 @@ fn broken_directories_are_named_errors() -> TestResult {
             &["config.json", "yarn", "llama3"]),
         ("llama", "bad-heads", |d| edit_config(d, |c| c["num_key_value_heads"] = 3.into()),
             &["num_key_value_heads", "3"]),
+        // Issue 23: these loaded and then generated nothing (NaN logits).
+        ("llama", "negative-eps", |d| edit_config(d, |c| c["rms_norm_eps"] = (-1e-6).into()),
+            &["rms_norm_eps", "must be a positive number, got -0.000001"]),
+        ("llama", "zero-rope-theta", |d| edit_config(d, |c| c["rope_parameters"]["rope_theta"] = 0.0.into()),
+            &["rope_theta must be a positive number, got 0"]),
         ("llama", "no-config", |d| Ok(std::fs::remove_file(d.join("config.json"))?), &["config.json"]),
         ("llama", "no-weights", |d| Ok(std::fs::remove_file(d.join("model.safetensors"))?),
             &["model.safetensors"]),
@@ -182,4 +187,26 @@ fn processor_chat_template_files_are_read() -> TestResult {
     std::fs::write(dir.join("chat_template.json"), r#"{"template": 3}"#)?;
     // check_load_error removes the directory.
     check_load_error(&dir, &["chat_template.json"])
+}
+
+/// Issue 23: `--chat-template my.jinja` with the file missing said "no built-in
+/// chat template named `my.jinja`"; a directory was taken for a name too.
+#[test]
+fn a_template_path_that_is_not_a_file_names_the_file() -> TestResult {
+    let loaded = load_model(&fixture_dir("llama"), &LoadOptions::default())?;
+    let dir = std::env::temp_dir();
+    let missing = dir.join(format!("multitoken-no-such-{}.jinja", std::process::id()));
+    let cases = [
+        (missing.display().to_string(), "No such file"),
+        (dir.display().to_string(), "is a directory, not a file"),
+        ("vicuna".to_string(), "no built-in chat template named `vicuna`"),
+    ];
+    for (spec, expect) in &cases {
+        let err = multitoken_lm::multimodal::template_from_spec(spec, &loaded).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(expect), "{spec}: `{err}` should say `{expect}`");
+        if spec != "vicuna" {
+            assert!(err.contains(spec.as_str()) && !err.contains("built-in"), "{spec}: {err}");
+        }
+    }
+    Ok(())
 }

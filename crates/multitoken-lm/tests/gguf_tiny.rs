@@ -105,6 +105,7 @@ enum Breakage {
     DropTensor,
     BadShape,
     SentencePiece,
+    ZeroAlignment,
 }
 
 fn write_gguf(path: &Path, matrices: GgmlDType, breakage: Breakage) {
@@ -155,6 +156,10 @@ fn write_gguf(path: &Path, matrices: GgmlDType, breakage: Breakage) {
     ];
     if breakage != Breakage::NoBlockCount {
         meta.push((format!("{arch}.block_count"), u32v(LAYERS)));
+    }
+    if breakage == Breakage::ZeroAlignment {
+        // candle's reader divided by it (a panic; issue 23).
+        meta.push(("general.alignment".into(), Value::U32(0)));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -267,6 +272,7 @@ fn broken_files_are_clear_errors() {
         (Breakage::DropTensor, "model.layers.1.mlp.up_proj.weight"),
         (Breakage::BadShape, "blk.0.attn_v.weight` has shape [16, 64], expected [32, 64]"),
         (Breakage::SentencePiece, "GGUF tokenizer `llama` is not supported"),
+        (Breakage::ZeroAlignment, "not a readable GGUF file: `general.alignment` is 0"),
     ];
     for (i, (breakage, expected)) in cases.iter().enumerate() {
         let path = tmp(&format!("broken-{i}.gguf"));

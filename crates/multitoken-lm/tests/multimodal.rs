@@ -252,3 +252,22 @@ fn text_modalities_from_multitoken_json_substitute_their_items() -> TestResult {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Issue 23: a prompt longer than the context was cut to it by the preparer and
+/// then refused with the cut length ("the prompt has 256 tokens"); the error now
+/// gives the prompt's own length.
+#[test]
+fn an_over_long_prompt_reports_its_real_length() -> TestResult {
+    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu })?;
+    let context = model.lm.model.max_context();
+    let prepared = model.prepare_raw(&"hello ".repeat(2 * context), &ItemsByKey::new())?;
+    let full = prepared.truncated_from.ok_or("the prompt was not cut")?;
+    assert!(full > context, "{full} <= {context}");
+    let params = multitoken_lm::generate::GenerationParams::default();
+    let err = model.generate(&prepared, &ItemsByKey::new(), &params, &mut |_| true).err().ok_or("generated")?;
+    assert_eq!(
+        err.to_string(),
+        format!("the prompt has {full} tokens, which leaves no room in the model's context of {context}")
+    );
+    Ok(())
+}

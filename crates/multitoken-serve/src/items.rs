@@ -330,7 +330,13 @@ fn image_dimensions(bytes: &[u8]) -> std::result::Result<(u32, u32), String> {
 }
 
 /// The clip's duration from the container header (`None` when it does not say).
+/// symphonia asserts on some headers (a WAV at 0 Hz): a panic is a bad header.
 fn audio_seconds(bytes: &[u8]) -> std::result::Result<Option<f64>, String> {
+    std::panic::catch_unwind(|| probe_audio_seconds(bytes))
+        .unwrap_or_else(|_| Err("the audio header is malformed (the decoder refused it)".into()))
+}
+
+fn probe_audio_seconds(bytes: &[u8]) -> std::result::Result<Option<f64>, String> {
     use symphonia::core::formats::FormatOptions;
     use symphonia::core::io::MediaSourceStream;
     use symphonia::core::meta::MetadataOptions;
@@ -439,6 +445,11 @@ mod tests {
             "{err}"
         );
         assert!(check_limits(ItemMedia::Audio, &wav, "a", &Limits::default()).is_ok());
+        // A WAV at 0 Hz: symphonia's `TimeBase` assertion used to panic here (issue 23).
+        let mut zero_rate = std::fs::read(fixtures.join("speech16k.wav")).unwrap();
+        zero_rate[24..28].copy_from_slice(&0u32.to_le_bytes());
+        let err = check_limits(ItemMedia::Audio, &Item::Bytes(zero_rate), "a", &tight).unwrap_err();
+        assert!(err.to_string().contains("not decodable audio"), "{err}");
         let err = check_limits(ItemMedia::Audio, &Item::Bytes(b"not audio".to_vec()), "a", &tight)
             .unwrap_err()
             .to_string();

@@ -115,7 +115,7 @@ pub fn read_jsonl_for(path: &Path, model: &MultimodalModel) -> Result<Vec<Row>> 
 
 /// [`read_jsonl`] with items read by `items`.
 pub fn read_jsonl_with(path: &Path, items: &ItemReader<'_>) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_dataset_text(path)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut rows = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -264,12 +264,32 @@ fn resolve_item(s: &str, base: &Path) -> std::result::Result<Item, String> {
 
 /// `Ok` when `p` is a readable-looking regular file.
 fn file_exists(p: &Path) -> std::io::Result<()> {
-    let meta = std::fs::metadata(p)?;
-    if meta.is_file() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other("not a file"))
+    multitoken_core::check_regular_file(p)
+}
+
+/// Longest accepted dataset line (one row): rows name their items by path, so a
+/// longer line is not a dataset row.
+pub const MAX_ROW_BYTES: usize = 16 << 20;
+
+/// The text of a JSONL dataset: a regular file (a FIFO would block `dataset
+/// check` forever), without a leading UTF-8 byte-order mark (editors on Windows
+/// write one; it made row 1 fail at column 1), every line at most
+/// [`MAX_ROW_BYTES`].
+pub fn read_dataset_text(path: &Path) -> Result<String> {
+    multitoken_core::check_regular_file(path).map_err(|e| Error::io(path, e))?;
+    let mut text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
     }
+    if let Some((index, line)) = text.lines().enumerate().find(|(_, line)| line.len() > MAX_ROW_BYTES) {
+        return Err(Error::Config(format!(
+            "{}:{}: the line is {} bytes, more than the {MAX_ROW_BYTES}-byte limit of one row",
+            path.display(),
+            index + 1,
+            line.len()
+        )));
+    }
+    Ok(text)
 }
 
 /// What `dataset check` found.
@@ -292,7 +312,7 @@ pub fn check(path: &Path, tokens: &BTreeMap<String, String>) -> Result<CheckRepo
 
 /// [`check`] with the items read by `reader` (a model's: [`model_items`]).
 pub fn check_with(path: &Path, tokens: &BTreeMap<String, String>, reader: &ItemReader<'_>) -> Result<CheckReport> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_dataset_text(path)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut report = CheckReport::default();
     for (index, line) in text.lines().enumerate() {
@@ -490,6 +510,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Saves tensors as safetensors at `path` with the permissions any other file the
+/// run writes gets (`0666` less the umask).
+///
+/// safetensors writes through a temporary file created `0600` and renames it, so
+/// trained weights came out readable by their owner alone.
+pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
+    tensors: &std::collections::HashMap<K, candle_core::Tensor>,
+    path: &Path,
+) -> Result<()> {
+    candle_core::safetensors::save(tensors, path)?;
+    respect_umask(path)
+}
+
+/// Gives `path` mode `0666` less the process umask (read from `/proc/self/status`;
+/// `022` where that is unavailable), as `File::create` would have.
+pub fn respect_umask(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()
+            })
+            .unwrap_or(0o022);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask)).map_err(|e| Error::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// `path` with `.tmp` appended to its name.

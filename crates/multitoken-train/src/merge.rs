@@ -76,7 +76,7 @@ pub fn merge_lora(model: &Path, adapter: Option<&Path>, out: &Path) -> Result<Pa
     }
     copy_files(&lm_path, &lm_out, &[])?;
     let tmp = crate::data::temp_path(&lm_out.join("model.safetensors"));
-    candle_core::safetensors::save(&merged, &tmp)?;
+    crate::data::save_safetensors(&merged, &tmp)?;
     std::fs::rename(&tmp, lm_out.join("model.safetensors")).map_err(|e| Error::io(&lm_out, e))?;
     if let Some(config) = config.as_mut() {
         copy_files(

@@ -587,7 +587,7 @@ impl TrainableModel {
                 continue;
             }
             let tmp = crate::data::temp_path(&file);
-            candle_core::safetensors::save(&tensors, &tmp)?;
+            crate::data::save_safetensors(&tensors, &tmp)?;
             std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;
         }
         Ok(())
@@ -929,6 +929,15 @@ fn attach_lora(
             continue;
         }
         let (in_dim, out_dim) = (linear.in_dim(), linear.out_dim());
+        // A rank above min(in, out) adds nothing to the product, and a huge one
+        // (`--lora-r 100000000`) would abort on allocation: refused before it.
+        if settings.r > in_dim.min(out_dim) {
+            return Err(Error::Config(format!(
+                "lora_r {} is larger than {name}'s smaller dimension ({}): the rank can be at most min(in, out)",
+                settings.r,
+                in_dim.min(out_dim)
+            )));
+        }
         let key_a = format!("base_model.model.{name}.lora_A.weight");
         let key_b = format!("base_model.model.{name}.lora_B.weight");
         let bound = 1.0 / (in_dim as f32).sqrt();
@@ -1099,6 +1108,7 @@ pub fn save_varmap(map: &VarMap, path: &Path) -> Result<()> {
     let tmp = crate::data::temp_path(path);
     map.save(&tmp)
         .map_err(|e| Error::Config(format!("{}: cannot write: {e}", tmp.display())))?;
+    crate::data::respect_umask(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

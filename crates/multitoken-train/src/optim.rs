@@ -148,7 +148,7 @@ impl AdamW {
             "step".into(),
             Tensor::new(&[self.step as f64], &candle_core::Device::Cpu)?,
         );
-        candle_core::safetensors::save(&tensors, path)?;
+        crate::data::save_safetensors(&tensors, path)?;
         Ok(())
     }
 

@@ -611,7 +611,7 @@ fn save_checkpoint(
         .iter()
         .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
         .collect();
-    candle_core::safetensors::save(&tensors, tmp.join("trainable.safetensors"))?;
+    crate::data::save_safetensors(&tensors, &tmp.join("trainable.safetensors"))?;
     opt.save(&tmp.join("optimizer.safetensors"))?;
     let text = serde_json::to_string_pretty(state).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| Error::io(&tmp, e))?;

@@ -354,3 +354,43 @@ fn loss_png_is_a_chart_of_the_run() -> TestResult {
     assert!(inked((right - 260, top + 4, right - 4, top + 50)) > 100, "no legend");
     Ok(())
 }
+
+/// Issue 23: trained `.safetensors` came out `0600` (safetensors writes a private
+/// temporary file), and `--lora-r 100000000` aborted on allocation.
+#[test]
+fn outputs_follow_the_umask_and_a_huge_lora_rank_is_refused() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let root = temp("modes")?;
+    let mut cfg = config(&root, 1)?;
+    let mut huge = cfg.clone();
+    huge.stage = Stage::Lora;
+    huge.lora_r = 100_000_000;
+    let err = error_of(&huge);
+    assert!(err.contains("lora_r 100000000 is larger than") && err.contains("the rank can be at most min(in, out)"), "{err}");
+    cfg.stage = Stage::Lora;
+    cfg.lora_r = 2;
+    train(&cfg)?;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8))
+        .transpose()?
+        .unwrap_or(0o022);
+    let mut seen = 0;
+    let mut dirs = vec![cfg.output_dir.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "safetensors") {
+                let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+                assert_eq!(mode, 0o666 & !umask, "{} is {mode:o}", path.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 3, "only {seen} safetensors files");
+    Ok(())
+}

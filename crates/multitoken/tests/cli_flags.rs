@@ -71,3 +71,19 @@ fn serve_takes_chat_template_and_dequantize_like_generate() {
         assert!(!stderr.contains("panicked"), "{command}: {stderr}");
     }
 }
+
+/// Issue 23: `--max-seconds NaN` compared false with every length and turned the
+/// limit off; it (and 0, negatives, infinity) is refused while parsing.
+#[test]
+fn a_length_limit_must_be_a_positive_number() {
+    for sub in ["mel", "transcribe"] {
+        for bad in ["NaN", "0", "-1", "inf", "lots"] {
+            let flag = format!("--max-seconds={bad}");
+            let parsed = multitoken::cli::Cli::command().try_get_matches_from(["multitoken", sub, flag.as_str(), "a.wav"]);
+            let err = parsed.err().unwrap_or_else(|| panic!("{sub} {flag} was accepted")).to_string();
+            assert!(err.contains("--max-seconds"), "{sub} {bad}: {err}");
+        }
+        let ok = multitoken::cli::Cli::command().try_get_matches_from(["multitoken", sub, "--max-seconds", "2.5", "a.wav"]);
+        assert!(ok.is_ok(), "{sub}: {ok:?}");
+    }
+}

@@ -13,7 +13,7 @@ use multitoken_audio::{decode_bytes, to_mono_16k, DecodeConfig, LogMel};
 
 fuzz_target!(|data: &[u8]| {
     // Short limit: keeps every run small whatever the header claims.
-    let config = DecodeConfig { max_seconds: 5.0 };
+    let config = DecodeConfig::with_max_seconds(5.0);
     for ext in [None, Some("wav"), Some("flac"), Some("mp3"), Some("ogg")] {
         if let Ok(decoded) = decode_bytes("fuzz input", data.to_vec(), ext, &config) {
             if let Ok(mono) = to_mono_16k(

@@ -284,6 +284,18 @@ fn generation_markers_are_ignored() -> Result<()> {
     Ok(())
 }
 
+/// Found by the `chat_template` fuzz target: `{%}` (the opening and closing
+/// marks overlapping) panicked while generation markers were stripped; it is a
+/// template syntax error like any other.
+#[test]
+fn overlapping_tag_marks_are_a_syntax_error() {
+    for source in ["{%}", "a {%} b {% generation %}", "{%}{% endgeneration %}{{ 1 }}"] {
+        let outcome = std::panic::catch_unwind(|| ChatTemplate::new("odd", source, "", ""));
+        assert!(outcome.is_ok(), "{source:?} panicked");
+    }
+    assert!(ChatTemplate::new("odd", "{%}", "", "").is_err());
+}
+
 #[test]
 fn templates_that_rewrite_history_fall_back_to_searching_content() -> Result<()> {
     // EOS only after the very last message, so the rendering of a prefix of the

@@ -370,6 +370,18 @@ fn truncation_never_cuts_a_placeholder_run() -> Result<()> {
         "- - - - - - - - - - - -",
         &[(0, 0, 3, 3), (0, 1, 7, 3)],
     );
+    // Issue 23: an item wider than the context (`token_width: 1e9`) is refused
+    // before its placeholders are written, not by an allocation abort.
+    let wide = InputPreparer::new(
+        tokenizer_with_bos(),
+        ChatTemplate::builtin("mistral")?,
+        vec![ModalityToken::new("vision_clip", "<image>", "images", 1_000_000_000)],
+        PreparerConfig { model_max_length: Some(64), ..Default::default() },
+    )?;
+    check_error(
+        wide.prepare_training(&[Message::user("Describe <image>")], &items(&[("images", 1)])),
+        "item 1 of <image> takes more than 64 positions, the longest sequence kept",
+    );
     // A cut inside the second image rejects the row.
     check_error(
         with_max(8)?.prepare_training(&compare_chat(), &row),

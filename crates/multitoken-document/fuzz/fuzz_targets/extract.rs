@@ -8,7 +8,7 @@ use multitoken_core::Item;
 use multitoken_document::{extract_bytes, extract_item, DocumentFormat, ExtractConfig};
 
 fuzz_target!(|data: &[u8]| {
-    let config = ExtractConfig { max_bytes: 1 << 20 };
+    let config = ExtractConfig::with_max_bytes(1 << 20);
     for format in [DocumentFormat::Pdf, DocumentFormat::Markdown, DocumentFormat::Text] {
         let _ = extract_bytes(data, format, "fuzz input", &config);
     }

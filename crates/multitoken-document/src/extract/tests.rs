@@ -69,7 +69,7 @@ fn detects_formats() {
 }
 
 fn check_item(item: Item, max_bytes: u64, expect: &str) {
-    let got = match extract_item(&item, &ExtractConfig { max_bytes }) {
+    let got = match extract_item(&item, &ExtractConfig::with_max_bytes(max_bytes)) {
         Ok(text) => text,
         Err(error) => format!("error: {error}"),
     };
@@ -87,7 +87,7 @@ fn extracts_items_and_names_them_in_errors() {
     );
     check_item(Item::Bytes(b"some bytes".to_vec()), 100, "some bytes");
     check_item(Item::Bytes(vec![0, 1, 2]), 100, "error: document data (3 bytes): looks like binary data, not text (it contains NUL bytes)");
-    check_item(Item::Bytes(b"%PDF-1.4 nothing else".to_vec()), 100, "error: document data (21 bytes): cannot read PDF: PDF error: couldn't parse input: invalid file header");
+    check_item(Item::Bytes(b"%PDF-1.4 nothing else".to_vec()), 100, "error: document data (21 bytes): cannot read PDF: couldn't parse input: invalid file header");
     let missing = Path::new("/nonexistent/doc.txt");
     check_item(Item::Path(missing.into()), 100, "error: /nonexistent/doc.txt: cannot read: No such file or directory (os error 2)");
 }

@@ -201,8 +201,11 @@ fn attach(model: &MultimodalModel, command: &str, argument: &str) -> anyhow::Res
     if model.modality_for_key(key).is_none() {
         anyhow::bail!("{} reads no {key}", model.lm.name);
     }
-    if path.is_empty() || !std::path::Path::new(path).is_file() {
-        anyhow::bail!("{command} {path:?}: no such file");
+    if path.is_empty() {
+        anyhow::bail!("{command} needs a file path");
+    }
+    if let Err(e) = multitoken_core::check_regular_file(std::path::Path::new(path)) {
+        anyhow::bail!("{command} {path:?}: {e}");
     }
     Ok((key.to_string(), Item::Path(path.into())))
 }

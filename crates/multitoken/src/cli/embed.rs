@@ -82,9 +82,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     if args.files.is_empty() && args.texts.is_empty() {
         bail!("nothing to embed: give FILE arguments and/or --text");
     }
-    let extract = ExtractConfig {
-        max_bytes: args.max_bytes,
-    };
+    let extract = ExtractConfig::with_max_bytes(args.max_bytes);
     let mut names = Vec::new();
     let mut texts = Vec::new();
     let items = args

@@ -62,8 +62,8 @@ fn substitute_transcripts(
     items: &mut ItemsByKey,
 ) -> Result<()> {
     for path in &args.transcripts {
-        if !path.is_file() {
-            bail!("{}: no such file (given for --transcript)", path.display());
+        if let Err(e) = multitoken_core::check_regular_file(path) {
+            bail!("{}: {e} (given for --transcript)", path.display());
         }
         items
             .entry(TRANSCRIPT_DATA_KEY.to_string())

@@ -21,7 +21,7 @@ pub struct MelArgs {
     #[arg(long, default_value_t = 80)]
     n_mels: usize,
     /// Longest accepted audio in seconds.
-    #[arg(long, default_value_t = 3600.0)]
+    #[arg(long, default_value_t = 3600.0, value_parser = super::positive_seconds)]
     max_seconds: f64,
     /// Print the first window as one JSON object on the last stdout line.
     #[arg(long)]
@@ -33,9 +33,7 @@ pub fn run(args: MelArgs) -> Result<()> {
     if args.n_mels != 80 && args.n_mels != 128 {
         bail!("--n-mels must be 80 or 128, got {}", args.n_mels);
     }
-    let config = DecodeConfig {
-        max_seconds: args.max_seconds,
-    };
+    let config = DecodeConfig::with_max_seconds(args.max_seconds);
     let samples = load_audio(&Item::Path(args.file.clone()), &config)?;
     let mel = LogMel::new(args.n_mels)?.compute(&samples);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -206,3 +206,14 @@ fn keep_freed_memory() {
 /// Without the `mimalloc` feature the binary's own allocator is in charge.
 #[cfg(not(feature = "mimalloc"))]
 fn keep_freed_memory() {}
+
+/// A clap value parser for a length limit in seconds: a positive, finite number
+/// (`NaN` would compare false with every length and turn the limit off).
+pub(crate) fn positive_seconds(text: &str) -> std::result::Result<f64, String> {
+    let value: f64 = text.parse().map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(format!("must be a positive, finite number of seconds, got {text}"))
+    }
+}

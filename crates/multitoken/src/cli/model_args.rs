@@ -131,8 +131,8 @@ impl ItemArgs {
             if shown.starts_with("http://") || shown.starts_with("https://") {
                 bail!("{shown}: URLs are not fetched by the CLI yet; download the file and pass its path");
             }
-            if !path.is_file() {
-                bail!("{}: no such file (given for `{key}`)", path.display());
+            if let Err(e) = multitoken_core::check_regular_file(path) {
+                bail!("{}: {e} (given for `{key}`)", path.display());
             }
             items.entry(key.to_string()).or_default().push(Item::Path(path.to_path_buf()));
             Ok(())

@@ -29,7 +29,7 @@ pub struct TranscribeArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Longest accepted audio in seconds.
-    #[arg(long, default_value_t = 3600.0)]
+    #[arg(long, default_value_t = 3600.0, value_parser = super::positive_seconds)]
     max_seconds: f64,
     /// Most tokens generated per 30 s window.
     #[arg(long, default_value_t = MAX_TOKENS_PER_WINDOW)]
@@ -75,9 +75,7 @@ pub fn run(args: TranscribeArgs) -> Result<()> {
         None => default_model()?,
     };
     let transcriber = Transcriber::load(&dir, &Device::Cpu)?;
-    let config = DecodeConfig {
-        max_seconds: args.max_seconds,
-    };
+    let config = DecodeConfig::with_max_seconds(args.max_seconds);
     let options = if args.no_fallback {
         TranscribeOptions {
             max_new_tokens: args.max_new_tokens,
