@@ -108,6 +108,20 @@ impl Linear {
                 return Ok(y.reshape(out_dims)?);
             }
         }
+        if let LinearWeight::Quantized(q) = &self.weight {
+            // Under autograd (LoRA over a quantized base): the product as an op
+            // whose backward reads the blocks, so gradients reach earlier layers.
+            let blocks = matches!(q.as_ref(), QMatMul::QTensor(_));
+            if x.track_op() && blocks && x.device().is_cpu() && x.dtype() == DType::F32 {
+                let flat = x.reshape((rows, self.in_dim))?;
+                let y = crate::quantize::quantized_base(&flat, q, self.in_dim, self.out_dim)?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_dim;
+                }
+                return self.add_bias_and_lora(y.reshape(out_dims)?, x);
+            }
+        }
         let y = match &self.weight {
             LinearWeight::Dense(w) => self.dense_matmul(x, w, &dims, rows)?,
             // Many rows (a prefill): candle's quantized kernel does not scale with
@@ -131,6 +145,11 @@ impl Linear {
                 other => other.forward(x)?,
             },
         };
+        self.add_bias_and_lora(y, x)
+    }
+
+    /// `y + b + lora(x)` for the base product `y` of `x`.
+    fn add_bias_and_lora(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -24,7 +24,7 @@ const FFN: usize = 128;
 const LAYERS: usize = 2;
 
 fn opts() -> LoadOptions {
-    LoadOptions { dtype: DType::F32, device: Device::Cpu }
+    LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None }
 }
 
 /// Byte-level tokens (GPT-2 spelling), one merge, three control tokens.
