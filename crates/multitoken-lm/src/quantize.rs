@@ -337,6 +337,117 @@ impl CustomOp1 for QuantizedBase {
     }
 }
 
+/// `x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` for `x` `[rows, in]` (f32, CPU), the quantized
+/// frozen `W` `[out, in]`, and the LoRA matrices `a` `[r, in]`, `b` `[out, r]`, as
+/// one op that keeps only its inputs for the backward pass (the composite of the
+/// base op and candle's LoRA products kept three `[rows, out]` tensors per
+/// linear). `x`, `a` and `b` get gradients; `W` and the bias are frozen.
+#[allow(clippy::too_many_arguments)]
+pub fn qlora_linear(
+    x: &Tensor,
+    weight: &Arc<QMatMul>,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<multitoken_kernels::train::DropoutMask>,
+) -> Result<Tensor> {
+    let QMatMul::QTensor(qt) = weight.as_ref() else {
+        return Err(Error::Msg("the quantized backward needs a matrix kept in blocks".into()));
+    };
+    let (rows, in_dim) = x.dims2()?;
+    let [out_dim, w_in] = qt.shape().dims() else {
+        return Err(Error::Msg(format!("a quantized weight of shape {:?} is not a matrix", qt.shape().dims())));
+    };
+    let (r, a_in) = a.dims2()?;
+    let (b_out, b_r) = b.dims2()?;
+    if *w_in != in_dim || a_in != in_dim || b_out != *out_dim || b_r != r || mask.as_ref().is_some_and(|m| m.len() != rows * in_dim) {
+        return Err(Error::Msg(format!(
+            "qlora_linear: x {:?}, weight {:?}, A {:?} and B {:?} do not fit",
+            x.dims(),
+            qt.shape().dims(),
+            a.dims(),
+            b.dims()
+        )));
+    }
+    let op = QloraLinear {
+        base: QuantizedBase { weight: qt.clone(), in_dim, out_dim: *out_dim },
+        bias: bias.cloned(),
+        scale,
+        mask,
+    };
+    Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+/// See [`qlora_linear`].
+struct QloraLinear {
+    base: QuantizedBase,
+    bias: Option<Tensor>,
+    scale: f64,
+    mask: Option<multitoken_kernels::train::DropoutMask>,
+}
+
+impl QloraLinear {
+    fn dropped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.mask {
+            Some(m) => x * m.tensor(x.shape(), x.device())?,
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+/// A contiguous f32 CPU operand as a tensor (a copy: the op's inputs are borrowed).
+fn operand(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
+    let (rows, cols) = layout.shape().dims2()?;
+    if !layout.is_contiguous() {
+        candle_core::bail!("qlora_linear: a {:?} operand is not contiguous", layout.dims());
+    }
+    let data = &storage.as_slice::<f32>()?[layout.start_offset()..][..rows * cols];
+    Tensor::from_slice(data, (rows, cols), &Device::Cpu)
+}
+
+impl candle_core::CustomOp3 for QloraLinear {
+    fn name(&self) -> &'static str {
+        "multitoken-qlora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (operand(xs, xl)?, operand(a_s, al)?, operand(bs, bl)?);
+        // u = s · dropout(x) Aᵀ, [rows, r]: the scale on the narrow side.
+        let u = (self.dropped(&x)?.matmul(&a.t()?)? * self.scale)?;
+        let base = self.base.forward(&x).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut y = (base + u.matmul(&b.t()?)?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let shape = y.shape().clone();
+        let values: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        Ok((CpuStorage::F32(values), shape))
+    }
+
+    /// With `d = dropout(x)`, `u = d Aᵀ` (recomputed) and `g` the output's
+    /// gradient: `dB = s gᵀ u`, `du = s g B`, `dA = duᵀ d`, `dx = g W + dropout(du A)`,
+    /// `g W` from the blocks a tile at a time.
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dropped = self.dropped(x)?;
+        let u = dropped.matmul(&a.t()?)?;
+        let grad_b = (grad.t()?.matmul(&u)? * self.scale)?;
+        let du = (grad.matmul(b)? * self.scale)?;
+        let grad_a = du.t()?.matmul(&dropped)?;
+        let dx_adapter = self.dropped(&du.matmul(a)?)?;
+        let dx_base = self.base.input_grad(grad).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((Some((dx_base + dx_adapter)?), Some(grad_a), Some(grad_b)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -410,6 +521,41 @@ mod tests {
                     "{case}: input gradient off by {}",
                     diff(&dx, &want_dx)
                 );
+            }
+        }
+    }
+
+    /// The fused QLoRA op against the composite (base op + candle's LoRA products)
+    /// it replaces: value and the gradients of x, A and B, with dropout.
+    #[test]
+    fn qlora_linear_matches_the_composite() {
+        for (rows, out_dim, in_dim) in [(5, 96, 64), (300, 260, 128)] {
+            let w = random(&[out_dim, in_dim], 4);
+            let q = Arc::new(quantize_matrix("w", &w, Quantization::Q4_1).unwrap());
+            let bias = random(&[out_dim], 5);
+            let x = Var::from_tensor(&random(&[rows, in_dim], 6)).unwrap();
+            let a = Var::from_tensor(&random(&[4, in_dim], 7)).unwrap();
+            let b = Var::from_tensor(&random(&[out_dim, 4], 8)).unwrap();
+            let g = random(&[rows, out_dim], 9);
+            let mask = || Some(multitoken_kernels::train::DropoutMask::from_seed(rows * in_dim, 0.25, 11));
+            let run = |fused: bool| {
+                let y = if fused {
+                    qlora_linear(x.as_tensor(), &q, Some(&bias), a.as_tensor(), b.as_tensor(), 1.5, mask()).unwrap()
+                } else {
+                    let m = mask().unwrap().tensor(x.shape(), &Device::Cpu).unwrap();
+                    let base = quantized_base(x.as_tensor(), &q, in_dim, out_dim).unwrap().broadcast_add(&bias).unwrap();
+                    let d = (x.as_tensor() * m).unwrap();
+                    let lora = (d.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap() * 1.5).unwrap();
+                    (base + lora).unwrap()
+                };
+                let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+                (y, get(&x), get(&a), get(&b))
+            };
+            let (fused, composite) = (run(true), run(false));
+            let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            for (what, f, c) in [("y", &fused.0, &composite.0), ("dx", &fused.1, &composite.1), ("dA", &fused.2, &composite.2), ("dB", &fused.3, &composite.3)] {
+                assert!(diff(f, c) < 1e-3, "{rows}x{in_dim}->{out_dim} {what}: off by {}", diff(f, c));
             }
         }
     }
