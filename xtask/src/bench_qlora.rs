@@ -14,7 +14,7 @@
 //! - Phi-2 size (hidden 2560, MLP 10240, 32 layers, vocab 51200, partial rotary
 //!   0.4, biases): seeded random weights generated one matrix at a time and, for a
 //!   quantized base, quantized straight away, so the f32 model never exists.
-//!   The f32 run needs about 11 GB for its weights and ~9.5 GB for the step's
+//!   The f32 run needs about 11 GB for its weights and ~6 GB for the step's
 //!   activations and gradients; it is skipped (and says so, with the estimate)
 //!   when `MemAvailable` is under 1.3x that.
 //!
@@ -294,9 +294,9 @@ fn phi2_config() -> ModelConfig {
 /// What the f32 Phi-2-size run needs: 2.78e9 weights in f32, plus the step's
 /// activations and their gradients at 1 x 256 tokens (candle keeps every node's
 /// gradient until the backward pass ends), measured as the Q4_1 run's peak RSS
-/// less its weights: about 9.5 GB.
+/// (8.2 GB) less its weights and embeddings (~2.3 GB): about 6 GB.
 fn phi2_f32_bytes() -> f64 {
-    2.78e9 * 4.0 + 9.5e9
+    2.78e9 * 4.0 + 6e9
 }
 
 fn mem_available() -> Option<f64> {
