@@ -434,7 +434,7 @@ impl WeightSource for GgufSource {
 fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     let (out_dim, in_dim) = q.shape().dims2()?;
     let dtype = q.dtype();
-    if heads == 0 || out_dim % heads != 0 || (out_dim / heads) % 2 != 0 || in_dim % dtype.block_size() != 0 {
+    if heads == 0 || !out_dim.is_multiple_of(heads) || !(out_dim / heads).is_multiple_of(2) || !in_dim.is_multiple_of(dtype.block_size()) {
         return Err(Error::Msg(format!("cannot reorder the rows of a [{out_dim}, {in_dim}] matrix over {heads} heads")));
     }
     let hd = out_dim / heads;

@@ -92,7 +92,7 @@ impl std::str::FromStr for Quantization {
 pub fn quantize_matrix(name: &str, weight: &Tensor, format: Quantization) -> Result<QMatMul> {
     let (out_dim, in_dim) = weight.dims2()?;
     let block = format.block_size();
-    if in_dim % block != 0 {
+    if !in_dim.is_multiple_of(block) {
         return Err(Error::Tensor {
             name: name.to_string(),
             message: format!(
@@ -450,7 +450,7 @@ impl candle_core::CustomOp3 for QloraLinear {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
 
     use candle_core::Var;
 
