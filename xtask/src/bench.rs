@@ -68,7 +68,9 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("document") => crate::bench_document::run(&args[1..]),
         Some("vision") => crate::bench_vision::run(&args[1..]),
         Some("audio") => crate::bench_audio::run(&args[1..]),
+        Some("train") if args.iter().any(|a| a == "--qlora") => crate::bench_qlora::run(&args[1..]),
         Some("train") => crate::bench_train::run(&args[1..]),
+        Some("qlora-child") => crate::bench_qlora::child(&args[1..]),
         Some("serve") => crate::bench_serve::run(&args[1..]),
         Some("moe") => crate::bench_moe::run(&args[1..]),
         Some("vlm") => crate::bench_vlm::run(&args[1..]),
@@ -334,7 +336,7 @@ fn child(args: &[String]) -> Result<()> {
     };
     let ids: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(&prompt_file)?)?;
     let start = Instant::now();
-    let model = load_gguf_with(&gguf, &LoadOptions { dtype: DType::F32, device: Device::Cpu }, weights)?;
+    let model = load_gguf_with(&gguf, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None }, weights)?;
     let load_s = start.elapsed().as_secs_f64();
     let params = |n: usize| GenerationParams { max_new_tokens: n, ignore_eos: true, ..GenerationParams::default() };
     let lm = model.model.as_ref();
@@ -403,7 +405,7 @@ fn parts(args: &[String]) -> Result<()> {
         Some("f32") => GgufWeights::Dequantized,
         _ => GgufWeights::Quantized,
     };
-    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu };
+    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None };
     let source = multitoken_lm::gguf::GgufSource::open(&gguf, &opts, weights)?;
     let cfg = source.config()?;
     let (h, kv, ff) = (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);

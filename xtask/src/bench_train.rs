@@ -51,7 +51,7 @@ use serde_json::{json, Value};
 use crate::bench::last_json_line;
 use crate::weights::{cache_dir, python, workspace_root};
 
-const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Settings of one run.
 #[derive(Debug, Clone)]

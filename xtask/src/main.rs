@@ -27,6 +27,8 @@ mod bench_moe;
 #[cfg(feature = "models")]
 mod bench_serve;
 #[cfg(feature = "models")]
+mod bench_qlora;
+#[cfg(feature = "models")]
 mod bench_train;
 #[cfg(feature = "models")]
 mod bench_vision;

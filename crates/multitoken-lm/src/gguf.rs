@@ -112,6 +112,9 @@ pub struct GgufSource {
     /// `token_embd` dequantized once: the embedding table and a tied dense `lm_head`
     /// share it.
     embeddings: Mutex<Option<Tensor>>,
+    /// Serve llama's `q_proj`/`k_proj` rows in transformers' order (and say
+    /// [`RopeStyle::Half`]) instead of llama.cpp's rotary order.
+    transformers_rows: bool,
 }
 
 impl std::fmt::Debug for GgufSource {
@@ -195,7 +198,41 @@ impl GgufSource {
             dtype: opts.dtype,
             weights,
             embeddings: Mutex::new(None),
+            transformers_rows: false,
         })
+    }
+
+    /// Serves the rows of llama-arch `q_proj`/`k_proj` in transformers' order, the
+    /// permutation of llama.cpp's converter undone, and builds the model with
+    /// [`RopeStyle::Half`]: the same computation, but LoRA adapters trained on it
+    /// fit the HF checkpoint the file came from (a PEFT adapter's `lora_B` rows of
+    /// `q_proj` follow the base's rows). Quantized rows move as whole runs of
+    /// blocks, so nothing is dequantized.
+    pub fn with_transformers_rows(mut self) -> Self {
+        self.transformers_rows = self.arch == Arch::Llama;
+        self
+    }
+
+    /// The heads whose rows `name` (a linear's weight) holds permuted, if it is one
+    /// to reorder.
+    fn permuted_heads(&self, name: &str, cfg_heads: (usize, usize)) -> Option<usize> {
+        if !self.transformers_rows {
+            return None;
+        }
+        if name.ends_with(".self_attn.q_proj.weight") {
+            Some(cfg_heads.0)
+        } else if name.ends_with(".self_attn.k_proj.weight") {
+            Some(cfg_heads.1)
+        } else {
+            None
+        }
+    }
+
+    /// The block type a tensor (by its transformers name) is stored in, if the
+    /// file has it.
+    pub fn stored_type(&self, name: &str) -> Option<GgmlDType> {
+        let gguf = self.gguf_name(name)?;
+        self.content.tensor_infos.get(&gguf).map(|info| info.ggml_dtype)
     }
 
     fn config_err(&self, message: impl Into<String>) -> Error {
@@ -274,7 +311,10 @@ impl GgufSource {
             return Err(self.config_err(format!("token_embd.weight is {embd_width} wide, embedding_length is {hidden_size}")));
         }
         let (family, rope_style, qkv_bias) = match self.arch {
-            Arch::Llama => (Family::Llama, RopeStyle::Interleaved, self.content.tensor_infos.contains_key("blk.0.attn_q.bias")),
+            Arch::Llama => {
+                let style = if self.transformers_rows { RopeStyle::Half } else { RopeStyle::Interleaved };
+                (Family::Llama, style, self.content.tensor_infos.contains_key("blk.0.attn_q.bias"))
+            }
             Arch::Qwen2 => (Family::Qwen2, RopeStyle::Half, true),
         };
         Ok(ModelConfig {
@@ -391,7 +431,29 @@ impl WeightSource for GgufSource {
         };
         let shape = [out_dim, in_dim];
         let keep = self.weights == GgufWeights::Quantized;
+        let heads = match self.transformers_rows {
+            true => {
+                let heads = self.require_usize("attention.head_count")?;
+                let kv = self.meta_usize("attention.head_count_kv")?.unwrap_or(heads);
+                self.permuted_heads(&weight_name, (heads, kv))
+            }
+            false => None,
+        };
         let q = if keep { Some(self.qtensor(&weight_name, &gguf, &shape)?) } else { None };
+        if let Some(heads) = heads {
+            return match q {
+                Some(q) => {
+                    let q = unpermute_rows(&q, heads).map_err(|e| self.tensor_err(&weight_name, e.to_string()))?;
+                    Ok(Linear::quantized(QMatMul::from_qtensor(q)?, in_dim, out_dim, bias))
+                }
+                None => {
+                    let w = self.dense(&weight_name, &gguf, &shape)?;
+                    let hd = out_dim / heads;
+                    let w = w.reshape((heads, hd / 2, 2, in_dim))?.transpose(1, 2)?.contiguous()?.reshape((out_dim, in_dim))?;
+                    Linear::dense(w, bias)
+                }
+            };
+        }
         match q {
             Some(q) if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
                 let matmul = QMatMul::from_qtensor(q)?;
@@ -403,3 +465,28 @@ impl WeightSource for GgufSource {
     }
 }
 
+
+/// llama.cpp's rotary row permutation undone on a quantized `[out, in]` matrix:
+/// within each of `heads` heads, stored row `2i + j` becomes row `j * hd / 2 + i`.
+/// Rows are whole runs of blocks, so they move as bytes.
+fn unpermute_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let (out_dim, in_dim) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    if heads == 0 || !out_dim.is_multiple_of(heads) || !(out_dim / heads).is_multiple_of(2) || !in_dim.is_multiple_of(dtype.block_size()) {
+        return Err(Error::Msg(format!("cannot reorder the rows of a [{out_dim}, {in_dim}] matrix over {heads} heads")));
+    }
+    let hd = out_dim / heads;
+    let row_bytes = in_dim / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let from = h * hd + 2 * i + j;
+                let to = h * hd + j * hd / 2 + i;
+                out[to * row_bytes..(to + 1) * row_bytes].copy_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &out, vec![out_dim, in_dim], &Device::Cpu)?)
+}

@@ -347,7 +347,10 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let cfg = parse_config(&dir.join("config.json"))?;
     let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
-    load_hf_dir_with(dir, &cfg, &weights)
+    match opts.quantize {
+        Some(format) => load_hf_dir_with(dir, &cfg, &crate::quantize::QuantizingSource::new(&weights, format)),
+        None => load_hf_dir_with(dir, &cfg, &weights),
+    }
 }
 
 /// Like [`load_hf_dir`] with the config and the weights given (e.g. a

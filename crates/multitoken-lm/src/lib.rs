@@ -19,6 +19,7 @@ pub mod multimodal;
 pub mod peft;
 mod parallel;
 mod quantized;
+pub mod quantize;
 pub mod sampling;
 pub mod weights;
 

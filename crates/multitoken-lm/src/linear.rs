@@ -108,6 +108,34 @@ impl Linear {
                 return Ok(y.reshape(out_dims)?);
             }
         }
+        if let LinearWeight::Quantized(q) = &self.weight {
+            let blocks = matches!(q.as_ref(), QMatMul::QTensor(_));
+            let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+            // A LoRA adapter being trained over a quantized base (QLoRA): one op
+            // that keeps only its inputs for the backward pass, as the dense path.
+            if let Some(lora) = self.lora.as_ref().filter(|l| l.a.track_op() && blocks && cpu_f32) {
+                let flat = x.reshape((rows, self.in_dim))?;
+                let mask = lora.dropout_mask(rows * self.in_dim)?;
+                let y = crate::quantize::qlora_linear(&flat, q, self.bias.as_ref(), &lora.a, &lora.b, lora.scale, mask)?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_dim;
+                }
+                return Ok(y.reshape(out_dims)?);
+            }
+            // Under autograd without an adapter here (a quantized head, a frozen
+            // layer): the product as an op whose backward reads the blocks, so
+            // gradients reach earlier layers.
+            if x.track_op() && blocks && x.device().is_cpu() && x.dtype() == DType::F32 {
+                let flat = x.reshape((rows, self.in_dim))?;
+                let y = crate::quantize::quantized_base(&flat, q, self.in_dim, self.out_dim)?;
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_dim;
+                }
+                return self.add_bias_and_lora(y.reshape(out_dims)?, x);
+            }
+        }
         let y = match &self.weight {
             LinearWeight::Dense(w) => self.dense_matmul(x, w, &dims, rows)?,
             // Many rows (a prefill): candle's quantized kernel does not scale with
@@ -131,6 +159,11 @@ impl Linear {
                 other => other.forward(x)?,
             },
         };
+        self.add_bias_and_lora(y, x)
+    }
+
+    /// `y + b + lora(x)` for the base product `y` of `x`.
+    fn add_bias_and_lora(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -15,12 +15,16 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where the weights live.
     pub device: Device,
+    /// Quantize an HF directory's linears to this block format as they are read
+    /// (`--quantize`); `None` keeps them in `dtype`. A GGUF file, already
+    /// quantized, refuses it.
+    pub quantize: Option<crate::quantize::Quantization>,
 }
 
 impl Default for LoadOptions {
     /// f32 on the CPU.
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu }
+        Self { dtype: DType::F32, device: Device::Cpu, quantize: None }
     }
 }
 
@@ -109,10 +113,22 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf {
+        if let Some(format) = opts.quantize {
+            return Err(already_quantized(path, format));
+        }
         return crate::gguf::load_gguf(path, opts);
     }
     Err(Error::Msg(format!(
         "{}: expected an HF model directory (with config.json) or a .gguf file",
         path.display()
     )))
+}
+
+/// The error for `--quantize` given with a GGUF file, whose matrices are already
+/// in blocks: requantizing them would silently lose precision twice.
+pub fn already_quantized(path: &Path, format: crate::quantize::Quantization) -> Error {
+    Error::Msg(format!(
+        "{}: --quantize {format} was given, but a GGUF file is already quantized; drop --quantize (the file's own blocks are used) or pass an HF directory",
+        path.display()
+    ))
 }

@@ -24,7 +24,7 @@ const FFN: usize = 128;
 const LAYERS: usize = 2;
 
 fn opts() -> LoadOptions {
-    LoadOptions { dtype: DType::F32, device: Device::Cpu }
+    LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None }
 }
 
 /// Byte-level tokens (GPT-2 spelling), one merge, three control tokens.
@@ -301,4 +301,71 @@ fn broken_files_are_clear_errors() {
     let missing = tmp("missing.gguf");
     let err = load_gguf(&missing, &opts()).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("cannot read") && err.contains("missing.gguf"), "{err}");
+}
+
+/// LoRA A/B on every decoder linear of `model` (B non-zero, so that A gets a
+/// gradient too); returns the vars.
+fn attach_lora(model: &mut CausalLm) -> Vec<(String, candle_core::Var)> {
+    let mut vars = Vec::new();
+    for (k, (name, linear)) in model.decoder_linears_mut().into_iter().enumerate() {
+        let (in_dim, out_dim) = (linear.in_dim(), linear.out_dim());
+        let fill = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7 + seed * 13) % 17) as f32 - 8.0) * 0.01).collect() };
+        let a = candle_core::Var::from_vec(fill(4 * in_dim, k), (4, in_dim), &Device::Cpu).unwrap();
+        let b = candle_core::Var::from_vec(fill(out_dim * 4, k + 1), (out_dim, 4), &Device::Cpu).unwrap();
+        let lora = multitoken_lm::lora::LoraLayer {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 2.0,
+            dropout: 0.0,
+            rng: multitoken_lm::lora::LoraDropout::new(0),
+        };
+        linear.set_lora(Some(lora)).unwrap();
+        vars.push((format!("{name}.lora_A"), a));
+        vars.push((format!("{name}.lora_B"), b));
+    }
+    vars
+}
+
+/// QLoRA on a Q4_1 file: with the rows of `q_proj`/`k_proj` put in
+/// transformers' order (what LoRA training loads, so that the adapter fits the
+/// HF base) the model computes what the file's own layout computes, and the
+/// LoRA gradients through the quantized base (whose backward reads the blocks)
+/// match those through the same base dequantized to f32.
+#[test]
+fn qlora_gradients_over_a_q4_1_file_match_the_dequantized_base() {
+    let path = tmp("qlora-q4_1.gguf");
+    write_gguf(&path, GgmlDType::Q4_1, Breakage::None);
+    let file_layout = load_gguf(&path, &opts()).unwrap();
+    let load = |weights: GgufWeights| {
+        let source = GgufSource::open(&path, &opts(), weights).unwrap().with_transformers_rows();
+        let cfg = source.config().unwrap();
+        assert_eq!(cfg.rope_style, RopeStyle::Half);
+        CausalLm::load(&cfg, &source).unwrap()
+    };
+    let mut quantized = load(GgufWeights::Quantized);
+    let mut dense = load(GgufWeights::Dequantized);
+    let ids: Vec<u32> = vec![5, 17, 200, 3, 99, 256, 42, 7, 8, 250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    let diff = max_diff(&logits(&quantized, &ids), &logits(file_layout.model.as_ref(), &ids));
+    assert!(diff < 1e-4, "transformers' row order differs from the file's by {diff}");
+
+    let grads = |model: &mut CausalLm| {
+        let vars = attach_lora(model);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let embeds = model.embed_tokens(&input).unwrap();
+        let mut cache = KvCache::new(model.num_layers());
+        let out = model.forward_embeds(&embeds, None, &mut cache, LogitsSelection::All).unwrap();
+        let weights = Tensor::arange(0f32, out.elem_count() as f32, &Device::Cpu).unwrap().reshape(out.dims()).unwrap();
+        let weights = ((weights * 0.37).unwrap().sin().unwrap() * 0.1).unwrap();
+        let g = (out * weights).unwrap().sum_all().unwrap().backward().unwrap();
+        vars.into_iter()
+            .map(|(name, v)| (name, g.get(v.as_tensor()).expect("every LoRA var has a gradient").clone()))
+            .collect::<Vec<_>>()
+    };
+    let (gq, gd) = (grads(&mut quantized), grads(&mut dense));
+    for ((name, q), (_, d)) in gq.iter().zip(&gd) {
+        let scale = d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (q - d).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(scale > 0.0, "{name}: no gradient");
+        assert!(diff <= 1e-3 * scale.max(1.0), "{name}: QLoRA gradient off by {diff} (largest {scale})");
+    }
 }

@@ -142,7 +142,7 @@ fn items_are_spliced_at_their_spans() -> TestResult {
 /// A text-only directory loads as a plain LM, and its embeddings are the token embeddings.
 #[test]
 fn a_plain_lm_is_a_model_without_modalities() -> TestResult {
-    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu })?;
+    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None })?;
     assert!(model.modalities.is_empty());
     let prepared = model.prepare_raw("hello", &ItemsByKey::new())?;
     assert!(prepared.spans.is_empty());

@@ -1,6 +1,6 @@
 //! The `serve` subcommand of the `multitoken` binary:
 //! `multitoken serve [--model DIR] [--host H] [--port P] [--allow-files DIR] [--allow-urls]
-//! [--dtype D] [--dequantize] [--chat-template NAME|FILE] [limits]`.
+//! [--dtype D] [--dequantize | --quantize Q] [--chat-template NAME|FILE] [limits]`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// (as `generate --dequantize`).
     #[arg(long)]
     pub dequantize: bool,
+    /// Quantize an HF directory's linears (and head) to q8_0, q4_1 or q4_k as they
+    /// are read (as `generate --quantize`).
+    #[arg(long, value_name = "q8_0|q4_1|q4_k")]
+    pub quantize: Option<String>,
     /// Chat template to use instead of the model's own: a built-in name (chatml,
     /// mistral, llama2, idefics2, phi2) or a jinja file (as `generate --chat-template`).
     #[arg(long)]
@@ -200,9 +204,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "bf16" => DType::BF16,
         other => bail!("unknown --dtype {other:?}; expected f32, f16 or bf16"),
     };
+    let quantize = args
+        .quantize
+        .as_deref()
+        .map(|v| v.parse::<multitoken_lm::quantize::Quantization>().map_err(|e| anyhow::anyhow!("--quantize: {e}")))
+        .transpose()?;
+    if quantize.is_some() && args.dequantize {
+        bail!("--quantize and --dequantize exclude each other");
+    }
     let options = LoadOptions {
         dtype,
         device: Device::Cpu,
+        quantize,
     };
     let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let loaded = if is_gguf && args.dequantize {

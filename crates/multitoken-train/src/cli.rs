@@ -29,6 +29,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Quantize an HF base's linears to q8_0, q4_1 or q4_k as they are read; with
+    /// `--stage lora` the adapters train over the quantized base (QLoRA). A GGUF
+    /// base is already quantized and trains as it is.
+    #[arg(long, value_name = "q8_0|q4_1|q4_k")]
+    pub quantize: Option<String>,
     /// Model directory to start from (multitoken.json + projectors, or an HF LM directory).
     #[arg(long, alias = "model_name_or_path", alias = "model-name-or-path")]
     pub model: Option<PathBuf>,
@@ -231,6 +236,7 @@ impl TrainArgs {
         cfg.resume = pick!(resume);
         cfg.overwrite_output_dir = pick!(overwrite_output_dir).unwrap_or(false);
         cfg.feature_cache = pick!(feature_cache);
+        cfg.quantize = pick!(quantize);
         cfg.progress = !pick!(no_progress).unwrap_or(false);
         Ok(cfg)
     }

@@ -24,6 +24,7 @@ use multitoken_core::{
     EncoderWeights, LogitsSelection, Modality, ModalityContext, PreparedInput, Projector, RopePositions, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
+use multitoken_lm::quantize::{Quantization, QuantizingSource};
 use multitoken_lm::lora::{LoraDropout, LoraLayer};
 use multitoken_lm::model::CausalLm;
 use multitoken_lm::multimodal::{item_slots, 
@@ -229,6 +230,20 @@ impl TrainableModel {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
+        Self::load_quantized(model_dir, parts, device, seed, None)
+    }
+
+    /// [`TrainableModel::load_seeded`] with the frozen LM's linears quantized to
+    /// `quantize` as they are read (an HF directory; `--quantize`). A GGUF base
+    /// keeps its own blocks and refuses `quantize`. Either way LoRA adapters train
+    /// over the quantized base (QLoRA); full fine-tuning needs a dense base.
+    pub fn load_quantized(
+        model_dir: &Path,
+        parts: TrainParts,
+        device: &Device,
+        seed: u64,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         // A checkpoint of an imported family (Idefics2, Cephalo's MoE) trains in
         // our own layout: it is rewritten once as a `multitoken.json` directory.
         let imported = if model_dir.join(MULTIMODAL_CONFIG_FILE).is_file() {
@@ -261,7 +276,18 @@ impl TrainableModel {
         let opts = LoadOptions {
             dtype: DType::F32,
             device: device.clone(),
+            quantize,
         };
+        let is_gguf = lm_path.is_file()
+            && lm_path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if parts.lm && (quantize.is_some() || is_gguf) {
+            return Err(Error::Config(format!(
+                "{}: full fine-tuning needs a dense HF base; a quantized base (GGUF or --quantize) trains LoRA adapters (--stage lora)",
+                lm_path.display()
+            )));
+        }
         let mut lm = load_model(&lm_path, &opts)?;
         let lora_rng = LoraDropout::new(seed);
         let mut lora_modules = Vec::new();
@@ -273,18 +299,7 @@ impl TrainableModel {
                         "LoRA and full fine-tuning exclude each other".into(),
                     ));
                 }
-                if !lm_path.is_dir() {
-                    return Err(Error::Config(format!(
-                        "{}: LoRA training needs an HF model directory (safetensors), not a GGUF file",
-                        lm_path.display()
-                    )));
-                }
-                let hf = multitoken_lm::hf::parse_config(&lm_path.join("config.json"))?;
-                let source = SafetensorsSource::from_dir(&lm_path, DType::F32, device)?;
-                let mut model = CausalLm::load(&hf.model, &source)?;
-                if let Some(windows) = &hf.layer_sliding_windows {
-                    model.set_layer_sliding_windows(windows)?;
-                }
+                let mut model = load_lora_base(&lm_path, is_gguf, quantize, device)?;
                 let map = VarMap::new();
                 lora_modules = attach_lora(&mut model, settings, &map, &lora_rng, seed)?;
                 lm.model = Arc::new(model);
@@ -892,6 +907,48 @@ pub fn adapter_config(
         "rank_pattern": {},
         "alpha_pattern": {}
     })
+}
+
+/// The LM that LoRA adapters attach to: an HF directory (dense, or quantized at
+/// load), or a GGUF file kept in its blocks with llama's `q_proj`/`k_proj` rows
+/// in transformers' order, so that the saved adapter fits the HF base as PEFT
+/// expects ([`multitoken_lm::gguf::GgufSource::with_transformers_rows`]).
+fn load_lora_base(
+    lm_path: &Path,
+    is_gguf: bool,
+    quantize: Option<Quantization>,
+    device: &Device,
+) -> Result<CausalLm> {
+    if is_gguf {
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: device.clone(),
+            quantize: None,
+        };
+        let source = multitoken_lm::gguf::GgufSource::open(
+            lm_path,
+            &opts,
+            multitoken_lm::gguf::GgufWeights::Quantized,
+        )?
+        .with_transformers_rows();
+        return Ok(CausalLm::load(&source.config()?, &source)?);
+    }
+    if !lm_path.is_dir() {
+        return Err(Error::Config(format!(
+            "{}: LoRA training needs an HF model directory or a .gguf file",
+            lm_path.display()
+        )));
+    }
+    let hf = multitoken_lm::hf::parse_config(&lm_path.join("config.json"))?;
+    let source = SafetensorsSource::from_dir(lm_path, DType::F32, device)?;
+    let mut model = match quantize {
+        Some(format) => CausalLm::load(&hf.model, &QuantizingSource::new(&source, format))?,
+        None => CausalLm::load(&hf.model, &source)?,
+    };
+    if let Some(windows) = &hf.layer_sliding_windows {
+        model.set_layer_sliding_windows(windows)?;
+    }
+    Ok(model)
 }
 
 /// Attaches a LoRA adapter to every targeted decoder linear: `A` drawn

@@ -262,6 +262,12 @@ impl RunIdentity {
             "group_by_length": cfg.group_by_length,
             "model_max_length": cfg.model_max_length,
         });
+        // Only when set, so that the identities of earlier runs do not change:
+        // adapters trained over one quantization resume only over the same one.
+        let mut settings = settings;
+        if let (Some(q), serde_json::Value::Object(map)) = (&cfg.quantize, &mut settings) {
+            map.insert("quantize".into(), serde_json::Value::String(q.to_ascii_lowercase()));
+        }
         setup.write(settings.to_string().as_bytes());
         Ok(Self {
             model: model.hex(),
@@ -281,7 +287,7 @@ impl RunIdentity {
         }
         if self.setup != this.setup {
             parts.push(
-                "the training setup (--stage, --train-encoders, LoRA settings, --seed, batch size, \
+                "the training setup (--stage, --train-encoders, LoRA settings, --quantize, --seed, batch size, \
                  accumulation, --group-by-length or --model-max-length)",
             );
         }

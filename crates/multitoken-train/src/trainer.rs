@@ -93,6 +93,10 @@ pub struct TrainConfig {
     /// directory holding a run is refused unless resuming.
     #[serde(default)]
     pub overwrite_output_dir: bool,
+    /// Quantize an HF base's linears to this block format (`q8_0`, `q4_1`,
+    /// `q4_k`) as they are read; LoRA then trains over the quantized base (QLoRA).
+    #[serde(default)]
+    pub quantize: Option<String>,
     /// Directory of the on-disk cache of frozen-encoder features.
     pub feature_cache: Option<PathBuf>,
     /// Show a progress bar.
@@ -148,6 +152,7 @@ impl TrainConfig {
             overwrite_output_dir: false,
             feature_cache: None,
             progress: true,
+            quantize: None,
         }
     }
 }
@@ -223,7 +228,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             target_modules: cfg.lora_target_modules.clone(),
         }),
     };
-    let model = TrainableModel::load_seeded(&cfg.model, parts, &device, cfg.seed)?;
+    let quantize = cfg
+        .quantize
+        .as_deref()
+        .map(|q| q.parse::<multitoken_lm::quantize::Quantization>())
+        .transpose()
+        .map_err(|e| Error::Config(format!("quantize: {e}")))?;
+    let model = TrainableModel::load_quantized(&cfg.model, parts, &device, cfg.seed, quantize)?;
     crate::run::check_not_lm(cfg, &model.lm_path)?;
     let identity = RunIdentity::of(cfg, &model.lm_path)?;
     let rows = crate::data::read_jsonl_for(&cfg.dataset, &model.mm)?;

@@ -220,7 +220,10 @@ pub(super) fn load_llava(
         dtype: opts.dtype,
         device: opts.device.clone(),
     };
-    let lm = load_hf_dir_with(dir, &hf_config, &lm_weights)?;
+    let lm = match opts.quantize {
+        Some(format) => load_hf_dir_with(dir, &hf_config, &crate::quantize::QuantizingSource::new(&lm_weights, format))?,
+        None => load_hf_dir_with(dir, &hf_config, &lm_weights)?,
+    };
     check_image_token(&config, &lm).map_err(cfg_err)?;
 
     // The vision tower, through the registry.

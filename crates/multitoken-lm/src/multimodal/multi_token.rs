@@ -403,13 +403,17 @@ fn load_lm(
                 ),
             });
         }
-        load_hf_dir_with(
-            &base_dir,
-            &hf_config,
-            &MergedWeights::new(&with_trained, &adapter),
-        )?
+        // A LoRA adapter is merged into the dense weights first, then quantized.
+        let merged = MergedWeights::new(&with_trained, &adapter);
+        match opts.quantize {
+            Some(format) => load_hf_dir_with(&base_dir, &hf_config, &crate::quantize::QuantizingSource::new(&merged, format))?,
+            None => load_hf_dir_with(&base_dir, &hf_config, &merged)?,
+        }
     } else {
-        load_hf_dir_with(&base_dir, &hf_config, &with_trained)?
+        match opts.quantize {
+            Some(format) => load_hf_dir_with(&base_dir, &hf_config, &crate::quantize::QuantizingSource::new(&with_trained, format))?,
+            None => load_hf_dir_with(&base_dir, &hf_config, &with_trained)?,
+        }
     };
     lm.name = dir.file_name().map_or_else(
         || dir.display().to_string(),

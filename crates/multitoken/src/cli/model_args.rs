@@ -26,6 +26,10 @@ pub struct ModelArgs {
     /// Dequantize a GGUF's matrices to `--dtype` instead of keeping them quantized.
     #[arg(long)]
     pub dequantize: bool,
+    /// Quantize an HF directory's linears (and head) to q8_0, q4_1 or q4_k as they
+    /// are read; embeddings, norms and modality towers keep `--dtype`.
+    #[arg(long, value_name = "q8_0|q4_1|q4_k")]
+    pub quantize: Option<String>,
     /// Chat template to use instead of the model's own: a built-in name
     /// (chatml, mistral, llama2, idefics2, phi2) or a jinja file.
     #[arg(long)]
@@ -88,7 +92,11 @@ impl ModelArgs {
     pub fn load(&self) -> Result<MultimodalModel> {
         let path = self.resolve_path()?;
         let dtype = parse_dtype(&self.dtype)?;
-        let options = LoadOptions { dtype, device: Device::Cpu };
+        let quantize = parse_quantize(self.quantize.as_deref())?;
+        if quantize.is_some() && self.dequantize {
+            bail!("--quantize and --dequantize exclude each other");
+        }
+        let options = LoadOptions { dtype, device: Device::Cpu, quantize };
         let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         let loaded = if is_gguf && self.dequantize {
             load_gguf_with(&path, &options, GgufWeights::Dequantized)
@@ -103,6 +111,11 @@ impl ModelArgs {
         }
         Ok(model)
     }
+}
+
+/// `--quantize`'s value, checked.
+pub fn parse_quantize(value: Option<&str>) -> Result<Option<multitoken_lm::quantize::Quantization>> {
+    value.map(|v| v.parse().map_err(|e| anyhow::anyhow!("--quantize: {e}"))).transpose()
 }
 
 /// Items given on the command line, by modality.

@@ -1,0 +1,180 @@
+//! QLoRA on the tiny llama: LoRA adapters train over a base quantized at load
+//! (`quantize = "q4_1"`), the loss falls, the adapter is written in PEFT's
+//! format, and a resumed run repeats the uninterrupted run's losses exactly;
+//! full fine-tuning of a quantized base is a clear error.
+
+use std::path::{Path, PathBuf};
+
+use multitoken_train::trainer::{train, Stage, TrainConfig};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn temp(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("multitoken-qlora-{name}-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The tiny llama + the tiny CLIP tower (the tower is never quantized).
+fn model_dir(root: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    multitoken_vision::link();
+    let dir = root.join("model");
+    std::fs::create_dir_all(&dir)?;
+    let config = serde_json::json!({
+        "base_model": fixtures().join("lm/llama").canonicalize()?.display().to_string(),
+        "modalities": [{
+            "builder": "vision_clip",
+            "config": {
+                "tower": fixtures().join("vision/clip").canonicalize()?.display().to_string(),
+                "image_processor": {"size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30}}
+            },
+            "projector": "mlp2x_gelu"
+        }]
+    });
+    std::fs::write(
+        dir.join("multitoken.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    Ok(dir)
+}
+
+/// Eight rows: four fixture images, each with its own one-word answer.
+fn dataset(root: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let images = fixtures().join("vision/images").canonicalize()?;
+    let pairs = [
+        ("rgb_64x48.jpg", "alpha"),
+        ("gray_33x47.png", "beta"),
+        ("rgba_40x30.png", "gamma"),
+        ("rgb_96x64.png", "delta"),
+    ];
+    let mut text = String::new();
+    for round in 0..2 {
+        for (k, (image, answer)) in pairs.iter().enumerate() {
+            let row = serde_json::json!({
+                "id": format!("r{round}{k}"),
+                "images": [images.join(image).display().to_string()],
+                "messages": [
+                    {"role": "user", "content": "<image> name?"},
+                    {"role": "assistant", "content": answer}
+                ]
+            });
+            text.push_str(&row.to_string());
+            text.push('\n');
+        }
+    }
+    let path = root.join("train.jsonl");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn config(
+    root: &Path,
+    steps: usize,
+    quantize: &str,
+) -> Result<TrainConfig, Box<dyn std::error::Error>> {
+    let mut cfg = TrainConfig::new(model_dir(root)?, dataset(root)?, root.join("out"));
+    cfg.stage = Stage::Lora;
+    cfg.max_steps = Some(steps);
+    cfg.per_device_train_batch_size = 4;
+    cfg.learning_rate = 1e-2;
+    cfg.warmup_steps = Some(0);
+    cfg.progress = false;
+    cfg.lora_r = 4;
+    cfg.lora_alpha = 8.0;
+    cfg.lora_dropout = 0.1;
+    cfg.quantize = Some(quantize.to_string());
+    Ok(cfg)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+#[test]
+fn lora_over_a_q4_1_base_trains_and_writes_a_peft_adapter() -> TestResult {
+    let root = temp("train")?;
+    let cfg = config(&root, 16, "q4_1")?;
+    let summary = train(&cfg)?;
+    let losses: Vec<f64> = summary.log.iter().map(|l| l.loss).collect();
+    assert!(
+        mean(&losses[12..]) < 0.7 * mean(&losses[..4]),
+        "loss did not fall: {losses:?}"
+    );
+    let out = &cfg.output_dir;
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json"))?)?;
+    assert_eq!(adapter["peft_type"], "LORA");
+    let weights = candle_core::safetensors::load(
+        out.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    assert_eq!(
+        weights.len(),
+        28,
+        "{:?}",
+        weights.keys().collect::<Vec<_>>()
+    );
+    // Layer 0's adapters only move if the gradient went back through layer 1's
+    // quantized linears.
+    let b = weights
+        .get("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        .ok_or("lora_B of layers.0.self_attn.q_proj missing")?;
+    assert!(
+        b.abs()?.max_all()?.to_scalar::<f32>()? > 0.0,
+        "layer 0's lora_B never moved"
+    );
+    Ok(())
+}
+
+#[test]
+fn qlora_resume_repeats_the_uninterrupted_run() -> TestResult {
+    let setup = |root: &Path| -> Result<TrainConfig, Box<dyn std::error::Error>> {
+        let mut cfg = config(root, 6, "q8_0")?;
+        cfg.gradient_accumulation_steps = 2;
+        cfg.per_device_train_batch_size = 3;
+        cfg.warmup_steps = Some(2);
+        cfg.learning_rate = 3e-3;
+        Ok(cfg)
+    };
+    let full = train(&setup(&temp("resume-a")?)?)?;
+    let mut b = setup(&temp("resume-b")?)?;
+    b.save_steps = 3;
+    train(&b)?;
+    std::fs::remove_dir_all(b.output_dir.join("checkpoint-6"))?;
+    b.resume = Some(PathBuf::from("latest"));
+    let resumed = train(&b)?;
+    let la: Vec<f64> = full.log.iter().map(|l| l.loss).collect();
+    let lb: Vec<f64> = resumed.log.iter().map(|l| l.loss).collect();
+    assert_eq!(la, lb, "losses after resume differ");
+    // The same checkpoint over another quantization is refused, not resumed.
+    b.quantize = Some("q4_1".into());
+    let err = train(&b)
+        .err()
+        .ok_or("resuming over another quantization was accepted")?
+        .to_string();
+    assert!(err.contains("--quantize"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn bad_quantize_settings_are_clear_errors() -> TestResult {
+    let root = temp("bad")?;
+    let mut cfg = config(&root, 2, "q3_k")?;
+    let err = train(&cfg).err().ok_or("q3_k was accepted")?.to_string();
+    assert!(err.contains("q8_0, q4_1, q4_k"), "{err}");
+    cfg.quantize = Some("q4_1".into());
+    cfg.stage = Stage::Full;
+    let err = train(&cfg)
+        .err()
+        .ok_or("full fine-tuning of a quantized base was accepted")?
+        .to_string();
+    assert!(err.contains("full fine-tuning needs a dense"), "{err}");
+    Ok(())
+}
