@@ -176,6 +176,18 @@ pub struct KeyedRows {
     pub position: HashMap<RowKey, usize>,
 }
 
+impl KeyedRows {
+    /// The row with `key`.
+    pub fn row_of(&self, key: &RowKey) -> Option<usize> {
+        self.position.get(key).copied()
+    }
+
+    /// The first `limit` keys (all without one), in file order.
+    pub fn first_keys(&self, limit: Option<usize>) -> Vec<RowKey> {
+        self.keys.iter().take(limit.unwrap_or(usize::MAX)).cloned().collect()
+    }
+}
+
 /// Keys the rows of `table` (see [`KeyedRows`]).
 pub fn keyed_rows(table: Table, benchmark: &str) -> Result<KeyedRows> {
     let Some(column) = ["index", "question_id", "id"]

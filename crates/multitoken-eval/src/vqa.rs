@@ -378,17 +378,12 @@ impl Vqa {
 
     /// The row with `key`.
     pub fn position(&self, key: &RowKey) -> Option<usize> {
-        self.rows.position.get(key).copied()
+        self.rows.row_of(key)
     }
 
     /// The keys to answer (the first `limit`).
     pub fn keys(&self, limit: Option<usize>) -> Vec<RowKey> {
-        self.rows
-            .keys
-            .iter()
-            .take(limit.unwrap_or(usize::MAX))
-            .cloned()
-            .collect()
+        self.rows.first_keys(limit)
     }
 
     /// lmms-eval's prompt: the image, the question, then the short-answer instruction.
