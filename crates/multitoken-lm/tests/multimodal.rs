@@ -258,7 +258,7 @@ fn text_modalities_from_multitoken_json_substitute_their_items() -> TestResult {
 /// gives the prompt's own length.
 #[test]
 fn an_over_long_prompt_reports_its_real_length() -> TestResult {
-    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu })?;
+    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None })?;
     let context = model.lm.model.max_context();
     let prepared = model.prepare_raw(&"hello ".repeat(2 * context), &ItemsByKey::new())?;
     let full = prepared.truncated_from.ok_or("the prompt was not cut")?;
