@@ -366,6 +366,68 @@ fn write_image(dir: &Path, relative: &str, spec: &ShapeSpec, rng: &mut Rng) -> R
     write(dir, relative, &bytes)
 }
 
+/// The two images of a two-image row: different shapes (`by_shape`) or
+/// different colours, the other attribute drawn freely. The draws are in the
+/// order the classic generator always made them.
+pub(crate) fn compare_pair(by_shape: bool, rng: &mut Rng) -> ((Shape, Colour), (Shape, Colour)) {
+    if by_shape {
+        let first = pick(&Shape::ALL, rng);
+        let others: Vec<Shape> = Shape::ALL.into_iter().filter(|s| *s != first).collect();
+        let second = pick(&others, rng);
+        let colours = (pick(&Colour::ALL, rng), pick(&Colour::ALL, rng));
+        ((first, colours.0), (second, colours.1))
+    } else {
+        let first = pick(&Colour::ALL, rng);
+        let others: Vec<Colour> = Colour::ALL.into_iter().filter(|c| *c != first).collect();
+        let second = pick(&others, rng);
+        let shapes = (pick(&Shape::ALL, rng), pick(&Shape::ALL, rng));
+        ((shapes.0, first), (shapes.1, second))
+    }
+}
+
+/// What a two-image row asks for ("a triangle", "a red shape") and its
+/// checked answer, for images `a` and `b` with the target in the second when
+/// `target_second`.
+    // The answer checks each image before its verdict. The tiny demo
+    // LM cannot match a question's word against image features
+    // directly (measured: at chance with 36 positions per image and
+    // with one pooled position), nor against its own two descriptions
+    // at the end (descriptions right, verdict at chance), nor with a
+    // bare yes/no after each description (65%). Here each check
+    // repeats what is asked right before its yes or no, so the
+    // comparison is between neighbouring words, and the verdict names
+    // the image whose check said yes.
+pub(crate) fn compare_answer(
+    a: (Shape, Colour),
+    b: (Shape, Colour),
+    by_shape: bool,
+    target_second: bool,
+) -> (String, String) {
+    let target = if target_second { b } else { a };
+    let thing = if by_shape {
+        format!("a {}", target.0.name())
+    } else {
+        format!("a {} shape", target.1.name())
+    };
+    let which = if target_second { "second" } else { "first" };
+    let check = |(shape, colour): (Shape, Colour)| {
+        let fits = if by_shape { shape == target.0 } else { colour == target.1 };
+        format!(
+            "a {} {}. {}? {}",
+            colour.name(),
+            shape.name(),
+            capitalise(&thing),
+            if fits { "Yes" } else { "No" }
+        )
+    };
+    let answer = format!(
+        "First image: {}. Second image: {}. So the {which} image shows {thing}.",
+        check(a),
+        check(b)
+    );
+    (thing, answer)
+}
+
 pub(crate) fn pick<T: Copy>(items: &[T], rng: &mut Rng) -> T {
     items[rng.range(0, items.len() - 1)]
 }
@@ -454,58 +516,17 @@ fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Re
         Task::ImageCompare => {
             let target_second = class == 1;
             let by_shape = rng.range(0, 1) == 0;
-            let (a, b) = if by_shape {
-                let first = pick(&Shape::ALL, rng);
-                let others: Vec<Shape> = Shape::ALL.into_iter().filter(|s| *s != first).collect();
-                let second = pick(&others, rng);
-                let colours = (pick(&Colour::ALL, rng), pick(&Colour::ALL, rng));
-                ((first, colours.0), (second, colours.1))
-            } else {
-                let first = pick(&Colour::ALL, rng);
-                let others: Vec<Colour> = Colour::ALL.into_iter().filter(|c| *c != first).collect();
-                let second = pick(&others, rng);
-                let shapes = (pick(&Shape::ALL, rng), pick(&Shape::ALL, rng));
-                ((shapes.0, first), (shapes.1, second))
-            };
+            let (a, b) = compare_pair(by_shape, rng);
             for (suffix, (shape, colour)) in [("a", a), ("b", b)] {
                 let spec = ShapeSpec::random(shape, colour, rng);
                 let path = format!("{base}images/{id}-{suffix}.png");
                 write_image(dir, &path, &spec, rng)?;
                 row.images.push(path);
             }
-            let target = if target_second { b } else { a };
-            let thing = if by_shape {
-                format!("a {}", target.0.name())
-            } else {
-                format!("a {} shape", target.1.name())
-            };
-            let which = if target_second { "second" } else { "first" };
-            // The answer checks each image before its verdict. The tiny demo
-            // LM cannot match a question's word against image features
-            // directly (measured: at chance with 36 positions per image and
-            // with one pooled position), nor against its own two descriptions
-            // at the end (descriptions right, verdict at chance), nor with a
-            // bare yes/no after each description (65%). Here each check
-            // repeats what is asked right before its yes or no, so the
-            // comparison is between neighbouring words, and the verdict names
-            // the image whose check said yes.
-            let check = |(shape, colour): (Shape, Colour)| {
-                let fits = if by_shape { shape == target.0 } else { colour == target.1 };
-                format!(
-                    "a {} {}. {}? {}",
-                    colour.name(),
-                    shape.name(),
-                    capitalise(&thing),
-                    if fits { "Yes" } else { "No" }
-                )
-            };
+            let (thing, answer) = compare_answer(a, b, by_shape, target_second);
             row.messages = user_assistant(
                 format!("<image> <image> Which image shows {thing}, the first or the second?"),
-                format!(
-                    "First image: {}. Second image: {}. So the {which} image shows {thing}.",
-                    check(a),
-                    check(b)
-                ),
+                answer,
             );
         }
         Task::AudioCount | Task::AudioPitch | Task::AudioDescribe => {

@@ -14,7 +14,8 @@ use crate::audio::{self, BeepSpec, Pitch};
 use crate::documents::{self, Topic};
 use crate::images::{self, Colour, Shape, ShapeSpec};
 use crate::rows::{
-    capitalise, pick, user_assistant, write, Message, Row, Split, Style, Task, UNSURE,
+    capitalise, compare_answer, compare_pair, pick, user_assistant, write, Message, Row, Split,
+    Style, Task, UNSURE,
 };
 use crate::{Error, Result, Rng};
 
@@ -641,60 +642,17 @@ pub(crate) fn make_row(
         Task::ImageCompare => {
             let target_second = class == 1;
             let by_shape = rng.range(0, 1) == 0;
-            let (a, b) = if by_shape {
-                let first = pick(&Shape::ALL, rng);
-                let others: Vec<Shape> = Shape::ALL.into_iter().filter(|s| *s != first).collect();
-                let second = pick(&others, rng);
-                (
-                    (first, pick(&Colour::ALL, rng)),
-                    (second, pick(&Colour::ALL, rng)),
-                )
-            } else {
-                let first = pick(&Colour::ALL, rng);
-                let others: Vec<Colour> = Colour::ALL.into_iter().filter(|c| *c != first).collect();
-                let second = pick(&others, rng);
-                (
-                    (pick(&Shape::ALL, rng), first),
-                    (pick(&Shape::ALL, rng), second),
-                )
-            };
+            let (a, b) = compare_pair(by_shape, rng);
             for (suffix, (shape, colour)) in [("a", a), ("b", b)] {
                 let path = format!("{base}images/{id}-{suffix}.png");
                 image_item(dir, &path, shape, colour, style, rng)?;
                 row.images.push(path);
             }
-            let target = if target_second { b } else { a };
-            let thing = if by_shape {
-                format!("a {}", target.0.name())
-            } else {
-                format!("a {} shape", target.1.name())
-            };
-            let which = if target_second { "second" } else { "first" };
-            // The same checked answer as the classic style (see rows.rs).
-            let check = |(shape, colour): (Shape, Colour)| {
-                let fits = if by_shape {
-                    shape == target.0
-                } else {
-                    colour == target.1
-                };
-                format!(
-                    "a {} {}. {}? {}",
-                    colour.name(),
-                    shape.name(),
-                    capitalise(&thing),
-                    if fits { "Yes" } else { "No" }
-                )
-            };
+            // The same checked answer as the classic style.
+            let (thing, answer) = compare_answer(a, b, by_shape, target_second);
             let template = pick(COMPARE[lists(style)], rng);
             let question = surface(&capitalise(&template.replace("{thing}", &thing)), style, rng);
-            row.messages = user_assistant(
-                with_tokens(&["<image>", "<image>"], &question, rng),
-                format!(
-                    "First image: {}. Second image: {}. So the {which} image shows {thing}.",
-                    check(a),
-                    check(b)
-                ),
-            );
+            row.messages = user_assistant(with_tokens(&["<image>", "<image>"], &question, rng), answer);
         }
         Task::AudioCount | Task::AudioPitch | Task::AudioDescribe => {
             let (count, pitch) = match task {
