@@ -122,6 +122,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::tests::{max_diff, random};
+
     #[test]
     fn add_matches_candle_exactly() {
         let dev = candle_core::Device::Cpu;
@@ -135,9 +138,6 @@ mod tests {
         let small = Tensor::ones((4, 8), candle_core::DType::F32, &dev).unwrap();
         assert!(super::add(&small, &small).unwrap().is_none());
     }
-
-    use super::*;
-    use crate::tests::{max_diff, random};
 
     #[test]
     fn linear_rows_matches_matmul_and_declines_what_it_cannot_take() {
