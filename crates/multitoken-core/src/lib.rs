@@ -41,7 +41,7 @@ pub use chat_template::{ChatTemplate, Message, RenderedChat};
 pub use collate::{collate, Batch, CollateConfig, PaddingSide};
 pub use error::{Error, Result};
 pub use lm::{KvCache, LanguageModel, LogitsSelection};
-pub use modality::{check_regular_file, item_from_json, EncoderWeights, Item, ItemLayout, ItemMedia, LayoutPart, Modality, TextRule};
+pub use modality::{check_regular_file, item_from_json, EncoderWeights, Item, ItemLayout, ItemLimits, ItemMedia, LayoutPart, Modality, TextRule};
 pub use preparer::{
     InputPreparer, ItemsByKey, LayoutSource, LeadingSpecialTokens, ModalityToken, PlaceholderSpan, PreparedInput,
     PreparerConfig, IGNORE_INDEX, substitute_text_items, TextModality, RopePositions, LITERAL_END, LITERAL_START,

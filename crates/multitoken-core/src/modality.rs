@@ -425,4 +425,23 @@ pub trait Modality: Send + Sync {
         let _ = item;
         Ok(())
     }
+
+    /// [`Modality::check_item`] under a server's [`ItemLimits`] as well as the
+    /// modality's own bounds: a modality whose items have pages (or another
+    /// bounded quantity the limits name) counts them from the parsed item, not
+    /// from a byte search a crafted file can defeat. The default ignores the
+    /// limits and calls `check_item`.
+    fn check_item_within(&self, item: &Item, limits: &ItemLimits) -> Result<()> {
+        let _ = limits;
+        self.check_item(item)
+    }
+}
+
+/// Bounds a caller (a server's `--max-document-pages`, say) puts on items on
+/// top of each modality's own; `None` leaves the modality's bound alone.
+/// Modalities read them in [`Modality::check_item_within`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ItemLimits {
+    /// Most pages of a paged document (a PDF), counted from its page tree.
+    pub max_document_pages: Option<usize>,
 }

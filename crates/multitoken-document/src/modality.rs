@@ -366,6 +366,21 @@ impl Modality for DocumentModality {
         Ok(crate::extract::check_document(item, &self.extract)?)
     }
 
+    /// As `check_item`, with a caller's page limit applied when it is the
+    /// tighter one (pages are counted in the parsed page tree either way).
+    fn check_item_within(&self, item: &Item, limits: &multitoken_core::ItemLimits) -> multitoken_core::Result<()> {
+        match limits.max_document_pages {
+            Some(pages) if pages < self.extract.max_pages => {
+                let config = crate::extract::ExtractConfig {
+                    max_pages: pages,
+                    ..self.extract
+                };
+                Ok(crate::extract::check_document(item, &config)?)
+            }
+            _ => self.check_item(item),
+        }
+    }
+
     fn inline_items(&self) -> bool {
         true
     }

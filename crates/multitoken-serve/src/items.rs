@@ -306,15 +306,6 @@ pub fn check_limits(media: ItemMedia, item: &Item, what: &str, limits: &Limits) 
                 ));
             }
         }
-        ItemMedia::Document if bytes.starts_with(b"%PDF") => {
-            let pages = pdf_page_count(bytes);
-            if pages > limits.max_document_pages {
-                return Err(Error::bad_param(
-                    what,
-                    format!("{what}: the PDF has {pages} pages, more than the limit of {}", limits.max_document_pages),
-                ));
-            }
-        }
         _ => {}
     }
     Ok(())
@@ -358,28 +349,6 @@ fn probe_audio_seconds(bytes: &[u8]) -> std::result::Result<Option<f64>, String>
         (Some(frames), Some(rate)) if rate > 0 => Some(frames as f64 / f64::from(rate)),
         _ => None,
     })
-}
-
-/// Page objects in a PDF (`/Type /Page`, not `/Pages`): a bound checked before
-/// the document modality parses the file.
-fn pdf_page_count(bytes: &[u8]) -> usize {
-    let mut count = 0;
-    let mut i = 0;
-    while let Some(pos) = find(&bytes[i..], b"/Type") {
-        let mut j = i + pos + 5;
-        while j < bytes.len() && matches!(bytes[j], b' ' | b'\r' | b'\n' | b'\t') {
-            j += 1;
-        }
-        if bytes[j..].starts_with(b"/Page") && !bytes[j + 5..].starts_with(b"s") {
-            count += 1;
-        }
-        i = j;
-    }
-    count
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -429,12 +398,11 @@ mod tests {
     }
 
     #[test]
-    fn audio_and_document_limits_name_the_item() {
+    fn audio_limits_name_the_item_and_documents_pass_to_their_modality() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/audio");
         let wav = Item::Bytes(std::fs::read(fixtures.join("speech16k.wav")).unwrap());
         let tight = Limits {
             max_audio_seconds: 0.01,
-            max_document_pages: 2,
             ..Limits::default()
         };
         let err = check_limits(ItemMedia::Audio, &wav, "speech_audios[0]", &tight)
@@ -454,20 +422,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not decodable audio"), "{err}");
-        let pdf = Item::Bytes(b"%PDF-1.4 /Type /Page /Type /Page /Type /Page".to_vec());
-        let err = check_limits(ItemMedia::Document, &pdf, "documents[1]", &tight)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("documents[1]: the PDF has 3 pages, more than the limit of 2"),
-            "{err}"
-        );
         assert!(check_limits(ItemMedia::Document, &Item::Bytes(b"plain text".to_vec()), "d", &tight).is_ok());
-    }
-
-    #[test]
-    fn counts_pdf_pages() {
-        let pdf = b"%PDF-1.4 /Type /Pages /Kids [] /Type /Page /Type/Page /Type\n/Page";
-        assert_eq!(pdf_page_count(pdf), 3);
     }
 }

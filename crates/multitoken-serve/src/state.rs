@@ -415,6 +415,10 @@ impl AppState {
         abandon: &AtomicBool,
     ) -> Result<(candle_core::Tensor, Vec<u32>, Option<candle_core::Tensor>)> {
         let mut items = ItemsByKey::new();
+        // Pages are counted by the document modality from the parsed page tree.
+        let item_limits = multitoken_core::ItemLimits {
+            max_document_pages: Some(self.config.limits.max_document_pages),
+        };
         for item in &request.items {
             self.check_abandoned(abandon)?;
             self.token_for(&item.data_key, &item.what)?;
@@ -422,7 +426,7 @@ impl AppState {
             if let Some((_, m)) = self.model.modality_for_key(&item.data_key) {
                 check_limits(m.modality.media(), &resolved, &item.what, &self.config.limits)?;
                 // The modality crate's code: a panic in it is an error naming the modality.
-                multitoken_core::guard(m.modality.name(), "checking an item", || m.modality.check_item(&resolved))
+                multitoken_core::guard(m.modality.name(), "checking an item", || m.modality.check_item_within(&resolved, &item_limits))
                     .map_err(|e| Error::bad_param(&item.what, format!("{}: modality `{}`: {e}", item.what, m.modality.name())))?;
             }
             items.entry(item.data_key.clone()).or_default().push(resolved);

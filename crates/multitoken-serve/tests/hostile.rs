@@ -587,3 +587,84 @@ fn special_tokens_typed_in_messages_are_text() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], json!("parse_special_tokens"));
 }
+
+/// A PDF of `pages` one-line pages whose page objects spell their type
+/// `page_type` (`/Page`, or the same name escaped as `/#50age`).
+fn pdf_with_pages(pages: usize, page_type: &str) -> Vec<u8> {
+    let mut objects = vec![
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        format!(
+            "<< /Type /Pages /Kids [{}] /Count {pages} >>",
+            (0..pages).map(|i| format!("{} 0 R", 4 + 2 * i)).collect::<Vec<_>>().join(" ")
+        ),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
+    ];
+    for i in 0..pages {
+        objects.push(format!(
+            "<< /Type {page_type} /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
+            5 + 2 * i
+        ));
+        let content = format!("BT /F1 12 Tf 72 712 Td (Page {i}) Tj ET");
+        objects.push(format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()));
+    }
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for offset in offsets {
+        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes(),
+    );
+    out
+}
+
+/// `--max-document-pages` counts pages in the parsed page tree (through the
+/// document modality's `check_item_within`): an escaped `/#50age`, which
+/// defeated the byte search the server used before, is still a page.
+#[test]
+fn document_pages_are_counted_from_the_page_tree() {
+    use base64::Engine;
+    let Some(model) = demo_model() else {
+        eprintln!("skipped: no embedded demo model");
+        return;
+    };
+    let server = TestServer::start(
+        model,
+        ServeConfig {
+            limits: Limits {
+                max_document_pages: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let url = server.url("/generate");
+    let as_item = |pdf: Vec<u8>| format!("data:application/pdf;base64,{}", base64::engine::general_purpose::STANDARD.encode(pdf));
+    for page_type in ["/Page", "/#50age"] {
+        let request = json!({
+            "messages": user("<document> What is the document about?"),
+            "documents": [as_item(pdf_with_pages(40, page_type))],
+            "max_new_tokens": 2,
+        });
+        let (status, body) = post_json(&url, &request);
+        assert_eq!(status, 400, "{page_type}: {body}");
+        let text = body.to_string();
+        assert!(
+            text.contains("documents[0]") && text.contains("the PDF has 40 pages, more than the limit of 3"),
+            "{page_type}: {text}"
+        );
+        let request = json!({
+            "messages": user("<document> What is the document about?"),
+            "documents": [as_item(pdf_with_pages(2, page_type))],
+            "max_new_tokens": 2,
+        });
+        let (status, body) = post_json(&url, &request);
+        assert_eq!(status, 200, "{page_type}: {body}");
+    }
+}
