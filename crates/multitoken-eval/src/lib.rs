@@ -4,7 +4,7 @@
 //! "multitoken-eval").
 //!
 //! - MMBench (VLMEvalKit's TSV): [`mmbench`], choice extraction in [`mcq`], CircularEval.
-//! - MMMU (VLMEvalKit's `MMMU_DEV_VAL.tsv`, or the Hugging Face layout as JSON Lines):
+//! - MMMU (VLMEvalKit's `MMMU_DEV_VAL.tsv`, or the Hugging Face layout as parquet or JSON Lines):
 //!   [`mmmu`], lmms-eval's parsing and normalisation.
 //! - POPE: [`pope`]; VQAv2: [`vqa`] (EvalAI's answer normalisation).
 //!

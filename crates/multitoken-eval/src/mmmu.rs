@@ -20,8 +20,8 @@
 //!
 //! Files: VLMEvalKit's `MMMU_DEV_VAL.tsv` (`index, question, A.., answer, id,
 //! category, split, image`; no options = an open question) or the Hugging Face
-//! layout as JSON Lines (`id, question, options, answer, question_type,
-//! image_1..image_7`). `<image k>` markers in the question and options become
+//! layout (`id, question, options, answer, question_type, image_1..image_7`),
+//! its parquet files or JSON Lines. `<image k>` markers in the question and options become
 //! the model's image token with image `k` in its place (the interleaved format).
 
 use std::sync::OnceLock;

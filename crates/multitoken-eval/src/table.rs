@@ -1,6 +1,7 @@
 //! Benchmark files as rows of named cells: VLMEvalKit's TSVs (what pandas'
 //! `to_csv(sep="\t")` writes and `read_csv(sep="\t")` reads) and JSON Lines
-//! rows (the Hugging Face datasets' fields, one object a line).
+//! rows (the Hugging Face datasets' fields, one object a line) and the same
+//! datasets' parquet files.
 //!
 //! A TSV cell that pandas would read as NaN (empty, `NaN`, `nan`, `None`,
 //! `NA`, `N/A`, `null`, ...) is missing here too, so "is this option there?"
@@ -15,6 +16,9 @@ use serde_json::Value;
 
 use crate::pytext::py_float_repr;
 use crate::{Error, Result};
+
+/// The first bytes of every parquet file.
+const PARQUET_MAGIC: &[u8] = b"PAR1";
 
 /// The strings pandas' `read_csv` reads as NaN by default (`STR_NA_VALUES`).
 const PANDAS_NA: &[&str] = &[
@@ -106,9 +110,14 @@ pub struct Table {
 }
 
 impl Table {
-    /// Reads a `.tsv` (VLMEvalKit) or `.jsonl` / `.json` (one object a line) file.
+    /// Reads a `.tsv` (VLMEvalKit), `.jsonl` / `.json` (one object a line) or
+    /// `.parquet` (a Hugging Face dataset's split, e.g. MMMU's
+    /// `validation-00000-of-00001.parquet`; recognised by its `PAR1` magic) file.
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if bytes.starts_with(PARQUET_MAGIC) {
+            return Self::from_parquet(path, bytes);
+        }
         let text = String::from_utf8(bytes).map_err(|e| Error::File {
             file: path.to_path_buf(),
             message: format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
@@ -222,6 +231,60 @@ impl Table {
             file: path.to_path_buf(),
             columns,
             rows,
+        })
+    }
+
+    /// Reads a parquet file's rows as `datasets` wrote them: each column a
+    /// cell, nested structs as objects (an image column's `{"bytes": ...,
+    /// "path": ...}`), lists as arrays, binary as base64 text (so image bytes
+    /// read as the JSONL export's base64 do). A record's `line` is its 1-based
+    /// row. Snappy-compressed or uncompressed files are read; another codec is
+    /// an error naming it.
+    pub fn from_parquet(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let file_error = |message: String| Error::File {
+            file: path.to_path_buf(),
+            message,
+        };
+        // The parquet reader is a library fed a user's file: a panic in it is a
+        // malformed file, reported as one.
+        let read = std::panic::catch_unwind(|| -> std::result::Result<Vec<serde_json::Map<String, Value>>, String> {
+            use parquet::file::reader::{FileReader, SerializedFileReader};
+            let reader = SerializedFileReader::new(bytes::Bytes::from(bytes)).map_err(|e| e.to_string())?;
+            let rows = reader.get_row_iter(None).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for row in rows {
+                match row.map_err(|e| e.to_string())?.to_json_value() {
+                    Value::Object(map) => out.push(map),
+                    other => return Err(format!("a row is not a record: {other}")),
+                }
+            }
+            Ok(out)
+        });
+        let rows = match read {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(message)) => return Err(file_error(format!("not a readable parquet file: {message}"))),
+            Err(_) => return Err(file_error("not a readable parquet file (the reader failed on it)".into())),
+        };
+        let mut columns: Vec<String> = Vec::new();
+        let records = rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, map)| {
+                for k in map.keys() {
+                    if !columns.contains(k) {
+                        columns.push(k.clone());
+                    }
+                }
+                Record {
+                    line: i + 1,
+                    cells: map.into_iter().collect(),
+                }
+            })
+            .collect();
+        Ok(Self {
+            file: path.to_path_buf(),
+            columns,
+            rows: records,
         })
     }
 

@@ -203,3 +203,39 @@ fn a_null_prediction_is_a_counted_unparsed_answer() {
     assert!(scores.rows[0].unparsed);
     assert_eq!(scores.rows[0].parsed.as_deref(), Some("A,?"));
 }
+
+/// A broken parquet file (truncated, bytes flipped, only the magic) is an
+/// error naming the file or a table read from what survives: never a panic.
+#[test]
+fn broken_parquet_files_are_errors_naming_the_file() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/eval/mmmu.parquet");
+    let good = std::fs::read(fixture).unwrap();
+    let dir = scratch("parquet");
+    let path = dir.join("broken.parquet");
+    let read = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        Loaded::read(Benchmark::Mmmu, &path).map_err(|e| e.to_string())
+    };
+    let err = read(b"PAR1").unwrap_err();
+    assert!(err.starts_with(&format!("{}: not a readable parquet file", path.display())), "{err}");
+    for cut in [8, good.len() / 2, good.len() - 9, good.len() - 1] {
+        let err = read(&good[..cut]).unwrap_err();
+        assert!(err.contains("broken.parquet: not a readable parquet file"), "cut at {cut}: {err}");
+    }
+    // Flip bytes all over the file (a fixed LCG): each read ends in a table or an error.
+    let (mut state, mut errors) = (12345u64, 0);
+    for _ in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..4 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let at = (state >> 33) as usize % bytes.len();
+            bytes[at] ^= (state >> 20) as u8 | 1;
+        }
+        if let Err(e) = read(&bytes) {
+            assert!(e.contains("broken.parquet"), "{e}");
+            errors += 1;
+        }
+    }
+    assert!(errors > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

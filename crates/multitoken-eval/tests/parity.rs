@@ -267,8 +267,33 @@ fn mmmu_parsing_matches_lmms_eval_on_every_case() {
 
 #[test]
 fn mmmu_scores_equal_lmms_evals() {
+    mmmu_scores_equal_lmms_evals_from("mmmu.jsonl");
+}
+
+/// The same questions in the Hugging Face parquet layout (`MMMU/MMMU`'s
+/// files as `datasets` writes them: seven image columns of
+/// struct<bytes, path>, snappy): the same prompts, images and scores.
+#[test]
+fn mmmu_parquet_reads_as_the_jsonl_does() {
+    mmmu_scores_equal_lmms_evals_from("mmmu.parquet");
+    let jsonl = Loaded::read(Benchmark::Mmmu, &fixtures().join("mmmu.jsonl")).unwrap();
+    let parquet = Loaded::read(Benchmark::Mmmu, &fixtures().join("mmmu.parquet")).unwrap();
+    let keys = jsonl.keys(None);
+    assert_eq!(keys.len(), 48);
+    assert_eq!(parquet.keys(None), keys);
+    let mut images = 0;
+    for key in &keys {
+        let (a, b) = (jsonl.prompt(key).unwrap(), parquet.prompt(key).unwrap());
+        assert_eq!(a.text, b.text, "{key}");
+        assert_eq!(a.images, b.images, "{key}");
+        images += b.images.len();
+    }
+    assert!(images >= 48, "{images}");
+}
+
+fn mmmu_scores_equal_lmms_evals_from(data: &str) {
     let expected = json("mmmu_expected.json");
-    let report = scored(Benchmark::Mmmu, "mmmu.jsonl", "mmmu_predictions.jsonl");
+    let report = scored(Benchmark::Mmmu, data, "mmmu_predictions.jsonl");
     for row in &report.rows {
         let want = &expected["rows"][row.index.to_string()];
         assert_eq!(
