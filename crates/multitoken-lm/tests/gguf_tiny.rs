@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use multitoken_core::{KvCache, LanguageModel, LogitsSelection};
 use multitoken_lm::gguf::{load_gguf, load_gguf_with, GgufSource, GgufWeights};
@@ -16,155 +15,12 @@ use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::model::CausalLm;
 use multitoken_lm::{Linear, RopeStyle, WeightSource};
 
-const HIDDEN: usize = 64;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = HIDDEN / HEADS;
-const FFN: usize = 128;
-const LAYERS: usize = 2;
+#[path = "../../../tests/support/tiny_gguf.rs"]
+mod tiny_gguf;
+use tiny_gguf::*;
 
 fn opts() -> LoadOptions {
     LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None }
-}
-
-/// Byte-level tokens (GPT-2 spelling), one merge, three control tokens.
-fn tokens() -> Vec<String> {
-    let table = multitoken_lm::gguf::bytes_to_unicode();
-    let mut t: Vec<String> = table.iter().map(|c| c.to_string()).collect();
-    t.extend(["he", "<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from));
-    t
-}
-
-/// transformers-layout weights (q/k rows not permuted), deterministic.
-fn hf_weights(vocab: usize) -> HashMap<String, Tensor> {
-    let dev = Device::Cpu;
-    let mut seed = 1u64;
-    let mut rand = |shape: &[usize], scale: f32| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 2.0 * scale
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &dev).unwrap()
-    };
-    let mut w = HashMap::new();
-    w.insert("model.embed_tokens.weight".to_string(), rand(&[vocab, HIDDEN], 1.0));
-    w.insert("model.norm.weight".to_string(), (rand(&[HIDDEN], 0.2) + 1.0).unwrap());
-    for i in 0..LAYERS {
-        let p = format!("model.layers.{i}");
-        w.insert(format!("{p}.input_layernorm.weight"), (rand(&[HIDDEN], 0.2) + 1.0).unwrap());
-        w.insert(format!("{p}.post_attention_layernorm.weight"), (rand(&[HIDDEN], 0.2) + 1.0).unwrap());
-        w.insert(format!("{p}.self_attn.q_proj.weight"), rand(&[HIDDEN, HIDDEN], 0.2));
-        w.insert(format!("{p}.self_attn.k_proj.weight"), rand(&[KV_HEADS * HEAD_DIM, HIDDEN], 0.2));
-        w.insert(format!("{p}.self_attn.v_proj.weight"), rand(&[KV_HEADS * HEAD_DIM, HIDDEN], 0.2));
-        w.insert(format!("{p}.self_attn.o_proj.weight"), rand(&[HIDDEN, HIDDEN], 0.2));
-        w.insert(format!("{p}.mlp.gate_proj.weight"), rand(&[FFN, HIDDEN], 0.2));
-        w.insert(format!("{p}.mlp.up_proj.weight"), rand(&[FFN, HIDDEN], 0.2));
-        w.insert(format!("{p}.mlp.down_proj.weight"), rand(&[HIDDEN, FFN], 0.2));
-    }
-    w
-}
-
-/// llama.cpp's `permute` of q/k rows: within each head, rows (i, i + d/2) become
-/// (2i, 2i + 1).
-fn permute(w: &Tensor, heads: usize) -> Tensor {
-    let (out, inp) = w.dims2().unwrap();
-    w.reshape((heads, 2, out / heads / 2, inp)).unwrap().transpose(1, 2).unwrap().reshape((out, inp)).unwrap()
-}
-
-fn gguf_name(hf: &str) -> String {
-    let fixed = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight")];
-    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (i, rest) = rest.split_once('.').unwrap();
-    let module = [
-        ("input_layernorm.weight", "attn_norm.weight"),
-        ("post_attention_layernorm.weight", "ffn_norm.weight"),
-        ("self_attn.q_proj.weight", "attn_q.weight"),
-        ("self_attn.k_proj.weight", "attn_k.weight"),
-        ("self_attn.v_proj.weight", "attn_v.weight"),
-        ("self_attn.o_proj.weight", "attn_output.weight"),
-        ("mlp.gate_proj.weight", "ffn_gate.weight"),
-        ("mlp.up_proj.weight", "ffn_up.weight"),
-        ("mlp.down_proj.weight", "ffn_down.weight"),
-    ];
-    let g = module.iter().find(|(h, _)| *h == rest).unwrap().1;
-    format!("blk.{i}.{g}")
-}
-
-/// What to break in a written file.
-#[derive(Clone, Copy, PartialEq)]
-enum Breakage {
-    None,
-    Arch,
-    NoBlockCount,
-    DropTensor,
-    BadShape,
-    SentencePiece,
-    ZeroAlignment,
-}
-
-fn write_gguf(path: &Path, matrices: GgmlDType, breakage: Breakage) {
-    let toks = tokens();
-    let weights = hf_weights(toks.len());
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (name, t) in &weights {
-        let gguf = gguf_name(name);
-        if breakage == Breakage::DropTensor && gguf == "blk.1.ffn_up.weight" {
-            continue;
-        }
-        let mut t = match gguf.rsplit('.').nth(1).unwrap() {
-            "attn_q" => permute(t, HEADS),
-            "attn_k" => permute(t, KV_HEADS),
-            _ => t.clone(),
-        };
-        if breakage == Breakage::BadShape && gguf == "blk.0.attn_v.weight" {
-            // A fresh storage: candle's quantize reads a view's whole storage.
-            let rows: Vec<f32> = t.narrow(0, 0, 16).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            t = Tensor::from_vec(rows, (16, HIDDEN), &Device::Cpu).unwrap();
-        }
-        let dtype = if t.rank() == 2 { matrices } else { GgmlDType::F32 };
-        tensors.push((gguf, QTensor::quantize(&t, dtype).unwrap()));
-    }
-    let arch = if breakage == Breakage::Arch { "phi3" } else { "llama" };
-    let tok_model = if breakage == Breakage::SentencePiece { "llama" } else { "gpt2" };
-    let u32v = |v: usize| Value::U32(v as u32);
-    let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        (format!("{arch}.embedding_length"), u32v(HIDDEN)),
-        (format!("{arch}.feed_forward_length"), u32v(FFN)),
-        (format!("{arch}.attention.head_count"), u32v(HEADS)),
-        (format!("{arch}.attention.head_count_kv"), u32v(KV_HEADS)),
-        (format!("{arch}.context_length"), u32v(64)),
-        (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
-        ("tokenizer.ggml.model".into(), Value::String(tok_model.into())),
-        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(toks.iter().map(|t| Value::String(t.clone())).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(vec![Value::String("h e".into())])),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(toks.iter().map(|t| Value::I32(if t.starts_with("<|") { 3 } else { 1 })).collect()),
-        ),
-        ("tokenizer.ggml.bos_token_id".into(), u32v(toks.len() - 2)),
-        ("tokenizer.ggml.eos_token_id".into(), u32v(toks.len() - 1)),
-        ("tokenizer.chat_template".into(), Value::String("{{ messages }}".into())),
-    ];
-    if breakage != Breakage::NoBlockCount {
-        meta.push((format!("{arch}.block_count"), u32v(LAYERS)));
-    }
-    if breakage == Breakage::ZeroAlignment {
-        // candle's reader divided by it (a panic; issue 23).
-        meta.push(("general.alignment".into(), Value::U32(0)));
-    }
-    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut file = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
 }
 
 fn tmp(name: &str) -> PathBuf {

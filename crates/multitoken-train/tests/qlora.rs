@@ -1,11 +1,15 @@
 //! QLoRA on the tiny llama: LoRA adapters train over a base quantized at load
 //! (`quantize = "q4_1"`), the loss falls, the adapter is written in PEFT's
 //! format, and a resumed run repeats the uninterrupted run's losses exactly;
-//! full fine-tuning of a quantized base is a clear error.
+//! full fine-tuning of a quantized base is a clear error. The same over a
+//! Q4_1 GGUF file (the tiny llama written by `tests/support/tiny_gguf.rs`).
 
 use std::path::{Path, PathBuf};
 
 use multitoken_train::trainer::{train, Stage, TrainConfig};
+
+#[path = "../../../tests/support/tiny_gguf.rs"]
+mod tiny_gguf;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -24,11 +28,16 @@ fn temp(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
 
 /// The tiny llama + the tiny CLIP tower (the tower is never quantized).
 fn model_dir(root: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    model_dir_on(root, &fixtures().join("lm/llama").canonicalize()?)
+}
+
+/// `base` (an HF directory or a GGUF file) + the tiny CLIP tower.
+fn model_dir_on(root: &Path, base: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
     multitoken_vision::link();
     let dir = root.join("model");
     std::fs::create_dir_all(&dir)?;
     let config = serde_json::json!({
-        "base_model": fixtures().join("lm/llama").canonicalize()?.display().to_string(),
+        "base_model": base.display().to_string(),
         "modalities": [{
             "builder": "vision_clip",
             "config": {
@@ -79,7 +88,14 @@ fn config(
     steps: usize,
     quantize: &str,
 ) -> Result<TrainConfig, Box<dyn std::error::Error>> {
-    let mut cfg = TrainConfig::new(model_dir(root)?, dataset(root)?, root.join("out"));
+    let mut cfg = config_on(model_dir(root)?, root, steps)?;
+    cfg.quantize = Some(quantize.to_string());
+    Ok(cfg)
+}
+
+/// LoRA r4 on the model at `model`, batch 4, `steps` steps.
+fn config_on(model: PathBuf, root: &Path, steps: usize) -> Result<TrainConfig, Box<dyn std::error::Error>> {
+    let mut cfg = TrainConfig::new(model, dataset(root)?, root.join("out"));
     cfg.stage = Stage::Lora;
     cfg.max_steps = Some(steps);
     cfg.per_device_train_batch_size = 4;
@@ -89,7 +105,6 @@ fn config(
     cfg.lora_r = 4;
     cfg.lora_alpha = 8.0;
     cfg.lora_dropout = 0.1;
-    cfg.quantize = Some(quantize.to_string());
     Ok(cfg)
 }
 
@@ -176,5 +191,51 @@ fn bad_quantize_settings_are_clear_errors() -> TestResult {
         .ok_or("full fine-tuning of a quantized base was accepted")?
         .to_string();
     assert!(err.contains("full fine-tuning needs a dense"), "{err}");
+    Ok(())
+}
+
+/// QLoRA over a GGUF file's own Q4_1 blocks: the loss falls, layer 0's
+/// adapters move (the gradient crossed layer 1's quantized linears), the
+/// adapter is PEFT's format with transformers' names, and a resumed run
+/// repeats the uninterrupted one exactly.
+#[test]
+fn lora_over_a_q4_1_gguf_trains_resumes_and_writes_a_peft_adapter() -> TestResult {
+    let root = temp("gguf")?;
+    let gguf = root.join("tiny.Q4_1.gguf");
+    tiny_gguf::write_chat_gguf(&gguf, candle_core::quantized::GgmlDType::Q4_1, 512);
+    let cfg = config_on(model_dir_on(&root, &gguf)?, &root, 16)?;
+    let summary = train(&cfg)?;
+    let losses: Vec<f64> = summary.log.iter().map(|l| l.loss).collect();
+    assert!(mean(&losses[12..]) < 0.7 * mean(&losses[..4]), "loss did not fall: {losses:?}");
+    let out = &cfg.output_dir;
+    let adapter: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json"))?)?;
+    assert_eq!(adapter["peft_type"], "LORA");
+    let weights = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &candle_core::Device::Cpu)?;
+    assert_eq!(weights.len(), 2 * 7 * tiny_gguf::LAYERS, "{:?}", weights.keys().collect::<Vec<_>>());
+    let b = weights
+        .get("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        .ok_or("lora_B of layers.0.self_attn.q_proj missing")?;
+    assert_eq!(b.dims(), &[tiny_gguf::HIDDEN, 4]);
+    assert!(b.abs()?.max_all()?.to_scalar::<f32>()? > 0.0, "layer 0's lora_B never moved");
+
+    let setup = |dir: &str| -> Result<TrainConfig, Box<dyn std::error::Error>> {
+        let run = temp(dir)?;
+        let mut cfg = config_on(model_dir_on(&run, &gguf)?, &run, 6)?;
+        cfg.gradient_accumulation_steps = 2;
+        cfg.per_device_train_batch_size = 3;
+        cfg.warmup_steps = Some(2);
+        cfg.learning_rate = 3e-3;
+        Ok(cfg)
+    };
+    let full = train(&setup("gguf-resume-a")?)?;
+    let mut b = setup("gguf-resume-b")?;
+    b.save_steps = 3;
+    train(&b)?;
+    std::fs::remove_dir_all(b.output_dir.join("checkpoint-6"))?;
+    b.resume = Some(PathBuf::from("latest"));
+    let resumed = train(&b)?;
+    let la: Vec<f64> = full.log.iter().map(|l| l.loss).collect();
+    let lb: Vec<f64> = resumed.log.iter().map(|l| l.loss).collect();
+    assert_eq!(la, lb, "losses after resume differ");
     Ok(())
 }
