@@ -61,6 +61,7 @@ pub fn run(args: &[String]) -> Result<()> {
         routing: Routing::Cephalo,
         out: moe_dir.clone(),
         seed: 1,
+        quantize: None,
     })?;
     println!("built the MoE in {:.1} s", t.elapsed().as_secs_f64());
 

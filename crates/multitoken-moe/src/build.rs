@@ -45,6 +45,10 @@ pub struct BuildConfig {
     pub out: PathBuf,
     /// Seed of the initial gate weights.
     pub seed: u64,
+    /// Quantize the decoder's linears (experts included) to this format
+    /// whenever the MoE is loaded (recorded in `moe.json`; the files stay in
+    /// the base's dtype). Checked against the model's row lengths here.
+    pub quantize: Option<multitoken_lm::quantize::Quantization>,
 }
 
 /// What `moe build` wrote.
@@ -103,6 +107,28 @@ pub fn mlp_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// Every decoder linear's row length (its input width: the hidden size, the
+/// attention output's width, the MLP's intermediate size) must be a multiple
+/// of `format`'s block: refused here, at build, rather than at every load.
+fn check_quantizable(model: &multitoken_lm::ModelConfig, format: multitoken_lm::quantize::Quantization) -> Result<()> {
+    let block = format.block_size();
+    let widths = [
+        ("hidden_size", model.hidden_size),
+        ("num_attention_heads x head_dim", model.num_heads * model.head_dim),
+        ("intermediate_size", model.intermediate_size),
+    ];
+    for (what, width) in widths {
+        if width % block != 0 {
+            return Err(Error::Msg(format!(
+                "--quantize {}: the base's {what} is {width}, not a multiple of the format's block of {block} weights (choose {})",
+                format.name(),
+                if block == 32 { "another model" } else { "q8_0 or q4_1" }
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Build the MoE described by `cfg`.
 pub fn build(cfg: &BuildConfig) -> Result<BuildReport> {
     // Checkpoints of imported families (Idefics2: Cephalo's own bases and
@@ -143,6 +169,9 @@ pub fn build(cfg: &BuildConfig) -> Result<BuildReport> {
     let dtype = stored_dtype(&base_lm)?;
     let base = open(&base_lm, dtype)?;
     let model = &base_cfg.model;
+    if let Some(format) = cfg.quantize {
+        check_quantizable(model, format)?;
+    }
     let mlp = mlp_tensors(model);
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -206,6 +235,7 @@ pub fn build(cfg: &BuildConfig) -> Result<BuildReport> {
         routing: cfg.routing,
         base: Some(cfg.base.display().to_string()),
         experts: sources,
+        quantize: cfg.quantize.map(|q| q.name().to_string()),
     };
     moe.write(&out_lm.join(MOE_CONFIG_FILE))?;
     Ok(BuildReport {

@@ -41,6 +41,10 @@ pub enum MoeCommand {
         /// Seed of the initial (untrained) gates.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Load the built MoE with its decoder linears (every expert's) quantized
+        /// to q8_0, q4_1 or q4_k (recorded in moe.json; gates and head stay dense).
+        #[arg(long, value_name = "FORMAT")]
+        quantize: Option<String>,
     },
     /// Train the gates on labelled prompts (Cephalo's method) and store them.
     TrainGate {
@@ -85,7 +89,12 @@ pub fn run(args: MoeArgs) -> Result<()> {
             routing,
             out,
             seed,
+            quantize,
         } => {
+            let quantize = quantize
+                .map(|q| q.parse::<multitoken_lm::quantize::Quantization>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--quantize: {e}"))?;
             let report = build(&BuildConfig {
                 base,
                 experts,
@@ -93,6 +102,7 @@ pub fn run(args: MoeArgs) -> Result<()> {
                 routing,
                 out: out.clone(),
                 seed,
+                quantize,
             })
             .with_context(|| format!("building the mixture of experts in {}", out.display()))?;
             println!(

@@ -7,7 +7,8 @@
 //!   "num_expert_models": 3,
 //!   "routing": "cephalo",
 //!   "base": "/models/base",
-//!   "experts": [{"path": "/models/a", "kind": "full"}, {"path": "/models/b-lora", "kind": "lora"}]
+//!   "experts": [{"path": "/models/a", "kind": "full"}, {"path": "/models/b-lora", "kind": "lora"}],
+//!   "quantize": "q4_1"
 //! }
 //! ```
 //!
@@ -78,6 +79,12 @@ pub struct MoeConfig {
     /// One entry per expert, in gate order.
     #[serde(default)]
     pub experts: Vec<ExpertSource>,
+    /// The block format (`q8_0`, `q4_1`, `q4_k`) the decoder's linears, every
+    /// expert's included, are quantized to as they are read (`moe build
+    /// --quantize`); a loader's own `--quantize` takes precedence. The gates
+    /// and the head stay dense. `None`: load in the load dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
 }
 
 fn format_name() -> String {
@@ -95,6 +102,10 @@ impl MoeConfig {
                 "k = {} must be between 1 and the number of experts ({})",
                 self.k, self.num_expert_models
             ));
+        }
+        if let Some(q) = &self.quantize {
+            q.parse::<multitoken_lm::quantize::Quantization>()
+                .map_err(|e| format!("quantize: {e}"))?;
         }
         if !self.experts.is_empty() && self.experts.len() != self.num_expert_models {
             return Err(format!(

@@ -54,8 +54,20 @@ pub fn load_moe_dir(dir: &Path, opts: &LoadOptions) -> multitoken_lm::Result<Loa
 pub fn load_moe_lm(dir: &Path, opts: &LoadOptions, dispatch: Dispatch) -> Result<MoeModel> {
     let moe = MoeConfig::read(&dir.join(MOE_CONFIG_FILE))?;
     let hf = parse_config(&dir.join("config.json"))?;
-    let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
-    let mut model = CausalLm::load(&hf.model, &ExpertZero(&weights))?;
+    let dense = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    // The caller's `--quantize` first, then the one `moe build` recorded.
+    let format = match (opts.quantize, &moe.quantize) {
+        (Some(format), _) => Some(format),
+        (None, Some(name)) => Some(name.parse().map_err(|e| crate::Error::Msg(format!("{}: quantize: {e}", dir.join(MOE_CONFIG_FILE).display())))?),
+        (None, None) => None,
+    };
+    let quantizing = format.map(|f| multitoken_lm::quantize::QuantizingSource::new(&dense, f));
+    // Experts' linears come quantized when asked; the gates always dense.
+    let weights: &dyn WeightSource = match &quantizing {
+        Some(q) => q,
+        None => &dense,
+    };
+    let mut model = CausalLm::load(&hf.model, &ExpertZero(weights))?;
     if let Some(windows) = &hf.layer_sliding_windows {
         model.set_layer_sliding_windows(windows)?;
     }
@@ -68,9 +80,9 @@ pub fn load_moe_lm(dir: &Path, opts: &LoadOptions, dispatch: Dispatch) -> Result
             .ok_or_else(|| crate::Error::Msg(format!("layer {layer} does not exist")))?;
         let mut experts = vec![first];
         for j in 1..moe.num_expert_models {
-            experts.push(load_mlp(cfg, &weights, &format!("{prefix}.experts.{j}"))?);
+            experts.push(load_mlp(cfg, weights, &format!("{prefix}.experts.{j}"))?);
         }
-        let gate = weights.linear(
+        let gate = dense.linear(
             &format!("{prefix}.gate"),
             cfg.hidden_size,
             moe.num_expert_models,
@@ -114,7 +126,7 @@ pub fn load_mlp(
 
 /// Serves `model.layers.{i}.mlp.X` from `model.layers.{i}.mlp.experts.0.X`, so
 /// the base model loads with expert 0 in its MLP slots.
-struct ExpertZero<'a>(&'a SafetensorsSource);
+struct ExpertZero<'a>(&'a dyn WeightSource);
 
 impl ExpertZero<'_> {
     fn map(name: &str) -> String {

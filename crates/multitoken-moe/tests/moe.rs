@@ -63,6 +63,7 @@ fn build_cfg(
         routing,
         out: out.to_path_buf(),
         seed: 7,
+        quantize: None,
     }
 }
 
@@ -84,7 +85,12 @@ fn prompt_ids() -> Result<Vec<u32>, BoxError> {
 
 /// Logits `[1, T, V]` of a model directory loaded through `load_model` (the MoE hook included).
 fn logits_of(dir: &Path, ids: &[u32]) -> Result<Tensor, BoxError> {
-    let lm = load_model(dir, &LoadOptions::default())?;
+    logits_with(dir, ids, &LoadOptions::default())
+}
+
+/// [`logits_of`] with `opts` (a `--quantize`, say).
+fn logits_with(dir: &Path, ids: &[u32], opts: &LoadOptions) -> Result<Tensor, BoxError> {
+    let lm = load_model(dir, opts)?;
     let ids = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
     let embeds = lm.model.embed_tokens(&ids)?;
     Ok(lm
@@ -411,6 +417,40 @@ fn gate_training_separates_the_experts() -> TestResult {
         .err()
         .ok_or("accepted")?;
     assert!(err.to_string().contains("layer offset"), "{err}");
+    Ok(())
+}
+
+/// `moe build --quantize` (recorded in moe.json) and a loader's `--quantize`
+/// both quantize every expert's linears: an MoE of identical experts then
+/// equals the base quantized the same way, and differs from the dense MoE.
+/// A format whose block the model's rows cannot take is refused at build.
+#[test]
+fn quantized_moes_quantize_every_expert() -> TestResult {
+    use multitoken_lm::quantize::Quantization;
+    let ids: Vec<u32> = vec![5, 17, 33, 60, 2, 99, 41, 12];
+    let base = fixtures().join("lm/llama");
+    let q8 = LoadOptions { quantize: Some(Quantization::Q8_0), ..LoadOptions::default() };
+    let want = logits_with(&base, &ids, &q8)?;
+    let scratch = Scratch::new("quantize");
+    let plain = scratch.path("plain");
+    build(&build_cfg(&base, &[base.clone(), base.clone()], 1, Routing::Cephalo, &plain))?;
+    let dense = logits_of(&plain, &ids)?;
+    let asked = logits_with(&plain, &ids, &q8)?;
+    assert!(max_diff(&asked, &want)? < 1e-4, "--quantize on an MoE: {}", max_diff(&asked, &want)?);
+    assert!(max_diff(&asked, &dense)? > 1e-4, "--quantize on an MoE changed nothing");
+
+    let recorded = scratch.path("recorded");
+    let mut cfg = build_cfg(&base, &[base.clone(), base.clone()], 1, Routing::Cephalo, &recorded);
+    cfg.quantize = Some(Quantization::Q8_0);
+    build(&cfg)?;
+    let moe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(recorded.join("moe.json"))?)?;
+    assert_eq!(moe["quantize"], "q8_0");
+    let got = logits_of(&recorded, &ids)?;
+    assert!(max_diff(&got, &want)? < 1e-4, "moe build --quantize: {}", max_diff(&got, &want)?);
+
+    let mut cfg = build_cfg(&base, &[base.clone()], 1, Routing::Cephalo, &scratch.path("q4k"));
+    cfg.quantize = Some(Quantization::Q4K);
+    expect_error(build(&cfg), "not a multiple of the format's block of 256 weights")?;
     Ok(())
 }
 

@@ -160,6 +160,7 @@ fn moe_build_accepts_idefics2_checkpoints() -> TestResult {
         routing: multitoken_moe::Routing::Cephalo,
         out: out.clone(),
         seed: 7,
+        quantize: None,
     })?;
     let model = MultimodalModel::load(&out, &LoadOptions::default())?;
     let expected: Expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
