@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo xtask bench lm [--threads N] [--prefill 512] [--decode 128] [--repeat 2]
-//!                      [--no-build] [--no-python]
+//!                      [--no-build] [--no-python] [--llama-cpp]
 //! cargo xtask bench lm --contended [--threads 2] [--prefill 128] [--decode 64] [--repeat 5]
 //!                      [--no-build] [--busy-cpu N]
 //! ```
@@ -16,8 +16,13 @@
 //!
 //! - `ours f32`: the GGUF dequantized to f32 (what transformers runs);
 //! - `ours q4_1`: the GGUF matrices kept quantized (candle's q4_1 x q8_1 kernels);
+//! - `ours q8_0`: the same model with every Q4_1 matrix re-quantized to Q8_0, written
+//!   once to `target/bench/` (the file both engines read for the 8-bit row);
 //! - `transformers`: `xtask/bench/lm.py` with the repo's venv python, f32, the same
-//!   thread count (`torch.set_num_threads`), the same prompt ids.
+//!   thread count (`torch.set_num_threads`), the same prompt ids;
+//! - with `--llama-cpp` (opt-in: it needs `pip install llama-cpp-python` in the venv,
+//!   which builds llama.cpp for this CPU; CI never does): `xtask/bench/llama_cpp.py` on the
+//!   Q4_1 and the Q8_0 file, same threads, same prompt ids, one-batch prefill.
 //!
 //! Prefill is one forward over a 512-token prompt, decode 128 single-token forwards
 //! through the KV cache with greedy argmax and EOS ignored, both through
@@ -59,6 +64,8 @@ struct Settings {
     contended: bool,
     /// `--busy-cpu N`: pin the busy process to CPU N.
     busy_cpu: Option<usize>,
+    /// `--llama-cpp`: llama.cpp (llama-cpp-python) on the same files in the same run.
+    llama_cpp: bool,
 }
 
 /// Run this task.
@@ -94,6 +101,7 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
         python: true,
         contended: false,
         busy_cpu: None,
+        llama_cpp: false,
     };
     // `--contended` has its own defaults (the issue's 2 threads, shorter runs, more rounds),
     // which explicit flags override.
@@ -118,6 +126,7 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
             "--no-build" => s.build = false,
             "--no-python" => s.python = false,
             "--contended" => {}
+            "--llama-cpp" => s.llama_cpp = true,
             "--busy-cpu" => s.busy_cpu = Some(number("--busy-cpu")?),
             other => bail!("unknown argument `{other}`"),
         }
@@ -161,14 +170,30 @@ fn lm(args: &[String]) -> Result<()> {
     common(&mut cmd);
     let bw = last_json_line(&mut cmd)?;
 
+    let gguf_q8 = target.join(GGUF.replace("Q4_1", "Q8_0"));
+    if !gguf_q8.is_file() {
+        requantize_gguf(&gguf, &gguf_q8, candle_core::quantized::GgmlDType::Q8_0)?;
+    }
     let mut results = Vec::new();
-    for mode in ["f32", "q4_1"] {
+    for (mode, file) in [("f32", &gguf), ("q4_1", &gguf), ("q8_0", &gguf_q8)] {
         eprintln!("ours, {mode} ...");
         let mut cmd = Command::new(&exe);
-        cmd.args(["bench", "lm-child", "--mode", mode, "--gguf"]).arg(&gguf).arg("--prompt-ids").arg(&prompt_file);
+        cmd.args(["bench", "lm-child", "--mode", mode, "--gguf"]).arg(file).arg("--prompt-ids").arg(&prompt_file);
         cmd.args(["--decode", &s.decode.to_string(), "--repeat", &s.repeat.to_string()]);
         common(&mut cmd);
         results.push(last_json_line(&mut cmd)?);
+    }
+    if s.llama_cpp {
+        for file in [&gguf, &gguf_q8] {
+            eprintln!("llama.cpp, {} ...", file.display());
+            let mut cmd = Command::new(python());
+            cmd.arg(root.join("xtask").join("bench").join("llama_cpp.py")).arg("--gguf").arg(file).arg("--prompt-ids").arg(&prompt_file);
+            cmd.args(["--decode", &s.decode.to_string(), "--threads", &threads, "--repeat", &s.repeat.to_string()]);
+            common(&mut cmd);
+            let mut v = last_json_line(&mut cmd)?;
+            v["weight_bytes_per_token"] = json!(weight_bytes_per_token(file, false)?);
+            results.push(v);
+        }
     }
     let reference = if s.python {
         eprintln!("transformers, f32 ...");
@@ -181,6 +206,28 @@ fn lm(args: &[String]) -> Result<()> {
         None
     };
     report(&s, &bw, &results, reference.as_ref());
+    Ok(())
+}
+
+/// Writes `src` with every block-quantized matrix re-quantized to `dtype` (f32
+/// tensors, and matrices already in `dtype`, copied): one model in two formats,
+/// so both engines read the same 8-bit file.
+fn requantize_gguf(src: &Path, dst: &Path, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let mut file = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, info) in &content.tensor_infos {
+        let t = content.tensor(&mut file, name, &Device::Cpu)?;
+        let keep = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16) || info.ggml_dtype == dtype;
+        tensors.push((name.clone(), if keep { t } else { QTensor::quantize(&t.dequantize(&Device::Cpu)?, dtype)? }));
+    }
+    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tmp = dst.with_extension("gguf.tmp");
+    let mut out = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    gguf_file::write(&mut out, &meta, &refs)?;
+    std::fs::rename(&tmp, dst)?;
     Ok(())
 }
 
@@ -281,6 +328,17 @@ fn report(s: &Settings, bw: &Value, ours: &[Value], reference: Option<&Value>) {
         }
         println!("(transformers' f32 roofline uses the f32 bytes per token; its python import took {:.1} s, not counted in load)", tf("import_s"));
     }
+    let by_impl = |name: &str| ours.iter().find(|v| v.get("impl").and_then(Value::as_str) == Some(name));
+    for q in ["q4_1", "q8_0"] {
+        if let (Some(o), Some(l)) = (by_impl(&format!("ours {q}")), by_impl(&format!("llama.cpp {q}"))) {
+            println!(
+                "ours {q} / llama.cpp {q}: decode {:.2}x (goal >= 1.0), prefill {:.2}x (goal >= 0.8); llama.cpp {}",
+                f(o, "decode_tok_s") / f(l, "decode_tok_s"),
+                f(o, "prefill_tok_s") / f(l, "prefill_tok_s"),
+                l.get("version").and_then(Value::as_str).unwrap_or("?")
+            );
+        }
+    }
     let all = json!({"threads": s.threads, "membw": bw, "ours": ours, "transformers": reference});
     println!();
     println!("{all}");
@@ -331,8 +389,8 @@ fn child(args: &[String]) -> Result<()> {
     }
     let weights = match mode.as_str() {
         "f32" => GgufWeights::Dequantized,
-        "q4_1" => GgufWeights::Quantized,
-        other => bail!("unknown mode `{other}` (f32 or q4_1)"),
+        "q4_1" | "q8_0" => GgufWeights::Quantized,
+        other => bail!("unknown mode `{other}` (f32, q4_1 or q8_0: the file's own blocks)"),
     };
     let ids: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(&prompt_file)?)?;
     let start = Instant::now();

@@ -2,7 +2,7 @@
 //! ours against the Python reference in one run.
 //!
 //! ```text
-//! cargo xtask bench audio [--threads N] [--clips 32] [--repeat 3] [--no-python]
+//! cargo xtask bench audio [--threads N] [--clips 32] [--repeat 3] [--no-python] [--whisper-cpp]
 //! ```
 //!
 //! 1. log-mel (80 bins) of `--clips` x 30 s clips at 16 kHz vs transformers'
@@ -11,6 +11,13 @@
 //!    `librosa.load(sr=16000)` (soxr_hq), goal >= 3x;
 //! 3. the Whisper-base encoder forward on one 30 s window, f32, vs transformers,
 //!    goal >= 1.0x.
+//!
+//! With `--whisper-cpp` (xtask rebuilt with its `whisper-cpp` feature, which builds
+//! whisper.cpp; CI never does): whisper.cpp on the same Whisper base (`ggml-base.bin`,
+//! converted by `cargo xtask weights` from the same checkpoint), same threads:
+//! 4. greedy English transcription of one ~30 s speech clip (the espeak fixture
+//!    repeated), ours (candle, `Transcriber`) vs whisper.cpp, texts compared, goal >= 1.0x;
+//! 5. log-mel + encoder alone on one 30 s window, vs whisper.cpp's `pcm_to_mel` + `encode`.
 //!
 //! Same thread count on both sides (`RAYON_NUM_THREADS` / `torch.set_num_threads`);
 //! best of `--repeat` after a warm-up. Ours runs in this process (`cargo run --release
@@ -35,6 +42,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut clips = 32usize;
     let mut repeat = 3usize;
     let mut with_python = true;
+    let mut with_whisper_cpp = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut number = |name: &str| -> Result<usize> {
@@ -46,6 +54,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "--clips" => clips = number("--clips")?.max(1),
             "--repeat" => repeat = number("--repeat")?.max(1),
             "--no-python" => with_python = false,
+            "--whisper-cpp" => with_whisper_cpp = true,
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -131,7 +140,91 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(r) = &reference {
         println!("reference: torch {}, librosa {}", r["torch"], r["librosa"]);
     }
+    if with_whisper_cpp {
+        whisper_cpp_rows(threads, repeat, &model_dir, &clip_samples[0], encoder_s + mel_s / clips as f64)?;
+    }
     Ok(())
+}
+
+/// Speech of about 30 s: the espeak fixture (16 kHz) repeated with 0.3 s pauses.
+#[cfg(feature = "whisper-cpp")]
+fn speech_clip_30s() -> Result<Vec<f32>> {
+    let fixture = workspace_root().join("tests/fixtures/audio/speech16k.wav");
+    let speech = load_audio(&Item::Path(fixture), &DecodeConfig::default())?;
+    let limit = 29 * 16_000;
+    let mut clip = Vec::with_capacity(limit);
+    while clip.len() + speech.len() <= limit {
+        clip.extend_from_slice(&speech);
+        clip.extend(std::iter::repeat_n(0.0f32, 16_000 * 3 / 10));
+    }
+    Ok(clip)
+}
+
+/// Rows 4 and 5: ours against whisper.cpp (see the module docs).
+#[cfg(feature = "whisper-cpp")]
+fn whisper_cpp_rows(threads: usize, repeat: usize, model_dir: &Path, window: &[f32], ours_encoder_s: f64) -> Result<()> {
+    use multitoken_audio::whisper_cpp::WhisperCpp;
+    // `cargo xtask weights` writes it next to the HF directory.
+    let ggml = model_dir.parent().unwrap_or(model_dir).join("ggml-base.bin");
+    if !ggml.is_file() {
+        bail!("{} not found: run `cargo xtask weights` first", ggml.display());
+    }
+    let clip = speech_clip_30s()?;
+    let target = workspace_root().join("target").join("bench");
+    let wav = target.join("speech_30s_16k.wav");
+    write_samples_wav(&wav, &clip)?;
+    let item = Item::Path(wav);
+    let decode = DecodeConfig::default();
+    eprintln!("whisper.cpp vs ours: transcription of {:.1} s, {threads} threads ...", clip.len() as f64 / 16_000.0);
+    let ours = multitoken_audio::Transcriber::load(model_dir, &Device::Cpu)?;
+    let cpp = WhisperCpp::load(&ggml)?.with_threads(threads);
+    let mut ours_text = String::new();
+    let ours_s = best(repeat, || {
+        ours_text = ours.transcribe_item(&item, &decode)?.text;
+        Ok(())
+    })?;
+    let mut cpp_text = String::new();
+    let cpp_s = best(repeat, || {
+        cpp_text = cpp.transcribe(&item, &decode)?;
+        Ok(())
+    })?;
+    let cpp_encoder_s = best(repeat, || Ok(cpp.encode_window(window)?))?;
+    println!();
+    println!("{:<44} {:>10} {:>10} {:>8} {:>6}", "", "ours (s)", "w.cpp (s)", "speedup", "goal");
+    println!("{:<44} {ours_s:>10.4} {cpp_s:>10.4} {:>7.2}x {:>5.1}x", "transcribe ~30 s speech, greedy", cpp_s / ours_s, 1.0);
+    println!("{:<44} {ours_encoder_s:>10.4} {cpp_encoder_s:>10.4} {:>7.2}x {:>6}", "log-mel + encoder, 1 x 30 s window", cpp_encoder_s / ours_encoder_s, "-");
+    println!("same text: {}", ours_text == cpp_text);
+    println!("ours:        {ours_text}");
+    println!("whisper.cpp: {cpp_text}");
+    Ok(())
+}
+
+#[cfg(not(feature = "whisper-cpp"))]
+fn whisper_cpp_rows(_: usize, _: usize, _: &Path, _: &[f32], _: f64) -> Result<()> {
+    bail!("--whisper-cpp needs xtask built with its `whisper-cpp` feature: run it as `cargo xtask bench audio --whisper-cpp` (which adds it) or `cargo run --release -p xtask --features whisper-cpp -- bench audio --whisper-cpp`")
+}
+
+/// 16-bit mono 16 kHz WAV of `samples`.
+#[cfg(feature = "whisper-cpp")]
+fn write_samples_wav(path: &Path, samples: &[f32]) -> Result<()> {
+    let data_len = (samples.len() * 2) as u32;
+    let mut bytes = Vec::with_capacity(44 + data_len as usize);
+    bytes.extend_from_slice(b"RIFF");
+    bytes.extend_from_slice(&(36 + data_len).to_le_bytes());
+    bytes.extend_from_slice(b"WAVEfmt ");
+    bytes.extend_from_slice(&16u32.to_le_bytes());
+    bytes.extend_from_slice(&1u16.to_le_bytes());
+    bytes.extend_from_slice(&1u16.to_le_bytes());
+    bytes.extend_from_slice(&16_000u32.to_le_bytes());
+    bytes.extend_from_slice(&32_000u32.to_le_bytes());
+    bytes.extend_from_slice(&2u16.to_le_bytes());
+    bytes.extend_from_slice(&16u16.to_le_bytes());
+    bytes.extend_from_slice(b"data");
+    bytes.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        bytes.extend_from_slice(&((s.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes());
+    }
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 fn best(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {

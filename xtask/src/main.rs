@@ -96,7 +96,9 @@ fn with_models(task: &str, rest: &[String]) -> Result<()> {
     use anyhow::Context;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = std::process::Command::new(&cargo);
-    command.args(["run", "--package", "xtask", "--features", "models"]);
+    // whisper.cpp's bench anchor is one more feature (it builds whisper.cpp).
+    let features = if rest.iter().any(|a| a == "--whisper-cpp") { "models,whisper-cpp" } else { "models" };
+    command.args(["run", "--package", "xtask", "--features", features]);
     // This binary's own profile: target/<profile>/xtask.
     let profile = std::env::current_exe()
         .ok()

@@ -45,10 +45,36 @@ impl WhisperCpp {
         Ok(Self { context, threads })
     }
 
+    /// Runs whisper.cpp on `threads` threads (default: every core).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.clamp(1, i32::MAX as usize) as i32;
+        self
+    }
+
+    /// whisper.cpp's log-mel and encoder on the first 30 s window of 16 kHz
+    /// `samples`, nothing decoded: the encoder-alone figure of `cargo xtask
+    /// bench audio --whisper-cpp`.
+    pub fn encode_window(&self, samples: &[f32]) -> Result<()> {
+        let failed = |e: whisper_rs::WhisperError| Error::Format { item: "samples".into(), reason: format!("whisper.cpp: {e}") };
+        let mut state = self.context.create_state().map_err(failed)?;
+        let threads = self.threads as usize;
+        state.pcm_to_mel(samples, threads).map_err(failed)?;
+        state.encode(0, threads).map_err(failed)?;
+        Ok(())
+    }
+
     /// The greedy transcript of one audio item, decoded and resampled under `decode`.
     pub fn transcribe(&self, item: &Item, decode: &DecodeConfig) -> Result<String> {
         let samples = load_audio(item, decode)?;
-        let failed = |e: whisper_rs::WhisperError| Error::Format { item: describe_item(item), reason: format!("whisper.cpp: {e}") };
+        self.transcribe_samples(&samples).map_err(|e| match e {
+            Error::Format { reason, .. } => Error::Format { item: describe_item(item), reason },
+            other => other,
+        })
+    }
+
+    /// The greedy transcript of 16 kHz mono `samples`.
+    pub fn transcribe_samples(&self, samples: &[f32]) -> Result<String> {
+        let failed = |e: whisper_rs::WhisperError| Error::Format { item: "samples".into(), reason: format!("whisper.cpp: {e}") };
         let mut state = self.context.create_state().map_err(failed)?;
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         params.set_language(Some("en"));
@@ -58,7 +84,7 @@ impl WhisperCpp {
         params.set_print_realtime(false);
         params.set_print_timestamps(false);
         params.set_print_special(false);
-        state.full(params, &samples).map_err(failed)?;
+        state.full(params, samples).map_err(failed)?;
         let mut text = String::new();
         for segment in state.as_iter() {
             let piece = segment.to_str_lossy().map_err(failed)?;
