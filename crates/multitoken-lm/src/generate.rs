@@ -151,11 +151,18 @@ pub fn generate_at(
     }
 
     let mut cache = KvCache::new(model.num_layers());
+    let profiling = crate::profile::enabled();
+    let before_prefill = crate::profile::snapshot();
     let start = Instant::now();
     let logits = model.forward_embeds_at(prompt_embeds, None, &mut cache, LogitsSelection::Last, positions)?;
     let mut next = pick(&mut sampler, &logits, &seen, params)?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let prefill_tok_s = rate(prompt_len, prefill_secs);
+    let before_decode = crate::profile::snapshot();
+    if profiling {
+        let parts = before_decode.since(&before_prefill);
+        crate::profile::record_phase("prefill", crate::profile::Phase { wall_s: prefill_secs, tokens: prompt_len, parts });
+    }
 
     let decode_start = Instant::now();
     let finish = loop {
@@ -178,6 +185,12 @@ pub fn generate_at(
         next = pick(&mut sampler, &logits, &seen, params)?;
     };
     let decode_secs = decode_start.elapsed().as_secs_f64();
+    if profiling {
+        // Steps: every new token after the first came from one decode forward.
+        let parts = crate::profile::snapshot().since(&before_decode);
+        let steps = token_ids.len().saturating_sub(1);
+        crate::profile::record_phase("decode", crate::profile::Phase { wall_s: decode_secs, tokens: steps, parts });
+    }
     if finish != FinishReason::Stop {
         stream.flush(on_text);
     }
@@ -188,6 +201,7 @@ pub fn generate_at(
 /// The next id from last-position logits; with `ignore_eos` the EOS ids are masked
 /// out first (transformers' MinNewTokensLengthLogitsProcessor sets them to -inf).
 fn pick(sampler: &mut Sampler, logits: &Tensor, seen: &[u32], params: &GenerationParams) -> Result<u32> {
+    let _profile = crate::profile::scope(crate::profile::Part::Sampling);
     let logits = logits.flatten_all()?.to_dtype(DType::F32)?;
     if !params.ignore_eos || params.eos_token_ids.is_empty() {
         return sampler.sample_tensor(&logits, seen);

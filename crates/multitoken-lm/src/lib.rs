@@ -17,6 +17,7 @@ pub mod lora;
 pub mod model;
 pub mod multimodal;
 pub mod peft;
+pub mod profile;
 mod parallel;
 mod quantized;
 pub mod quantize;

@@ -92,6 +92,7 @@ impl Linear {
 
     /// Apply to `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         if let (Some(lora), LinearWeight::Dense(w)) = (&self.lora, &self.weight) {

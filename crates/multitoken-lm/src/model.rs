@@ -591,6 +591,7 @@ impl LanguageModel for CausalLm {
     }
 
     fn embed_tokens(&self, ids: &Tensor) -> multitoken_core::Result<Tensor> {
+        let _profile = crate::profile::scope(crate::profile::Part::Embedding);
         Ok(self.embed(ids)?)
     }
 

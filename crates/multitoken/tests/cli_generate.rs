@@ -112,3 +112,28 @@ fn bad_input_is_a_clear_error() -> TestResult {
     std::fs::remove_dir_all(&tmp)?;
     Ok(())
 }
+
+/// `--profile` prints where the time went for the prefill and the decode steps
+/// (parts per token, the overhead, the total) without changing the answer.
+#[test]
+fn profile_tables_the_phases_and_keeps_the_ids() -> TestResult {
+    let dir = fixtures().join("lm/phi2").to_string_lossy().into_owned();
+    let args = ["generate", "--model", &dir, "--raw", "--prompt", "hello world", "--max-new-tokens", "6", "--ignore-eos", "--json"];
+    let plain = multitoken(&args)?;
+    let profiled = multitoken(&[&args[..], &["--profile"]].concat())?;
+    assert!(profiled.status.success(), "{}", String::from_utf8_lossy(&profiled.stderr));
+    assert_eq!(last_json_line(&profiled)?["token_ids"], last_json_line(&plain)?["token_ids"]);
+    let stderr = String::from_utf8(profiled.stderr)?;
+    assert!(stderr.contains("prefill: ") && stderr.contains("decode: 5 tokens in"), "{stderr}");
+    for part in ["matmul", "attention", "norms", "rope", "activation", "sampling", "overhead", "total"] {
+        assert!(stderr.lines().any(|l| l.starts_with(part)), "no `{part}` row: {stderr}");
+    }
+    // A decode step of the phi-2 fixture: one embedding lookup and one sampling each.
+    let calls = |part: &str| -> Option<f64> {
+        let decode = stderr.split("decode: ").nth(1)?;
+        decode.lines().find(|l| l.starts_with(part))?.split_whitespace().last()?.parse().ok()
+    };
+    assert_eq!((calls("embedding"), calls("sampling")), (Some(1.0), Some(1.0)), "{stderr}");
+    assert!(!String::from_utf8(plain.stderr)?.contains("µs/token"));
+    Ok(())
+}

@@ -58,14 +58,24 @@ impl Mlp {
                 // which the binary sizes to one thread (`CANDLE_NUM_THREADS=1`,
                 // for contention), while ours spreads the rows over the kernels'
                 // pool (~6% of an idle SmolLM2 prefill).
-                let gated = if *act == Activation::Silu {
-                    multitoken_kernels::train::silu_mul(&gate, &up)?
-                } else {
-                    (activate(&gate, *act)? * up)?
+                let gated = {
+                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
+                    if *act == Activation::Silu {
+                        multitoken_kernels::train::silu_mul(&gate, &up)?
+                    } else {
+                        (activate(&gate, *act)? * up)?
+                    }
                 };
                 down_proj.forward(&gated)
             }
-            Mlp::Plain { fc1, fc2, act } => fc2.forward(&activate(&fc1.forward(x)?, *act)?),
+            Mlp::Plain { fc1, fc2, act } => {
+                let hidden = fc1.forward(x)?;
+                let activated = {
+                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
+                    activate(&hidden, *act)?
+                };
+                fc2.forward(&activated)
+            }
             Mlp::Custom(ff) => ff.forward(x),
         }
     }
@@ -91,6 +101,7 @@ impl Norm {
     /// Normalise the last axis. Half types are normalised in f32 and cast back,
     /// as transformers upcasts.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = crate::profile::scope(crate::profile::Part::Norm);
         let dtype = x.dtype();
         let f32 = |t: &Tensor| -> Result<Tensor> {
             Ok(if dtype == DType::F32 { t.contiguous()? } else { t.to_dtype(DType::F32)? })

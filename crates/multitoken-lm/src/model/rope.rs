@@ -112,6 +112,7 @@ impl RotaryEmbedding {
 
     /// Rotate `x` of shape `[batch, heads, seq, head_dim]` (contiguous).
     pub(crate) fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let _profile = crate::profile::scope(crate::profile::Part::Rope);
         if self.rot_dim == self.head_dim {
             return self.rotate(x, cos, sin);
         }

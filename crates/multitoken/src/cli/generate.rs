@@ -52,6 +52,11 @@ pub struct GenerateArgs {
     /// with `--features whisper-cpp`; `cargo xtask weights` writes whisper-base/ggml-base.bin).
     #[arg(long, value_name = "FILE", conflicts_with = "whisper")]
     whisper_ggml: Option<PathBuf>,
+    /// Print where the time went to stderr: per kind of work (matmul, attention,
+    /// norms, rope, activation, embedding, sampling, overhead), µs per token and
+    /// share, for the prefill and the decode steps (also `MULTITOKEN_PROFILE=1`).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Replaces `<transcript>` tokens with the transcripts of the `--transcript` clips
@@ -129,6 +134,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         model.prepare_chat(&messages, &items)?
     };
     let params = args.sampling.params(&model);
+    if args.profile || std::env::var_os("MULTITOKEN_PROFILE").is_some_and(|v| v != "0" && !v.is_empty()) {
+        multitoken_lm::profile::enable();
+    }
     let stream = !args.json;
     let mut stdout = std::io::stdout();
     let output = model.generate(&prepared, &items, &params, &mut |text| {
@@ -140,6 +148,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         true
     })?;
+    for (name, phase) in multitoken_lm::profile::take_phases() {
+        eprintln!("\n{}", phase.table(&name));
+    }
     if args.json {
         let line = json!({
             "text": output.text,
