@@ -2,7 +2,8 @@
 //! (`quantize = "q4_1"`), the loss falls, the adapter is written in PEFT's
 //! format, and a resumed run repeats the uninterrupted run's losses exactly;
 //! full fine-tuning of a quantized base is a clear error. The same over a
-//! Q4_1 GGUF file (the tiny llama written by `tests/support/tiny_gguf.rs`).
+//! Q4_1 GGUF file (the tiny llama written by `tests/support/tiny_gguf.rs`). A
+//! QLoRA adapter means to peft what it means to us (`tests/fixtures/qlora/`).
 
 use std::path::{Path, PathBuf};
 
@@ -237,5 +238,61 @@ fn lora_over_a_q4_1_gguf_trains_resumes_and_writes_a_peft_adapter() -> TestResul
     let la: Vec<f64> = full.log.iter().map(|l| l.loss).collect();
     let lb: Vec<f64> = resumed.log.iter().map(|l| l.loss).collect();
     assert_eq!(la, lb, "losses after resume differ");
+    Ok(())
+}
+
+/// The adapter a QLoRA run wrote (`tests/fixtures/qlora/`, trained over the
+/// llama fixture quantized to Q4_1 at load), applied by us over that quantized
+/// base, gives the logits peft gives on the base quantized and dequantized the
+/// same way (`xtask/fixtures/qlora_peft.py`): the adapter means the same to
+/// both, up to summation order.
+#[test]
+fn peft_on_the_dequantized_base_gives_our_logits() -> TestResult {
+    use candle_core::{DType, Device, Tensor};
+    use multitoken_core::{KvCache, LanguageModel, LogitsSelection};
+    use multitoken_lm::lora::{LoraDropout, LoraLayer};
+    let dir = fixtures().join("qlora");
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json"))?)?;
+    let adapter_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json"))?)?;
+    let scale = adapter_config["lora_alpha"].as_f64().ok_or("no lora_alpha")? / adapter_config["r"].as_f64().ok_or("no r")?;
+    let adapter = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)?;
+
+    let base = fixtures().join("lm/llama");
+    let hf = multitoken_lm::hf::parse_config(&base.join("config.json"))?;
+    let dense = multitoken_lm::weights::SafetensorsSource::from_dir(&base, DType::F32, &Device::Cpu)?;
+    let quantized = multitoken_lm::quantize::QuantizingSource::new(&dense, multitoken_lm::quantize::Quantization::Q4_1);
+    let mut model = multitoken_lm::model::CausalLm::load(&hf.model, &quantized)?;
+    let mut adapted = 0;
+    for (name, linear) in model.decoder_linears_mut() {
+        let key = |m: &str| format!("base_model.model.{name}.lora_{m}.weight");
+        let (Some(a), Some(b)) = (adapter.get(&key("A")), adapter.get(&key("B"))) else { continue };
+        linear.set_lora(Some(LoraLayer { a: a.clone(), b: b.clone(), scale, dropout: 0.0, rng: LoraDropout::new(0) }))?;
+        adapted += 1;
+    }
+    assert_eq!(adapted, adapter.len() / 2);
+
+    let ids: Vec<u32> = expected["ids"].as_array().ok_or("no ids")?.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let embeds = model.embed_tokens(&input)?;
+    let ours = model.forward_embeds(&embeds, None, &mut KvCache::new(model.num_layers()), LogitsSelection::All)?;
+    let ours: Vec<Vec<f32>> = ours.squeeze(0)?.to_vec2()?;
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(expected["logits"].clone())?;
+    let (mut worst, mut largest) = (0f64, 0f64);
+    for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
+        worst = worst.max((f64::from(*a) - b).abs());
+        largest = largest.max(b.abs());
+    }
+    assert!(worst < 1e-4, "ours and peft's logits differ by {worst} (largest {largest})");
+    // The adapter matters: without it our logits are far from peft's.
+    for (_, linear) in model.decoder_linears_mut() {
+        linear.set_lora(None)?;
+    }
+    let bare: Vec<Vec<f32>> = model
+        .forward_embeds(&embeds, None, &mut KvCache::new(model.num_layers()), LogitsSelection::All)?
+        .squeeze(0)?
+        .to_vec2()?;
+    let without = bare.iter().flatten().zip(theirs.iter().flatten()).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0f64, f64::max);
+    assert!(without > 100.0 * worst.max(1e-6), "the adapter changes nothing: {without} vs {worst}");
+    eprintln!("QLoRA adapter, ours vs peft on the dequantized base: max |diff| {worst:.2e} (largest logit {largest:.2})");
     Ok(())
 }
