@@ -8,6 +8,10 @@
 //!                                 [--tokens 256] [--steps 3] [--no-build]
 //! ```
 //!
+//! A base written `q4_1+ckpt` (any base) runs the same step with gradient
+//! checkpointing (`CausalLm::set_gradient_checkpointing`: each layer recomputed in
+//! the backward pass, one tensor a layer kept): `--bases f32,q4_1,q4_1+ckpt`.
+//!
 //! - SmolLM2-135M: `cargo xtask weights`' Q4_1 GGUF. The Q4_1 base is the file's own
 //!   blocks; the f32 base is the file dequantized; the Q8_0 base is that f32
 //!   model quantized at load (`QuantizingSource`, as `--quantize q8_0` does).
@@ -160,7 +164,11 @@ pub fn child(args: &[String]) -> Result<()> {
     };
     let tokens: usize = tokens.parse()?;
     let steps: usize = steps.parse()?;
-    let format = match base.as_str() {
+    let (format_name, checkpointing) = match base.strip_suffix("+ckpt") {
+        Some(name) => (name, true),
+        None => (base.as_str(), false),
+    };
+    let format = match format_name {
         "f32" => None,
         other => Some(other.parse::<Quantization>()?),
     };
@@ -172,6 +180,7 @@ pub fn child(args: &[String]) -> Result<()> {
     };
     let load_s = start.elapsed().as_secs_f64();
     let vars = attach_lora(&mut lm)?;
+    lm.set_gradient_checkpointing(checkpointing);
     let vocab = lm.config().vocab_size as u32;
     let ids: Vec<u32> = (0..tokens as u32)
         .map(|i| (i * 7919 + 13) % vocab)
@@ -205,7 +214,9 @@ fn step(lm: &CausalLm, ids: &[u32], vars: &[Var]) -> Result<f32> {
     let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
     let grads = loss.backward()?;
     for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
+        // With checkpointing the adapters' gradients come from the side store.
+        let side = multitoken_lm::model::checkpoint::take_grad(var.as_tensor());
+        if let Some(g) = grads.get(var.as_tensor()).or(side.as_ref()) {
             var.set(&(var.as_tensor() - (g * 1e-4)?)?)?;
         }
     }

@@ -35,6 +35,23 @@ impl LoraDropout {
         }
     }
 
+    /// The generator's state (to replay the same masks later, as gradient
+    /// checkpointing's recompute does).
+    pub fn state(&self) -> Result<rand::rngs::StdRng> {
+        self.rng
+            .lock()
+            .map(|rng| rng.clone())
+            .map_err(|_| Error::Msg("LoRA dropout generator poisoned".into()))
+    }
+
+    /// Puts `state` in place, returning the state it replaces.
+    pub fn replace_state(&self, state: rand::rngs::StdRng) -> Result<rand::rngs::StdRng> {
+        self.rng
+            .lock()
+            .map(|mut rng| std::mem::replace(&mut *rng, state))
+            .map_err(|_| Error::Msg("LoRA dropout generator poisoned".into()))
+    }
+
     /// Restarts the stream at `seed`.
     pub fn reseed(&self, seed: u64) {
         if let Ok(mut rng) = self.rng.lock() {

@@ -14,6 +14,7 @@
 //! mask; the KV cache is passed explicitly.
 
 mod attention;
+pub mod checkpoint;
 mod layers;
 mod rope;
 
@@ -40,6 +41,8 @@ pub struct CausalLm {
     rotary: RotaryEmbedding,
     device: Device,
     dtype: DType,
+    /// Layers run as [`checkpoint`] ops when the input tracks gradients.
+    gradient_checkpointing: bool,
 }
 
 /// One decoder layer.
@@ -83,7 +86,7 @@ impl CausalLm {
             weights.linear("lm_head", h, v, cfg.family == Family::Phi2)?
         };
         let rotary = RotaryEmbedding::new(cfg, &device)?;
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary, device, dtype })
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary, device, dtype, gradient_checkpointing: false })
     }
 
     /// The configuration the model was built from.
@@ -105,6 +108,15 @@ impl CausalLm {
             .ok_or_else(|| Error::Msg(format!("layer {layer} does not exist (the model has {n})")))?;
         slot.mlp = mlp;
         Ok(())
+    }
+
+    /// Trains through the decoder keeping one tensor per layer instead of all
+    /// its activations, recomputing each layer in the backward pass (see
+    /// [`checkpoint`]; f32 on the CPU, without a KV cache, i.e. a training
+    /// forward). Gradients of LoRA adapters computed there are collected with
+    /// [`checkpoint::take_grad`]. Inference is unaffected.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Every decoder-layer linear with its transformers module name
@@ -315,7 +327,11 @@ impl CausalLm {
             };
             // Exactly causal: no padding, and no window shorter than the sequence.
             let causal = padding.is_none() && window.is_none_or(|w| seen + t <= w);
-            x = layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), causal, layer_cache, seen)?;
+            x = if self.gradient_checkpointing && seen == 0 && x.device().is_cpu() && x.dtype() == DType::F32 {
+                layer.checkpointed(&x, &self.rotary, &cos_sin, mask.as_ref(), causal)?
+            } else {
+                layer.forward(&x, &self.rotary, &cos_sin, mask.as_ref(), causal, layer_cache, seen)?
+            };
             if let Some(h) = hidden.as_deref_mut() {
                 h.push(x.clone());
             }
@@ -480,6 +496,45 @@ impl DecoderLayer {
             mlp,
             sliding_window: cfg.sliding_window,
         })
+    }
+
+    /// The layer's linears (projections, then the MLP's; a custom MLP's are
+    /// its own business).
+    fn linears(&self) -> Vec<&Linear> {
+        let a = &self.self_attn;
+        let mut out = vec![&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
+        match &self.mlp {
+            Mlp::Gated { gate_proj, up_proj, down_proj, .. } => out.extend([gate_proj, up_proj, down_proj]),
+            Mlp::Plain { fc1, fc2, .. } => out.extend([fc1, fc2]),
+            Mlp::Custom(_) => {}
+        }
+        out
+    }
+
+    /// [`DecoderLayer::forward`] as a [`checkpoint::CheckpointedLayer`] op
+    /// (no KV cache: the training forward). An input that tracks no gradient
+    /// is made a variable, so the layer's adapters still get theirs.
+    fn checkpointed(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let x = if x.track_op() { x } else { candle_core::Var::from_tensor(&x)?.as_tensor().clone() };
+        let dropout = self.linears().into_iter().find_map(|l| l.lora().map(|l| l.rng.clone()));
+        let op = checkpoint::CheckpointedLayer {
+            layer: self.clone(),
+            rope: rope.clone(),
+            cos_sin: cos_sin.clone(),
+            mask: mask.cloned(),
+            causal,
+            dropout,
+            dropout_state: std::sync::Mutex::new(None),
+        };
+        Ok(x.apply_op1(op)?)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -166,6 +166,10 @@ pub struct LoraSettings {
     pub dropout: f32,
     /// Module-name suffixes to adapt (`q_proj`, ...); empty = every decoder linear.
     pub target_modules: Vec<String>,
+    /// Recompute each decoder layer in the backward pass instead of keeping its
+    /// activations ([`CausalLm::set_gradient_checkpointing`]): the same
+    /// gradients for far less memory, one more forward per step.
+    pub gradient_checkpointing: bool,
 }
 
 /// The default LoRA targets: every decoder linear (multi_token's
@@ -302,6 +306,7 @@ impl TrainableModel {
                 let mut model = load_lora_base(&lm_path, is_gguf, quantize, device)?;
                 let map = VarMap::new();
                 lora_modules = attach_lora(&mut model, settings, &map, &lora_rng, seed)?;
+                model.set_gradient_checkpointing(settings.gradient_checkpointing);
                 lm.model = Arc::new(model);
                 Some(map)
             }

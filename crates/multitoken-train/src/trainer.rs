@@ -97,6 +97,10 @@ pub struct TrainConfig {
     /// `q4_k`) as they are read; LoRA then trains over the quantized base (QLoRA).
     #[serde(default)]
     pub quantize: Option<String>,
+    /// `--stage lora`: recompute each decoder layer in the backward pass
+    /// instead of keeping its activations (less memory, one more forward).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Directory of the on-disk cache of frozen-encoder features.
     pub feature_cache: Option<PathBuf>,
     /// Show a progress bar.
@@ -153,6 +157,7 @@ impl TrainConfig {
             feature_cache: None,
             progress: true,
             quantize: None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -226,6 +231,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             alpha: cfg.lora_alpha,
             dropout: cfg.lora_dropout,
             target_modules: cfg.lora_target_modules.clone(),
+            gradient_checkpointing: cfg.gradient_checkpointing,
         }),
     };
     let quantize = cfg
@@ -365,10 +371,16 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let scaled = (loss / accum as f64)?;
             let store = scaled.backward()?;
             for (slot, param) in grads.iter_mut().zip(opt.params()) {
-                if let Some(g) = store.get(param.var.as_tensor()) {
+                // Adapters inside checkpointed layers got theirs in a side store.
+                let side = multitoken_lm::model::checkpoint::take_grad(param.var.as_tensor());
+                let g = match (store.get(param.var.as_tensor()).cloned(), side) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                };
+                if let Some(g) = g {
                     *slot = Some(match slot.take() {
                         Some(prev) => (prev + g)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }
@@ -447,6 +459,9 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     }
     if cfg.gradient_accumulation_steps == 0 {
         return bad("gradient_accumulation_steps must be at least 1");
+    }
+    if cfg.gradient_checkpointing && cfg.stage != Stage::Lora {
+        return bad("gradient_checkpointing applies to --stage lora (the decoder's layers are recomputed for its adapters)");
     }
     if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
         return bad("learning_rate must be a positive number");

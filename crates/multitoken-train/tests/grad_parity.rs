@@ -35,6 +35,7 @@ fn one_step_matches_pytorch() -> TestResult {
             alpha: 8.0,
             dropout: 0.0,
             target_modules: Vec::new(),
+            gradient_checkpointing: false,
         }),
         ..Default::default()
     };
@@ -127,6 +128,7 @@ fn peft_loads_our_adapter() -> TestResult {
             alpha: 8.0,
             dropout: 0.0,
             target_modules: Vec::new(),
+            gradient_checkpointing: false,
         }),
         ..Default::default()
     };

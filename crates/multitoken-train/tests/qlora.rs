@@ -296,3 +296,44 @@ fn peft_on_the_dequantized_base_gives_our_logits() -> TestResult {
     eprintln!("QLoRA adapter, ours vs peft on the dequantized base: max |diff| {worst:.2e} (largest logit {largest:.2})");
     Ok(())
 }
+
+/// Gradient checkpointing recomputes each layer in the backward pass: the same
+/// losses and adapter as without it up to float rounding (a layer input's two
+/// gradient contributions may be summed in the other order), dropout included
+/// (its masks are replayed), over a quantized and a dense base; other stages
+/// refuse it.
+#[test]
+fn gradient_checkpointing_changes_nothing_but_memory() -> TestResult {
+    for quantize in [Some("q4_1"), None] {
+        let run = |checkpointing: bool| -> Result<(Vec<f64>, std::collections::HashMap<String, candle_core::Tensor>), Box<dyn std::error::Error>> {
+            let root = temp(&format!("ckpt-{}-{checkpointing}", quantize.unwrap_or("f32")))?;
+            let mut cfg = config_on(model_dir(&root)?, &root, 4)?;
+            cfg.quantize = quantize.map(String::from);
+            cfg.gradient_accumulation_steps = 2;
+            cfg.gradient_checkpointing = checkpointing;
+            let summary = train(&cfg)?;
+            let adapter = candle_core::safetensors::load(cfg.output_dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu)?;
+            Ok((summary.log.iter().map(|l| l.loss).collect(), adapter))
+        };
+        let (plain_losses, plain) = run(false)?;
+        let (losses, adapter) = run(true)?;
+        assert_eq!(losses.len(), plain_losses.len());
+        for (a, b) in losses.iter().zip(&plain_losses) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{quantize:?}: losses differ with checkpointing: {losses:?} vs {plain_losses:?}");
+        }
+        assert_eq!(adapter.len(), plain.len());
+        for (name, t) in &adapter {
+            let scale = plain[name].abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (t - &plain[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-4 * scale.max(1e-3), "{quantize:?}: {name} differs by {diff} (largest {scale})");
+        }
+    }
+    let root = temp("ckpt-stage")?;
+    let mut cfg = config(&root, 2, "q4_1")?;
+    cfg.quantize = None;
+    cfg.stage = Stage::Projectors;
+    cfg.gradient_checkpointing = true;
+    let err = train(&cfg).err().ok_or("checkpointing a projector stage was accepted")?.to_string();
+    assert!(err.contains("gradient_checkpointing applies to --stage lora"), "{err}");
+    Ok(())
+}

@@ -310,6 +310,7 @@ fn lora_gradients_match_pytorch() -> TestResult {
         alpha: 8.0,
         dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into()],
+        gradient_checkpointing: false,
     };
     check_stage(
         "lora",

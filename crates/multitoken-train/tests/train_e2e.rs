@@ -346,6 +346,7 @@ fn merged_lora_model_matches_the_adapted_one() -> TestResult {
             alpha: cfg.lora_alpha,
             dropout: 0.0,
             target_modules: Vec::new(),
+            gradient_checkpointing: false,
         }),
         ..Default::default()
     };
