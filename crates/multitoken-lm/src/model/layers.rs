@@ -81,6 +81,29 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// [`Mlp::forward`] for `[rows, 1, hidden]`, one position of each of several
+    /// sequences, each row's output bit for bit its output alone (see
+    /// [`Linear::forward_rows`]); a custom feed-forward runs row by row.
+    pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
+                let gate = gate_proj.forward_rows(x)?;
+                let up = up_proj.forward_rows(x)?;
+                // Element-wise, so each row's values are its values alone.
+                let gated = if *act == Activation::Silu {
+                    multitoken_kernels::train::silu_mul(&gate, &up)?
+                } else {
+                    (activate(&gate, *act)? * up)?
+                };
+                down_proj.forward_rows(&gated)
+            }
+            Mlp::Plain { fc1, fc2, act } => fc2.forward_rows(&activate(&fc1.forward_rows(x)?, *act)?),
+            Mlp::Custom(ff) => crate::linear::each_row(x, |row| ff.forward(row)),
+        }
+    }
+}
+
 /// Apply an activation.
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
