@@ -176,6 +176,7 @@ impl Linear {
     /// else (a LoRA adapter, other dtypes and formats) runs row by row through
     /// `forward`, equal by construction.
     pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         if self.lora.is_none() && !x.track_op() && rows > 0 {

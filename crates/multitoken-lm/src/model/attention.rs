@@ -126,6 +126,8 @@ impl Attention {
         caches: &mut [&mut Option<(Tensor, Tensor)>],
         seen: &[usize],
     ) -> Result<Tensor> {
+        // The projections and rope inside are timed as their own parts.
+        let _profile = crate::profile::scope(crate::profile::Part::Attention);
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         if t != 1 || caches.len() != b || seen.len() != b {

@@ -91,14 +91,24 @@ impl Mlp {
                 let gate = gate_proj.forward_rows(x)?;
                 let up = up_proj.forward_rows(x)?;
                 // Element-wise, so each row's values are its values alone.
-                let gated = if *act == Activation::Silu {
-                    multitoken_kernels::train::silu_mul(&gate, &up)?
-                } else {
-                    (activate(&gate, *act)? * up)?
+                let gated = {
+                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
+                    if *act == Activation::Silu {
+                        multitoken_kernels::train::silu_mul(&gate, &up)?
+                    } else {
+                        (activate(&gate, *act)? * up)?
+                    }
                 };
                 down_proj.forward_rows(&gated)
             }
-            Mlp::Plain { fc1, fc2, act } => fc2.forward_rows(&activate(&fc1.forward_rows(x)?, *act)?),
+            Mlp::Plain { fc1, fc2, act } => {
+                let hidden = fc1.forward_rows(x)?;
+                let activated = {
+                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
+                    activate(&hidden, *act)?
+                };
+                fc2.forward_rows(&activated)
+            }
             Mlp::Custom(ff) => crate::linear::each_row(x, |row| ff.forward(row)),
         }
     }
