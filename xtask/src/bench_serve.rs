@@ -1,11 +1,15 @@
-//! `cargo xtask bench serve`: total tokens/s of the HTTP server with N concurrent
-//! clients against the same requests sent one at a time, with p50/p99 latency.
+//! `cargo xtask bench serve`: total tokens/s of the HTTP server for 1, 4, 16
+//! and 64 concurrent clients, with p50/p99 time to first token and p50/p99
+//! inter-token latency as a streaming client sees them.
 //!
 //! The server runs in this process on a loopback port (the real axum stack and
-//! the continuous-batching scheduler); clients are threads posting
-//! `/v1/chat/completions` and counting `usage.completion_tokens`.
+//! the continuous-batching scheduler); clients are threads posting streamed
+//! `/v1/chat/completions`, timing each SSE piece of text and counting
+//! `usage.completion_tokens`. The one-client round sends `--lone-requests`
+//! requests one after another (the lone-request baseline); the others send
+//! one request per client, all at once.
 //!
-//! `cargo xtask bench serve [--model PATH] [--clients 16] [--tokens 48] [--quantized] [--threads N]`
+//! `cargo xtask bench serve [--model PATH] [--clients 1,4,16,64] [--tokens 48] [--lone-requests 4] [--quantized] [--threads N]`
 //! (default model: SmolLM2-135M-Instruct from `cargo xtask weights`, dequantized
 //! to f32 so batched decode runs as matrix-matrix products).
 
@@ -21,28 +25,39 @@ use multitoken_serve::{AppState, Limits, ServeConfig};
 
 struct Options {
     model: Option<PathBuf>,
-    clients: usize,
+    clients: Vec<usize>,
     tokens: usize,
     quantized: bool,
+    lone_requests: usize,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut options = Options {
         model: None,
-        clients: 16,
+        clients: vec![1, 4, 16, 64],
         tokens: 48,
         quantized: false,
+        lone_requests: 4,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--model" => options.model = Some(PathBuf::from(value()?)),
-            "--clients" => options.clients = value()?.parse().context("--clients")?,
+            "--clients" => {
+                options.clients = value()?
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>().context("--clients takes counts like 1,4,16,64"))
+                    .collect::<Result<_>>()?;
+                if options.clients.iter().any(|&c| c == 0) {
+                    bail!("--clients: a round needs at least one client");
+                }
+            }
             "--tokens" => options.tokens = value()?.parse().context("--tokens")?,
+            "--lone-requests" => options.lone_requests = value()?.parse::<usize>().context("--lone-requests")?.max(1),
             "--quantized" => options.quantized = true,
             "--threads" => std::env::set_var("RAYON_NUM_THREADS", value()?),
-            other => bail!("unknown option {other}; usage: cargo xtask bench serve [--model PATH] [--clients N] [--tokens N] [--quantized] [--threads N]"),
+            other => bail!("unknown option {other}; usage: cargo xtask bench serve [--model PATH] [--clients 1,4,16,64] [--tokens N] [--lone-requests N] [--quantized] [--threads N]"),
         }
     }
     Ok(options)
@@ -84,47 +99,106 @@ fn load(options: &Options) -> Result<MultimodalModel> {
     })
 }
 
-/// One request: (completion tokens, latency).
-fn ask(url: &str, prompt: &str, tokens: usize) -> Result<(usize, Duration)> {
+/// What one streamed request saw.
+struct Answer {
+    /// Completion tokens (`usage`).
+    tokens: usize,
+    /// Time from sending the request to the first piece of text.
+    first: Duration,
+    /// Gaps between successive pieces of text.
+    gaps: Vec<Duration>,
+}
+
+/// One streamed chat completion, timing each piece of text as it arrives.
+fn ask(url: &str, prompt: &str, tokens: usize) -> Result<Answer> {
+    use std::io::BufRead;
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let body = serde_json::json!({
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens,
         "temperature": 0.7,
         "seed": 7,
+        "stream": true,
+        "stream_options": {"include_usage": true},
     });
     let start = Instant::now();
     let mut response = agent.post(url).send(body.to_string())?;
     let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string()?;
-    let latency = start.elapsed();
     if status != 200 {
+        let text = response.body_mut().read_to_string()?;
         bail!("status {status}: {text}");
     }
-    let json: serde_json::Value = serde_json::from_str(&text)?;
-    let n = json["usage"]["completion_tokens"]
-        .as_u64()
-        .context("no usage in the answer")? as usize;
-    Ok((n, latency))
+    let reader = std::io::BufReader::new(response.body_mut().as_reader());
+    let (mut first, mut last, mut gaps, mut count) = (None, None::<Instant>, Vec::new(), None);
+    for line in reader.lines() {
+        let line = line?;
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let json: serde_json::Value = serde_json::from_str(data)?;
+        if let Some(n) = json["usage"]["completion_tokens"].as_u64() {
+            count = Some(n as usize);
+        }
+        let text = json["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if !text.is_empty() {
+            let now = Instant::now();
+            match last {
+                None => first = Some(now - start),
+                Some(previous) => gaps.push(now - previous),
+            }
+            last = Some(now);
+        }
+    }
+    Ok(Answer {
+        tokens: count.context("no usage in the stream")?,
+        first: first.context("no text in the stream")?,
+        gaps,
+    })
 }
 
+/// One round: `clients` clients, each sending its requests one after another.
 struct Round {
+    clients: usize,
     tokens: usize,
     wall: Duration,
-    latencies: Vec<Duration>,
+    firsts: Vec<Duration>,
+    gaps: Vec<Duration>,
 }
 
 impl Round {
     fn tok_s(&self) -> f64 {
         self.tokens as f64 / self.wall.as_secs_f64()
     }
+}
 
-    fn percentile(&self, p: f64) -> f64 {
-        let mut l: Vec<f64> = self.latencies.iter().map(Duration::as_secs_f64).collect();
-        l.sort_by(f64::total_cmp);
-        let i = ((l.len() as f64 - 1.0) * p).round() as usize;
-        l.get(i).copied().unwrap_or(0.0)
+/// The `p` quantile (nearest rank) of `values` in milliseconds.
+fn percentile_ms(values: &[Duration], p: f64) -> f64 {
+    let mut l: Vec<f64> = values.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    l.sort_by(f64::total_cmp);
+    let i = ((l.len() as f64 - 1.0) * p).round() as usize;
+    l.get(i).copied().unwrap_or(0.0)
+}
+
+fn round(url: &str, prompts: &[String], clients: usize, per_client: usize, tokens: usize) -> Result<Round> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let url = url.to_string();
+            let mine: Vec<String> = (0..per_client).map(|r| prompts[(c * per_client + r) % prompts.len()].clone()).collect();
+            std::thread::spawn(move || mine.iter().map(|p| ask(&url, p, tokens)).collect::<Result<Vec<_>>>())
+        })
+        .collect();
+    let mut round = Round { clients, tokens: 0, wall: Duration::ZERO, firsts: Vec::new(), gaps: Vec::new() };
+    for handle in handles {
+        for answer in handle.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?? {
+            round.tokens += answer.tokens;
+            round.firsts.push(answer.first);
+            round.gaps.extend(answer.gaps);
+        }
     }
+    round.wall = start.elapsed();
+    Ok(round)
 }
 
 fn prompts(n: usize) -> Vec<String> {
@@ -148,9 +222,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let options = parse(args)?;
     let model = load(&options)?;
     let name = model.lm.name.clone();
+    let most = options.clients.iter().copied().max().unwrap_or(1);
     let config = ServeConfig {
         model_name: "bench".into(),
-        max_batch: options.clients,
+        max_batch: most,
+        max_queue: ServeConfig::default().max_queue.max(most),
         limits: Limits {
             max_new_tokens: options.tokens,
             ..Default::default()
@@ -177,43 +253,16 @@ pub fn run(args: &[String]) -> Result<()> {
     });
     let addr = addr_rx.recv().context("the server did not start")?;
     let url = format!("http://{addr}/v1/chat/completions");
-    let prompts = prompts(options.clients);
+    let prompts = prompts(most.max(options.lone_requests));
     ask(&url, "warm up", 4)?;
 
-    let start = Instant::now();
-    let mut sequential = Round {
-        tokens: 0,
-        wall: Duration::ZERO,
-        latencies: Vec::new(),
-    };
-    for prompt in &prompts {
-        let (n, latency) = ask(&url, prompt, options.tokens)?;
-        sequential.tokens += n;
-        sequential.latencies.push(latency);
+    let mut rounds = Vec::new();
+    for &clients in &options.clients {
+        // A lone client sends several requests one after another (a steadier
+        // baseline); otherwise each client sends one, all at once.
+        let per_client = if clients == 1 { options.lone_requests } else { 1 };
+        rounds.push(round(&url, &prompts, clients, per_client, options.tokens)?);
     }
-    sequential.wall = start.elapsed();
-
-    let start = Instant::now();
-    let handles: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (url, p, tokens) = (url.clone(), p.clone(), options.tokens);
-            std::thread::spawn(move || ask(&url, &p, tokens))
-        })
-        .collect();
-    let mut concurrent = Round {
-        tokens: 0,
-        wall: Duration::ZERO,
-        latencies: Vec::new(),
-    };
-    for handle in handles {
-        let (n, latency) = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
-        concurrent.tokens += n;
-        concurrent.latencies.push(latency);
-    }
-    concurrent.wall = start.elapsed();
     let _ = stop_tx.send(());
     server
         .join()
@@ -221,29 +270,27 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(
-        "serve bench: {name} ({}), {} requests x up to {} tokens, CPU threads: {threads}",
+        "serve bench: {name} ({}), streamed chat completions of up to {} tokens, CPU threads: {threads}",
         if options.quantized { "quantized" } else { "f32" },
-        options.clients,
         options.tokens
     );
-    println!("| mode | tokens | wall s | tokens/s | p50 latency s | p99 latency s |");
-    println!("|---|---|---|---|---|---|");
-    for (label, round) in [
-        ("one at a time", &sequential),
-        (&*format!("{} concurrent", options.clients), &concurrent),
-    ] {
+    println!("| clients | requests | tokens | wall s | tokens/s | x one client | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let lone = rounds.iter().find(|r| r.clients == 1).map(Round::tok_s);
+    for r in &rounds {
+        let ratio = lone.map_or_else(|| "-".to_string(), |l| format!("{:.2}", r.tok_s() / l));
         println!(
-            "| {label} | {} | {:.2} | {:.1} | {:.2} | {:.2} |",
-            round.tokens,
-            round.wall.as_secs_f64(),
-            round.tok_s(),
-            round.percentile(0.5),
-            round.percentile(0.99)
+            "| {} | {} | {} | {:.2} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            r.clients,
+            r.firsts.len(),
+            r.tokens,
+            r.wall.as_secs_f64(),
+            r.tok_s(),
+            percentile_ms(&r.firsts, 0.5),
+            percentile_ms(&r.firsts, 0.99),
+            percentile_ms(&r.gaps, 0.5),
+            percentile_ms(&r.gaps, 0.99),
         );
     }
-    println!(
-        "speedup (tokens/s, concurrent / one at a time): {:.2}x",
-        concurrent.tok_s() / sequential.tok_s()
-    );
     Ok(())
 }

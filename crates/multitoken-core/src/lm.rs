@@ -140,4 +140,30 @@ pub trait LanguageModel: Send + Sync {
             )),
         }
     }
+
+    /// One decode step of several independent sequences, each with a cache
+    /// of its own (batch of one, any length): `embeds` `[n, 1, hidden]` holds
+    /// each sequence's new position, `caches[i]` is sequence `i`'s cache and
+    /// is extended by one. Returns the last-position logits `[n, vocab]`.
+    ///
+    /// Each row must be exactly what `forward_embeds(row, None, caches[i],
+    /// Last)` gives alone, so that a server batching requests answers as it
+    /// would one at a time. The default runs the sequences one after another
+    /// (exact by construction); a model overrides it with one forward for all
+    /// of them that keeps that guarantee.
+    fn decode_step(&self, embeds: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let n = embeds.dim(0)?;
+        if n != caches.len() || n == 0 {
+            return Err(crate::Error::msg(format!(
+                "a decode step got {n} embedding rows for {} caches",
+                caches.len()
+            )));
+        }
+        let mut rows = Vec::with_capacity(n);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let row = embeds.narrow(0, i, 1)?;
+            rows.push(self.forward_embeds(&row, None, cache, LogitsSelection::Last)?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
 }

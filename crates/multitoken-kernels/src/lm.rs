@@ -19,12 +19,26 @@ pub const GEMV_MAX_ROWS: usize = 15;
 /// streamed once over the pool's threads. `None` when the fast path does not
 /// apply (more rows, a non-contiguous weight, or see the module docs).
 pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if x.dims2()?.0 > GEMV_MAX_ROWS {
+        return Ok(None);
+    }
+    linear_each_row(x, w)
+}
+
+/// `x W^T` for `x` `[rows, k]`, any number of rows, where every output row is
+/// bit for bit what [`linear_rows`] gives that row alone: each output is one
+/// dot product in a fixed order, whatever the rows around it (the batched
+/// decode step of several sequences relies on it to answer exactly as each
+/// sequence decoded alone). The weight is streamed once; each block of its
+/// rows is multiplied by every `x` row while it is in L1. `None` when the fast
+/// path does not apply (a non-contiguous weight, or see the module docs).
+pub fn linear_each_row(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (rows, k) = x.dims2()?;
     let (n, wk) = w.dims2()?;
     if wk != k {
         candle_core::bail!("linear_rows: x {:?} and weight {:?} do not fit together", x.dims(), w.dims());
     }
-    if rows > GEMV_MAX_ROWS || !w.is_contiguous() || !fast_path(&[x, w]) {
+    if !w.is_contiguous() || !fast_path(&[x, w]) {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -148,6 +162,13 @@ mod tests {
             assert!(max_diff(&got, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-5);
         }
         assert!(linear_rows(&random(&[16, 95], 3), &w).unwrap().is_none());
+        // Any number of rows: each row exactly as alone.
+        let x = random(&[40, 95], 9);
+        let all = linear_each_row(&x, &w).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        for (r, row) in all.iter().enumerate() {
+            let one = linear_rows(&x.narrow(0, r, 1).unwrap(), &w).unwrap().unwrap();
+            assert_eq!(&one.to_vec2::<f32>().unwrap()[0], row, "row {r}");
+        }
         assert!(linear_rows(&random(&[2, 67], 3), &w.t().unwrap()).unwrap().is_none());
         assert!(linear_rows(&random(&[2, 94], 3), &w).is_err());
     }

@@ -163,6 +163,46 @@ impl Linear {
         self.add_bias_and_lora(y, x)
     }
 
+    /// [`Linear::forward`] for `x` `[rows, 1, in]`, one position of each of
+    /// several independent sequences (a batched decode step), where each row's
+    /// output is bit for bit what `forward` gives that row alone (`[1, 1, in]`).
+    ///
+    /// `forward` picks its kernel by row count (a GEMM from 16 rows, a
+    /// dequantized GEMM for quantized weights), and a GEMM sums in another
+    /// order than the matrix-vector product a lone decode step runs. Here a
+    /// dense f32 weight goes through [`multitoken_kernels::lm::linear_each_row`]
+    /// and a Q4_1 / Q8_0 weight through our quantized kernel for any row count
+    /// (both compute each output as one dot product in a fixed order); anything
+    /// else (a LoRA adapter, other dtypes and formats) runs row by row through
+    /// `forward`, equal by construction.
+    pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = crate::profile::scope(crate::profile::Part::Matmul);
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        if self.lora.is_none() && !x.track_op() && rows > 0 {
+            let mut out_dims = dims.clone();
+            if let Some(last) = out_dims.last_mut() {
+                *last = self.out_dim;
+            }
+            match &self.weight {
+                LinearWeight::Dense(w) => {
+                    if let Some(y) = multitoken_kernels::lm::linear_each_row(&x.reshape((rows, self.in_dim))?, w)? {
+                        return self.add_bias_and_lora(y.reshape(out_dims)?, x);
+                    }
+                }
+                LinearWeight::Quantized(q) => {
+                    if let QMatMul::QTensor(qt) = q.as_ref() {
+                        if let Some(format) = own_kernel_format(qt, x) {
+                            let y = self.own_quantized_matmul(format, qt, x, &dims, rows)?;
+                            return self.add_bias_and_lora(y, x);
+                        }
+                    }
+                }
+            }
+        }
+        each_row(x, |row| self.forward(row))
+    }
+
     /// `y + b + lora(x)` for the base product `y` of `x`.
     fn add_bias_and_lora(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
         let y = match &self.bias {
@@ -233,6 +273,14 @@ impl Linear {
         }
         Ok(y.reshape(out_dims)?)
     }
+}
+
+/// `f` applied to each `[1, ...]` row of `x` alone, the results stacked again:
+/// the exact fallback of the batched decode step's per-row operations.
+pub(crate) fn each_row(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    let outs = (0..rows).map(|r| f(&x.narrow(0, r, 1)?)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&outs, 0)?)
 }
 
 /// Which of our kernels ([`crate::quantized`]) does this product, if any: a Q4_1

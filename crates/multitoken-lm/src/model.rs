@@ -354,6 +354,67 @@ impl CausalLm {
         })
     }
 
+    /// One decode step for several sequences with caches of their own, in one
+    /// forward: see [`LanguageModel::decode_step`]. Each row's logits are bit
+    /// for bit what [`CausalLm::forward`] gives it alone (its products through
+    /// [`Linear::forward_rows`], its keys and values appended to its own
+    /// buffers, its attention over its own length, its rotary table at its own
+    /// position), so batched serving answers as one-at-a-time generation.
+    /// `Ok(None)` when a cache is not a plain one-row cache this path takes (a
+    /// padding mask, an empty cache, a sliding window that bites): the caller
+    /// then runs the rows one by one.
+    pub fn decode_rows(&self, embeds: &Tensor, caches: &mut [&mut KvCache]) -> Result<Option<Tensor>> {
+        let (b, t, h) = embeds.dims3()?;
+        if t != 1 || b != caches.len() || b == 0 || h != self.cfg.hidden_size {
+            return Err(Error::Msg(format!(
+                "a decode step takes [sequences, 1, {}] embeddings, one row per cache; got {:?} for {} caches",
+                self.cfg.hidden_size,
+                embeds.dims(),
+                caches.len()
+            )));
+        }
+        let mut positions = Vec::with_capacity(b);
+        for cache in caches.iter() {
+            let seen = cache.seen;
+            if seen + 1 > self.cfg.max_position_embeddings {
+                return Err(Error::Msg(format!(
+                    "the sequence ({seen} cached + 1 new) is longer than the model's context of {} positions",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            let one_row = cache.layers.len() == self.layers.len()
+                && cache.layers.iter().all(|l| matches!(l, Some((k, _)) if k.dim(0).is_ok_and(|d| d == 1)));
+            let window_bites = self.layers.iter().any(|l| l.sliding_window.is_some_and(|w| seen + 1 > w));
+            let shift = match cache.position_shift.as_deref() {
+                None => Some(0),
+                Some([s]) => Some(*s),
+                Some(_) => None,
+            };
+            match shift {
+                Some(shift) if one_row && seen > 0 && cache.attention_mask.is_none() && !window_bites => {
+                    // The one-sequence path's arithmetic: `seen` as f32, plus
+                    // the shift as f32 when the cache keeps one.
+                    let plain = seen as f32;
+                    positions.push(if cache.position_shift.is_some() { plain + shift as f32 } else { plain });
+                }
+                _ => return Ok(None),
+            }
+        }
+        let positions = Positions::PerRow(Tensor::from_vec(positions, (b, 1), &self.device)?);
+        let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
+        let seen: Vec<usize> = caches.iter().map(|c| c.seen).collect();
+        let mut x = if embeds.dtype() == self.dtype { embeds.clone() } else { embeds.to_dtype(self.dtype)? };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut Option<(Tensor, Tensor)>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = layer.forward_rows(&x, &self.rotary, &cos_sin, &mut layer_caches, &seen)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.seen += 1;
+        }
+        let out = self.lm_head.forward_rows(&self.norm.forward(&x)?)?;
+        Ok(Some(out.squeeze(1)?))
+    }
+
     /// The positions of the new tokens once explicit M-RoPE positions and the
     /// cache's per-row shift are taken into account, and the shift to keep
     /// when explicit positions set a new one (`max + 1 - real length`, the
@@ -562,6 +623,32 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// [`DecoderLayer::forward`] for one position of each of several sequences
+    /// with caches of their own; see [`CausalLm::decode_rows`].
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        caches: &mut [&mut Option<(Tensor, Tensor)>],
+        seen: &[usize],
+    ) -> Result<Tensor> {
+        // Norms and residual adds work row by row (and element by element), so
+        // each row's values are its values alone.
+        let normed = self.input_layernorm.forward(x)?;
+        let attn = self.self_attn.forward_rows(&normed, rope, cos_sin, caches, seen)?;
+        match &self.post_attention_layernorm {
+            None => residual_add(&residual_add(x, &attn)?, &self.mlp.forward_rows(&normed)?),
+            Some(post) => {
+                let x = residual_add(x, &attn)?;
+                let mlp = self.mlp.forward_rows(&post.forward(&x)?)?;
+                residual_add(&x, &mlp)
+            }
+        }
+    }
+}
+
 /// `x + y` for a residual stream: a prefill's rows over the kernels' pool
 /// (candle's add runs on its one-thread pool, see `multitoken_kernels::lm::add`).
 fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
@@ -662,6 +749,20 @@ impl LanguageModel for CausalLm {
 
     fn takes_positions(&self) -> bool {
         self.rotary.is_multimodal()
+    }
+
+    fn decode_step(&self, embeds: &Tensor, caches: &mut [&mut KvCache]) -> multitoken_core::Result<Tensor> {
+        match self.decode_rows(embeds, caches)? {
+            Some(logits) => Ok(logits),
+            None => {
+                // Some cache this path does not take: each sequence alone.
+                let mut rows = Vec::with_capacity(caches.len());
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    rows.push(self.forward(&embeds.narrow(0, i, 1)?, None, cache, LogitsSelection::Last)?);
+                }
+                Ok(Tensor::cat(&rows, 0).map_err(Error::from)?)
+            }
+        }
     }
 
     fn forward_embeds_at(

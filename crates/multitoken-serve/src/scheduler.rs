@@ -2,12 +2,17 @@
 //! sequence in one forward per step.
 //!
 //! A new request is prefilled on its own (batch of one, its own [`KvCache`]) as
-//! soon as a slot is free, then joins the running batch: the caches are
-//! left-padded to a common length and stacked, with an attention mask hiding
-//! the padding (position ids come from the mask, as in transformers). A finished
-//! sequence, or one whose client went away, leaves at the end of its step: its
-//! row is dropped and padding columns that no row needs any more are trimmed.
+//! soon as a slot is free, then joins the running batch with that cache: the
+//! batch is ragged, each sequence attending over its own length, so nothing is
+//! padded or copied when a sequence joins or leaves
+//! ([`LanguageModel::decode_step`], whose rows equal one-at-a-time decoding
+//! bit for bit). Between two decode steps at most [`PREFILL_TOKENS_PER_STEP`]
+//! prompt positions are prefilled (at least one prompt), so a burst of new
+//! requests does not stall the running streams for all of its prefills. A
+//! finished sequence, or one whose client went away, leaves at the end of its
+//! step with its cache.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -16,7 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use multitoken_core::{KvCache, LanguageModel, LogitsSelection};
 use multitoken_lm::generate::{FinishReason, GenerationParams};
-use multitoken_lm::sampling::Sampler;
+use multitoken_lm::sampling::{sample_rows, SampleRow, Sampler};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::detok::Detokenizer;
@@ -136,6 +141,9 @@ struct Row {
     seen: Vec<u32>,
     generated: Vec<u32>,
     prompt_len: usize,
+    /// This sequence's own KV cache: the batch is ragged, never padded or
+    /// copied into a shared tensor.
+    cache: KvCache,
 }
 
 /// What happened to a row after a token.
@@ -143,6 +151,11 @@ enum Outcome {
     Running,
     Finished,
 }
+
+/// Prompt positions prefilled between two decode steps (beyond the first
+/// prompt, which always goes): a burst of new requests is admitted over a few
+/// steps instead of holding every running stream while all of them prefill.
+const PREFILL_TOKENS_PER_STEP: usize = 256;
 
 struct Worker {
     model: Arc<dyn LanguageModel>,
@@ -154,64 +167,67 @@ struct Worker {
 impl Worker {
     fn run(self, jobs: Receiver<Job>) {
         let mut rows: Vec<Row> = Vec::new();
-        let mut cache = KvCache::new(self.model.num_layers());
+        let mut waiting: VecDeque<(Job, Instant)> = VecDeque::new();
         let mut open = true;
         loop {
-            if rows.is_empty() {
+            if rows.is_empty() && waiting.is_empty() {
                 if !open {
                     return;
                 }
                 match jobs.recv() {
-                    Ok(job) => self.admit(job, &mut rows, &mut cache),
+                    Ok(job) => waiting.push_back((job, Instant::now())),
                     Err(_) => return,
                 }
             }
-            while open && rows.len() < self.max_batch {
+            while open {
                 match jobs.try_recv() {
-                    Ok(job) => self.admit(job, &mut rows, &mut cache),
+                    Ok(job) => waiting.push_back((job, Instant::now())),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
+            // Admit in arrival order within the step's prefill budget.
+            let mut budget = PREFILL_TOKENS_PER_STEP;
+            let mut admitted = 0;
+            while rows.len() < self.max_batch {
+                let Some((job, _)) = waiting.front() else { break };
+                let len = job.embeds.dim(1).unwrap_or(0);
+                if admitted > 0 && len > budget {
+                    break;
+                }
+                budget = budget.saturating_sub(len);
+                admitted += 1;
+                if let Some((job, queued)) = waiting.pop_front() {
+                    self.admit(job, queued, &mut rows);
+                }
+            }
             self.metrics.set_running(rows.len());
             if rows.is_empty() {
-                cache = KvCache::new(self.model.num_layers());
                 continue;
             }
-            if let Err(e) = self.step(&mut rows, &mut cache) {
+            if let Err(e) = self.step(&mut rows) {
                 for row in rows.drain(..) {
                     let _ = row.events.send(Event::Error(format!("decoding failed: {e}")));
                 }
-                cache = KvCache::new(self.model.num_layers());
             }
             self.metrics.set_running(rows.len());
         }
     }
 
     /// Prefills a job alone, takes its first token, and joins it to the batch.
-    fn admit(&self, job: Job, rows: &mut Vec<Row>, cache: &mut KvCache) {
+    fn admit(&self, job: Job, queued: Instant, rows: &mut Vec<Row>) {
         self.metrics.add_queued(-1);
         if job.events.is_closed() {
             self.metrics.add_disconnect();
             return;
         }
-        let start = Instant::now();
         let events = job.events.clone();
         match self.prefill(job) {
-            Ok(Some((row, own))) => {
-                self.metrics.record_first_token(start.elapsed());
-                let joined = if rows.is_empty() { Ok(own) } else { join(cache, &own) };
-                match joined {
-                    Ok(c) => {
-                        *cache = c;
-                        rows.push(row);
-                    }
-                    Err(e) => {
-                        let _ = row.events.send(Event::Error(format!("joining the batch failed: {e}")));
-                    }
-                }
+            Ok(Some(row)) => {
+                self.metrics.record_first_token(queued.elapsed());
+                rows.push(row);
             }
-            Ok(None) => self.metrics.record_first_token(start.elapsed()),
+            Ok(None) => self.metrics.record_first_token(queued.elapsed()),
             Err(e) => {
                 let _ = events.send(Event::Error(e.to_string()));
             }
@@ -219,7 +235,7 @@ impl Worker {
     }
 
     /// The prompt's forward and first token; `None` when the sequence already ended.
-    fn prefill(&self, job: Job) -> Result<Option<(Row, KvCache)>> {
+    fn prefill(&self, job: Job) -> Result<Option<Row>> {
         let (_, prompt_len, _) = job.embeds.dims3()?;
         let max_context = self.model.max_context();
         if prompt_len == 0 || prompt_len >= max_context {
@@ -237,51 +253,53 @@ impl Worker {
             seen: job.prompt_ids,
             generated: Vec::new(),
             prompt_len,
+            cache: KvCache::new(self.model.num_layers()),
         };
         self.metrics.add_prompt_tokens(prompt_len);
         if row.params.max_new_tokens == 0 {
             self.finish(&mut row, FinishReason::Length);
             return Ok(None);
         }
-        let mut own = KvCache::new(self.model.num_layers());
-        let logits = self
-            .model
-            .forward_embeds_at(&job.embeds, None, &mut own, LogitsSelection::Last, job.positions.as_ref())?;
+        let logits = self.model.forward_embeds_at(
+            &job.embeds,
+            None,
+            &mut row.cache,
+            LogitsSelection::Last,
+            job.positions.as_ref(),
+        )?;
         let mut logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let token = row.sampler.sample(&mut logits, &row.seen)?;
         Ok(match self.accept(&mut row, token)? {
-            Outcome::Running => Some((row, own)),
+            Outcome::Running => Some(row),
             Outcome::Finished => None,
         })
     }
 
-    /// One decode forward for every row; finished rows leave the batch.
-    fn step(&self, rows: &mut Vec<Row>, cache: &mut KvCache) -> Result<()> {
+    /// One decode forward for every row (each with its own cache); finished
+    /// rows leave the batch, dropping their caches.
+    fn step(&self, rows: &mut Vec<Row>) -> Result<()> {
         let last: Vec<u32> = rows.iter().map(|r| r.generated.last().copied().unwrap_or(0)).collect();
         let ids = Tensor::from_vec(last, (rows.len(), 1), self.model.device())?;
         let embeds = self.model.embed_tokens(&ids)?;
-        let logits = self.model.forward_embeds(&embeds, None, cache, LogitsSelection::Last)?;
+        let logits = {
+            let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|r| &mut r.cache).collect();
+            self.model.decode_step(&embeds, &mut caches)?
+        };
         let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut keep = Vec::with_capacity(rows.len());
-        for (i, (row, mut row_logits)) in rows.iter_mut().zip(logits).enumerate() {
-            let token = row.sampler.sample(&mut row_logits, &row.seen)?;
-            if let Outcome::Running = self.accept(row, token)? {
-                keep.push(i);
-            }
+        // Draws over the pool (each row's own sampler), then each token taken
+        // in row order on this thread (detokenizing, streaming).
+        let draws = sample_rows(
+            rows.iter_mut()
+                .zip(logits)
+                .map(|(row, logits)| SampleRow { sampler: &mut row.sampler, logits, previous: &row.seen })
+                .collect(),
+        );
+        let mut outcomes = Vec::with_capacity(rows.len());
+        for (row, token) in rows.iter_mut().zip(draws) {
+            outcomes.push(self.accept(row, token?)?);
         }
-        if keep.len() < rows.len() {
-            let mut index = 0;
-            rows.retain(|_| {
-                let kept = keep.contains(&index);
-                index += 1;
-                kept
-            });
-            *cache = if rows.is_empty() {
-                KvCache::new(self.model.num_layers())
-            } else {
-                select_rows(cache, &keep)?
-            };
-        }
+        let mut outcomes = outcomes.into_iter();
+        rows.retain(|_| matches!(outcomes.next(), Some(Outcome::Running)));
         Ok(())
     }
 
@@ -326,124 +344,4 @@ impl Worker {
         }));
         Outcome::Finished
     }
-}
-
-/// The cache's `[b, seen]` mask (ones when it never saw padding).
-fn mask_of(cache: &KvCache, batch: usize, device: &candle_core::Device) -> Result<Tensor> {
-    Ok(match &cache.attention_mask {
-        Some(m) => m.to_dtype(DType::F32)?,
-        None => Tensor::ones((batch, cache.seen), DType::F32, device)?,
-    })
-}
-
-fn batch_of(cache: &KvCache) -> Result<usize> {
-    match cache.layers.iter().flatten().next() {
-        Some((k, _)) => Ok(k.dim(0)?),
-        None => Err(Error::Internal("the KV cache is empty".into())),
-    }
-}
-
-/// `t` left-padded to `target` positions along `dim` with zeros.
-fn pad_left(t: &Tensor, dim: usize, target: usize) -> Result<Tensor> {
-    let have = t.dim(dim)?;
-    if have == target {
-        return Ok(t.clone());
-    }
-    let mut shape = t.dims().to_vec();
-    shape[dim] = target - have;
-    let zeros = Tensor::zeros(shape, t.dtype(), t.device())?;
-    Ok(Tensor::cat(&[&zeros, t], dim)?)
-}
-
-/// The batch cache with `new` stacked under it, both left-padded to the longer one.
-fn join(batch: &KvCache, new: &KvCache) -> Result<KvCache> {
-    let target = batch.seen.max(new.seen);
-    let mut layers = Vec::with_capacity(batch.layers.len());
-    for (a, b) in batch.layers.iter().zip(&new.layers) {
-        layers.push(match (a, b) {
-            (Some((ka, va)), Some((kb, vb))) => {
-                let fit = |t: &Tensor, seen: usize| -> Result<Tensor> { pad_left(&t.narrow(2, 0, seen)?, 2, target) };
-                let k = Tensor::cat(&[&fit(ka, batch.seen)?, &fit(kb, new.seen)?], 0)?;
-                let v = Tensor::cat(&[&fit(va, batch.seen)?, &fit(vb, new.seen)?], 0)?;
-                Some((k, v))
-            }
-            _ => return Err(Error::Internal("a KV cache layer is missing".into())),
-        });
-    }
-    let device = new
-        .layers
-        .iter()
-        .flatten()
-        .next()
-        .map(|(k, _)| k.device().clone())
-        .unwrap_or(candle_core::Device::Cpu);
-    let mask_a = pad_left(&mask_of(batch, batch_of(batch)?, &device)?, 1, target)?;
-    let mask_b = pad_left(&mask_of(new, batch_of(new)?, &device)?, 1, target)?;
-    let mask = Tensor::cat(&[&mask_a, &mask_b], 0)?;
-    let all_real = mask.min_all()?.to_scalar::<f32>()? >= 0.5;
-    // Each row keeps its own position shift (M-RoPE rows after their images).
-    let position_shift = match (&batch.position_shift, &new.position_shift) {
-        (None, None) => None,
-        (a, b) => {
-            let rows = |shift: &Option<Vec<i64>>, cache: &KvCache| -> Result<Vec<i64>> {
-                match shift {
-                    Some(shift) => Ok(shift.clone()),
-                    None => Ok(vec![0; batch_of(cache)?]),
-                }
-            };
-            let mut joined = rows(a, batch)?;
-            joined.extend(rows(b, new)?);
-            Some(joined)
-        }
-    };
-    Ok(KvCache {
-        layers,
-        attention_mask: (!all_real).then_some(mask),
-        seen: target,
-        position_shift,
-    })
-}
-
-/// The rows `keep` of the batch cache, without leading columns that are padding in every row.
-fn select_rows(cache: &KvCache, keep: &[usize]) -> Result<KvCache> {
-    let device = cache
-        .layers
-        .iter()
-        .flatten()
-        .next()
-        .map(|(k, _)| k.device().clone())
-        .unwrap_or(candle_core::Device::Cpu);
-    let index = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), &device)?;
-    let mask = mask_of(cache, batch_of(cache)?, &device)?.index_select(&index, 0)?;
-    let rows = mask.to_vec2::<f32>()?;
-    let lead = rows
-        .iter()
-        .map(|r| r.iter().take_while(|&&m| m < 0.5).count())
-        .min()
-        .unwrap_or(0);
-    let seen = cache.seen - lead;
-    let mut layers = Vec::with_capacity(cache.layers.len());
-    for layer in &cache.layers {
-        layers.push(match layer {
-            Some((k, v)) => {
-                let pick = |t: &Tensor| -> Result<Tensor> {
-                    Ok(t.narrow(2, lead, seen)?.contiguous()?.index_select(&index, 0)?)
-                };
-                Some((pick(k)?, pick(v)?))
-            }
-            None => None,
-        });
-    }
-    let mask = mask.narrow(1, lead, seen)?;
-    let all_real = mask.min_all()?.to_scalar::<f32>()? >= 0.5;
-    let position_shift = cache
-        .position_shift
-        .as_ref()
-        .map(|shift| keep.iter().map(|&i| shift.get(i).copied().unwrap_or(0)).collect());
-    Ok(KvCache {
-        layers,
-        attention_mask: (!all_real).then_some(mask),
-        seen,
-        position_shift,
-    })
 }

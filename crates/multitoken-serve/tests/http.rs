@@ -132,8 +132,8 @@ fn generate_and_chat_completions_answer_like_direct_generation() {
     }
 }
 
-/// Concurrent requests are decoded in one batch (left-padded caches of
-/// different lengths) and still get exactly their one-at-a-time answers.
+/// Concurrent requests are decoded in one batch (each sequence with its own
+/// cache of its own length) and still get exactly their one-at-a-time answers.
 #[test]
 fn batched_answers_equal_one_at_a_time_answers() {
     let reference = text_model();
@@ -157,6 +157,64 @@ fn batched_answers_equal_one_at_a_time_answers() {
         })
         .collect();
     for ((handle, want), prompt) in handles.into_iter().zip(&wants).zip(&prompts) {
+        let (status, body) = handle.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["output"].as_str().unwrap(), want, "answer to {prompt:?}");
+    }
+}
+
+/// Twenty concurrent requests of different lengths, two of them with images
+/// (whose encoders run on the preparing threads), decoded in one ragged batch
+/// (each sequence with its own cache; past the 16 rows where a dense product
+/// would change kernel): every answer is exactly its one-at-a-time answer.
+#[test]
+fn batched_answers_with_images_equal_one_at_a_time_answers() {
+    use multitoken_core::Item;
+    let dir = vision_model_dir("batch-images");
+    let load = || {
+        link_modalities();
+        multitoken_lm::multimodal::MultimodalModel::load(&dir, &Default::default()).unwrap()
+    };
+    let reference = load();
+    // (prompt, image fixture)
+    let requests: Vec<(String, Option<&str>)> = (0..20)
+        .map(|i| match i {
+            3 => ("<image>\nWhat is this?".to_string(), Some("rgb_96x64.png")),
+            11 => ("Describe <image> in a few words, then say more about it.".to_string(), Some("rgb_13x21.png")),
+            _ => (format!("{} question number {i}", "tell me ".repeat(i % 7 * 2)), None),
+        })
+        .collect();
+    let wants: Vec<String> = requests
+        .iter()
+        .map(|(prompt, image)| {
+            let items = match image {
+                Some(name) => ItemsByKey::from([(
+                    "images".to_string(),
+                    vec![Item::Path(fixtures().join("vision/images").join(name))],
+                )]),
+                None => ItemsByKey::new(),
+            };
+            let prepared = reference.prepare_chat(&[Message::new("user", prompt)], &items).unwrap();
+            let params = GenerationParams {
+                max_new_tokens: 16,
+                eos_token_ids: reference.lm.generation.eos_token_ids.clone(),
+                ..Default::default()
+            };
+            reference.generate(&prepared, &items, &params, &mut |_| true).unwrap().text
+        })
+        .collect();
+    let server = TestServer::start(load(), ServeConfig { max_batch: 20, ..Default::default() });
+    let url = server.url("/generate");
+    let handles: Vec<_> = requests
+        .iter()
+        .map(|(prompt, image)| {
+            let images: Vec<String> = image.iter().map(|name| image_data_url(name)).collect();
+            let body = json!({"messages": user(prompt), "images": images, "max_new_tokens": 16});
+            let url = url.clone();
+            std::thread::spawn(move || post_json(&url, &body))
+        })
+        .collect();
+    for ((handle, want), (prompt, _)) in handles.into_iter().zip(&wants).zip(&requests) {
         let (status, body) = handle.join().unwrap();
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["output"].as_str().unwrap(), want, "answer to {prompt:?}");

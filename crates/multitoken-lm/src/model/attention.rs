@@ -109,6 +109,80 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// [`Attention::forward`] for one new position of each of several
+    /// sequences with caches of their own (a batched decode step, no mask):
+    /// `x` `[b, 1, hidden]`, `cos_sin` per-row tables `[b, 1, rot / 2]`,
+    /// `caches[i]` / `seen[i]` sequence `i`'s buffers and length. Each row's
+    /// output is bit for bit what `forward` gives it alone: the products go
+    /// through [`Linear::forward_rows`], keys and values are appended to each
+    /// sequence's own buffers, and the attention is [`attend`] per (sequence,
+    /// head) as in the one-sequence decode step.
+    pub(crate) fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        caches: &mut [&mut Option<(Tensor, Tensor)>],
+        seen: &[usize],
+    ) -> Result<Tensor> {
+        // The projections and rope inside are timed as their own parts.
+        let _profile = crate::profile::scope(crate::profile::Part::Attention);
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        if t != 1 || caches.len() != b || seen.len() != b {
+            return Err(crate::Error::Msg(format!(
+                "a batched decode step takes one position per sequence: {b} rows of {t}, {} caches",
+                caches.len()
+            )));
+        }
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward_rows(x)?, nh)?;
+        let k = heads(self.k_proj.forward_rows(x)?, nkv)?;
+        let v = heads(self.v_proj.forward_rows(x)?, nkv)?;
+        let (cos, sin) = cos_sin;
+        let q = rope.apply(&q, cos, sin)?;
+        let k = rope.apply(&k, cos, sin)?;
+        let mut kv = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (ki, vi) = (k.narrow(0, i, 1)?.contiguous()?, v.narrow(0, i, 1)?.contiguous()?);
+            kv.push(append_to_cache(cache, ki, vi, seen[i])?);
+        }
+        let n_rep = nh / nkv;
+        let out = match ragged_decode_attention(&q, &kv, n_rep)? {
+            Some(out) => out,
+            None => {
+                // Other dtypes and devices: each sequence through the general path.
+                let mut outs = Vec::with_capacity(b);
+                for (i, (ki, vi)) in kv.iter().enumerate() {
+                    outs.push(general_decode(&q.narrow(0, i, 1)?, ki, vi, n_rep, hd)?);
+                }
+                Tensor::cat(&outs, 0)?
+            }
+        };
+        self.o_proj.forward_rows(&out)
+    }
+}
+
+/// The general path's attention for one query position of one sequence with
+/// no mask, `[1, 1, heads * head_dim]`: what [`Attention::forward`] computes
+/// when [`decode_attention`] does not apply.
+fn general_decode(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, hd: usize) -> Result<Tensor> {
+    let (b, nh, t, _) = q.dims4()?;
+    let nkv = nh / n_rep;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
+    let scores = q.matmul(&k.t()?)?;
+    let dtype = scores.dtype();
+    let scores = if dtype == DType::F32 { scores } else { scores.to_dtype(DType::F32)? };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = if dtype == DType::F32 { probs } else { probs.to_dtype(dtype)? };
+    let out = probs.matmul(v)?;
+    Ok(out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+}
+
 /// One new query per sequence against every cached position, with no mask: the
 /// decode step's attention in a single pass, `[b, 1, heads * head_dim]` out.
 ///
@@ -143,25 +217,76 @@ fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Result<
             let (bi, h) = ((first + i) / nh, (first + i) % nh);
             let base = offset + bi * stride[0] + (h / n_rep) * stride[1];
             let qv = &qs[(bi * nh + h) * hd..(bi * nh + h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                let kr = &ks[base + j * stride[2]..base + j * stride[2] + hd];
-                *s = dot(qv, kr) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            dst.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let vr = &vs[base + j * stride[2]..base + j * stride[2] + hd];
-                let p = p / sum;
-                for (o, x) in dst.iter_mut().zip(vr) {
-                    *o += p * x;
-                }
-            }
+            attend(qv, ks, vs, base, stride[2], scale, &mut scores, dst);
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))
+}
+
+/// One query head against `scores.len()` cached positions starting at `base`
+/// (`step` floats apart) of the key and value buffers, written to `dst`: the
+/// decode step's attention for one (sequence, head), shared by the one-cache
+/// and the ragged path so that both give the same bits.
+#[allow(clippy::too_many_arguments)]
+fn attend(qv: &[f32], ks: &[f32], vs: &[f32], base: usize, step: usize, scale: f32, scores: &mut [f32], dst: &mut [f32]) {
+    let hd = dst.len();
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let kr = &ks[base + j * step..base + j * step + hd];
+        *s = dot(qv, kr) * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    dst.fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        let vr = &vs[base + j * step..base + j * step + hd];
+        let p = p / sum;
+        for (o, x) in dst.iter_mut().zip(vr) {
+            *o += p * x;
+        }
+    }
+}
+
+/// The decode step's attention for several sequences with caches of their own
+/// lengths (no padding, no copies): `q` `[b, heads, 1, head_dim]`, `kv[i]` the
+/// `[1, kv_heads, len_i, head_dim]` keys and values of sequence `i` (views into
+/// its cache buffers). Returns `[b, 1, heads * head_dim]`, each (sequence,
+/// head) computed by [`attend`] as [`decode_attention`] computes it alone.
+/// `None` when it does not apply (not f32 on the CPU, an unusual layout).
+pub(crate) fn ragged_decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], n_rep: usize) -> Result<Option<Tensor>> {
+    use candle_core::Storage;
+    let (b, nh, _, hd) = q.dims4()?;
+    if q.dtype() != DType::F32 || !q.device().is_cpu() || kv.len() != b {
+        return Ok(None);
+    }
+    let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
+    let guards: Vec<_> = kv.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+    // Per sequence: key and value slices, first offset, strides, length.
+    let mut rows = Vec::with_capacity(b);
+    for ((k, _), ((ks, kl), (vs, vl))) in kv.iter().zip(&guards) {
+        let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&**ks, &**vs) else { return Ok(None) };
+        let (k_stride, v_stride) = (kl.stride(), vl.stride());
+        if k.dtype() != DType::F32 || k_stride.len() != 4 || k_stride[3] != 1 || v_stride != k_stride || kl.start_offset() != vl.start_offset() || k.dim(3)? != hd {
+            return Ok(None);
+        }
+        rows.push((kc.as_slice::<f32>()?, vc.as_slice::<f32>()?, kl.start_offset(), [k_stride[1], k_stride[2]], k.dim(2)?));
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let work: usize = rows.iter().map(|r| r.4).sum::<usize>() * nh * hd;
+    let mut out = vec![0f32; b * nh * hd];
+    crate::parallel::fill_items(&mut out, hd, work >= 1 << 15, |first, items| {
+        let mut scores = Vec::new();
+        for (i, dst) in items.chunks_exact_mut(hd).enumerate() {
+            let (bi, h) = ((first + i) / nh, (first + i) % nh);
+            let (ks, vs, offset, stride, len) = rows[bi];
+            scores.resize(len, 0.0);
+            let base = offset + (h / n_rep) * stride[0];
+            let qv = &qs[(bi * nh + h) * hd..(bi * nh + h + 1) * hd];
+            attend(qv, ks, vs, base, stride[1], scale, &mut scores, dst);
         }
     });
     Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))

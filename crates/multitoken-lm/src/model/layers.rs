@@ -81,6 +81,39 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// [`Mlp::forward`] for `[rows, 1, hidden]`, one position of each of several
+    /// sequences, each row's output bit for bit its output alone (see
+    /// [`Linear::forward_rows`]); a custom feed-forward runs row by row.
+    pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
+                let gate = gate_proj.forward_rows(x)?;
+                let up = up_proj.forward_rows(x)?;
+                // Element-wise, so each row's values are its values alone.
+                let gated = {
+                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
+                    if *act == Activation::Silu {
+                        multitoken_kernels::train::silu_mul(&gate, &up)?
+                    } else {
+                        (activate(&gate, *act)? * up)?
+                    }
+                };
+                down_proj.forward_rows(&gated)
+            }
+            Mlp::Plain { fc1, fc2, act } => {
+                let hidden = fc1.forward_rows(x)?;
+                let activated = {
+                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
+                    activate(&hidden, *act)?
+                };
+                fc2.forward_rows(&activated)
+            }
+            Mlp::Custom(ff) => crate::linear::each_row(x, |row| ff.forward(row)),
+        }
+    }
+}
+
 /// Apply an activation.
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
