@@ -6,7 +6,6 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use multitoken::train::cli::TrainArgs;
@@ -44,16 +43,12 @@ pub fn train<'py>(
         config.progress = false;
     }
     let metrics = config.output_dir.join("metrics.jsonl");
-    let (done_sender, done) = mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let result = multitoken::train::trainer::train(&config);
-        let _ = done_sender.send(());
-        result
-    });
+    let worker = std::thread::spawn(move || multitoken::train::trainer::train(&config));
     let mut offset = 0u64;
     let mut callback_error: Option<PyErr> = None;
     loop {
-        let finished = py.detach(|| done.recv_timeout(POLL).is_ok());
+        py.detach(|| std::thread::sleep(POLL));
+        let finished = worker.is_finished();
         if let Some(callback) = progress.as_ref().filter(|_| callback_error.is_none()) {
             for line in new_lines(&metrics, &mut offset) {
                 let row = py.import("json")?.call_method1("loads", (line,))?;
