@@ -4,6 +4,8 @@
 //! `fn main() -> anyhow::Result<()> { multitoken::cli::main() }`.
 
 pub mod cli;
+pub mod conversation;
+pub mod hub;
 
 pub use multitoken_audio as audio;
 pub use multitoken_core as core;

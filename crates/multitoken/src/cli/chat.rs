@@ -17,8 +17,10 @@ use std::io::{BufRead, Write};
 
 use anyhow::Result;
 use clap::Args;
-use multitoken_core::{Item, ItemsByKey, Message};
+use multitoken_core::Item;
 use multitoken_lm::multimodal::MultimodalModel;
+
+use crate::conversation::{typed_text, Conversation};
 
 use super::model_args::{ItemArgs, ModelArgs, SamplingArgs};
 
@@ -48,12 +50,7 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<()> {
     let model = args.model.load()?;
     let params = args.sampling.params(&model);
-    let mut messages: Vec<Message> = Vec::new();
-    if let Some(system) = &args.system {
-        messages.push(Message::system(system));
-    }
-    // Every item of the conversation so far, in token order per modality.
-    let mut items = ItemsByKey::new();
+    let mut conversation = Conversation::new(args.system.as_deref());
     let mut pending: Vec<(String, Item)> = Vec::new();
     for (key, given) in args.items.collect()? {
         if model.modality_for_key(&key).is_none() {
@@ -65,15 +62,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
         pending.extend(given.into_iter().map(|item| (key.clone(), item)));
     }
+    let mut stdout = std::io::stdout();
     if let Some(prompt) = &args.prompt {
-        let text = with_tokens(&model, &typed(&model, prompt, args.parse_special_tokens), &pending);
-        for (key, item) in &pending {
-            items.entry(key.clone()).or_default().push(item.clone());
-        }
-        messages.push(Message::user(text));
-        let prepared = model.prepare_chat(&messages, &items)?;
-        let mut stdout = std::io::stdout();
-        model.generate(&prepared, &items, &params, &mut |text| {
+        let text = typed(&model, prompt, args.parse_special_tokens);
+        conversation.send(&model, &text, &pending, &params, &mut |text| {
             write!(stdout, "{text}")
                 .and_then(|()| stdout.flush())
                 .is_ok()
@@ -82,7 +74,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
         return Ok(());
     }
     let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
     let tokens = model.modality_tokens().join(" ");
     eprintln!(
         "multitoken chat with {}{} — /image, /audio, /document PATH (or /item KEY PATH, /KEY PATH for any modality) attach an item; /reset clears; /exit (or Ctrl-D) quits",
@@ -102,8 +93,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             "" => continue,
             "/exit" | "/quit" => break,
             "/reset" => {
-                messages.retain(|m| m.role == "system");
-                items.clear();
+                conversation.reset();
                 pending.clear();
                 continue;
             }
@@ -135,37 +125,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
             }
             _ => {}
         }
-        let text = with_tokens(&model, &typed(&model, line, args.parse_special_tokens), &pending);
-        let mut turn_items = items.clone();
-        for (key, item) in &pending {
-            turn_items
-                .entry(key.clone())
-                .or_default()
-                .push(item.clone());
-        }
-        messages.push(Message::user(text));
-        let result = model
-            .prepare_chat(&messages, &turn_items)
-            .and_then(|prepared| {
-                model.generate(&prepared, &turn_items, &params, &mut |text| {
-                    write!(stdout, "{text}")
-                        .and_then(|()| stdout.flush())
-                        .is_ok()
-                })
-            });
+        let text = typed(&model, line, args.parse_special_tokens);
+        let result = conversation.send(&model, &text, &pending, &params, &mut |text| {
+            write!(stdout, "{text}")
+                .and_then(|()| stdout.flush())
+                .is_ok()
+        });
         writeln!(stdout)?;
-        match result {
-            Ok(output) => {
-                messages.push(Message::assistant(output.text.trim()));
-                items = turn_items;
-                pending.clear();
-            }
-            Err(e) => {
-                // Keep the conversation usable: drop the turn that failed.
-                messages.pop();
-                pending.clear();
-                eprintln!("error: {e}");
-            }
+        // A failed turn is dropped (the conversation stays usable); its items too.
+        pending.clear();
+        if let Err(e) = result {
+            eprintln!("error: {e}");
         }
     }
     Ok(())
@@ -221,41 +191,9 @@ fn typed(model: &MultimodalModel, text: &str, parse: bool) -> String {
     if parse {
         text.to_string()
     } else {
-        model.chat_preparer().mark_special_tokens_as_text(text)
+        typed_text(model, text)
     }
 }
-
-/// The message with a modality token in front for each attached item the text
-/// does not already refer to (`generate` places its items the same way).
-pub(super) fn with_tokens(model: &MultimodalModel, text: &str, pending: &[(String, Item)]) -> String {
-    let mut prefix = String::new();
-    for (key, _) in pending {
-        if let Some((_, runtime)) = model.modality_for_key(key) {
-            let token = runtime.modality.token();
-            let wanted = pending.iter().filter(|(k, _)| k == key).count();
-            let present = occurrences(text, token);
-            if present < wanted && prefix.matches(token).count() < wanted - present {
-                prefix.push_str(token);
-                prefix.push('\n');
-            }
-        }
-    }
-    format!("{prefix}{text}")
-}
-
-/// How often `text` refers to `token`'s modality. Chat templates that take
-/// content parts read `<image>` as an image part too (`chat_template.rs`,
-/// `PART_TOKENS`), so a Qwen2-VL prompt written with `<image>` already places
-/// its `<|image_pad|>` item.
-fn occurrences(text: &str, token: &str) -> usize {
-    let own = text.matches(token).count();
-    if token != "<image>" && token.contains("image_pad") {
-        own + text.matches("<image>").count()
-    } else {
-        own
-    }
-}
-
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,7 @@
 //! `embeddings` is the older form, FILEs first then each `--text`. This contract
 //! is relied on by scripts outside the repo: change it only additively.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -84,26 +84,20 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     }
     let extract = ExtractConfig::with_max_bytes(args.max_bytes);
     let mut names = Vec::new();
-    let mut texts = Vec::new();
     let items = args
         .files
         .iter()
         .map(|path| Item::Path(path.clone()))
         .chain(args.texts.iter().map(|text| Item::Text(text.clone())));
-    for item in items {
-        names.push(multitoken_document::describe_item(&item));
-        texts.push(extract_item(&item, &extract)?);
+    let items: Vec<Item> = items.collect();
+    for item in &items {
+        names.push(multitoken_document::describe_item(item));
     }
-    let dir = args.model.clone().unwrap_or_else(multitoken_document::default_minilm_dir);
-    let encoder = SentenceEncoder::load(&dir, &Device::Cpu, DType::F32)?;
-    let chunking = ChunkConfig {
-        max_tokens: None,
-        overlap: args.overlap,
+    let dir = match &args.model {
+        Some(model) => crate::hub::resolve_model_arg(model)?,
+        None => multitoken_document::default_minilm_dir(),
     };
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let embeddings = encoder
-        .embed_texts(&refs, &chunking)
-        .with_context(|| format!("embedding with {}", dir.display()))?;
+    let (embeddings, dim) = embed_items_with(&dir, &items, &extract, args.overlap)?;
     // `embeddings` (and `names`) hold the files first, then the texts.
     let row_of = |(is_file, i): (bool, usize)| if is_file { i } else { args.files.len() + i };
     let ordered = args.inputs_in_order();
@@ -121,7 +115,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
             .collect();
         let line = json!({
             "model": dir.display().to_string(),
-            "dim": encoder.dim(),
+            "dim": dim,
             "inputs": inputs,
             "embeddings": embeddings,
         });
@@ -134,4 +128,25 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sentence embeddings of items (files, bytes or inline text; the default
+/// extraction limits) with the sentence-transformers model in `dir`: one row per
+/// item, and the width. `multitoken embed` and the Python module call this.
+pub fn embed_items(dir: &Path, items: &[Item], overlap: usize) -> Result<(Vec<Vec<f32>>, usize)> {
+    embed_items_with(dir, items, &ExtractConfig::default(), overlap)
+}
+
+fn embed_items_with(dir: &Path, items: &[Item], extract: &ExtractConfig, overlap: usize) -> Result<(Vec<Vec<f32>>, usize)> {
+    let mut texts = Vec::with_capacity(items.len());
+    for item in items {
+        texts.push(extract_item(item, extract)?);
+    }
+    let encoder = SentenceEncoder::load(dir, &Device::Cpu, DType::F32)?;
+    let chunking = ChunkConfig { max_tokens: None, overlap };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let embeddings = encoder
+        .embed_texts(&refs, &chunking)
+        .with_context(|| format!("embedding with {}", dir.display()))?;
+    Ok((embeddings, encoder.dim()))
 }

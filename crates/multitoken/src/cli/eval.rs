@@ -63,7 +63,10 @@ pub struct EvalArgs {
 }
 
 /// Runs `multitoken eval`.
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(mut args: EvalArgs) -> Result<()> {
+    if let Some(model) = &args.model {
+        args.model = Some(crate::hub::resolve_model_arg(model)?);
+    }
     let Some(name) = &args.benchmark else {
         let (Some(model), Some(dataset)) = (args.model, args.dataset) else {
             bail!("give --benchmark NAME --data FILE, or --model DIR --dataset FILE for held-out rows");

@@ -114,32 +114,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     messages.push(Message::user(&args.prompt));
     substitute_transcripts(&args, &mut messages, &mut items)?;
     let model = args.model.load()?;
-    if !args.raw {
-        // As `chat`: an item whose token the prompt lacks goes before the text.
-        let given: Vec<(String, Item)> = items
-            .iter()
-            .flat_map(|(key, list)| list.iter().map(move |item| (key.clone(), item.clone())))
-            .collect();
-        if let Some(user) = messages.last_mut() {
-            user.content = super::chat::with_tokens(&model, &user.content, &given);
-        }
-    }
-    let prepared = if args.raw {
-        // --raw has no system turn; the prompt is the last message.
-        let prompt = messages
-            .last()
-            .map_or(args.prompt.as_str(), |m| m.content.as_str());
-        model.prepare_raw(prompt, &items)?
-    } else {
-        model.prepare_chat(&messages, &items)?
-    };
     let params = args.sampling.params(&model);
     if args.profile || std::env::var_os("MULTITOKEN_PROFILE").is_some_and(|v| v != "0" && !v.is_empty()) {
         multitoken_lm::profile::enable();
     }
     let stream = !args.json;
     let mut stdout = std::io::stdout();
-    let output = model.generate(&prepared, &items, &params, &mut |text| {
+    let mut on_text = |text: &str| {
         if stream {
             // A closed pipe (e.g. `| head`) ends generation rather than erroring.
             return write!(stdout, "{text}")
@@ -147,7 +128,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 .is_ok();
         }
         true
-    })?;
+    };
+    let output = if args.raw {
+        // --raw has no system turn; the prompt is the last message.
+        let prompt = messages
+            .last()
+            .map_or(args.prompt.as_str(), |m| m.content.as_str());
+        let prepared = model.prepare_raw(prompt, &items)?;
+        model.generate(&prepared, &items, &params, &mut on_text)?
+    } else {
+        // As `chat`: an item whose token the prompt lacks goes before the text.
+        crate::conversation::generate_chat(&model, &mut messages, &items, &params, &mut on_text)?
+    };
     for (name, phase) in multitoken_lm::profile::take_phases() {
         eprintln!("\n{}", phase.table(&name));
     }

@@ -35,7 +35,7 @@ pub fn run(args: MelArgs) -> Result<()> {
     }
     let config = DecodeConfig::with_max_seconds(args.max_seconds);
     let samples = load_audio(&Item::Path(args.file.clone()), &config)?;
-    let mel = LogMel::new(args.n_mels)?.compute(&samples);
+    let mel = log_mel_of(&samples, args.n_mels)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let Some(first) = mel.windows.first() else {
         bail!("{}: no log-mel window", args.file.display());
@@ -68,4 +68,19 @@ pub fn run(args: MelArgs) -> Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+fn log_mel_of(samples: &[f32], n_mels: usize) -> Result<multitoken_audio::MelWindows> {
+    if n_mels != 80 && n_mels != 128 {
+        bail!("n_mels must be 80 or 128, got {n_mels}");
+    }
+    Ok(LogMel::new(n_mels)?.compute(samples))
+}
+
+/// Whisper's log-mel windows (`n_mels` × 3000 values each, row-major) of an audio
+/// item at any rate and channel count, as `multitoken mel` computes them (the
+/// default length limit, an hour).
+pub fn log_mel_windows(item: &Item, n_mels: usize) -> Result<Vec<Vec<f32>>> {
+    let samples = load_audio(item, &DecodeConfig::with_max_seconds(3600.0))?;
+    Ok(log_mel_of(&samples, n_mels)?.windows)
 }

@@ -39,7 +39,11 @@ use std::sync::Once;
 use anyhow::Result;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+pub use embed::embed_items;
+pub use mel::log_mel_windows;
 pub use modality::ModalityArgs;
+pub use model_args::{ModelArgs, SamplingArgs};
+pub use transcribe::transcribe_item;
 
 /// Large multimodal models in Rust: chat, generate, train, serve.
 #[derive(Debug, Parser)]
@@ -130,12 +134,18 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Mel(args) => mel::run(args),
         Command::Transcribe(args) => transcribe::run(args),
-        Command::Train(args) => multitoken_train::cli::train(args),
+        Command::Train(mut args) => {
+            args.model = args.model.map(|m| crate::hub::resolve_model_arg(&m)).transpose()?;
+            multitoken_train::cli::train(args)
+        }
         Command::Dataset(args) => multitoken_train::cli::dataset(args),
         Command::MergeLora(args) => multitoken_train::cli::merge_lora(args),
         Command::Eval(args) => eval::run(args),
         Command::Moe(args) => multitoken_moe::cli::run(args),
-        Command::Serve(args) => multitoken_serve::cli::run(args),
+        Command::Serve(mut args) => {
+            args.model = args.model.map(|m| crate::hub::resolve_model_arg(&m)).transpose()?;
+            multitoken_serve::cli::run(args)
+        }
         Command::Modality(args) => modality::run(args),
     }
 }

@@ -15,7 +15,8 @@ use multitoken_lm::sampling::SamplingParams;
 /// Which model to load and how.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// An HF model directory or a `.gguf` file [default: the demo model in examples/demo-model,
+    /// An HF model directory, a `.gguf` file or a hub id `org/name[@revision]` (from the
+    /// HF cache, else downloaded unless HF_HUB_OFFLINE is set) [default: the demo model in examples/demo-model,
     /// else SmolLM2 from `cargo xtask weights`].
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -67,10 +68,11 @@ pub struct SamplingArgs {
 }
 
 impl ModelArgs {
-    /// The model path given, or the default one if it is installed.
+    /// The model path given (a hub id resolved to its cached snapshot), or the
+    /// default one if it is installed.
     pub fn resolve_path(&self) -> Result<PathBuf> {
         if let Some(path) = &self.model {
-            return Ok(path.clone());
+            return crate::hub::resolve_model_arg(path);
         }
         let default = default_model_path();
         if default.join("multitoken.json").is_file() {

@@ -19,6 +19,9 @@ use multitoken_audio::{DecodeConfig, TranscribeOptions, Transcriber};
 use multitoken_core::Item;
 use serde_json::json;
 
+/// Longest accepted audio by default: an hour.
+const DEFAULT_MAX_SECONDS: f64 = 3600.0;
+
 /// Arguments of `multitoken transcribe`.
 #[derive(Debug, Args)]
 pub struct TranscribeArgs {
@@ -29,7 +32,7 @@ pub struct TranscribeArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Longest accepted audio in seconds.
-    #[arg(long, default_value_t = 3600.0, value_parser = super::positive_seconds)]
+    #[arg(long, default_value_t = DEFAULT_MAX_SECONDS, value_parser = super::positive_seconds)]
     max_seconds: f64,
     /// Most tokens generated per 30 s window.
     #[arg(long, default_value_t = MAX_TOKENS_PER_WINDOW)]
@@ -70,11 +73,7 @@ fn default_model() -> Result<PathBuf> {
 
 /// Run `multitoken transcribe`.
 pub fn run(args: TranscribeArgs) -> Result<()> {
-    let dir = match args.model {
-        Some(dir) => dir,
-        None => default_model()?,
-    };
-    let transcriber = Transcriber::load(&dir, &Device::Cpu)?;
+    let transcriber = load_transcriber(args.model.as_deref())?;
     let config = DecodeConfig::with_max_seconds(args.max_seconds);
     let options = if args.no_fallback {
         TranscribeOptions {
@@ -120,4 +119,22 @@ pub fn run(args: TranscribeArgs) -> Result<()> {
         println!("{}", transcript.text);
     }
     Ok(())
+}
+
+/// The Whisper model `model` names (a directory or a hub id), else the default one.
+fn load_transcriber(model: Option<&std::path::Path>) -> Result<Transcriber> {
+    let dir = match model {
+        Some(model) => crate::hub::resolve_model_arg(model)?,
+        None => default_model()?,
+    };
+    Ok(Transcriber::load(&dir, &Device::Cpu)?)
+}
+
+/// The transcript of an audio item with `multitoken transcribe`'s defaults
+/// (greedy with temperature fallback, 30 s windows over the whole clip).
+pub fn transcribe_item(model: Option<&std::path::Path>, item: &Item) -> Result<String> {
+    let transcriber = load_transcriber(model)?;
+    let config = DecodeConfig::with_max_seconds(DEFAULT_MAX_SECONDS);
+    let transcript = transcriber.transcribe_item_with(item, &config, &TranscribeOptions::default())?;
+    Ok(transcript.text)
 }
