@@ -179,6 +179,9 @@ pub fn child(args: &[String]) -> Result<()> {
         other => bail!("unknown model {other:?} (smollm2, phi2)"),
     };
     let load_s = start.elapsed().as_secs_f64();
+    // What the model itself holds, before any step.
+    let rss_after_load = proc_status_bytes("VmRSS:");
+    let peak_after_load = proc_status_bytes("VmHWM:");
     let vars = attach_lora(&mut lm)?;
     lm.set_gradient_checkpointing(checkpointing);
     let vocab = lm.config().vocab_size as u32;
@@ -197,6 +200,7 @@ pub fn child(args: &[String]) -> Result<()> {
         "model": model, "base": base, "tokens": tokens, "rank": RANK,
         "load_s": load_s, "step_s": best, "step_times_s": times, "losses": losses,
         "peak_rss_bytes": proc_status_bytes("VmHWM:"),
+        "rss_after_load_bytes": rss_after_load, "peak_rss_after_load_bytes": peak_after_load,
     });
     println!("{line}");
     Ok(())
