@@ -146,10 +146,11 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Speech of about 30 s: the espeak fixture (16 kHz) repeated with 0.3 s pauses.
+/// Speech of about 30 s: the espeak fixture ("The quick brown fox ...", resampled
+/// to 16 kHz) repeated with 0.3 s pauses.
 #[cfg(feature = "whisper-cpp")]
 fn speech_clip_30s() -> Result<Vec<f32>> {
-    let fixture = workspace_root().join("tests/fixtures/audio/speech16k.wav");
+    let fixture = workspace_root().join("tests/fixtures/audio/espeak_fox22k.wav");
     let speech = load_audio(&Item::Path(fixture), &DecodeConfig::default())?;
     let limit = 29 * 16_000;
     let mut clip = Vec::with_capacity(limit);
