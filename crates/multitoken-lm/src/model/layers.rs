@@ -48,10 +48,29 @@ pub enum Mlp {
 impl Mlp {
     /// Apply to `[batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, Linear::forward, |ff, x| ff.forward(x))
+    }
+
+    /// [`Mlp::forward`] for `[rows, 1, hidden]`, one position of each of several
+    /// sequences, each row's output bit for bit its output alone (see
+    /// [`Linear::forward_rows`]; the activations are element-wise, so each
+    /// row's values are its values alone); a custom feed-forward runs row by row.
+    pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, Linear::forward_rows, |ff, x| crate::linear::each_row(x, |row| ff.forward(row)))
+    }
+
+    /// The MLP with `product` for its linear layers and `custom` for a custom
+    /// feed-forward: what [`Mlp::forward`] and [`Mlp::forward_rows`] share.
+    fn apply(
+        &self,
+        x: &Tensor,
+        product: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
+        custom: impl Fn(&dyn FeedForward, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         match self {
             Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
-                let gate = gate_proj.forward(x)?;
-                let up = up_proj.forward(x)?;
+                let gate = product(gate_proj, x)?;
+                let up = product(up_proj, x)?;
                 // One op each way for silu(gate) · up: in training candle's
                 // composite keeps two activations and takes eight ops backward;
                 // in a prefill its two element-wise maps run on candle's pool,
@@ -66,50 +85,17 @@ impl Mlp {
                         (activate(&gate, *act)? * up)?
                     }
                 };
-                down_proj.forward(&gated)
+                product(down_proj, &gated)
             }
             Mlp::Plain { fc1, fc2, act } => {
-                let hidden = fc1.forward(x)?;
+                let hidden = product(fc1, x)?;
                 let activated = {
                     let _profile = crate::profile::scope(crate::profile::Part::Activation);
                     activate(&hidden, *act)?
                 };
-                fc2.forward(&activated)
+                product(fc2, &activated)
             }
-            Mlp::Custom(ff) => ff.forward(x),
-        }
-    }
-}
-
-impl Mlp {
-    /// [`Mlp::forward`] for `[rows, 1, hidden]`, one position of each of several
-    /// sequences, each row's output bit for bit its output alone (see
-    /// [`Linear::forward_rows`]); a custom feed-forward runs row by row.
-    pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
-                let gate = gate_proj.forward_rows(x)?;
-                let up = up_proj.forward_rows(x)?;
-                // Element-wise, so each row's values are its values alone.
-                let gated = {
-                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
-                    if *act == Activation::Silu {
-                        multitoken_kernels::train::silu_mul(&gate, &up)?
-                    } else {
-                        (activate(&gate, *act)? * up)?
-                    }
-                };
-                down_proj.forward_rows(&gated)
-            }
-            Mlp::Plain { fc1, fc2, act } => {
-                let hidden = fc1.forward_rows(x)?;
-                let activated = {
-                    let _profile = crate::profile::scope(crate::profile::Part::Activation);
-                    activate(&hidden, *act)?
-                };
-                fc2.forward_rows(&activated)
-            }
-            Mlp::Custom(ff) => crate::linear::each_row(x, |row| ff.forward(row)),
+            Mlp::Custom(ff) => custom(ff.as_ref(), x),
         }
     }
 }
