@@ -11,6 +11,9 @@ mod common;
 #[path = "../../../tests/support/sensor_modality.rs"]
 mod sensor;
 
+#[path = "../../../tests/support/tiny_pdf.rs"]
+mod tiny_pdf;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -588,42 +591,6 @@ fn special_tokens_typed_in_messages_are_text() {
     assert_eq!(body["error"]["param"], json!("parse_special_tokens"));
 }
 
-/// A PDF of `pages` one-line pages whose page objects spell their type
-/// `page_type` (`/Page`, or the same name escaped as `/#50age`).
-fn pdf_with_pages(pages: usize, page_type: &str) -> Vec<u8> {
-    let mut objects = vec![
-        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
-        format!(
-            "<< /Type /Pages /Kids [{}] /Count {pages} >>",
-            (0..pages).map(|i| format!("{} 0 R", 4 + 2 * i)).collect::<Vec<_>>().join(" ")
-        ),
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
-    ];
-    for i in 0..pages {
-        objects.push(format!(
-            "<< /Type {page_type} /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
-            5 + 2 * i
-        ));
-        let content = format!("BT /F1 12 Tf 72 712 Td (Page {i}) Tj ET");
-        objects.push(format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()));
-    }
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, object) in objects.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
-    }
-    let xref = out.len();
-    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
-    for offset in offsets {
-        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
-    }
-    out.extend_from_slice(
-        format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes(),
-    );
-    out
-}
-
 /// `--max-document-pages` counts pages in the parsed page tree (through the
 /// document modality's `check_item_within`): an escaped `/#50age`, which
 /// defeated the byte search the server used before, is still a page.
@@ -649,7 +616,7 @@ fn document_pages_are_counted_from_the_page_tree() {
     for page_type in ["/Page", "/#50age"] {
         let request = json!({
             "messages": user("<document> What is the document about?"),
-            "documents": [as_item(pdf_with_pages(40, page_type))],
+            "documents": [as_item(tiny_pdf::pdf(40, page_type, false, |i| format!("Page {i}").into_bytes()))],
             "max_new_tokens": 2,
         });
         let (status, body) = post_json(&url, &request);
@@ -661,7 +628,7 @@ fn document_pages_are_counted_from_the_page_tree() {
         );
         let request = json!({
             "messages": user("<document> What is the document about?"),
-            "documents": [as_item(pdf_with_pages(2, page_type))],
+            "documents": [as_item(tiny_pdf::pdf(2, page_type, false, |i| format!("Page {i}").into_bytes()))],
             "max_new_tokens": 2,
         });
         let (status, body) = post_json(&url, &request);
