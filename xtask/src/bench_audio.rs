@@ -208,24 +208,8 @@ fn whisper_cpp_rows(_: usize, _: usize, _: &Path, _: &[f32], _: f64) -> Result<(
 /// 16-bit mono 16 kHz WAV of `samples`.
 #[cfg(feature = "whisper-cpp")]
 fn write_samples_wav(path: &Path, samples: &[f32]) -> Result<()> {
-    let data_len = (samples.len() * 2) as u32;
-    let mut bytes = Vec::with_capacity(44 + data_len as usize);
-    bytes.extend_from_slice(b"RIFF");
-    bytes.extend_from_slice(&(36 + data_len).to_le_bytes());
-    bytes.extend_from_slice(b"WAVEfmt ");
-    bytes.extend_from_slice(&16u32.to_le_bytes());
-    bytes.extend_from_slice(&1u16.to_le_bytes());
-    bytes.extend_from_slice(&1u16.to_le_bytes());
-    bytes.extend_from_slice(&16_000u32.to_le_bytes());
-    bytes.extend_from_slice(&32_000u32.to_le_bytes());
-    bytes.extend_from_slice(&2u16.to_le_bytes());
-    bytes.extend_from_slice(&16u16.to_le_bytes());
-    bytes.extend_from_slice(b"data");
-    bytes.extend_from_slice(&data_len.to_le_bytes());
-    for s in samples {
-        bytes.extend_from_slice(&((s.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes());
-    }
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    let values = samples.iter().map(|s| (s.clamp(-1.0, 1.0) * 32767.0).round() as i16);
+    write_pcm16_wav(path, 16_000, 1, samples.len(), values)
 }
 
 fn best(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -242,7 +226,20 @@ fn best(repeat: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// A 16-bit PCM wav: two detuned tones with a slow envelope, one per channel.
 fn write_wav(path: &Path, rate: u32, channels: u16, seconds: u32) -> Result<()> {
     let frames = rate * seconds;
-    let data_len = frames * u32::from(channels) * 2;
+    let values = (0..frames).flat_map(|i| {
+        let t = f64::from(i) / f64::from(rate);
+        (0..channels).map(move |c| {
+            let f = 330.0 + 110.0 * f64::from(c);
+            let v = 0.4 * (std::f64::consts::TAU * f * t).sin() * (0.5 + 0.5 * (t * 0.7).sin());
+            (v * 32767.0) as i16
+        })
+    });
+    write_pcm16_wav(path, rate, channels, frames as usize * usize::from(channels), values)
+}
+
+/// A 16-bit PCM WAV of `count` interleaved `values`.
+fn write_pcm16_wav(path: &Path, rate: u32, channels: u16, count: usize, values: impl Iterator<Item = i16>) -> Result<()> {
+    let data_len = (count * 2) as u32;
     let mut bytes = Vec::with_capacity(44 + data_len as usize);
     bytes.extend_from_slice(b"RIFF");
     bytes.extend_from_slice(&(36 + data_len).to_le_bytes());
@@ -256,13 +253,8 @@ fn write_wav(path: &Path, rate: u32, channels: u16, seconds: u32) -> Result<()> 
     bytes.extend_from_slice(&16u16.to_le_bytes());
     bytes.extend_from_slice(b"data");
     bytes.extend_from_slice(&data_len.to_le_bytes());
-    for i in 0..frames {
-        let t = f64::from(i) / f64::from(rate);
-        for c in 0..channels {
-            let f = 330.0 + 110.0 * f64::from(c);
-            let v = 0.4 * (std::f64::consts::TAU * f * t).sin() * (0.5 + 0.5 * (t * 0.7).sin());
-            bytes.extend_from_slice(&((v * 32767.0) as i16).to_le_bytes());
-        }
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
     }
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
