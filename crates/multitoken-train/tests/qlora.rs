@@ -12,76 +12,14 @@ use multitoken_train::trainer::{train, Stage, TrainConfig};
 #[path = "../../../tests/support/tiny_gguf.rs"]
 mod tiny_gguf;
 
+mod common;
+use common::{dataset, fixtures, model_dir, model_dir_on};
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
+/// A scratch directory of its own (the e2e tests' names are theirs).
 fn temp(name: &str) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let dir = std::env::temp_dir().join(format!("multitoken-qlora-{name}-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// The tiny llama + the tiny CLIP tower (the tower is never quantized).
-fn model_dir(root: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    model_dir_on(root, &fixtures().join("lm/llama").canonicalize()?)
-}
-
-/// `base` (an HF directory or a GGUF file) + the tiny CLIP tower.
-fn model_dir_on(root: &Path, base: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    multitoken_vision::link();
-    let dir = root.join("model");
-    std::fs::create_dir_all(&dir)?;
-    let config = serde_json::json!({
-        "base_model": base.display().to_string(),
-        "modalities": [{
-            "builder": "vision_clip",
-            "config": {
-                "tower": fixtures().join("vision/clip").canonicalize()?.display().to_string(),
-                "image_processor": {"size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30}}
-            },
-            "projector": "mlp2x_gelu"
-        }]
-    });
-    std::fs::write(
-        dir.join("multitoken.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
-    Ok(dir)
-}
-
-/// Eight rows: four fixture images, each with its own one-word answer.
-fn dataset(root: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let images = fixtures().join("vision/images").canonicalize()?;
-    let pairs = [
-        ("rgb_64x48.jpg", "alpha"),
-        ("gray_33x47.png", "beta"),
-        ("rgba_40x30.png", "gamma"),
-        ("rgb_96x64.png", "delta"),
-    ];
-    let mut text = String::new();
-    for round in 0..2 {
-        for (k, (image, answer)) in pairs.iter().enumerate() {
-            let row = serde_json::json!({
-                "id": format!("r{round}{k}"),
-                "images": [images.join(image).display().to_string()],
-                "messages": [
-                    {"role": "user", "content": "<image> name?"},
-                    {"role": "assistant", "content": answer}
-                ]
-            });
-            text.push_str(&row.to_string());
-            text.push('\n');
-        }
-    }
-    let path = root.join("train.jsonl");
-    std::fs::write(&path, text)?;
-    Ok(path)
+    common::temp(&format!("qlora-{name}"))
 }
 
 fn config(
