@@ -77,6 +77,9 @@ def test_a_second_thread_runs_while_generate_runs(demo):
     # With a switch interval this long the interpreter never takes the GIL from a
     # thread that holds it: the counter can only move during `generate` if the
     # call released the GIL (the worker yields it on every iteration by sleeping).
+    # Without the release the count is exactly 0, so one step proves it; the call
+    # runs 128 tokens (EOS ignored) so that a released GIL leaves the worker ample
+    # time even on a loaded machine (the demo answers in ~3 tokens otherwise).
     counter = [0]
     stop = threading.Event()
 
@@ -91,10 +94,11 @@ def test_a_second_thread_runs_while_generate_runs(demo):
     try:
         sys.setswitchinterval(1000.0)
         before = counter[0]
-        demo.generate(PROMPT, images=[str(SHAPES / "red-circle.png")], max_new_tokens=16)
+        out = demo.generate(PROMPT, images=[str(SHAPES / "red-circle.png")], max_new_tokens=128, ignore_eos=True)
         during = counter[0] - before
     finally:
         sys.setswitchinterval(old)
         stop.set()
         worker.join()
-    assert during >= 3, f"the other thread advanced {during} times during generate"
+    assert len(out.token_ids) == 128
+    assert during >= 1, f"the other thread advanced {during} times during generate"
