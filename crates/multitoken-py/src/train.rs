@@ -1,11 +1,13 @@
 //! `multitoken.train`: a `multitoken train` run from Python, with the options as a
 //! dict (the TOML file's snake_case keys) or a TOML path. The trainer runs on a
-//! thread of its own while the calling thread, with the GIL released between
-//! looks, passes each new `metrics.jsonl` row to the progress callback, so a
-//! notebook sees the same per-step log the CLI writes.
+//! thread of its own while the calling thread, with the GIL released while it
+//! waits, passes each row the trainer logs (a `metrics.jsonl` line) to the progress
+//! callback, so a notebook sees the same per-step log the CLI writes.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use multitoken::train::cli::TrainArgs;
@@ -14,7 +16,7 @@ use pyo3::types::PyDict;
 
 use crate::errors::{input_error, to_py_err};
 
-/// How often the log is read for new rows while training runs.
+/// How long a wait for the next logged row lasts before Ctrl-C is looked for.
 const POLL: Duration = Duration::from_millis(200);
 
 /// Trains; returns `{"steps", "output_dir", "final_loss"}`.
@@ -26,7 +28,7 @@ pub fn train<'py>(
     config_path: Option<PathBuf>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let mut args: TrainArgs = match (config_json, config_path) {
+    let args: TrainArgs = match (config_json, config_path) {
         (Some(text), None) => {
             serde_json::from_str(&text).map_err(|e| input_error(format!("train options: {e}")))?
         }
@@ -34,66 +36,89 @@ pub fn train<'py>(
         _ => return Err(input_error("give the train options as a dict or a TOML file path")),
     };
     // As `multitoken train --model org/name`.
-    if let Some(model) = &args.model {
-        args.model = Some(py.detach(|| multitoken::hub::resolve_model_arg(model)).map_err(to_py_err)?);
-    }
-    let mut config = args.resolve().map_err(to_py_err)?;
+    let mut config = py
+        .detach(|| args.resolve_with(&multitoken::hub::resolve_model_arg))
+        .map_err(to_py_err)?;
     if progress.is_some() {
         // The callback reports progress; a terminal bar would only clutter a notebook.
         config.progress = false;
     }
-    let metrics = config.output_dir.join("metrics.jsonl");
-    let worker = std::thread::spawn(move || multitoken::train::trainer::train(&config));
-    let mut offset = 0u64;
-    let mut callback_error: Option<PyErr> = None;
+    // Set on Ctrl-C or when the callback raises: the trainer stops after the step
+    // it is in, writes a checkpoint of it and returns `Interrupted`.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sender, logged) = std::sync::mpsc::channel::<String>();
+    // Only this thread receives; the Mutex makes the receiver shareable with the
+    // GIL-free closure below.
+    let logged = Mutex::new(logged);
+    let worker = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || multitoken::train::trainer::train_until(&config, &stop, Some(&sender)))
+    };
+    // The first Python exception raised while training ran: a KeyboardInterrupt
+    // or the callback's own.
+    let mut raised: Option<PyErr> = None;
     loop {
-        py.detach(|| std::thread::sleep(POLL));
-        let finished = worker.is_finished();
-        if let Some(callback) = progress.as_ref().filter(|_| callback_error.is_none()) {
-            for line in new_lines(&metrics, &mut offset) {
-                let row = py.import("json")?.call_method1("loads", (line,))?;
-                if let Err(e) = callback.call1((row,)) {
-                    // Training cannot be stopped from here; the error is raised when it ends.
-                    callback_error = Some(e);
+        // Wait (without the GIL) for the next logged row, at most POLL so that
+        // Ctrl-C is seen while a long step runs.
+        let (rows, finished) = py.detach(|| {
+            let mut rows = Vec::new();
+            let mut finished = false;
+            let Ok(logged) = logged.lock() else {
+                return (rows, true);
+            };
+            match logged.recv_timeout(POLL) {
+                Ok(row) => rows.push(row),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => finished = true,
+            }
+            loop {
+                match logged.try_recv() {
+                    Ok(row) => rows.push(row),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        finished = true;
+                        break;
+                    }
+                }
+            }
+            (rows, finished)
+        });
+        if raised.is_none() {
+            if let Err(e) = py.check_signals() {
+                raised = Some(e);
+            }
+        }
+        if let Some(callback) = progress.as_ref().filter(|_| raised.is_none()) {
+            for row in rows {
+                let row = py.import("json").and_then(|json| json.call_method1("loads", (row,)));
+                if let Err(e) = row.and_then(|row| callback.call1((row,))) {
+                    raised = Some(e);
                     break;
                 }
             }
+        }
+        if raised.is_some() {
+            stop.store(true, Ordering::Relaxed);
         }
         if finished {
             break;
         }
     }
-    let summary = py
+    let outcome = py
         .detach(|| worker.join())
-        .map_err(|_| to_py_err(anyhow::anyhow!("the training thread panicked")))?
-        .map_err(|e| to_py_err(e.into()))?;
-    if let Some(e) = callback_error {
+        .map_err(|_| to_py_err(anyhow::anyhow!("the training thread panicked")))?;
+    if let Some(e) = raised {
+        // The trainer's word on where it stopped (the checkpoint to resume from)
+        // rides along as the exception's cause.
+        if let Err(why) = &outcome {
+            e.set_cause(py, Some(to_py_err(anyhow::anyhow!("{why}"))));
+        }
         return Err(e);
     }
+    let summary = outcome.map_err(|e| to_py_err(e.into()))?;
     let result = PyDict::new(py);
     result.set_item("steps", summary.steps)?;
     result.set_item("output_dir", summary.output_dir.display().to_string())?;
     result.set_item("final_loss", summary.log.last().map(|l| l.loss))?;
     Ok(result)
-}
-
-/// The complete lines appended to `path` since `offset` (which moves past them); a
-/// file that shrank (a run that replaced an old one) is read from its start.
-fn new_lines(path: &Path, offset: &mut u64) -> Vec<String> {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if len < *offset {
-        *offset = 0;
-    }
-    let mut text = String::new();
-    if file.seek(SeekFrom::Start(*offset)).is_err() || file.read_to_string(&mut text).is_err() {
-        return Vec::new();
-    }
-    let Some(end) = text.rfind('\n') else {
-        return Vec::new();
-    };
-    *offset += end as u64 + 1;
-    text[..end].lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }

@@ -10,7 +10,7 @@
 //! [`TrainArgs::resolve`] and written in each flag's help as `[default: X]`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -174,6 +174,12 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// Flags over the TOML file over the defaults.
     pub fn resolve(self) -> Result<TrainConfig> {
+        self.resolve_with(&|model: &Path| Ok(model.to_path_buf()))
+    }
+
+    /// [`TrainArgs::resolve`], with the model (flag or TOML `model`) passed through
+    /// `resolve_model` (the binary's hub-id lookup: this crate does no network IO).
+    pub fn resolve_with(self, resolve_model: &dyn Fn(&Path) -> Result<PathBuf>) -> Result<TrainConfig> {
         let file: TrainArgs = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -193,6 +199,7 @@ impl TrainArgs {
         else {
             bail!("--model, --dataset and --output-dir are required (as flags or in --config)");
         };
+        let model = resolve_model(&model)?;
         let mut cfg = TrainConfig::new(model, dataset, output_dir);
         let stage = pick!(stage);
         cfg.stage = match (stage, pick!(pretrain_projectors)) {
@@ -315,7 +322,12 @@ pub struct EvalArgs {
 
 /// Run `multitoken train`.
 pub fn train(args: TrainArgs) -> Result<()> {
-    let cfg = args.resolve()?;
+    train_with(args, &|model: &Path| Ok(model.to_path_buf()))
+}
+
+/// [`train`] with the model looked up by `resolve_model` (see [`TrainArgs::resolve_with`]).
+pub fn train_with(args: TrainArgs, resolve_model: &dyn Fn(&Path) -> Result<PathBuf>) -> Result<()> {
+    let cfg = args.resolve_with(resolve_model)?;
     let summary = trainer::train(&cfg)?;
     let last = summary
         .log

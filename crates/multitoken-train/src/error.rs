@@ -39,6 +39,9 @@ pub enum Error {
     /// The loss became NaN or infinite.
     #[error("{0}")]
     NonFinite(String),
+    /// The run was asked to stop (Ctrl-C in Python); its last checkpoint is named.
+    #[error("{0}")]
+    Interrupted(String),
     /// From the LM crate.
     #[error(transparent)]
     Lm(#[from] multitoken_lm::Error),

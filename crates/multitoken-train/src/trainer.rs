@@ -23,6 +23,8 @@ use crate::data::{write_atomic, Row};
 use crate::model::{EncoderChoice, LoraSettings, TrainParts, TrainableModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use crate::run::RunIdentity;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use crate::{Error, Result};
 
 /// Every setting of a run (the CLI flags / TOML keys).
@@ -218,6 +220,15 @@ struct Example {
 
 /// Runs training as configured.
 pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
+    train_until(cfg, &AtomicBool::new(false), None)
+}
+
+/// [`train`], stopping between optimizer steps once `stop` is set: the state
+/// after the last finished step is written as a checkpoint (so `resume` continues
+/// exactly from it) and [`Error::Interrupted`] names it. Python's `multitoken.train`
+/// sets `stop` on Ctrl-C. Each row written to `metrics.jsonl` is also sent to
+/// `logged` (Python's progress callback reads them there).
+pub fn train_until(cfg: &TrainConfig, stop: &AtomicBool, logged: Option<&Sender<String>>) -> Result<TrainSummary> {
     validate(cfg)?;
     let previous_run = crate::run::check_output_dir(cfg)?;
     let device = Device::Cpu;
@@ -320,6 +331,26 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     let started = Instant::now();
     let mut last_good: Option<PathBuf> = latest_checkpoint(&cfg.output_dir)?;
     while state.step < total_steps {
+        if stop.load(Ordering::Relaxed) {
+            if let Some(bar) = &bar {
+                bar.abandon_with_message("interrupted");
+            }
+            let kept = if state.step == 0 {
+                "no step had finished, so no checkpoint was written".to_string()
+            } else {
+                let saved_here = last_good.as_ref().is_some_and(|p| p.ends_with(format!("checkpoint-{}", state.step)));
+                let dir = if saved_here {
+                    last_good.clone().unwrap_or_default()
+                } else {
+                    save_checkpoint(&model, &opt, &state, &cfg.output_dir, cfg.save_total_limit)?
+                };
+                format!("checkpoint {} holds it; continue with resume", dir.display())
+            };
+            return Err(Error::Interrupted(format!(
+                "training interrupted after step {} of {total_steps}: {kept}",
+                state.step
+            )));
+        }
         let step = state.step;
         let lr = learning_rate(
             cfg.lr_scheduler_type,
@@ -411,6 +442,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         {
             let line = serde_json::to_string(&entry).map_err(|e| Error::Config(e.to_string()))?;
             writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+            if let Some(logged) = logged {
+                // A receiver that has gone only stops the reports, not the run.
+                let _ = logged.send(line);
+            }
         }
         if let Some(bar) = &bar {
             bar.set_message(format!("loss {:.4} lr {:.2e}", entry.loss, lr));

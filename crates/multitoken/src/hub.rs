@@ -31,13 +31,25 @@ pub struct HubId {
     pub repo: String,
     /// A branch, tag or commit hash; `main` when none is given.
     pub revision: String,
+    /// Which quantization of a GGUF repository (`org/name:Q4_K_M`, as llama.cpp's
+    /// `-hf` and Ollama spell it): the `.gguf` file whose name ends in it.
+    pub quant: Option<String>,
 }
 
 impl HubId {
-    /// Parses `org/name` or `org/name@revision`; `None` for anything that cannot be
+    /// Parses `org/name[@revision][:QUANT]`; `None` for anything that cannot be
     /// a hub id (an absolute or dotted path, more or fewer than one `/`, odd
     /// characters), so that such a string is only ever a local path.
     pub fn parse(spec: &str) -> Option<HubId> {
+        let (spec, quant) = match spec.rsplit_once(':') {
+            Some((rest, quant))
+                if !quant.is_empty() && quant.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
+            {
+                (rest, Some(quant.to_string()))
+            }
+            Some(_) => return None,
+            None => (spec, None),
+        };
         let (repo, revision) = match spec.split_once('@') {
             Some((repo, revision)) if !revision.is_empty() => (repo, revision),
             Some(_) => return None,
@@ -55,7 +67,7 @@ impl HubId {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
             && !revision.contains("..");
         (part_ok(org) && part_ok(name) && revision_ok)
-            .then(|| HubId { repo: repo.to_string(), revision: revision.to_string() })
+            .then(|| HubId { repo: repo.to_string(), revision: revision.to_string(), quant })
     }
 
     /// The cache folder name, as `huggingface_hub` spells it: `models--org--name`.
@@ -70,7 +82,11 @@ impl HubId {
 
 impl std::fmt::Display for HubId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.repo, self.revision)
+        write!(f, "{}@{}", self.repo, self.revision)?;
+        match &self.quant {
+            Some(quant) => write!(f, ":{quant}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -159,13 +175,17 @@ pub fn resolve_model_arg_with(config: &HubConfig, model: &Path) -> Result<PathBu
     }
 }
 
-/// The snapshot directory of `id`: the cached one when it is complete, else (unless
-/// offline) one downloaded into the cache.
+/// What to load of `id`: its snapshot directory (the cached one when it is
+/// complete, else, unless offline, one downloaded into the cache), or the `.gguf`
+/// file in it that `id`'s quantization names.
 pub fn resolve(config: &HubConfig, id: &HubId) -> Result<PathBuf> {
     let cached = cached_snapshot(&config.cache_dir, id);
     let missing = match &cached {
         Ok(dir) => match missing_files(dir) {
-            Ok(missing) if missing.is_empty() => return Ok(dir.clone()),
+            Ok(missing) if missing.is_empty() => match model_in_snapshot(dir, id) {
+                Ok(path) => return Ok(path),
+                Err(why) => why,
+            },
             Ok(missing) => format!("its snapshot {} lacks {}", dir.display(), missing.join(", ")),
             Err(e) => format!("its snapshot {} cannot be read: {e}", dir.display()),
         },
@@ -184,6 +204,96 @@ pub fn resolve(config: &HubConfig, id: &HubId) -> Result<PathBuf> {
     download(config, id).with_context(|| {
         format!("model {id} is not in the Hugging Face cache {} ({missing}), and downloading it from {} failed", config.cache_dir.display(), config.endpoint)
     })
+}
+
+/// The path to load in a complete snapshot: the directory, or with a quantization
+/// named the one `.gguf` file of it (or why it is not there).
+fn model_in_snapshot(snapshot: &Path, id: &HubId) -> std::result::Result<PathBuf, String> {
+    let has_config = ["config.json", "multitoken.json", "moe.json", "adapter_config.json"]
+        .iter()
+        .any(|name| snapshot.join(name).is_file());
+    if id.quant.is_none() && has_config {
+        return Ok(snapshot.to_path_buf());
+    }
+    let ggufs: Vec<String> = std::fs::read_dir(snapshot)
+        .map_err(|e| format!("its snapshot {} cannot be read: {e}", snapshot.display()))?
+        .flatten()
+        .filter(|entry| entry.path().is_file())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".gguf"))
+        .collect();
+    // A GGUF-only snapshot: the named quantization, else the one file there (or
+    // the Q4_K_M among several).
+    match (pick_gguf(&ggufs, id.quant.as_deref()), &id.quant) {
+        (Ok(Some(name)), _) => Ok(snapshot.join(name)),
+        (Ok(None) | Err(_), Some(quant)) => Err(format!("its snapshot {} has no {quant} .gguf file", snapshot.display())),
+        (Ok(None), None) => Ok(snapshot.to_path_buf()),
+        (Err(why), None) => Err(format!("its snapshot {}: {why}", snapshot.display())),
+    }
+}
+
+/// The `.gguf` file of a GGUF repository to fetch: the one whose name ends in
+/// `quant` (`…-Q4_K_M.gguf`, case ignored); without `quant`, the only one, else
+/// `Q4_K_M` as llama.cpp picks. `Ok(None)` when there are no `.gguf` files; an
+/// error listing the quantizations when the choice is not clear.
+pub fn pick_gguf(files: &[String], quant: Option<&str>) -> std::result::Result<Option<String>, String> {
+    let ggufs: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
+    if ggufs.is_empty() {
+        return Ok(None);
+    }
+    let tag_of = |name: &str| -> Option<String> {
+        let stem = name.rsplit('/').next().unwrap_or(name).strip_suffix(".gguf")?;
+        let mut quants: Vec<&str> = QUANT_TAGS.iter().copied().filter(|tag| ends_with_tag(stem, tag)).collect();
+        quants.sort_by_key(|tag| std::cmp::Reverse(tag.len()));
+        quants.first().map(|tag| tag.to_string())
+    };
+    let names = || {
+        let mut listed: Vec<String> =
+            ggufs.iter().map(|g| tag_of(g).unwrap_or_else(|| (*g).clone())).collect();
+        listed.sort();
+        listed.join(", ")
+    };
+    let chosen: Vec<&String> = match quant {
+        Some(quant) => ggufs
+            .iter()
+            .copied()
+            .filter(|g| g.rsplit('/').next().and_then(|b| b.strip_suffix(".gguf")).is_some_and(|stem| ends_with_tag(stem, quant)))
+            .collect(),
+        None if ggufs.len() == 1 => ggufs.clone(),
+        None => ggufs.iter().copied().filter(|g| tag_of(g).as_deref() == Some("Q4_K_M")).collect(),
+    };
+    match (chosen.as_slice(), quant) {
+        ([one], _) => Ok(Some((*one).clone())),
+        ([], Some(quant)) => Err(format!("it has no {quant} .gguf file; it has: {}", names())),
+        ([], None) => Err(format!(
+            "it holds {} .gguf quantizations and no Q4_K_M; name one as org/name:QUANT (it has: {})",
+            ggufs.len(),
+            names()
+        )),
+        (many, _) => Err(format!(
+            "{} .gguf files match ({}); name the file's quantization exactly",
+            many.len(),
+            many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// llama.cpp's quantization names, to list a repository's choices by them.
+const QUANT_TAGS: [&str; 30] = [
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_K",
+    "Q4_0", "Q4_1", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_S", "IQ3_XS",
+    "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ1_S",
+];
+
+/// Whether a file stem ends in `tag` as a separate word (`model-q4_k_m`, not `q4_k_m`
+/// inside `model-iq4_k_m`), ignoring case.
+fn ends_with_tag(stem: &str, tag: &str) -> bool {
+    let (stem, tag) = (stem.to_ascii_lowercase(), tag.to_ascii_lowercase());
+    match stem.strip_suffix(&tag) {
+        Some("") => true,
+        Some(before) => before.ends_with(['-', '.', '_']),
+        None => false,
+    }
 }
 
 /// The cached snapshot directory of `id`, or why there is none.
@@ -234,7 +344,7 @@ pub fn missing_files(snapshot: &Path) -> Result<Vec<String>> {
                 continue;
             }
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if dir == snapshot && matches!(name.as_str(), "config.json" | "multitoken.json" | "moe.json") {
+            if dir == snapshot && matches!(name.as_str(), "config.json" | "multitoken.json" | "moe.json" | "adapter_config.json") {
                 has_config = true;
             }
             if name.ends_with(".safetensors") || name.ends_with(".gguf") || name.ends_with(".bin") {
@@ -282,7 +392,7 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
 /// sub-directory (a multitoken.json model keeps its LM and towers there). Not:
 /// READMEs, images, and the other frameworks' weights (`pytorch_model*.bin`, onnx,
 /// flax, tf) that a repository often carries beside the safetensors.
-pub fn needed_files(files: &[String]) -> Vec<String> {
+pub fn needed_files(files: &[String], quant: Option<&str>) -> std::result::Result<Vec<String>, String> {
     const OTHER_FRAMEWORKS: [&str; 5] = ["onnx/", "openvino/", "flax_", "tf_", "coreml/"];
     let keep_text = |name: &str| {
         let base = name.rsplit('/').next().unwrap_or(name);
@@ -312,15 +422,16 @@ pub fn needed_files(files: &[String]) -> Vec<String> {
             }
         }
     }
-    if !files.iter().any(|f| f.ends_with(".safetensors")) {
-        // A GGUF-only repository: all its .gguf files are quantizations of one model;
-        // download them only when there is exactly one.
-        let ggufs: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
-        if let [one] = ggufs.as_slice() {
-            wanted.push((*one).clone());
+    if quant.is_some() || !files.iter().any(|f| f.ends_with(".safetensors")) {
+        // A GGUF repository: its .gguf files are quantizations of one model, and
+        // one of them is fetched (a named quantization is always a GGUF one).
+        match pick_gguf(files, quant)? {
+            Some(one) => wanted.push(one),
+            None if quant.is_some() => return Err("it has no .gguf files".to_string()),
+            None => {}
         }
     }
-    wanted
+    Ok(wanted)
 }
 
 /// Downloads what `id` needs into the cache; the snapshot directory.
@@ -335,7 +446,7 @@ fn download(config: &HubConfig, id: &HubId) -> Result<PathBuf> {
     let repo = api.repo(Repo::with_revision(id.repo.clone(), RepoType::Model, id.revision.clone()));
     let info = repo.info().map_err(|e| hub_error(e, id))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let mut wanted = needed_files(&files);
+    let mut wanted = needed_files(&files, id.quant.as_deref()).map_err(|why| anyhow!("the repository {id}: {why}"))?;
     if wanted.is_empty() {
         bail!("the repository {id} has none of the files a model needs (config.json, *.safetensors); it lists: {}", files.join(", "));
     }
@@ -362,7 +473,7 @@ fn download(config: &HubConfig, id: &HubId) -> Result<PathBuf> {
     if !missing.is_empty() {
         bail!("after downloading {id}, its snapshot {} still lacks {}", snapshot.display(), missing.join(", "));
     }
-    Ok(snapshot)
+    model_in_snapshot(&snapshot, id).map_err(|why| anyhow!("after downloading {id}: {why}"))
 }
 
 /// An `hf-hub` error in words a user can act on (401/403: a token; 404: the id).
@@ -403,10 +514,16 @@ mod tests {
         check("org/../x", None);
         check("org/name@", None);
         check("org/model.gguf", Some(("org/model.gguf", "main")));
+        check("org/name-GGUF:Q4_K_M", Some(("org/name-GGUF", "main")));
+        check("org/name@v2:q8_0", Some(("org/name", "v2")));
+        check("org/name:", None);
+        check("C:/dir", None);
+        assert_eq!(HubId::parse("org/n@v2:Q8_0").and_then(|id| id.quant), Some("Q8_0".to_string()));
+        assert_eq!(HubId::parse("org/n").and_then(|id| id.quant), None);
     }
 
     #[test]
-    fn needed_files_take_shards_by_index_and_skip_other_frameworks() {
+    fn needed_files_take_shards_by_index_and_skip_other_frameworks() -> std::result::Result<(), String> {
         let files: Vec<String> = [
             "README.md",
             ".gitattributes",
@@ -425,10 +542,28 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let got = needed_files(&files);
+        let got = needed_files(&files, None)?;
         assert_eq!(
             got,
             ["config.json", "tokenizer.json", "model.safetensors.index.json", "lm/config.json", "lm/model.safetensors", "chat_template.jinja"]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_gguf_repository_gives_the_named_quantization_or_q4_k_m() {
+        let files: Vec<String> = ["README.md", "SmolLM2-135M.Q8_0.gguf", "smollm2-135m-q4_k_m.gguf", "SmolLM2-135M-IQ4_K_M.gguf", "SmolLM2-135M-Q4_K_S.gguf"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(needed_files(&files, Some("q8_0")), Ok(vec!["SmolLM2-135M.Q8_0.gguf".to_string()]));
+        // IQ4_K_M is a word of its own, not Q4_K_M.
+        assert_eq!(needed_files(&files, Some("Q4_K_M")), Ok(vec!["smollm2-135m-q4_k_m.gguf".to_string()]));
+        assert_eq!(needed_files(&files, None), Ok(vec!["smollm2-135m-q4_k_m.gguf".to_string()]));
+        let missing = needed_files(&files, Some("Q2_K")).err().unwrap_or_default();
+        assert!(missing.contains("no Q2_K") && missing.contains("Q8_0") && missing.contains("Q4_K_S"), "{missing}");
+        let no_default = needed_files(&[files[1].clone(), files[4].clone()], None).err().unwrap_or_default();
+        assert!(no_default.contains("org/name:QUANT") && no_default.contains("Q8_0"), "{no_default}");
+        assert_eq!(needed_files(&files[1..2], None), Ok(vec!["SmolLM2-135M.Q8_0.gguf".to_string()]));
     }
 }

@@ -329,3 +329,109 @@ fn a_401_asks_for_hf_token_and_the_token_opens_the_repository() -> TestResult {
     std::fs::remove_dir_all(&cache)?;
     Ok(())
 }
+
+#[path = "../../../tests/support/tiny_gguf.rs"]
+mod tiny_gguf;
+
+/// A GGUF repository with several quantizations: `org/name:QUANT` fetches that one
+/// file only and resolves to it (then offline too); without a quantization and no
+/// Q4_K_M to default to, the error lists the choices; a quantization not fetched is
+/// not in the cache offline.
+#[test]
+fn a_named_quantization_of_a_gguf_repository_is_the_one_fetched() -> TestResult {
+    let scratch_dir = scratch("gguf-files")?;
+    let mut files = HashMap::new();
+    for (name, dtype) in [("tiny.Q8_0.gguf", candle_core::quantized::GgmlDType::Q8_0), ("tiny.F32.gguf", candle_core::quantized::GgmlDType::F32)] {
+        let path = scratch_dir.join(name);
+        tiny_gguf::write_gguf(&path, dtype, tiny_gguf::Breakage::None);
+        files.insert(name.to_string(), std::fs::read(&path)?);
+    }
+    let (hub, endpoint) = Hub::start(files.clone())?;
+    let cache = scratch("gguf-cache")?;
+    let online = online_config(cache.clone(), &endpoint, None);
+    let id = HubId::parse("org/tiny-GGUF:q8_0").ok_or("not a hub id")?;
+    let path = resolve(&online, &id)?;
+    assert_eq!(path, cache.join("models--org--tiny-GGUF/snapshots").join(COMMIT).join("tiny.Q8_0.gguf"));
+    assert_eq!(std::fs::read(&path)?, files["tiny.Q8_0.gguf"]);
+    let seen = hub.seen.lock().map_err(|_| "poisoned")?.clone();
+    assert!(!seen.iter().any(|r| r.contains("tiny.F32.gguf")), "only the named quantization: {seen:?}");
+    assert_eq!(resolve(&offline_config(cache.clone()), &id)?, path);
+    multitoken::lm::multimodal::MultimodalModel::load(&path, &Default::default())?;
+
+    // Cache first: the one quantization cached is the model, offline or not.
+    let unnamed = HubId::parse("org/tiny-GGUF").ok_or("not a hub id")?;
+    assert_eq!(resolve(&offline_config(cache.clone()), &unnamed)?, path);
+    let fresh = scratch("gguf-cache-fresh")?;
+    let online_fresh = online_config(fresh.clone(), &endpoint, None);
+    let error = format!("{:#}", resolve(&online_fresh, &unnamed).err().ok_or("two quantizations and no default must fail")?);
+    assert!(error.contains("org/name:QUANT") && error.contains("Q8_0") && error.contains("F32"), "{error}");
+    let other = HubId::parse("org/tiny-GGUF:F32").ok_or("not a hub id")?;
+    let error = format!("{:#}", resolve(&offline_config(cache.clone()), &other).err().ok_or("F32 was never fetched")?);
+    assert!(error.contains("no F32 .gguf") && error.contains("HF_HUB_OFFLINE"), "{error}");
+    std::fs::remove_dir_all(&cache)?;
+    std::fs::remove_dir_all(&fresh)?;
+    std::fs::remove_dir_all(&scratch_dir)?;
+    Ok(())
+}
+
+/// Every subcommand that reads a model takes a hub id, offline from the fixture
+/// cache: `train` through its TOML file's `model`, `merge-lora` (model and adapter),
+/// `moe build` (base and experts), `dataset check --model` and `modality add`.
+#[test]
+fn every_subcommand_that_reads_a_model_takes_a_hub_id() -> TestResult {
+    let cache = fixtures().join("hf-cache");
+    let work = scratch("subcommands")?;
+    let run = |args: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let output = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+            .args(args)
+            .current_dir(&work)
+            .env("RUST_BACKTRACE", "0")
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if !output.status.success() {
+            return Err(format!("multitoken {args:?} failed: {stderr}").into());
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned() + &stderr)
+    };
+    std::fs::write(
+        work.join("rows.jsonl"),
+        concat!(
+            r#"{"id":"a","messages":[{"role":"user","content":"hello there"},{"role":"assistant","content":"hi"}]}"#,
+            "\n",
+            r#"{"id":"b","messages":[{"role":"user","content":"how are you"},{"role":"assistant","content":"fine"}]}"#,
+            "\n"
+        ),
+    )?;
+    std::fs::write(
+        work.join("train.toml"),
+        "model = \"multitoken-fixtures/tiny-llama@v1\"\ndataset = \"rows.jsonl\"\noutput_dir = \"adapter\"\nstage = \"lora\"\nmax_steps = 1\nlora_r = 2\n",
+    )?;
+    run(&["train", "--config", "train.toml", "--no-progress"])?;
+    let trained: Value = serde_json::from_str(&std::fs::read_to_string(work.join("adapter/multitoken.json"))?)?;
+    let base = trained["base_model"].as_str().unwrap_or_default().to_string();
+    assert!(base.contains("models--multitoken-fixtures--tiny-llama"), "the run's base is the cached snapshot: {trained}");
+
+    run(&["merge-lora", "--model", "multitoken-fixtures/tiny-llama", "--adapter", "adapter", "--output", "merged"])?;
+    assert!(work.join("merged/config.json").is_file());
+    run(&["moe", "build", "--base", "multitoken-fixtures/tiny-llama", "--experts", "adapter", "multitoken-fixtures/tiny-llama@v1", "--out", "moe"])?;
+    assert!(work.join("moe/moe.json").is_file());
+    let checked = run(&["dataset", "check", "rows.jsonl", "--model", "multitoken-fixtures/tiny-llama"])?;
+    assert!(checked.contains("2 rows, no problems"), "{checked}");
+    run(&["modality", "add", "--model", "multitoken-fixtures/tiny-llama", "--builder", "document_minilm", "--out", "with-documents"])?;
+    assert!(work.join("with-documents/multitoken.json").is_file());
+
+    // And each says so when the id is not in the cache.
+    for args in [
+        vec!["merge-lora", "--model", "nobody/nothing", "--output", "x"],
+        vec!["moe", "build", "--base", "multitoken-fixtures/tiny-llama", "--experts", "nobody/nothing", "--out", "x"],
+        vec!["modality", "add", "--model", "nobody/nothing", "--builder", "document_minilm", "--out", "x"],
+    ] {
+        let error = run(&args).err().ok_or("an id not in the cache must fail")?.to_string();
+        assert!(error.contains("nobody/nothing@main is not in the Hugging Face cache"), "{args:?}: {error}");
+    }
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}

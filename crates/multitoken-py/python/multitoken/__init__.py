@@ -114,7 +114,7 @@ def _sampling(
 
 class Model:
     """A loaded model: an HF directory, a `.gguf` file, a multitoken multimodal
-    directory (`multitoken.json`), or a hub id `org/name[@revision]`."""
+    directory (`multitoken.json`), or a hub id `org/name[@revision][:QUANT]` (QUANT picks a GGUF repository's file)."""
 
     def __init__(self, native: Any) -> None:
         self._native = native
@@ -250,7 +250,10 @@ def train(config: Union[Dict[str, Any], PathLike], progress: Optional[Callable[[
     file's snake_case keys: model, dataset, output_dir, stage, max_steps, ...) or a
     TOML file. `progress` is called with each `metrics.jsonl` row (step, loss,
     learning rate, ...) as training writes it. Returns `{"steps", "output_dir",
-    "final_loss"}`. The GIL is released while training runs."""
+    "final_loss"}`. The GIL is released while training runs. Ctrl-C (or an exception
+    raised by `progress`) stops training after the step it is in and writes that
+    step's checkpoint; the exception is raised with the trainer's word on where it
+    stopped as its `__cause__`, and `resume="latest"` continues the run exactly."""
     if isinstance(config, dict):
         return _multitoken.train(json.dumps(config, default=os.fspath), None, progress)
     return _multitoken.train(None, os.fspath(config), progress)

@@ -134,14 +134,31 @@ pub fn execute(cli: Cli) -> Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Mel(args) => mel::run(args),
         Command::Transcribe(args) => transcribe::run(args),
-        Command::Train(mut args) => {
-            args.model = args.model.map(|m| crate::hub::resolve_model_arg(&m)).transpose()?;
-            multitoken_train::cli::train(args)
+        // Every --model (and the TOML file's `model`, the base and experts of a
+        // mixture, an adapter) may be a hub id; the facade resolves them, since
+        // network IO never lives below it.
+        Command::Train(args) => multitoken_train::cli::train_with(args, &crate::hub::resolve_model_arg),
+        Command::Dataset(mut args) => {
+            if let multitoken_train::cli::DatasetCommand::Check { model: Some(model), .. } = &mut args.command {
+                *model = crate::hub::resolve_model_arg(model)?;
+            }
+            multitoken_train::cli::dataset(args)
         }
-        Command::Dataset(args) => multitoken_train::cli::dataset(args),
-        Command::MergeLora(args) => multitoken_train::cli::merge_lora(args),
+        Command::MergeLora(mut args) => {
+            args.model = crate::hub::resolve_model_arg(&args.model)?;
+            args.adapter = args.adapter.map(|a| crate::hub::resolve_model_arg(&a)).transpose()?;
+            multitoken_train::cli::merge_lora(args)
+        }
         Command::Eval(args) => eval::run(args),
-        Command::Moe(args) => multitoken_moe::cli::run(args),
+        Command::Moe(mut args) => {
+            if let multitoken_moe::cli::MoeCommand::Build { base, experts, .. } = &mut args.command {
+                *base = crate::hub::resolve_model_arg(base)?;
+                for expert in experts.iter_mut() {
+                    *expert = crate::hub::resolve_model_arg(expert)?;
+                }
+            }
+            multitoken_moe::cli::run(args)
+        }
         Command::Serve(mut args) => {
             args.model = args.model.map(|m| crate::hub::resolve_model_arg(&m)).transpose()?;
             multitoken_serve::cli::run(args)

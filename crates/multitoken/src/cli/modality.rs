@@ -54,7 +54,8 @@ struct ListArgs {
 #[derive(Debug, Args)]
 struct AddArgs {
     /// The model to start from: a `multitoken.json` directory, a checkpoint an
-    /// importer reads (Idefics2, ...), or a plain LM directory / `.gguf`.
+    /// importer reads (Idefics2, ...), a plain LM directory / `.gguf`, or a hub id
+    /// `org/name[@revision]`.
     #[arg(long)]
     model: PathBuf,
     /// Registry name of the modality's builder (`multitoken modality list`).
@@ -85,7 +86,12 @@ struct AddArgs {
 pub fn run(args: ModalityArgs) -> Result<()> {
     match args.command {
         ModalityCommand::List(args) => list(&args),
-        ModalityCommand::Add(args) => add(&args),
+        ModalityCommand::Add(mut args) => {
+            // As every other subcommand's --model: a hub id names a cached (or
+            // downloaded) snapshot.
+            args.model = crate::hub::resolve_model_arg(&args.model)?;
+            add(&args)
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use multitoken_lm::sampling::SamplingParams;
 /// Which model to load and how.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// An HF model directory, a `.gguf` file or a hub id `org/name[@revision]` (from the
+    /// An HF model directory, a `.gguf` file or a hub id `org/name[@revision][:QUANT]` (from the
     /// HF cache, else downloaded unless HF_HUB_OFFLINE is set) [default: the demo model in examples/demo-model,
     /// else SmolLM2 from `cargo xtask weights`].
     #[arg(long)]
