@@ -20,9 +20,12 @@
 //!   once to `target/bench/` (the file both engines read for the 8-bit row);
 //! - `transformers`: `xtask/bench/lm.py` with the repo's venv python, f32, the same
 //!   thread count (`torch.set_num_threads`), the same prompt ids;
-//! - with `--llama-cpp` (opt-in: it needs `pip install llama-cpp-python` in the venv,
-//!   which builds llama.cpp for this CPU; CI never does): `xtask/bench/llama_cpp.py` on the
-//!   Q4_1 and the Q8_0 file, same threads, same prompt ids, one-batch prefill.
+//! - with `--llama-cpp` (opt-in; CI never does it): `xtask/bench/llama_cpp.mjs` under node
+//!   on the Q4_1 and the Q8_0 file, same threads, same prompt ids, one-batch prefill. It
+//!   drives llama.cpp through npm's `node-llama-cpp` (pinned to [`NODE_LLAMA_CPP`]), whose
+//!   prebuilt libraries carry a CPU variant per x86-64 level (AVX2 ... AVX-512 / AMX),
+//!   picked at load: installed once into `target/bench/llama-cpp-node` (~30 s, ~700 MB),
+//!   where building llama.cpp from source (llama-cpp-python) takes over an hour on 2 cores.
 //!
 //! Prefill is one forward over a 512-token prompt, decode 128 single-token forwards
 //! through the KV cache with greedy argmax and EOS ignored, both through
@@ -64,7 +67,7 @@ struct Settings {
     contended: bool,
     /// `--busy-cpu N`: pin the busy process to CPU N.
     busy_cpu: Option<usize>,
-    /// `--llama-cpp`: llama.cpp (llama-cpp-python) on the same files in the same run.
+    /// `--llama-cpp`: llama.cpp (npm's node-llama-cpp) on the same files in the same run.
     llama_cpp: bool,
 }
 
@@ -184,10 +187,12 @@ fn lm(args: &[String]) -> Result<()> {
         results.push(last_json_line(&mut cmd)?);
     }
     if s.llama_cpp {
+        let module = node_llama_cpp(&target)?;
         for file in [&gguf, &gguf_q8] {
             eprintln!("llama.cpp, {} ...", file.display());
-            let mut cmd = Command::new(python());
-            cmd.arg(root.join("xtask").join("bench").join("llama_cpp.py")).arg("--gguf").arg(file).arg("--prompt-ids").arg(&prompt_file);
+            let mut cmd = Command::new("node");
+            cmd.arg(root.join("xtask").join("bench").join("llama_cpp.mjs")).arg("--gguf").arg(file).arg("--prompt-ids").arg(&prompt_file);
+            cmd.arg("--module").arg(&module);
             cmd.args(["--decode", &s.decode.to_string(), "--threads", &threads, "--repeat", &s.repeat.to_string()]);
             common(&mut cmd);
             let mut v = last_json_line(&mut cmd)?;
@@ -207,6 +212,37 @@ fn lm(args: &[String]) -> Result<()> {
     };
     report(&s, &bw, &results, reference.as_ref());
     Ok(())
+}
+
+/// The node-llama-cpp release the llama.cpp anchor runs (its lock resolves here;
+/// newer releases' platform packages are not all served by the registry mirror).
+const NODE_LLAMA_CPP: &str = "3.21.1";
+
+/// `target/bench/llama-cpp-node/node_modules/node-llama-cpp`, installed by npm
+/// on first use (its install script is not run: the prebuilt libraries it ships
+/// are all the bench needs).
+fn node_llama_cpp(target: &Path) -> Result<PathBuf> {
+    let dir = target.join("llama-cpp-node");
+    let module = dir.join("node_modules").join("node-llama-cpp");
+    let installed = std::fs::read_to_string(module.join("package.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .is_some_and(|manifest| manifest["version"] == NODE_LLAMA_CPP);
+    if !installed {
+        eprintln!("installing node-llama-cpp {NODE_LLAMA_CPP} into {} ...", dir.display());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("package.json"), "{\"private\": true}\n")?;
+        let status = Command::new("npm")
+            .args(["install", "--exact", "--ignore-scripts", "--no-audit", "--no-fund"])
+            .arg(format!("node-llama-cpp@{NODE_LLAMA_CPP}"))
+            .current_dir(&dir)
+            .status()
+            .context("running npm (the llama.cpp anchor needs node and npm)")?;
+        if !status.success() {
+            bail!("npm install node-llama-cpp@{NODE_LLAMA_CPP} failed in {}", dir.display());
+        }
+    }
+    Ok(module)
 }
 
 /// Writes `src` with every block-quantized matrix re-quantized to `dtype` (f32
