@@ -117,6 +117,12 @@ pub(crate) fn dequantize(format: Format, blocks: &[u8], out_dim: usize, in_dim: 
 fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512f() {
+            // SAFETY: the CPU supports AVX-512F (checked above); the slices are as
+            // for the AVX2 body below.
+            unsafe { avx512::dot_rows(format, w, in_dim, x, sums, dst) };
+            return;
+        }
         if has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked above); the slices
             // hold `in_dim / 32` blocks, `rows * in_dim` activations and (Q4_1)
@@ -164,6 +170,144 @@ fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512f() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The AVX-512 body of `dot_rows`: a block's 32 weights become two vectors
+    //! of sixteen f32 (half the instructions of the AVX2 body; 13% faster on
+    //! Q8_0, as fast on Q4_1, see [`group`]). Each input row still accumulates
+    //! on its own, so a row's result does not depend on how many rows share the
+    //! call.
+
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{Format, BLOCK};
+
+    /// See `super::dot_rows`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
+        let rows = dst.len();
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (rows - r0).min(4);
+            let out = &mut dst[r0..r0 + n];
+            // SAFETY: forwarded from this function's contract.
+            unsafe {
+                match (format, n) {
+                    (Format::Q4_1, 1) => group::<true, 1>(w, in_dim, x, sums, r0, out),
+                    (Format::Q4_1, 2) => group::<true, 2>(w, in_dim, x, sums, r0, out),
+                    (Format::Q4_1, 3) => group::<true, 3>(w, in_dim, x, sums, r0, out),
+                    (Format::Q4_1, _) => group::<true, 4>(w, in_dim, x, sums, r0, out),
+                    (Format::Q8_0, 1) => group::<false, 1>(w, in_dim, x, sums, r0, out),
+                    (Format::Q8_0, 2) => group::<false, 2>(w, in_dim, x, sums, r0, out),
+                    (Format::Q8_0, 3) => group::<false, 3>(w, in_dim, x, sums, r0, out),
+                    (Format::Q8_0, _) => group::<false, 4>(w, in_dim, x, sums, r0, out),
+                }
+            }
+            r0 += n;
+        }
+    }
+
+    /// Rows `r0..r0 + N` of `x` against one weight row. Block `b` goes to
+    /// accumulator `b % CHAINS` (vector and, for Q4_1, the scalar `m` term), so
+    /// a block need not wait for the previous block's FMA: one thread, a
+    /// 1536 × 576 row each, 1 / 2 / 4 chains gave Q4_1 2.25 / 2.10 / 2.15 ns per
+    /// block and Q8_0 1.72 / 1.57 / 1.61 (the AVX2 body: 2.12 and 1.81). Q4_1's
+    /// limit is the unpacking (nibbles widened to 32 bits and converted), whose
+    /// 512-bit shuffles run on one port: wider vectors do not make it faster.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group<const Q4: bool, const N: usize>(
+        w: &[u8],
+        in_dim: usize,
+        x: &[f32],
+        sums: &[f32],
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let nb = in_dim / BLOCK;
+        let mut acc = [[_mm512_setzero_ps(); N]; CHAINS];
+        let mut mterm = [[0f32; N]; CHAINS];
+        let mut b = 0;
+        while b < nb {
+            for (c, (acc, mterm)) in acc.iter_mut().zip(mterm.iter_mut()).enumerate() {
+                if b + c < nb {
+                    // SAFETY: block `b + c < nb` lies within `w`; `x` holds rows
+                    // `r0..r0 + N` of `in_dim` values and (Q4_1) `sums` their `nb`
+                    // block sums each.
+                    unsafe { block::<Q4, N>(w, in_dim, x, sums, r0, b + c, acc, mterm) };
+                }
+            }
+            b += CHAINS;
+        }
+        for k in 0..N {
+            let (mut v, mut m) = (acc[0][k], mterm[0][k]);
+            for c in 1..CHAINS {
+                v = _mm512_add_ps(v, acc[c][k]);
+                m += mterm[c][k];
+            }
+            out[k] = _mm512_reduce_add_ps(v) + m;
+        }
+    }
+
+    /// Independent accumulation chains per row in [`group`].
+    const CHAINS: usize = 2;
+
+    /// Block `b` of the weight row against rows `r0..r0 + N`, added to `acc`
+    /// (and, for Q4_1, `m * Σ x` to `mterm`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const Q4: bool, const N: usize>(
+        w: &[u8],
+        in_dim: usize,
+        x: &[f32],
+        sums: &[f32],
+        r0: usize,
+        b: usize,
+        acc: &mut [__m512; N],
+        mterm: &mut [f32; N],
+    ) {
+        let nb = in_dim / BLOCK;
+        let bytes = if Q4 { 20 } else { 34 };
+        // SAFETY: the caller guarantees block `b` and rows `r0..r0 + N` exist.
+        unsafe {
+            let blk = w.as_ptr().add(b * bytes);
+            let d = f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32();
+            let (e0, e1, m) = if Q4 {
+                let m = f16::from_bits(u16::from_le_bytes([*blk.add(2), *blk.add(3)])).to_f32();
+                let mask = _mm_set1_epi8(0x0F);
+                let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                // Weights 0..16 are the low nibbles, 16..32 the high ones.
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
+                (_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), m)
+            } else {
+                let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                (_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), 0.0)
+            };
+            let dv = _mm512_set1_ps(d);
+            for k in 0..N {
+                let r = r0 + k;
+                let xp = x.as_ptr().add(r * in_dim + b * BLOCK);
+                let s = _mm512_mul_ps(e0, _mm512_loadu_ps(xp));
+                let s = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xp.add(16)), s);
+                acc[k] = _mm512_fmadd_ps(dv, s, acc[k]);
+                if Q4 {
+                    mterm[k] += m * *sums.get_unchecked(r * nb + b);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -355,6 +499,17 @@ mod tests {
                 for r in 0..rows {
                     let w = want[r * out_dim];
                     assert!((scalar[r] - w).abs() <= 1e-4 * (1.0 + w.abs()), "{case} scalar row {r}: {} vs {w}", scalar[r]);
+                }
+                // So does the AVX2 body, which an AVX-512 CPU never takes in `matmul`.
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2_fma() {
+                    let mut avx2 = vec![0f32; rows];
+                    // SAFETY: AVX2 + FMA checked; the slices are one weight row and all of `x`.
+                    unsafe { avx2::dot_rows(format, &data[..per_row], in_dim, &xs, &sums, &mut avx2) };
+                    for r in 0..rows {
+                        let w = want[r * out_dim];
+                        assert!((avx2[r] - w).abs() <= 1e-4 * (1.0 + w.abs()), "{case} avx2 row {r}: {} vs {w}", avx2[r]);
+                    }
                 }
             }
         }
