@@ -53,7 +53,7 @@ pub use decode::{decode_bytes, decode_item, load_audio, to_mono_16k, DecodeConfi
 pub use error::{Error, Result};
 pub use mel::{LogMel, MelWindows};
 pub use modality::{AudioConfig, FeatureMode, WhisperAudio, AUDIO_WHISPER};
-pub use transcribe::{compression_ratio, TranscribeOptions, Transcriber, Transcript, WindowDecode};
+pub use transcribe::{compression_ratio, TranscribeOptions, Transcriber, Transcript, WindowDecode, MAX_TOKENS_PER_WINDOW};
 pub use transcript::{
     WhisperTranscript, AUDIO_WHISPER_TRANSCRIPT, TRANSCRIPT_DATA_KEY, TRANSCRIPT_TOKEN,
 };

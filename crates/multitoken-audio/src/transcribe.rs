@@ -18,7 +18,7 @@ use tokenizers::Tokenizer;
 
 use crate::decode::{describe_item, load_audio, DecodeConfig};
 use crate::mel::LogMel;
-use crate::whisper::{CrossCache, Whisper};
+use crate::whisper::{CrossCache, SelfCache, Whisper};
 use crate::{Error, Result};
 
 /// Most tokens generated per 30 s window (half the decoder's 448 positions, as
@@ -51,6 +51,21 @@ impl Default for TranscribeOptions {
             compression_ratio_threshold: Some(2.4),
             logprob_threshold: Some(-1.0),
             no_speech_threshold: Some(0.6),
+            seed: 0,
+        }
+    }
+}
+
+impl TranscribeOptions {
+    /// The plain greedy decode: temperature 0 only, no thresholds, no fallback
+    /// (`--no-fallback`; whisper.cpp with `temperature_inc` 0).
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            max_new_tokens,
+            temperatures: vec![0.0],
+            compression_ratio_threshold: None,
+            logprob_threshold: None,
+            no_speech_threshold: None,
             seed: 0,
         }
     }
@@ -275,9 +290,13 @@ impl Transcriber {
         let mut suppressed = config.suppress_tokens.clone();
         suppressed.extend((config.eos_token_id + 1)..config.vocab_size as u32);
         let no_speech = ["<|nospeech|>", "<|nocaptions|>"].iter().find_map(|t| self.tokenizer.token_to_id(t));
+        // The prompt goes in first, then each new token: the self-attention keys
+        // and values of what came before are kept, not recomputed every step.
+        let mut cache = SelfCache::default();
         while generated.len() < max_new_tokens {
-            let input = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-            let hidden = self.model.decoder.hidden(&input, cross)?;
+            let fed = cache.len();
+            let input = Tensor::new(&ids[fed..], &self.device)?.unsqueeze(0)?;
+            let hidden = self.model.decoder.hidden_cached(&input, cross, &mut cache)?;
             if generated.is_empty() {
                 if let Some(token) = no_speech {
                     // The probability of <|nospeech|> right after <|startoftranscript|>.
@@ -285,7 +304,7 @@ impl Transcriber {
                     no_speech_prob = log_softmax_at(&at_start, token as usize).exp();
                 }
             }
-            let mut values = self.logits_at(&hidden, ids.len() - 1)?;
+            let mut values = self.logits_at(&hidden, ids.len() - 1 - fed)?;
             let mut blocked = suppressed.clone();
             if generated.is_empty() {
                 blocked.extend(&config.begin_suppress_tokens);

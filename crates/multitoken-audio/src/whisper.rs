@@ -342,6 +342,26 @@ pub struct WhisperDecoder {
 #[derive(Debug, Clone)]
 pub struct CrossCache(Vec<(Tensor, Tensor)>);
 
+/// The decoder's self-attention keys and values of the tokens fed so far, per
+/// layer ([`WhisperDecoder::hidden_cached`]); empty for a new decode.
+#[derive(Debug, Clone, Default)]
+pub struct SelfCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl SelfCache {
+    /// Tokens fed so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl WhisperDecoder {
     /// Loads the decoder from `vb` at the `decoder` level of a checkpoint.
     pub fn load(vb: &VarBuilder, config: &WhisperConfig) -> Result<Self> {
@@ -404,10 +424,56 @@ impl WhisperDecoder {
         Ok(norm(&self.layer_norm, &x)?)
     }
 
+    /// [`WhisperDecoder::hidden`] one piece at a time: the final hidden states
+    /// `[b, t, d]` of the new token ids `[b, t]`, which follow the `cache.len()`
+    /// tokens whose self-attention keys and values `cache` holds (it gains
+    /// theirs). A decode feeds the prompt, then each new token: every step costs
+    /// one position's work instead of the whole sequence's again.
+    pub fn hidden_cached(&self, ids: &Tensor, cross: &CrossCache, cache: &mut SelfCache) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let offset = cache.len;
+        if offset + t > self.embed_positions.dim(0)? {
+            return Err(Error::Config(format!(
+                "{} decoder tokens exceed the {} decoder positions",
+                offset + t,
+                self.embed_positions.dim(0)?
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let mut x = self
+            .embed_tokens
+            .forward(ids)?
+            .broadcast_add(&self.embed_positions.narrow(0, offset, t)?)?;
+        for ((layer, kv), past) in self.layers.iter().zip(&cross.0).zip(cache.layers.iter_mut()) {
+            let h = norm(&layer.self_attn_layer_norm, &x)?;
+            let (k, v) = layer.self_attn.key_value(&h)?;
+            let self_kv = match past.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            x = (&x + layer.self_attn.attend(&h, &self_kv, true)?)?;
+            *past = Some(self_kv);
+            let h = norm(&layer.encoder_attn_layer_norm, &x)?;
+            x = (&x + layer.encoder_attn.attend(&h, kv, false)?)?;
+            let h = norm(&layer.final_layer_norm, &x)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        cache.len = offset + t;
+        Ok(norm(&self.layer_norm, &x)?)
+    }
+
     /// Logits `[b, vocab]` of the last position of hidden states `[b, t, d]`.
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        // A decode step's product with the whole vocabulary (26M weights for
+        // Whisper base): the kernels' matrix-vector product streams the table
+        // once over the pool, where candle's matmul packs it on one thread.
+        if let Some(logits) = multitoken_kernels::lm::linear_rows(&last, self.embed_tokens.embeddings())? {
+            return Ok(logits);
+        }
         Ok(last.matmul(&self.embed_tokens.embeddings().t()?)?)
     }
 }

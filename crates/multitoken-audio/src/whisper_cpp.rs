@@ -78,6 +78,9 @@ impl WhisperCpp {
         let mut state = self.context.create_state().map_err(failed)?;
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         params.set_language(Some("en"));
+        // Greedy only, as `TranscribeOptions::greedy`: no temperature fallback.
+        params.set_temperature(0.0);
+        params.set_temperature_inc(0.0);
         params.set_n_threads(self.threads);
         params.set_no_timestamps(true);
         params.set_print_progress(false);

@@ -76,14 +76,7 @@ pub fn run(args: TranscribeArgs) -> Result<()> {
     let transcriber = load_transcriber(args.model.as_deref())?;
     let config = DecodeConfig::with_max_seconds(args.max_seconds);
     let options = if args.no_fallback {
-        TranscribeOptions {
-            max_new_tokens: args.max_new_tokens,
-            temperatures: vec![0.0],
-            compression_ratio_threshold: None,
-            logprob_threshold: None,
-            no_speech_threshold: None,
-            seed: 0,
-        }
+        TranscribeOptions::greedy(args.max_new_tokens)
     } else {
         TranscribeOptions {
             max_new_tokens: args.max_new_tokens,
