@@ -52,7 +52,7 @@ use serde_json::{json, Value};
 
 use crate::weights::{cache_dir, python, workspace_root};
 
-const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Settings of one bench run.
 #[derive(Debug, Clone)]
@@ -82,6 +82,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("train") => crate::bench_train::run(&args[1..]),
         Some("qlora-child") => crate::bench_qlora::child(&args[1..]),
         Some("serve") => crate::bench_serve::run(&args[1..]),
+        Some("decode-rows") => crate::bench_decode_rows::run(&args[1..]),
         Some("moe") => crate::bench_moe::run(&args[1..]),
         Some("vlm") => crate::bench_vlm::run(&args[1..]),
         // Children spawned by `lm`, in the release build.
@@ -268,7 +269,7 @@ fn requantize_gguf(src: &Path, dst: &Path, dtype: candle_core::quantized::GgmlDT
 }
 
 /// A deterministic prompt of ordinary (non-special) token ids.
-fn prompt_ids(n: usize) -> Vec<u32> {
+pub(crate) fn prompt_ids(n: usize) -> Vec<u32> {
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..n)
         .map(|_| {

@@ -21,6 +21,8 @@ mod bench_audio;
 #[cfg(feature = "models")]
 mod bench_contended;
 #[cfg(feature = "models")]
+mod bench_decode_rows;
+#[cfg(feature = "models")]
 mod bench_document;
 #[cfg(feature = "models")]
 mod bench_moe;
