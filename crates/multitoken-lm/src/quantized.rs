@@ -172,6 +172,36 @@ fn has_avx2_fma() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// The SIMD bodies' `dot_rows`: the input rows in groups of up to four, each
+/// through `$group::<Q4, N>` (format and group size as constants, so the
+/// accumulators live in registers). Expands to unsafe calls: the caller
+/// upholds `dot_rows`' contract.
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups {
+    ($group:ident, $format:expr, $w:expr, $in_dim:expr, $x:expr, $sums:expr, $dst:expr) => {{
+        let dst: &mut [f32] = $dst;
+        let rows = dst.len();
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (rows - r0).min(4);
+            let out = &mut dst[r0..r0 + n];
+            match ($format, n) {
+                (Format::Q4_1, 1) => $group::<true, 1>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q4_1, 2) => $group::<true, 2>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q4_1, 3) => $group::<true, 3>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q4_1, _) => $group::<true, 4>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q8_0, 1) => $group::<false, 1>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q8_0, 2) => $group::<false, 2>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q8_0, 3) => $group::<false, 3>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q8_0, _) => $group::<false, 4>($w, $in_dim, $x, $sums, r0, out),
+            }
+            r0 += n;
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+use in_groups;
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx512f() -> bool {
     use std::sync::OnceLock;
@@ -196,26 +226,8 @@ mod avx512 {
     /// See `super::dot_rows`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
-        let rows = dst.len();
-        let mut r0 = 0;
-        while r0 < rows {
-            let n = (rows - r0).min(4);
-            let out = &mut dst[r0..r0 + n];
-            // SAFETY: forwarded from this function's contract.
-            unsafe {
-                match (format, n) {
-                    (Format::Q4_1, 1) => group::<true, 1>(w, in_dim, x, sums, r0, out),
-                    (Format::Q4_1, 2) => group::<true, 2>(w, in_dim, x, sums, r0, out),
-                    (Format::Q4_1, 3) => group::<true, 3>(w, in_dim, x, sums, r0, out),
-                    (Format::Q4_1, _) => group::<true, 4>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, 1) => group::<false, 1>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, 2) => group::<false, 2>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, 3) => group::<false, 3>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, _) => group::<false, 4>(w, in_dim, x, sums, r0, out),
-                }
-            }
-            r0 += n;
-        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { super::in_groups!(group, format, w, in_dim, x, sums, dst) };
     }
 
     /// Rows `r0..r0 + N` of `x` against one weight row. Block `b` goes to
@@ -326,26 +338,8 @@ mod avx2 {
     pub(super) unsafe fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
         // Up to four input rows share each unpacked block; the group size and the
         // format are constants so the accumulators live in registers.
-        let rows = dst.len();
-        let mut r0 = 0;
-        while r0 < rows {
-            let n = (rows - r0).min(4);
-            let out = &mut dst[r0..r0 + n];
-            // SAFETY: forwarded from this function's contract.
-            unsafe {
-                match (format, n) {
-                    (Format::Q4_1, 1) => group::<true, 1>(w, in_dim, x, sums, r0, out),
-                    (Format::Q4_1, 2) => group::<true, 2>(w, in_dim, x, sums, r0, out),
-                    (Format::Q4_1, 3) => group::<true, 3>(w, in_dim, x, sums, r0, out),
-                    (Format::Q4_1, _) => group::<true, 4>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, 1) => group::<false, 1>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, 2) => group::<false, 2>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, 3) => group::<false, 3>(w, in_dim, x, sums, r0, out),
-                    (Format::Q8_0, _) => group::<false, 4>(w, in_dim, x, sums, r0, out),
-                }
-            }
-            r0 += n;
-        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { super::in_groups!(group, format, w, in_dim, x, sums, dst) };
     }
 
     /// Rows `r0..r0 + N` of `x` against one weight row (`Q4` true: Q4_1, else

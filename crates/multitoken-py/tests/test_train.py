@@ -10,7 +10,8 @@ import multitoken
 from conftest import DEMO, SHAPES
 
 
-def test_train_two_steps_reports_each_row(tmp_path):
+def two_image_rows(tmp_path):
+    """A two-row image dataset (the demo's colour question) written as JSONL."""
     rows = [
         {"images": [str(SHAPES / name)], "messages": [
             {"role": "user", "content": "<image>\nWhat colour is the shape?"},
@@ -19,6 +20,11 @@ def test_train_two_steps_reports_each_row(tmp_path):
     ]
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dataset
+
+
+def test_train_two_steps_reports_each_row(tmp_path):
+    dataset = two_image_rows(tmp_path)
     seen = []
     out = tmp_path / "run"
     summary = multitoken.train(
@@ -37,14 +43,7 @@ def test_train_refuses_unknown_options():
 
 
 def test_ctrl_c_stops_training_at_a_checkpoint_that_resumes(tmp_path):
-    rows = [
-        {"images": [str(SHAPES / name)], "messages": [
-            {"role": "user", "content": "<image>\nWhat colour is the shape?"},
-            {"role": "assistant", "content": answer}]}
-        for name, answer in [("red-circle.png", "Red."), ("blue-triangle.png", "Blue.")]
-    ]
-    dataset = tmp_path / "train.jsonl"
-    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = two_image_rows(tmp_path)
     out = tmp_path / "run"
     options = {"model": DEMO, "dataset": dataset, "output_dir": out, "max_steps": 300,
                "per_device_train_batch_size": 1, "save_steps": 0}
