@@ -18,6 +18,9 @@
 //! - `ours q4_1`: the GGUF matrices kept quantized (candle's q4_1 x q8_1 kernels);
 //! - `ours q8_0`: the same model with every Q4_1 matrix re-quantized to Q8_0, written
 //!   once to `target/bench/` (the file both engines read for the 8-bit row);
+//! - `ours q4_1-i8`, `ours q8_0-i8`: the same two files with `--int8-activations`
+//!   (activations rounded to 8 bits per block for integer dot products, as llama.cpp
+//!   does; opt-in, not the exact default);
 //! - `transformers`: `xtask/bench/lm.py` with the repo's venv python, f32, the same
 //!   thread count (`torch.set_num_threads`), the same prompt ids;
 //! - with `--llama-cpp` (opt-in; CI never does it): `xtask/bench/llama_cpp.mjs` under node
@@ -179,7 +182,9 @@ fn lm(args: &[String]) -> Result<()> {
         requantize_gguf(&gguf, &gguf_q8, candle_core::quantized::GgmlDType::Q8_0)?;
     }
     let mut results = Vec::new();
-    for (mode, file) in [("f32", &gguf), ("q4_1", &gguf), ("q8_0", &gguf_q8)] {
+    // `-i8`: the same files with `--int8-activations` (8-bit activations, as
+    // llama.cpp computes; opt-in, not the exact default).
+    for (mode, file) in [("f32", &gguf), ("q4_1", &gguf), ("q8_0", &gguf_q8), ("q4_1-i8", &gguf), ("q8_0-i8", &gguf_q8)] {
         eprintln!("ours, {mode} ...");
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "lm-child", "--mode", mode, "--gguf"]).arg(file).arg("--prompt-ids").arg(&prompt_file);
@@ -367,13 +372,15 @@ fn report(s: &Settings, bw: &Value, ours: &[Value], reference: Option<&Value>) {
     }
     let by_impl = |name: &str| ours.iter().find(|v| v.get("impl").and_then(Value::as_str) == Some(name));
     for q in ["q4_1", "q8_0"] {
-        if let (Some(o), Some(l)) = (by_impl(&format!("ours {q}")), by_impl(&format!("llama.cpp {q}"))) {
-            println!(
-                "ours {q} / llama.cpp {q}: decode {:.2}x (goal >= 1.0), prefill {:.2}x (goal >= 0.8); llama.cpp {}",
-                f(o, "decode_tok_s") / f(l, "decode_tok_s"),
-                f(o, "prefill_tok_s") / f(l, "prefill_tok_s"),
-                l.get("version").and_then(Value::as_str).unwrap_or("?")
-            );
+        for ours_mode in [q.to_string(), format!("{q}-i8")] {
+            if let (Some(o), Some(l)) = (by_impl(&format!("ours {ours_mode}")), by_impl(&format!("llama.cpp {q}"))) {
+                println!(
+                    "ours {ours_mode} / llama.cpp {q}: decode {:.2}x (goal >= 1.0), prefill {:.2}x (goal >= 0.8); llama.cpp {}",
+                    f(o, "decode_tok_s") / f(l, "decode_tok_s"),
+                    f(o, "prefill_tok_s") / f(l, "prefill_tok_s"),
+                    l.get("version").and_then(Value::as_str).unwrap_or("?")
+                );
+            }
         }
     }
     let all = json!({"threads": s.threads, "membw": bw, "ours": ours, "transformers": reference});
@@ -427,7 +434,11 @@ fn child(args: &[String]) -> Result<()> {
     let weights = match mode.as_str() {
         "f32" => GgufWeights::Dequantized,
         "q4_1" | "q8_0" => GgufWeights::Quantized,
-        other => bail!("unknown mode `{other}` (f32, q4_1 or q8_0: the file's own blocks)"),
+        "q4_1-i8" | "q8_0-i8" => {
+            multitoken_lm::set_int8_activations(true);
+            GgufWeights::Quantized
+        }
+        other => bail!("unknown mode `{other}` (f32, q4_1, q8_0: the file's own blocks; -i8: with 8-bit activations)"),
     };
     let ids: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(&prompt_file)?)?;
     let start = Instant::now();

@@ -27,5 +27,6 @@ pub mod weights;
 pub use config::{Activation, Family, ModelConfig, RopeStyle};
 pub use error::{Error, Result};
 pub use linear::{Linear, LinearWeight};
+pub use quantized::{int8_activations, set_int8_activations};
 pub use loader::{GenerationDefaults, LoadedModel, SpecialTokens};
 pub use weights::WeightSource;

@@ -50,6 +50,9 @@ const PARALLEL_FROM_WEIGHTS: usize = 1 << 17;
 /// Callers check the sizes: `blocks.len() == out_dim * in_dim / 32 * block_bytes`,
 /// `in_dim % 32 == 0`, `x.len() == rows * in_dim`, `y.len() == rows * out_dim`.
 pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize, x: &[f32], rows: usize, y: &mut [f32]) {
+    if int8_activations() {
+        return int8::matmul(format, blocks, out_dim, in_dim, x, rows, y);
+    }
     let per_row = in_dim / BLOCK * format.block_bytes();
     let sums: Vec<f32> = match format {
         Format::Q4_1 => x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
@@ -75,6 +78,25 @@ pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usiz
             }
         }
     }
+}
+
+/// Whether [`matmul`] rounds its activations to 8 bits (opt-in, process-wide).
+static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the 8-bit-activation mode of the Q4_1 / Q8_0 products on or off for the
+/// whole process (`--int8-activations`). On, each activation row is rounded to
+/// 8 bits per block of 32 (a scale per block, as llama.cpp's `Q8_0`/`Q8_1`) and
+/// multiplied with the weights' integers by integer dot products (AVX-512 VNNI
+/// where the CPU has it): faster, and no longer what the dequantized f32 model
+/// computes (the default, exact mode). Rows stay independent of each other, so
+/// a batched decode step still equals one-at-a-time decoding in this mode.
+pub fn set_int8_activations(on: bool) {
+    INT8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the 8-bit-activation mode is on ([`set_int8_activations`]).
+pub fn int8_activations() -> bool {
+    INT8_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The `[out_dim, in_dim]` f32 matrix of `W`, row-major, exactly as candle's
@@ -206,7 +228,25 @@ use in_groups;
 fn has_avx512f() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"))
+}
+
+/// The two f16 values at `p` and `p + 2` (a block's `d` and, for Q4_1, `m`) as
+/// f32, by one F16C conversion inside the SIMD bodies: `half`'s `to_f32` is a
+/// call that checks the CPU each time, a fifth of a Q4_1 block's cost there.
+/// Exact either way (every f16 is an f32).
+///
+/// # Safety
+/// F16C, and four readable bytes at `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16_pair(p: *const u8) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees F16C and the four bytes.
+    unsafe {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -219,12 +259,10 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use half::f16;
-
     use super::{Format, BLOCK};
 
     /// See `super::dot_rows`.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     pub(super) unsafe fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
         // SAFETY: forwarded from this function's contract.
         unsafe { super::in_groups!(group, format, w, in_dim, x, sums, dst) };
@@ -237,7 +275,7 @@ mod avx512 {
     /// block and Q8_0 1.72 / 1.57 / 1.61 (the AVX2 body: 2.12 and 1.81). Q4_1's
     /// limit is the unpacking (nibbles widened to 32 bits and converted), whose
     /// 512-bit shuffles run on one port: wider vectors do not make it faster.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     unsafe fn group<const Q4: bool, const N: usize>(
         w: &[u8],
         in_dim: usize,
@@ -293,9 +331,9 @@ mod avx512 {
         // SAFETY: the caller guarantees block `b` and rows `r0..r0 + N` exist.
         unsafe {
             let blk = w.as_ptr().add(b * bytes);
-            let d = f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32();
+            // Q8_0's second half is its first two weights, unused.
+            let (d, m) = super::f16_pair(blk);
             let (e0, e1, m) = if Q4 {
-                let m = f16::from_bits(u16::from_le_bytes([*blk.add(2), *blk.add(3)])).to_f32();
                 let mask = _mm_set1_epi8(0x0F);
                 let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
                 // Weights 0..16 are the low nibbles, 16..32 the high ones.
@@ -444,6 +482,211 @@ mod avx2 {
     }
 }
 
+/// The 8-bit-activation products ([`set_int8_activations`]).
+mod int8 {
+    use half::f16;
+
+    use super::{Format, BLOCK, PARALLEL_FROM_WEIGHTS};
+
+    /// Activation rows rounded to 8 bits: per block of 32 a scale `d` (the
+    /// block's largest magnitude / 127), the integers, and (for Q4_1's `m` term)
+    /// the block's exact f32 sum.
+    pub(super) struct Rows {
+        pub(super) q: Vec<i8>,
+        pub(super) d: Vec<f32>,
+        pub(super) sums: Vec<f32>,
+        pub(super) in_dim: usize,
+    }
+
+    impl Rows {
+        pub(super) fn quantize(x: &[f32], in_dim: usize) -> Rows {
+            let blocks = x.len() / BLOCK;
+            let mut q = vec![0i8; x.len()];
+            let mut d = Vec::with_capacity(blocks);
+            let mut sums = Vec::with_capacity(blocks);
+            for (xb, qb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                for (qv, &v) in qb.iter_mut().zip(xb) {
+                    *qv = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                }
+                d.push(scale);
+                sums.push(xb.iter().sum());
+            }
+            Rows { q, d, sums, in_dim }
+        }
+    }
+
+    /// [`super::matmul`] in the 8-bit-activation mode.
+    pub(super) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize, x: &[f32], rows: usize, y: &mut [f32]) {
+        let per_row = in_dim / BLOCK * format.block_bytes();
+        let act = Rows::quantize(x, in_dim);
+        let mut by_out = vec![0f32; out_dim * rows];
+        let work = |first_out: usize, chunk: &mut [f32]| {
+            for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
+                let o = first_out + k;
+                dot_rows(format, &blocks[o * per_row..(o + 1) * per_row], &act, dst);
+            }
+        };
+        crate::parallel::fill_items(&mut by_out, rows, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
+        for (o, vals) in by_out.chunks_exact(rows).enumerate() {
+            for (r, v) in vals.iter().enumerate() {
+                y[r * out_dim + o] = *v;
+            }
+        }
+    }
+
+    /// One weight row against every activation row.
+    fn dot_rows(format: Format, w: &[u8], act: &Rows, dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_vnni() {
+            for (r, out) in dst.iter_mut().enumerate() {
+                // SAFETY: AVX-512 VNNI/VL and AVX2 checked; `w` holds the row's
+                // blocks and `act` row `r`'s.
+                *out = unsafe {
+                    match format {
+                        Format::Q4_1 => vnni::row::<true>(w, act, r),
+                        Format::Q8_0 => vnni::row::<false>(w, act, r),
+                    }
+                };
+            }
+            return;
+        }
+        for (r, out) in dst.iter_mut().enumerate() {
+            *out = row_scalar(format, w, act, r);
+        }
+    }
+
+    /// The portable body: the same integer sums, scaled per block.
+    pub(super) fn row_scalar(format: Format, w: &[u8], act: &Rows, r: usize) -> f32 {
+        let nb = act.in_dim / BLOCK;
+        let bytes = format.block_bytes();
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let blk = &w[b * bytes..(b + 1) * bytes];
+            let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            let xq = &act.q[(r * nb + b) * BLOCK..(r * nb + b + 1) * BLOCK];
+            let dx = act.d[r * nb + b];
+            match format {
+                Format::Q4_1 => {
+                    let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                    let mut isum = 0i32;
+                    for j in 0..16 {
+                        let q = blk[4 + j];
+                        isum += i32::from(q & 0x0F) * i32::from(xq[j]) + i32::from(q >> 4) * i32::from(xq[j + 16]);
+                    }
+                    acc += dw * dx * isum as f32 + m * act.sums[r * nb + b];
+                }
+                Format::Q8_0 => {
+                    let isum: i32 = blk[2..].iter().zip(xq).map(|(&q, &v)| i32::from(q as i8) * i32::from(v)).sum();
+                    acc += dw * dx * isum as f32;
+                }
+            }
+        }
+        acc
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_vnni() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod vnni {
+        //! A block's 32 weight integers against the activation's with one
+        //! `vpdpbusd` (unsigned × signed bytes, summed four at a time into eight
+        //! i32 lanes), converted and scaled by `d_w · d_x` into an f32 vector.
+
+        use std::arch::x86_64::*;
+
+        use super::{Rows, BLOCK};
+
+        /// Weight row `w` · activation row `r` (`Q4` true: Q4_1, else Q8_0): two
+        /// blocks per 512-bit `vpdpbusd` (lanes 0..8 the even block, 8..16 the
+        /// odd one), each scaled by its own `d_w · d_x`; an odd last block alone.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vnni,avx512vl")]
+        pub(super) unsafe fn row<const Q4: bool>(w: &[u8], act: &Rows, r: usize) -> f32 {
+            let nb = act.in_dim / BLOCK;
+            let bytes = if Q4 { 20 } else { 34 };
+            let mut acc = _mm512_setzero_ps();
+            let mut mterm = [0f32; 2];
+            // SAFETY: blocks `b < nb` lie within `w`; the activation row `r`
+            // holds `nb` blocks of integers, scales and sums.
+            unsafe {
+                let xq = act.q.as_ptr().add(r * nb * BLOCK);
+                let (xd, xs) = (act.d.as_ptr().add(r * nb), act.sums.as_ptr().add(r * nb));
+                let scale_of = |b: usize| super::super::f16_pair(w.as_ptr().add(b * bytes)).0 * *xd.add(b);
+                let mut b = 0;
+                while b + 2 <= nb {
+                    let (b0, b1) = (w.as_ptr().add(b * bytes), w.as_ptr().add((b + 1) * bytes));
+                    let xv = _mm512_loadu_si512(xq.add(b * BLOCK) as *const __m512i);
+                    let p = if Q4 {
+                        let mask = _mm256_set1_epi8(0x0F);
+                        let qs = _mm256_set_m128i(_mm_loadu_si128(b1.add(4) as *const __m128i), _mm_loadu_si128(b0.add(4) as *const __m128i));
+                        let lo = _mm256_and_si256(qs, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask);
+                        // [lo0, hi0, lo1, hi1]: each block's low nibbles (weights
+                        // 0..16) then its high ones (16..32).
+                        let first = _mm256_permute2x128_si256::<0x20>(lo, hi);
+                        let second = _mm256_permute2x128_si256::<0x31>(lo, hi);
+                        let wv = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second);
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv)
+                    } else {
+                        let w0 = _mm256_loadu_si256(b0.add(2) as *const __m256i);
+                        let w1 = _mm256_loadu_si256(b1.add(2) as *const __m256i);
+                        let wv = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
+                        // u8 × i8 products: |w| against x with w's sign.
+                        let sx = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), sx)
+                    };
+                    let scale = _mm512_insertf32x8::<1>(_mm512_set1_ps(scale_of(b)), _mm256_set1_ps(scale_of(b + 1)));
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc);
+                    if Q4 {
+                        let (m0, m1) = (super::super::f16_pair(b0).1, super::super::f16_pair(b1).1);
+                        mterm[0] += m0 * *xs.add(b);
+                        mterm[1] += m1 * *xs.add(b + 1);
+                    }
+                    b += 2;
+                }
+                let mut tail = 0f32;
+                if b < nb {
+                    let b0 = w.as_ptr().add(b * bytes);
+                    let xv = _mm256_loadu_si256(xq.add(b * BLOCK) as *const __m256i);
+                    let p = if Q4 {
+                        let qs = _mm_loadu_si128(b0.add(4) as *const __m128i);
+                        let mask = _mm_set1_epi8(0x0F);
+                        let wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(qs), mask), _mm_and_si128(qs, mask));
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv)
+                    } else {
+                        let wv = _mm256_loadu_si256(b0.add(2) as *const __m256i);
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv))
+                    };
+                    let v = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale_of(b)));
+                    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    tail = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)));
+                    if Q4 {
+                        mterm[0] += super::super::f16_pair(b0).1 * *xs.add(b);
+                    }
+                }
+                _mm512_reduce_add_ps(acc) + tail + (mterm[0] + mterm[1])
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -464,6 +707,57 @@ mod tests {
                 let got = dequantize(format, &q.data().unwrap(), out_dim, in_dim);
                 let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
                 assert!(same && got.len() == want.len(), "{format:?} {out_dim}x{in_dim}");
+            }
+        }
+    }
+
+    /// The 8-bit-activation mode: the SIMD body equals the portable one (the
+    /// same integer sums; f32 order differs), and both stay within the error
+    /// 8-bit activations bring of the exact product.
+    #[test]
+    fn int8_activations_match_the_portable_body_and_stay_near_the_exact_product() {
+        for (format, dtype) in [(Format::Q4_1, GgmlDType::Q4_1), (Format::Q8_0, GgmlDType::Q8_0)] {
+            for (out_dim, in_dim, rows) in [(8, 32, 1), (192, 576, 1), (1536, 576, 3), (576, 1536, 9)] {
+                let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let data = q.data().unwrap();
+                let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &Device::Cpu).unwrap();
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let mut exact = vec![0f32; rows * out_dim];
+                matmul(format, &data, out_dim, in_dim, &xs, rows, &mut exact);
+                let mut got = vec![0f32; rows * out_dim];
+                int8::matmul(format, &data, out_dim, in_dim, &xs, rows, &mut got);
+                let act = int8::Rows::quantize(&xs, in_dim);
+                let per_row = in_dim / BLOCK * format.block_bytes();
+                let deq = dequantize(format, &data, out_dim, in_dim);
+                let case = format!("{format:?} {out_dim}x{in_dim} rows {rows}");
+                for r in 0..rows {
+                    for o in 0..out_dim {
+                        let g = got[r * out_dim + o];
+                        let portable = int8::row_scalar(format, &data[o * per_row..(o + 1) * per_row], &act, r);
+                        assert!((g - portable).abs() <= 1e-4 * (1.0 + portable.abs()), "{case} ({r}, {o}): {g} vs portable {portable}");
+                        // Rounding moves each activation by at most half its block's
+                        // step `d_x`, so the product moves by at most
+                        // Σ |d_w q_j| · d_x / 2 (Q4_1's `m Σ x` stays exact).
+                        let e = exact[r * out_dim + o];
+                        let row = &deq[o * in_dim..(o + 1) * in_dim];
+                        let blocks = &data[o * per_row..(o + 1) * per_row];
+                        let bound: f32 = (0..in_dim)
+                            .map(|i| {
+                                let b = i / BLOCK;
+                                let m = match format {
+                                    Format::Q4_1 => {
+                                        let blk = &blocks[b * 20..];
+                                        f16::from_le_bytes([blk[2], blk[3]]).to_f32()
+                                    }
+                                    Format::Q8_0 => 0.0,
+                                };
+                                (row[i] - m).abs() * act.d[r * (in_dim / BLOCK) + b] / 2.0
+                            })
+                            .sum();
+                        assert!((g - e).abs() <= bound * 1.001 + 1e-4 * (1.0 + e.abs()), "{case} ({r}, {o}): {g} vs exact {e}, bound {bound}");
+                    }
+                }
             }
         }
     }

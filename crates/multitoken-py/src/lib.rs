@@ -198,6 +198,8 @@ impl Model {
             dtype: dtype.to_string(),
             dequantize: false,
             quantize,
+            // The exact products; the 8-bit-activation mode is the CLI's opt-in.
+            int8_activations: false,
             chat_template,
         };
         multitoken::cli::setup_process();

@@ -1,6 +1,6 @@
 //! The `serve` subcommand of the `multitoken` binary:
 //! `multitoken serve [--model DIR] [--host H] [--port P] [--allow-files DIR] [--allow-urls]
-//! [--dtype D] [--dequantize | --quantize Q] [--chat-template NAME|FILE] [limits]`.
+//! [--dtype D] [--dequantize | --quantize Q] [--int8-activations] [--chat-template NAME|FILE] [limits]`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// (as `generate --dequantize`).
     #[arg(long)]
     pub dequantize: bool,
+    /// Round activations to 8 bits for the Q4_1 / Q8_0 products (integer dot
+    /// products, as llama.cpp does): faster decoding, logits no longer those of
+    /// the dequantized f32 model (the default, exact mode).
+    #[arg(long)]
+    pub int8_activations: bool,
     /// Quantize an HF directory's linears (and head) to q8_0, q4_1 or q4_k as they
     /// are read (as `generate --quantize`).
     #[arg(long, value_name = "q8_0|q4_1|q4_k")]
@@ -212,6 +217,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if quantize.is_some() && args.dequantize {
         bail!("--quantize and --dequantize exclude each other");
     }
+    multitoken_lm::set_int8_activations(args.int8_activations);
     let options = LoadOptions {
         dtype,
         device: Device::Cpu,
