@@ -347,7 +347,9 @@ impl CausalLm {
             LogitsSelection::Last => x.narrow(1, t - 1, 1)?,
             LogitsSelection::Tail(n) => x.narrow(1, t - n.min(t), n.min(t))?,
         };
-        let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        // The head stays exact in the 8-bit-activation mode (see quantized::exact).
+        let normed = self.norm.forward(&x)?;
+        let out = crate::quantized::exact(|| self.lm_head.forward(&normed))?;
         Ok(match logits {
             LogitsSelection::All | LogitsSelection::Tail(_) => out,
             LogitsSelection::Last => out.squeeze(1)?,
@@ -411,7 +413,8 @@ impl CausalLm {
         for cache in caches.iter_mut() {
             cache.seen += 1;
         }
-        let out = self.lm_head.forward_rows(&self.norm.forward(&x)?)?;
+        let normed = self.norm.forward(&x)?;
+        let out = crate::quantized::exact(|| self.lm_head.forward_rows(&normed))?;
         Ok(Some(out.squeeze(1)?))
     }
 

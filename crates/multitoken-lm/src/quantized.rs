@@ -16,6 +16,8 @@
 //!   the per-block sums of `x` are computed once per input row.
 //! - `block_q8_0` (34 bytes): `d: f16`, `qs: [i8; 32]`; weight `j` is `d * qs[j]`.
 
+use std::cell::Cell;
+
 use half::f16;
 
 /// Weights per block, in both formats.
@@ -50,7 +52,7 @@ const PARALLEL_FROM_WEIGHTS: usize = 1 << 17;
 /// Callers check the sizes: `blocks.len() == out_dim * in_dim / 32 * block_bytes`,
 /// `in_dim % 32 == 0`, `x.len() == rows * in_dim`, `y.len() == rows * out_dim`.
 pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize, x: &[f32], rows: usize, y: &mut [f32]) {
-    if int8_activations() {
+    if int8_activations() && !KEEP_EXACT.with(Cell::get) {
         return int8::matmul(format, blocks, out_dim, in_dim, x, rows, y);
     }
     let per_row = in_dim / BLOCK * format.block_bytes();
@@ -84,7 +86,8 @@ pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usiz
 static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Turns the 8-bit-activation mode of the Q4_1 / Q8_0 products on or off for the
-/// whole process (`--int8-activations`). On, each activation row is rounded to
+/// whole process (`--int8-activations`); the output head stays exact ([`exact`]).
+/// On, each activation row is rounded to
 /// 8 bits per block of 32 (a scale per block, as llama.cpp's `Q8_0`/`Q8_1`) and
 /// multiplied with the weights' integers by integer dot products (AVX-512 VNNI
 /// where the CPU has it): faster, and no longer what the dequantized f32 model
@@ -92,6 +95,24 @@ static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 /// a batched decode step still equals one-at-a-time decoding in this mode.
 pub fn set_int8_activations(on: bool) {
     INT8_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+thread_local! {
+    /// Set by [`exact`] on the thread running a product that must stay exact.
+    static KEEP_EXACT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's Q4_1 / Q8_0 products in the exact mode whatever
+/// [`set_int8_activations`] says: the output head. Its logits decide the token,
+/// and a small model's top two are often close: SmolLM2-135M Q4_1 answering
+/// "What is the capital of France?" has 25.33 vs 25.24 for its first token, and
+/// 8-bit activations moved that head's logits by up to 0.26, so it answered
+/// "L'Étoile, la Marseillaise, …" instead of "The capital of France is Paris."
+pub(crate) fn exact<T>(f: impl FnOnce() -> T) -> T {
+    let before = KEEP_EXACT.with(|k| k.replace(true));
+    let out = f();
+    KEEP_EXACT.with(|k| k.set(before));
+    out
 }
 
 /// Whether the 8-bit-activation mode is on ([`set_int8_activations`]).
