@@ -198,10 +198,11 @@ fn ids(v: &Value) -> Vec<u32> {
 fn q4_1_at_load_gives_the_gguf_files_greedy_ids() {
     let Some(path) = gguf_path() else { return };
     let gguf = load_model(&path, &opts(None)).unwrap();
-    let dir = std::env::temp_dir().join(format!(
+    let scratch = Scratch(std::env::temp_dir().join(format!(
         "multitoken-quantize-at-load-{}",
         std::process::id()
-    ));
+    )));
+    let dir = scratch.0.clone();
     std::fs::create_dir_all(&dir).unwrap();
     let types = write_hf_dir(&path, &dir, &gguf);
     // Where the file used another block type (its head, say), the two models
@@ -249,5 +250,14 @@ fn q4_1_at_load_gives_the_gguf_files_greedy_ids() {
         .unwrap()
         .to_string();
     assert!(err.contains("already quantized"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A scratch directory removed when the test ends, failed assertions included:
+/// the dequantized SmolLM2 written here is half a gigabyte.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
