@@ -38,6 +38,14 @@ pub fn pdf(pages: usize, page_type: &str, deflate: bool, text: impl Fn(usize) ->
         stream.extend_from_slice(b"\nendstream");
         objects.push(stream);
     }
+    let bodies: Vec<&[u8]> = objects.iter().map(Vec::as_slice).collect();
+    from_objects(&bodies)
+}
+
+/// A PDF of the given object bodies (object `i + 1` is `objects[i]`, 1 the
+/// catalog) with its xref table and trailer: any structure a test needs, broken
+/// ones included.
+pub fn from_objects(objects: &[&[u8]]) -> Vec<u8> {
     let mut out = b"%PDF-1.4\n".to_vec();
     let mut offsets = Vec::new();
     for (i, object) in objects.iter().enumerate() {

@@ -174,19 +174,8 @@ fn fifos_and_directories_are_not_documents() {
 
 /// A PDF of the given object bodies (object `i + 1` is `objects[i]`, 1 the catalog).
 fn raw_pdf(objects: &[&str]) -> Vec<u8> {
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, object) in objects.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
-    }
-    let xref = out.len();
-    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
-    for offset in offsets {
-        out.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
-    }
-    out.extend_from_slice(format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objects.len() + 1).as_bytes());
-    out
+    let bodies: Vec<&[u8]> = objects.iter().map(|o| o.as_bytes()).collect();
+    tiny_pdf::from_objects(&bodies)
 }
 
 /// Found by the `pdf` fuzz target: pdf-extract climbs `/Parent` for an inherited
