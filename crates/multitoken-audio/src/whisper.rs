@@ -401,27 +401,9 @@ impl WhisperDecoder {
     /// Final hidden states `[b, tokens, d]` of token ids `[b, tokens]` (full sequence,
     /// causal) attending to the encoded clip.
     pub fn hidden(&self, ids: &Tensor, cross: &CrossCache) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        if t > self.embed_positions.dim(0)? {
-            return Err(Error::Config(format!(
-                "{t} decoder tokens exceed the {} decoder positions",
-                self.embed_positions.dim(0)?
-            )));
-        }
-        let mut x = self
-            .embed_tokens
-            .forward(ids)?
-            .broadcast_add(&self.embed_positions.narrow(0, 0, t)?)?;
-        for (layer, kv) in self.layers.iter().zip(&cross.0) {
-            let h = norm(&layer.self_attn_layer_norm, &x)?;
-            let self_kv = layer.self_attn.key_value(&h)?;
-            x = (&x + layer.self_attn.attend(&h, &self_kv, true)?)?;
-            let h = norm(&layer.encoder_attn_layer_norm, &x)?;
-            x = (&x + layer.encoder_attn.attend(&h, kv, false)?)?;
-            let h = norm(&layer.final_layer_norm, &x)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
-        }
-        Ok(norm(&self.layer_norm, &x)?)
+        // The whole sequence is one piece after nothing: the cache starts empty
+        // and is dropped.
+        self.hidden_cached(ids, cross, &mut SelfCache::default())
     }
 
     /// [`WhisperDecoder::hidden`] one piece at a time: the final hidden states
