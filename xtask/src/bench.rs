@@ -442,7 +442,7 @@ fn child(args: &[String]) -> Result<()> {
     };
     let ids: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(&prompt_file)?)?;
     let start = Instant::now();
-    let model = load_gguf_with(&gguf, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None }, weights)?;
+    let model = load_gguf_with(&gguf, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None }, weights)?;
     let load_s = start.elapsed().as_secs_f64();
     let params = |n: usize| GenerationParams { max_new_tokens: n, ignore_eos: true, ..GenerationParams::default() };
     let lm = model.model.as_ref();
@@ -511,7 +511,7 @@ fn parts(args: &[String]) -> Result<()> {
         Some("f32") => GgufWeights::Dequantized,
         _ => GgufWeights::Quantized,
     };
-    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None };
+    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None };
     let source = multitoken_lm::gguf::GgufSource::open(&gguf, &opts, weights)?;
     let cfg = source.config()?;
     let (h, kv, ff) = (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);

@@ -52,7 +52,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if !gguf.is_file() {
         bail!("{} not found: run `cargo xtask weights --only smollm2` first", gguf.display());
     }
-    let options = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None };
+    let options = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None };
     let loaded = load_gguf_with(&gguf, &options, weights)?;
     let lm = loaded.model.as_ref();
     let device = lm.device().clone();

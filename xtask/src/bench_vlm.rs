@@ -328,7 +328,7 @@ fn smolvlm_child(dir: &Path, repeat: usize, new_tokens: usize) -> Result<()> {
         .with_context(|| format!("{}", setup_path.display()))?;
     let prompt = setup.get("prompt").and_then(Value::as_str).with_context(|| format!("{} has no prompt", setup_path.display()))?;
     let start = Instant::now();
-    let model = MultimodalModel::load(dir, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None })?;
+    let model = MultimodalModel::load(dir, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None })?;
     let load_s = start.elapsed().as_secs_f64();
     let load_peak = proc_status_bytes("VmHWM:");
     let rss_after_load = proc_status_bytes("VmRSS:");

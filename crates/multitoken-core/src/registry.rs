@@ -68,6 +68,12 @@ pub struct ModalityContext {
     /// modality's config asks for a fresh encoder) so that training can update
     /// them; when `None` the encoder is frozen and memory-mapped.
     pub trainable: Option<candle_nn::VarMap>,
+    /// `--quantize-towers`: the block format the encoder's frozen linears are
+    /// kept in (`None`, the default: `dtype`). [`build_modality`] runs the
+    /// builder inside [`multitoken_kernels::quantizing_linears`], so every
+    /// frozen `multitoken_kernels::Linear` the builder creates is quantized as
+    /// it is read; a builder with linears of its own may read this field.
+    pub quantize: Option<multitoken_kernels::quantized::Format>,
 }
 
 impl std::fmt::Debug for ModalityContext {
@@ -77,6 +83,7 @@ impl std::fmt::Debug for ModalityContext {
             .field("dtype", &self.dtype)
             .field("model_dir", &self.model_dir)
             .field("trainable", &self.trainable.as_ref().map(|v| v.all_vars().len()))
+            .field("quantize", &self.quantize)
             .finish()
     }
 }
@@ -89,6 +96,7 @@ impl ModalityContext {
             dtype,
             model_dir: model_dir.into(),
             trainable: None,
+            quantize: None,
         }
     }
 
@@ -247,7 +255,12 @@ pub fn build_modality(
     }
     // A builder is third-party code: a panic in it is reported as an error
     // naming the modality instead of taking the process down.
-    let built = guard(name, "building", || (builder.build)(config, context))?;
+    // `--quantize-towers` reaches the tower's linears through the kernels'
+    // scope (trainable weights stay as they are).
+    let quantize = if context.trainable.is_some() { None } else { context.quantize };
+    let built = guard(name, "building", || {
+        multitoken_kernels::quantizing_linears(quantize, || (builder.build)(config, context))
+    })?;
     if built.name() != name {
         return Err(Error::msg(format!(
             "modality builder `{name}` built a modality named `{}`; a modality's name() must equal its builder's name",

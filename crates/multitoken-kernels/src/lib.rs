@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod lm;
 pub mod math;
 pub mod pool;
+pub mod quantized;
 pub mod train;
 
 use std::mem::MaybeUninit;
@@ -208,10 +209,7 @@ pub enum QkvProjection {
 impl QkvProjection {
     /// Fuses `q`, `k` and `v` when they are frozen and of one shape.
     pub fn new(q: Linear, k: Linear, v: Linear) -> Result<Self> {
-        let width = match q.layout {
-            WeightLayout::Columns => q.weight.dim(1)?,
-            WeightLayout::Rows => q.weight.dim(0)?,
-        };
+        let width = q.out_dim()?;
         Ok(match Linear::fuse(&[&q, &k, &v])? {
             Some(qkv) => QkvProjection::Fused { qkv, width },
             None => QkvProjection::Separate { q, k, v },
@@ -311,12 +309,86 @@ impl CustomOp1 for FrozenLinear {
 /// A frozen f32 CPU weight (not a training variable) is kept transposed, as
 /// `[in, out]`, which the kernel packs faster; a variable is kept as it is, so
 /// that training sees every update (a copy taken at load time would not).
+/// Inside [`quantizing_linears`] a frozen weight is kept as Q4_1 or Q8_0 blocks
+/// instead (`--quantize-towers`).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
-    layout: WeightLayout,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
+
+/// How a [`Linear`] holds its weight.
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// f32 (or a trainable dtype) in either layout.
+    Dense { weight: Tensor, layout: WeightLayout },
+    /// ggml blocks, PyTorch's `[out, in]` row order.
+    Quantized(std::sync::Arc<QuantizedMatrix>),
+}
+
+/// A frozen `[out, in]` weight as ggml `Q4_1` / `Q8_0` blocks, one row of blocks
+/// per output.
+#[derive(Debug)]
+struct QuantizedMatrix {
+    format: quantized::Format,
+    blocks: Vec<u8>,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl QuantizedMatrix {
+    /// `weight` (`[out, in]`, f32) quantized as candle's `QTensor::quantize`
+    /// does (the same blocks `--quantize` gives the LM's linears); `None` when
+    /// a row is not whole blocks.
+    fn quantize(weight: &Tensor, format: quantized::Format) -> Result<Option<Self>> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        if in_dim % quantized::BLOCK != 0 || out_dim == 0 {
+            return Ok(None);
+        }
+        let ggml = match format {
+            quantized::Format::Q4_1 => candle_core::quantized::GgmlDType::Q4_1,
+            quantized::Format::Q8_0 => candle_core::quantized::GgmlDType::Q8_0,
+        };
+        let q = candle_core::quantized::QTensor::quantize(&weight.contiguous()?, ggml)?;
+        let blocks = q.data()?.into_owned();
+        if blocks.len() != out_dim * in_dim / quantized::BLOCK * format.block_bytes() {
+            candle_core::bail!("quantizing a [{out_dim}, {in_dim}] weight gave {} bytes", blocks.len());
+        }
+        Ok(Some(Self { format, blocks, out_dim, in_dim }))
+    }
+
+    /// The f32 `[out, in]` matrix the blocks stand for.
+    fn dequantized(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let w = quantized::dequantize(self.format, &self.blocks, self.out_dim, self.in_dim);
+        Tensor::from_vec(w, (self.out_dim, self.in_dim), device)
+    }
+}
+
+thread_local! {
+    /// The block format [`Linear::new`] gives frozen weights on this thread
+    /// (set by [`quantizing_linears`]).
+    static QUANTIZE_LINEARS: std::cell::Cell<Option<quantized::Format>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `build` with every frozen f32 [`Linear`] it creates on this thread kept
+/// as `format` blocks (`None`: as f32, the default): how `--quantize-towers`
+/// reaches the encoder towers without a parameter in each tower's loader.
+/// `multitoken_core::build_modality` wraps a builder in it when the
+/// `ModalityContext` asks, so a modality crate that builds its linears with
+/// [`Linear`] is quantized without code of its own. Trainable weights and rows
+/// that are not whole 32-weight blocks (SigLIP so400m's 4304-wide MLP input)
+/// stay f32; each weight is quantized as it is read, so the tower never exists
+/// in f32 all at once.
+pub fn quantizing_linears<T>(format: Option<quantized::Format>, build: impl FnOnce() -> T) -> T {
+    let before = QUANTIZE_LINEARS.with(|q| q.replace(format));
+    let out = build();
+    QUANTIZE_LINEARS.with(|q| q.set(before));
+    out
+}
+
+/// From this many input rows on, a quantized weight is dequantized (on the
+/// pool) for the GEMM kernel; below, the blocks are read in place.
+const DEQUANTIZE_FROM_ROWS: usize = 16;
 
 impl Linear {
     /// From PyTorch's `[out, in]` weight and an optional `[out]` bias.
@@ -324,14 +396,23 @@ impl Linear {
         weight.dims2()?;
         if weight.is_variable() || !fast_path(&[&weight]) {
             return Ok(Self {
-                weight,
-                layout: WeightLayout::Rows,
+                weight: LinearWeight::Dense { weight, layout: WeightLayout::Rows },
                 bias,
             });
         }
+        if let Some(format) = QUANTIZE_LINEARS.with(std::cell::Cell::get) {
+            if let Some(q) = QuantizedMatrix::quantize(&weight, format)? {
+                return Ok(Self {
+                    weight: LinearWeight::Quantized(std::sync::Arc::new(q)),
+                    bias,
+                });
+            }
+        }
         Ok(Self {
-            weight: weight.t()?.contiguous()?,
-            layout: WeightLayout::Columns,
+            weight: LinearWeight::Dense {
+                weight: weight.t()?.contiguous()?,
+                layout: WeightLayout::Columns,
+            },
             bias,
         })
     }
@@ -352,61 +433,145 @@ impl Linear {
         Self::new(weight, bias)
     }
 
+    /// Number of outputs.
+    pub fn out_dim(&self) -> Result<usize> {
+        match &self.weight {
+            LinearWeight::Dense { weight, layout: WeightLayout::Columns } => weight.dim(1),
+            LinearWeight::Dense { weight, layout: WeightLayout::Rows } => weight.dim(0),
+            LinearWeight::Quantized(q) => Ok(q.out_dim),
+        }
+    }
+
+    /// Number of inputs.
+    pub fn in_dim(&self) -> Result<usize> {
+        match &self.weight {
+            LinearWeight::Dense { weight, layout: WeightLayout::Columns } => weight.dim(0),
+            LinearWeight::Dense { weight, layout: WeightLayout::Rows } => weight.dim(1),
+            LinearWeight::Quantized(q) => Ok(q.in_dim),
+        }
+    }
+
+    /// The block format of a quantized weight (`None`: dense).
+    pub fn quantization(&self) -> Option<quantized::Format> {
+        match &self.weight {
+            LinearWeight::Dense { .. } => None,
+            LinearWeight::Quantized(q) => Some(q.format),
+        }
+    }
+
+    /// Bytes the weight takes in memory (its blocks when quantized).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.blocks.len(),
+        }
+    }
+
     /// One layer computing `layers`' outputs side by side (a fused QKV projection),
     /// when every layer is frozen and takes the same input width; `None` otherwise
-    /// (variables must stay separate so that training updates them).
+    /// (variables must stay separate so that training updates them). Quantized
+    /// layers of one format fuse too: their rows of blocks are concatenated.
     pub fn fuse(layers: &[&Linear]) -> Result<Option<Linear>> {
         let Some(first) = layers.first() else {
             return Ok(None);
         };
-        let in_dim = first.weight.dim(0)?;
-        for layer in layers {
-            if layer.layout != WeightLayout::Columns || layer.weight.dim(0)? != in_dim {
+        let in_dim = first.in_dim()?;
+        let bias = |layers: &[&Linear]| -> Result<Option<Tensor>> {
+            if !layers.iter().any(|l| l.bias.is_some()) {
                 return Ok(None);
             }
-        }
-        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
-        let weight = Tensor::cat(&weights, 1)?;
-        let bias = if layers.iter().any(|l| l.bias.is_some()) {
             let parts = layers
                 .iter()
                 .map(|l| match &l.bias {
                     Some(b) => Ok(b.clone()),
-                    None => Tensor::zeros(l.weight.dim(1)?, DType::F32, l.weight.device()),
+                    None => Tensor::zeros(l.out_dim()?, DType::F32, &candle_core::Device::Cpu),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Some(Tensor::cat(&parts, 0)?)
-        } else {
-            None
+            Ok(Some(Tensor::cat(&parts, 0)?))
         };
+        if let LinearWeight::Quantized(q0) = &first.weight {
+            let mut blocks = Vec::new();
+            let mut out_dim = 0;
+            for layer in layers {
+                match &layer.weight {
+                    LinearWeight::Quantized(q) if q.format == q0.format && q.in_dim == in_dim => {
+                        blocks.extend_from_slice(&q.blocks);
+                        out_dim += q.out_dim;
+                    }
+                    _ => return Ok(None),
+                }
+            }
+            let q = QuantizedMatrix { format: q0.format, blocks, out_dim, in_dim };
+            return Ok(Some(Linear {
+                weight: LinearWeight::Quantized(std::sync::Arc::new(q)),
+                bias: bias(layers)?,
+            }));
+        }
+        let mut weights = Vec::new();
+        for layer in layers {
+            match &layer.weight {
+                LinearWeight::Dense { weight, layout: WeightLayout::Columns } if weight.dim(0)? == in_dim => {
+                    weights.push(weight)
+                }
+                _ => return Ok(None),
+            }
+        }
+        let weight = Tensor::cat(&weights, 1)?;
         Ok(Some(Linear {
-            weight,
-            layout: WeightLayout::Columns,
-            bias,
+            weight: LinearWeight::Dense { weight, layout: WeightLayout::Columns },
+            bias: bias(layers)?,
         }))
     }
 
     /// `act(x W^T + b)` for `x` `[..., in]`.
     pub fn forward_with(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        linear_with(x, &self.weight, self.layout, self.bias.as_ref(), None, act)
+        self.forward_full(x, None, act)
     }
 
     /// `residual + x W^T + b`, the sum formed inside the product (a residual
     /// connection: `x + out_proj(attn)`, `x + fc2(h)`).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        linear_with(
-            x,
-            &self.weight,
-            self.layout,
-            self.bias.as_ref(),
-            Some(residual),
-            Activation::Identity,
-        )
+        self.forward_full(x, Some(residual), Activation::Identity)
     }
 
     /// `x W^T + b`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_with(x, Activation::Identity)
+    }
+
+    /// `act(x W^T + b + residual)` whatever the weight's form.
+    fn forward_full(&self, x: &Tensor, residual: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let bias = self.bias.as_ref();
+        match &self.weight {
+            LinearWeight::Dense { weight, layout } => linear_with(x, weight, *layout, bias, residual, act),
+            LinearWeight::Quantized(q) => {
+                let rows = x.elem_count() / q.in_dim.max(1);
+                let few_rows = rows < DEQUANTIZE_FROM_ROWS && x.dim(D::Minus1)? == q.in_dim;
+                if !few_rows || !fast_path(&[x]) {
+                    // Many rows (an encoder's sequence) or a tracked input: the
+                    // dequantized matrix through the GEMM kernel, one at a time.
+                    let w = q.dequantized(x.device())?;
+                    return linear_with(x, &w, WeightLayout::Rows, bias, residual, act);
+                }
+                // A few rows (a decoder step): the blocks read in place, exact
+                // (the LM's 8-bit-activation mode never applies to the towers).
+                let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = vec![0f32; rows * q.out_dim];
+                quantized::exact(|| quantized::matmul(q.format, &q.blocks, q.out_dim, q.in_dim, &xs, rows, &mut y));
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = q.out_dim;
+                }
+                let mut y = Tensor::from_vec(y, dims, x.device())?;
+                if let Some(b) = bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(r) = residual {
+                    y = (y + r)?;
+                }
+                activate_composite(y, act)
+            }
+        }
     }
 }
 
@@ -877,6 +1042,50 @@ mod tests {
     }
 
     #[test]
+    fn quantized_towers_compute_with_their_blocks_and_keep_what_cannot_be_blocks() {
+        let (w, b) = (random(&[48, 64], 11), random(&[48], 12));
+        for format in [quantized::Format::Q4_1, quantized::Format::Q8_0] {
+            let layer = quantizing_linears(Some(format), || Linear::new(w.clone(), Some(b.clone()))).unwrap();
+            let LinearWeight::Quantized(q) = &layer.weight else {
+                panic!("{format:?}: a frozen 64-wide weight must be quantized");
+            };
+            assert_eq!(layer.quantization(), Some(format));
+            assert!(layer.weight_bytes() * 3 < w.elem_count() * 4, "blocks take under a third of f32");
+            // What the layer computes is the dequantized matrix's product, for a
+            // decoder step (blocks read in place) and an encoder's sequence.
+            let dense = Linear::new(q.dequantized(&Device::Cpu).unwrap(), Some(b.clone())).unwrap();
+            assert!(max_diff(&q.dequantized(&Device::Cpu).unwrap(), &w) > 0.0, "{format:?} rounds the weights");
+            for rows in [1, 3, 40] {
+                let x = random(&[rows, 64], 13 + rows as u64);
+                let r = random(&[rows, 48], 14);
+                let got = layer.forward_with(&x, Activation::Gelu).unwrap();
+                let want = dense.forward_with(&x, Activation::Gelu).unwrap();
+                assert!(max_diff(&got, &want) < 1e-5, "{format:?} x {rows} rows: {}", max_diff(&got, &want));
+                let got = layer.forward_residual(&x, &r).unwrap();
+                assert!(max_diff(&got, &dense.forward_residual(&x, &r).unwrap()) < 1e-5);
+            }
+            // Fused q/k/v of quantized layers are their rows of blocks side by side.
+            let (wk, wv) = (random(&[48, 64], 15), random(&[48, 64], 16));
+            let [q_l, k_l, v_l] = [&w, &wk, &wv].map(|w| quantizing_linears(Some(format), || Linear::new(w.clone(), None)).unwrap());
+            let qkv = QkvProjection::new(q_l.clone(), k_l.clone(), v_l.clone()).unwrap();
+            assert!(matches!(qkv, QkvProjection::Fused { .. }));
+            let x = random(&[20, 64], 17);
+            let (q_out, k_out, v_out) = qkv.forward(&x).unwrap();
+            for (fused, alone) in [(q_out, &q_l), (k_out, &k_l), (v_out, &v_l)] {
+                assert!(max_diff(&fused.contiguous().unwrap(), &alone.forward(&x).unwrap()) < 1e-5);
+            }
+        }
+        // Rows that are not whole 32-weight blocks, and training variables, stay f32.
+        let odd = quantizing_linears(Some(quantized::Format::Q4_1), || Linear::new(random(&[8, 40], 18), None)).unwrap();
+        assert_eq!(odd.quantization(), None);
+        let var = Var::from_tensor(&w).unwrap();
+        let trainable = quantizing_linears(Some(quantized::Format::Q4_1), || Linear::new(var.as_tensor().clone(), None)).unwrap();
+        assert_eq!(trainable.quantization(), None);
+        // The scope ends with the closure.
+        assert_eq!(Linear::new(w.clone(), None).unwrap().quantization(), None);
+    }
+
+    #[test]
     fn a_frozen_layer_is_kept_transposed_and_a_variable_is_not() {
         let (w, b, x) = (
             random(&[24, 40], 1),
@@ -884,10 +1093,10 @@ mod tests {
             random(&[3, 5, 40], 3),
         );
         let frozen = Linear::new(w.clone(), Some(b.clone())).unwrap();
-        assert_eq!(frozen.layout, WeightLayout::Columns);
+        assert!(matches!(frozen.weight, LinearWeight::Dense { layout: WeightLayout::Columns, .. }));
         let var = Var::from_tensor(&w).unwrap();
         let trainable = Linear::new(var.as_tensor().clone(), Some(b.clone())).unwrap();
-        assert_eq!(trainable.layout, WeightLayout::Rows);
+        assert!(matches!(trainable.weight, LinearWeight::Dense { layout: WeightLayout::Rows, .. }));
         let want = linear_composite(&x, &w, Some(&b), Activation::Gelu).unwrap();
         for layer in [&frozen, &trainable] {
             assert!(max_diff(&layer.forward_with(&x, Activation::Gelu).unwrap(), &want) < 1e-5);
@@ -998,8 +1207,7 @@ mod tests {
         for layer in [
             Linear::new(w.clone(), Some(b.clone())).unwrap(),
             Linear {
-                weight: w.clone(),
-                layout: WeightLayout::Rows,
+                weight: LinearWeight::Dense { weight: w.clone(), layout: WeightLayout::Rows },
                 bias: Some(b.clone()),
             },
         ] {

@@ -319,6 +319,31 @@ fn worker(shared: &'static Shared) {
     }
 }
 
+/// Calls `f(first_item, items)` on disjoint runs of `out`, which holds
+/// `out.len() / item_len` items of `item_len` values each; spread over the
+/// kernels' pool when `parallel`, else one call on the calling thread.
+pub fn fill_items(out: &mut [f32], item_len: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let n_items = out.len().checked_div(item_len).unwrap_or(0);
+    if !parallel || n_items < 2 {
+        f(0, out);
+        return;
+    }
+    let base = SharedOut(out.as_mut_ptr());
+    let base = &base;
+    for_each_range(n_items, |range| {
+        // SAFETY: `for_each_range` hands out disjoint ranges of `0..n_items`,
+        // so each call gets its own `item_len`-wide items of `out`, which is
+        // borrowed mutably for the whole pool call.
+        let items = unsafe { std::slice::from_raw_parts_mut(base.0.add(range.start * item_len), range.len() * item_len) };
+        f(range.start, items);
+    });
+}
+
+/// The output buffer, written by the pool's threads at disjoint offsets.
+struct SharedOut(*mut f32);
+// SAFETY: only used to hand disjoint sub-slices to the pool's threads.
+unsafe impl Sync for SharedOut {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

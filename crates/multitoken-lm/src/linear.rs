@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
-use crate::quantized::Format;
+use multitoken_kernels::quantized::Format;
 use crate::lora::LoraLayer;
 use crate::Result;
 
@@ -218,7 +218,7 @@ impl Linear {
     /// The raw blocks of a Q4_1 or Q8_0 weight, checked against its shape.
     fn own_blocks<'a>(&self, format: Format, qt: &'a QTensor) -> Result<std::borrow::Cow<'a, [u8]>> {
         let data = qt.data()?;
-        let expected = self.out_dim * self.in_dim / crate::quantized::BLOCK * format.block_bytes();
+        let expected = self.out_dim * self.in_dim / multitoken_kernels::quantized::BLOCK * format.block_bytes();
         if data.len() != expected {
             return Err(crate::Error::Msg(format!(
                 "{format:?} weight of [{}, {}] has {} bytes, expected {expected}",
@@ -231,10 +231,10 @@ impl Linear {
     }
 
     /// A Q4_1 or Q8_0 weight as the f32 `[out, in]` matrix candle's dequantize
-    /// gives, computed on the kernels' pool ([`crate::quantized::dequantize`]).
+    /// gives, computed on the kernels' pool ([`multitoken_kernels::quantized::dequantize`]).
     fn own_dequantized(&self, format: Format, qt: &QTensor, device: &candle_core::Device) -> Result<Tensor> {
         let data = self.own_blocks(format, qt)?;
-        let w = crate::quantized::dequantize(format, &data, self.out_dim, self.in_dim);
+        let w = multitoken_kernels::quantized::dequantize(format, &data, self.out_dim, self.in_dim);
         Ok(Tensor::from_vec(w, (self.out_dim, self.in_dim), device)?)
     }
 
@@ -243,7 +243,7 @@ impl Linear {
         let data = self.own_blocks(format, qt)?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut y = vec![0f32; rows * self.out_dim];
-        crate::quantized::matmul(format, &data, self.out_dim, self.in_dim, &xs, rows, &mut y);
+        multitoken_kernels::quantized::matmul(format, &data, self.out_dim, self.in_dim, &xs, rows, &mut y);
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim;
@@ -291,7 +291,7 @@ fn own_kernel_format(qt: &QTensor, x: &Tensor) -> Option<Format> {
         GgmlDType::Q8_0 => Format::Q8_0,
         _ => return None,
     };
-    let fits = x.device().is_cpu() && x.dtype() == DType::F32 && x.dims().last().is_some_and(|d| d % crate::quantized::BLOCK == 0);
+    let fits = x.device().is_cpu() && x.dtype() == DType::F32 && x.dims().last().is_some_and(|d| d % multitoken_kernels::quantized::BLOCK == 0);
     fits.then_some(format)
 }
 

@@ -19,12 +19,40 @@ pub struct LoadOptions {
     /// (`--quantize`); `None` keeps them in `dtype`. A GGUF file, already
     /// quantized, refuses it.
     pub quantize: Option<crate::quantize::Quantization>,
+    /// Keep the modality towers' frozen linears in this block format
+    /// (`--quantize-towers q8_0|q4_1`); `None` keeps them in `dtype`.
+    pub quantize_towers: Option<TowerQuantization>,
+}
+
+/// The block formats a tower's linears can be kept in (`--quantize-towers`).
+pub type TowerQuantization = multitoken_kernels::quantized::Format;
+
+/// `--quantize-towers`' value: `q8_0` or `q4_1`.
+pub fn parse_tower_quantization(value: &str) -> Result<TowerQuantization> {
+    match value.to_ascii_lowercase().as_str() {
+        "q8_0" => Ok(TowerQuantization::Q8_0),
+        "q4_1" => Ok(TowerQuantization::Q4_1),
+        "q4_k" => Err(Error::Msg(
+            "towers take q8_0 or q4_1 (q4_k's 256-weight blocks are for the LM's linears: --quantize q4_k)".into(),
+        )),
+        other => Err(Error::Msg(format!("unknown tower quantization {other:?}: q8_0 or q4_1"))),
+    }
 }
 
 impl Default for LoadOptions {
     /// f32 on the CPU.
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, quantize: None }
+        Self { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None }
+    }
+}
+
+impl LoadOptions {
+    /// The context a modality builder gets for the model directory `dir`: this
+    /// device and dtype, and the towers' quantization.
+    pub fn modality_context(&self, dir: impl Into<std::path::PathBuf>) -> multitoken_core::ModalityContext {
+        let mut context = multitoken_core::ModalityContext::new(self.device.clone(), self.dtype, dir);
+        context.quantize = self.quantize_towers;
+        context
     }
 }
 

@@ -259,7 +259,7 @@ impl MultimodalModel {
         if config.chat_adds_bos {
             model.set_chat_leading_special_tokens(LeadingSpecialTokens::AddOnceIfMissing)?;
         }
-        let context = ModalityContext::new(opts.device.clone(), opts.dtype, path);
+        let context = opts.modality_context(path);
         for modality in load_text_modalities(path, &config.modalities, &context)? {
             model.add_text_modality(modality)?;
         }
@@ -572,7 +572,7 @@ fn load_modalities(
         candle_nn::VarBuilder::from_mmaped_safetensors(&[&projectors_path], opts.dtype, &opts.device)
     }
     .map_err(|e| Error::Msg(format!("{}: {e}", projectors_path.display())))?;
-    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let context = opts.modality_context(dir);
     let hidden = lm.model.hidden_size();
     config
         .modalities

@@ -200,10 +200,10 @@ fn dequantize_rows(
         })?;
     let values = match dtype {
         GgmlDType::Q4_1 => {
-            crate::quantized::dequantize(crate::quantized::Format::Q4_1, bytes, count, in_dim)
+            multitoken_kernels::quantized::dequantize(multitoken_kernels::quantized::Format::Q4_1, bytes, count, in_dim)
         }
         GgmlDType::Q8_0 => {
-            crate::quantized::dequantize(crate::quantized::Format::Q8_0, bytes, count, in_dim)
+            multitoken_kernels::quantized::dequantize(multitoken_kernels::quantized::Format::Q8_0, bytes, count, in_dim)
         }
         _ => {
             let tile = candle_core::quantized::ggml_file::qtensor_from_ggml(
@@ -260,14 +260,14 @@ impl QuantizedBase {
         let rows = x.dim(0)?;
         let data = self.weight.data()?;
         let format = match self.weight.dtype() {
-            GgmlDType::Q4_1 => Some(crate::quantized::Format::Q4_1),
-            GgmlDType::Q8_0 => Some(crate::quantized::Format::Q8_0),
+            GgmlDType::Q4_1 => Some(multitoken_kernels::quantized::Format::Q4_1),
+            GgmlDType::Q8_0 => Some(multitoken_kernels::quantized::Format::Q8_0),
             _ => None,
         };
         if let Some(format) = format.filter(|_| rows < TILE_ROWS) {
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let mut y = vec![0f32; rows * self.out_dim];
-            crate::quantized::matmul(format, &data, self.out_dim, self.in_dim, &xs, rows, &mut y);
+            multitoken_kernels::quantized::matmul(format, &data, self.out_dim, self.in_dim, &xs, rows, &mut y);
             return Ok(Tensor::from_vec(y, (rows, self.out_dim), x.device())?);
         }
         let mut parts = Vec::with_capacity(self.out_dim.div_ceil(TILE_ROWS));

@@ -24,7 +24,7 @@ fn fixture(family: &str) -> PathBuf {
 }
 
 fn options(quantize: Option<Quantization>) -> LoadOptions {
-    LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize }
+    LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize, quantize_towers: None }
 }
 
 /// Deterministic prompt ids below `vocab`.

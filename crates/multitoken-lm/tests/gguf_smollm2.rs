@@ -45,7 +45,7 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn load(weights: GgufWeights) -> LoadedModel {
-    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None };
+    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None };
     load_gguf_with(gguf_path().as_deref().unwrap(), &opts, weights).unwrap()
 }
 
@@ -70,7 +70,7 @@ fn first_step_logits(model: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
 #[test]
 fn metadata_tokenizer_matches_transformers() {
     let Some(path) = gguf_path() else { return };
-    let model = load_gguf(&path, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None }).unwrap();
+    let model = load_gguf(&path, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None }).unwrap();
     assert_eq!(model.special_tokens.bos_token.as_deref(), Some("<|im_start|>"));
     assert_eq!(model.special_tokens.eos_token.as_deref(), Some("<|im_end|>"));
     assert_eq!(model.generation.eos_token_ids, vec![2]);

@@ -20,7 +20,7 @@ mod tiny_gguf;
 use tiny_gguf::*;
 
 fn opts() -> LoadOptions {
-    LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None }
+    LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None }
 }
 
 fn tmp(name: &str) -> PathBuf {

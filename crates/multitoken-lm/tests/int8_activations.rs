@@ -69,7 +69,7 @@ fn int8_activations_stay_near_the_exact_logits_and_batch_exactly() {
     for family in ["llama", "qwen2"] {
         for quantize in [Quantization::Q4_1, Quantization::Q8_0] {
             let case = format!("{family} {quantize:?}");
-            let options = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: Some(quantize) };
+            let options = LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: Some(quantize), quantize_towers: None };
             let model = load_model(&fixture(family), &options).unwrap();
             let lm = model.model.as_ref();
             set_int8_activations(false);

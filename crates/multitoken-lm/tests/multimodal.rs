@@ -142,7 +142,7 @@ fn items_are_spliced_at_their_spans() -> TestResult {
 /// A text-only directory loads as a plain LM, and its embeddings are the token embeddings.
 #[test]
 fn a_plain_lm_is_a_model_without_modalities() -> TestResult {
-    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None })?;
+    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None })?;
     assert!(model.modalities.is_empty());
     let prepared = model.prepare_raw("hello", &ItemsByKey::new())?;
     assert!(prepared.spans.is_empty());
@@ -258,7 +258,7 @@ fn text_modalities_from_multitoken_json_substitute_their_items() -> TestResult {
 /// gives the prompt's own length.
 #[test]
 fn an_over_long_prompt_reports_its_real_length() -> TestResult {
-    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None })?;
+    let model = MultimodalModel::load(&llama_fixture(), &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None })?;
     let context = model.lm.model.max_context();
     let prepared = model.prepare_raw(&"hello ".repeat(2 * context), &ItemsByKey::new())?;
     let full = prepared.truncated_from.ok_or("the prompt was not cut")?;

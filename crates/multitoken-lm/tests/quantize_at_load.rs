@@ -49,6 +49,7 @@ fn opts(quantize: Option<Quantization>) -> LoadOptions {
         dtype: DType::F32,
         device: Device::Cpu,
         quantize,
+        quantize_towers: None,
     }
 }
 

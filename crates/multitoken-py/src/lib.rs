@@ -181,7 +181,7 @@ impl Model {
     /// Loads a model directory, a `.gguf` file or a hub id `org/name[@revision]`
     /// (from the Hugging Face cache, else downloaded unless HF_HUB_OFFLINE is set).
     #[staticmethod]
-    #[pyo3(signature = (path, dtype = "f32", device = "cpu", quantize = None, chat_template = None))]
+    #[pyo3(signature = (path, dtype = "f32", device = "cpu", quantize = None, chat_template = None, quantize_towers = None))]
     fn load(
         py: Python<'_>,
         path: std::path::PathBuf,
@@ -189,6 +189,7 @@ impl Model {
         device: &str,
         quantize: Option<String>,
         chat_template: Option<String>,
+        quantize_towers: Option<String>,
     ) -> PyResult<Model> {
         if device != "cpu" {
             return Err(input_error(format!("device {device:?}: only \"cpu\" is supported")));
@@ -198,6 +199,7 @@ impl Model {
             dtype: dtype.to_string(),
             dequantize: false,
             quantize,
+            quantize_towers,
             // The exact products; the 8-bit-activation mode is the CLI's opt-in.
             int8_activations: false,
             chat_template,

@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// are read (as `generate --quantize`).
     #[arg(long, value_name = "q8_0|q4_1|q4_k")]
     pub quantize: Option<String>,
+    /// Keep the modality towers' linears (vision, audio, document encoders) as
+    /// q8_0 or q4_1 blocks too (as `generate --quantize-towers`).
+    #[arg(long, value_name = "q8_0|q4_1")]
+    pub quantize_towers: Option<String>,
     /// Chat template to use instead of the model's own: a built-in name (chatml,
     /// mistral, llama2, idefics2, phi2) or a jinja file (as `generate --chat-template`).
     #[arg(long)]
@@ -218,10 +222,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("--quantize and --dequantize exclude each other");
     }
     multitoken_lm::set_int8_activations(args.int8_activations);
+    let quantize_towers = args
+        .quantize_towers
+        .as_deref()
+        .map(|v| multitoken_lm::loader::parse_tower_quantization(v).map_err(|e| anyhow::anyhow!("--quantize-towers: {e}")))
+        .transpose()?;
     let options = LoadOptions {
         dtype,
         device: Device::Cpu,
         quantize,
+        quantize_towers,
     };
     let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let loaded = if is_gguf && args.dequantize {

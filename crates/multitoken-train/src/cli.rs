@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// base is already quantized and trains as it is.
     #[arg(long, value_name = "q8_0|q4_1|q4_k")]
     pub quantize: Option<String>,
+    /// Keep the frozen modality towers' linears as q8_0 or q4_1 blocks, quantized
+    /// as they are read (refused with an encoder that trains).
+    #[arg(long, value_name = "q8_0|q4_1")]
+    pub quantize_towers: Option<String>,
     /// `--stage lora`: recompute each decoder layer in the backward pass instead
     /// of keeping its activations: the same gradients, far less memory, about one
     /// more forward per step (multi_token's and transformers' flag).
@@ -249,6 +253,7 @@ impl TrainArgs {
         cfg.overwrite_output_dir = pick!(overwrite_output_dir).unwrap_or(false);
         cfg.feature_cache = pick!(feature_cache);
         cfg.quantize = pick!(quantize);
+        cfg.quantize_towers = pick!(quantize_towers);
         cfg.gradient_checkpointing = pick!(gradient_checkpointing).unwrap_or(false);
         cfg.progress = !pick!(no_progress).unwrap_or(false);
         Ok(cfg)

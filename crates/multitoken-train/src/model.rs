@@ -24,6 +24,7 @@ use multitoken_core::{
     EncoderWeights, LogitsSelection, Modality, ModalityContext, PreparedInput, Projector, RopePositions, IGNORE_INDEX,
 };
 use multitoken_lm::loader::{load_model, LoadOptions};
+use multitoken_lm::loader::TowerQuantization;
 use multitoken_lm::quantize::{Quantization, QuantizingSource};
 use multitoken_lm::lora::{LoraDropout, LoraLayer};
 use multitoken_lm::model::CausalLm;
@@ -217,6 +218,9 @@ pub struct TrainableModel {
     text_entries: Vec<ModalityEntry>,
     /// Where each modality's encoder weights live ([`Modality::encoder_weights`]).
     weights: Vec<Option<EncoderWeights>>,
+    /// The frozen towers' block format (`--quantize-towers`): part of the
+    /// feature cache's key, since quantized towers give other features.
+    quantize_towers: Option<TowerQuantization>,
 }
 
 impl TrainableModel {
@@ -234,19 +238,22 @@ impl TrainableModel {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
-        Self::load_quantized(model_dir, parts, device, seed, None)
+        Self::load_quantized(model_dir, parts, device, seed, None, None)
     }
 
     /// [`TrainableModel::load_seeded`] with the frozen LM's linears quantized to
     /// `quantize` as they are read (an HF directory; `--quantize`). A GGUF base
     /// keeps its own blocks and refuses `quantize`. Either way LoRA adapters train
     /// over the quantized base (QLoRA); full fine-tuning needs a dense base.
+    /// `quantize_towers` keeps the frozen encoders' linears as blocks too
+    /// (`--quantize-towers`); an encoder that trains is refused with it.
     pub fn load_quantized(
         model_dir: &Path,
         parts: TrainParts,
         device: &Device,
         seed: u64,
         quantize: Option<Quantization>,
+        quantize_towers: Option<TowerQuantization>,
     ) -> Result<Self> {
         // A checkpoint of an imported family (Idefics2, Cephalo's MoE) trains in
         // our own layout: it is rewritten once as a `multitoken.json` directory.
@@ -281,6 +288,7 @@ impl TrainableModel {
             dtype: DType::F32,
             device: device.clone(),
             quantize,
+            quantize_towers,
         };
         let is_gguf = lm_path.is_file()
             && lm_path
@@ -353,8 +361,14 @@ impl TrainableModel {
         let mut encoders = Vec::with_capacity(config.modalities.len());
         let mut weights = Vec::with_capacity(config.modalities.len());
         for entry in &config.modalities {
-            let mut context = ModalityContext::new(device.clone(), DType::F32, model_dir);
+            let mut context = opts.modality_context(model_dir);
             let encoder_vars = parts.encoders.includes(&entry.builder).then(VarMap::new);
+            if encoder_vars.is_some() && quantize_towers.is_some() {
+                return Err(Error::Config(format!(
+                    "--quantize-towers keeps frozen encoders' linears as blocks, but `{}` trains (--train-encoders)",
+                    entry.builder
+                )));
+            }
             context.trainable = encoder_vars.clone();
             let modality =
                 build_modality(&entry.builder, &entry.config, &context).map_err(|e| {
@@ -424,6 +438,7 @@ impl TrainableModel {
             parts,
             features: Default::default(),
             weights,
+            quantize_towers,
         })
     }
 
@@ -518,6 +533,10 @@ impl TrainableModel {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         entry.builder.hash(&mut h);
         entry.config.to_string().hash(&mut h);
+        if let Some(format) = self.quantize_towers {
+            // Only when set, so that f32 towers' existing caches keep their names.
+            format!("{format:?}").hash(&mut h);
+        }
         // The encoder's files and the model directory's processor configs by
         // content, not by path: rewritten weights at the same path must not be
         // served stale features, and a copy of the same encoder (stage 2
@@ -929,6 +948,7 @@ fn load_lora_base(
             dtype: DType::F32,
             device: device.clone(),
             quantize: None,
+            quantize_towers: None,
         };
         let source = multitoken_lm::gguf::GgufSource::open(
             lm_path,

@@ -268,6 +268,9 @@ impl RunIdentity {
         if let (Some(q), serde_json::Value::Object(map)) = (&cfg.quantize, &mut settings) {
             map.insert("quantize".into(), serde_json::Value::String(q.to_ascii_lowercase()));
         }
+        if let (Some(q), serde_json::Value::Object(map)) = (&cfg.quantize_towers, &mut settings) {
+            map.insert("quantize_towers".into(), serde_json::Value::String(q.to_ascii_lowercase()));
+        }
         setup.write(settings.to_string().as_bytes());
         Ok(Self {
             model: model.hex(),
@@ -287,7 +290,7 @@ impl RunIdentity {
         }
         if self.setup != this.setup {
             parts.push(
-                "the training setup (--stage, --train-encoders, LoRA settings, --quantize, --seed, batch size, \
+                "the training setup (--stage, --train-encoders, LoRA settings, --quantize, --quantize-towers, --seed, batch size, \
                  accumulation, --group-by-length or --model-max-length)",
             );
         }

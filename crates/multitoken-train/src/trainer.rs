@@ -99,6 +99,10 @@ pub struct TrainConfig {
     /// `q4_k`) as they are read; LoRA then trains over the quantized base (QLoRA).
     #[serde(default)]
     pub quantize: Option<String>,
+    /// Keep the frozen modality towers' linears in this block format (`q8_0`,
+    /// `q4_1`) as they are read (`--quantize-towers`).
+    #[serde(default)]
+    pub quantize_towers: Option<String>,
     /// `--stage lora`: recompute each decoder layer in the backward pass
     /// instead of keeping its activations (less memory, one more forward).
     #[serde(default)]
@@ -159,6 +163,7 @@ impl TrainConfig {
             feature_cache: None,
             progress: true,
             quantize: None,
+            quantize_towers: None,
             gradient_checkpointing: false,
         }
     }
@@ -251,7 +256,13 @@ pub fn train_until(cfg: &TrainConfig, stop: &AtomicBool, logged: Option<&Sender<
         .map(|q| q.parse::<multitoken_lm::quantize::Quantization>())
         .transpose()
         .map_err(|e| Error::Config(format!("quantize: {e}")))?;
-    let model = TrainableModel::load_quantized(&cfg.model, parts, &device, cfg.seed, quantize)?;
+    let quantize_towers = cfg
+        .quantize_towers
+        .as_deref()
+        .map(multitoken_lm::loader::parse_tower_quantization)
+        .transpose()
+        .map_err(|e| Error::Config(format!("quantize_towers: {e}")))?;
+    let model = TrainableModel::load_quantized(&cfg.model, parts, &device, cfg.seed, quantize, quantize_towers)?;
     crate::run::check_not_lm(cfg, &model.lm_path)?;
     let identity = RunIdentity::of(cfg, &model.lm_path)?;
     let rows = crate::data::read_jsonl_for(&cfg.dataset, &model.mm)?;

@@ -91,6 +91,8 @@ fn lora_over_a_q4_1_base_trains_and_writes_a_peft_adapter() -> TestResult {
 fn qlora_resume_repeats_the_uninterrupted_run() -> TestResult {
     let setup = |root: &Path| -> Result<TrainConfig, Box<dyn std::error::Error>> {
         let mut cfg = config(root, 6, "q8_0")?;
+        // The frozen CLIP tower's linears as blocks too (--quantize-towers).
+        cfg.quantize_towers = Some("q4_1".into());
         cfg.gradient_accumulation_steps = 2;
         cfg.per_device_train_batch_size = 3;
         cfg.warmup_steps = Some(2);
@@ -114,6 +116,14 @@ fn qlora_resume_repeats_the_uninterrupted_run() -> TestResult {
         .ok_or("resuming over another quantization was accepted")?
         .to_string();
     assert!(err.contains("--quantize"), "{err}");
+    // And over towers kept in another form.
+    b.quantize = Some("q8_0".into());
+    b.quantize_towers = None;
+    let err = train(&b)
+        .err()
+        .ok_or("resuming with f32 towers over a run with q4_1 towers was accepted")?
+        .to_string();
+    assert!(err.contains("--quantize-towers"), "{err}");
     Ok(())
 }
 
@@ -130,6 +140,14 @@ fn bad_quantize_settings_are_clear_errors() -> TestResult {
         .ok_or("full fine-tuning of a quantized base was accepted")?
         .to_string();
     assert!(err.contains("full fine-tuning needs a dense"), "{err}");
+    cfg.stage = Stage::Lora;
+    cfg.quantize_towers = Some("q4_k".into());
+    let err = train(&cfg).err().ok_or("q4_k towers were accepted")?.to_string();
+    assert!(err.contains("quantize_towers") && err.contains("q8_0 or q4_1"), "{err}");
+    cfg.quantize_towers = Some("q8_0".into());
+    cfg.train_encoders = multitoken_train::model::EncoderChoice::All;
+    let err = train(&cfg).err().ok_or("quantized towers that train were accepted")?.to_string();
+    assert!(err.contains("--quantize-towers") && err.contains("vision_clip"), "{err}");
     Ok(())
 }
 

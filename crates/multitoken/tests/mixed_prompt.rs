@@ -203,3 +203,64 @@ fn image_audio_and_document_in_one_prompt() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--quantize-towers`: the demo model's three towers (CLIP, Whisper and MiniLM
+/// architectures, every width a multiple of 32) keep their linears as blocks.
+/// Their items' embeddings move a little, the text's not at all, and the
+/// answers stay the same; q4_k is refused with the reason.
+#[test]
+fn towers_quantized_at_load_move_only_the_items_and_keep_the_answers() {
+    multitoken_audio::link();
+    multitoken_document::link();
+    multitoken_vision::link();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo-model");
+    if !demo.join(MULTIMODAL_CONFIG_FILE).is_file() {
+        eprintln!("skipped: no demo model at {}", demo.display());
+        return;
+    }
+    let shapes = demo.join("../shapes");
+    let questions = [
+        ("<image> What colour is the shape?", "images", "blue-triangle.png"),
+        ("<speech> How many beeps?", "speech_audios", "three-high-beeps.wav"),
+        ("<document> What is the document about?", "documents", "space.txt"),
+    ];
+    let dense = MultimodalModel::load(&demo, &LoadOptions::default()).unwrap();
+    for format in [multitoken_lm::loader::TowerQuantization::Q8_0, multitoken_lm::loader::TowerQuantization::Q4_1] {
+        let options = LoadOptions { quantize_towers: Some(format), ..LoadOptions::default() };
+        let quantized = MultimodalModel::load(&demo, &options).unwrap();
+        for (question, key, file) in questions {
+            let mut items = ItemsByKey::new();
+            items.insert(key.into(), vec![Item::Path(shapes.join(file))]);
+            let prepared = dense.prepare_chat(&[Message::user(question)], &items).unwrap();
+            let a = dense.embed(&prepared, &items).unwrap().squeeze(0).unwrap();
+            let b = quantized.embed(&prepared, &items).unwrap().squeeze(0).unwrap();
+            let span = prepared.spans[0];
+            let diff = |t: &candle_core::Tensor| -> f32 {
+                t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            };
+            let text_a = a.narrow(0, 0, span.start).unwrap();
+            let text_b = b.narrow(0, 0, span.start).unwrap();
+            assert_eq!(diff(&(text_a - text_b).unwrap()), 0.0, "{format:?} {question}: the text's embeddings");
+            let item_a = a.narrow(0, span.start, span.len).unwrap();
+            let item_b = b.narrow(0, span.start, span.len).unwrap();
+            let moved = diff(&(&item_a - &item_b).unwrap()) / diff(&item_a);
+            eprintln!("{format:?} {question}: item embeddings moved by {moved:.4} of their largest value");
+            assert!(moved > 0.0, "{format:?} {question}: the tower was not quantized");
+            // 8 bits keep every item within 2% here, 4 bits within 17% (the tiny
+            // Whisper's 64-wide layers are the most sensitive).
+            let bound = if format == multitoken_lm::loader::TowerQuantization::Q8_0 { 0.05 } else { 0.3 };
+            assert!(moved < bound, "{format:?} {question}: moved by {moved}");
+            let params = multitoken_lm::generate::GenerationParams { max_new_tokens: 8, ..Default::default() };
+            let want = dense.generate(&prepared, &items, &params, &mut |_| true).unwrap();
+            let got = quantized.generate(&prepared, &items, &params, &mut |_| true).unwrap();
+            assert_eq!(got.token_ids, want.token_ids, "{format:?} {question}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+        .args(["generate", "--model", demo.to_str().unwrap(), "--prompt", "hi", "--quantize-towers", "q4_k"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--quantize-towers") && stderr.contains("q8_0 or q4_1"), "{stderr}");
+}

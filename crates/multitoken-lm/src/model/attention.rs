@@ -211,7 +211,7 @@ fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Result<
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; b * nh * hd];
     let parallel = b * nh * kv_len * hd >= 1 << 15;
-    crate::parallel::fill_items(&mut out, hd, parallel, |first, items| {
+    multitoken_kernels::pool::fill_items(&mut out, hd, parallel, |first, items| {
         let mut scores = vec![0f32; kv_len];
         for (i, dst) in items.chunks_exact_mut(hd).enumerate() {
             let (bi, h) = ((first + i) / nh, (first + i) % nh);
@@ -278,7 +278,7 @@ pub(crate) fn ragged_decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], n_rep
     let scale = 1.0 / (hd as f32).sqrt();
     let work: usize = rows.iter().map(|r| r.4).sum::<usize>() * nh * hd;
     let mut out = vec![0f32; b * nh * hd];
-    crate::parallel::fill_items(&mut out, hd, work >= 1 << 15, |first, items| {
+    multitoken_kernels::pool::fill_items(&mut out, hd, work >= 1 << 15, |first, items| {
         let mut scores = Vec::new();
         for (i, dst) in items.chunks_exact_mut(hd).enumerate() {
             let (bi, h) = ((first + i) / nh, (first + i) % nh);

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
-use multitoken_core::{build_modality, Modality, ModalityContext, Projector, ProjectorSpec};
+use multitoken_core::{build_modality, Modality, Projector, ProjectorSpec};
 use serde_json::{json, Value};
 
 use crate::hf::{load_hf_dir_with, parse_config_value};
@@ -248,7 +248,7 @@ pub(super) fn load_llava(
         "vision_feature_select_strategy": strategy,
         "projector": "mlp2x_gelu",
     });
-    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let context = opts.modality_context(dir);
     let modality = build_modality(VISION_BUILDER, &builder_config, &context).map_err(|e| {
         Error::Msg(format!(
             "{}: the llava vision tower (`{VISION_BUILDER}`): {e}",

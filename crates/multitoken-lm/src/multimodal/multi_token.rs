@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use multitoken_core::{build_modality, ModalityContext, Projector, ProjectorSpec};
+use multitoken_core::{build_modality, Projector, ProjectorSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -183,7 +183,7 @@ pub(super) fn load_multi_token(
     let trainables = split_trainables(read_pickle(&pickle_path)?, &recipes, &pickle_path)?;
 
     let lm = load_lm(dir, &config, &paths, &trainables.lm, &pickle_path, opts)?;
-    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let context = opts.modality_context(dir);
     let hidden = lm.model.hidden_size();
     let modalities = recipes
         .iter()

@@ -126,13 +126,19 @@ class Model:
         device: str = "cpu",
         quantize: Optional[str] = None,
         chat_template: Optional[str] = None,
+        quantize_towers: Optional[str] = None,
     ) -> "Model":
         """Loads a model as `multitoken generate --model` does. A hub id comes from
         the Hugging Face cache (HF_HUB_CACHE / HF_HOME), else is downloaded from
         HF_ENDPOINT with HF_TOKEN unless HF_HUB_OFFLINE=1. `dtype`: f32, f16 or bf16;
         `quantize`: q8_0, q4_1 or q4_k for an HF directory's linears; `chat_template`:
-        a built-in name or a jinja file."""
-        return Model(_multitoken.Model.load(os.fspath(path_or_hub_id), dtype, device, quantize, chat_template))
+        a built-in name or a jinja file; `quantize_towers`: q8_0 or q4_1 for the
+        modality towers' linears (vision, audio, document encoders)."""
+        return Model(
+            _multitoken.Model.load(
+                os.fspath(path_or_hub_id), dtype, device, quantize, chat_template, quantize_towers
+            )
+        )
 
     @property
     def name(self) -> str:

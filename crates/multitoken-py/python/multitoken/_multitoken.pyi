@@ -27,6 +27,7 @@ class Model:
         device: str = "cpu",
         quantize: Optional[str] = None,
         chat_template: Optional[str] = None,
+        quantize_towers: Optional[str] = None,
     ) -> "Model": ...
     @property
     def name(self) -> str: ...

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_nn::VarBuilder;
-use multitoken_core::{build_modality, ChatTemplate, LeadingSpecialTokens, ModalityContext, Projector, ProjectorSpec};
+use multitoken_core::{build_modality, ChatTemplate, LeadingSpecialTokens, Projector, ProjectorSpec};
 use multitoken_lm::hf::{load_hf_dir_with, parse_config_value};
 use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::model::{CausalLm, Mlp};
@@ -109,7 +109,7 @@ pub fn load_idefics2(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
         "fake_image_token": FAKE_IMAGE_TOKEN,
         "projector": spec,
     });
-    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let context = opts.modality_context(dir);
     let modality = build_modality(VISION_BUILDER, &builder_config, &context).map_err(|e| Error::Config {
         path: config_path.clone(),
         message: format!("the Idefics2 vision tower (`{VISION_BUILDER}`): {e}"),

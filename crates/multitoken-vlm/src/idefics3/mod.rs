@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_nn::VarBuilder;
-use multitoken_core::{build_modality, ChatTemplate, LeadingSpecialTokens, ModalityContext, Projector, ProjectorSpec};
+use multitoken_core::{build_modality, ChatTemplate, LeadingSpecialTokens, Projector, ProjectorSpec};
 use multitoken_lm::hf::{load_hf_dir_with, parse_config_value};
 use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::multimodal::{builtin_template, ImportedModel, ModalityRuntime, MultimodalImporter};
@@ -121,7 +121,7 @@ pub fn load_idefics3(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
     let spec = cfg.connector_spec();
     let text_hidden = lm.model.hidden_size();
     let vision_hidden = cfg.vision_hidden_size()?;
-    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let context = opts.modality_context(dir);
     let mut builder = builder_config(&cfg, ".", &layout.vision_prefix());
     add_tokenizer_tokens(&mut builder, dir);
     let modality = build_modality(VISION_BUILDER, &builder, &context)

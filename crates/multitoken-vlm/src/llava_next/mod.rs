@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use multitoken_core::{build_modality, LeadingSpecialTokens, ModalityContext, Projector};
+use multitoken_core::{build_modality, LeadingSpecialTokens, Projector};
 use multitoken_lm::hf::{load_hf_dir_with, parse_config_value};
 use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::multimodal::{ImportedModel, ModalityRuntime, MultimodalImporter};
@@ -261,7 +261,7 @@ pub fn load_llava_next(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> 
     }
 
     let builder = builder_config(&cfg, &processor, ".", layout.tower)?;
-    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let context = opts.modality_context(dir);
     let modality = build_modality(VISION_BUILDER, &builder, &context).map_err(|e| Error::Config {
         path: config_path.clone(),
         message: format!("the vision tower (`{VISION_BUILDER}`): {e}"),

@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use multitoken_core::{build_modality, LeadingSpecialTokens, ModalityContext, Projector};
+use multitoken_core::{build_modality, LeadingSpecialTokens, Projector};
 use multitoken_lm::hf::{load_hf_dir_with, parse_config_value};
 use multitoken_lm::loader::LoadOptions;
 use multitoken_lm::multimodal::{ImportedModel, ModalityRuntime, MultimodalImporter};
@@ -265,7 +265,7 @@ pub fn load_qwen2_vl(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
         "weights_prefix": layout.vision,
         "image_token": IMAGE_TOKEN,
     });
-    let context = ModalityContext::new(opts.device.clone(), opts.dtype, dir);
+    let context = opts.modality_context(dir);
     let modality = build_modality(VISION_BUILDER, &builder_config, &context).map_err(|e| Error::Config {
         path: config_path.clone(),
         message: format!("the {} vision tower (`{VISION_BUILDER}`): {e}", family.name()),

@@ -31,6 +31,11 @@ pub struct ModelArgs {
     /// are read; embeddings, norms and modality towers keep `--dtype`.
     #[arg(long, value_name = "q8_0|q4_1|q4_k")]
     pub quantize: Option<String>,
+    /// Keep the modality towers' linears (vision, audio, document encoders) as
+    /// q8_0 or q4_1 blocks, quantized as they are read; without it they keep
+    /// `--dtype`. Rows that are not whole 32-weight blocks stay unquantized.
+    #[arg(long, value_name = "q8_0|q4_1")]
+    pub quantize_towers: Option<String>,
     /// Round activations to 8 bits for the Q4_1 / Q8_0 products (integer dot
     /// products, as llama.cpp does): faster decoding, logits no longer those of
     /// the dequantized f32 model (the default, exact mode).
@@ -103,7 +108,8 @@ impl ModelArgs {
         if quantize.is_some() && self.dequantize {
             bail!("--quantize and --dequantize exclude each other");
         }
-        let options = LoadOptions { dtype, device: Device::Cpu, quantize };
+        let quantize_towers = parse_quantize_towers(self.quantize_towers.as_deref())?;
+        let options = LoadOptions { dtype, device: Device::Cpu, quantize, quantize_towers };
         multitoken_lm::set_int8_activations(self.int8_activations);
         let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         let loaded = if is_gguf && self.dequantize {
@@ -124,6 +130,13 @@ impl ModelArgs {
 /// `--quantize`'s value, checked.
 pub fn parse_quantize(value: Option<&str>) -> Result<Option<multitoken_lm::quantize::Quantization>> {
     value.map(|v| v.parse().map_err(|e| anyhow::anyhow!("--quantize: {e}"))).transpose()
+}
+
+/// `--quantize-towers`' value, checked.
+pub fn parse_quantize_towers(value: Option<&str>) -> Result<Option<multitoken_lm::loader::TowerQuantization>> {
+    value
+        .map(|v| multitoken_lm::loader::parse_tower_quantization(v).map_err(|e| anyhow::anyhow!("--quantize-towers: {e}")))
+        .transpose()
 }
 
 /// Items given on the command line, by modality.

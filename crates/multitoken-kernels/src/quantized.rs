@@ -21,11 +21,11 @@ use std::cell::Cell;
 use half::f16;
 
 /// Weights per block, in both formats.
-pub(crate) const BLOCK: usize = 32;
+pub const BLOCK: usize = 32;
 
 /// The block formats these kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Format {
+pub enum Format {
     /// ggml `Q4_1`.
     Q4_1,
     /// ggml `Q8_0`.
@@ -34,7 +34,7 @@ pub(crate) enum Format {
 
 impl Format {
     /// Bytes per block of 32 weights.
-    pub(crate) fn block_bytes(self) -> usize {
+    pub fn block_bytes(self) -> usize {
         match self {
             Format::Q4_1 => 20,
             Format::Q8_0 => 34,
@@ -51,7 +51,7 @@ const PARALLEL_FROM_WEIGHTS: usize = 1 << 17;
 /// `x` is `rows × in_dim` row-major, `y` is `rows × out_dim` row-major.
 /// Callers check the sizes: `blocks.len() == out_dim * in_dim / 32 * block_bytes`,
 /// `in_dim % 32 == 0`, `x.len() == rows * in_dim`, `y.len() == rows * out_dim`.
-pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize, x: &[f32], rows: usize, y: &mut [f32]) {
+pub fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize, x: &[f32], rows: usize, y: &mut [f32]) {
     if int8_activations() && !KEEP_EXACT.with(Cell::get) {
         return int8::matmul(format, blocks, out_dim, in_dim, x, rows, y);
     }
@@ -70,7 +70,7 @@ pub(crate) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usiz
             dot_rows(format, w, in_dim, x, &sums, dst);
         }
     };
-    crate::parallel::fill_items(&mut by_out, rows, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
+    crate::pool::fill_items(&mut by_out, rows, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
     if rows == 1 {
         y.copy_from_slice(&by_out);
     } else {
@@ -108,7 +108,7 @@ thread_local! {
 /// "What is the capital of France?" has 25.33 vs 25.24 for its first token, and
 /// 8-bit activations moved that head's logits by up to 0.26, so it answered
 /// "L'Étoile, la Marseillaise, …" instead of "The capital of France is Paris."
-pub(crate) fn exact<T>(f: impl FnOnce() -> T) -> T {
+pub fn exact<T>(f: impl FnOnce() -> T) -> T {
     let before = KEEP_EXACT.with(|k| k.replace(true));
     let out = f();
     KEEP_EXACT.with(|k| k.set(before));
@@ -126,7 +126,7 @@ pub fn int8_activations() -> bool {
 /// dequantizes on its own barrier pool, which the binary sizes to one thread
 /// (`CANDLE_NUM_THREADS=1`) so that it cannot stall under contention.
 /// Callers check `blocks.len() == out_dim * in_dim / 32 * block_bytes`.
-pub(crate) fn dequantize(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize) -> Vec<f32> {
+pub fn dequantize(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize) -> Vec<f32> {
     let per_row = in_dim / BLOCK * format.block_bytes();
     let mut out = vec![0f32; out_dim * in_dim];
     let work = |first_out: usize, chunk: &mut [f32]| {
@@ -152,7 +152,7 @@ pub(crate) fn dequantize(format: Format, blocks: &[u8], out_dim: usize, in_dim: 
             }
         }
     };
-    crate::parallel::fill_items(&mut out, in_dim, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
+    crate::pool::fill_items(&mut out, in_dim, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
     out
 }
 
@@ -550,7 +550,7 @@ mod int8 {
                 dot_rows(format, &blocks[o * per_row..(o + 1) * per_row], &act, dst);
             }
         };
-        crate::parallel::fill_items(&mut by_out, rows, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
+        crate::pool::fill_items(&mut by_out, rows, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
         for (o, vals) in by_out.chunks_exact(rows).enumerate() {
             for (r, v) in vals.iter().enumerate() {
                 y[r * out_dim + o] = *v;
