@@ -190,33 +190,47 @@ pub fn child(args: &[String]) -> Result<()> {
         .collect();
     let mut times = Vec::new();
     let mut losses = Vec::new();
-    for _ in 0..steps {
+    let mut phases = Vec::new();
+    for k in 0..steps {
         let t = Instant::now();
-        losses.push(step(&lm, &ids, &vars)?);
+        losses.push(step(&lm, &ids, &vars, &mut phases, k + 1)?);
         times.push(t.elapsed().as_secs_f64());
     }
+    let phase_peaks: serde_json::Map<String, Value> = phases.into_iter().map(|(k, v)| (k, json!(v))).collect();
     let best = times[1..].iter().copied().fold(f64::INFINITY, f64::min);
     let line = json!({
         "model": model, "base": base, "tokens": tokens, "rank": RANK,
         "load_s": load_s, "step_s": best, "step_times_s": times, "losses": losses,
         "peak_rss_bytes": proc_status_bytes("VmHWM:"),
         "rss_after_load_bytes": rss_after_load, "peak_rss_after_load_bytes": peak_after_load,
+        "phase_rss_bytes": phase_peaks,
     });
     println!("{line}");
     Ok(())
 }
 
-/// One forward + backward + SGD step; returns the loss.
-fn step(lm: &CausalLm, ids: &[u32], vars: &[Var]) -> Result<f32> {
+/// One forward + backward + SGD step; returns the loss. `phases` gets each
+/// phase's peak RSS and the RSS at its end (the peak is reset between
+/// phases), keyed `step{k}.{phase}.peak|end`: where a step's memory goes.
+fn step(lm: &CausalLm, ids: &[u32], vars: &[Var], phases: &mut Vec<(String, f64)>, k: usize) -> Result<f32> {
+    let mut phase = |name: &str| {
+        phases.push((format!("step{k}.{name}.peak"), proc_status_bytes("VmHWM:").unwrap_or(f64::NAN)));
+        phases.push((format!("step{k}.{name}.end"), proc_status_bytes("VmRSS:").unwrap_or(f64::NAN)));
+        crate::bench_vision::reset_peak_rss();
+    };
+    crate::bench_vision::reset_peak_rss();
     let n = ids.len();
     let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
     let embeds = lm.embed_tokens(&input)?;
     let mut cache = KvCache::new(lm.num_layers());
     let logits = lm.forward_embeds(&embeds, None, &mut cache, LogitsSelection::All)?;
+    phase("forward");
     let logits = logits.reshape((n, ()))?.narrow(0, 0, n - 1)?;
     let targets = Tensor::new(&ids[1..], &Device::Cpu)?;
     let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+    phase("loss");
     let grads = loss.backward()?;
+    phase("backward");
     for var in vars {
         // With checkpointing the adapters' gradients come from the side store.
         let side = multitoken_lm::model::checkpoint::take_grad(var.as_tensor());
@@ -224,6 +238,8 @@ fn step(lm: &CausalLm, ids: &[u32], vars: &[Var]) -> Result<f32> {
             var.set(&(var.as_tensor() - (g * 1e-4)?)?)?;
         }
     }
+    drop(grads);
+    phase("update");
     Ok(loss.to_scalar::<f32>()?)
 }
 

@@ -102,3 +102,23 @@ def test_a_second_thread_runs_while_generate_runs(demo):
         worker.join()
     assert len(out.token_ids) == 128
     assert during >= 1, f"the other thread advanced {during} times during generate"
+
+
+def test_quantized_towers_answer_as_the_cli_does(cli):
+    """`quantize_towers` is the CLI's `--quantize-towers`: the same ids, and a
+    format the towers can't take is an error naming the choices."""
+    image = str(SHAPES / "blue-triangle.png")
+    args = [cli, "generate", "--model", str(DEMO), "--image", image, "--prompt", PROMPT,
+            "--quantize-towers", "q4_1", "--max-new-tokens", "8", "--json"]
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    want = json.loads(done.stdout.strip().splitlines()[-1])
+    model = multitoken.Model.load(DEMO, quantize_towers="q4_1")
+    out = model.generate(PROMPT, images=[image], max_new_tokens=8)
+    assert out.token_ids == want["token_ids"]
+    assert "blue" in out.text.lower()
+    try:
+        multitoken.Model.load(DEMO, quantize_towers="q4_k")
+    except multitoken.Error as e:
+        assert "q8_0 or q4_1" in str(e)
+    else:
+        raise AssertionError("quantize_towers='q4_k' was accepted")
