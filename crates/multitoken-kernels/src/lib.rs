@@ -71,6 +71,14 @@ pub fn linear(
     linear_with(x, weight, WeightLayout::Rows, bias, None, act)
 }
 
+/// `x W + residual` for `x` `[..., k]` and `W` given as `[k, n]` (the columns
+/// layout): a product with a weight read the other way round (`g W` of a
+/// backward pass through `x Wᵀ`) on the pool, with an accumulator added in
+/// (`residual`, `[..., n]`) instead of a separate sum.
+pub fn linear_columns(x: &Tensor, weight: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, weight, WeightLayout::Columns, None, residual, Activation::Identity)
+}
+
 /// [`linear`] with the weight in either layout (`[in, out]` for
 /// [`WeightLayout::Columns`]) and an optional `residual` (`x`'s shape with the
 /// output width) added before the activation.
