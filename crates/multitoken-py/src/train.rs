@@ -19,6 +19,9 @@ use crate::errors::{input_error, to_py_err};
 /// How long a wait for the next logged row lasts before Ctrl-C is looked for.
 const POLL: Duration = Duration::from_millis(200);
 
+/// Logged rows the trainer may run ahead of the progress callback.
+const PROGRESS_BACKLOG: usize = 8;
+
 /// Trains; returns `{"steps", "output_dir", "final_loss"}`.
 #[pyfunction]
 #[pyo3(signature = (config_json = None, config_path = None, progress = None))]
@@ -46,7 +49,11 @@ pub fn train<'py>(
     // Set on Ctrl-C or when the callback raises: the trainer stops after the step
     // it is in, writes a checkpoint of it and returns `Interrupted`.
     let stop = Arc::new(AtomicBool::new(false));
-    let (sender, logged) = std::sync::mpsc::channel::<String>();
+    // Bounded: the trainer runs at most PROGRESS_BACKLOG logged rows ahead of the
+    // callback, so a Ctrl-C (or an exception) raised at a row stops the run within
+    // that many logged steps, however fast the steps are; unbounded, a fast run
+    // could finish before the callback saw its first row (a CI flake).
+    let (sender, logged) = std::sync::mpsc::sync_channel::<String>(PROGRESS_BACKLOG);
     // Only this thread receives; the Mutex makes the receiver shareable with the
     // GIL-free closure below.
     let logged = Mutex::new(logged);
@@ -102,6 +109,12 @@ pub fn train<'py>(
         }
         if finished {
             break;
+        }
+    }
+    // A signal that reached another thread during the last callback is seen here.
+    if raised.is_none() {
+        if let Err(e) = py.check_signals() {
+            raised = Some(e);
         }
     }
     let outcome = py

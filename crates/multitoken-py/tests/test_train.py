@@ -60,7 +60,9 @@ def test_ctrl_c_stops_training_at_a_checkpoint_that_resumes(tmp_path):
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1, checkpoints
     stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert 1 <= stopped_at < 300
+    # The trainer runs at most 8 logged rows ahead of the callback (plus the rows
+    # read in the same batch and the step in flight), never to the end.
+    assert 1 <= stopped_at <= 40, stopped_at
     assert f"checkpoint-{stopped_at}" in why
     # The same run continues from there to its end.
     seen = []

@@ -24,7 +24,7 @@ use crate::model::{EncoderChoice, LoraSettings, TrainParts, TrainableModel};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use crate::run::RunIdentity;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use crate::{Error, Result};
 
 /// Every setting of a run (the CLI flags / TOML keys).
@@ -232,8 +232,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
 /// after the last finished step is written as a checkpoint (so `resume` continues
 /// exactly from it) and [`Error::Interrupted`] names it. Python's `multitoken.train`
 /// sets `stop` on Ctrl-C. Each row written to `metrics.jsonl` is also sent to
-/// `logged` (Python's progress callback reads them there).
-pub fn train_until(cfg: &TrainConfig, stop: &AtomicBool, logged: Option<&Sender<String>>) -> Result<TrainSummary> {
+/// `logged` (Python's progress callback reads them there); a bounded channel
+/// holds the trainer back when its reader falls behind, so that a reader that
+/// sets `stop` on a row stops the run within the channel's bound.
+pub fn train_until(cfg: &TrainConfig, stop: &AtomicBool, logged: Option<&SyncSender<String>>) -> Result<TrainSummary> {
     validate(cfg)?;
     let previous_run = crate::run::check_output_dir(cfg)?;
     let device = Device::Cpu;
