@@ -82,67 +82,6 @@ pub fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize, x: &
     }
 }
 
-/// One weight of [`matmul_group`]: `out_dim` rows of `format` blocks and its
-/// output `y`, `rows × out_dim` row-major.
-pub struct GroupPart<'a> {
-    /// The block format.
-    pub format: Format,
-    /// The blocks, `out_dim` rows of `in_dim / 32` blocks.
-    pub blocks: &'a [u8],
-    /// Output rows of the weight.
-    pub out_dim: usize,
-    /// Where the product goes.
-    pub y: &'a mut [f32],
-}
-
-/// [`matmul`] of one `x` with several weights (a decode step's q, k and v, or
-/// gate and up) in one hand-off to the pool, the activations' block sums
-/// computed once: each part's `y` is bit for bit what `matmul` gives it alone
-/// (every output is the same dot product). The 8-bit-activation mode runs the
-/// parts one by one.
-pub fn matmul_group(in_dim: usize, x: &[f32], rows: usize, parts: &mut [GroupPart<'_>]) {
-    if int8_activations() && !KEEP_EXACT.with(Cell::get) {
-        for part in parts.iter_mut() {
-            int8::matmul(part.format, part.blocks, part.out_dim, in_dim, x, rows, part.y);
-        }
-        return;
-    }
-    let sums: Vec<f32> = if parts.iter().any(|p| p.format == Format::Q4_1) {
-        x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
-    } else {
-        Vec::new()
-    };
-    // Output rows of every part, numbered across the parts: (first row, part).
-    let mut starts = Vec::with_capacity(parts.len());
-    let mut total = 0;
-    for part in parts.iter() {
-        starts.push(total);
-        total += part.out_dim;
-    }
-    let weights: usize = total * in_dim;
-    let views: Vec<(Format, &[u8], usize)> = parts.iter().map(|p| (p.format, p.blocks, p.out_dim)).collect();
-    let mut by_out = vec![0f32; total * rows];
-    let work = |first_out: usize, chunk: &mut [f32]| {
-        for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
-            let o = first_out + k;
-            let part = starts.partition_point(|&s| s <= o) - 1;
-            let (format, blocks, _) = views[part];
-            let per_row = in_dim / BLOCK * format.block_bytes();
-            let local = o - starts[part];
-            dot_rows(format, &blocks[local * per_row..(local + 1) * per_row], in_dim, x, &sums, dst);
-        }
-    };
-    crate::pool::fill_items(&mut by_out, rows, weights >= PARALLEL_FROM_WEIGHTS, work);
-    for (part, &start) in parts.iter_mut().zip(&starts) {
-        let n = part.out_dim;
-        for (o, vals) in by_out[start * rows..(start + n) * rows].chunks_exact(rows).enumerate() {
-            for (r, v) in vals.iter().enumerate() {
-                part.y[r * n + o] = *v;
-            }
-        }
-    }
-}
-
 /// Whether [`matmul`] rounds its activations to 8 bits (opt-in, process-wide).
 static INT8_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -840,36 +779,6 @@ mod tests {
                         assert!((g - e).abs() <= bound * 1.001 + 1e-4 * (1.0 + e.abs()), "{case} ({r}, {o}): {g} vs exact {e}, bound {bound}");
                     }
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn a_group_of_weights_gives_each_weight_s_matmul_bit_for_bit() {
-        let in_dim = 576;
-        // q, k and v of a SmolLM2 layer, one of them Q8_0 (a file may mix formats).
-        let shapes = [(576, GgmlDType::Q4_1, Format::Q4_1), (192, GgmlDType::Q8_0, Format::Q8_0), (200, GgmlDType::Q4_1, Format::Q4_1)];
-        let blocks: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|&(out_dim, dtype, _)| {
-                let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), &Device::Cpu).unwrap();
-                QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned()
-            })
-            .collect();
-        for rows in [1, 3] {
-            let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (rows, in_dim), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(n, _, _)| vec![f32::NAN; rows * n]).collect();
-            let mut parts: Vec<GroupPart<'_>> = shapes
-                .iter()
-                .zip(&blocks)
-                .zip(outs.iter_mut())
-                .map(|((&(out_dim, _, format), blocks), y)| GroupPart { format, blocks, out_dim, y })
-                .collect();
-            matmul_group(in_dim, &xs, rows, &mut parts);
-            for ((&(out_dim, _, format), blocks), got) in shapes.iter().zip(&blocks).zip(&outs) {
-                let mut alone = vec![0f32; rows * out_dim];
-                matmul(format, blocks, out_dim, in_dim, &xs, rows, &mut alone);
-                assert_eq!(got, &alone, "{format:?} {out_dim} rows, {rows} input rows");
             }
         }
     }

@@ -94,8 +94,7 @@ impl Linear {
     /// up): [`Linear::forward`] of each, or [`Linear::forward_rows`] of each when
     /// `rows_alone` (a batched decode step). Dense f32 weights without an
     /// adapter, on a few untracked rows, go to the pool in one hand-off
-    /// ([`multitoken_kernels::lm::linear_each_row_group`]) instead of one each,
-    /// and so do Q4_1 / Q8_0 blocks ([`multitoken_kernels::quantized::matmul_group`]);
+    /// ([`multitoken_kernels::lm::linear_each_row_group`]) instead of one each;
     /// the products are the ones each layer computes alone, bit for bit.
     pub fn forward_group(layers: &[&Linear], x: &Tensor, rows_alone: bool) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
@@ -110,55 +109,21 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let (Some(in_dim), true, false) = (in_dim, few_rows, x.track_op()) else {
-            return layers.iter().map(|l| if rows_alone { l.forward_rows(x) } else { l.forward(x) }).collect();
-        };
-        let shaped = |ys: Vec<Tensor>| -> Result<Vec<Tensor>> {
-            layers
-                .iter()
-                .zip(ys)
-                .map(|(layer, y)| {
-                    let mut out_dims = dims.clone();
-                    if let Some(last) = out_dims.last_mut() {
-                        *last = layer.out_dim;
-                    }
-                    layer.add_bias_and_lora(y.reshape(out_dims)?, x)
-                })
-                .collect()
-        };
-        if let Some(weights) = weights {
+        if let (Some(weights), Some(in_dim), true, false) = (weights, in_dim, few_rows, x.track_op()) {
             let _profile = crate::profile::scope(crate::profile::Part::Matmul);
             if let Some(ys) = multitoken_kernels::lm::linear_each_row_group(&x.reshape((rows, in_dim))?, &weights)? {
-                return shaped(ys);
+                return layers
+                    .iter()
+                    .zip(ys)
+                    .map(|(layer, y)| {
+                        let mut out_dims = dims.clone();
+                        if let Some(last) = out_dims.last_mut() {
+                            *last = layer.out_dim;
+                        }
+                        layer.add_bias_and_lora(y.reshape(out_dims)?, x)
+                    })
+                    .collect();
             }
-        }
-        // Q4_1 / Q8_0 blocks read by our kernel, as `forward` does for a few rows.
-        let blocks: Option<Vec<(Format, std::borrow::Cow<'_, [u8]>, usize)>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::Quantized(q) if l.lora.is_none() && l.in_dim == in_dim => match q.as_ref() {
-                    QMatMul::QTensor(qt) => own_kernel_format(qt, x).and_then(|f| Some((f, l.own_blocks(f, qt).ok()?, l.out_dim))),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect();
-        if let Some(blocks) = blocks {
-            let _profile = crate::profile::scope(crate::profile::Part::Matmul);
-            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let mut ys: Vec<Vec<f32>> = blocks.iter().map(|(_, _, n)| vec![0f32; rows * n]).collect();
-            let mut parts: Vec<multitoken_kernels::quantized::GroupPart<'_>> = blocks
-                .iter()
-                .zip(ys.iter_mut())
-                .map(|((format, data, out_dim), y)| multitoken_kernels::quantized::GroupPart { format: *format, blocks: data, out_dim: *out_dim, y })
-                .collect();
-            multitoken_kernels::quantized::matmul_group(in_dim, &xs, rows, &mut parts);
-            let ys = ys
-                .into_iter()
-                .zip(&blocks)
-                .map(|(y, (_, _, n))| Tensor::from_vec(y, (rows, *n), x.device()))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            return shaped(ys);
         }
         layers.iter().map(|l| if rows_alone { l.forward_rows(x) } else { l.forward(x) }).collect()
     }
