@@ -53,47 +53,6 @@ pub fn linear_each_row(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, (rows, n), x.device())?))
 }
 
-/// [`linear_each_row`] of one `x` with several weights (a decode step's q, k
-/// and v, or gate and up) in one hand-off to the pool: each result is bit for
-/// bit what `linear_each_row` gives with that weight alone. `None` when the fast
-/// path does not apply to one of them (then each goes its own way).
-pub fn linear_each_row_group(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
-    let (rows, k) = x.dims2()?;
-    for w in ws {
-        let (_, wk) = w.dims2()?;
-        if wk != k {
-            candle_core::bail!("linear_each_row_group: x {:?} and weight {:?} do not fit together", x.dims(), w.dims());
-        }
-        if !w.is_contiguous() || !fast_path(&[x, w]) {
-            return Ok(None);
-        }
-    }
-    let x = x.contiguous()?;
-    let widths: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<Result<_>>()?;
-    let mut outs: Vec<_> = widths.iter().map(|&n| output_buffer(rows * n)).collect();
-    {
-        let (xs, xl) = x.storage_and_layout();
-        let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
-        let datas = guards.iter().map(|(s, l)| cpu_data(s, l)).collect::<Result<Vec<_>>>()?;
-        let mut parts: Vec<cpu::GroupPart<'_>> = datas
-            .iter()
-            .zip(outs.iter_mut())
-            .zip(&widths)
-            .map(|((w, out), &n)| cpu::GroupPart { w, n, out })
-            .collect();
-        cpu::gemv_group(cpu_data(&xs, xl)?, rows, k, &mut parts);
-    }
-    outs.into_iter()
-        .zip(widths)
-        .map(|(out, n)| {
-            // SAFETY: gemv_group writes every element of each output.
-            let out = unsafe { assume_init(out) };
-            Tensor::from_vec(out, (rows, n), x.device())
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
 /// Rows from which [`add`] spreads over the pool: below, one thread is faster.
 const ADD_PARALLEL_FROM_ROWS: usize = 32;
 

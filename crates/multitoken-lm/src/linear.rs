@@ -90,44 +90,6 @@ impl Linear {
         self.lora.as_deref()
     }
 
-    /// `layers`' outputs for one input (a decode step's q, k and v; gate and
-    /// up): [`Linear::forward`] of each, or [`Linear::forward_rows`] of each when
-    /// `rows_alone` (a batched decode step). Dense f32 weights without an
-    /// adapter, on a few untracked rows, go to the pool in one hand-off
-    /// ([`multitoken_kernels::lm::linear_each_row_group`]) instead of one each;
-    /// the products are the ones each layer computes alone, bit for bit.
-    pub fn forward_group(layers: &[&Linear], x: &Tensor, rows_alone: bool) -> Result<Vec<Tensor>> {
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let in_dim = layers.first().map(|l| l.in_dim);
-        // Exactly where `forward` / `forward_rows` would run the matrix-vector kernel.
-        let few_rows = rows > 0 && (rows_alone || rows <= multitoken_kernels::lm::GEMV_MAX_ROWS);
-        let weights: Option<Vec<&Tensor>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::Dense(w) if l.lora.is_none() && Some(l.in_dim) == in_dim => Some(w),
-                _ => None,
-            })
-            .collect();
-        if let (Some(weights), Some(in_dim), true, false) = (weights, in_dim, few_rows, x.track_op()) {
-            let _profile = crate::profile::scope(crate::profile::Part::Matmul);
-            if let Some(ys) = multitoken_kernels::lm::linear_each_row_group(&x.reshape((rows, in_dim))?, &weights)? {
-                return layers
-                    .iter()
-                    .zip(ys)
-                    .map(|(layer, y)| {
-                        let mut out_dims = dims.clone();
-                        if let Some(last) = out_dims.last_mut() {
-                            *last = layer.out_dim;
-                        }
-                        layer.add_bias_and_lora(y.reshape(out_dims)?, x)
-                    })
-                    .collect();
-            }
-        }
-        layers.iter().map(|l| if rows_alone { l.forward_rows(x) } else { l.forward(x) }).collect()
-    }
-
     /// Apply to `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _profile = crate::profile::scope(crate::profile::Part::Matmul);

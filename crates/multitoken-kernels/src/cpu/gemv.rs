@@ -51,61 +51,6 @@ pub fn gemv(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [Ma
     });
 }
 
-/// One weight of [`gemv_group`]: `w` `[n, k]` and its output `[rows, n]`.
-pub struct GroupPart<'a> {
-    /// The weight, `[n, k]` row-major.
-    pub w: &'a [f32],
-    /// Its rows.
-    pub n: usize,
-    /// Its output, `[rows, n]`; every element is written.
-    pub out: &'a mut [MaybeUninit<f32>],
-}
-
-/// [`gemv`] of one `x` with several weights (a decode step's q, k and v, or gate
-/// and up) in one hand-off to the pool instead of one each: the weights' rows,
-/// in blocks of four, are split over the threads as one list. Every output is
-/// computed by the same code in the same order as [`gemv`] computes it (blocks
-/// start at multiples of four within each weight), so each part's result is
-/// bit for bit `gemv`'s.
-pub fn gemv_group(x: &[f32], rows: usize, k: usize, parts: &mut [GroupPart<'_>]) {
-    for part in parts.iter() {
-        assert!(x.len() >= rows * k && part.w.len() >= part.n * k && part.out.len() >= rows * part.n, "gemv_group: operands too short");
-    }
-    if rows == 0 {
-        return;
-    }
-    if k == 0 {
-        for part in parts.iter_mut() {
-            part.out[..rows * part.n].fill(MaybeUninit::new(0.0));
-        }
-        return;
-    }
-    // Each part's blocks of four rows, numbered across the parts.
-    let blocks: Vec<usize> = parts.iter().map(|p| p.n.div_ceil(W_BLOCK)).collect();
-    let total: usize = blocks.iter().sum();
-    let weights: usize = parts.iter().map(|p| p.n * k).sum();
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let units = if weights < PARALLEL_FROM { 1 } else { threads.min(total).max(1) };
-    let per_unit = total.div_ceil(units);
-    let views: Vec<(&[f32], usize, SharedOut)> =
-        parts.iter_mut().map(|p| (p.w, p.n, SharedOut(p.out.as_mut_ptr().cast::<f32>()))).collect();
-    for_each_unit(units, |unit| {
-        let (b0, b1) = (unit * per_unit, ((unit + 1) * per_unit).min(total));
-        let mut first = 0;
-        for (&(w, n, out), &count) in views.iter().zip(&blocks) {
-            let (lo, hi) = (b0.max(first), b1.min(first + count));
-            if lo < hi {
-                let (j0, j1) = ((lo - first) * W_BLOCK, ((hi - first) * W_BLOCK).min(n));
-                // SAFETY: rows j0..j1 of this part belong to this unit only (the
-                // block ranges of the units are disjoint); the slices cover the
-                // operands checked above.
-                unsafe { gemv_columns(x, rows, k, w, n, j0, j1, out) };
-            }
-            first += count;
-        }
-    });
-}
-
 /// Columns `j0..j1` of [`gemv`]'s output.
 ///
 /// # Safety
@@ -371,31 +316,6 @@ mod tests {
                     all[r * n..(r + 1) * n].iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "rows {rows} k {k} n {n}: row {r} differs from the row alone"
                 );
-            }
-        }
-    }
-
-    #[test]
-    fn a_group_of_weights_gives_each_weight_s_gemv_bit_for_bit() {
-        // q, k and v of unequal widths with ragged ends, small (one thread) and
-        // large (split over the pool, a block range crossing from one part to the next).
-        for (k, widths) in [(40, [9usize, 5, 7]), (576, [576, 190, 193])] {
-            for rows in [1, 2, 3] {
-                let x = values(rows * k, 1);
-                let ws: Vec<Vec<f32>> = widths.iter().enumerate().map(|(i, &n)| values(n * k, 10 + i as u64)).collect();
-                let mut outs: Vec<Vec<MaybeUninit<f32>>> = widths.iter().map(|&n| vec![MaybeUninit::new(f32::NAN); rows * n]).collect();
-                let mut parts: Vec<GroupPart<'_>> = ws
-                    .iter()
-                    .zip(outs.iter_mut())
-                    .zip(widths)
-                    .map(|((w, out), n)| GroupPart { w, n, out })
-                    .collect();
-                gemv_group(&x, rows, k, &mut parts);
-                for ((w, out), n) in ws.iter().zip(&outs).zip(widths) {
-                    // SAFETY: gemv_group wrote every element.
-                    let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-                    assert_eq!(got, run(&x, rows, k, w, n), "k {k}, {rows} rows, width {n}");
-                }
             }
         }
     }

@@ -50,10 +50,9 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let [q, k, v]: [Tensor; 3] = Linear::forward_group(&[&self.q_proj, &self.k_proj, &self.v_proj], x, false)?
-            .try_into()
-            .map_err(|_| crate::Error::Msg("q, k and v: three products expected".into()))?;
-        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        let q = heads(self.q_proj.forward(x)?, nh)?;
+        let k = heads(self.k_proj.forward(x)?, nkv)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?;
         let k = rope.apply(&k, cos, sin)?;
@@ -140,10 +139,9 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let [q, k, v]: [Tensor; 3] = Linear::forward_group(&[&self.q_proj, &self.k_proj, &self.v_proj], x, true)?
-            .try_into()
-            .map_err(|_| crate::Error::Msg("q, k and v: three products expected".into()))?;
-        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        let q = heads(self.q_proj.forward_rows(x)?, nh)?;
+        let k = heads(self.k_proj.forward_rows(x)?, nkv)?;
+        let v = heads(self.v_proj.forward_rows(x)?, nkv)?;
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?;
         let k = rope.apply(&k, cos, sin)?;

@@ -48,7 +48,7 @@ pub enum Mlp {
 impl Mlp {
     /// Apply to `[batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, false, |ff, x| ff.forward(x))
+        self.apply(x, Linear::forward, |ff, x| ff.forward(x))
     }
 
     /// [`Mlp::forward`] for `[rows, 1, hidden]`, one position of each of several
@@ -56,25 +56,21 @@ impl Mlp {
     /// [`Linear::forward_rows`]; the activations are element-wise, so each
     /// row's values are its values alone); a custom feed-forward runs row by row.
     pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, true, |ff, x| crate::linear::each_row(x, |row| ff.forward(row)))
+        self.apply(x, Linear::forward_rows, |ff, x| crate::linear::each_row(x, |row| ff.forward(row)))
     }
 
-    /// The MLP with its linear layers' `forward` (or `forward_rows` when
-    /// `rows_alone`) and `custom` for a custom feed-forward: what
-    /// [`Mlp::forward`] and [`Mlp::forward_rows`] share.
+    /// The MLP with `product` for its linear layers and `custom` for a custom
+    /// feed-forward: what [`Mlp::forward`] and [`Mlp::forward_rows`] share.
     fn apply(
         &self,
         x: &Tensor,
-        rows_alone: bool,
+        product: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
         custom: impl Fn(&dyn FeedForward, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let product = |layer: &Linear, x: &Tensor| if rows_alone { layer.forward_rows(x) } else { layer.forward(x) };
         match self {
             Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
-                // One hand-off to the pool for both on a decode step.
-                let [gate, up]: [Tensor; 2] = Linear::forward_group(&[gate_proj, up_proj], x, rows_alone)?
-                    .try_into()
-                    .map_err(|_| crate::Error::Msg("gate and up: two products expected".into()))?;
+                let gate = product(gate_proj, x)?;
+                let up = product(up_proj, x)?;
                 // One op each way for silu(gate) · up: in training candle's
                 // composite keeps two activations and takes eight ops backward;
                 // in a prefill its two element-wise maps run on candle's pool,
