@@ -53,8 +53,15 @@ def test_ctrl_c_stops_training_at_a_checkpoint_that_resumes(tmp_path):
         if row["step"] == 1:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt) as caught:
-        multitoken.train(options, progress=press_ctrl_c)
+    # Python's own SIGINT handler, as at a terminal: a process started in the
+    # background by a non-interactive shell (`.ci/run ... &`) inherits SIGINT
+    # ignored, and Python then installs no handler, so the signal would vanish.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            multitoken.train(options, progress=press_ctrl_c)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     why = str(caught.value.__cause__)
     assert "training interrupted after step" in why and "resume" in why, why
     checkpoints = sorted(out.glob("checkpoint-*"))
