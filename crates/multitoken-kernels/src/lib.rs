@@ -353,11 +353,7 @@ impl QuantizedMatrix {
         if in_dim % quantized::BLOCK != 0 || out_dim == 0 {
             return Ok(None);
         }
-        let ggml = match format {
-            quantized::Format::Q4_1 => candle_core::quantized::GgmlDType::Q4_1,
-            quantized::Format::Q8_0 => candle_core::quantized::GgmlDType::Q8_0,
-        };
-        let q = candle_core::quantized::QTensor::quantize(&weight.contiguous()?, ggml)?;
+        let q = candle_core::quantized::QTensor::quantize(&weight.contiguous()?, format.ggml_dtype())?;
         let blocks = q.data()?.into_owned();
         if blocks.len() != out_dim * in_dim / quantized::BLOCK * format.block_bytes() {
             candle_core::bail!("quantizing a [{out_dim}, {in_dim}] weight gave {} bytes", blocks.len());

@@ -33,6 +33,23 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format of candle's `dtype`, if these kernels read it.
+    pub fn of_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Format> {
+        match dtype {
+            candle_core::quantized::GgmlDType::Q4_1 => Some(Format::Q4_1),
+            candle_core::quantized::GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// candle's name for the format.
+    pub fn ggml_dtype(self) -> candle_core::quantized::GgmlDType {
+        match self {
+            Format::Q4_1 => candle_core::quantized::GgmlDType::Q4_1,
+            Format::Q8_0 => candle_core::quantized::GgmlDType::Q8_0,
+        }
+    }
+
     /// Bytes per block of 32 weights.
     pub fn block_bytes(self) -> usize {
         match self {

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use multitoken_kernels::quantized::Format;
@@ -286,11 +286,7 @@ pub(crate) fn each_row(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Res
 /// Which of our kernels ([`crate::quantized`]) does this product, if any: a Q4_1
 /// or Q8_0 matrix on the CPU times f32 activations whose width is whole blocks.
 fn own_kernel_format(qt: &QTensor, x: &Tensor) -> Option<Format> {
-    let format = match qt.dtype() {
-        GgmlDType::Q4_1 => Format::Q4_1,
-        GgmlDType::Q8_0 => Format::Q8_0,
-        _ => return None,
-    };
+    let format = Format::of_ggml(qt.dtype())?;
     let fits = x.device().is_cpu() && x.dtype() == DType::F32 && x.dims().last().is_some_and(|d| d % multitoken_kernels::quantized::BLOCK == 0);
     fits.then_some(format)
 }

@@ -198,14 +198,9 @@ fn dequantize_rows(
                 first + count
             ))
         })?;
-    let values = match dtype {
-        GgmlDType::Q4_1 => {
-            multitoken_kernels::quantized::dequantize(multitoken_kernels::quantized::Format::Q4_1, bytes, count, in_dim)
-        }
-        GgmlDType::Q8_0 => {
-            multitoken_kernels::quantized::dequantize(multitoken_kernels::quantized::Format::Q8_0, bytes, count, in_dim)
-        }
-        _ => {
+    let values = match multitoken_kernels::quantized::Format::of_ggml(dtype) {
+        Some(format) => multitoken_kernels::quantized::dequantize(format, bytes, count, in_dim),
+        None => {
             let tile = candle_core::quantized::ggml_file::qtensor_from_ggml(
                 dtype,
                 bytes,
@@ -259,11 +254,7 @@ impl QuantizedBase {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let data = self.weight.data()?;
-        let format = match self.weight.dtype() {
-            GgmlDType::Q4_1 => Some(multitoken_kernels::quantized::Format::Q4_1),
-            GgmlDType::Q8_0 => Some(multitoken_kernels::quantized::Format::Q8_0),
-            _ => None,
-        };
+        let format = multitoken_kernels::quantized::Format::of_ggml(self.weight.dtype());
         if let Some(format) = format.filter(|_| rows < TILE_ROWS) {
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let mut y = vec![0f32; rows * self.out_dim];

@@ -265,11 +265,10 @@ impl RunIdentity {
         // Only when set, so that the identities of earlier runs do not change:
         // adapters trained over one quantization resume only over the same one.
         let mut settings = settings;
-        if let (Some(q), serde_json::Value::Object(map)) = (&cfg.quantize, &mut settings) {
-            map.insert("quantize".into(), serde_json::Value::String(q.to_ascii_lowercase()));
-        }
-        if let (Some(q), serde_json::Value::Object(map)) = (&cfg.quantize_towers, &mut settings) {
-            map.insert("quantize_towers".into(), serde_json::Value::String(q.to_ascii_lowercase()));
+        for (key, value) in [("quantize", &cfg.quantize), ("quantize_towers", &cfg.quantize_towers)] {
+            if let (Some(q), serde_json::Value::Object(map)) = (value, &mut settings) {
+                map.insert(key.into(), serde_json::Value::String(q.to_ascii_lowercase()));
+            }
         }
         setup.write(settings.to_string().as_bytes());
         Ok(Self {
