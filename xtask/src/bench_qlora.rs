@@ -196,12 +196,20 @@ pub fn child(args: &[String]) -> Result<()> {
         losses.push(step(&lm, &ids, &vars, &mut phases, k + 1)?);
         times.push(t.elapsed().as_secs_f64());
     }
+    // The phases reset `VmHWM`, so the process's peak is the largest of theirs
+    // (and of the load's); `VmHWM` now covers only the last phase.
+    let peak = phases
+        .iter()
+        .map(|(_, v)| *v)
+        .chain(peak_after_load)
+        .chain(proc_status_bytes("VmHWM:"))
+        .fold(f64::NAN, f64::max);
     let phase_peaks: serde_json::Map<String, Value> = phases.into_iter().map(|(k, v)| (k, json!(v))).collect();
     let best = times[1..].iter().copied().fold(f64::INFINITY, f64::min);
     let line = json!({
         "model": model, "base": base, "tokens": tokens, "rank": RANK,
         "load_s": load_s, "step_s": best, "step_times_s": times, "losses": losses,
-        "peak_rss_bytes": proc_status_bytes("VmHWM:"),
+        "peak_rss_bytes": peak,
         "rss_after_load_bytes": rss_after_load, "peak_rss_after_load_bytes": peak_after_load,
         "phase_rss_bytes": phase_peaks,
     });

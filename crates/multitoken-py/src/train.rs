@@ -52,7 +52,7 @@ pub fn train<'py>(
     // Bounded: the trainer runs at most PROGRESS_BACKLOG logged rows ahead of the
     // callback, so a Ctrl-C (or an exception) raised at a row stops the run within
     // that many logged steps, however fast the steps are; unbounded, a fast run
-    // could finish before the callback saw its first row (a CI flake).
+    // could go on for many steps, or to its end, past the row that raised.
     let (sender, logged) = std::sync::mpsc::sync_channel::<String>(PROGRESS_BACKLOG);
     // Only this thread receives; the Mutex makes the receiver shareable with the
     // GIL-free closure below.
