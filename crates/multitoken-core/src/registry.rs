@@ -258,6 +258,14 @@ pub fn build_modality(
     // `--quantize-towers` reaches the tower's linears through the kernels'
     // scope (trainable weights stay as they are).
     let quantize = if context.trainable.is_some() { None } else { context.quantize };
+    if quantize.is_some() && context.dtype != candle_core::DType::F32 {
+        // The blocks are made from, and multiply, f32 values: other towers would
+        // silently stay unquantized.
+        return Err(Error::msg(format!(
+            "--quantize-towers needs f32 towers, not {:?} (use --dtype f32)",
+            context.dtype
+        )));
+    }
     let built = guard(name, "building", || {
         multitoken_kernels::quantizing_linears(quantize, || (builder.build)(config, context))
     })?;

@@ -263,4 +263,12 @@ fn towers_quantized_at_load_move_only_the_items_and_keep_the_answers() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--quantize-towers") && stderr.contains("q8_0 or q4_1"), "{stderr}");
+    // Blocks are made from f32: other tower dtypes are refused, not left unquantized.
+    let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+        .args(["generate", "--model", demo.to_str().unwrap(), "--prompt", "hi", "--quantize-towers", "q8_0", "--dtype", "bf16"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--quantize-towers needs f32 towers"), "{stderr}");
 }
