@@ -1,10 +1,11 @@
 //! `cargo xtask demo-model`: the embedded demo model, built from scratch.
 //!
 //! ```text
-//! cargo xtask demo-model build    [--data DIR] [--model OUT] [--seed N] [--style S]
+//! cargo xtask demo-model build    [--data DIR] [--model OUT] [--seed N] [--style S] [--tower-steps N]
 //! cargo xtask demo-model package  --out RUN_DIR [--model OUT]
 //! cargo xtask demo-model data     [--data DIR] [--seed N] [--train N] [--heldout N] [--style S]
-//! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N]
+//! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
+//! cargo xtask demo-model tower    [--out DIR] [--style S] [--tower-steps N]
 //! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N]
 //! cargo xtask demo-model samples  [--out DIR]
 //! ```
@@ -15,6 +16,9 @@
 //! `data` writes the synthetic dataset (`multitoken-datasets`, rows per task;
 //! `--style varied` for the varied phrasings and images, `--style unlike` for
 //! the test set that shares none of them: see `multitoken_datasets::Style`);
+//! with `--style varied` (or unlike) the vision tower is pretrained first
+//! (`tower`, cached) and frozen while the LM trains (`xtask/demo-model-styled*.toml`);
+//! `tower` pretrains the tower of the skeleton in `--out` in place;
 //! `skeleton` trains the tokenizers on its training text and writes a loadable
 //! model directory with seeded random weights (tiny llama LM, CLIP tower,
 //! Whisper, sentence-transformers BERT, projectors, `multitoken.json`); `eval`
@@ -28,6 +32,7 @@ mod eval;
 mod random;
 mod skeleton;
 mod tokenizer;
+mod tower;
 
 use std::path::{Path, PathBuf};
 
@@ -51,6 +56,8 @@ struct Args {
     heldout: usize,
     limit: usize,
     style: Style,
+    /// Tower pretraining steps (`tower`, `build`); the default when `None`.
+    tower_steps: Option<usize>,
 }
 
 fn root() -> PathBuf {
@@ -72,6 +79,7 @@ fn parse(args: &[String]) -> Result<Args> {
         heldout: GenerateConfig::default().heldout_per_task,
         limit: usize::MAX,
         style: Style::Classic,
+        tower_steps: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -85,6 +93,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--train" => parsed.train = value()?.parse().context("--train")?,
             "--heldout" => parsed.heldout = value()?.parse().context("--heldout")?,
             "--limit" => parsed.limit = value()?.parse().context("--limit")?,
+            "--tower-steps" => parsed.tower_steps = Some(value()?.parse().context("--tower-steps")?),
             "--style" => {
                 let name = value()?;
                 parsed.style = Style::from_name(name).with_context(|| {
@@ -101,13 +110,22 @@ fn parse(args: &[String]) -> Result<Args> {
 pub fn run(args: &[String]) -> Result<()> {
     let (command, rest) = match args.split_first() {
         Some((c, rest)) => (c.as_str(), rest),
-        None => bail!("usage: cargo xtask demo-model <build|data|skeleton|eval|samples> [options] (see xtask/src/demo_model.rs)"),
+        None => bail!("usage: cargo xtask demo-model <build|data|skeleton|tower|eval|samples> [options] (see xtask/src/demo_model.rs)"),
     };
     let args = parse(rest)?;
     match command {
         "build" => build::run(&args),
         "package" => build::package_and_evaluate(&args.out, &args, None).map(|_| ()),
         "data" => data(&args),
+        "tower" => {
+            // Pretrains the tower of the skeleton in --out (see `tower`).
+            let tower = skeleton::tower_for(args.style);
+            tower::pretrain(
+                &args.out.join("vision"),
+                tower::Pretrain::for_tower(tower, args.seed, args.tower_steps),
+            )
+            .map(|_| ())
+        }
         "skeleton" => {
             let texts = training_text(&args.data.join("train.jsonl"))?;
             skeleton::write(&args.out, &texts, args.seed, skeleton::tower_for(args.style))
@@ -130,7 +148,7 @@ pub fn run(args: &[String]) -> Result<()> {
             samples(&out, args.seed)
         }
         other => {
-            bail!("unknown demo-model command {other:?}; expected build, package, data, skeleton, eval or samples")
+            bail!("unknown demo-model command {other:?}; expected build, package, data, skeleton, tower, eval or samples")
         }
     }
 }

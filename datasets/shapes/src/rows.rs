@@ -604,7 +604,7 @@ fn make_row(dir: &Path, split: Split, task: Task, i: usize, rng: &mut Rng) -> Re
 }
 
 /// Word groups an answer is judged on.
-const GROUPS: [&[&str]; 6] = [
+pub(crate) const GROUPS: [&[&str]; 6] = [
     &["circle", "square", "triangle"],
     &["red", "green", "blue", "yellow"],
     &["one", "two", "three", "four"],

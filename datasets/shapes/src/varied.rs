@@ -541,6 +541,78 @@ fn with_tokens(tokens: &[&str], question: &str, rng: &mut Rng) -> String {
     text + question
 }
 
+/// Everyday words for [`vague`] questions: none names a shape, colour, count,
+/// pitch or topic, and none is a question word of the unanswerable templates.
+const VAGUE_WORDS: &[&str] = &[
+    "okay", "so", "well", "look", "here", "now", "please", "just", "quick", "thing", "stuff",
+    "about", "any", "thoughts", "anything", "say", "something", "details", "info", "check",
+    "out", "and", "or", "the", "a", "this", "that", "my", "your", "some", "more", "what",
+    "on", "with", "hmm", "right", "again", "see", "know", "want", "need", "get", "make",
+    "give", "let", "me", "you", "we", "is", "are", "there", "have", "got", "its", "which",
+    "how", "can", "could", "would", "maybe", "really", "exactly", "main", "overall",
+    "content", "inside", "whole", "quickly", "summary", "sure", "go", "ahead",
+];
+
+/// A made-up word of two or three consonant-vowel syllables ("tomibe").
+fn pseudo_word(rng: &mut Rng) -> String {
+    const CONSONANTS: &[u8] = b"bdfgklmnprstvz";
+    const VOWELS: &[u8] = b"aeiou";
+    loop {
+        let word: String = (0..rng.range(2, 3))
+            .flat_map(|_| {
+                [
+                    char::from(CONSONANTS[rng.range(0, CONSONANTS.len() - 1)]),
+                    char::from(VOWELS[rng.range(0, VOWELS.len() - 1)]),
+                ]
+            })
+            .collect();
+        // Two real words this can spell name an item kind of the unlike set.
+        if !matches!(word.as_str(), "note" | "tone") {
+            return word;
+        }
+    }
+}
+
+/// A question that asks nothing in particular about an item of `kind` (varied
+/// style only): one to six everyday or made-up words, with or without a noun
+/// for the item (never with `kind` `None`: the unanswerable rows without an
+/// item, whose answer is the honest reply, since there is nothing to describe). Its answer is the item's full description, so that a question
+/// the model does not understand still gets an answer about the item rather
+/// than the honest reply (which the unanswerable rows keep for off-topic
+/// questions): before these rows, most unlike-style questions with unseen
+/// words were answered "I can't tell from this.".
+fn vague(kind: Option<Kind>, rng: &mut Rng) -> String {
+    let nouns = match kind {
+        Some(Kind::Image) => IMAGE_NOUNS[0],
+        Some(Kind::Audio) => AUDIO_NOUNS[0],
+        Some(Kind::Document) => DOCUMENT_NOUNS[0],
+        None => &[],
+    };
+    let mut words: Vec<String> = (0..rng.range(1, 6))
+        .map(|_| {
+            if rng.range(0, 2) == 0 {
+                pseudo_word(rng)
+            } else {
+                pick(VAGUE_WORDS, rng).to_string()
+            }
+        })
+        .collect();
+    if !nouns.is_empty() && rng.range(0, 1) == 0 {
+        let at = rng.range(0, words.len());
+        words.insert(at, pick(nouns, rng).to_string());
+    }
+    let question = capitalise(&words.join(" ")) + pick(&["?", ".", "!", ""], rng);
+    surface(&question, Style::Varied, rng)
+}
+
+/// Whether a describing row of `style` asks a [`vague`] question (a third of
+/// the varied style's; never in the unlike or classic styles).
+fn asks_vaguely(task: Task, style: Style, rng: &mut Rng) -> bool {
+    style == Style::Varied
+        && matches!(task, Task::ImageDescribe | Task::AudioDescribe | Task::DocumentTopic)
+        && rng.range(0, 2) == 0
+}
+
 /// Every question `style` can ask of a single-item task (for tests: the
 /// varied and unlike sets must not overlap).
 pub fn all_questions(style: Style) -> Vec<String> {
@@ -636,7 +708,11 @@ pub(crate) fn make_row(
                     format!("A {} {}.", colour.name(), shape.name()),
                 ),
             };
-            let question = ask(templates, Kind::Image, style, rng);
+            let question = if asks_vaguely(task, style, rng) {
+                vague(Some(Kind::Image), rng)
+            } else {
+                ask(templates, Kind::Image, style, rng)
+            };
             row.messages = user_assistant(with_tokens(&["<image>"], &question, rng), answer);
         }
         Task::ImageCompare => {
@@ -663,7 +739,11 @@ pub(crate) fn make_row(
             write_audio(dir, &audio_path, count, pitch, rng)?;
             row.speech_audios.push(audio_path);
             let (templates, answer) = audio_question(task, count, pitch);
-            let question = ask(templates, Kind::Audio, style, rng);
+            let question = if asks_vaguely(task, style, rng) {
+                vague(Some(Kind::Audio), rng)
+            } else {
+                ask(templates, Kind::Audio, style, rng)
+            };
             row.messages = user_assistant(with_tokens(&["<speech>"], &question, rng), answer);
         }
         Task::DocumentTopic => {
@@ -674,7 +754,11 @@ pub(crate) fn make_row(
                 documents::render(topic, rng).as_bytes(),
             )?;
             row.documents.push(document_path);
-            let question = ask(TOPIC, Kind::Document, style, rng);
+            let question = if asks_vaguely(task, style, rng) {
+                vague(Some(Kind::Document), rng)
+            } else {
+                ask(TOPIC, Kind::Document, style, rng)
+            };
             row.messages = user_assistant(
                 with_tokens(&["<document>"], &question, rng),
                 format!("{}.", capitalise(topic.name())),
@@ -682,9 +766,15 @@ pub(crate) fn make_row(
         }
         Task::Unanswerable => {
             let template = pick(UNANSWERABLE[lists(style)], rng);
-            // With no item, only the templates that do not name one.
+            // With no item, only the templates that do not name one; those
+            // carry an item in half their rows (varied) or three quarters
+            // (unlike, as generated before): an off-topic question beside an
+            // item is what the honest reply must learn, but most such rows
+            // taught the model that any unfamiliar wording means "can't tell".
             let kind = if template.contains("{it}") {
                 rng.range(0, 2)
+            } else if style == Style::Varied {
+                [0, 1, 2, 3, 3, 3][rng.range(0, 5)]
             } else {
                 rng.range(0, 3)
             };
@@ -733,6 +823,10 @@ pub(crate) fn make_row(
                         with_tokens(&["<document>"], &question, rng)
                     }
                 }
+                // No item: half the varied rows ask a vague question, so
+                // that unfamiliar words with nothing attached get the honest
+                // reply, as unfamiliar words about an item get its description.
+                _ if style == Style::Varied && rng.range(0, 1) == 0 => vague(None, rng),
                 _ => surface(template, style, rng),
             };
             row.messages = user_assistant(question, UNSURE.to_string());
@@ -888,5 +982,36 @@ fn audio_question(
                 pitch.name()
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Vague questions must not name what the answer names (they would then
+    /// teach a wording, not "describe when in doubt"), and none may be a
+    /// question of the unlike test set.
+    #[test]
+    fn vague_questions_name_nothing_the_answers_name() {
+        let unlike: std::collections::BTreeSet<String> =
+            all_questions(Style::Unlike).into_iter().collect();
+        let mut rng = Rng::new(7);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..3000 {
+            let kind = [Some(Kind::Image), Some(Kind::Audio), Some(Kind::Document), None][i % 4];
+            let question = vague(kind, &mut rng);
+            let lower = question.to_lowercase();
+            for word in lower.split(|c: char| !c.is_alphanumeric()) {
+                assert!(
+                    !crate::rows::GROUPS.iter().any(|g| g.contains(&word)),
+                    "{question:?} names {word:?}"
+                );
+            }
+            assert!(!unlike.contains(&question), "{question:?} is an unlike question");
+            seen.insert(question);
+        }
+        // Made-up words make almost every one new.
+        assert!(seen.len() > 2900, "only {} distinct", seen.len());
     }
 }

@@ -176,8 +176,20 @@ fn series_modality_added_trained_and_served() {
     let falling = generate(&trained, &series("falling-01"), &prompt);
     let (rising_text, falling_text) = (rising["text"].as_str().unwrap(), falling["text"].as_str().unwrap());
     assert!(!rising_text.trim().is_empty(), "{rising}");
-    assert_ne!(rising_text, falling_text, "the answer ignores the series");
     assert_eq!(rising["prompt_tokens"], falling["prompt_tokens"]);
+    // Over all 16 series (8 rising, 8 falling) the answers follow the series:
+    // one answer for all would get 8 right. (Not one pair: after 40 projector
+    // steps a few series are still misread beside an image, as in `eval`.)
+    let mut right = 0;
+    let mut answers = Vec::new();
+    for i in 0..16 {
+        let (name, want) = if i % 2 == 0 { (format!("rising-{i:02}"), "High.") } else { (format!("falling-{i:02}"), "Low.") };
+        let got = generate(&trained, &series(&name), &prompt);
+        let text = got["text"].as_str().unwrap().trim().to_string();
+        right += usize::from(text == want);
+        answers.push(format!("{name}: {text}"));
+    }
+    assert!(right >= 12, "the answers ignore the series ({right}/16 right): {answers:?} ({rising_text:?} / {falling_text:?})");
     // Two `<series>` tokens need two series items.
     let item = format!("series={}", s(&series("rising-00")));
     fails(

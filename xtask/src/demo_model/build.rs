@@ -16,12 +16,15 @@ use multitoken_datasets::Style;
 use super::{eval, root, Args};
 
 /// The training phases of the demo model (TOML, `multitoken train --config`):
-/// phase 1 from the random skeleton, phase 2 from phase 1's packaged model.
-fn recipes() -> [PathBuf; 2] {
-    [
-        root().join("xtask/demo-model.toml"),
-        root().join("xtask/demo-model-2.toml"),
-    ]
+/// phase 1 from the skeleton, phase 2 from phase 1's packaged model. The
+/// classic style trains its tower with the LM; the others pretrain it
+/// ([`super::tower`]) and keep it frozen.
+fn recipes(style: Style) -> [PathBuf; 2] {
+    let names = match style {
+        Style::Classic => ["demo-model.toml", "demo-model-2.toml"],
+        _ => ["demo-model-styled.toml", "demo-model-styled-2.toml"],
+    };
+    names.map(|name| root().join("xtask").join(name))
 }
 
 /// Builds the release `multitoken` binary (into `$CARGO_TARGET_DIR`, else the
@@ -43,7 +46,15 @@ pub fn run(args: &Args) -> Result<()> {
     let work = root().join("target/demo-model");
     let init = work.join("init");
     let texts = super::training_text(&train_file)?;
-    super::skeleton::write(&init, &texts, args.seed, super::skeleton::tower_for(args.style))?;
+    let tower = super::skeleton::tower_for(args.style);
+    super::skeleton::write(&init, &texts, args.seed, tower)?;
+    if args.style != Style::Classic {
+        super::tower::pretrain_cached(
+            &init.join("vision"),
+            super::tower::Pretrain::for_tower(tower, args.seed, args.tower_steps),
+            &work.join("towers"),
+        )?;
+    }
     let exe = multitoken_binary()?;
     // A curriculum for the non-classic styles: phase 1 on the classic rows,
     // phase 2 on the styled ones. Trained on the varied rows from the start,
@@ -68,7 +79,7 @@ pub fn run(args: &Args) -> Result<()> {
     let train_started = Instant::now();
     let mut model = init;
     let mut trained = PathBuf::new();
-    for ((phase, recipe), phase_file) in recipes().iter().enumerate().zip(&phase_files) {
+    for ((phase, recipe), phase_file) in recipes(args.style).iter().enumerate().zip(&phase_files) {
         trained = work.join(format!("run-{}", phase + 1));
         if trained.exists() {
             std::fs::remove_dir_all(&trained)
@@ -95,7 +106,7 @@ pub fn run(args: &Args) -> Result<()> {
             bail!("multitoken train (phase {}) failed ({status})", phase + 1);
         }
         model = work.join(format!("phase-{}", phase + 1));
-        package(&trained, &model)?;
+        package(&trained, &model, args.style)?;
     }
     let train_secs = train_started.elapsed().as_secs_f64();
     let report = package_and_evaluate(&trained, args, Some(train_secs))?;
@@ -117,7 +128,7 @@ pub fn package_and_evaluate(
     args: &Args,
     train_secs: Option<f64>,
 ) -> Result<eval::Report> {
-    package(run, &args.model)?;
+    package(run, &args.model, args.style)?;
     let heldout = args.data.join("heldout.jsonl");
     let report = eval::evaluate(&args.model, &heldout, args.limit, false)?;
     eval::print(&report);
@@ -138,7 +149,7 @@ const KEEP: [&str; 5] = [
 /// trained parts (`lm/`, `encoder-*/`) as they are, and every frozen encoder
 /// the config points at with an absolute path copied in under its own name, so
 /// the directory can be committed and moved.
-pub fn package(run: &Path, out: &Path) -> Result<()> {
+pub fn package(run: &Path, out: &Path, style: Style) -> Result<()> {
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
@@ -190,7 +201,7 @@ pub fn package(run: &Path, out: &Path) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(&config)? + "\n";
     std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
-    for (phase, recipe) in recipes().iter().enumerate() {
+    for (phase, recipe) in recipes(style).iter().enumerate() {
         copy(recipe, &out.join(format!("train-{}.toml", phase + 1)))?;
     }
     Ok(())
