@@ -206,7 +206,7 @@ fn write_lm(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
     Ok(vocab)
 }
 
-fn write_vision(dir: &Path, seed: u64, tower: Tower) -> Result<usize> {
+pub(crate) fn write_vision(dir: &Path, seed: u64, tower: Tower) -> Result<usize> {
     let config = json!({
         "model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"],
         "hidden_size": CLIP_HIDDEN, "intermediate_size": 4 * CLIP_HIDDEN, "num_hidden_layers": tower.layers,

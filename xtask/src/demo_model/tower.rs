@@ -382,3 +382,55 @@ fn pretrain_on_all_cores(vision_dir: &Path, settings: Pretrain) -> Result<Vec<St
     );
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few steps change the tower's weights (and only the tower's: the head
+    /// is not saved), and a second run with the same tower and settings takes
+    /// the cached result, byte for byte.
+    #[test]
+    fn pretraining_moves_the_tower_and_is_cached() {
+        let dir = std::env::temp_dir().join(format!("xtask-tower-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let vision = dir.join("vision");
+        std::fs::create_dir_all(&vision).unwrap();
+        super::super::skeleton::write_vision(&vision, 5, super::super::skeleton::Tower::STYLED)
+            .unwrap();
+        let weights = vision.join("model.safetensors");
+        let seeded = std::fs::read(&weights).unwrap();
+        let settings = Pretrain {
+            steps: 3,
+            batch: 4,
+            learning_rate: 1e-3,
+            pool: 3,
+            seed: 1,
+        };
+        let cache = dir.join("cache");
+        pretrain_cached(&vision, settings, &cache).unwrap();
+        let trained = std::fs::read(&weights).unwrap();
+        assert_ne!(seeded, trained, "the weights did not move");
+        let names = |bytes: &[u8]| -> Vec<String> {
+            let mut names: Vec<String> = safetensors::SafeTensors::deserialize(bytes)
+                .unwrap()
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&seeded), names(&trained));
+        // The same seeded tower again: the cached result, no training.
+        std::fs::write(&weights, &seeded).unwrap();
+        pretrain_cached(&vision, settings, &cache).unwrap();
+        assert_eq!(std::fs::read(&weights).unwrap(), trained);
+        assert_eq!(
+            std::fs::read_dir(&cache).unwrap().count(),
+            2,
+            "weights and summary"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
