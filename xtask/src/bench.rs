@@ -15,6 +15,14 @@
 //! a child process of its own so that its load time and peak RSS (VmHWM) are its own:
 //!
 //! - `ours f32`: the GGUF dequantized to f32 (what transformers runs);
+//! - `ours bf16`: the GGUF dequantized with `--dtype bf16`: the linears' weights in
+//!   bf16 (AMX tiles for the prefill where the CPU has them), activations f32; the
+//!   child also runs the f32 model over the prompt and reports how far the bf16
+//!   logits are from f32's (max |diff|, and how many positions' argmax agree);
+//! - `ours q4_1-bf16`, `ours q8_0-bf16`: the quantized files with `--dtype bf16`: the
+//!   prefill's products dequantize each weight to bf16 tiles for AMX (opt-in, not
+//!   the exact default), decode keeps the quantized kernels; logits compared likewise
+//!   with the same file's exact f32 products;
 //! - `ours q4_1`: the GGUF matrices kept quantized (candle's q4_1 x q8_1 kernels);
 //! - `ours q8_0`: the same model with every Q4_1 matrix re-quantized to Q8_0, written
 //!   once to `target/bench/` (the file both engines read for the 8-bit row);
@@ -184,7 +192,16 @@ fn lm(args: &[String]) -> Result<()> {
     let mut results = Vec::new();
     // `-i8`: the same files with `--int8-activations` (8-bit activations, as
     // llama.cpp computes; opt-in, not the exact default).
-    for (mode, file) in [("f32", &gguf), ("q4_1", &gguf), ("q8_0", &gguf_q8), ("q4_1-i8", &gguf), ("q8_0-i8", &gguf_q8)] {
+    for (mode, file) in [
+        ("f32", &gguf),
+        ("bf16", &gguf),
+        ("q4_1", &gguf),
+        ("q8_0", &gguf_q8),
+        ("q4_1-i8", &gguf),
+        ("q8_0-i8", &gguf_q8),
+        ("q4_1-bf16", &gguf),
+        ("q8_0-bf16", &gguf_q8),
+    ] {
         eprintln!("ours, {mode} ...");
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "lm-child", "--mode", mode, "--gguf"]).arg(file).arg("--prompt-ids").arg(&prompt_file);
@@ -371,8 +388,24 @@ fn report(s: &Settings, bw: &Value, ours: &[Value], reference: Option<&Value>) {
         println!("(transformers' f32 roofline uses the f32 bytes per token; its python import took {:.1} s, not counted in load)", tf("import_s"));
     }
     let by_impl = |name: &str| ours.iter().find(|v| v.get("impl").and_then(Value::as_str) == Some(name));
+    for (bf16, exact) in [("bf16", "f32"), ("q4_1-bf16", "q4_1"), ("q8_0-bf16", "q8_0")] {
+        if let (Some(b), Some(o)) = (by_impl(&format!("ours {bf16}")), by_impl(&format!("ours {exact}"))) {
+            let l = &b["logits_vs_f32"];
+            let goal = if bf16 == "bf16" { " (goal >= 2 where the CPU has AMX or AVX-512 BF16)" } else { "" };
+            println!(
+                "ours {bf16} / ours {exact}: prefill {:.2}x{goal}, decode {:.2}x; bf16 kernel here: {}; logits max |diff| {:.4} from {exact}'s (which span {:.1}), argmax equal at {}/{} positions",
+                f(b, "prefill_tok_s") / f(o, "prefill_tok_s"),
+                f(b, "decode_tok_s") / f(o, "decode_tok_s"),
+                b.get("bf16_kernel").and_then(Value::as_str).unwrap_or("?"),
+                f(l, "max_abs_diff"),
+                f(l, "f32_spread"),
+                f(l, "argmax_agree"),
+                f(l, "positions"),
+            );
+        }
+    }
     for q in ["q4_1", "q8_0"] {
-        for ours_mode in [q.to_string(), format!("{q}-i8")] {
+        for ours_mode in [q.to_string(), format!("{q}-i8"), format!("{q}-bf16")] {
             if let (Some(o), Some(l)) = (by_impl(&format!("ours {ours_mode}")), by_impl(&format!("llama.cpp {q}"))) {
                 println!(
                     "ours {ours_mode} / llama.cpp {q}: decode {:.2}x (goal >= 1.0), prefill {:.2}x (goal >= 0.8); llama.cpp {}",
@@ -432,8 +465,8 @@ fn child(args: &[String]) -> Result<()> {
         }
     }
     let weights = match mode.as_str() {
-        "f32" => GgufWeights::Dequantized,
-        "q4_1" | "q8_0" => GgufWeights::Quantized,
+        "f32" | "bf16" => GgufWeights::Dequantized,
+        "q4_1" | "q8_0" | "q4_1-bf16" | "q8_0-bf16" => GgufWeights::Quantized,
         "q4_1-i8" | "q8_0-i8" => {
             multitoken_lm::set_int8_activations(true);
             GgufWeights::Quantized
@@ -442,7 +475,8 @@ fn child(args: &[String]) -> Result<()> {
     };
     let ids: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(&prompt_file)?)?;
     let start = Instant::now();
-    let model = load_gguf_with(&gguf, &LoadOptions { dtype: DType::F32, device: Device::Cpu, quantize: None, quantize_towers: None }, weights)?;
+    let dtype = if mode.ends_with("bf16") { DType::BF16 } else { DType::F32 };
+    let model = load_gguf_with(&gguf, &LoadOptions { dtype, device: Device::Cpu, quantize: None, quantize_towers: None }, weights)?;
     let load_s = start.elapsed().as_secs_f64();
     let params = |n: usize| GenerationParams { max_new_tokens: n, ignore_eos: true, ..GenerationParams::default() };
     let lm = model.model.as_ref();
@@ -455,6 +489,17 @@ fn child(args: &[String]) -> Result<()> {
         prefill = prefill.max(out.prefill_tok_s);
         dec = dec.max(out.decode_tok_s);
     }
+    let mut bytes = weight_bytes_per_token(&gguf, weights == GgufWeights::Dequantized)?;
+    let mut logits_vs_f32 = Value::Null;
+    let peak_rss = peak_rss_bytes();
+    if dtype == DType::BF16 {
+        // Against the same weights with f32 products (after the peak RSS is read).
+        if weights == GgufWeights::Dequantized {
+            bytes /= 2.0;
+        }
+        let f32_model = load_gguf_with(&gguf, &LoadOptions::default(), weights)?;
+        logits_vs_f32 = compare_logits(lm, f32_model.model.as_ref(), &ids)?;
+    }
     let result = json!({
         "impl": format!("ours {mode}"),
         "mode": mode,
@@ -464,11 +509,31 @@ fn child(args: &[String]) -> Result<()> {
         "decode_tokens": decode,
         "prefill_tok_s": prefill,
         "decode_tok_s": dec,
-        "weight_bytes_per_token": weight_bytes_per_token(&gguf, weights == GgufWeights::Dequantized)?,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "weight_bytes_per_token": bytes,
+        "peak_rss_bytes": peak_rss,
+        "logits_vs_f32": logits_vs_f32,
+        "bf16_kernel": format!("{:?}", multitoken_kernels::bf16::kernel()),
     });
     println!("{result}");
     Ok(())
+}
+
+/// How far `model`'s logits over every prompt position are from `reference`'s:
+/// the largest absolute difference, the logits' own spread (max - min) for
+/// scale, and at how many positions the argmax agrees.
+fn compare_logits(model: &dyn multitoken_core::LanguageModel, reference: &dyn multitoken_core::LanguageModel, ids: &[u32]) -> Result<Value> {
+    use multitoken_core::{KvCache, LogitsSelection};
+    let run = |m: &dyn multitoken_core::LanguageModel| -> Result<candle_core::Tensor> {
+        let ids = candle_core::Tensor::new(ids, m.device())?.unsqueeze(0)?;
+        let mut cache = KvCache::new(m.num_layers());
+        Ok(m.forward_embeds(&m.embed_tokens(&ids)?, None, &mut cache, LogitsSelection::All)?.squeeze(0)?.to_dtype(DType::F32)?)
+    };
+    let (a, b) = (run(model)?, run(reference)?);
+    let max_diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let spread = (b.max_all()? - b.min_all()?)?.to_scalar::<f32>()?;
+    let (am, bm) = (a.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?, b.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+    let agree = am.iter().zip(&bm).filter(|(x, y)| x == y).count();
+    Ok(json!({"max_abs_diff": max_diff, "f32_spread": spread, "argmax_agree": agree, "positions": am.len()}))
 }
 
 /// Read bandwidth: sums over a 512 MiB buffer, one thread and `--threads` threads.
@@ -560,7 +625,7 @@ fn parts(args: &[String]) -> Result<()> {
                 }
                 Ok(())
             })? / 10.0,
-            multitoken_lm::LinearWeight::Dense(_) => f64::NAN,
+            multitoken_lm::LinearWeight::Dense(_) | multitoken_lm::LinearWeight::Bf16(_) => f64::NAN,
         };
         println!("  {name} [{} -> {}]: {:.1} us (candle's QMatMul {:.1} us)", l.in_dim(), l.out_dim(), ms * 1e3, candle_ms * 1e3);
     }

@@ -13,6 +13,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod bf16;
 pub mod cpu;
 pub mod lm;
 pub mod math;

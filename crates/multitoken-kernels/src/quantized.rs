@@ -149,28 +149,32 @@ pub fn dequantize(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize) 
     let work = |first_out: usize, chunk: &mut [f32]| {
         for (k, dst) in chunk.chunks_exact_mut(in_dim).enumerate() {
             let o = first_out + k;
-            let row = &blocks[o * per_row..(o + 1) * per_row];
-            for (block, ys) in row.chunks_exact(format.block_bytes()).zip(dst.chunks_exact_mut(BLOCK)) {
-                let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                match format {
-                    Format::Q4_1 => {
-                        let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
-                        for (j, q) in block[4..20].iter().enumerate() {
-                            ys[j] = f32::from(q & 0x0f) * d + m;
-                            ys[j + 16] = f32::from(q >> 4) * d + m;
-                        }
-                    }
-                    Format::Q8_0 => {
-                        for (y, q) in ys.iter_mut().zip(&block[2..34]) {
-                            *y = f32::from(*q as i8) * d;
-                        }
-                    }
-                }
-            }
+            dequantize_row(format, &blocks[o * per_row..(o + 1) * per_row], dst);
         }
     };
     crate::pool::fill_items(&mut out, in_dim, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
     out
+}
+
+/// One row of blocks (`dst.len() / 32` of them) to f32, as [`dequantize`] computes it.
+pub(crate) fn dequantize_row(format: Format, row: &[u8], dst: &mut [f32]) {
+    for (block, ys) in row.chunks_exact(format.block_bytes()).zip(dst.chunks_exact_mut(BLOCK)) {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        match format {
+            Format::Q4_1 => {
+                let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                for (j, q) in block[4..20].iter().enumerate() {
+                    ys[j] = f32::from(q & 0x0f) * d + m;
+                    ys[j + 16] = f32::from(q >> 4) * d + m;
+                }
+            }
+            Format::Q8_0 => {
+                for (y, q) in ys.iter_mut().zip(&block[2..34]) {
+                    *y = f32::from(*q as i8) * d;
+                }
+            }
+        }
+    }
 }
 
 /// One weight row against every input row: `dst[r] = w · x[r]`.

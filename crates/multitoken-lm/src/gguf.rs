@@ -53,7 +53,8 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 
 /// Loads a `.gguf` file, keeping or dequantizing its quantized matrices.
 pub fn load_gguf_with(path: &Path, opts: &LoadOptions, weights: GgufWeights) -> Result<LoadedModel> {
-    let source = GgufSource::open(path, opts, weights)?;
+    let tensor_opts = LoadOptions { dtype: opts.tensor_dtype(), ..opts.clone() };
+    let source = GgufSource::open(path, &tensor_opts, weights)?;
     let cfg = source.config()?;
     let tok = tokenizer_from_gguf(path, &source.content)?;
     if tok.tokens.len() != cfg.vocab_size {
@@ -62,7 +63,11 @@ pub fn load_gguf_with(path: &Path, opts: &LoadOptions, weights: GgufWeights) -> 
             message: format!("{} tokenizer tokens but a vocabulary of {} rows", tok.tokens.len(), cfg.vocab_size),
         });
     }
-    let model = crate::model::CausalLm::load(&cfg, &source)?;
+    let model = if opts.cpu_bf16() {
+        crate::model::CausalLm::load(&cfg, &crate::quantize::Bf16LinearsSource::new(&source))?
+    } else {
+        crate::model::CausalLm::load(&cfg, &source)?
+    };
     let text = |id: Option<u32>| id.and_then(|i| tok.tokens.get(i as usize)).cloned();
     let special_tokens = SpecialTokens {
         bos_token: text(tok.bos_token_id),

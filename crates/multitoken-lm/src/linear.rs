@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
+use multitoken_kernels::bf16::Bf16Matrix;
 use multitoken_kernels::quantized::Format;
 use crate::lora::LoraLayer;
 use crate::Result;
@@ -21,6 +22,9 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// A quantized matrix multiplied without dequantizing the whole of it.
     Quantized(Arc<QMatMul>),
+    /// A bf16 matrix multiplied with f32 activations rounded to bf16, sums in
+    /// f32 (`--dtype bf16` on the CPU; [`multitoken_kernels::bf16`]).
+    Bf16(Arc<Bf16Matrix>),
 }
 
 /// `y = x W^T + b`.
@@ -31,18 +35,37 @@ pub struct Linear {
     in_dim: usize,
     out_dim: usize,
     lora: Option<Arc<LoraLayer>>,
+    /// A quantized weight whose prefill-sized products run in bf16 (AMX):
+    /// `--dtype bf16` on the CPU ([`Linear::with_bf16_products`]).
+    bf16_products: bool,
 }
 
 impl Linear {
     /// A linear layer from a dense `[out, in]` weight.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
-        Ok(Self { weight: LinearWeight::Dense(weight), bias, in_dim, out_dim, lora: None })
+        Ok(Self { weight: LinearWeight::Dense(weight), bias, in_dim, out_dim, lora: None, bf16_products: false })
     }
 
     /// A linear layer from a quantized matrix of logical shape `[out, in]`.
     pub fn quantized(weight: QMatMul, in_dim: usize, out_dim: usize, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Quantized(Arc::new(weight)), bias, in_dim, out_dim, lora: None }
+        Self { weight: LinearWeight::Quantized(Arc::new(weight)), bias, in_dim, out_dim, lora: None, bf16_products: false }
+    }
+
+    /// A linear layer whose weight is kept in bf16 and multiplied by f32
+    /// activations ([`LinearWeight::Bf16`]).
+    pub fn bf16(weight: Bf16Matrix, bias: Option<Tensor>) -> Self {
+        let (out_dim, in_dim) = (weight.out_dim(), weight.in_dim());
+        Self { weight: LinearWeight::Bf16(Arc::new(weight)), bias, in_dim, out_dim, lora: None, bf16_products: false }
+    }
+
+    /// Lets a quantized weight's products of many rows (a prefill) run in
+    /// bf16 on AMX, its blocks dequantized to bf16 for each product, instead of
+    /// the exact dequantize-to-f32 GEMM (`--dtype bf16` on the CPU). Decode-sized
+    /// products keep the quantized kernels; nothing changes without AMX.
+    pub fn with_bf16_products(mut self) -> Self {
+        self.bf16_products = true;
+        self
     }
 
     /// The weight.
@@ -139,10 +162,18 @@ impl Linear {
         }
         let y = match &self.weight {
             LinearWeight::Dense(w) => self.dense_matmul(x, w, &dims, rows)?,
+            LinearWeight::Bf16(w) => self.bf16_matmul(x, w, &dims, rows, false)?,
             // Many rows (a prefill): candle's quantized kernel does not scale with
             // rows, while dequantizing once and running one f32 GEMM does (measured
             // 13-25 ms vs 96 ms for SmolLM2's up_proj on 512 rows).
             LinearWeight::Quantized(q) if rows >= DEQUANTIZE_FROM_ROWS => match q.as_ref() {
+                QMatMul::QTensor(qt) if self.bf16_prefill(qt, x) => {
+                    let format = own_kernel_format(qt, x).ok_or_else(|| crate::Error::Msg("bf16 prefill: not a Q4_1 / Q8_0 weight".into()))?;
+                    let data = self.own_blocks(format, qt)?;
+                    let packed = Bf16Matrix::from_blocks(format, &data, self.out_dim, self.in_dim)
+                        .ok_or_else(|| crate::Error::Msg(format!("{format:?} weight does not fit [{}, {}]", self.out_dim, self.in_dim)))?;
+                    self.bf16_matmul(x, &packed, &dims, rows, false)?
+                }
                 QMatMul::QTensor(qt) => {
                     let w = match own_kernel_format(qt, x) {
                         Some(format) => self.own_dequantized(format, qt, x.device())?,
@@ -189,6 +220,10 @@ impl Linear {
                     if let Some(y) = multitoken_kernels::lm::linear_each_row(&x.reshape((rows, self.in_dim))?, w)? {
                         return self.add_bias_and_lora(y.reshape(out_dims)?, x);
                     }
+                }
+                LinearWeight::Bf16(w) => {
+                    let y = self.bf16_matmul(x, w, &dims, rows, true)?;
+                    return self.add_bias_and_lora(y, x);
                 }
                 LinearWeight::Quantized(q) => {
                     if let QMatMul::QTensor(qt) = q.as_ref() {
@@ -249,6 +284,38 @@ impl Linear {
             *last = self.out_dim;
         }
         Ok(Tensor::from_vec(y, out_dims, x.device())?)
+    }
+
+    /// Whether this prefill-sized product of a quantized weight runs in bf16
+    /// ([`Linear::with_bf16_products`]): asked for, AMX present, a Q4_1 / Q8_0
+    /// weight and f32 activations that track no gradient.
+    fn bf16_prefill(&self, qt: &QTensor, x: &Tensor) -> bool {
+        self.bf16_products
+            && !x.track_op()
+            && own_kernel_format(qt, x).is_some()
+            && multitoken_kernels::bf16::kernel() == multitoken_kernels::bf16::Kernel::Amx
+    }
+
+    /// `x W^T` for a bf16 weight: the kernel for f32 CPU activations (with
+    /// `each_row`, the fixed-order product of the batched decode step), else
+    /// (a tracked input, another dtype or device) candle's matmul with the
+    /// weight widened to `x`'s dtype, which keeps gradients flowing to `x`.
+    fn bf16_matmul(&self, x: &Tensor, w: &Bf16Matrix, dims: &[usize], rows: usize, each_row: bool) -> Result<Tensor> {
+        let flat = x.reshape((rows, self.in_dim))?;
+        let fast = if each_row {
+            multitoken_kernels::bf16::linear_each_row(&flat, w)?
+        } else {
+            multitoken_kernels::bf16::linear(&flat, w)?
+        };
+        let y = match fast {
+            Some(y) => y,
+            None => flat.matmul(&w.to_tensor(x.device())?.to_dtype(x.dtype())?.t()?)?,
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_dim;
+        }
+        Ok(y.reshape(out_dims)?)
     }
 
     /// `x W^T` with the leading dims flattened, so one GEMM covers the batch.

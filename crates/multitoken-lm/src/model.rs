@@ -80,7 +80,7 @@ impl CausalLm {
             let tied = weights.linear("model.embed_tokens", h, v, false)?;
             match tied.weight() {
                 LinearWeight::Dense(_) => Linear::dense(embed_tokens.clone(), None)?,
-                LinearWeight::Quantized(_) => tied,
+                LinearWeight::Quantized(_) | LinearWeight::Bf16(_) => tied,
             }
         } else {
             weights.linear("lm_head", h, v, cfg.family == Family::Phi2)?

@@ -566,10 +566,12 @@ fn load_modalities(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "the projector weights are missing"),
         });
     }
+    // The projectors run in the LM's dtype (f32 under `--dtype bf16` on the CPU,
+    // whose linears alone are bf16: `LoadOptions::cpu_bf16`).
     // SAFETY: the file is memory-mapped read-only; like every mmap-based loader we
     // rely on nobody truncating it while the model is alive.
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[&projectors_path], opts.dtype, &opts.device)
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[&projectors_path], opts.tensor_dtype(), &opts.device)
     }
     .map_err(|e| Error::Msg(format!("{}: {e}", projectors_path.display())))?;
     let context = opts.modality_context(dir);

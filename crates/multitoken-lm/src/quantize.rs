@@ -160,7 +160,7 @@ impl WeightSource for QuantizingSource<'_> {
         let weight = match dense.weight() {
             crate::linear::LinearWeight::Dense(w) => w,
             // Already quantized (a source that quantizes itself): kept as it is.
-            crate::linear::LinearWeight::Quantized(_) => return Ok(dense),
+            crate::linear::LinearWeight::Quantized(_) | crate::linear::LinearWeight::Bf16(_) => return Ok(dense),
         };
         // The head: `lm_head`, or `model.embed_tokens` asked for as a tied head.
         let is_head = prefix == "lm_head" || prefix == "model.embed_tokens";
@@ -171,6 +171,50 @@ impl WeightSource for QuantizingSource<'_> {
         };
         let q = quantize_matrix(&format!("{prefix}.weight"), weight, format)?;
         Ok(Linear::quantized(q, in_dim, out_dim, dense.bias().cloned()))
+    }
+}
+
+/// A weight source whose dense linears come out in bf16 ([`LinearWeight::Bf16`]):
+/// `--dtype bf16` on the CPU. The tensors around them (embeddings, norms) stay
+/// in the inner source's dtype (f32), and so do the activations; a linear the
+/// inner source keeps quantized stays quantized, its prefill-sized products in
+/// bf16 where the CPU has AMX ([`Linear::with_bf16_products`]).
+///
+/// [`LinearWeight::Bf16`]: crate::linear::LinearWeight::Bf16
+pub struct Bf16LinearsSource<'a> {
+    inner: &'a dyn WeightSource,
+}
+
+impl<'a> Bf16LinearsSource<'a> {
+    /// Wraps `inner`.
+    pub fn new(inner: &'a dyn WeightSource) -> Self {
+        Self { inner }
+    }
+}
+
+impl WeightSource for Bf16LinearsSource<'_> {
+    fn describe(&self) -> String {
+        format!("{} (linears in bf16)", self.inner.describe())
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.tensor(name, shape)
+    }
+
+    fn linear(&self, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let dense = self.inner.linear(prefix, in_dim, out_dim, bias)?;
+        match dense.weight() {
+            crate::linear::LinearWeight::Dense(w) => {
+                let packed = multitoken_kernels::bf16::Bf16Matrix::from_tensor(w)?;
+                Ok(Linear::bf16(packed, dense.bias().cloned()))
+            }
+            crate::linear::LinearWeight::Quantized(_) => Ok(dense.with_bf16_products()),
+            crate::linear::LinearWeight::Bf16(_) => Ok(dense),
+        }
     }
 }
 

@@ -159,6 +159,13 @@ fn batched_steps_equal_lone_steps_for_every_family_and_weight_format() {
                 check(lm, &plans(n, vocab), &format!("{family} {quantize:?} {n} sequences"));
             }
         }
+        // `--dtype bf16` on the CPU: bf16 linears (AMX from 16 rows where the CPU has it).
+        let bf16 = LoadOptions { dtype: DType::BF16, ..options(None) };
+        let model = load_model(&fixture(family), &bf16).unwrap();
+        let lm = model.model.as_ref();
+        for n in [5, 20] {
+            check(lm, &plans(n, lm.vocab_size()), &format!("{family} bf16 linears {n} sequences"));
+        }
     }
 }
 

@@ -243,6 +243,60 @@ fn half_dtypes_stay_close() -> TestResult {
     Ok(())
 }
 
+/// `--dtype bf16` through the loader on the CPU: linears in bf16, activations
+/// in f32 (`LoadOptions::cpu_bf16`). The logits stay near the f32 model's, for
+/// a short prompt (the matrix-vector products) and a 48-token one (the AMX
+/// tiles where the CPU has them), and they do differ from them (the weights and
+/// activations really were rounded).
+#[test]
+fn cpu_bf16_linears_stay_close() -> TestResult {
+    for family in FAMILIES {
+        let dir = fixture_dir(family);
+        let mixed = load_hf_dir(&dir, &LoadOptions { dtype: DType::BF16, ..LoadOptions::default() })?;
+        assert_eq!(mixed.model.dtype(), DType::F32, "{family}: activations stay f32");
+        let reference = load_hf_dir(&dir, &LoadOptions::default())?;
+        let long: Vec<u32> = (0..48u32).map(|i| (i * 37 + 5) % 128).collect();
+        for ids in [expected(family)?.prompt_ids, long] {
+            let run = |model: &dyn LanguageModel| -> Result<Tensor, BoxError> {
+                let mut cache = KvCache::new(model.num_layers());
+                let embeds = model.embed_tokens(&row_tensor(&ids)?)?;
+                Ok(model.forward_embeds(&embeds, None, &mut cache, LogitsSelection::All)?)
+            };
+            let diff = max_abs_diff(&run(mixed.model.as_ref())?, &run(reference.model.as_ref())?)?;
+            assert!(diff < 0.05, "{family}, {} ids: bf16 linears' logits differ by {diff}", ids.len());
+            assert!(diff > 0.0, "{family}, {} ids: the logits are f32's exactly", ids.len());
+        }
+    }
+    Ok(())
+}
+
+/// A quantized linear under `--dtype bf16` ([`Linear::with_bf16_products`]):
+/// decode-sized products keep the exact quantized kernels; a prefill-sized one
+/// runs in bf16 on AMX (close to the exact product, not equal), and stays
+/// exact where the CPU has no AMX.
+#[test]
+fn quantized_linears_prefill_in_bf16_only_on_amx() -> TestResult {
+    let dev = Device::Cpu;
+    let (n, k) = (96, 128);
+    let w = Tensor::randn(0f32, 0.1, (n, k), &dev)?;
+    for format in [multitoken_lm::quantize::Quantization::Q4_1, multitoken_lm::quantize::Quantization::Q8_0] {
+        let q = multitoken_lm::quantize::quantize_matrix("w", &w, format)?;
+        let exact = Linear::quantized(q.clone(), k, n, None);
+        let bf16 = Linear::quantized(q, k, n, None).with_bf16_products();
+        let amx = multitoken_kernels::bf16::kernel() == multitoken_kernels::bf16::Kernel::Amx;
+        for rows in [5, 40] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev)?;
+            let diff = max_abs_diff(&bf16.forward(&x)?, &exact.forward(&x)?)?;
+            if rows < 16 || !amx {
+                assert_eq!(diff, 0.0, "{format} {rows} rows");
+            } else {
+                assert!(diff > 0.0 && diff < 0.05, "{format} {rows} rows: {diff}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `load_hf_dir` brings tokenizer, template and generation defaults along.
 #[test]
 fn hf_dir_loads_everything() -> TestResult {
