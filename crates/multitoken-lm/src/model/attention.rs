@@ -8,6 +8,7 @@
 //! sequence axis, so one batched matmul covers them.
 
 use candle_core::{DType, Device, Tensor};
+use multitoken_kernels::math::{attend_group, CachedHead};
 
 use crate::linear::Linear;
 use crate::model::rope::RotaryEmbedding;
@@ -116,7 +117,7 @@ impl Attention {
     /// `caches[i]` / `seen[i]` sequence `i`'s buffers and length. Each row's
     /// output is bit for bit what `forward` gives it alone: the products go
     /// through [`Linear::forward_rows`], keys and values are appended to each
-    /// sequence's own buffers, and the attention is [`attend`] per (sequence,
+    /// sequence's own buffers, and the attention is [`attend_group`] per (sequence,
     /// head) as in the one-sequence decode step.
     pub(crate) fn forward_rows(
         &self,
@@ -211,51 +212,26 @@ fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Result<
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; b * nh * hd];
     let parallel = b * nh * kv_len * hd >= 1 << 15;
+    // One item per (sequence, query head): SmolLM2's 3 key/value heads would
+    // split unevenly over 2 threads, and a head's result does not depend on
+    // the heads computed beside it.
     multitoken_kernels::pool::fill_items(&mut out, hd, parallel, |first, items| {
         let mut scores = vec![0f32; kv_len];
         for (i, dst) in items.chunks_exact_mut(hd).enumerate() {
             let (bi, h) = ((first + i) / nh, (first + i) % nh);
-            let base = offset + bi * stride[0] + (h / n_rep) * stride[1];
-            let qv = &qs[(bi * nh + h) * hd..(bi * nh + h + 1) * hd];
-            attend(qv, ks, vs, base, stride[2], scale, &mut scores, dst);
+            let head = CachedHead { keys: ks, values: vs, base: offset + bi * stride[0] + (h / n_rep) * stride[1], step: stride[2], len: kv_len };
+            let q0 = (bi * nh + h) * hd;
+            attend_group(&qs[q0..q0 + hd], head, scale, &mut scores, dst);
         }
     });
     Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))
-}
-
-/// One query head against `scores.len()` cached positions starting at `base`
-/// (`step` floats apart) of the key and value buffers, written to `dst`: the
-/// decode step's attention for one (sequence, head), shared by the one-cache
-/// and the ragged path so that both give the same bits.
-#[allow(clippy::too_many_arguments)]
-fn attend(qv: &[f32], ks: &[f32], vs: &[f32], base: usize, step: usize, scale: f32, scores: &mut [f32], dst: &mut [f32]) {
-    let hd = dst.len();
-    let mut max = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        let kr = &ks[base + j * step..base + j * step + hd];
-        *s = dot(qv, kr) * scale;
-        max = max.max(*s);
-    }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    dst.fill(0.0);
-    for (j, p) in scores.iter().enumerate() {
-        let vr = &vs[base + j * step..base + j * step + hd];
-        let p = p / sum;
-        for (o, x) in dst.iter_mut().zip(vr) {
-            *o += p * x;
-        }
-    }
 }
 
 /// The decode step's attention for several sequences with caches of their own
 /// lengths (no padding, no copies): `q` `[b, heads, 1, head_dim]`, `kv[i]` the
 /// `[1, kv_heads, len_i, head_dim]` keys and values of sequence `i` (views into
 /// its cache buffers). Returns `[b, 1, heads * head_dim]`, each (sequence,
-/// head) computed by [`attend`] as [`decode_attention`] computes it alone.
+/// head) computed by [`attend_group`] as [`decode_attention`] computes it alone.
 /// `None` when it does not apply (not f32 on the CPU, an unusual layout).
 pub(crate) fn ragged_decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], n_rep: usize) -> Result<Option<Tensor>> {
     use candle_core::Storage;
@@ -284,25 +260,12 @@ pub(crate) fn ragged_decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], n_rep
             let (bi, h) = ((first + i) / nh, (first + i) % nh);
             let (ks, vs, offset, stride, len) = rows[bi];
             scores.resize(len, 0.0);
-            let base = offset + (h / n_rep) * stride[0];
-            let qv = &qs[(bi * nh + h) * hd..(bi * nh + h + 1) * hd];
-            attend(qv, ks, vs, base, stride[1], scale, &mut scores, dst);
+            let head = CachedHead { keys: ks, values: vs, base: offset + (h / n_rep) * stride[0], step: stride[1], len };
+            let q0 = (bi * nh + h) * hd;
+            attend_group(&qs[q0..q0 + hd], head, scale, &mut scores, dst);
         }
     });
     Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))
-}
-
-/// `a · b`, in eight lanes so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Writes the new keys/values into the layer's buffers and returns views of
