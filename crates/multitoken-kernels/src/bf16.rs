@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Result, Tensor};
 
-use crate::{assume_init, cpu_data, fast_path, output_buffer};
+use crate::{assume_init, cpu_data, fast_path, output_buffer, Shared};
 
 /// Output columns per packed block (one AMX accumulator's width in f32).
 const BLOCK_COLS: usize = 16;
@@ -113,7 +113,7 @@ impl Bf16Matrix {
         let chunks = k.div_ceil(CHUNK_K).max(1);
         let mut data = vec![0u16; blocks * chunks * TILE];
         let block_len = chunks * TILE;
-        let data_ptr = SharedU16(data.as_mut_ptr());
+        let data_ptr = Shared(data.as_mut_ptr());
         let used = n.div_ceil(BLOCK_COLS);
         let pack = |block: usize, values: &mut Vec<f32>| {
             // SAFETY: each block's tiles are written by this call alone.
@@ -212,7 +212,7 @@ impl Bf16Matrix {
             return;
         }
         let pairs = round_pairs(x, rows, self.k, self.chunks * CHUNK_K);
-        let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+        let out_ptr = Shared(out.as_mut_ptr().cast::<f32>());
         let kernel = kernel();
         let used_blocks = self.n.div_ceil(BLOCK_COLS);
         crate::pool::for_each_range(used_blocks, |range| {
@@ -223,7 +223,7 @@ impl Bf16Matrix {
     }
 
     /// One 16-column block of [`Self::matmul_rows`] for every row, four rows at a time.
-    fn rows_block(&self, kernel: Kernel, block: usize, pairs: &[u32], rows: usize, out: SharedOut) {
+    fn rows_block(&self, kernel: Kernel, block: usize, pairs: &[u32], rows: usize, out: Shared<f32>) {
         let tiles = self.block(block);
         let per_row = self.chunks * CHUNK_K / 2;
         let col0 = block * BLOCK_COLS;
@@ -286,33 +286,6 @@ fn portable_dot_block(tiles: &[u16], xs: &[&[u32]; 4], group: usize, acc: &mut [
                 acc[g][j] += bf16_value(w[2 * j]) * x0;
             }
         }
-    }
-}
-
-/// A pointer to an output buffer that units write at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every use hands each unit its own region of the buffer.
-unsafe impl Sync for SharedOut {}
-unsafe impl Send for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
-/// A pointer to a bf16 buffer that units write at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedU16(*mut u16);
-// SAFETY: every use writes disjoint parts.
-unsafe impl Sync for SharedU16 {}
-unsafe impl Send for SharedU16 {}
-
-impl SharedU16 {
-    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    fn at(self, offset: usize) -> *mut u16 {
-        self.0.wrapping_add(offset)
     }
 }
 
@@ -434,7 +407,7 @@ mod amx {
     use std::arch::asm;
     use std::mem::MaybeUninit;
 
-    use super::{bf16_bits, Bf16Matrix, SharedOut, SharedU16, BLOCK_COLS, CHUNK_K, STRIPS_PER_UNIT, STRIP_ROWS, TILE};
+    use super::{bf16_bits, Bf16Matrix, Shared, BLOCK_COLS, CHUNK_K, STRIPS_PER_UNIT, STRIP_ROWS, TILE};
 
     /// Whether the CPU has AMX-BF16 and the kernel lets this process use the
     /// tile registers (Linux hands out their 8 KiB of state only on request).
@@ -489,7 +462,7 @@ mod amx {
         let k_pad = w.chunks * CHUNK_K;
         let rows_pad = rows.div_ceil(STRIP_ROWS) * STRIP_ROWS;
         let mut a = vec![0u16; rows_pad * k_pad];
-        let a_ptr = SharedU16(a.as_mut_ptr());
+        let a_ptr = Shared(a.as_mut_ptr());
         crate::pool::for_each_range(rows, |range| {
             for r in range {
                 // SAFETY: each row of `a` is written by one range.
@@ -502,7 +475,7 @@ mod amx {
         let strips = rows_pad / STRIP_ROWS;
         let row_units = strips.div_ceil(STRIPS_PER_UNIT);
         let pairs = w.blocks / 2;
-        let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+        let out_ptr = Shared(out.as_mut_ptr().cast::<f32>());
         let a = &a;
         crate::pool::for_each_item(pairs * row_units, |unit| {
             let (pair, row_unit) = (unit / row_units, unit % row_units);
@@ -523,7 +496,7 @@ mod amx {
         rows: usize,
         pair: usize,
         strips: std::ops::Range<usize>,
-        out: SharedOut,
+        out: Shared<f32>,
     ) {
         let n = w.n;
         let col0 = pair * 2 * BLOCK_COLS;

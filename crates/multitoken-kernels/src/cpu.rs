@@ -44,19 +44,8 @@ impl Activation {
     }
 }
 
-/// A pointer to an output buffer that units write at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every use hands each unit its own region of the buffer.
-unsafe impl Sync for SharedOut {}
-unsafe impl Send for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    pub(crate) fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
+/// The output pointer every kernel here hands its units.
+pub(crate) type SharedOut = crate::Shared<f32>;
 
 /// Runs `f(unit)` for `0..units` on [`crate::pool`] (inline when there is one unit or one thread).
 pub(crate) fn for_each_unit(units: usize, f: impl Fn(usize) + Sync) {
@@ -133,7 +122,7 @@ pub fn linear(
         1
     };
     let row_block = m.div_ceil(row_blocks);
-    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
     let prefill = bias.is_some() || residual.is_some();
     for_each_unit(col_blocks * row_blocks, |unit| {
         let (rb, cb) = (unit / col_blocks, unit % col_blocks);
@@ -237,7 +226,7 @@ pub(crate) fn for_each_row(
     f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) {
     debug_assert!(out.len() >= rows * width && per_unit > 0);
-    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
     for_each_unit(rows.div_ceil(per_unit), |unit| {
         for r in unit * per_unit..((unit + 1) * per_unit).min(rows) {
             // SAFETY: row r of `out` lies inside it and belongs to this unit only.
@@ -398,7 +387,7 @@ pub(crate) fn attention_gemm(
         return;
     }
     let units = AttentionUnits::new(shape, QUERY_BLOCK);
-    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
     for_each_unit(units.count(), |unit| {
         let (b, h, r0, r1) = units.get(unit);
         let rows = r1 - r0;

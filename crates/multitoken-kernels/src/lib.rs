@@ -42,6 +42,23 @@ fn cpu_data<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// A pointer into a buffer that the pool's units write at disjoint places
+/// (each unit its own rows, columns or words), so that it may cross threads.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared<T>(pub(crate) *mut T);
+// SAFETY: every use hands each unit its own region of the buffer, which the
+// caller borrows mutably for the whole pool call.
+unsafe impl<T> Sync for Shared<T> {}
+unsafe impl<T> Send for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer `offset` elements in (a method, so that closures capture
+    /// the whole `Sync` wrapper, not its raw field).
+    pub(crate) fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// An output buffer for a kernel that writes every element: zero-filling it
 /// first was 2% of a CLIP forward (a memset of every activation).
 pub fn output_buffer(len: usize) -> Vec<MaybeUninit<f32>> {

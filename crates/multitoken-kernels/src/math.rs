@@ -406,7 +406,7 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn attend_group(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32]) {
         let CachedHead { keys, values, base, step, len } = head;
-        let group = if len == 0 { 0 } else { scores.len() / len };
+        let group = scores.len().checked_div(len).unwrap_or(0);
         let fits = group > 0
             && out.len().is_multiple_of(group)
             && queries.len() >= out.len()

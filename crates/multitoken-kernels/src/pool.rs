@@ -328,21 +328,17 @@ pub fn fill_items(out: &mut [f32], item_len: usize, parallel: bool, f: impl Fn(u
         f(0, out);
         return;
     }
-    let base = SharedOut(out.as_mut_ptr());
+    let base = crate::Shared(out.as_mut_ptr());
     let base = &base;
     for_each_range(n_items, |range| {
         // SAFETY: `for_each_range` hands out disjoint ranges of `0..n_items`,
         // so each call gets its own `item_len`-wide items of `out`, which is
         // borrowed mutably for the whole pool call.
-        let items = unsafe { std::slice::from_raw_parts_mut(base.0.add(range.start * item_len), range.len() * item_len) };
+        let items = unsafe { std::slice::from_raw_parts_mut(base.at(range.start * item_len), range.len() * item_len) };
         f(range.start, items);
     });
 }
 
-/// The output buffer, written by the pool's threads at disjoint offsets.
-struct SharedOut(*mut f32);
-// SAFETY: only used to hand disjoint sub-slices to the pool's threads.
-unsafe impl Sync for SharedOut {}
 
 #[cfg(test)]
 mod tests {

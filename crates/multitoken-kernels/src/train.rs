@@ -482,7 +482,7 @@ impl DropoutMask {
     pub fn from_seed(len: usize, p: f32, seed: u64) -> Self {
         let words = len.div_ceil(64);
         let mut bits = vec![0u64; words];
-        let out = SharedWords(bits.as_mut_ptr());
+        let out = crate::Shared(bits.as_mut_ptr());
         cpu::for_each_unit(words.div_ceil(WORDS_PER_UNIT), |unit| {
             for w in unit * WORDS_PER_UNIT..((unit + 1) * WORDS_PER_UNIT).min(words) {
                 let mut word = 0u64;
@@ -556,19 +556,6 @@ fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// The mask words, written by the pool's units (each its own words).
-#[derive(Clone, Copy)]
-struct SharedWords(*mut u64);
-// SAFETY: every use hands each unit its own words.
-unsafe impl Sync for SharedWords {}
-unsafe impl Send for SharedWords {}
-
-impl SharedWords {
-    fn at(self, w: usize) -> *mut u64 {
-        self.0.wrapping_add(w)
-    }
 }
 
 /// A frozen linear layer with a LoRA adapter (PEFT's `lora.Linear`):

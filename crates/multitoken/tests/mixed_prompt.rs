@@ -209,16 +209,23 @@ fn image_audio_and_document_in_one_prompt() {
 /// Their items' embeddings move a little, the text's not at all, and the
 /// answers stay the same (q4_1's beep count excepted: see below); q4_k is
 /// refused with the reason.
-#[test]
-fn towers_quantized_at_load_move_only_the_items_and_keep_the_answers() {
+/// The embedded demo model with every modality it uses linked, or `None`
+/// (and a note) where the checkout has none.
+fn demo_model() -> Option<PathBuf> {
     multitoken_audio::link();
     multitoken_document::link();
     multitoken_vision::link();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo-model");
     if !demo.join(MULTIMODAL_CONFIG_FILE).is_file() {
         eprintln!("skipped: no demo model at {}", demo.display());
-        return;
+        return None;
     }
+    Some(demo)
+}
+
+#[test]
+fn towers_quantized_at_load_move_only_the_items_and_keep_the_answers() {
+    let Some(demo) = demo_model() else { return };
     let shapes = demo.join("../shapes");
     let questions = [
         ("<image> What colour is the shape?", "images", "blue-triangle.png"),
@@ -288,14 +295,7 @@ fn towers_quantized_at_load_move_only_the_items_and_keep_the_answers() {
 /// all the projectors had to follow the LM's dtype, not `--dtype`.
 #[test]
 fn bf16_on_the_cpu_keeps_the_demo_answers() {
-    multitoken_audio::link();
-    multitoken_document::link();
-    multitoken_vision::link();
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/demo-model");
-    if !demo.join(MULTIMODAL_CONFIG_FILE).is_file() {
-        eprintln!("skipped: no demo model at {}", demo.display());
-        return;
-    }
+    let Some(demo) = demo_model() else { return };
     let shapes = demo.join("../shapes");
     let dense = MultimodalModel::load(&demo, &LoadOptions::default()).unwrap();
     let options = LoadOptions { dtype: DType::BF16, ..LoadOptions::default() };

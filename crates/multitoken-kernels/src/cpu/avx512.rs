@@ -28,7 +28,7 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{for_each_unit, AttentionShape, AttentionUnits, Rows, SharedOut};
+use super::{for_each_unit, AttentionShape, AttentionUnits, Rows};
 use crate::math;
 
 /// Keys per packed panel: four zmm vectors.
@@ -107,7 +107,7 @@ pub(super) fn attention(
     });
 
     let units = AttentionUnits::new(shape, QUERY_BLOCK);
-    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
     // A thread's units are consecutive (the pool hands out ranges), so each
     // thread packs each head it meets once.
     for_each_unit(units.count(), |unit| {

@@ -15,7 +15,6 @@
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-use super::SharedOut;
 
 /// A `[batch, heads, positions, head_dim]` operand whose last axis is dense.
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +96,7 @@ fn plain(q: Strided4, k: Strided4, v: Strided4, shape: CausalShape, scale: f32, 
     let CausalShape { batch, heads, kv_heads, queries, keys, head_dim } = shape;
     let (n_rep, width, seen) = (heads / kv_heads, heads * head_dim, keys - queries);
     let blocks = queries.div_ceil(PLAIN_BLOCK);
-    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
     super::for_each_unit(batch * heads * blocks, |unit| {
         let (b, h, block) = (unit / (heads * blocks), unit / blocks % heads, unit % blocks);
         let mut scores = vec![0f32; keys];
@@ -168,7 +167,7 @@ mod tiles {
         let (n_rep, width, seen) = (heads / kv_heads, heads * head_dim, keys - queries);
         let blocks = queries.div_ceil(QUERY_BLOCK);
         let call = CALLS.fetch_add(1, Ordering::Relaxed);
-        let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+        let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
         // Units in (batch, query head, block) order: the query heads of one key
         // head are consecutive, so a thread packs each key head about once.
         for_each_unit(batch * heads * blocks, |unit| {

@@ -39,7 +39,7 @@ pub fn gemv(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [Ma
     let units = if n * k < PARALLEL_FROM { 1 } else { threads.min(n.div_ceil(W_BLOCK)) };
     // Chunks of whole W blocks, so that only the last one has a ragged end.
     let chunk = n.div_ceil(units).next_multiple_of(W_BLOCK);
-    let out_ptr = SharedOut(out.as_mut_ptr().cast::<f32>());
+    let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
     for_each_unit(units, |unit| {
         let (j0, j1) = (unit * chunk, ((unit + 1) * chunk).min(n));
         if j0 >= j1 {
