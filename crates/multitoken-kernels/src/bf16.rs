@@ -215,8 +215,12 @@ impl Bf16Matrix {
         let out_ptr = Shared(out.as_mut_ptr().cast::<f32>());
         let kernel = kernel();
         let used_blocks = self.n.div_ceil(BLOCK_COLS);
-        crate::pool::for_each_range(used_blocks, |range| {
-            for block in range {
+        // One contiguous run of blocks per thread (as the f32 gemv): a decode
+        // step's ~200 calls of tens of microseconds each pay for every hand-off.
+        let units = if self.n * self.k < PARALLEL_PACK_FROM { 1 } else { crate::pool::threads().min(used_blocks) };
+        let per_unit = used_blocks.div_ceil(units);
+        crate::pool::for_each_item(units, |unit| {
+            for block in unit * per_unit..((unit + 1) * per_unit).min(used_blocks) {
                 self.rows_block(kernel, block, &pairs, rows, out_ptr);
             }
         });
@@ -384,20 +388,54 @@ mod avx512 {
         }
     }
 
+    /// bf16 values between a loaded tile row and the one prefetched.
+    const PREFETCH_AHEAD: usize = 1024;
+
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn chain<const G: usize>(tiles: &[u16], xs: &[&[u32]; 4], acc: &mut [[f32; BLOCK_COLS]; 4]) {
-        let mut sums = [_mm512_setzero_ps(); G];
-        for (q, row) in tiles.chunks_exact(2 * BLOCK_COLS).enumerate() {
-            // SAFETY: `row` is 32 bf16, the 64 bytes loaded.
-            let wq: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(row.as_ptr().cast())) };
+        // Two chains per row (even and odd tile rows), so that one row's
+        // products are not one long dependency chain; the split is the same
+        // for every `G`, so a row's sums do not depend on the rows beside it.
+        let mut even = [_mm512_setzero_ps(); G];
+        let mut odd = [_mm512_setzero_ps(); G];
+        let pairs = tiles.chunks_exact(4 * BLOCK_COLS);
+        let last = pairs.remainder();
+        for (p, two) in pairs.enumerate() {
+            // Ask for the lines a few hundred bytes ahead: the prefetcher
+            // starts each new stream slowly, and a decode step's ~200 products
+            // are short streams.
+            _mm_prefetch::<_MM_HINT_T0>(two.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
+            _mm_prefetch::<_MM_HINT_T0>(two.as_ptr().wrapping_add(PREFETCH_AHEAD + 32).cast());
+            // SAFETY: `two` is 64 bf16: two tile rows of 64 bytes.
+            let (w0, w1): (__m512bh, __m512bh) = unsafe {
+                (
+                    std::mem::transmute(_mm512_loadu_si512(two.as_ptr().cast())),
+                    std::mem::transmute(_mm512_loadu_si512(two.as_ptr().add(2 * BLOCK_COLS).cast())),
+                )
+            };
             for g in 0..G {
-                let xq: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(xs[g][q] as i32)) };
-                sums[g] = _mm512_dpbf16_ps(sums[g], wq, xq);
+                let (x0, x1): (__m512bh, __m512bh) = unsafe {
+                    (
+                        std::mem::transmute(_mm512_set1_epi32(xs[g][2 * p] as i32)),
+                        std::mem::transmute(_mm512_set1_epi32(xs[g][2 * p + 1] as i32)),
+                    )
+                };
+                even[g] = _mm512_dpbf16_ps(even[g], w0, x0);
+                odd[g] = _mm512_dpbf16_ps(odd[g], w1, x1);
+            }
+        }
+        if !last.is_empty() {
+            let q = tiles.len() / (2 * BLOCK_COLS) - 1;
+            // SAFETY: `last` is one tile row of 64 bytes.
+            let w0: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(last.as_ptr().cast())) };
+            for g in 0..G {
+                let x0: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(xs[g][q] as i32)) };
+                even[g] = _mm512_dpbf16_ps(even[g], w0, x0);
             }
         }
         for g in 0..G {
             // SAFETY: acc[g] holds 16 f32.
-            unsafe { _mm512_storeu_ps(acc[g].as_mut_ptr(), sums[g]) };
+            unsafe { _mm512_storeu_ps(acc[g].as_mut_ptr(), _mm512_add_ps(even[g], odd[g])) };
         }
     }
 }
