@@ -371,6 +371,13 @@ mod avx512 {
 
     use super::BLOCK_COLS;
 
+    /// 32 bf16 lanes from 512 bits (a reinterpretation: the types differ only in name).
+    #[inline(always)]
+    fn as_bh(v: __m512i) -> __m512bh {
+        // SAFETY: both are 64-byte plain vectors; every bit pattern is valid.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
     /// `acc[g] = Σ_q W-row(q) · x_g(pair q)` for `group` rows: each packed
     /// tile row (16 columns × one pair of inputs) is loaded once and fed to
     /// every row's `vdpbf16ps` chain.
@@ -409,17 +416,13 @@ mod avx512 {
             // SAFETY: `two` is 64 bf16: two tile rows of 64 bytes.
             let (w0, w1): (__m512bh, __m512bh) = unsafe {
                 (
-                    std::mem::transmute(_mm512_loadu_si512(two.as_ptr().cast())),
-                    std::mem::transmute(_mm512_loadu_si512(two.as_ptr().add(2 * BLOCK_COLS).cast())),
+                    as_bh(_mm512_loadu_si512(two.as_ptr().cast())),
+                    as_bh(_mm512_loadu_si512(two.as_ptr().add(2 * BLOCK_COLS).cast())),
                 )
             };
             for g in 0..G {
-                let (x0, x1): (__m512bh, __m512bh) = unsafe {
-                    (
-                        std::mem::transmute(_mm512_set1_epi32(xs[g][2 * p] as i32)),
-                        std::mem::transmute(_mm512_set1_epi32(xs[g][2 * p + 1] as i32)),
-                    )
-                };
+                let x0 = as_bh(_mm512_set1_epi32(xs[g][2 * p] as i32));
+                let x1 = as_bh(_mm512_set1_epi32(xs[g][2 * p + 1] as i32));
                 even[g] = _mm512_dpbf16_ps(even[g], w0, x0);
                 odd[g] = _mm512_dpbf16_ps(odd[g], w1, x1);
             }
@@ -427,9 +430,9 @@ mod avx512 {
         if !last.is_empty() {
             let q = tiles.len() / (2 * BLOCK_COLS) - 1;
             // SAFETY: `last` is one tile row of 64 bytes.
-            let w0: __m512bh = unsafe { std::mem::transmute(_mm512_loadu_si512(last.as_ptr().cast())) };
+            let w0: __m512bh = unsafe { as_bh(_mm512_loadu_si512(last.as_ptr().cast())) };
             for g in 0..G {
-                let x0: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(xs[g][q] as i32)) };
+                let x0 = as_bh(_mm512_set1_epi32(xs[g][q] as i32));
                 even[g] = _mm512_dpbf16_ps(even[g], w0, x0);
             }
         }

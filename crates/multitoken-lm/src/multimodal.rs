@@ -189,9 +189,7 @@ pub fn export_imported(dir: &Path, work: &Path) -> Result<Option<PathBuf>> {
     for file in ["config.json", "model.safetensors.index.json"] {
         std::fs::read(dir.join(file)).unwrap_or_default().hash(&mut hasher);
     }
-    for file in ["model.safetensors"] {
-        std::fs::metadata(dir.join(file)).map(|m| m.len()).unwrap_or(0).hash(&mut hasher);
-    }
+    std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len()).unwrap_or(0).hash(&mut hasher);
     let out = work.join(format!("{}-{:016x}", importer.name, hasher.finish()));
     if out.join(MULTIMODAL_CONFIG_FILE).is_file() {
         return Ok(Some(out));

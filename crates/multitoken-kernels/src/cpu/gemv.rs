@@ -189,6 +189,8 @@ mod avx512 {
     /// so it is bit for bit what block4 gives that row alone.
     #[inline]
     #[target_feature(enable = "avx512f")]
+    // `c` indexes the two rows' accumulators and the weight rows together.
+    #[allow(clippy::needless_range_loop)]
     unsafe fn block4x2(x: *const f32, y: *const f32, w: *const f32, k: usize) -> [[f32; 4]; 2] {
         unsafe {
             let mut a = [[_mm512_setzero_ps(); 4]; 2];
