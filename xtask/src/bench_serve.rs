@@ -9,7 +9,8 @@
 //! requests one after another (the lone-request baseline); the others send
 //! one request per client, all at once.
 //!
-//! `cargo xtask bench serve [--model PATH] [--clients 1,4,16,64] [--tokens 48] [--lone-requests 4] [--quantized] [--threads N]`
+//! `cargo xtask bench serve [--model PATH] [--clients 1,4,16,64] [--tokens 48] [--lone-requests 4] [--quantized] [--bf16] [--threads N]`
+//! (`--bf16`: `--dtype bf16`, the linears' weights in bf16 with f32 activations)
 //! (default model: SmolLM2-135M-Instruct from `cargo xtask weights`, dequantized
 //! to f32 so batched decode runs as matrix-matrix products).
 
@@ -28,6 +29,7 @@ struct Options {
     clients: Vec<usize>,
     tokens: usize,
     quantized: bool,
+    bf16: bool,
     lone_requests: usize,
 }
 
@@ -37,6 +39,7 @@ fn parse(args: &[String]) -> Result<Options> {
         clients: vec![1, 4, 16, 64],
         tokens: 48,
         quantized: false,
+        bf16: false,
         lone_requests: 4,
     };
     let mut it = args.iter();
@@ -56,8 +59,9 @@ fn parse(args: &[String]) -> Result<Options> {
             "--tokens" => options.tokens = value()?.parse().context("--tokens")?,
             "--lone-requests" => options.lone_requests = value()?.parse::<usize>().context("--lone-requests")?.max(1),
             "--quantized" => options.quantized = true,
+            "--bf16" => options.bf16 = true,
             "--threads" => std::env::set_var("RAYON_NUM_THREADS", value()?),
-            other => bail!("unknown option {other}; usage: cargo xtask bench serve [--model PATH] [--clients 1,4,16,64] [--tokens N] [--lone-requests N] [--quantized] [--threads N]"),
+            other => bail!("unknown option {other}; usage: cargo xtask bench serve [--model PATH] [--clients 1,4,16,64] [--tokens N] [--lone-requests N] [--quantized] [--bf16] [--threads N]"),
         }
     }
     Ok(options)
@@ -85,6 +89,7 @@ fn load(options: &Options) -> Result<MultimodalModel> {
     }
     let opts = LoadOptions {
         device: Device::Cpu,
+        dtype: if options.bf16 { candle_core::DType::BF16 } else { candle_core::DType::F32 },
         ..Default::default()
     };
     let is_gguf = path.extension().is_some_and(|e| e == "gguf");
@@ -271,7 +276,12 @@ pub fn run(args: &[String]) -> Result<()> {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(
         "serve bench: {name} ({}), streamed chat completions of up to {} tokens, CPU threads: {threads}",
-        if options.quantized { "quantized" } else { "f32" },
+        match (options.quantized, options.bf16) {
+            (true, true) => "quantized, bf16 prefill",
+            (true, false) => "quantized",
+            (false, true) => "bf16 linears",
+            (false, false) => "f32",
+        },
         options.tokens
     );
     println!("| clients | requests | tokens | wall s | tokens/s | x one client | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |");
