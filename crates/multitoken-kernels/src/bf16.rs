@@ -39,8 +39,8 @@ const TILE: usize = BLOCK_COLS * CHUNK_K;
 const STRIP_ROWS: usize = 32;
 /// 32-row strips one AMX work unit computes for its column pair.
 const STRIPS_PER_UNIT: usize = 4;
-/// Weights from which packing spreads over the pool.
-const PARALLEL_PACK_FROM: usize = 1 << 16;
+/// Weights from which packing and the row-by-row product spread over the pool.
+const PARALLEL_FROM: usize = 1 << 16;
 /// From this many rows on, [`Bf16Matrix::matmul`] uses AMX where it can.
 pub const AMX_FROM_ROWS: usize = 16;
 
@@ -127,7 +127,7 @@ impl Bf16Matrix {
                 }
             }
         };
-        if n * k >= PARALLEL_PACK_FROM {
+        if n * k >= PARALLEL_FROM {
             crate::pool::for_each_range(used, |range| {
                 let mut values = Vec::new();
                 range.for_each(|b| pack(b, &mut values));
@@ -217,7 +217,7 @@ impl Bf16Matrix {
         let used_blocks = self.n.div_ceil(BLOCK_COLS);
         // One contiguous run of blocks per thread (as the f32 gemv): a decode
         // step's ~200 calls of tens of microseconds each pay for every hand-off.
-        let units = if self.n * self.k < PARALLEL_PACK_FROM { 1 } else { crate::pool::threads().min(used_blocks) };
+        let units = if self.n * self.k < PARALLEL_FROM { 1 } else { crate::pool::threads().min(used_blocks) };
         let per_unit = used_blocks.div_ceil(units);
         crate::pool::for_each_item(units, |unit| {
             for block in unit * per_unit..((unit + 1) * per_unit).min(used_blocks) {
@@ -278,8 +278,10 @@ fn round_pairs(x: &[f32], rows: usize, k: usize, k_pad: usize) -> Vec<u32> {
     pairs
 }
 
-/// [`avx512::dot_block`]'s arithmetic in portable code: for each pair, the odd
-/// input's product is added first, then the even one's (`vdpbf16ps`' order).
+/// [`avx512::dot_block`]'s products in portable code: for each pair, the odd
+/// input's product is added first, then the even one's (`vdpbf16ps`' order),
+/// all tile rows in one chain (the AVX-512 body splits them into an even and
+/// an odd chain, so the two need not agree to the last bit).
 fn portable_dot_block(tiles: &[u16], xs: &[&[u32]; 4], group: usize, acc: &mut [[f32; BLOCK_COLS]; 4]) {
     for (q, w) in tiles.chunks_exact(2 * BLOCK_COLS).enumerate() {
         for g in 0..group {
@@ -575,37 +577,12 @@ mod amx {
                         options(nostack, readonly),
                     );
                 }
-                if r0 + STRIP_ROWS <= rows && col0 + 2 * BLOCK_COLS <= n {
+                let width = 2 * BLOCK_COLS;
+                if r0 + STRIP_ROWS <= rows && col0 + width <= n {
                     // A whole block: straight into the output.
-                    let c = out.at(r0 * n + col0);
-                    let so = n * 4;
-                    asm!(
-                        "tilestored [{c00} + {so}*1], tmm0",
-                        "tilestored [{c01} + {so}*1], tmm1",
-                        "tilestored [{c10} + {so}*1], tmm2",
-                        "tilestored [{c11} + {so}*1], tmm3",
-                        c00 = in(reg) c,
-                        c01 = in(reg) c.add(BLOCK_COLS),
-                        c10 = in(reg) c.add(16 * n),
-                        c11 = in(reg) c.add(16 * n + BLOCK_COLS),
-                        so = in(reg) so,
-                        options(nostack),
-                    );
+                    store_block(out.at(r0 * n + col0), n);
                 } else {
-                    let c = scratch.as_mut_ptr();
-                    let width = 2 * BLOCK_COLS;
-                    asm!(
-                        "tilestored [{c00} + {so}*1], tmm0",
-                        "tilestored [{c01} + {so}*1], tmm1",
-                        "tilestored [{c10} + {so}*1], tmm2",
-                        "tilestored [{c11} + {so}*1], tmm3",
-                        c00 = in(reg) c,
-                        c01 = in(reg) c.add(BLOCK_COLS),
-                        c10 = in(reg) c.add(16 * width),
-                        c11 = in(reg) c.add(16 * width + BLOCK_COLS),
-                        so = in(reg) width * 4,
-                        options(nostack),
-                    );
+                    store_block(scratch.as_mut_ptr(), width);
                     let cols = width.min(n.saturating_sub(col0));
                     for r in 0..STRIP_ROWS.min(rows.saturating_sub(r0)) {
                         for j in 0..cols {
@@ -615,6 +592,30 @@ mod amx {
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// Stores the 32×32 f32 block in tmm0-3 at `c`, rows `row_stride` floats apart.
+    ///
+    /// # Safety
+    /// AMX tiles configured as in [`CONFIG`]; 32 rows of 32 floats, `row_stride`
+    /// apart from `c`, must be writable.
+    #[inline(always)]
+    unsafe fn store_block(c: *mut f32, row_stride: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!(
+                "tilestored [{c00} + {so}*1], tmm0",
+                "tilestored [{c01} + {so}*1], tmm1",
+                "tilestored [{c10} + {so}*1], tmm2",
+                "tilestored [{c11} + {so}*1], tmm3",
+                c00 = in(reg) c,
+                c01 = in(reg) c.add(BLOCK_COLS),
+                c10 = in(reg) c.add(16 * row_stride),
+                c11 = in(reg) c.add(16 * row_stride + BLOCK_COLS),
+                so = in(reg) row_stride * 4,
+                options(nostack),
+            );
         }
     }
 }

@@ -167,20 +167,21 @@ impl Linear {
             // rows, while dequantizing once and running one f32 GEMM does (measured
             // 13-25 ms vs 96 ms for SmolLM2's up_proj on 512 rows).
             LinearWeight::Quantized(q) if rows >= DEQUANTIZE_FROM_ROWS => match q.as_ref() {
-                QMatMul::QTensor(qt) if self.bf16_prefill(qt, x) => {
-                    let format = own_kernel_format(qt, x).ok_or_else(|| crate::Error::Msg("bf16 prefill: not a Q4_1 / Q8_0 weight".into()))?;
-                    let data = self.own_blocks(format, qt)?;
-                    let packed = Bf16Matrix::from_blocks(format, &data, self.out_dim, self.in_dim)
-                        .ok_or_else(|| crate::Error::Msg(format!("{format:?} weight does not fit [{}, {}]", self.out_dim, self.in_dim)))?;
-                    self.bf16_matmul(x, &packed, &dims, rows, false)?
-                }
-                QMatMul::QTensor(qt) => {
-                    let w = match own_kernel_format(qt, x) {
-                        Some(format) => self.own_dequantized(format, qt, x.device())?,
-                        None => qt.dequantize(x.device())?.to_dtype(x.dtype())?,
-                    };
-                    self.dense_matmul(x, &w, &dims, rows)?
-                }
+                QMatMul::QTensor(qt) => match self.bf16_prefill(qt, x) {
+                    Some(format) => {
+                        let data = self.own_blocks(format, qt)?;
+                        let packed = Bf16Matrix::from_blocks(format, &data, self.out_dim, self.in_dim)
+                            .ok_or_else(|| crate::Error::Msg(format!("{format:?} weight does not fit [{}, {}]", self.out_dim, self.in_dim)))?;
+                        self.bf16_matmul(x, &packed, &dims, rows, false)?
+                    }
+                    None => {
+                        let w = match own_kernel_format(qt, x) {
+                            Some(format) => self.own_dequantized(format, qt, x.device())?,
+                            None => qt.dequantize(x.device())?.to_dtype(x.dtype())?,
+                        };
+                        self.dense_matmul(x, &w, &dims, rows)?
+                    }
+                },
                 other => other.forward(x)?,
             },
             LinearWeight::Quantized(q) => match q.as_ref() {
@@ -286,14 +287,12 @@ impl Linear {
         Ok(Tensor::from_vec(y, out_dims, x.device())?)
     }
 
-    /// Whether this prefill-sized product of a quantized weight runs in bf16
-    /// ([`Linear::with_bf16_products`]): asked for, AMX present, a Q4_1 / Q8_0
-    /// weight and f32 activations that track no gradient.
-    fn bf16_prefill(&self, qt: &QTensor, x: &Tensor) -> bool {
-        self.bf16_products
-            && !x.track_op()
-            && own_kernel_format(qt, x).is_some()
-            && multitoken_kernels::bf16::kernel() == multitoken_kernels::bf16::Kernel::Amx
+    /// The block format when this prefill-sized product of a quantized weight
+    /// runs in bf16 ([`Linear::with_bf16_products`]): asked for, AMX present,
+    /// a Q4_1 / Q8_0 weight and f32 activations that track no gradient.
+    fn bf16_prefill(&self, qt: &QTensor, x: &Tensor) -> Option<Format> {
+        let amx = multitoken_kernels::bf16::kernel() == multitoken_kernels::bf16::Kernel::Amx;
+        (self.bf16_products && !x.track_op() && amx).then(|| own_kernel_format(qt, x)).flatten()
     }
 
     /// `x W^T` for a bf16 weight: the kernel for f32 CPU activations (with
