@@ -1,9 +1,10 @@
 //! The embedded demo model (examples/demo-model) answers freshly generated
 //! synthetic questions — images, beeps and documents drawn with a seed its
 //! training never saw — naming the right shape, colour, count, pitch or topic:
-//! in its generator's classic style, and in the varied style (other phrasings,
-//! odd aspect ratios, small shapes anywhere, tinted and noisy backgrounds,
-//! off-topic questions, multi-turn chats).
+//! in its generator's classic style, in the varied style it was trained on
+//! (other phrasings, odd aspect ratios, small shapes anywhere, many kinds of
+//! background, off-topic questions, multi-turn chats), and in the unlike style
+//! whose phrasings, item nouns and backgrounds it never saw.
 
 use std::path::{Path, PathBuf};
 
@@ -150,7 +151,28 @@ fn demo_model_answers_varied_phrasings_images_and_chats() {
     );
 }
 
+/// Phrasings, item nouns and backgrounds the demo model never saw in training
+/// (`Style::Unlike`): it generalises this far, not further.
+#[test]
+fn demo_model_answers_unlike_phrasings_and_backgrounds() {
+    let Some(model) = load_demo_model() else {
+        return;
+    };
+    let mut tasks = Task::ALL.to_vec();
+    tasks.extend(Task::EXTRA);
+    let (accuracy, wrong) = accuracy(&model, Style::Unlike, 626_262, 6, tasks);
+    assert!(
+        accuracy >= MIN_UNLIKE_ACCURACY,
+        "accuracy {accuracy:.3} < {MIN_UNLIKE_ACCURACY}; wrong answers:\n{}",
+        wrong.join("\n")
+    );
+}
+
 /// The floor these tests hold the demo model to: its measured held-out accuracy
-/// is 99.6% classic and 97.5% varied (examples/demo-model/README.md); the margin
+/// is 99.8% classic and 96.5% varied (examples/demo-model/README.md); the margin
 /// is for the samples of 64 and 60 rows (seven wrong answers fail either).
 const MIN_ACCURACY: f64 = 0.9;
+
+/// The floor on the unlike style: measured 87.2% on 400 rows; 60 rows here
+/// (sixteen wrong answers fail).
+const MIN_UNLIKE_ACCURACY: f64 = 0.75;

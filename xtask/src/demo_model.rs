@@ -5,7 +5,8 @@
 //! cargo xtask demo-model package  --out RUN_DIR [--model OUT]
 //! cargo xtask demo-model data     [--data DIR] [--seed N] [--train N] [--heldout N] [--style S]
 //! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
-//! cargo xtask demo-model tower    [--out DIR] [--style S] [--tower-steps N]
+//! cargo xtask demo-model tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
+//! cargo xtask demo-model double-resolution --out DIR
 //! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N]
 //! cargo xtask demo-model samples  [--out DIR]
 //! ```
@@ -58,6 +59,9 @@ struct Args {
     style: Style,
     /// Tower pretraining steps (`tower`, `build`); the default when `None`.
     tower_steps: Option<usize>,
+    /// Tower pretraining peak learning rate; the default when `None` (a
+    /// lower one suits `tower` on an already trained tower).
+    tower_lr: Option<f64>,
 }
 
 fn root() -> PathBuf {
@@ -80,6 +84,7 @@ fn parse(args: &[String]) -> Result<Args> {
         limit: usize::MAX,
         style: Style::Classic,
         tower_steps: None,
+        tower_lr: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -94,6 +99,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--heldout" => parsed.heldout = value()?.parse().context("--heldout")?,
             "--limit" => parsed.limit = value()?.parse().context("--limit")?,
             "--tower-steps" => parsed.tower_steps = Some(value()?.parse().context("--tower-steps")?),
+            "--tower-lr" => parsed.tower_lr = Some(value()?.parse().context("--tower-lr")?),
             "--style" => {
                 let name = value()?;
                 parsed.style = Style::from_name(name).with_context(|| {
@@ -110,7 +116,7 @@ fn parse(args: &[String]) -> Result<Args> {
 pub fn run(args: &[String]) -> Result<()> {
     let (command, rest) = match args.split_first() {
         Some((c, rest)) => (c.as_str(), rest),
-        None => bail!("usage: cargo xtask demo-model <build|data|skeleton|tower|eval|samples> [options] (see xtask/src/demo_model.rs)"),
+        None => bail!("usage: cargo xtask demo-model <build|package|data|skeleton|tower|double-resolution|eval|samples> [options] (see xtask/src/demo_model.rs)"),
     };
     let args = parse(rest)?;
     match command {
@@ -122,10 +128,12 @@ pub fn run(args: &[String]) -> Result<()> {
             let tower = skeleton::tower_for(args.style);
             tower::pretrain(
                 &args.out.join("vision"),
-                tower::Pretrain::for_tower(tower, args.seed, args.tower_steps),
+                tower::Pretrain::for_tower(tower, args.seed, args.tower_steps, args.tower_lr),
             )
             .map(|_| ())
         }
+        // Doubles the resolution of the tower in --out (see `tower::double_resolution`).
+        "double-resolution" => tower::double_resolution(&args.out.join("vision")),
         "skeleton" => {
             let texts = training_text(&args.data.join("train.jsonl"))?;
             skeleton::write(&args.out, &texts, args.seed, skeleton::tower_for(args.style))
@@ -148,7 +156,7 @@ pub fn run(args: &[String]) -> Result<()> {
             samples(&out, args.seed)
         }
         other => {
-            bail!("unknown demo-model command {other:?}; expected build, package, data, skeleton, tower, eval or samples")
+            bail!("unknown demo-model command {other:?}; expected build, package, data, skeleton, tower, double-resolution, eval or samples")
         }
     }
 }

@@ -65,9 +65,12 @@ impl LoadOptions {
     }
 
     /// The context a modality builder gets for the model directory `dir`: this
-    /// device and dtype, and the towers' quantization.
+    /// device, the towers' quantization, and [`Self::tensor_dtype`]: under
+    /// `--dtype bf16` on the CPU the towers stay f32 like the LM's activations
+    /// (candle's CPU bf16 ops are slower than f32, and the demo model's
+    /// random-weight Whisper moved its beep counts by more than a step in bf16).
     pub fn modality_context(&self, dir: impl Into<std::path::PathBuf>) -> multitoken_core::ModalityContext {
-        let mut context = multitoken_core::ModalityContext::new(self.device.clone(), self.dtype, dir);
+        let mut context = multitoken_core::ModalityContext::new(self.device.clone(), self.tensor_dtype(), dir);
         context.quantize = self.quantize_towers;
         context
     }

@@ -278,18 +278,19 @@ fn towers_quantized_at_load_move_only_the_items_and_keep_the_answers() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--quantize-towers") && stderr.contains("q8_0 or q4_1"), "{stderr}");
-    // Blocks are made from f32: other tower dtypes are refused, not left unquantized.
+    // Blocks are made from f32 towers, which `--dtype bf16` keeps on the CPU
+    // (its bf16 is the LM's linears alone), so the two combine there.
     let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
         .args(["generate", "--model", demo.to_str().unwrap(), "--prompt", "hi", "--quantize-towers", "q8_0", "--dtype", "bf16"])
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("--quantize-towers needs f32 towers"), "{stderr}");
+    assert!(out.status.success() && !out.stdout.is_empty(), "{stderr}");
 }
 
 /// `--dtype bf16` on the CPU with a `multitoken.json` model: the LM's linears in
-/// bf16, its activations and projectors f32, the towers bf16; image, audio and
+/// bf16, its activations, projectors and towers f32; image, audio and
 /// document questions get the f32 model's answers (the demo's are short and
 /// far apart, so bf16 rounding does not move them), and before this loaded at
 /// all the projectors had to follow the LM's dtype, not `--dtype`.
@@ -312,13 +313,6 @@ fn bf16_on_the_cpu_keeps_the_demo_answers() {
         let prepared = dense.prepare_chat(&[Message::user(question)], &items).unwrap();
         let want = dense.generate(&prepared, &items, &params, &mut |_| true).unwrap();
         let got = bf16.generate(&prepared, &items, &params, &mut |_| true).unwrap();
-        if key == "speech_audios" {
-            // The demo's Whisper keeps its seeded random weights and its count
-            // sits close to the next one (as under q4_1 towers): bf16 may move
-            // it, but the answer stays a count.
-            assert!(got.text.contains("beeps."), "{question}: {:?}", got.text);
-        } else {
-            assert_eq!(got.text, want.text, "{question}");
-        }
+        assert_eq!(got.text, want.text, "{question}");
     }
 }

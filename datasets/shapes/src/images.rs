@@ -2,8 +2,11 @@
 //! style, [`ShapeSpec::random`] and [`render`]), or in the varied and unlike
 //! styles of [`crate::Style`] ([`ShapeSpec::random_styled`] and
 //! [`render_styled`]): any aspect ratio from 1:4 to 4:1, small to large
-//! shapes anywhere, and backgrounds that are tinted, noisy or (unlike style
-//! only, never in training) graded, dark, speckled or striped.
+//! shapes anywhere, a little tilted or stretched, in a wider range of shades,
+//! on backgrounds that are plain, tinted, noisy, checkered, blotchy,
+//! vignetted, ruled, mid-grey, graded, dark, speckled or striped (varied) or,
+//! unlike style only and never in training, ringed, split in two colours,
+//! dotted or a dark grainy wash.
 
 use image::{Rgb, RgbImage};
 
@@ -71,6 +74,56 @@ impl Colour {
         };
         base.map(|c| (c + rng.range(0, 30) as i32 - 15).clamp(0, 255) as u8)
     }
+
+    /// A shade for the styled images: half the time [`Colour::rgb`]'s, else
+    /// any hue, saturation and value that a person would still call by this
+    /// name (pure `#ff0000`, dark `#008000` and pale yellows included), so a
+    /// model does not learn one exact paint per colour.
+    fn rgb_styled(self, rng: &mut Rng) -> [u8; 3] {
+        if rng.range(0, 1) == 0 {
+            return self.rgb(rng);
+        }
+        let (hue, saturation, value) = match self {
+            Colour::Red => (
+                rng.range_f(-12.0, 10.0),
+                rng.range_f(0.6, 1.0),
+                rng.range_f(0.6, 1.0),
+            ),
+            Colour::Green => (
+                rng.range_f(95.0, 145.0),
+                rng.range_f(0.5, 1.0),
+                rng.range_f(0.45, 1.0),
+            ),
+            Colour::Blue => (
+                rng.range_f(205.0, 240.0),
+                rng.range_f(0.55, 1.0),
+                rng.range_f(0.5, 1.0),
+            ),
+            Colour::Yellow => (
+                rng.range_f(47.0, 60.0),
+                rng.range_f(0.65, 1.0),
+                rng.range_f(0.82, 1.0),
+            ),
+        };
+        hsv_to_rgb(hue, saturation, value)
+    }
+}
+
+/// RGB bytes of a hue in degrees (any real, wrapped), saturation and value in `[0, 1]`.
+fn hsv_to_rgb(hue: f64, saturation: f64, value: f64) -> [u8; 3] {
+    let h = hue.rem_euclid(360.0) / 60.0;
+    let c = value * saturation;
+    let x = c * (1.0 - (h % 2.0 - 1.0).abs());
+    let (r, g, b) = match h as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = value - c;
+    [r, g, b].map(|v| ((v + m) * 255.0).round().clamp(0.0, 255.0) as u8)
 }
 
 /// What one image shows.
@@ -89,6 +142,13 @@ pub struct ShapeSpec {
     pub centre: (f64, f64),
     /// Half extent of the shape, in pixels.
     pub radius: f64,
+    /// Rotation of the shape in radians (0 for classic images).
+    pub tilt: f64,
+    /// Width over height of the shape (1 for classic images).
+    pub stretch: f64,
+    /// A triangle's apex shifted sideways by this fraction of `radius` (0:
+    /// isosceles with the apex centred, the classic triangle).
+    pub apex: f64,
 }
 
 impl ShapeSpec {
@@ -108,6 +168,9 @@ impl ShapeSpec {
             height: None,
             centre: (cx, cy),
             radius,
+            tilt: 0.0,
+            stretch: 1.0,
+            apex: 0.0,
         }
     }
 
@@ -131,20 +194,42 @@ impl ShapeSpec {
         // At least 5% of the long side: a model looks at the image padded to
         // a square and scaled down, and a smaller shape shrinks to a few
         // pixels there, too few to tell a circle from a square.
-        let radius = (short * rng.range_f(0.10, 0.45))
-            .max(long * 0.05)
-            .max(5.0)
+        // Tilt and stretch move corners out to ~1.2 r (square) or ~1.45 r
+        // (triangle) from the centre: `extent` is how far the shape reaches,
+        // the radius that far over `reach`, so that it stays whole.
+        let reach = match shape {
+            Shape::Circle => 1.08,
+            Shape::Square => 1.25,
+            Shape::Triangle => 1.45,
+        };
+        let extent = (short * rng.range_f(0.10, 0.45))
+            .max(long * 0.05 * reach)
+            .max(5.0 * reach)
             .min(short / 2.0 - 2.0);
-        let margin = radius + 2.0;
+        let margin = extent + 2.0;
         let cx = rng.range_f(margin, (w - margin).max(margin + 0.5));
         let cy = rng.range_f(margin, (h - margin).max(margin + 0.5));
+        // A little tilted or stretched, never so much that a square reads as
+        // a diamond or a rectangle, or a circle as an oval.
+        let (tilt, stretch, apex) = match shape {
+            Shape::Circle => (0.0, rng.range_f(0.92, 1.08), 0.0),
+            Shape::Square => (rng.range_f(-0.2, 0.2), rng.range_f(0.93, 1.07), 0.0),
+            Shape::Triangle => (
+                rng.range_f(-0.25, 0.25),
+                rng.range_f(0.8, 1.25),
+                rng.range_f(-0.5, 0.5),
+            ),
+        };
         Self {
             shape,
             colour,
             size: w.round() as u32,
             height: Some(h.round() as u32),
             centre: (cx, cy),
-            radius,
+            radius: extent / reach,
+            tilt,
+            stretch,
+            apex,
         }
     }
 
@@ -156,19 +241,28 @@ impl ShapeSpec {
     /// Whether the point `(x, y)` lies inside the shape.
     pub fn contains(&self, x: f64, y: f64) -> bool {
         let (dx, dy) = (x - self.centre.0, y - self.centre.1);
+        // Into the shape's own frame: undo the tilt, then the stretch.
+        let (sin, cos) = self.tilt.sin_cos();
+        let (dx, dy) = (dx * cos + dy * sin, -dx * sin + dy * cos);
+        let stretch = self.stretch.sqrt();
+        let (dx, dy) = (dx / stretch, dy * stretch);
         let r = self.radius;
         match self.shape {
             Shape::Circle => dx * dx + dy * dy <= r * r,
             // Same area as the circle would be too big; 0.85 r keeps sizes comparable.
             Shape::Square => dx.abs() <= 0.85 * r && dy.abs() <= 0.85 * r,
             Shape::Triangle => {
-                // Apex at (0, -r), base from (-r, 0.8 r) to (r, 0.8 r).
+                // Apex at (apex r, -r), base from (-r, 0.8 r) to (r, 0.8 r).
                 let bottom = 0.8 * r;
                 if dy < -r || dy > bottom {
                     return false;
                 }
-                let half_width = r * (dy + r) / (bottom + r);
-                dx.abs() <= half_width
+                let t = (dy + r) / (bottom + r);
+                let (left, right) = (
+                    self.apex * r * (1.0 - t) - r * t,
+                    self.apex * r * (1.0 - t) + r * t,
+                );
+                (left..=right).contains(&dx)
             }
         }
     }
@@ -204,14 +298,38 @@ enum Background {
     Tinted([f64; 3]),
     /// A light colour with per-pixel noise of this amplitude.
     Noisy([f64; 3], f64),
-    /// Unlike only: a vertical gradient between two light colours.
-    Gradient([f64; 3], [f64; 3]),
-    /// Unlike only: a dark grey.
+    /// Varied only: a checkerboard of two light colours, cells this many pixels wide.
+    Checker([f64; 3], [f64; 3], u32),
+    /// Varied only: soft blotches between two light colours (a product of
+    /// two sines of these angular frequencies and phases).
+    Blotches([f64; 3], [f64; 3], [f64; 4]),
+    /// Varied only: a light centre darkening towards the corners to this colour.
+    Vignette([f64; 3], [f64; 3]),
+    /// Varied only: thin lines of the second colour every this many pixels,
+    /// horizontal, vertical or both (`[rows, columns]`).
+    Ruled([f64; 3], [f64; 3], u32, [bool; 2]),
+    /// Varied only: a mid-grey tint (luminance 100-200) with light noise.
+    MidTone([f64; 3], f64),
+    /// Varied only: a gradient between two colours along this direction
+    /// (a unit vector in pixel space).
+    Gradient([f64; 3], [f64; 3], [f64; 2]),
+    /// Varied only: a dark grey or dark tint.
     Dark([f64; 3]),
-    /// Unlike only: a light colour with sparse black and white specks.
+    /// Varied only: a light colour with sparse black and white specks.
     Speckled([f64; 3]),
-    /// Unlike only: light stripes of two shades, this many pixels wide.
-    Stripes([f64; 3], [f64; 3], u32),
+    /// Varied only: stripes of two shades, this many pixels wide, at this
+    /// angle (`[cos, sin]` of the stripes' normal).
+    Stripes([f64; 3], [f64; 3], u32, [f64; 2]),
+    /// Unlike only: concentric rings of two light shades around a point
+    /// (fractions of width and height), this many pixels apart.
+    Rings([f64; 3], [f64; 3], u32, [f64; 2]),
+    /// Unlike only: two flat colours split by a diagonal line.
+    Split([f64; 3], [f64; 3]),
+    /// Unlike only: a light colour with a regular grid of small darker dots,
+    /// this many pixels apart.
+    Dots([f64; 3], [f64; 3], u32),
+    /// Unlike only: a dark-to-mid horizontal wash with fine grain.
+    Wash([f64; 3], [f64; 3]),
 }
 
 fn light(rng: &mut Rng) -> [f64; 3] {
@@ -230,42 +348,175 @@ impl Background {
     fn random(style: Style, rng: &mut Rng) -> Self {
         match style {
             Style::Unlike => match rng.range(0, 3) {
-                0 => Background::Gradient(pastel(rng, 0.3), pastel(rng, 0.3)),
-                1 => Background::Dark([rng.range_f(30.0, 70.0); 3]),
-                2 => Background::Speckled(pastel(rng, 0.2)),
-                _ => Background::Stripes(pastel(rng, 0.2), light(rng), rng.range(3, 12) as u32),
+                0 => Background::Rings(
+                    pastel(rng, 0.25),
+                    light(rng),
+                    rng.range(4, 14) as u32,
+                    [rng.unit(), rng.unit()],
+                ),
+                1 => Background::Split(pastel(rng, 0.35), pastel(rng, 0.35)),
+                2 => {
+                    let base = pastel(rng, 0.2);
+                    Background::Dots(base, base.map(|v| v * 0.6), rng.range(7, 16) as u32)
+                }
+                _ => {
+                    let dark = rng.range_f(15.0, 60.0);
+                    let mid = rng.range_f(110.0, 170.0);
+                    Background::Wash([dark; 3], [0, 1, 2].map(|_| mid + rng.range_f(-20.0, 20.0)))
+                }
             },
-            _ => match rng.range(0, 3) {
-                0 => Background::Plain(light(rng)),
-                1 => Background::Tinted(pastel(rng, 0.3)),
-                2 => Background::Noisy(light(rng), rng.range_f(8.0, 30.0)),
-                _ => Background::Noisy(pastel(rng, 0.3), rng.range_f(8.0, 30.0)),
+            // Thirteen kinds (plain twice as often) of flat colours, textures, tones and
+            // gradients, none of them an unlike family: the tower learns to
+            // ignore backgrounds in general, and the unlike set measures that
+            // on ones it never saw.
+            _ => match rng.range(0, 13) {
+                0 | 1 => Background::Plain(light(rng)),
+                2 => Background::Tinted(pastel(rng, 0.3)),
+                3 => Background::Noisy(light(rng), rng.range_f(8.0, 30.0)),
+                4 => Background::Noisy(pastel(rng, 0.3), rng.range_f(8.0, 30.0)),
+                5 => Background::Checker(pastel(rng, 0.25), light(rng), rng.range(4, 24) as u32),
+                6 => {
+                    let period = |rng: &mut Rng| std::f64::consts::TAU / rng.range_f(16.0, 90.0);
+                    let params = [
+                        period(rng),
+                        period(rng),
+                        rng.range_f(0.0, 6.3),
+                        rng.range_f(0.0, 6.3),
+                    ];
+                    Background::Blotches(pastel(rng, 0.3), pastel(rng, 0.3), params)
+                }
+                7 => {
+                    let centre = pastel(rng, 0.2);
+                    let dim = rng.range_f(0.5, 0.85);
+                    Background::Vignette(centre, centre.map(|v| v * dim))
+                }
+                8 => {
+                    let line = rng.range_f(110.0, 200.0);
+                    let lines = [[true, false], [false, true], [true, true]][rng.range(0, 2)];
+                    Background::Ruled(light(rng), [line; 3], rng.range(6, 20) as u32, lines)
+                }
+                9 => {
+                    let grey = rng.range_f(100.0, 200.0);
+                    Background::MidTone(
+                        [0, 1, 2].map(|_| grey + rng.range_f(-25.0, 25.0)),
+                        rng.range_f(0.0, 10.0),
+                    )
+                }
+                10 => {
+                    let angle = rng.range_f(0.0, std::f64::consts::TAU);
+                    Background::Gradient(
+                        pastel(rng, 0.3),
+                        pastel(rng, 0.3),
+                        [angle.cos(), angle.sin()],
+                    )
+                }
+                11 => {
+                    let grey = rng.range_f(20.0, 90.0);
+                    Background::Dark([0, 1, 2].map(|_| grey + rng.range_f(-12.0, 12.0)))
+                }
+                12 => Background::Speckled(pastel(rng, 0.2)),
+                _ => {
+                    let angle = rng.range_f(0.0, std::f64::consts::PI);
+                    Background::Stripes(
+                        pastel(rng, 0.2),
+                        light(rng),
+                        rng.range(3, 12) as u32,
+                        [angle.cos(), angle.sin()],
+                    )
+                }
             },
         }
     }
 
-    fn at(&self, x: u32, y: u32, height: u32, rng: &mut Rng) -> [f64; 3] {
+    fn at(&self, x: u32, y: u32, (width, height): (u32, u32), rng: &mut Rng) -> [f64; 3] {
         match *self {
             Background::Plain(c) | Background::Tinted(c) | Background::Dark(c) => c,
-            Background::Noisy(c, amplitude) => {
+            Background::Noisy(c, amplitude) | Background::MidTone(c, amplitude) => {
                 let n = rng.range_f(-amplitude, amplitude);
                 c.map(|v| v + n + rng.range_f(-amplitude, amplitude) * 0.3)
             }
-            Background::Gradient(top, bottom) => {
-                let t = f64::from(y) / f64::from(height.max(2) - 1);
-                [0, 1, 2].map(|i| top[i] * (1.0 - t) + bottom[i] * t)
+            Background::Checker(a, b, cell) => {
+                let cell = cell.max(1);
+                if (x / cell + y / cell).is_multiple_of(2) {
+                    a
+                } else {
+                    b
+                }
+            }
+            Background::Blotches(a, b, [kx, ky, px, py]) => {
+                let t = 0.5 + 0.5 * (kx * f64::from(x) + px).sin() * (ky * f64::from(y) + py).sin();
+                [0, 1, 2].map(|i| a[i] * (1.0 - t) + b[i] * t)
+            }
+            Background::Vignette(centre, edge) => {
+                let u = 2.0 * f64::from(x) / f64::from(width.max(2)) - 1.0;
+                let v = 2.0 * f64::from(y) / f64::from(height.max(2)) - 1.0;
+                let t = ((u * u + v * v) / 2.0).min(1.0);
+                [0, 1, 2].map(|i| centre[i] * (1.0 - t) + edge[i] * t)
+            }
+            Background::Ruled(base, line, every, [rows, columns]) => {
+                let every = every.max(2);
+                if (rows && y.is_multiple_of(every)) || (columns && x.is_multiple_of(every)) {
+                    line
+                } else {
+                    base
+                }
+            }
+            Background::Gradient(from, to, [dx, dy]) => {
+                // Position along the direction, 0 at one corner, 1 at the opposite one.
+                let (w, h) = (f64::from(width.max(2) - 1), f64::from(height.max(2) - 1));
+                let along = |x: f64, y: f64| x * dx + y * dy;
+                let corners = [along(0.0, 0.0), along(w, 0.0), along(0.0, h), along(w, h)];
+                let lo = corners.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = corners.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let t = (along(f64::from(x), f64::from(y)) - lo) / (hi - lo).max(1.0);
+                [0, 1, 2].map(|i| from[i] * (1.0 - t) + to[i] * t)
             }
             Background::Speckled(c) => match rng.range(0, 19) {
                 0 => [10.0; 3],
                 1 => [250.0; 3],
                 _ => c,
             },
-            Background::Stripes(a, b, width) => {
-                if ((x + y) / width.max(1)).is_multiple_of(2) {
+            Background::Stripes(a, b, width, [nx, ny]) => {
+                let along = f64::from(x) * nx + f64::from(y) * ny;
+                if ((along / f64::from(width.max(1))).floor() as i64).rem_euclid(2) == 0 {
                     a
                 } else {
                     b
                 }
+            }
+            Background::Rings(a, b, every, [fx, fy]) => {
+                let (cx, cy) = (fx * f64::from(width), fy * f64::from(height));
+                let r = (f64::from(x) - cx).hypot(f64::from(y) - cy);
+                if ((r / f64::from(every.max(1))) as u64).is_multiple_of(2) {
+                    a
+                } else {
+                    b
+                }
+            }
+            Background::Split(a, b) => {
+                // The diagonal from the top-right to the bottom-left corner.
+                let t = f64::from(x) / f64::from(width.max(1))
+                    + f64::from(y) / f64::from(height.max(1));
+                if t < 1.0 {
+                    a
+                } else {
+                    b
+                }
+            }
+            Background::Dots(base, dot, every) => {
+                let every = every.max(4);
+                let (u, v) = (x % every, y % every);
+                let centre = every / 2;
+                if u.abs_diff(centre) + v.abs_diff(centre) <= 1 {
+                    dot
+                } else {
+                    base
+                }
+            }
+            Background::Wash(left, right) => {
+                let t = f64::from(x) / f64::from(width.max(2) - 1);
+                let grain = rng.range_f(-6.0, 6.0);
+                [0, 1, 2].map(|i| left[i] * (1.0 - t) + right[i] * t + grain)
             }
         }
     }
@@ -278,7 +529,7 @@ pub fn render_styled(spec: &ShapeSpec, style: Style, rng: &mut Rng) -> RgbImage 
         return render(spec, rng);
     }
     let background = Background::random(style, rng);
-    let fill = spec.colour.rgb(rng).map(f64::from);
+    let fill = spec.colour.rgb_styled(rng).map(f64::from);
     let height = spec.height();
     let mut image = RgbImage::new(spec.size, height);
     for y in 0..height {
@@ -289,7 +540,7 @@ pub fn render_styled(spec: &ShapeSpec, style: Style, rng: &mut Rng) -> RgbImage 
                     hits += 0.25;
                 }
             }
-            let back = background.at(x, y, height, rng);
+            let back = background.at(x, y, (spec.size, height), rng);
             let pixel = [0, 1, 2].map(|i| {
                 (back[i] * (1.0 - hits) + fill[i] * hits)
                     .round()

@@ -49,14 +49,18 @@ pub enum Style {
     Classic,
     /// Several dozen phrasings per task (many naming the item: "the picture",
     /// "the clip", "the document"...), images of aspect 1:4 to 4:1 with small
-    /// to large shapes anywhere on plain, tinted or noisy backgrounds, plus
-    /// the [`Task::Unanswerable`] and [`Task::MultiTurn`] tasks (chats that
-    /// switch items or attach several at once). A quarter of the classic
-    /// tasks' rows are classic rows. For training.
+    /// to large shapes anywhere, a little tilted or stretched, in many shades,
+    /// on thirteen kinds of background (plain, tinted, noisy, checkered,
+    /// blotchy, vignetted, ruled, mid-grey, graded, dark, speckled, striped),
+    /// plus the [`Task::Unanswerable`] and [`Task::MultiTurn`] tasks (chats
+    /// that switch items or attach several at once, and pick an item by its
+    /// noun or by what is asked). A quarter of the classic tasks' rows are
+    /// classic rows. For training.
     Varied,
     /// A test style sharing no phrasing, item noun or background with
-    /// `Varied` or `Classic` (graded, dark, speckled and striped backgrounds),
-    /// for measuring how a model trained on `Varied` generalises.
+    /// `Varied` or `Classic` (ringed, two-colour split, dotted and dark grainy
+    /// wash backgrounds), for measuring how a model trained on `Varied`
+    /// generalises.
     Unlike,
 }
 

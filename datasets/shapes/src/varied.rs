@@ -39,6 +39,11 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
         "this photograph",
         "the screenshot",
         "the frame",
+        "the sketch",
+        "this artwork",
+        "the diagram",
+        "this shot",
+        "the visual",
     ],
     &[
         "the pic",
@@ -66,6 +71,10 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
         "the attached audio",
         "my recording",
         "the noise",
+        "this audio file",
+        "the wav",
+        "this soundbite",
+        "the signal",
     ],
     &[
         "this sound file",
@@ -90,8 +99,36 @@ pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
         "my file",
         "the paper",
         "the passage",
+        "the essay",
+        "this report",
+        "the doc",
+        "this story",
     ],
     &["this page", "the article", "the note", "the writing"],
+];
+
+/// Noun phrases that name no kind (varied style only): in chats with several
+/// items they go with questions whose own words tell the kind ("How many
+/// beeps are in the attachment?"), so the model learns to pick the item by
+/// what is asked, not only by the noun (unseen nouns, "the track", sent
+/// questions to the image before).
+pub const NEUTRAL_NOUNS: &[&str] = &[
+    "the attachment",
+    "the item",
+    "the upload",
+    "what I sent",
+    "the input",
+    "the thing I shared",
+    "this attachment",
+];
+
+/// Words that tie a question to one kind of item whatever its noun says
+/// ("about" does not: "Tell me about {it}" describes any kind).
+const KIND_WORDS: &[&str] = &[
+    "shape", "colour", "color", "hue", "shade", "figure", "form", "outline", "drawn", "see",
+    "pictured", "depicted", "beep", "tone", "pip", "bleep", "pitch", "high", "hear", "sound",
+    "audible", "plays", "topic", "subject", "theme", "gist", "field", "discuss", "talk",
+    "area", "text",
 ];
 
 /// Question templates per task and style (`[varied, unlike]`).
@@ -228,6 +265,10 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Say what {it} shows.",
         "Describe the image.",
         "What do you see?",
+        "Walk me through {it}.",
+        "Break down {it} for me.",
+        "Go over {it}.",
+        "Give me an overview of {it}.",
     ],
     &[
         "What's going on in {it}?",
@@ -261,6 +302,24 @@ pub const COMPARE: [&[&str]; 2] = [
         "Can you tell me which image shows {thing}?",
         "Pick the image with {thing}.",
         "Which photo shows {thing}?",
+        "Which of these has {thing}?",
+        "Where can I see {thing}?",
+        "{thing}: first picture or second?",
+        "Do you see {thing} in the first image or in the second one?",
+        "Which one of the two photos contains {thing}?",
+        "Look at both images. Which one has {thing}?",
+        "Between the two pictures, which shows {thing}?",
+        "Spot {thing}: image 1 or image 2?",
+        "Is there {thing} in the first picture or the second?",
+        "One of these images has {thing}. Which one?",
+        "Which of the two has {thing}?",
+        "Where is {thing}?",
+        "Which image has {thing}?",
+        "Tell me which picture contains {thing}.",
+        "Does {thing} appear in the first or the second photo?",
+        "I'm looking for {thing}. Which image?",
+        "Which frame shows {thing}?",
+        "Which of the images contains {thing}?",
     ],
     &[
         "Out of these two pictures, which has {thing}?",
@@ -361,6 +420,10 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "What plays in {it}?",
         "Describe the sound.",
         "What do you hear?",
+        "Walk me through {it}.",
+        "Break down {it} for me.",
+        "Go over {it}.",
+        "Give me an overview of {it}.",
     ],
     &[
         "Give me a description of {it}.",
@@ -402,6 +465,9 @@ pub const TOPIC: [&[&str]; 2] = [
         "What's the subject of {it}?",
         "What is this document about?",
         "What topic is this?",
+        "Walk me through {it}.",
+        "Break down {it} for me.",
+        "Give me an overview of {it}.",
     ],
     &[
         "What's {it} on about?",
@@ -441,6 +507,38 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Why was {it} made?",
         "How much does {it} cost?",
         "Is {it} copyrighted?",
+        "/clear",
+        "/exit",
+        "/settings",
+        "/new",
+        "/undo",
+        "What's the date today?",
+        "Who wrote {it}?",
+        "How old are you?",
+        "Where do you live?",
+        "Do you like pizza?",
+        "Tell me a story about dragons.",
+        "What should I eat for dinner?",
+        "Recommend a good book.",
+        "How do I fix my bike?",
+        "Who invented the telephone?",
+        "What is the population of Japan?",
+        "Compose a limerick.",
+        "What do you think about politics?",
+        "Can you call my mother?",
+        "Set an alarm for seven.",
+        "Where is the nearest station?",
+        "How tall is Mount Everest?",
+        "Which language do you speak?",
+        "What did I have for breakfast?",
+        "Who took {it}?",
+        "When was {it} sent?",
+        "Where did {it} come from?",
+        "What app made {it}?",
+        "Is {it} real or fake?",
+        "Who owns {it}?",
+        "What year is it?",
+        "Are you a robot?",
     ],
     &[
         "/reset",
@@ -490,16 +588,35 @@ fn ask_as(templates: [&[&str]; 2], kind: Kind, style: Style, named: bool, rng: &
         Kind::Audio => AUDIO_NOUNS,
         Kind::Document => DOCUMENT_NOUNS,
     };
-    let templates: Vec<&str> = templates[lists(style)]
-        .iter()
-        .copied()
-        .filter(|t| !named || t.contains("{it}"))
-        .collect();
-    let nouns: Vec<&str> = nouns[lists(style)]
-        .iter()
-        .copied()
-        .filter(|n| !named || !matches!(*n, "this" | "it"))
-        .collect();
+    let identifies_kind = |t: &str| {
+        let lower = t.to_lowercase();
+        KIND_WORDS.iter().any(|w| lower.contains(w))
+    };
+    // Where several items are in play (`named`), a question must tell which
+    // one it means: by its noun, or (varied style, half the time) by
+    // its own words, with a noun that names no kind or with none.
+    let mut by_words = named && style == Style::Varied && rng.range(0, 1) == 0;
+    let usable = |by_words: bool| -> Vec<&str> {
+        templates[lists(style)]
+            .iter()
+            .copied()
+            .filter(|t| !named || if by_words { identifies_kind(t) } else { t.contains("{it}") })
+            .collect()
+    };
+    let mut templates = usable(by_words);
+    if templates.is_empty() {
+        by_words = false;
+        templates = usable(false);
+    }
+    let nouns: Vec<&str> = if by_words {
+        NEUTRAL_NOUNS.to_vec()
+    } else {
+        nouns[lists(style)]
+            .iter()
+            .copied()
+            .filter(|n| !named || !matches!(*n, "this" | "it"))
+            .collect()
+    };
     let template = pick(&templates, rng);
     let noun = pick(&nouns, rng);
     surface(&fill(template, noun), style, rng)

@@ -51,7 +51,7 @@ pub fn run(args: &Args) -> Result<()> {
     if args.style != Style::Classic {
         super::tower::pretrain_cached(
             &init.join("vision"),
-            super::tower::Pretrain::for_tower(tower, args.seed, args.tower_steps),
+            super::tower::Pretrain::for_tower(tower, args.seed, args.tower_steps, args.tower_lr),
             &work.join("towers"),
         )?;
     }

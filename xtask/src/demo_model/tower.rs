@@ -36,12 +36,18 @@ pub struct Pretrain {
 }
 
 impl Pretrain {
-    /// The demo build's settings for `tower` (`steps` overrides the default).
-    pub fn for_tower(tower: super::skeleton::Tower, seed: u64, steps: Option<usize>) -> Self {
+    /// The demo build's settings for `tower` (`steps` and `learning_rate`
+    /// override the defaults).
+    pub fn for_tower(
+        tower: super::skeleton::Tower,
+        seed: u64,
+        steps: Option<usize>,
+        learning_rate: Option<f64>,
+    ) -> Self {
         Self {
             steps: steps.unwrap_or(3000),
             batch: 32,
-            learning_rate: 1e-3,
+            learning_rate: learning_rate.unwrap_or(1e-3),
             pool: tower.pool,
             seed,
         }
@@ -383,9 +389,134 @@ fn pretrain_on_all_cores(vision_dir: &Path, settings: Pretrain) -> Result<Vec<St
     Ok(report)
 }
 
+/// Doubles the tower's input resolution in `vision_dir` without changing
+/// what it computes: image size and patch size ×2 (so the same 12×12 grid and
+/// position embeddings), each patch-embedding weight spread over the 2×2
+/// pixels it now covers at a quarter of its value. On an image resized to the
+/// new size the tower then sees each old pixel's average, as before, and
+/// further training can use the detail inside a patch (a small triangle is a
+/// few pixels across at 96 px). The LM's projector reads the same features.
+pub fn double_resolution(vision_dir: &Path) -> Result<()> {
+    let config_path = vision_dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?,
+    )?;
+    let doubled = |value: &mut serde_json::Value, name: &str| -> Result<usize> {
+        let old = value
+            .as_u64()
+            .with_context(|| format!("{}: {name} is not a number", config_path.display()))?;
+        *value = serde_json::Value::from(2 * old);
+        Ok(old as usize)
+    };
+    let image = doubled(&mut config["image_size"], "image_size")?;
+    doubled(&mut config["patch_size"], "patch_size")?;
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)? + "\n")
+        .with_context(|| format!("writing {}", config_path.display()))?;
+
+    let processor_path = vision_dir.join("preprocessor_config.json");
+    let mut processor: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&processor_path)
+            .with_context(|| format!("reading {}", processor_path.display()))?,
+    )?;
+    let side = serde_json::Value::from(2 * image);
+    processor["size"] = serde_json::json!({ "shortest_edge": side });
+    processor["crop_size"] = serde_json::json!({ "height": side, "width": side });
+    std::fs::write(
+        &processor_path,
+        serde_json::to_string_pretty(&processor)? + "\n",
+    )
+    .with_context(|| format!("writing {}", processor_path.display()))?;
+
+    let weights = vision_dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu)?;
+    let name = "embeddings.patch_embedding.weight";
+    let patch = tensors
+        .get(name)
+        .with_context(|| format!("{}: no {name}", weights.display()))?;
+    // [out, in, k, k] -> [out, in, 2k, 2k]: each tap repeated over 2×2, a quarter each.
+    let (out, channels, k, _) = patch.dims4()?;
+    let spread = patch
+        .unsqueeze(3)?
+        .unsqueeze(5)?
+        .repeat((1, 1, 1, 2, 1, 2))?
+        .reshape((out, channels, 2 * k, 2 * k))?;
+    let spread = (spread * 0.25)?;
+    tensors.insert(name.to_string(), spread);
+    candle_core::safetensors::save(&tensors, &weights)
+        .with_context(|| format!("writing {}", weights.display()))?;
+    println!(
+        "{}: {} px, patches of {} px",
+        vision_dir.display(),
+        2 * image,
+        2 * k
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pooled features the LM reads, of the tower in `vision_dir`, for `image`.
+    fn features(vision_dir: &Path, image: &image::RgbImage) -> Vec<f32> {
+        let config: ClipVisionConfig =
+            serde_json::from_str(&std::fs::read_to_string(vision_dir.join("config.json")).unwrap())
+                .unwrap();
+        let processor = ImageProcessorConfig::from_model_dir(vision_dir).unwrap();
+        let tensors =
+            candle_core::safetensors::load(vision_dir.join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let tower = ClipVisionTower::load(&config, vb).unwrap();
+        let rgb = multitoken_vision::RgbImage {
+            width: image.width() as usize,
+            height: image.height() as usize,
+            pixels: image.as_raw().clone(),
+        };
+        let (pixels, _, _) = processor.preprocess(&rgb).unwrap();
+        let side = config.image_size;
+        let pixels = Tensor::from_vec(pixels, (1, 3, side, side), &Device::Cpu).unwrap();
+        let out = tower.forward(&pixels, None).unwrap();
+        let last = out.hidden_states.last().unwrap();
+        let patches = last.narrow(1, 1, config.num_patches()).unwrap();
+        multitoken_vision::modality::spatial_pool(&patches, config.grid(), 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// A doubled tower reads a 192 px image as the original read it at 96 px
+    /// (the same features up to the resampling's differences), so the LM's
+    /// projector still fits it.
+    #[test]
+    fn doubled_resolution_keeps_the_features() {
+        let dir = std::env::temp_dir().join(format!("xtask-double-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let vision = dir.join("vision");
+        std::fs::create_dir_all(&vision).unwrap();
+        super::super::skeleton::write_vision(&vision, 5, super::super::skeleton::Tower::STYLED)
+            .unwrap();
+        let mut rng = Rng::new(3);
+        let spec = ShapeSpec::random_styled(Shape::Triangle, Colour::Blue, Style::Varied, &mut rng);
+        let image = images::render_styled(&spec, Style::Varied, &mut rng);
+        let before = features(&vision, &image);
+        double_resolution(&vision).unwrap();
+        let config = std::fs::read_to_string(vision.join("config.json")).unwrap();
+        assert!(config.contains("\"image_size\": 192"), "{config}");
+        let after = features(&vision, &image);
+        assert_eq!(before.len(), after.len());
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let diff: Vec<f32> = before.iter().zip(&after).map(|(a, b)| a - b).collect();
+        let relative = norm(&diff) / norm(&before);
+        assert!(
+            relative < 0.05,
+            "features moved by {relative:.3} of their norm"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A few steps change the tower's weights (and only the tower's: the head
     /// is not saved), and a second run with the same tower and settings takes
