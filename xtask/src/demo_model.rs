@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo xtask demo-model build    [--data DIR] [--model OUT] [--seed N] [--style S] [--tower-steps N]
-//! cargo xtask demo-model package  --out RUN_DIR [--model OUT]
+//! cargo xtask demo-model package  --out RUN_DIR [--model OUT] [--data DIR] [--style S]
 //! cargo xtask demo-model data     [--data DIR] [--seed N] [--train N] [--heldout N] [--style S]
 //! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
 //! cargo xtask demo-model tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
@@ -106,18 +106,40 @@ fn parse(args: &[String]) -> Result<Args> {
                     format!("--style: unknown style {name:?} (classic, varied or unlike)")
                 })?
             }
-            other => bail!("unknown argument {other:?}"),
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
     }
     Ok(parsed)
 }
 
+/// The commands and options, as the module docs list them.
+const USAGE: &str = "\
+usage: cargo xtask demo-model <command> [options]
+
+  build    [--data DIR] [--model OUT] [--seed N] [--style S] [--tower-steps N] [--tower-lr F]
+  package  --out RUN_DIR [--model OUT] [--data DIR] [--style S]
+  data     [--data DIR] [--seed N] [--train N] [--heldout N] [--style S]
+  skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
+  tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
+  double-resolution --out DIR
+  eval     [--model DIR] [--dataset FILE] [--limit N]
+  samples  [--out DIR]
+
+S is classic, varied or unlike; details in xtask/src/demo_model.rs.";
+
 /// Run this task.
 pub fn run(args: &[String]) -> Result<()> {
     let (command, rest) = match args.split_first() {
         Some((c, rest)) => (c.as_str(), rest),
-        None => bail!("usage: cargo xtask demo-model <build|package|data|skeleton|tower|double-resolution|eval|samples> [options] (see xtask/src/demo_model.rs)"),
+        None => {
+            println!("{USAGE}");
+            return Ok(());
+        }
     };
+    if matches!(command, "-h" | "--help" | "help") || rest.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let args = parse(rest)?;
     match command {
         "build" => build::run(&args),
@@ -156,7 +178,7 @@ pub fn run(args: &[String]) -> Result<()> {
             samples(&out, args.seed)
         }
         other => {
-            bail!("unknown demo-model command {other:?}; expected build, package, data, skeleton, tower, double-resolution, eval or samples")
+            bail!("unknown demo-model command {other:?}\n\n{USAGE}")
         }
     }
 }

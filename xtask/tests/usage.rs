@@ -19,3 +19,18 @@ fn no_task_prints_usage() {
         assert!(!text.contains("Error:"), "{args:?}: {text}");
     }
 }
+
+/// `cargo xtask demo-model` with no command or with `--help` prints its own
+/// commands and options (the binary is built with `models` here).
+#[cfg(feature = "models")]
+#[test]
+fn demo_model_help_prints_its_usage() {
+    for args in [&["demo-model"][..], &["demo-model", "--help"], &["demo-model", "eval", "--help"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {text}");
+        assert!(text.contains("usage: cargo xtask demo-model"), "{args:?}: {text}");
+        assert!(text.contains("double-resolution --out DIR"), "{args:?}: {text}");
+        assert!(!text.contains("Error:"), "{args:?}: {text}");
+    }
+}
