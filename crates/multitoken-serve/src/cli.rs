@@ -42,7 +42,7 @@ pub struct ServeArgs {
     /// Activation / weight dtype: f32, f16 or bf16. A GGUF keeps its quantized
     /// matrices unless `--dequantize` is given. On the CPU, bf16 keeps the LM's
     /// linear weights in bf16 (AMX / AVX-512 BF16 products where the CPU has
-    /// them) while its activations, norms and attention stay f32; a quantized
+    /// them) while its activations, norms, attention and the towers stay f32; a quantized
     /// model's prefill then multiplies in bf16 on AMX (faster, not exact).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
