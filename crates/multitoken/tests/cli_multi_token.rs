@@ -90,3 +90,31 @@ fn cli_generate_on_multi_token_outputs_matches_multi_token() -> TestResult {
     }
     Ok(())
 }
+
+/// `--model` given relative to the working directory, with the tower named in
+/// `multitoken_import.json` relative to the output: the same answer as the
+/// absolute path (the tower path was joined to the model directory twice).
+#[test]
+fn relative_model_path_finds_the_imported_tower() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let image = fixtures().join("images").join("a_40x30.png");
+    let run = |model: &str, dir: &Path| -> Result<Value, Box<dyn std::error::Error>> {
+        let out = Command::new(env!("CARGO_BIN_EXE_multitoken"))
+            .current_dir(dir)
+            .args(["generate", "--model", model, "--image"])
+            .arg(&image)
+            .args(["--prompt", "What is this?", "--max-new-tokens", "3", "--ignore-eos", "--json"])
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("{model}: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        let stdout = String::from_utf8(out.stdout)?;
+        Ok(serde_json::from_str(stdout.lines().last().ok_or("no stdout")?)?)
+    };
+    let relative = run("tests/fixtures/multi_token/output_pool", &root)?;
+    let absolute = run(&fixtures().join("output_pool").display().to_string(), &root)?;
+    assert_eq!(ids(&relative["token_ids"]), ids(&absolute["token_ids"]));
+    assert_eq!(ids(&relative["token_ids"]).len(), 3);
+    Ok(())
+}

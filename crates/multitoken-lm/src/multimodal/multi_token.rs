@@ -200,6 +200,9 @@ pub(super) fn load_multi_token(
                     dir.display()
                 ))
             })?;
+            // The builder resolves a relative tower against the model directory,
+            // which `tower` already starts with (a relative `--model` joined it twice).
+            let tower = std::path::absolute(&tower).unwrap_or(tower);
             let mut builder_config = recipe.config.clone();
             if let Value::Object(map) = &mut builder_config {
                 map.insert("tower".into(), Value::String(tower.display().to_string()));
