@@ -347,15 +347,7 @@ pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let cfg = parse_config(&dir.join("config.json"))?;
     let weights = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
-    let quantized = opts.quantize.map(|format| crate::quantize::QuantizingSource::new(&weights, format));
-    let source: &dyn crate::weights::WeightSource = match &quantized {
-        Some(q) => q,
-        None => &weights,
-    };
-    if opts.cpu_bf16() {
-        return load_hf_dir_with(dir, &cfg, &crate::quantize::Bf16LinearsSource::new(source));
-    }
-    load_hf_dir_with(dir, &cfg, source)
+    opts.with_lm_weights(&weights, |source| load_hf_dir_with(dir, &cfg, source))
 }
 
 /// Like [`load_hf_dir`] with the config and the weights given (e.g. a

@@ -64,6 +64,30 @@ impl LoadOptions {
         }
     }
 
+    /// Runs `load` on `weights` wrapped as these options ask for an LM's
+    /// linears: quantized as they are read ([`Self::quantize`],
+    /// [`crate::quantize::QuantizingSource`]), then kept in bf16 under
+    /// [`Self::cpu_bf16`] ([`crate::quantize::Bf16LinearsSource`]). Every
+    /// loader that builds an LM from its own weight source (an HF directory,
+    /// llava, multi_token, the VLM families, MoE) goes through here, so
+    /// `--quantize` and `--dtype bf16` mean the same for each.
+    pub fn with_lm_weights<T, E>(
+        &self,
+        weights: &dyn crate::weights::WeightSource,
+        load: impl FnOnce(&dyn crate::weights::WeightSource) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let quantized = self.quantize.map(|format| crate::quantize::QuantizingSource::new(weights, format));
+        let source: &dyn crate::weights::WeightSource = match &quantized {
+            Some(q) => q,
+            None => weights,
+        };
+        if self.cpu_bf16() {
+            load(&crate::quantize::Bf16LinearsSource::new(source))
+        } else {
+            load(source)
+        }
+    }
+
     /// The context a modality builder gets for the model directory `dir`: this
     /// device, the towers' quantization, and [`Self::tensor_dtype`]: under
     /// `--dtype bf16` on the CPU the towers stay f32 like the LM's activations

@@ -44,7 +44,7 @@ pub fn load_moe_dir(dir: &Path, opts: &LoadOptions) -> multitoken_lm::Result<Loa
     let mut shell = moe.hf.clone();
     shell.model.num_layers = 0;
     shell.layer_sliding_windows = None;
-    let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    let weights = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
     let mut loaded = load_hf_dir_with(dir, &shell, &weights)?;
     loaded.model = Arc::new(moe.model);
     Ok(loaded)
@@ -54,19 +54,30 @@ pub fn load_moe_dir(dir: &Path, opts: &LoadOptions) -> multitoken_lm::Result<Loa
 pub fn load_moe_lm(dir: &Path, opts: &LoadOptions, dispatch: Dispatch) -> Result<MoeModel> {
     let moe = MoeConfig::read(&dir.join(MOE_CONFIG_FILE))?;
     let hf = parse_config(&dir.join("config.json"))?;
-    let dense = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    // f32 under `--dtype bf16` on the CPU, whose decoder and expert linears alone go bf16.
+    let dense = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
     // The caller's `--quantize` first, then the one `moe build` recorded.
     let format = match (opts.quantize, &moe.quantize) {
         (Some(format), _) => Some(format),
         (None, Some(name)) => Some(name.parse().map_err(|e| crate::Error::Msg(format!("{}: quantize: {e}", dir.join(MOE_CONFIG_FILE).display())))?),
         (None, None) => None,
     };
-    let quantizing = format.map(|f| multitoken_lm::quantize::QuantizingSource::new(&dense, f));
-    // Experts' linears come quantized when asked; the gates always dense.
-    let weights: &dyn WeightSource = match &quantizing {
-        Some(q) => q,
-        None => &dense,
-    };
+    // Experts' linears come quantized (or bf16) when asked; the gates always dense.
+    let lm_opts = LoadOptions { quantize: format, ..opts.clone() };
+    let model = lm_opts.with_lm_weights(&dense, |weights| mixture_model(&hf, &moe, &dense, weights, dispatch))?;
+    Ok(MoeModel { model, hf, moe })
+}
+
+/// The base model with expert 0 in each MLP slot (its linears from `weights`),
+/// then each layer's MLP replaced by a mixture of all experts gated by `dense`'s
+/// gate.
+fn mixture_model(
+    hf: &HfConfig,
+    moe: &MoeConfig,
+    dense: &SafetensorsSource,
+    weights: &dyn WeightSource,
+    dispatch: Dispatch,
+) -> Result<CausalLm> {
     let mut model = CausalLm::load(&hf.model, &ExpertZero(weights))?;
     if let Some(windows) = &hf.layer_sliding_windows {
         model.set_layer_sliding_windows(windows)?;
@@ -91,7 +102,7 @@ pub fn load_moe_lm(dir: &Path, opts: &LoadOptions, dispatch: Dispatch) -> Result
         let ff = MoeFeedForward::new(gate, experts, moe.k, moe.routing)?.with_dispatch(dispatch);
         model.replace_mlp(layer, Mlp::Custom(Arc::new(ff)))?;
     }
-    Ok(MoeModel { model, hf, moe })
+    Ok(model)
 }
 
 /// One MLP of `cfg`'s family under `prefix` (`...mlp.experts.3`).

@@ -420,6 +420,26 @@ fn gate_training_separates_the_experts() -> TestResult {
     Ok(())
 }
 
+/// Token ids the load-option tests run through an MoE of identical experts.
+const OPTION_IDS: [u32; 8] = [5, 17, 33, 60, 2, 99, 41, 12];
+
+/// An MoE of two copies of the llama fixture loaded with `opts` must equal the
+/// fixture loaded with `opts`, and differ from the MoE loaded with the
+/// defaults (the option reached every expert, and did something). Returns the
+/// fixture's logits under `opts`.
+fn identical_experts_follow(opts: &LoadOptions, flag: &str, scratch: &Scratch) -> Result<Tensor, BoxError> {
+    let base = fixtures().join("lm/llama");
+    let want = logits_with(&base, &OPTION_IDS, opts)?;
+    let plain = scratch.path("plain");
+    build(&build_cfg(&base, &[base.clone(), base.clone()], 1, Routing::Cephalo, &plain))?;
+    let default = logits_of(&plain, &OPTION_IDS)?;
+    let asked = logits_with(&plain, &OPTION_IDS, opts)?;
+    assert_eq!(asked.dtype(), DType::F32, "{flag}: the activations stay f32");
+    assert!(max_diff(&asked, &want)? < 1e-4, "{flag} on an MoE: {}", max_diff(&asked, &want)?);
+    assert!(max_diff(&asked, &default)? > 0.0, "{flag} on an MoE changed nothing");
+    Ok(want)
+}
+
 /// `moe build --quantize` (recorded in moe.json) and a loader's `--quantize`
 /// both quantize every expert's linears: an MoE of identical experts then
 /// equals the base quantized the same way, and differs from the dense MoE.
@@ -427,17 +447,10 @@ fn gate_training_separates_the_experts() -> TestResult {
 #[test]
 fn quantized_moes_quantize_every_expert() -> TestResult {
     use multitoken_lm::quantize::Quantization;
-    let ids: Vec<u32> = vec![5, 17, 33, 60, 2, 99, 41, 12];
     let base = fixtures().join("lm/llama");
     let q8 = LoadOptions { quantize: Some(Quantization::Q8_0), ..LoadOptions::default() };
-    let want = logits_with(&base, &ids, &q8)?;
     let scratch = Scratch::new("quantize");
-    let plain = scratch.path("plain");
-    build(&build_cfg(&base, &[base.clone(), base.clone()], 1, Routing::Cephalo, &plain))?;
-    let dense = logits_of(&plain, &ids)?;
-    let asked = logits_with(&plain, &ids, &q8)?;
-    assert!(max_diff(&asked, &want)? < 1e-4, "--quantize on an MoE: {}", max_diff(&asked, &want)?);
-    assert!(max_diff(&asked, &dense)? > 1e-4, "--quantize on an MoE changed nothing");
+    let want = identical_experts_follow(&q8, "--quantize q8_0", &scratch)?;
 
     let recorded = scratch.path("recorded");
     let mut cfg = build_cfg(&base, &[base.clone(), base.clone()], 1, Routing::Cephalo, &recorded);
@@ -445,12 +458,21 @@ fn quantized_moes_quantize_every_expert() -> TestResult {
     build(&cfg)?;
     let moe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(recorded.join("moe.json"))?)?;
     assert_eq!(moe["quantize"], "q8_0");
-    let got = logits_of(&recorded, &ids)?;
+    let got = logits_of(&recorded, &OPTION_IDS)?;
     assert!(max_diff(&got, &want)? < 1e-4, "moe build --quantize: {}", max_diff(&got, &want)?);
 
     let mut cfg = build_cfg(&base, &[base.clone()], 1, Routing::Cephalo, &scratch.path("q4k"));
     cfg.quantize = Some(Quantization::Q4K);
     expect_error(build(&cfg), "not a multiple of the format's block of 256 weights")?;
+    Ok(())
+}
+
+/// `--dtype bf16` on the CPU keeps every expert's linears in bf16 (with f32
+/// activations), as it does a plain model's.
+#[test]
+fn bf16_moes_keep_every_expert_in_bf16() -> TestResult {
+    let bf16 = LoadOptions { dtype: DType::BF16, ..LoadOptions::default() };
+    identical_experts_follow(&bf16, "--dtype bf16", &Scratch::new("bf16"))?;
     Ok(())
 }
 

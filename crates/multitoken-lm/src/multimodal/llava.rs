@@ -207,7 +207,8 @@ pub(super) fn load_llava(
         message,
     };
 
-    let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    // f32 under `--dtype bf16` on the CPU, whose LM linears alone go bf16.
+    let weights = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
     let layout = detect_layout(&weights)?;
 
     // The LM: text_config with its family's defaults, head tied when the checkpoint has none.
@@ -217,13 +218,10 @@ pub(super) fn load_llava(
     let lm_weights = LmWeights {
         inner: &weights,
         layout: &layout,
-        dtype: opts.dtype,
+        dtype: opts.tensor_dtype(),
         device: opts.device.clone(),
     };
-    let lm = match opts.quantize {
-        Some(format) => load_hf_dir_with(dir, &hf_config, &crate::quantize::QuantizingSource::new(&lm_weights, format))?,
-        None => load_hf_dir_with(dir, &hf_config, &lm_weights)?,
-    };
+    let lm = opts.with_lm_weights(&lm_weights, |source| load_hf_dir_with(dir, &hf_config, source))?;
     check_image_token(&config, &lm).map_err(cfg_err)?;
 
     // The vision tower, through the registry.
@@ -445,12 +443,12 @@ fn load_projector(
         let b = if bias {
             weights.tensor(&format!("{key}.bias"), &[hidden])?
         } else {
-            Tensor::zeros(hidden, opts.dtype, &opts.device)?
+            Tensor::zeros(hidden, opts.tensor_dtype(), &opts.device)?
         };
         tensors.insert(format!("{}.weight", 2 * index), weight);
         tensors.insert(format!("{}.bias", 2 * index), b);
     }
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, opts.dtype, &opts.device);
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, opts.tensor_dtype(), &opts.device);
     Ok(Projector::load(
         ProjectorSpec::MlpGelu { depth: 2 },
         feature_dim,

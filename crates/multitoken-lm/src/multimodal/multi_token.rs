@@ -372,7 +372,7 @@ fn load_lm(
         }
     }
     let hf_config = parse_config_value(lm_config, &config_path)?;
-    let base = SafetensorsSource::from_dir(&base_dir, opts.dtype, &opts.device)?;
+    let base = SafetensorsSource::from_dir(&base_dir, opts.tensor_dtype(), &opts.device)?;
     if let Some(unknown) = overrides.keys().find(|name| !base.contains(name)) {
         return Err(Error::Tensor {
             name: unknown.clone(),
@@ -387,11 +387,11 @@ fn load_lm(
         base: &base,
         overrides,
         source: pickle_path.display().to_string(),
-        dtype: opts.dtype,
+        dtype: opts.tensor_dtype(),
         device: opts.device.clone(),
     };
     let mut lm = if adapter_config.is_some() {
-        let adapter = LoraAdapter::load(dir, opts.dtype, &opts.device)?;
+        let adapter = LoraAdapter::load(dir, opts.tensor_dtype(), &opts.device)?;
         if let Some(module) = adapter
             .modules()
             .into_iter()
@@ -408,15 +408,9 @@ fn load_lm(
         }
         // A LoRA adapter is merged into the dense weights first, then quantized.
         let merged = MergedWeights::new(&with_trained, &adapter);
-        match opts.quantize {
-            Some(format) => load_hf_dir_with(&base_dir, &hf_config, &crate::quantize::QuantizingSource::new(&merged, format))?,
-            None => load_hf_dir_with(&base_dir, &hf_config, &merged)?,
-        }
+        opts.with_lm_weights(&merged, |source| load_hf_dir_with(&base_dir, &hf_config, source))?
     } else {
-        match opts.quantize {
-            Some(format) => load_hf_dir_with(&base_dir, &hf_config, &crate::quantize::QuantizingSource::new(&with_trained, format))?,
-            None => load_hf_dir_with(&base_dir, &hf_config, &with_trained)?,
-        }
+        opts.with_lm_weights(&with_trained, |source| load_hf_dir_with(&base_dir, &hf_config, source))?
     };
     lm.name = dir.file_name().map_or_else(
         || dir.display().to_string(),
@@ -468,9 +462,9 @@ fn load_projector(
     }
     let converted = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&opts.device)?.to_dtype(opts.dtype)?)))
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&opts.device)?.to_dtype(opts.tensor_dtype())?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    let vb = candle_nn::VarBuilder::from_tensors(converted, opts.dtype, &opts.device);
+    let vb = candle_nn::VarBuilder::from_tensors(converted, opts.tensor_dtype(), &opts.device);
     Projector::load(recipe.projector, feature_dim, hidden, vb.pp(&module))
         .map_err(|e| Error::Msg(format!("{}: projector `{module}`: {e}", path.display())))
 }

@@ -79,15 +79,16 @@ fn export_for_registry(dir: &Path, out: &Path) -> multitoken_lm::Result<()> {
 pub fn load_idefics2(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
     let config_path = dir.join("config.json");
     let cfg = Idefics2Config::read(&config_path)?;
-    let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    // f32 under `--dtype bf16` on the CPU, whose LM linears alone go bf16.
+    let weights = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
     let layout = KeyLayout::detect(&weights, cfg.moe.is_some())?;
 
     let mut hf = parse_config_value(cfg.text_config.clone(), &config_path.join("text_config"))?;
     hf.model.tie_word_embeddings = !weights.contains(&layout.head_weight());
     let keys = LmKeys::new(&weights, &layout, cfg.moe.is_some());
     let lm = match cfg.moe {
-        None => load_hf_dir_with(dir, &hf, &keys)?,
-        Some(moe) => load_moe_lm(dir, &hf, &keys, &weights, &layout, moe)?,
+        None => opts.with_lm_weights(&keys, |source| load_hf_dir_with(dir, &hf, source))?,
+        Some(moe) => load_moe_lm(dir, &hf, &keys, &weights, &layout, moe, opts)?,
     };
     for token in [FAKE_IMAGE_TOKEN, IMAGE_TOKEN] {
         if lm.tokenizer.token_to_id(token).is_none() {
@@ -157,12 +158,14 @@ fn load_connector(
             tensors.insert(rest.to_string(), weights.get(name)?);
         }
     }
-    let vb = VarBuilder::from_tensors(tensors, opts.dtype, &opts.device);
+    let vb = VarBuilder::from_tensors(tensors, opts.tensor_dtype(), &opts.device);
     Ok(Projector::load(spec, vision_hidden, text_hidden, vb)?)
 }
 
 /// The LM of a Cephalo MoE: expert 0 in each MLP slot while loading, then each
-/// layer's MLP replaced by a sparse mixture of all experts.
+/// layer's MLP replaced by a sparse mixture of all experts. The decoder's and
+/// the experts' linears follow `opts` (`--quantize`, `--dtype bf16`); the gates
+/// stay dense, as in `multitoken_moe::load`.
 fn load_moe_lm(
     dir: &Path,
     hf: &multitoken_lm::hf::HfConfig,
@@ -170,8 +173,9 @@ fn load_moe_lm(
     weights: &SafetensorsSource,
     layout: &KeyLayout,
     moe: MoeSettings,
+    opts: &LoadOptions,
 ) -> Result<multitoken_lm::LoadedModel> {
-    let mut model = CausalLm::load(&hf.model, keys)?;
+    let mut model = opts.with_lm_weights(keys, |source| CausalLm::load(&hf.model, source))?;
     if let Some(windows) = &hf.layer_sliding_windows {
         model.set_layer_sliding_windows(windows)?;
     }
@@ -180,7 +184,8 @@ fn load_moe_lm(
         let prefix = format!("{}layers.{layer}.mlp", layout.text_prefix());
         let mut experts = Vec::with_capacity(moe.num_expert_models);
         for expert in 0..moe.num_expert_models {
-            experts.push(multitoken_moe::load::load_mlp(cfg, weights, &format!("{prefix}.experts.{expert}"))?);
+            let expert_prefix = format!("{prefix}.experts.{expert}");
+            experts.push(opts.with_lm_weights(weights, |source| multitoken_moe::load::load_mlp(cfg, source, &expert_prefix))?);
         }
         let gate = weights.linear(&format!("{prefix}.gating_layer.gate"), cfg.hidden_size, moe.num_expert_models, true)?;
         let mixture = MoeFeedForward::new(gate, experts, moe.k, Routing::Cephalo)?.with_dispatch(Dispatch::Sparse);

@@ -102,13 +102,14 @@ pub(crate) fn add_tokenizer_tokens(builder: &mut Value, dir: &Path) {
 pub fn load_idefics3(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
     let config_path = dir.join("config.json");
     let cfg = Idefics3Config::read(&config_path)?;
-    let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    // f32 under `--dtype bf16` on the CPU, whose LM linears alone go bf16.
+    let weights = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
     let layout = KeyLayout::detect(&weights, false)?;
 
     let mut hf = parse_config_value(cfg.text_config.clone(), &config_path.join("text_config"))?;
     hf.model.tie_word_embeddings = !weights.contains(&layout.head_weight());
     let keys = LmKeys::new(&weights, &layout, false);
-    let lm = load_hf_dir_with(dir, &hf, &keys)?;
+    let lm = opts.with_lm_weights(&keys, |source| load_hf_dir_with(dir, &hf, source))?;
     for token in REQUIRED_TOKENS {
         if lm.tokenizer.token_to_id(token).is_none() {
             return Err(Error::Config {
@@ -174,6 +175,6 @@ fn load_connector(
             tensors.insert(rest.to_string(), weights.get(name)?);
         }
     }
-    let vb = VarBuilder::from_tensors(tensors, opts.dtype, &opts.device);
+    let vb = VarBuilder::from_tensors(tensors, opts.tensor_dtype(), &opts.device);
     Ok(Projector::load(spec, vision_hidden, text_hidden, vb)?)
 }

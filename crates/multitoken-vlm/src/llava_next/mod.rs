@@ -239,13 +239,14 @@ pub fn load_llava_next(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> 
     let cfg = LlavaNextConfig::read(&config_path)?;
     let processor = ProcessorSettings::read(dir, cfg.family)?;
     check_processor(&cfg, &processor)?;
-    let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    // f32 under `--dtype bf16` on the CPU, whose LM linears alone go bf16.
+    let weights = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
     let layout = KeyLayout::detect(&|name| weights.contains(name), &weights.describe())?;
 
     let mut hf = parse_config_value(cfg.text_config.clone(), &config_path.join("text_config"))?;
     hf.model.tie_word_embeddings = !weights.contains(&format!("{}.weight", layout.lm_head));
-    let keys = LmKeys { inner: &weights, layout: &layout, dtype: opts.dtype, device: opts.device.clone() };
-    let lm = load_hf_dir_with(dir, &hf, &keys)?;
+    let keys = LmKeys { inner: &weights, layout: &layout, dtype: opts.tensor_dtype(), device: opts.device.clone() };
+    let lm = opts.with_lm_weights(&keys, |source| load_hf_dir_with(dir, &hf, source))?;
     match lm.tokenizer.id_to_token(cfg.image_token_id) {
         Some(token) if token == IMAGE_TOKEN => {}
         other => {
@@ -276,7 +277,7 @@ pub fn load_llava_next(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> 
         }
     }
     tensors.insert("image_newline".to_string(), weights.get(layout.newline)?);
-    let vb = VarBuilder::from_tensors(tensors, opts.dtype, &opts.device);
+    let vb = VarBuilder::from_tensors(tensors, opts.tensor_dtype(), &opts.device);
     let projector = Projector::load(spec, modality.feature_dim(), hidden, vb).map_err(|e| Error::Config {
         path: dir.to_path_buf(),
         message: format!("the projector (`{}`, `{}`): {e}", layout.projector, layout.newline),

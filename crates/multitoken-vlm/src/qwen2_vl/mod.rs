@@ -238,13 +238,14 @@ pub fn load_qwen2_vl(dir: &Path, opts: &LoadOptions) -> Result<ImportedModel> {
     let config_path = dir.join("config.json");
     let root = read_config(&config_path)?;
     let family = family_of(&root, &config_path)?;
-    let weights = SafetensorsSource::from_dir(dir, opts.dtype, &opts.device)?;
+    // f32 under `--dtype bf16` on the CPU, whose LM linears alone go bf16.
+    let weights = SafetensorsSource::from_dir(dir, opts.tensor_dtype(), &opts.device)?;
     let layout = KeyLayout::detect(&weights, family)?;
 
     let mut hf = parse_config_value(text_config(&root), &config_path.join("text_config"))?;
     hf.model.tie_word_embeddings = !weights.contains("lm_head.weight");
     let keys = LmKeys { inner: &weights, layout: &layout };
-    let lm = load_hf_dir_with(dir, &hf, &keys)?;
+    let lm = opts.with_lm_weights(&keys, |source| load_hf_dir_with(dir, &hf, source))?;
     for token in [IMAGE_TOKEN, VISION_START, VISION_END] {
         if lm.tokenizer.token_to_id(token).is_none() {
             return Err(Error::Config {
@@ -319,6 +320,6 @@ fn load_merger(
             tensors.insert(rest.to_string(), weights.get(name)?);
         }
     }
-    let vb = VarBuilder::from_tensors(tensors, opts.dtype, &opts.device);
+    let vb = VarBuilder::from_tensors(tensors, opts.tensor_dtype(), &opts.device);
     Ok(Projector::load(modality.projector(), modality.feature_dim(), text_hidden, vb)?)
 }
