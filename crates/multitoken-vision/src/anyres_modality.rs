@@ -36,7 +36,7 @@ use serde::Deserialize;
 use crate::anyres::{anyres_tiles, AnyResGeometry, TileSettings};
 use crate::clip::{ClipVisionConfig, ClipVisionTower, FeatureSelect};
 use crate::decode::{decode_item, describe_item, DecodeLimits};
-use crate::modality::{open_weights, IMAGES_KEY, IMAGE_TOKEN};
+use crate::modality::{fill_siglip_defaults, open_weights, parse_layers, resolve_layers, IMAGES_KEY, IMAGE_TOKEN};
 use crate::processor::{ImageProcessorConfig, ResizeTo};
 use crate::resample::ResampleFilter;
 use crate::siglip::{SiglipVisionConfig, SiglipVisionTower};
@@ -356,41 +356,6 @@ fn parse_anyres_max(value: &str) -> Result<usize> {
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| Error::config("vision_aspect_ratio", format!("`{value}` is not `anyres_max_N` with N >= 1")))
-}
-
-/// `vision_feature_layer`: absent = -2, an int, or a list of ints.
-fn parse_layers(value: Option<&serde_json::Value>) -> Result<Vec<i64>> {
-    let bad = || Error::config("vision_feature_layer", "must be an integer or a non-empty list of integers");
-    match value {
-        None => Ok(vec![-2]),
-        Some(v) if v.is_i64() => Ok(vec![v.as_i64().ok_or_else(bad)?]),
-        Some(serde_json::Value::Array(items)) if !items.is_empty() => items.iter().map(|i| i.as_i64().ok_or_else(bad)).collect(),
-        Some(_) => Err(bad()),
-    }
-}
-
-/// Layer indexes into `hidden_states` (`num_layers + 1` entries).
-fn resolve_layers(layers: &[i64], num_layers: usize) -> Result<Vec<usize>> {
-    let count = num_layers as i64 + 1;
-    layers
-        .iter()
-        .map(|&l| {
-            let at = if l < 0 { count + l } else { l };
-            if (0..count).contains(&at) {
-                Ok(at as usize)
-            } else {
-                Err(Error::config("vision_feature_layer", format!("layer {l} is outside a tower with {num_layers} layers")))
-            }
-        })
-        .collect()
-}
-
-/// transformers' `SiglipVisionConfig` defaults where ours (Idefics2's) differ.
-fn fill_siglip_defaults(value: &mut serde_json::Value) {
-    if let serde_json::Value::Object(map) = value {
-        map.entry("patch_size").or_insert(serde_json::json!(16));
-        map.entry("image_size").or_insert(serde_json::json!(224));
-    }
 }
 
 fn build(config: &serde_json::Value, context: &ModalityContext) -> multitoken_core::Result<Box<dyn Modality>> {

@@ -7,6 +7,8 @@
 //!   "tower": "clip",                       // dir with config.json + *.safetensors (default ".")
 //!   "tower_config_key": "vision_config",   // CLIP config nested in config.json (llava); optional
 //!   "tower_config": { ... },               // the CLIP vision config inline (wins over the file); optional
+//!   "tower_kind": "clip",                  // or "siglip" (llava-interleave's SigLIP tower); optional:
+//!                                          // else `siglip` when the tower config's model_type says so
 //!   "weights_prefix": "vision_model",      // optional; found automatically otherwise
 //!   "vision_feature_layer": -2,            // or a list, e.g. [-2, -5]
 //!   "vision_feature_select_strategy": "default",   // or "full"
@@ -29,6 +31,10 @@
 //! CLS position) and a grid that s divides.
 //! `vision_clip_pool` takes the pooled output (one position per image) and
 //! defaults to multi_token's vector projector with `num_tokens` (default 10).
+//! A SigLIP tower (`tower_kind: "siglip"`, patches only) is LLaVA's with a
+//! `SiglipVisionModel` as the tower, as llava-interleave checkpoints have it:
+//! the same hidden-state selection (SigLIP has no CLS, so `default` drops the
+//! first patch, as transformers does), no spatial pool.
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +46,7 @@ use serde::Deserialize;
 use crate::clip::{ClipVisionConfig, ClipVisionTower, FeatureSelect};
 use crate::decode::{decode_item, DecodeLimits};
 use crate::processor::ImageProcessorConfig;
+use crate::siglip::{SiglipVisionConfig, SiglipVisionTower};
 use crate::{Error, Result};
 
 /// The token that stands for one image.
@@ -61,6 +68,10 @@ pub struct VisionClipConfig {
     /// when set, the tower directory's `config.json` is not read.
     #[serde(default)]
     pub tower_config: Option<serde_json::Value>,
+    /// `clip` (the default) or `siglip`; absent, the tower config's
+    /// `model_type` decides (`siglip_vision_model` is SigLIP).
+    #[serde(default)]
+    pub tower_kind: Option<String>,
     /// Key prefix of the `vision_model` level in the tower's weights.
     #[serde(default)]
     pub weights_prefix: Option<String>,
@@ -88,12 +99,53 @@ pub struct VisionClipConfig {
     pub max_pixels: Option<u64>,
 }
 
-/// The CLIP vision modality (`<image>`, `images`).
+/// The tower of a [`VisionClip`] and how its features are picked.
+enum PatchTower {
+    Clip { tower: ClipVisionTower, select: FeatureSelect },
+    /// `layers` index `hidden_states`; `drop_first` is the `default` strategy.
+    Siglip { tower: SiglipVisionTower, layers: Vec<usize>, drop_first: bool },
+}
+
+impl PatchTower {
+    /// Positions per image and feature width, before any spatial pool.
+    fn output_shape(&self) -> (usize, usize) {
+        match self {
+            PatchTower::Clip { tower, select } => select.output_shape(tower.config()),
+            PatchTower::Siglip { tower, layers, drop_first } => {
+                let side = tower.config().num_patches_per_side();
+                (side * side - usize::from(*drop_first), tower.config().hidden_size * layers.len())
+            }
+        }
+    }
+
+    /// Side of the square the tower takes.
+    fn image_size(&self) -> usize {
+        match self {
+            PatchTower::Clip { tower, .. } => tower.config().image_size,
+            PatchTower::Siglip { tower, .. } => tower.config().image_size,
+        }
+    }
+
+    fn features(&self, pixels: &Tensor) -> Result<Tensor> {
+        match self {
+            PatchTower::Clip { tower, select } => select.features(tower, pixels),
+            PatchTower::Siglip { tower, layers, drop_first } => {
+                let deepest = layers.iter().copied().max().unwrap_or(0);
+                let states = tower.plain_hidden_states(pixels, deepest)?;
+                let picked: Vec<Tensor> = layers.iter().map(|&l| states[l].clone()).collect();
+                let features = Tensor::cat(&picked, candle_core::D::Minus1)?;
+                let n = features.dim(1)?;
+                Ok(if *drop_first { features.narrow(1, 1, n - 1)? } else { features })
+            }
+        }
+    }
+}
+
+/// The CLIP (or SigLIP) vision modality (`<image>`, `images`).
 pub struct VisionClip {
     name: &'static str,
     processor: ImageProcessorConfig,
-    tower: ClipVisionTower,
-    select: FeatureSelect,
+    tower: PatchTower,
     /// Side of the averaged patch blocks (1: none).
     pool_stride: usize,
     projector: ProjectorSpec,
@@ -106,7 +158,6 @@ impl std::fmt::Debug for VisionClip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VisionClip")
             .field("name", &self.name)
-            .field("select", &self.select)
             .field("projector", &self.projector)
             .finish_non_exhaustive()
     }
@@ -125,57 +176,72 @@ impl VisionClip {
     /// Builds the modality from its config; paths resolve against `context.model_dir`.
     pub fn from_config(config: &VisionClipConfig, mode: VisionMode, context: &ModalityContext) -> Result<Self> {
         let tower_dir = context.resolve(config.tower.as_deref().unwrap_or("."));
-        let clip_config = match &config.tower_config {
-            Some(value) => {
-                let what = format!("{} inline tower_config", tower_dir.display());
-                let parsed: ClipVisionConfig =
-                    serde_json::from_value(value.clone()).map_err(|e| Error::config(what.clone(), e.to_string()))?;
-                parsed.validate(&what)?;
-                parsed
-            }
+        let tower_value = match &config.tower_config {
+            Some(value) => value.clone(),
             None => read_tower_config(&tower_dir, config.tower_config_key.as_deref())?,
         };
+        let what = match &config.tower_config {
+            Some(_) => format!("{} inline tower_config", tower_dir.display()),
+            None => format!("{} config.json", tower_dir.display()),
+        };
+        let siglip = match config.tower_kind.as_deref() {
+            Some("clip") => false,
+            Some("siglip") => true,
+            Some(other) => return Err(Error::config("tower_kind", format!("`{other}` is not `clip` or `siglip`"))),
+            None => tower_value.get("model_type").and_then(serde_json::Value::as_str) == Some("siglip_vision_model"),
+        };
+        if siglip && mode == VisionMode::Pooled {
+            return Err(Error::config("tower_kind", "vision_clip_pool takes a CLIP tower's pooled output, not SigLIP"));
+        }
         let vb = open_weights(&tower_dir, context)?;
         let fresh = context.trainable.as_ref().is_some_and(|map| map.all_vars().is_empty());
+        let probe = if siglip { "embeddings.patch_embedding.weight" } else { "embeddings.class_embedding" };
         let prefix = match &config.weights_prefix {
             Some(prefix) => prefix.clone(),
             // A trainable tower without a checkpoint starts from random weights at the root.
             None if fresh => String::new(),
-            None => find_prefix(&vb, &tower_dir)?,
+            None => find_prefix(&vb, &tower_dir, probe)?,
         };
         let tower_vb = if prefix.is_empty() { vb } else { vb.pp(&prefix) };
-        let tower = ClipVisionTower::load(&clip_config, tower_vb)
-            .map_err(|e| Error::config(tower_dir.display().to_string(), format!("prefix `{prefix}`: {e}")))?;
-        let select = match mode {
-            VisionMode::Pooled => FeatureSelect::Pooled,
-            VisionMode::Patches => FeatureSelect::Layers {
-                layers: parse_layers(config.vision_feature_layer.as_ref())?,
-                keep_cls: match config.vision_feature_select_strategy.as_deref() {
-                    None | Some("default") => false,
-                    Some("full") => true,
-                    Some(other) => {
-                        return Err(Error::config(
-                            "vision_feature_select_strategy",
-                            format!("`{other}` is not `default` or `full`"),
-                        ))
-                    }
-                },
-            },
+        let layers = parse_layers(config.vision_feature_layer.as_ref())?;
+        let keep_cls = match config.vision_feature_select_strategy.as_deref() {
+            None | Some("default") => false,
+            Some("full") => true,
+            Some(other) => {
+                return Err(Error::config("vision_feature_select_strategy", format!("`{other}` is not `default` or `full`")))
+            }
         };
-        select.validate(clip_config.num_hidden_layers)?;
-        let pool_stride = pool_stride(config.spatial_pool_stride, &select, &clip_config)?;
+        let load_error = |e: Error| Error::config(tower_dir.display().to_string(), format!("prefix `{prefix}`: {e}"));
+        let tower = if siglip {
+            let mut value = tower_value;
+            fill_siglip_defaults(&mut value);
+            let cfg: SiglipVisionConfig = serde_json::from_value(value).map_err(|e| Error::config(what.clone(), e.to_string()))?;
+            cfg.validate(&what)?;
+            let layers = resolve_layers(&layers, cfg.num_hidden_layers)?;
+            let tower = SiglipVisionTower::load(tower_vb, &cfg).map_err(load_error)?;
+            PatchTower::Siglip { tower, layers, drop_first: !keep_cls }
+        } else {
+            let cfg: ClipVisionConfig = serde_json::from_value(tower_value).map_err(|e| Error::config(what.clone(), e.to_string()))?;
+            cfg.validate(&what)?;
+            let select = match mode {
+                VisionMode::Pooled => FeatureSelect::Pooled,
+                VisionMode::Patches => FeatureSelect::Layers { layers, keep_cls },
+            };
+            select.validate(cfg.num_hidden_layers)?;
+            let tower = ClipVisionTower::load(&cfg, tower_vb).map_err(load_error)?;
+            PatchTower::Clip { tower, select }
+        };
+        let pool_stride = pool_stride(config.spatial_pool_stride, &tower)?;
         let processor = match &config.image_processor {
             Some(value) => ImageProcessorConfig::from_json(value, "image_processor")?,
             None => processor_from_dirs(&tower_dir, &context.model_dir)?,
         };
-        let (out_h, out_w) = processor.output_size(clip_config.image_size, clip_config.image_size);
-        if (out_h, out_w) != (clip_config.image_size, clip_config.image_size) {
+        let side = tower.image_size();
+        let (out_h, out_w) = processor.output_size(side, side);
+        if (out_h, out_w) != (side, side) {
             return Err(Error::config(
                 tower_dir.display().to_string(),
-                format!(
-                    "the image processor makes {out_h}x{out_w} images but the tower takes {s}x{s}",
-                    s = clip_config.image_size
-                ),
+                format!("the image processor makes {out_h}x{out_w} images but the tower takes {side}x{side}"),
             ));
         }
         let projector = match (config.projector, mode) {
@@ -198,7 +264,6 @@ impl VisionClip {
             },
             processor,
             tower,
-            select,
             pool_stride,
             projector,
             limits,
@@ -212,14 +277,17 @@ impl VisionClip {
         &self.processor
     }
 
-    /// The CLIP tower.
-    pub fn tower(&self) -> &ClipVisionTower {
-        &self.tower
+    /// The CLIP tower; `None` for a SigLIP one.
+    pub fn tower(&self) -> Option<&ClipVisionTower> {
+        match &self.tower {
+            PatchTower::Clip { tower, .. } => Some(tower),
+            PatchTower::Siglip { .. } => None,
+        }
     }
 
     /// Encoder positions per image, before the projector (after the spatial pool).
     pub fn feature_width(&self) -> usize {
-        self.select.output_shape(self.tower.config()).0 / (self.pool_stride * self.pool_stride)
+        self.tower.output_shape().0 / (self.pool_stride * self.pool_stride)
     }
 }
 
@@ -243,7 +311,7 @@ impl Modality for VisionClip {
         self.projector.output_width(self.feature_width())
     }
     fn feature_dim(&self) -> usize {
-        self.select.output_shape(self.tower.config()).1
+        self.tower.output_shape().1
     }
     fn preprocess(&self, item: &Item) -> multitoken_core::Result<Tensor> {
         let image = decode_item(item, &self.limits)?;
@@ -252,8 +320,11 @@ impl Modality for VisionClip {
     }
     fn encode(&self, batch: &Tensor) -> multitoken_core::Result<Tensor> {
         let pixels = batch.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let features = self.select.features(&self.tower, &pixels)?;
-        Ok(spatial_pool(&features, self.tower.config().grid(), self.pool_stride)?)
+        let features = self.tower.features(&pixels)?;
+        match &self.tower {
+            PatchTower::Clip { tower, .. } => Ok(spatial_pool(&features, tower.config().grid(), self.pool_stride)?),
+            PatchTower::Siglip { .. } => Ok(features),
+        }
     }
     fn projector(&self) -> ProjectorSpec {
         self.projector
@@ -261,7 +332,7 @@ impl Modality for VisionClip {
 }
 
 /// Checks `spatial_pool_stride` against the selection and the tower's patch grid.
-fn pool_stride(stride: Option<usize>, select: &FeatureSelect, tower: &ClipVisionConfig) -> Result<usize> {
+fn pool_stride(stride: Option<usize>, tower: &PatchTower) -> Result<usize> {
     let Some(stride) = stride.filter(|&s| s != 1) else {
         return Ok(1);
     };
@@ -269,10 +340,13 @@ fn pool_stride(stride: Option<usize>, select: &FeatureSelect, tower: &ClipVision
     if stride == 0 {
         return bad("must be at least 1".into());
     }
+    let PatchTower::Clip { tower, select } = tower else {
+        return bad("pools a CLIP tower's patch grid; this tower is SigLIP".into());
+    };
     if !matches!(select, FeatureSelect::Layers { keep_cls: false, .. }) {
         return bad("pools the patch grid, so it needs vision_clip with the `default` selection (no CLS)".into());
     }
-    let grid = tower.grid();
+    let grid = tower.config().grid();
     if grid % stride != 0 {
         return bad(format!("{stride} does not divide the tower's {grid}x{grid} patch grid"));
     }
@@ -325,19 +399,43 @@ multitoken_core::inventory::submit! {
     ModalityBuilder { name: "vision_clip_pool", build: build_pooled }
 }
 
-/// `vision_feature_layer`: absent = -2, an int, or a list of ints.
-fn parse_layers(value: Option<&serde_json::Value>) -> Result<Vec<i64>> {
-    let bad = || Error::config("vision_feature_layer", "must be an integer or a list of integers");
+/// `vision_feature_layer`: absent = -2, an int, or a non-empty list of ints.
+pub(crate) fn parse_layers(value: Option<&serde_json::Value>) -> Result<Vec<i64>> {
+    let bad = || Error::config("vision_feature_layer", "must be an integer or a non-empty list of integers");
     match value {
         None => Ok(vec![-2]),
         Some(v) if v.is_i64() => Ok(vec![v.as_i64().ok_or_else(bad)?]),
-        Some(serde_json::Value::Array(items)) => items.iter().map(|i| i.as_i64().ok_or_else(bad)).collect(),
+        Some(serde_json::Value::Array(items)) if !items.is_empty() => items.iter().map(|i| i.as_i64().ok_or_else(bad)).collect(),
         Some(_) => Err(bad()),
     }
 }
 
-/// The tower's `config.json`, or its `key` section.
-fn read_tower_config(dir: &Path, key: Option<&str>) -> Result<ClipVisionConfig> {
+/// Layer indexes into `hidden_states` (`num_layers + 1` entries; negative from the end).
+pub(crate) fn resolve_layers(layers: &[i64], num_layers: usize) -> Result<Vec<usize>> {
+    let count = num_layers as i64 + 1;
+    layers
+        .iter()
+        .map(|&l| {
+            let at = if l < 0 { count + l } else { l };
+            if (0..count).contains(&at) {
+                Ok(at as usize)
+            } else {
+                Err(Error::config("vision_feature_layer", format!("layer {l} is outside a tower with {num_layers} layers")))
+            }
+        })
+        .collect()
+}
+
+/// transformers' `SiglipVisionConfig` defaults where ours (Idefics2's) differ.
+pub(crate) fn fill_siglip_defaults(value: &mut serde_json::Value) {
+    if let serde_json::Value::Object(map) = value {
+        map.entry("patch_size").or_insert(serde_json::json!(16));
+        map.entry("image_size").or_insert(serde_json::json!(224));
+    }
+}
+
+/// The tower's `config.json`, or its `key` section, unparsed.
+fn read_tower_config(dir: &Path, key: Option<&str>) -> Result<serde_json::Value> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
     let value: serde_json::Value =
@@ -349,10 +447,7 @@ fn read_tower_config(dir: &Path, key: Option<&str>) -> Result<ClipVisionConfig> 
         // A CLIPModel config nests the vision part; a CLIPVisionModel's is flat.
         None => value.get("vision_config").unwrap_or(&value),
     };
-    let config: ClipVisionConfig = serde_json::from_value(section.clone())
-        .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
-    config.validate(&path.display().to_string())?;
-    Ok(config)
+    Ok(section.clone())
 }
 
 /// Memory-maps every `*.safetensors` file of `dir`.
@@ -384,8 +479,8 @@ pub(crate) fn open_weights(dir: &Path, context: &ModalityContext) -> Result<VarB
 
 /// The prefix of the `vision_model` level: none (transformers 5's
 /// CLIPVisionModel), CLIPModel / transformers 4, llava hub layout,
-/// transformers-5 llava layouts.
-fn find_prefix(vb: &VarBuilder, dir: &Path) -> Result<String> {
+/// transformers-5 llava layouts; found by the tensor `probe` under it.
+fn find_prefix(vb: &VarBuilder, dir: &Path, probe: &str) -> Result<String> {
     const CANDIDATES: [&str; 5] = [
         "",
         "vision_model",
@@ -397,13 +492,13 @@ fn find_prefix(vb: &VarBuilder, dir: &Path) -> Result<String> {
         .iter()
         .find(|p| {
             let key = if p.is_empty() { String::new() } else { format!("{p}.") };
-            vb.contains_tensor(&format!("{key}embeddings.class_embedding"))
+            vb.contains_tensor(&format!("{key}{probe}"))
         })
         .map(|p| (*p).to_string())
         .ok_or_else(|| {
             Error::config(
                 dir.display().to_string(),
-                format!("no CLIP vision tower found under any of {}", CANDIDATES.join(", ")),
+                format!("no vision tower (`{probe}`) found under any of {}", CANDIDATES.join(", ")),
             )
         })
 }

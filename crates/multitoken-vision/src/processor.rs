@@ -129,7 +129,9 @@ impl ImageProcessorConfig {
                 .map_err(|e| Error::config(what, e.to_string()))?,
             None => defaults.filter,
         };
-        let crop = if raw.do_center_crop.unwrap_or(true) {
+        // SigLIP's processor resizes straight to `size` and has no crop step.
+        let siglip = raw.image_processor_type.as_deref().is_some_and(|t| t.starts_with("Siglip"));
+        let crop = if raw.do_center_crop.unwrap_or(!siglip) {
             match &raw.crop_size {
                 None => defaults.crop,
                 Some(crop) => match parse_size(crop, what)? {

@@ -1,6 +1,7 @@
 //! llava-hf import parity: `MultimodalModel::load` on the tiny random
 //! `LlavaForConditionalGeneration` checkpoints of `xtask/fixtures/llava.py`
-//! (three key layouts; llama, qwen2 and phi LMs of different sizes, one and two images per prompt)
+//! (three key layouts; llama, qwen2 and phi LMs of different sizes, CLIP towers and a
+//! SigLIP one as llava-interleave has it, one and two images per prompt)
 //! must produce transformers' greedy ids, and the k-th `<image>` must take the
 //! k-th image.
 
@@ -114,4 +115,11 @@ fn llava_module_layout_sharded_matches_transformers() -> TestResult {
 #[test]
 fn llava_over_phi_with_an_unbiased_head_matches_transformers() -> TestResult {
     check_model("phi_full")
+}
+
+/// llava-interleave's shape: a SigLIP tower (no CLS position, processor without a
+/// crop step) under a qwen2 LM.
+#[test]
+fn llava_with_a_siglip_tower_matches_transformers() -> TestResult {
+    check_model("siglip_qwen2")
 }

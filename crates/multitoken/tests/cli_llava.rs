@@ -80,7 +80,7 @@ fn generate(
 /// llava configurations gives transformers' ids through the CLI.
 #[test]
 fn cli_generate_with_images_matches_transformers() -> TestResult {
-    for model in ["llama_default", "qwen2_full", "phi_full"] {
+    for model in ["llama_default", "qwen2_full", "phi_full", "siglip_qwen2"] {
         let expected: Value = serde_json::from_str(&std::fs::read_to_string(
             fixtures().join(model).join("expected.json"),
         )?)?;

@@ -108,15 +108,18 @@ fn detect_layout(weights: &SafetensorsSource) -> Result<Layout> {
                     .collect(),
             )
         })?;
+    // CLIP's class embedding, or the patch embedding of a SigLIP tower (which has
+    // no class embedding: llava-interleave).
+    const TOWER_PROBES: [&str; 2] = ["embeddings.class_embedding", "embeddings.patch_embedding.weight"];
     let tower = TOWERS
         .into_iter()
-        .find(|t| weights.contains(&format!("{t}.embeddings.class_embedding")))
+        .find(|t| TOWER_PROBES.iter().any(|probe| weights.contains(&format!("{t}.{probe}"))))
         .ok_or_else(|| {
             missing(
                 "vision tower",
                 TOWERS
                     .iter()
-                    .map(|t| format!("{t}.embeddings.class_embedding"))
+                    .flat_map(|t| TOWER_PROBES.iter().map(move |probe| format!("{t}.{probe}")))
                     .collect(),
             )
         })?;
