@@ -34,9 +34,9 @@ use multitoken_core::{Item, ItemLayout, Modality, ModalityBuilder, ModalityConte
 use serde::Deserialize;
 
 use crate::anyres::{anyres_tiles, AnyResGeometry, TileSettings};
-use crate::clip::{ClipVisionConfig, ClipVisionTower, FeatureSelect};
+use crate::clip::{resolve_layers, ClipVisionConfig, ClipVisionTower, FeatureSelect};
 use crate::decode::{decode_item, describe_item, DecodeLimits};
-use crate::modality::{fill_siglip_defaults, open_weights, parse_layers, resolve_layers, IMAGES_KEY, IMAGE_TOKEN};
+use crate::modality::{fill_siglip_defaults, keeps_first_position, open_weights, parse_layers, IMAGES_KEY, IMAGE_TOKEN};
 use crate::processor::{ImageProcessorConfig, ResizeTo};
 use crate::resample::ResampleFilter;
 use crate::siglip::{SiglipVisionConfig, SiglipVisionTower};
@@ -111,13 +111,7 @@ impl VisionAnyRes {
         let prefix = config.weights_prefix.clone().unwrap_or_default();
         let vb = if prefix.is_empty() { vb } else { vb.pp(&prefix) };
         let layers = parse_layers(config.vision_feature_layer.as_ref())?;
-        let full = match config.vision_feature_select_strategy.as_deref() {
-            None | Some("default") => false,
-            Some("full") => true,
-            Some(other) => {
-                return Err(Error::config("vision_feature_select_strategy", format!("`{other}` is not `default` or `full`")))
-            }
-        };
+        let full = keeps_first_position(config.vision_feature_select_strategy.as_deref())?;
         let (tower, image_size, patch_size, width) = match config.tower_kind.as_str() {
             "clip" => {
                 let cfg: ClipVisionConfig = serde_json::from_value(config.tower_config.clone())

@@ -298,6 +298,24 @@ pub enum FeatureSelect {
     Pooled,
 }
 
+/// Layer indexes into `hidden_states` (`num_layers + 1` entries; negative
+/// from the end), as LLaVA's `vision_feature_layer` gives them (CLIP and
+/// SigLIP towers alike).
+pub(crate) fn resolve_layers(layers: &[i64], num_layers: usize) -> Result<Vec<usize>> {
+    let count = num_layers as i64 + 1;
+    layers
+        .iter()
+        .map(|&l| {
+            let at = if l < 0 { count + l } else { l };
+            if (0..count).contains(&at) {
+                Ok(at as usize)
+            } else {
+                Err(Error::config("vision_feature_layer", format!("layer {l} is outside a tower with {num_layers} layers")))
+            }
+        })
+        .collect()
+}
+
 impl FeatureSelect {
     /// Resolves layer indexes against a tower of `num_layers` layers.
     fn resolved(&self, num_layers: usize) -> Result<Vec<usize>> {
@@ -307,21 +325,7 @@ impl FeatureSelect {
         if layers.is_empty() {
             return Err(Error::config("vision_feature_layer", "needs at least one layer"));
         }
-        let count = num_layers as i64 + 1;
-        layers
-            .iter()
-            .map(|&l| {
-                let at = if l < 0 { count + l } else { l };
-                if (0..count).contains(&at) {
-                    Ok(at as usize)
-                } else {
-                    Err(Error::config(
-                        "vision_feature_layer",
-                        format!("layer {l} is outside a tower with {num_layers} layers"),
-                    ))
-                }
-            })
-            .collect()
+        resolve_layers(layers, num_layers)
     }
 
     /// Checks the layers against the tower.

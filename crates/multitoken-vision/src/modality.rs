@@ -43,7 +43,7 @@ use candle_nn::VarBuilder;
 use multitoken_core::{Item, Modality, ModalityBuilder, ModalityContext, ProjectorSpec};
 use serde::Deserialize;
 
-use crate::clip::{ClipVisionConfig, ClipVisionTower, FeatureSelect};
+use crate::clip::{resolve_layers, ClipVisionConfig, ClipVisionTower, FeatureSelect};
 use crate::decode::{decode_item, DecodeLimits};
 use crate::processor::ImageProcessorConfig;
 use crate::siglip::{SiglipVisionConfig, SiglipVisionTower};
@@ -204,13 +204,7 @@ impl VisionClip {
         };
         let tower_vb = if prefix.is_empty() { vb } else { vb.pp(&prefix) };
         let layers = parse_layers(config.vision_feature_layer.as_ref())?;
-        let keep_cls = match config.vision_feature_select_strategy.as_deref() {
-            None | Some("default") => false,
-            Some("full") => true,
-            Some(other) => {
-                return Err(Error::config("vision_feature_select_strategy", format!("`{other}` is not `default` or `full`")))
-            }
-        };
+        let keep_cls = keeps_first_position(config.vision_feature_select_strategy.as_deref())?;
         let load_error = |e: Error| Error::config(tower_dir.display().to_string(), format!("prefix `{prefix}`: {e}"));
         let tower = if siglip {
             let mut value = tower_value;
@@ -410,20 +404,14 @@ pub(crate) fn parse_layers(value: Option<&serde_json::Value>) -> Result<Vec<i64>
     }
 }
 
-/// Layer indexes into `hidden_states` (`num_layers + 1` entries; negative from the end).
-pub(crate) fn resolve_layers(layers: &[i64], num_layers: usize) -> Result<Vec<usize>> {
-    let count = num_layers as i64 + 1;
-    layers
-        .iter()
-        .map(|&l| {
-            let at = if l < 0 { count + l } else { l };
-            if (0..count).contains(&at) {
-                Ok(at as usize)
-            } else {
-                Err(Error::config("vision_feature_layer", format!("layer {l} is outside a tower with {num_layers} layers")))
-            }
-        })
-        .collect()
+/// LLaVA's `vision_feature_select_strategy`: `full` keeps the first position
+/// (CLIP's CLS), `default` (or absent) drops it.
+pub(crate) fn keeps_first_position(strategy: Option<&str>) -> Result<bool> {
+    match strategy {
+        None | Some("default") => Ok(false),
+        Some("full") => Ok(true),
+        Some(other) => Err(Error::config("vision_feature_select_strategy", format!("`{other}` is not `default` or `full`"))),
+    }
 }
 
 /// transformers' `SiglipVisionConfig` defaults where ours (Idefics2's) differ.
