@@ -529,6 +529,23 @@ pub fn render_styled(spec: &ShapeSpec, style: Style, rng: &mut Rng) -> RgbImage 
         return render(spec, rng);
     }
     let background = Background::random(style, rng);
+    render_on(spec, &background, rng)
+}
+
+/// A varied-style image of `spec` on a flat dark grey (luminance 15-100, each
+/// channel within 12 of it): the varied style's `Dark` kind, which the tower's
+/// pretraining draws far more often than the varied rows do (1 in 14). Shapes
+/// on flat dark grey were the tower's weakest case: Pillow-drawn shapes on
+/// `(40..85, 40..85, 40..85)` were named right 75% of the time, against 94% on
+/// other backgrounds; green ones on the darkest greys never.
+pub fn render_on_dark(spec: &ShapeSpec, rng: &mut Rng) -> RgbImage {
+    let grey = rng.range_f(15.0, 100.0);
+    let background = Background::Dark([0, 1, 2].map(|_| (grey + rng.range_f(-12.0, 12.0)).max(0.0)));
+    render_on(spec, &background, rng)
+}
+
+/// `spec` drawn over `background` in a varied-style shade of its colour.
+fn render_on(spec: &ShapeSpec, background: &Background, rng: &mut Rng) -> RgbImage {
     let fill = spec.colour.rgb_styled(rng).map(f64::from);
     let height = spec.height();
     let mut image = RgbImage::new(spec.size, height);

@@ -339,3 +339,26 @@ fn judge_accepts_an_honest_reply_only_to_an_unanswerable_question() {
     assert!(!judge(UNSURE, "I can't tell, maybe a circle."));
     assert!(!judge("A red circle.", UNSURE));
 }
+
+#[test]
+fn dark_images_have_a_dark_background_and_a_shape_in_its_colour() {
+    use multitoken_datasets::images::{render_on_dark, Colour, Shape, ShapeSpec};
+    use multitoken_datasets::{Rng, Style};
+    let mut rng = Rng::new(11);
+    for (i, colour) in Colour::ALL.iter().cycle().take(24).enumerate() {
+        let spec = ShapeSpec::random_styled(Shape::ALL[i % 3], *colour, Style::Varied, &mut rng);
+        let image = render_on_dark(&spec, &mut rng);
+        let luminance = |p: &image::Rgb<u8>| p.0.iter().map(|&c| f64::from(c)).sum::<f64>() / 3.0;
+        // Most pixels are background (shapes cover well under half the image).
+        let mut values: Vec<f64> = image.pixels().map(luminance).collect();
+        values.sort_by(f64::total_cmp);
+        let median = values[values.len() / 2];
+        assert!(median <= 112.0, "image {i}: median luminance {median} is not dark");
+        // The shape is drawn in its colour: the background's channels stay within
+        // 24 of each other, every shade of the four colours spreads them wider.
+        let chroma = |p: &image::Rgb<u8>| p.0.iter().max().copied().unwrap_or(0) - p.0.iter().min().copied().unwrap_or(0);
+        let coloured = image.pixels().filter(|p| chroma(p) > 40).count();
+        let (w, h) = image.dimensions();
+        assert!(coloured * 100 >= (w * h) as usize, "image {i}: {coloured} of {} pixels coloured", w * h);
+    }
+}
