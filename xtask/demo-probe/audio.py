@@ -1,0 +1,27 @@
+# Held-out probe of the demo model (see examples/demo-model/README.md): Pillow-drawn
+# shapes and hand-written questions, judged by the words of the answer.
+import numpy as np, wave, json, subprocess, sys, random, re
+random.seed(5)
+BIN="../../target/bench/release/multitoken"; MODEL="../../examples/demo-model"
+def write(path, count, freq, beep, gap, rate=16000, amp=0.5, lead=0.3):
+    n = int((lead + count*beep + (count-1)*gap + 0.3) * rate); x = np.zeros(n)
+    for k in range(count):
+        s = int((lead + k*(beep+gap))*rate); t = np.arange(int(beep*rate))/rate
+        x[s:s+len(t)] = amp*np.sin(2*np.pi*freq*t)
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1); w.setsampwidth(2); w.setframerate(rate); w.writeframes((x*32767).astype(np.int16).tobytes())
+WORDS = {1:"one",2:"two",3:"three",4:"four"}
+res = {}
+for gap in [1.2, 0.8, 0.5, 0.3]:
+    ok = 0; tot = 0
+    for count in [1,2,3,4]:
+        for pitch, f in [("low", 300), ("high", 1500), ("low", 350), ("high", 1000)]:
+            rate = random.choice([16000, 22050, 44100])
+            p = f"aud_{gap}_{count}_{f}.wav"; write(p, count, f, 0.25, gap, rate)
+            out = subprocess.run([BIN,"generate","--model",MODEL,"--audio",p,"--prompt","How many beeps are there?","--json","--max-new-tokens","20"],capture_output=True,text=True)
+            text = json.loads(out.stdout.strip().splitlines()[-1])["text"].lower()
+            ok += WORDS[count] in text; tot += 1
+            out = subprocess.run([BIN,"generate","--model",MODEL,"--audio",p,"--prompt","Are the beeps high or low?","--json","--max-new-tokens","20"],capture_output=True,text=True)
+            text2 = json.loads(out.stdout.strip().splitlines()[-1])["text"].lower()
+            res.setdefault(("pitch",gap), []).append(pitch in text2)
+    print("gap", gap, "count right", ok, "/", tot, "pitch right", sum(res[("pitch",gap)]), "/", len(res[("pitch",gap)]))
