@@ -406,12 +406,13 @@ mod avx512 {
             // Q8_0's second half is its first two weights, unused.
             let (d, m) = super::f16_pair(blk);
             let (e0, e1, m) = if Q4 {
-                let mask = _mm_set1_epi8(0x0F);
-                let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                // Weights 0..16 are the low nibbles, 16..32 the high ones.
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
-                (_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), m)
+                // Each byte widened once to its own 32-bit lane; weights 0..16 are
+                // the low nibbles, 16..32 the high ones, so one mask and one shift
+                // of the lanes give both (one 512-bit shuffle per block, not two).
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
+                let lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
+                let hi = _mm512_srli_epi32::<4>(bytes);
+                (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi), m)
             } else {
                 let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
                 let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
