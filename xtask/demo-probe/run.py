@@ -4,7 +4,7 @@ import json, subprocess, sys, re
 from collections import Counter
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
-rows = json.load(open("rows.json"))
+rows = json.load(open(sys.argv[3] if len(sys.argv) > 3 else "rows.json"))  # dark.py writes dark_rows.json
 ok = 0; bybg = Counter(); totbg = Counter(); bad = []
 for r in rows:
     out = subprocess.run([BIN, "generate", "--model", MODEL, "--image", r["image"], "--prompt", r["q"], "--max-new-tokens", "40", "--json"], capture_output=True, text=True)
