@@ -223,7 +223,9 @@ pub fn pretrain_cached(vision_dir: &Path, settings: Pretrain, cache_dir: &Path) 
             .with_context(|| format!("reading {}", path.display()))?
             .hash(&mut h);
     }
-    format!("{settings:?}").hash(&mut h);
+    // The image mix is part of the recipe: towers cached before the dark share
+    // existed must not be taken for its results.
+    format!("{settings:?} dark share {DARK_SHARE}").hash(&mut h);
     let cached = cache_dir.join(format!("tower-{:016x}.safetensors", h.finish()));
     let weights = vision_dir.join("model.safetensors");
     let summary = cached.with_extension("txt");
@@ -493,6 +495,18 @@ pub fn double_resolution(vision_dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A fresh temporary directory (named after `tag`) holding the demo skeleton's
+    /// seeded styled tower in `vision/`; returns both paths.
+    fn seeded_vision(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("xtask-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let vision = dir.join("vision");
+        std::fs::create_dir_all(&vision).unwrap();
+        super::super::skeleton::write_vision(&vision, 5, super::super::skeleton::Tower::STYLED)
+            .unwrap();
+        (dir, vision)
+    }
+
     /// The pooled features the LM reads, of the tower in `vision_dir`, for `image`.
     fn features(vision_dir: &Path, image: &image::RgbImage) -> Vec<f32> {
         let config: ClipVisionConfig =
@@ -528,12 +542,7 @@ mod tests {
     /// projector still fits it.
     #[test]
     fn doubled_resolution_keeps_the_features() {
-        let dir = std::env::temp_dir().join(format!("xtask-double-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let vision = dir.join("vision");
-        std::fs::create_dir_all(&vision).unwrap();
-        super::super::skeleton::write_vision(&vision, 5, super::super::skeleton::Tower::STYLED)
-            .unwrap();
+        let (dir, vision) = seeded_vision("double");
         let mut rng = Rng::new(3);
         let spec = ShapeSpec::random_styled(Shape::Triangle, Colour::Blue, Style::Varied, &mut rng);
         let image = images::render_styled(&spec, Style::Varied, &mut rng);
@@ -558,12 +567,7 @@ mod tests {
     /// the cached result, byte for byte.
     #[test]
     fn pretraining_moves_the_tower_and_is_cached() {
-        let dir = std::env::temp_dir().join(format!("xtask-tower-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let vision = dir.join("vision");
-        std::fs::create_dir_all(&vision).unwrap();
-        super::super::skeleton::write_vision(&vision, 5, super::super::skeleton::Tower::STYLED)
-            .unwrap();
+        let (dir, vision) = seeded_vision("tower");
         let weights = vision.join("model.safetensors");
         let seeded = std::fs::read(&weights).unwrap();
         let settings = Pretrain {
