@@ -269,6 +269,11 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Break down {it} for me.",
         "Go over {it}.",
         "Give me an overview of {it}.",
+        "Explain {it} to me.",
+        "Depict {it} in a few words.",
+        "What would you call {it}?",
+        "Report what {it} shows.",
+        "Give me a caption for {it}.",
     ],
     &[
         "What's going on in {it}?",
@@ -354,6 +359,10 @@ pub const COUNT: [&[&str]; 2] = [
         "How many short tones does {it} have?",
         "How many beeps are there?",
         "Count the beeps.",
+        "How often do you hear a beep in {it}?",
+        "How frequently does {it} beep?",
+        "Beeps in {it}: how many?",
+        "How many beeps sound in {it}?",
     ],
     &[
         "what's the beep count of {it}",
@@ -424,6 +433,12 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "Break down {it} for me.",
         "Go over {it}.",
         "Give me an overview of {it}.",
+        "Explain what you hear in {it}.",
+        "Explain what {it} contains.",
+        "What is happening in {it}?",
+        "Report what {it} contains.",
+        "Give me a rundown of {it}.",
+        "What does {it} have in it?",
     ],
     &[
         "Give me a description of {it}.",
@@ -639,7 +654,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
             Style::Unlike => &["So, ", "Question: ", "Hello there. "],
-            _ => &["Hi! ", "Hey, ", "OK, ", "Quick question: ", "Please: "],
+            _ => &["Hi! ", "Hey, ", "OK, ", "Quick question: ", "Please: ", "Q: "],
         };
         q = format!("{}{q}", pick(greetings, rng));
     }
