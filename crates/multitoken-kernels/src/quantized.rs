@@ -344,7 +344,9 @@ mod avx512 {
     /// accumulator `b % CHAINS` (vector and, for Q4_1, the scalar `m` term), so
     /// a block need not wait for the previous block's FMA: one thread, a
     /// 1536 × 576 row each, 1 / 2 / 4 chains gave Q4_1 2.25 / 2.10 / 2.15 ns per
-    /// block and Q8_0 1.72 / 1.57 / 1.61 (the AVX2 body: 2.12 and 1.81). Q4_1's
+    /// block and Q8_0 1.72 / 1.57 / 1.61 (the AVX2 body: 2.12 and 1.81), on the
+    /// dev VM's host of that day; on 2026-12-06's slower host the same row took
+    /// 3.0-3.7 ns (Q4_1) and 1.9-3.4 (Q8_0), swinging within minutes. Q4_1's
     /// limit is the unpacking (nibbles widened to 32 bits and converted), whose
     /// 512-bit shuffles run on one port: wider vectors do not make it faster.
     #[target_feature(enable = "avx512f,f16c")]
