@@ -1,6 +1,7 @@
-# Held-out probe of the demo model (see examples/demo-model/README.md): Pillow-drawn
-# shapes and hand-written questions, judged by the words of the answer.
-import numpy as np, wave, json, subprocess, sys, random, re
+# Held-out probe of the demo model (see examples/demo-model/README.md): numpy-made
+# beeps at four gaps, asked to count them and name their pitch.
+import numpy as np, wave, random
+from common import ask
 random.seed(5)
 BIN="../../target/bench/release/multitoken"; MODEL="../../examples/demo-model"
 def write(path, count, freq, beep, gap, rate=16000, amp=0.5, lead=0.3):
@@ -18,10 +19,8 @@ for gap in [1.2, 0.8, 0.5, 0.3]:
         for pitch, f in [("low", 300), ("high", 1500), ("low", 350), ("high", 1000)]:
             rate = random.choice([16000, 22050, 44100])
             p = f"aud_{gap}_{count}_{f}.wav"; write(p, count, f, 0.25, gap, rate)
-            out = subprocess.run([BIN,"generate","--model",MODEL,"--audio",p,"--prompt","How many beeps are there?","--json","--max-new-tokens","20"],capture_output=True,text=True)
-            text = json.loads(out.stdout.strip().splitlines()[-1])["text"].lower()
+            text = ask(BIN, MODEL, "How many beeps are there?", audios=[p], max_new_tokens=20).lower()
             ok += WORDS[count] in text; tot += 1
-            out = subprocess.run([BIN,"generate","--model",MODEL,"--audio",p,"--prompt","Are the beeps high or low?","--json","--max-new-tokens","20"],capture_output=True,text=True)
-            text2 = json.loads(out.stdout.strip().splitlines()[-1])["text"].lower()
+            text2 = ask(BIN, MODEL, "Are the beeps high or low?", audios=[p], max_new_tokens=20).lower()
             res.setdefault(("pitch",gap), []).append(pitch in text2)
     print("gap", gap, "count right", ok, "/", tot, "pitch right", sum(res[("pitch",gap)]), "/", len(res[("pitch",gap)]))

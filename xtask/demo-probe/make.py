@@ -1,45 +1,9 @@
 # Held-out probe of the demo model (see examples/demo-model/README.md): Pillow-drawn
-# shapes and hand-written questions, judged by the words of the answer.
-# An independent held-out probe for the demo model: Pillow-drawn shapes on
-# backgrounds and phrasings written here, not by the generator.
-import json, random, os, math
-from PIL import Image, ImageDraw, ImageFilter
+# shapes and hand-written questions, judged by the words of the answer. This script
+# writes the 120-image set (img/, rows.json); common.py holds the drawing.
+import json, random, os
+from common import COL, SHAPES, draw
 random.seed(4242)
-COL = {"red": [(220,20,30),(255,0,0),(180,30,40)], "green": [(0,160,0),(40,200,60),(20,120,40)],
-       "blue": [(0,0,255),(30,80,200),(20,40,160)], "yellow": [(255,215,0),(240,230,40),(230,200,20)]}
-SHAPES = ["circle", "square", "triangle"]
-def background(w, h, kind):
-    if kind == "white": return Image.new("RGB", (w, h), (255,255,255))
-    if kind == "cream": return Image.new("RGB", (w, h), (245,240,225))
-    if kind == "lightgrey": return Image.new("RGB", (w, h), (200,200,200))
-    if kind == "darkgrey": return Image.new("RGB", (w, h), (60,60,60))
-    if kind == "black": return Image.new("RGB", (w, h), (10,10,10))
-    if kind == "skyblue": return Image.new("RGB", (w, h), (190,220,250))
-    if kind == "paper":
-        im = Image.new("RGB", (w, h)); px = im.load()
-        for y in range(h):
-            for x in range(w):
-                v = 230 + random.randint(-15, 15); px[x, y] = (v, v, v - 5)
-        return im
-    if kind == "vgrad":
-        im = Image.new("RGB", (w, h)); d = ImageDraw.Draw(im)
-        for y in range(h):
-            t = y / max(1, h - 1); v = int(250 - 120 * t); d.line([(0, y), (w, y)], fill=(v, v, int(v * 0.95)))
-        return im
-    if kind == "grid":
-        im = Image.new("RGB", (w, h), (250,250,250)); d = ImageDraw.Draw(im)
-        for x in range(0, w, 20): d.line([(x,0),(x,h)], fill=(200,200,220))
-        for y in range(0, h, 20): d.line([(0,y),(w,y)], fill=(200,200,220))
-        return im
-    raise ValueError(kind)
-def draw(shape, rgb, w, h, bg, scale, off):
-    im = background(w, h, bg); d = ImageDraw.Draw(im)
-    s = min(w, h) * scale / 2
-    cx = w / 2 + off[0] * (w / 2 - s); cy = h / 2 + off[1] * (h / 2 - s)
-    if shape == "circle": d.ellipse([cx - s, cy - s, cx + s, cy + s], fill=rgb)
-    elif shape == "square": d.rectangle([cx - s * 0.85, cy - s * 0.85, cx + s * 0.85, cy + s * 0.85], fill=rgb)
-    else: d.polygon([(cx, cy - s), (cx - s * 0.95, cy + s * 0.8), (cx + s * 0.95, cy + s * 0.8)], fill=rgb)
-    return im
 SHAPE_Q = ["What shape do you see?", "Which shape is drawn here?", "Name the shape in this picture.",
            "what kind of shape is that", "Is it a circle, a square or a triangle?", "Tell me the shape.",
            "What geometric figure does the image contain?", "Identify the shape, please."]

@@ -1,6 +1,7 @@
-# Held-out probe of the demo model (see examples/demo-model/README.md): Pillow-drawn
-# shapes and hand-written questions, judged by the words of the answer.
-import json, subprocess, random, re, sys
+# Held-out probe of the demo model (see examples/demo-model/README.md): pairs of
+# make.py's images, "which of the two shows ...", judged by the verdict's first/second.
+import json, random, sys
+from common import ask
 random.seed(99)
 BIN="../../target/bench/release/multitoken"; MODEL=sys.argv[1] if len(sys.argv)>1 else "../../examples/demo-model"
 rows=json.load(open("rows.json"))
@@ -15,9 +16,7 @@ for i in range(32):
     if meta[a][0]==meta[b][0]: continue
     target=random.choice([0,1]); s=meta[[a,b][target]][0]
     q=Q[i%4].format(s=s)
-    out=subprocess.run([BIN,"generate","--model",MODEL,"--image",a,"--image",b,"--prompt",f"<image>\n<image>\n{q}","--json","--max-new-tokens","80"],capture_output=True,text=True)
-    try: text=json.loads(out.stdout.strip().splitlines()[-1])["text"]
-    except Exception: text="ERR "+out.stderr[-300:]
+    text=ask(BIN, MODEL, f"<image>\n<image>\n{q}", images=[a, b], max_new_tokens=80)
     last=text.lower().split("so ")[-1]
     good=(["first","second"][target] in last) and (["second","first"][target] not in last)
     n+=1; ok+=good

@@ -1,15 +1,14 @@
 # Held-out probe of the demo model (see examples/demo-model/README.md): Pillow-drawn
 # shapes and hand-written questions, judged by the words of the answer.
-import json, subprocess, sys, re
+import json, sys, re
 from collections import Counter
+from common import ask
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 rows = json.load(open(sys.argv[3] if len(sys.argv) > 3 else "rows.json"))  # dark.py writes dark_rows.json
 ok = 0; bybg = Counter(); totbg = Counter(); bad = []
 for r in rows:
-    out = subprocess.run([BIN, "generate", "--model", MODEL, "--image", r["image"], "--prompt", r["q"], "--max-new-tokens", "40", "--json"], capture_output=True, text=True)
-    try: text = json.loads(out.stdout.strip().splitlines()[-1])["text"]
-    except Exception: text = "ERR " + out.stderr[-200:]
+    text = ask(BIN, MODEL, r["q"], images=[r["image"]])
     words = set(re.findall(r"[a-z]+", text.lower().replace("color", "colour")))
     want = [w.replace("color", "colour") for w in r["want"]]
     others = {"circle","square","triangle","red","green","blue","yellow"} - set(want)

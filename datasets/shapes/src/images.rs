@@ -410,10 +410,7 @@ impl Background {
                         [angle.cos(), angle.sin()],
                     )
                 }
-                11 => {
-                    let grey = rng.range_f(20.0, 90.0);
-                    Background::Dark([0, 1, 2].map(|_| grey + rng.range_f(-12.0, 12.0)))
-                }
+                11 => Background::dark(rng, 20.0, 90.0),
                 12 => Background::Speckled(pastel(rng, 0.2)),
                 _ => {
                     let angle = rng.range_f(0.0, std::f64::consts::PI);
@@ -426,6 +423,12 @@ impl Background {
                 }
             },
         }
+    }
+
+    /// A flat dark grey: luminance drawn from `low..high`, each channel within 12 of it.
+    fn dark(rng: &mut Rng, low: f64, high: f64) -> Self {
+        let grey = rng.range_f(low, high);
+        Background::Dark([0, 1, 2].map(|_| (grey + rng.range_f(-12.0, 12.0)).max(0.0)))
     }
 
     fn at(&self, x: u32, y: u32, (width, height): (u32, u32), rng: &mut Rng) -> [f64; 3] {
@@ -539,9 +542,7 @@ pub fn render_styled(spec: &ShapeSpec, style: Style, rng: &mut Rng) -> RgbImage 
 /// `(40..85, 40..85, 40..85)` were named right 75% of the time, against 94% on
 /// other backgrounds; green ones on the darkest greys never.
 pub fn render_on_dark(spec: &ShapeSpec, rng: &mut Rng) -> RgbImage {
-    let grey = rng.range_f(15.0, 100.0);
-    let background = Background::Dark([0, 1, 2].map(|_| (grey + rng.range_f(-12.0, 12.0)).max(0.0)));
-    render_on(spec, &background, rng)
+    render_on(spec, &Background::dark(rng, 15.0, 100.0), rng)
 }
 
 /// `spec` drawn over `background` in a varied-style shade of its colour.

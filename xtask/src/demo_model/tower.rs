@@ -128,9 +128,11 @@ fn example(
     let colour = rng.range(0, Colour::ALL.len() - 1);
     let (shape_kind, colour_kind) = (Shape::ALL[shape], Colour::ALL[colour]);
     let mut image = match draw {
-        Draw::Style(Style::Classic) => {
-            images::render(&ShapeSpec::random(shape_kind, colour_kind, rng), rng)
-        }
+        Draw::Style(Style::Classic) => images::render_styled(
+            &ShapeSpec::random(shape_kind, colour_kind, rng),
+            Style::Classic,
+            rng,
+        ),
         Draw::Style(style) => images::render_styled(
             &ShapeSpec::random_styled(shape_kind, colour_kind, style, rng),
             style,

@@ -1,0 +1,49 @@
+# Shared by the demo-model probe scripts (see examples/demo-model/README.md): the
+# shapes and colours, Pillow drawing, and one greedy answer from `multitoken generate`.
+import json, random, subprocess
+from PIL import Image, ImageDraw
+
+COL = {"red": [(220,20,30),(255,0,0),(180,30,40)], "green": [(0,160,0),(40,200,60),(20,120,40)],
+       "blue": [(0,0,255),(30,80,200),(20,40,160)], "yellow": [(255,215,0),(240,230,40),(230,200,20)]}
+SHAPES = ["circle", "square", "triangle"]
+def background(w, h, kind):
+    if kind == "white": return Image.new("RGB", (w, h), (255,255,255))
+    if kind == "cream": return Image.new("RGB", (w, h), (245,240,225))
+    if kind == "lightgrey": return Image.new("RGB", (w, h), (200,200,200))
+    if kind == "darkgrey": return Image.new("RGB", (w, h), (60,60,60))
+    if kind == "black": return Image.new("RGB", (w, h), (10,10,10))
+    if isinstance(kind, int): return Image.new("RGB", (w, h), (kind, kind, kind))
+    if kind == "skyblue": return Image.new("RGB", (w, h), (190,220,250))
+    if kind == "paper":
+        im = Image.new("RGB", (w, h)); px = im.load()
+        for y in range(h):
+            for x in range(w):
+                v = 230 + random.randint(-15, 15); px[x, y] = (v, v, v - 5)
+        return im
+    if kind == "vgrad":
+        im = Image.new("RGB", (w, h)); d = ImageDraw.Draw(im)
+        for y in range(h):
+            t = y / max(1, h - 1); v = int(250 - 120 * t); d.line([(0, y), (w, y)], fill=(v, v, int(v * 0.95)))
+        return im
+    if kind == "grid":
+        im = Image.new("RGB", (w, h), (250,250,250)); d = ImageDraw.Draw(im)
+        for x in range(0, w, 20): d.line([(x,0),(x,h)], fill=(200,200,220))
+        for y in range(0, h, 20): d.line([(0,y),(w,y)], fill=(200,200,220))
+        return im
+    raise ValueError(kind)
+def draw(shape, rgb, w, h, bg, scale, off):
+    im = background(w, h, bg); d = ImageDraw.Draw(im)
+    s = min(w, h) * scale / 2
+    cx = w / 2 + off[0] * (w / 2 - s); cy = h / 2 + off[1] * (h / 2 - s)
+    if shape == "circle": d.ellipse([cx - s, cy - s, cx + s, cy + s], fill=rgb)
+    elif shape == "square": d.rectangle([cx - s * 0.85, cy - s * 0.85, cx + s * 0.85, cy + s * 0.85], fill=rgb)
+    else: d.polygon([(cx, cy - s), (cx - s * 0.95, cy + s * 0.8), (cx + s * 0.95, cy + s * 0.8)], fill=rgb)
+    return im
+def ask(binary, model, prompt, images=(), audios=(), max_new_tokens=40):
+    """The text of one greedy answer, or "ERR ..." with the end of stderr."""
+    cmd = [binary, "generate", "--model", model, "--prompt", prompt, "--json", "--max-new-tokens", str(max_new_tokens)]
+    for p in images: cmd += ["--image", p]
+    for p in audios: cmd += ["--audio", p]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    try: return json.loads(out.stdout.strip().splitlines()[-1])["text"]
+    except Exception: return "ERR " + out.stderr[-300:]
