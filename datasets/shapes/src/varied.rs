@@ -46,11 +46,11 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
         "the visual",
     ],
     &[
-        "the pic",
-        "this graphic",
-        "the illustration",
-        "this snapshot",
-        "the drawing",
+        "the png",
+        "this still",
+        "the rendering",
+        "the pasted image",
+        "the panel",
     ],
 ];
 
@@ -77,10 +77,10 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
         "the signal",
     ],
     &[
-        "this sound file",
-        "the track",
-        "the sample",
-        "this audio snippet",
+        "the mp3",
+        "the jingle",
+        "this audio sample",
+        "the thing I recorded",
     ],
 ];
 
@@ -104,7 +104,13 @@ pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
         "the doc",
         "this story",
     ],
-    &["this page", "the article", "the note", "the writing"],
+    &[
+        "the pdf",
+        "this excerpt",
+        "the memo",
+        "the write-up",
+        "the paragraph",
+    ],
 ];
 
 /// Noun phrases that name no kind (varied style only): in chats with several
@@ -177,12 +183,12 @@ pub const SHAPE: [&[&str]; 2] = [
         "Name the shape.",
     ],
     &[
-        "Can you tell what shape {it} contains?",
-        "Which geometric form is drawn in {it}?",
-        "I'd like to know the shape in {it}.",
-        "what's the shape in {it}",
-        "Shape of the object in {it}?",
-        "Could you name the figure in {it}?",
+        "What geometric shape has been sketched in {it}?",
+        "Which of circle, square and triangle matches {it}?",
+        "Tell me the shape you spot in {it}.",
+        "i need the shape in {it}",
+        "What outline is drawn in {it}?",
+        "Is {it} showing a circle, a triangle or a square?",
     ],
 ];
 
@@ -223,11 +229,11 @@ pub const COLOUR: [&[&str]; 2] = [
         "Which color is it?",
     ],
     &[
-        "What's the hue of the shape in {it}?",
-        "Could you tell me what color {it} uses for the shape?",
-        "colour of the object in {it}?",
-        "Which paint colour fills the shape in {it}?",
-        "I wonder what colour the shape in {it} is.",
+        "What colour has the shape got in {it}?",
+        "Which colour is the object in {it} filled with?",
+        "tell me the colour used for the shape in {it}",
+        "In what colour is the shape in {it} drawn?",
+        "What is the shape's colour in {it}?",
     ],
 ];
 
@@ -276,11 +282,11 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Give me a caption for {it}.",
     ],
     &[
-        "What's going on in {it}?",
-        "Could you describe {it} for me?",
-        "describe {it} briefly",
-        "What does {it} depict?",
-        "Caption {it}.",
+        "What have we got in {it}?",
+        "Give me a quick description of {it}.",
+        "Sum up {it} in a sentence.",
+        "what does {it} have on it",
+        "Can you tell me what {it} is of?",
     ],
 ];
 
@@ -327,10 +333,10 @@ pub const COMPARE: [&[&str]; 2] = [
         "Which of the images contains {thing}?",
     ],
     &[
-        "Out of these two pictures, which has {thing}?",
-        "In which of the two snapshots can I find {thing}?",
-        "Tell me whether {thing} is in picture one or picture two.",
-        "which drawing has {thing}",
+        "Which of the two images includes {thing}?",
+        "{thing} appears in one of these pictures. Which?",
+        "Is it the first or second picture that shows {thing}?",
+        "in which image do I find {thing}",
     ],
 ];
 
@@ -365,10 +371,10 @@ pub const COUNT: [&[&str]; 2] = [
         "How many beeps sound in {it}?",
     ],
     &[
-        "what's the beep count of {it}",
-        "Could you count how many beeps play in {it}?",
-        "Number of beeps in {it}?",
-        "How often does {it} beep?",
+        "How many beeps can be heard in {it}?",
+        "Count how many times {it} beeps.",
+        "What's the total number of beeps in {it}?",
+        "how many beeps occur in {it}",
     ],
 ];
 
@@ -399,10 +405,10 @@ pub const PITCH: [&[&str]; 2] = [
         "What pitch is it?",
     ],
     &[
-        "Would you say {it} sounds high or low?",
-        "pitch of {it}: high or low?",
-        "Do the beeps in {it} sound high or deep?",
-        "Is {it} a high or a low tone?",
+        "Is the beeping in {it} high or low?",
+        "Are the beeps of {it} high-pitched or low?",
+        "How would you rate the pitch of {it}, high or low?",
+        "high or low beeps in {it}?",
     ],
 ];
 
@@ -441,10 +447,10 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "What does {it} have in it?",
     ],
     &[
-        "Give me a description of {it}.",
-        "what's in {it}",
-        "Could you describe what {it} contains?",
-        "Explain {it} to me.",
+        "What's in {it}, sound-wise?",
+        "Describe the audio of {it} briefly.",
+        "Tell me what {it} sounds like.",
+        "what can be heard in {it}",
     ],
 ];
 
@@ -485,10 +491,10 @@ pub const TOPIC: [&[&str]; 2] = [
         "Give me an overview of {it}.",
     ],
     &[
-        "What's {it} on about?",
-        "Could you say which subject {it} deals with?",
-        "topic of {it}?",
-        "Give me the theme of {it}.",
+        "What is {it} concerned with?",
+        "Which topic does {it} deal with?",
+        "what's the main idea of {it}",
+        "Give me the subject of {it} in one word.",
     ],
 ];
 
@@ -556,16 +562,16 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Are you a robot?",
     ],
     &[
-        "/reset",
-        "/quit",
-        "what day is it",
-        "Can you write me a poem?",
-        "Who is the president?",
-        "How far away is the moon?",
-        "Why is {it} here?",
-        "When was {it} created?",
-        "Sing a song.",
-        "What's your name?",
+        "/stop",
+        "/menu",
+        "How do I get to the airport?",
+        "Write me a haiku.",
+        "Who is your creator?",
+        "What's the score of the match?",
+        "Play some music.",
+        "Who designed {it}?",
+        "When did {it} get made?",
+        "Book a table for two.",
     ],
 ];
 
@@ -653,12 +659,133 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
-            Style::Unlike => &["So, ", "Question: ", "Hello there. "],
+            Style::Unlike => &["Hi there, ", "Excuse me, ", "Quick one: "],
             _ => &["Hi! ", "Hey, ", "OK, ", "Quick question: ", "Please: ", "Q: "],
         };
         q = format!("{}{q}", pick(greetings, rng));
     }
+    // The varied style also pads and mistypes: a model that has only seen
+    // clean templates keys on their exact words, and a slip ("shpae") or a
+    // "Thanks." after the question then sends it elsewhere.
+    if style == Style::Varied && !q.starts_with('/') {
+        if rng.range(0, 7) == 0 {
+            q = if rng.range(0, 1) == 0 {
+                format!("{}{q}", pick(PADDING_BEFORE, rng))
+            } else {
+                format!("{q}{}", pick(PADDING_AFTER, rng))
+            };
+        }
+        if rng.range(0, 7) == 0 {
+            q = typo(&q, rng);
+        }
+    }
     q
+}
+
+/// What people put before a question that asks nothing (varied style only;
+/// none is an unlike-style greeting).
+const PADDING_BEFORE: &[&str] = &[
+    "Sorry, ",
+    "Um, ",
+    "I have a question. ",
+    "Can I ask something? ",
+    "Hello, ",
+    "Right, ",
+    "Okay so ",
+];
+
+/// ... and after it.
+const PADDING_AFTER: &[&str] = &[
+    " Thanks.",
+    " please",
+    " Thank you!",
+    " I'm curious.",
+    " Cheers.",
+    " if you can",
+    " :)",
+];
+
+/// One slip of the keyboard in a word of four or more letters (never its
+/// first letter): two neighbouring letters swapped, or one left out. A slip
+/// that spells a word an answer names ("there" -> "three") is drawn again.
+fn typo(question: &str, rng: &mut Rng) -> String {
+    let words: Vec<&str> = question.split(' ').collect();
+    let long: Vec<usize> = (0..words.len())
+        .filter(|&i| words[i].chars().filter(char::is_ascii_alphabetic).count() >= 4)
+        .collect();
+    if long.is_empty() {
+        return question.to_string();
+    }
+    for _ in 0..16 {
+        let at = long[rng.range(0, long.len() - 1)];
+        let mut letters: Vec<char> = words[at].chars().collect();
+        // Only among the word's letters, not a trailing mark.
+        let end = letters.iter().rposition(char::is_ascii_alphabetic).unwrap_or(0);
+        let i = rng.range(1, end.saturating_sub(1).max(1));
+        if rng.range(0, 1) == 0 && i < end {
+            letters.swap(i, i + 1);
+        } else {
+            letters.remove(i);
+        }
+        let slipped: String = letters.into_iter().collect();
+        let bare = slipped
+            .trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase();
+        if crate::rows::GROUPS.iter().any(|g| g.contains(&bare.as_str())) {
+            continue;
+        }
+        let mut out: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        out[at] = slipped;
+        return out.join(" ");
+    }
+    question.to_string()
+}
+
+/// Parts of off-topic requests ([`off_topic`]): none names an item, a
+/// shape, a colour, a count, a pitch or a topic of the data.
+const REQUEST_VERBS: &[&str] = &[
+    "Write", "Compose", "Draw", "Sing", "Tell me", "Make", "Plan", "Find", "Send",
+    "Read me", "Create", "Suggest", "Recommend", "Order", "Buy me", "Translate", "Print",
+];
+const REQUEST_OBJECTS: &[&str] = &[
+    "a poem", "a letter to my boss", "an email", "a recipe for soup", "a riddle",
+    "a shopping list", "a birthday card", "a workout plan", "a trip to Rome",
+    "a bedtime story", "a speech", "some jokes", "a new password", "a name for my dog",
+    "a cup of coffee", "a taxi", "flowers for my mum", "the news", "the lottery numbers",
+    "a film for tonight", "a podcast", "my horoscope", "a gift idea", "a rap verse",
+];
+const FACTS: &[&str] = &[
+    "population", "height", "age", "price", "length", "speed", "weight", "distance",
+    "temperature", "capital", "currency", "language",
+];
+const THINGS: &[&str] = &[
+    "Spain", "the Eiffel Tower", "a banana", "Canada", "the sun", "my car", "the Nile",
+    "a cheetah", "Mount Fuji", "Brazil", "an elephant", "Berlin", "the ocean", "Mars",
+];
+const DEEDS: &[&str] = &[
+    "invented", "discovered", "built", "founded", "wrote", "won", "named", "sold",
+];
+const DEED_OBJECTS: &[&str] = &[
+    "the radio", "penicillin", "the pyramids", "Rome", "Hamlet", "the World Cup",
+    "the internet", "electricity", "the bicycle", "the last election", "this company",
+];
+const CHORES: &[&str] = &[
+    "tie a tie", "learn French", "change a tyre", "make tea", "reset my router",
+    "grow tomatoes", "file my taxes", "get to the beach", "sleep better", "train my dog",
+    "cook rice", "write a CV", "unlock my phone", "lower my rent",
+];
+
+/// An off-topic request built from parts (varied style only): the honest
+/// reply is then learnt for requests in general, not only for the
+/// [`UNANSWERABLE`] templates, and for imperatives ("Write a riddle.",
+/// "Draw a taxi.") beside an item as much as for questions.
+fn off_topic(rng: &mut Rng) -> String {
+    match rng.range(0, 3) {
+        0 => format!("{} {}.", pick(REQUEST_VERBS, rng), pick(REQUEST_OBJECTS, rng)),
+        1 => format!("What is the {} of {}?", pick(FACTS, rng), pick(THINGS, rng)),
+        2 => format!("Who {} {}?", pick(DEEDS, rng), pick(DEED_OBJECTS, rng)),
+        _ => format!("How do I {}?", pick(CHORES, rng)),
+    }
 }
 
 /// Item tokens in front of a question: `chat` puts each on its own line,
@@ -698,8 +825,9 @@ fn pseudo_word(rng: &mut Rng) -> String {
                 ]
             })
             .collect();
-        // Two real words this can spell name an item kind of the unlike set.
-        if !matches!(word.as_str(), "note" | "tone") {
+        // Real words this can spell that name an item or a kind of item
+        // ("memo" is an unlike-set noun).
+        if !matches!(word.as_str(), "note" | "tone" | "memo") {
             return word;
         }
     }
@@ -897,7 +1025,14 @@ pub(crate) fn make_row(
             );
         }
         Task::Unanswerable => {
-            let template = pick(UNANSWERABLE[lists(style)], rng);
+            // Half the varied rows ask a request built from parts instead.
+            let built;
+            let template = if style == Style::Varied && rng.range(0, 1) == 0 {
+                built = off_topic(rng);
+                built.as_str()
+            } else {
+                pick(UNANSWERABLE[lists(style)], rng)
+            };
             // With no item, only the templates that do not name one; those
             // carry an item in half their rows (varied) or three quarters
             // (unlike, as generated before): an off-topic question beside an
@@ -1145,5 +1280,51 @@ mod tests {
         }
         // Made-up words make almost every one new.
         assert!(seen.len() > 2900, "only {} distinct", seen.len());
+    }
+
+    /// Built off-topic requests name nothing an answer names (their answer is
+    /// the honest reply) and are never unlike-set questions.
+    #[test]
+    fn off_topic_requests_name_nothing_the_answers_name() {
+        let unlike: std::collections::BTreeSet<String> =
+            all_questions(Style::Unlike).into_iter().collect();
+        let mut rng = Rng::new(11);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let request = off_topic(&mut rng);
+            for word in request.to_lowercase().split(|c: char| !c.is_alphanumeric()) {
+                assert!(
+                    !crate::rows::GROUPS.iter().any(|g| g.contains(&word)),
+                    "{request:?} names {word:?}"
+                );
+            }
+            assert!(!unlike.contains(&request), "{request:?} is an unlike question");
+            seen.insert(request);
+        }
+        assert!(seen.len() > 400, "only {} distinct", seen.len());
+    }
+
+    /// A typo changes one word of four or more letters, keeps its first
+    /// letter and its trailing mark, and leaves the other words alone.
+    #[test]
+    fn a_typo_changes_one_long_word_inside() {
+        let mut rng = Rng::new(5);
+        let question = "What shape is in the picture?";
+        let mut changed = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let slipped = typo(question, &mut rng);
+            assert_ne!(slipped, question);
+            let (a, b): (Vec<&str>, Vec<&str>) = (question.split(' ').collect(), slipped.split(' ').collect());
+            assert_eq!(a.len(), b.len());
+            let diff: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+            assert_eq!(diff.len(), 1, "{slipped}");
+            let (old, new) = (a[diff[0]], b[diff[0]]);
+            assert!(old.len() >= 4 && new.chars().next() == old.chars().next(), "{slipped}");
+            assert_eq!(old.ends_with('?'), new.ends_with('?'), "{slipped}");
+            changed.insert(old.to_string());
+        }
+        // "What", "shape" and "picture?" all get their turn; "is", "in", "the" never.
+        assert_eq!(changed.len(), 3, "{changed:?}");
+        assert_eq!(typo("Is it in?", &mut rng), "Is it in?");
     }
 }
