@@ -39,11 +39,12 @@ def draw(shape, rgb, w, h, bg, scale, off):
     elif shape == "square": d.rectangle([cx - s * 0.85, cy - s * 0.85, cx + s * 0.85, cy + s * 0.85], fill=rgb)
     else: d.polygon([(cx, cy - s), (cx - s * 0.95, cy + s * 0.8), (cx + s * 0.95, cy + s * 0.8)], fill=rgb)
     return im
-def ask(binary, model, prompt, images=(), audios=(), max_new_tokens=40):
+def ask(binary, model, prompt, images=(), audios=(), documents=(), max_new_tokens=40):
     """The text of one greedy answer, or "ERR ..." with the end of stderr."""
     cmd = [binary, "generate", "--model", model, "--prompt", prompt, "--json", "--max-new-tokens", str(max_new_tokens)]
     for p in images: cmd += ["--image", p]
     for p in audios: cmd += ["--audio", p]
+    for p in documents: cmd += ["--document", p]
     out = subprocess.run(cmd, capture_output=True, text=True)
     try: return json.loads(out.stdout.strip().splitlines()[-1])["text"]
     except Exception: return "ERR " + out.stderr[-300:]

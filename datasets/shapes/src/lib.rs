@@ -30,6 +30,7 @@
 
 pub mod audio;
 pub mod benchmarks;
+pub mod built;
 pub mod documents;
 pub mod images;
 pub mod rows;

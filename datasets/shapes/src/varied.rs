@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use crate::audio::{self, BeepSpec, Pitch};
+use crate::built::{self, Asked, ItemKind as Kind};
 use crate::documents::{self, Topic};
 use crate::images::{self, Colour, Shape, ShapeSpec};
 use crate::rows::{
@@ -575,13 +576,6 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
     ],
 ];
 
-/// The kinds of item a multi-turn chat switches between.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Image,
-    Audio,
-    Document,
-}
 
 fn lists(style: Style) -> usize {
     usize::from(style == Style::Unlike)
@@ -591,20 +585,35 @@ fn fill(template: &str, it: &str) -> String {
     capitalise(&template.replace("{it}", it))
 }
 
-/// A question from `templates` about the one item of `kind` in `style`.
-fn ask(templates: [&[&str]; 2], kind: Kind, style: Style, rng: &mut Rng) -> String {
-    ask_as(templates, kind, style, false, rng)
+/// The template lists (`[varied, unlike]`) of what a question asks.
+fn templates(asked: Asked) -> [&'static [&'static str]; 2] {
+    match asked {
+        Asked::Shape => SHAPE,
+        Asked::Colour => COLOUR,
+        Asked::DescribeImage => DESCRIBE_IMAGE,
+        Asked::Count => COUNT,
+        Asked::Pitch => PITCH,
+        Asked::DescribeAudio => DESCRIBE_AUDIO,
+        Asked::Topic => TOPIC,
+    }
+}
+
+
+/// A question asking `asked` about the one item of its kind in `style`.
+fn ask(asked: Asked, style: Style, rng: &mut Rng) -> String {
+    ask_as(asked, style, false, rng)
 }
 
 /// A question that names its item's kind ("the picture", never "this" or a
 /// template without `{it}`): where several items are in play, only the kind
 /// tells the model which one is meant.
-fn named(templates: [&[&str]; 2], kind: Kind, style: Style, rng: &mut Rng) -> String {
-    ask_as(templates, kind, style, true, rng)
+fn named(asked: Asked, style: Style, rng: &mut Rng) -> String {
+    ask_as(asked, style, true, rng)
 }
 
-fn ask_as(templates: [&[&str]; 2], kind: Kind, style: Style, named: bool, rng: &mut Rng) -> String {
-    let nouns = match kind {
+fn ask_as(asked: Asked, style: Style, named: bool, rng: &mut Rng) -> String {
+    let templates = templates(asked);
+    let nouns = match asked.kind() {
         Kind::Image => IMAGE_NOUNS,
         Kind::Audio => AUDIO_NOUNS,
         Kind::Document => DOCUMENT_NOUNS,
@@ -617,6 +626,11 @@ fn ask_as(templates: [&[&str]; 2], kind: Kind, style: Style, named: bool, rng: &
     // one it means: by its noun, or (varied style, half the time) by
     // its own words, with a noun that names no kind or with none.
     let mut by_words = named && style == Style::Varied && rng.range(0, 1) == 0;
+    // Half the other varied questions are built from parts (module `built`;
+    // their noun phrases always name the item's kind).
+    if style == Style::Varied && !by_words && rng.range(0, 1) == 0 {
+        return surface(&built::question(asked, rng), style, rng);
+    }
     let usable = |by_words: bool| -> Vec<&str> {
         templates[lists(style)]
             .iter()
@@ -741,53 +755,6 @@ fn typo(question: &str, rng: &mut Rng) -> String {
     question.to_string()
 }
 
-/// Parts of off-topic requests ([`off_topic`]): none names an item, a
-/// shape, a colour, a count, a pitch or a topic of the data.
-const REQUEST_VERBS: &[&str] = &[
-    "Write", "Compose", "Draw", "Sing", "Tell me", "Make", "Plan", "Find", "Send",
-    "Read me", "Create", "Suggest", "Recommend", "Order", "Buy me", "Translate", "Print",
-];
-const REQUEST_OBJECTS: &[&str] = &[
-    "a poem", "a letter to my boss", "an email", "a recipe for soup", "a riddle",
-    "a shopping list", "a birthday card", "a workout plan", "a trip to Rome",
-    "a bedtime story", "a speech", "some jokes", "a new password", "a name for my dog",
-    "a cup of coffee", "a taxi", "flowers for my mum", "the news", "the lottery numbers",
-    "a film for tonight", "a podcast", "my horoscope", "a gift idea", "a rap verse",
-];
-const FACTS: &[&str] = &[
-    "population", "height", "age", "price", "length", "speed", "weight", "distance",
-    "temperature", "capital", "currency", "language",
-];
-const THINGS: &[&str] = &[
-    "Spain", "the Eiffel Tower", "a banana", "Canada", "the sun", "my car", "the Nile",
-    "a cheetah", "Mount Fuji", "Brazil", "an elephant", "Berlin", "the ocean", "Mars",
-];
-const DEEDS: &[&str] = &[
-    "invented", "discovered", "built", "founded", "wrote", "won", "named", "sold",
-];
-const DEED_OBJECTS: &[&str] = &[
-    "the radio", "penicillin", "the pyramids", "Rome", "Hamlet", "the World Cup",
-    "the internet", "electricity", "the bicycle", "the last election", "this company",
-];
-const CHORES: &[&str] = &[
-    "tie a tie", "learn French", "change a tyre", "make tea", "reset my router",
-    "grow tomatoes", "file my taxes", "get to the beach", "sleep better", "train my dog",
-    "cook rice", "write a CV", "unlock my phone", "lower my rent",
-];
-
-/// An off-topic request built from parts (varied style only): the honest
-/// reply is then learnt for requests in general, not only for the
-/// [`UNANSWERABLE`] templates, and for imperatives ("Write a riddle.",
-/// "Draw a taxi.") beside an item as much as for questions.
-fn off_topic(rng: &mut Rng) -> String {
-    match rng.range(0, 3) {
-        0 => format!("{} {}.", pick(REQUEST_VERBS, rng), pick(REQUEST_OBJECTS, rng)),
-        1 => format!("What is the {} of {}?", pick(FACTS, rng), pick(THINGS, rng)),
-        2 => format!("Who {} {}?", pick(DEEDS, rng), pick(DEED_OBJECTS, rng)),
-        _ => format!("How do I {}?", pick(CHORES, rng)),
-    }
-}
-
 /// Item tokens in front of a question: `chat` puts each on its own line,
 /// hand-written prompts use a space; both are drawn.
 fn with_tokens(tokens: &[&str], question: &str, rng: &mut Rng) -> String {
@@ -825,8 +792,7 @@ fn pseudo_word(rng: &mut Rng) -> String {
                 ]
             })
             .collect();
-        // Real words this can spell that name an item or a kind of item
-        // ("memo" is an unlike-set noun).
+        // Real words this can spell that name an item or a kind of item.
         if !matches!(word.as_str(), "note" | "tone" | "memo") {
             return word;
         }
@@ -960,18 +926,18 @@ pub(crate) fn make_row(
             };
             image_item(dir, &image_path, shape, colour, style, rng)?;
             row.images.push(image_path);
-            let (templates, answer) = match task {
-                Task::ImageShape => (SHAPE, format!("A {}.", shape.name())),
-                Task::ImageColour => (COLOUR, format!("{}.", capitalise(colour.name()))),
+            let (asked, answer) = match task {
+                Task::ImageShape => (Asked::Shape, format!("A {}.", shape.name())),
+                Task::ImageColour => (Asked::Colour, format!("{}.", capitalise(colour.name()))),
                 _ => (
-                    DESCRIBE_IMAGE,
+                    Asked::DescribeImage,
                     format!("A {} {}.", colour.name(), shape.name()),
                 ),
             };
             let question = if asks_vaguely(task, style, rng) {
                 vague(Some(Kind::Image), rng)
             } else {
-                ask(templates, Kind::Image, style, rng)
+                ask(asked, style, rng)
             };
             row.messages = user_assistant(with_tokens(&["<image>"], &question, rng), answer);
         }
@@ -998,11 +964,11 @@ pub(crate) fn make_row(
             };
             write_audio(dir, &audio_path, count, pitch, rng)?;
             row.speech_audios.push(audio_path);
-            let (templates, answer) = audio_question(task, count, pitch);
+            let (asked, answer) = audio_question(task, count, pitch);
             let question = if asks_vaguely(task, style, rng) {
                 vague(Some(Kind::Audio), rng)
             } else {
-                ask(templates, Kind::Audio, style, rng)
+                ask(asked, style, rng)
             };
             row.messages = user_assistant(with_tokens(&["<speech>"], &question, rng), answer);
         }
@@ -1017,7 +983,7 @@ pub(crate) fn make_row(
             let question = if asks_vaguely(task, style, rng) {
                 vague(Some(Kind::Document), rng)
             } else {
-                ask(TOPIC, Kind::Document, style, rng)
+                ask(Asked::Topic, style, rng)
             };
             row.messages = user_assistant(
                 with_tokens(&["<document>"], &question, rng),
@@ -1025,14 +991,7 @@ pub(crate) fn make_row(
             );
         }
         Task::Unanswerable => {
-            // Half the varied rows ask a request built from parts instead.
-            let built;
-            let template = if style == Style::Varied && rng.range(0, 1) == 0 {
-                built = off_topic(rng);
-                built.as_str()
-            } else {
-                pick(UNANSWERABLE[lists(style)], rng)
-            };
+            let template = pick(UNANSWERABLE[lists(style)], rng);
             // With no item, only the templates that do not name one; those
             // carry an item in half their rows (varied) or three quarters
             // (unlike, as generated before): an off-topic question beside an
@@ -1176,31 +1135,31 @@ pub(crate) fn make_row(
             for (n, (kind, attach, must_name)) in turns.into_iter().enumerate() {
                 let question = |templates, rng: &mut Rng| {
                     if must_name {
-                        named(templates, kind, style, rng)
+                        named(templates, style, rng)
                     } else {
-                        ask(templates, kind, style, rng)
+                        ask(templates, style, rng)
                     }
                 };
                 let (question, answer) = match kind {
                     Kind::Image => match rng.range(0, 2) {
-                        0 => (question(SHAPE, rng), format!("A {}.", shape.name())),
+                        0 => (question(Asked::Shape, rng), format!("A {}.", shape.name())),
                         1 => (
-                            question(COLOUR, rng),
+                            question(Asked::Colour, rng),
                             format!("{}.", capitalise(colour.name())),
                         ),
                         _ => (
-                            question(DESCRIBE_IMAGE, rng),
+                            question(Asked::DescribeImage, rng),
                             format!("A {} {}.", colour.name(), shape.name()),
                         ),
                     },
                     Kind::Audio => {
                         let task = [Task::AudioCount, Task::AudioPitch, Task::AudioDescribe]
                             [rng.range(0, 2)];
-                        let (templates, answer) = audio_question(task, count, pitch);
-                        (question(templates, rng), answer)
+                        let (asked, answer) = audio_question(task, count, pitch);
+                        (question(asked, rng), answer)
                     }
                     Kind::Document => (
-                        question(TOPIC, rng),
+                        question(Asked::Topic, rng),
                         format!("{}.", capitalise(topic.name())),
                     ),
                 };
@@ -1233,16 +1192,16 @@ fn audio_question(
     task: Task,
     count: usize,
     pitch: Pitch,
-) -> ([&'static [&'static str]; 2], String) {
+) -> (Asked, String) {
     let plural = if count == 1 { "beep" } else { "beeps" };
     match task {
         Task::AudioCount => (
-            COUNT,
+            Asked::Count,
             format!("{} {plural}.", audio::count_word(count, true)),
         ),
-        Task::AudioPitch => (PITCH, format!("{}.", capitalise(pitch.name()))),
+        Task::AudioPitch => (Asked::Pitch, format!("{}.", capitalise(pitch.name()))),
         _ => (
-            DESCRIBE_AUDIO,
+            Asked::DescribeAudio,
             format!(
                 "{} {} {plural}.",
                 audio::count_word(count, true),
@@ -1282,26 +1241,27 @@ mod tests {
         assert!(seen.len() > 2900, "only {} distinct", seen.len());
     }
 
-    /// Built off-topic requests name nothing an answer names (their answer is
-    /// the honest reply) and are never unlike-set questions.
+    /// No question built from parts is an unlike-set question (the unlike
+    /// set measures wordings the model never saw).
     #[test]
-    fn off_topic_requests_name_nothing_the_answers_name() {
+    fn built_questions_are_never_unlike_questions() {
         let unlike: std::collections::BTreeSet<String> =
             all_questions(Style::Unlike).into_iter().collect();
-        let mut rng = Rng::new(11);
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..2000 {
-            let request = off_topic(&mut rng);
-            for word in request.to_lowercase().split(|c: char| !c.is_alphanumeric()) {
-                assert!(
-                    !crate::rows::GROUPS.iter().any(|g| g.contains(&word)),
-                    "{request:?} names {word:?}"
-                );
+        let mut rng = Rng::new(13);
+        for asked in [
+            Asked::Shape,
+            Asked::Colour,
+            Asked::DescribeImage,
+            Asked::Count,
+            Asked::Pitch,
+            Asked::DescribeAudio,
+            Asked::Topic,
+        ] {
+            for _ in 0..4000 {
+                let question = built::question(asked, &mut rng);
+                assert!(!unlike.contains(&question), "{question:?} is an unlike question");
             }
-            assert!(!unlike.contains(&request), "{request:?} is an unlike question");
-            seen.insert(request);
         }
-        assert!(seen.len() > 400, "only {} distinct", seen.len());
     }
 
     /// A typo changes one word of four or more letters, keeps its first
