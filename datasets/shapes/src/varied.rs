@@ -47,11 +47,11 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
         "the visual",
     ],
     &[
-        "the png",
-        "this still",
-        "the rendering",
-        "the pasted image",
-        "the panel",
+        "the jpeg",
+        "this thumbnail",
+        "the scan",
+        "the image above",
+        "this pic",
     ],
 ];
 
@@ -78,10 +78,11 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
         "the signal",
     ],
     &[
-        "the mp3",
-        "the jingle",
-        "this audio sample",
-        "the thing I recorded",
+        "the voice note",
+        "this wav file",
+        "the audio above",
+        "the sound clip",
+        "this ogg",
     ],
 ];
 
@@ -106,11 +107,11 @@ pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
         "this story",
     ],
     &[
-        "the pdf",
-        "this excerpt",
-        "the memo",
-        "the write-up",
-        "the paragraph",
+        "the txt",
+        "this handout",
+        "the document above",
+        "the extract",
+        "this file here",
     ],
 ];
 
@@ -184,12 +185,11 @@ pub const SHAPE: [&[&str]; 2] = [
         "Name the shape.",
     ],
     &[
-        "What geometric shape has been sketched in {it}?",
-        "Which of circle, square and triangle matches {it}?",
-        "Tell me the shape you spot in {it}.",
-        "i need the shape in {it}",
-        "What outline is drawn in {it}?",
-        "Is {it} showing a circle, a triangle or a square?",
+        "Which shape is pictured in {it}?",
+        "Can you work out the shape in {it}?",
+        "What's the shape shown in {it}?",
+        "is {it} a triangle, circle or square",
+        "Identify the geometric figure in {it}, please.",
     ],
 ];
 
@@ -230,11 +230,11 @@ pub const COLOUR: [&[&str]; 2] = [
         "Which color is it?",
     ],
     &[
-        "What colour has the shape got in {it}?",
-        "Which colour is the object in {it} filled with?",
-        "tell me the colour used for the shape in {it}",
-        "In what colour is the shape in {it} drawn?",
-        "What is the shape's colour in {it}?",
+        "What colour is used for the figure in {it}?",
+        "Which colour is that shape in {it}?",
+        "Tell me the shade of the shape in {it}.",
+        "what color does the shape in {it} have",
+        "Which colour do you see in {it}?",
     ],
 ];
 
@@ -283,11 +283,11 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Give me a caption for {it}.",
     ],
     &[
-        "What have we got in {it}?",
-        "Give me a quick description of {it}.",
-        "Sum up {it} in a sentence.",
-        "what does {it} have on it",
-        "Can you tell me what {it} is of?",
+        "Describe {it} in one line.",
+        "What exactly is {it} showing?",
+        "Write a short caption for {it}.",
+        "Tell me everything you see in {it}.",
+        "what is on {it}",
     ],
 ];
 
@@ -334,10 +334,10 @@ pub const COMPARE: [&[&str]; 2] = [
         "Which of the images contains {thing}?",
     ],
     &[
-        "Which of the two images includes {thing}?",
-        "{thing} appears in one of these pictures. Which?",
-        "Is it the first or second picture that shows {thing}?",
-        "in which image do I find {thing}",
+        "Which image contains {thing}, number one or number two?",
+        "Where can {thing} be found, first image or second?",
+        "Of the two pictures, which one shows {thing}?",
+        "does {thing} show up in the first or the second image",
     ],
 ];
 
@@ -372,10 +372,10 @@ pub const COUNT: [&[&str]; 2] = [
         "How many beeps sound in {it}?",
     ],
     &[
-        "How many beeps can be heard in {it}?",
-        "Count how many times {it} beeps.",
-        "What's the total number of beeps in {it}?",
-        "how many beeps occur in {it}",
+        "How many beeps are audible in {it}?",
+        "Count the number of beeps in {it}, please.",
+        "how many times is there a beep in {it}",
+        "What number of beeps does {it} contain?",
     ],
 ];
 
@@ -406,10 +406,10 @@ pub const PITCH: [&[&str]; 2] = [
         "What pitch is it?",
     ],
     &[
-        "Is the beeping in {it} high or low?",
-        "Are the beeps of {it} high-pitched or low?",
-        "How would you rate the pitch of {it}, high or low?",
-        "high or low beeps in {it}?",
+        "Is the beep in {it} a high one or a low one?",
+        "Do you hear high or low beeps in {it}?",
+        "Would you call the beeps in {it} high or low?",
+        "low or high pitch in {it}?",
     ],
 ];
 
@@ -448,10 +448,10 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "What does {it} have in it?",
     ],
     &[
-        "What's in {it}, sound-wise?",
-        "Describe the audio of {it} briefly.",
-        "Tell me what {it} sounds like.",
-        "what can be heard in {it}",
+        "Describe the sounds in {it}.",
+        "What exactly can you hear in {it}?",
+        "Tell me everything you hear in {it}.",
+        "what's audible in {it}",
     ],
 ];
 
@@ -492,10 +492,10 @@ pub const TOPIC: [&[&str]; 2] = [
         "Give me an overview of {it}.",
     ],
     &[
-        "What is {it} concerned with?",
-        "Which topic does {it} deal with?",
-        "what's the main idea of {it}",
-        "Give me the subject of {it} in one word.",
+        "What's the subject matter of {it}?",
+        "Which topic is {it} written about?",
+        "what is {it} on",
+        "Tell me in a word what {it} covers.",
     ],
 ];
 
@@ -563,16 +563,16 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Are you a robot?",
     ],
     &[
-        "/stop",
-        "/menu",
-        "How do I get to the airport?",
-        "Write me a haiku.",
-        "Who is your creator?",
-        "What's the score of the match?",
-        "Play some music.",
-        "Who designed {it}?",
-        "When did {it} get made?",
-        "Book a table for two.",
+        "/quit",
+        "/info",
+        "What's the exchange rate today?",
+        "Can you drive me home?",
+        "Who will win the election?",
+        "Write a cover letter for me.",
+        "Where did you grow up?",
+        "Who printed {it}?",
+        "When was {it} uploaded?",
+        "How much is {it} worth?",
     ],
 ];
 
@@ -673,7 +673,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
-            Style::Unlike => &["Hi there, ", "Excuse me, ", "Quick one: "],
+            Style::Unlike => &["Hey there, ", "Pardon me, ", "One question: "],
             _ => &["Hi! ", "Hey, ", "OK, ", "Quick question: ", "Please: ", "Q: "],
         };
         q = format!("{}{q}", pick(greetings, rng));
