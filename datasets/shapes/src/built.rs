@@ -33,6 +33,17 @@ pub enum Asked {
 }
 
 impl Asked {
+    /// Every kind of question.
+    pub const ALL: [Asked; 7] = [
+        Asked::Shape,
+        Asked::Colour,
+        Asked::DescribeImage,
+        Asked::Count,
+        Asked::Pitch,
+        Asked::DescribeAudio,
+        Asked::Topic,
+    ];
+
     /// Whether the item is an image, a clip or a document.
     pub(crate) fn kind(self) -> ItemKind {
         match self {
@@ -225,17 +236,8 @@ mod tests {
     /// question would teach that word rather than the request.
     #[test]
     fn built_questions_name_no_answer_and_every_task_varies() {
-        let all = [
-            Asked::Shape,
-            Asked::Colour,
-            Asked::DescribeImage,
-            Asked::Count,
-            Asked::Pitch,
-            Asked::DescribeAudio,
-            Asked::Topic,
-        ];
         let mut rng = Rng::new(3);
-        for asked in all {
+        for asked in Asked::ALL {
             let mut seen = std::collections::BTreeSet::new();
             for _ in 0..1500 {
                 let q = question(asked, &mut rng);

@@ -755,6 +755,56 @@ fn typo(question: &str, rng: &mut Rng) -> String {
     question.to_string()
 }
 
+/// Parts of off-topic requests ([`off_topic`]): none names an item, a
+/// shape, a colour, a count, a pitch or a topic of the data.
+const REQUEST_VERBS: &[&str] = &[
+    "Write", "Compose", "Draw", "Sing", "Tell me", "Make", "Plan", "Find", "Send",
+    "Read me", "Create", "Suggest", "Recommend", "Order", "Buy me", "Translate", "Print",
+];
+const REQUEST_OBJECTS: &[&str] = &[
+    "a poem", "a letter to my boss", "an email", "a recipe for soup", "a riddle",
+    "a shopping list", "a birthday card", "a workout plan", "a trip to Rome",
+    "a bedtime story", "a speech", "some jokes", "a new password", "a name for my dog",
+    "a cup of coffee", "a taxi", "flowers for my mum", "the news", "the lottery numbers",
+    "a film for tonight", "a podcast", "my horoscope", "a gift idea", "a rap verse",
+];
+const FACTS: &[&str] = &[
+    "population", "height", "age", "price", "length", "speed", "weight", "distance",
+    "temperature", "capital", "currency", "language",
+];
+const THINGS: &[&str] = &[
+    "Spain", "the Eiffel Tower", "a banana", "Canada", "the sun", "my car", "the Nile",
+    "a cheetah", "Mount Fuji", "Brazil", "an elephant", "Berlin", "the ocean", "Mars",
+];
+const DEEDS: &[&str] = &[
+    "invented", "discovered", "built", "founded", "wrote", "won", "named", "sold",
+];
+const DEED_OBJECTS: &[&str] = &[
+    "the radio", "penicillin", "the pyramids", "Rome", "Hamlet", "the World Cup",
+    "the internet", "electricity", "the bicycle", "the last election", "this company",
+];
+const CHORES: &[&str] = &[
+    "tie a tie", "learn French", "change a tyre", "make tea", "reset my router",
+    "grow tomatoes", "file my taxes", "get to the beach", "sleep better", "train my dog",
+    "cook rice", "write a CV", "unlock my phone", "lower my rent",
+];
+
+/// An off-topic request built from parts (varied style, a quarter of the
+/// unanswerable rows): the honest reply is then learnt for requests in
+/// general, not only for the [`UNANSWERABLE`] templates, and for imperatives
+/// ("Write a riddle.", "Draw a taxi.") beside an item as much as for
+/// questions. (At half the rows, before the built questions of module
+/// `built`, it taught that any unfamiliar words beside an item are off-topic:
+/// image descriptions fell from 25 to 16 of 40 on the unlike v2 set.)
+fn off_topic(rng: &mut Rng) -> String {
+    match rng.range(0, 3) {
+        0 => format!("{} {}.", pick(REQUEST_VERBS, rng), pick(REQUEST_OBJECTS, rng)),
+        1 => format!("What is the {} of {}?", pick(FACTS, rng), pick(THINGS, rng)),
+        2 => format!("Who {} {}?", pick(DEEDS, rng), pick(DEED_OBJECTS, rng)),
+        _ => format!("How do I {}?", pick(CHORES, rng)),
+    }
+}
+
 /// Item tokens in front of a question: `chat` puts each on its own line,
 /// hand-written prompts use a space; both are drawn.
 fn with_tokens(tokens: &[&str], question: &str, rng: &mut Rng) -> String {
@@ -991,7 +1041,14 @@ pub(crate) fn make_row(
             );
         }
         Task::Unanswerable => {
-            let template = pick(UNANSWERABLE[lists(style)], rng);
+            // A quarter of the varied rows ask a request built from parts instead.
+            let built_request;
+            let template = if style == Style::Varied && rng.range(0, 3) == 0 {
+                built_request = off_topic(rng);
+                built_request.as_str()
+            } else {
+                pick(UNANSWERABLE[lists(style)], rng)
+            };
             // With no item, only the templates that do not name one; those
             // carry an item in half their rows (varied) or three quarters
             // (unlike, as generated before): an off-topic question beside an
@@ -1215,6 +1272,20 @@ fn audio_question(
 mod tests {
     use super::*;
 
+    /// `question` names no word an answer names and is not in `unlike`.
+    fn assert_names_no_answer_and_is_not_unlike(
+        question: &str,
+        unlike: &std::collections::BTreeSet<String>,
+    ) {
+        for word in question.to_lowercase().split(|c: char| !c.is_alphanumeric()) {
+            assert!(
+                !crate::rows::GROUPS.iter().any(|g| g.contains(&word)),
+                "{question:?} names {word:?}"
+            );
+        }
+        assert!(!unlike.contains(question), "{question:?} is an unlike question");
+    }
+
     /// Vague questions must not name what the answer names (they would then
     /// teach a wording, not "describe when in doubt"), and none may be a
     /// question of the unlike test set.
@@ -1227,18 +1298,27 @@ mod tests {
         for i in 0..3000 {
             let kind = [Some(Kind::Image), Some(Kind::Audio), Some(Kind::Document), None][i % 4];
             let question = vague(kind, &mut rng);
-            let lower = question.to_lowercase();
-            for word in lower.split(|c: char| !c.is_alphanumeric()) {
-                assert!(
-                    !crate::rows::GROUPS.iter().any(|g| g.contains(&word)),
-                    "{question:?} names {word:?}"
-                );
-            }
-            assert!(!unlike.contains(&question), "{question:?} is an unlike question");
+            assert_names_no_answer_and_is_not_unlike(&question, &unlike);
             seen.insert(question);
         }
         // Made-up words make almost every one new.
         assert!(seen.len() > 2900, "only {} distinct", seen.len());
+    }
+
+    /// Built off-topic requests name nothing an answer names (their answer is
+    /// the honest reply) and are never unlike-set questions.
+    #[test]
+    fn off_topic_requests_name_nothing_the_answers_name() {
+        let unlike: std::collections::BTreeSet<String> =
+            all_questions(Style::Unlike).into_iter().collect();
+        let mut rng = Rng::new(11);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let request = off_topic(&mut rng);
+            assert_names_no_answer_and_is_not_unlike(&request, &unlike);
+            seen.insert(request);
+        }
+        assert!(seen.len() > 400, "only {} distinct", seen.len());
     }
 
     /// No question built from parts is an unlike-set question (the unlike
@@ -1248,15 +1328,7 @@ mod tests {
         let unlike: std::collections::BTreeSet<String> =
             all_questions(Style::Unlike).into_iter().collect();
         let mut rng = Rng::new(13);
-        for asked in [
-            Asked::Shape,
-            Asked::Colour,
-            Asked::DescribeImage,
-            Asked::Count,
-            Asked::Pitch,
-            Asked::DescribeAudio,
-            Asked::Topic,
-        ] {
+        for asked in Asked::ALL {
             for _ in 0..4000 {
                 let question = built::question(asked, &mut rng);
                 assert!(!unlike.contains(&question), "{question:?} is an unlike question");
