@@ -84,6 +84,12 @@ struct Settings {
 
 /// Run this task.
 pub fn run(args: &[String]) -> Result<()> {
+    // `--help` anywhere (`bench lm --help`) prints the usage instead of
+    // failing on an unknown argument.
+    if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("lm") => lm(&args[1..]),
         Some("document") => crate::bench_document::run(&args[1..]),
@@ -102,9 +108,34 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("lm-parts") => parts(&args[1..]),
         Some("busy-child") => crate::bench_contended::busy_child(),
         Some("contended-child") => crate::bench_contended::child(&args[1..]),
-        _ => bail!("usage: cargo xtask bench vision|vlm|audio|train|serve|moe [...] | document [--threads N] [--sentences N] [--repeat N] [--no-python] | lm [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python] [--contended [--busy-cpu N]]"),
+        Some(other) => {
+            eprintln!("unknown bench `{other}`\n\n{USAGE}");
+            std::process::exit(2);
+        }
+        None => Ok(()),
     }
 }
+
+/// The benches and their options (`cargo xtask bench --help`); each bench's
+/// section in the README says what it measures.
+const USAGE: &str = "\
+usage: cargo xtask bench <bench> [options]   (the release build; `--no-build` reuses it)
+
+  lm          [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]
+              [--llama-cpp] [--contended [--busy-cpu N]]
+  lm-parts    GGUF [f32]   (each linear of the GGUF, its kernel alone)
+  decode-rows [--rows 1,4,16,64] [--prompt N] [--steps N] [--mode M] [--threads N]
+  serve       [--threads N] [--clients 1,4,16,64] [--tokens N] [--lone-requests N] [--quantized]
+              [--bf16] [--model P]
+  document    [--threads N] [--sentences N] [--batch N] [--repeat N] [--model P] [--no-python]
+  vision      [--family F] [--threads N] [--images N] [--repeat N] [--no-python]
+  vlm         [--family smolvlm|qwen2vl|all] [--threads N] [--new-tokens N] [--repeat N]
+              [--tiny] [--no-python]
+  audio       [--threads N] [--clips N] [--repeat N] [--wav P] [--model P] [--whisper-cpp]
+              [--no-python]
+  train       [--threads N] [--batch N] [--steps N] [--stages projectors,lora] [--no-build]
+              [--no-python] | --qlora [--steps N] [--tokens N] [--no-build]
+  moe         [--layers N] [--decode N] [--repeat N] [--dir D]";
 
 fn parse_settings(args: &[String]) -> Result<Settings> {
     let mut s = Settings {

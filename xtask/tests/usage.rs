@@ -34,3 +34,24 @@ fn demo_model_help_prints_its_usage() {
         assert!(!text.contains("Error:"), "{args:?}: {text}");
     }
 }
+
+/// `cargo xtask bench` with no bench, with `--help` anywhere (`bench lm
+/// --help`) or with an unknown bench prints the benches and their options.
+#[cfg(feature = "models")]
+#[test]
+fn bench_help_prints_its_usage() {
+    for (args, code) in [
+        (&["bench"][..], 0),
+        (&["bench", "--help"], 0),
+        (&["bench", "lm", "--help"], 0),
+        (&["bench", "serve", "-h"], 0),
+        (&["bench", "frobnicate"], 2),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {text}");
+        assert!(text.contains("usage: cargo xtask bench <bench>"), "{args:?}: {text}");
+        assert!(text.contains("--llama-cpp") && text.contains("decode-rows"), "{args:?}: {text}");
+        assert!(!text.contains("Error:"), "{args:?}: {text}");
+    }
+}
