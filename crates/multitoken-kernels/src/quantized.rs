@@ -60,8 +60,12 @@ impl Format {
 }
 
 /// Below this many weights one thread does the whole product: spreading a
-/// small matrix over threads costs more than it saves.
-const PARALLEL_FROM_WEIGHTS: usize = 1 << 17;
+/// small matrix over threads costs more than it saves. At 2^17, SmolLM2's
+/// `k_proj` / `v_proj` (576 × 192 = 110,592 weights) ran on one thread while
+/// the other waited; at 2^16 they are split: 200-token decodes, `--profile`,
+/// 12 alternating pairs on the 2-core VM (2026-12-06), step time new/old
+/// median 0.963 (Q4_1, 10 of 12 pairs faster) and 0.971 (Q8_0, 8 of 12).
+const PARALLEL_FROM_WEIGHTS: usize = 1 << 16;
 
 /// `y[r, o] = Σ_i W[o, i] x[r, i]` for `W` given as `out_dim` rows of blocks.
 ///
