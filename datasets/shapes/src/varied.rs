@@ -47,11 +47,11 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
         "the visual",
     ],
     &[
-        "the jpeg",
-        "this thumbnail",
-        "the scan",
-        "the image above",
-        "this pic",
+        "this png file",
+        "the image I just sent",
+        "the shot above",
+        "this little drawing",
+        "the pic I attached",
     ],
 ];
 
@@ -78,11 +78,11 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
         "the signal",
     ],
     &[
-        "the voice note",
-        "this wav file",
-        "the audio above",
-        "the sound clip",
-        "this ogg",
+        "the audio I just sent",
+        "this mp3 file",
+        "the clip above",
+        "this short recording",
+        "the sound I attached",
     ],
 ];
 
@@ -107,11 +107,11 @@ pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
         "this story",
     ],
     &[
-        "the txt",
-        "this handout",
-        "the document above",
-        "the extract",
-        "this file here",
+        "the text I pasted",
+        "this pdf file",
+        "the page above",
+        "this short document",
+        "the doc I attached",
     ],
 ];
 
@@ -185,11 +185,11 @@ pub const SHAPE: [&[&str]; 2] = [
         "Name the shape.",
     ],
     &[
-        "Which shape is pictured in {it}?",
-        "Can you work out the shape in {it}?",
-        "What's the shape shown in {it}?",
-        "is {it} a triangle, circle or square",
-        "Identify the geometric figure in {it}, please.",
+        "Which shape do you recognise in {it}?",
+        "What geometric form appears in {it}?",
+        "Could you say what shape is in {it}?",
+        "is the thing in {it} round, square or triangular",
+        "Shape in {it}, please?",
     ],
 ];
 
@@ -230,11 +230,11 @@ pub const COLOUR: [&[&str]; 2] = [
         "Which color is it?",
     ],
     &[
-        "What colour is used for the figure in {it}?",
-        "Which colour is that shape in {it}?",
-        "Tell me the shade of the shape in {it}.",
-        "what color does the shape in {it} have",
-        "Which colour do you see in {it}?",
+        "What colour would you call the shape in {it}?",
+        "Which colour is the shape in {it} painted?",
+        "tell me what colour {it} shows",
+        "Is the shape in {it} red, blue, green or yellow?",
+        "What's the colour of the object in {it}?",
     ],
 ];
 
@@ -283,11 +283,11 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Give me a caption for {it}.",
     ],
     &[
-        "Describe {it} in one line.",
-        "What exactly is {it} showing?",
-        "Write a short caption for {it}.",
-        "Tell me everything you see in {it}.",
-        "what is on {it}",
+        "What do you make of {it}?",
+        "Describe for me what {it} shows.",
+        "How would you sum up {it}?",
+        "what's pictured in {it}",
+        "Give a one-line description of {it}.",
     ],
 ];
 
@@ -334,10 +334,10 @@ pub const COMPARE: [&[&str]; 2] = [
         "Which of the images contains {thing}?",
     ],
     &[
-        "Which image contains {thing}, number one or number two?",
-        "Where can {thing} be found, first image or second?",
-        "Of the two pictures, which one shows {thing}?",
-        "does {thing} show up in the first or the second image",
+        "In which of the two images do you see {thing}?",
+        "Which picture, the first or the second, has {thing}?",
+        "Tell me which image has {thing} in it.",
+        "{thing} is in which image?",
     ],
 ];
 
@@ -372,10 +372,10 @@ pub const COUNT: [&[&str]; 2] = [
         "How many beeps sound in {it}?",
     ],
     &[
-        "How many beeps are audible in {it}?",
-        "Count the number of beeps in {it}, please.",
-        "how many times is there a beep in {it}",
-        "What number of beeps does {it} contain?",
+        "How many beeps do you count in {it}?",
+        "How many beeps does {it} play?",
+        "count the beeps you hear in {it}",
+        "Tell me the number of beeps in {it}.",
     ],
 ];
 
@@ -406,10 +406,10 @@ pub const PITCH: [&[&str]; 2] = [
         "What pitch is it?",
     ],
     &[
-        "Is the beep in {it} a high one or a low one?",
-        "Do you hear high or low beeps in {it}?",
-        "Would you call the beeps in {it} high or low?",
-        "low or high pitch in {it}?",
+        "Do the beeps in {it} sound high or low to you?",
+        "What's the pitch like in {it}, high or low?",
+        "high beeps or low beeps in {it}?",
+        "Would you describe the tone of {it} as high or low?",
     ],
 ];
 
@@ -448,10 +448,10 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "What does {it} have in it?",
     ],
     &[
-        "Describe the sounds in {it}.",
-        "What exactly can you hear in {it}?",
-        "Tell me everything you hear in {it}.",
-        "what's audible in {it}",
+        "What do you make of {it}?",
+        "Describe for me what {it} contains.",
+        "what's going on in {it}",
+        "Can you describe the beeps in {it}?",
     ],
 ];
 
@@ -492,10 +492,10 @@ pub const TOPIC: [&[&str]; 2] = [
         "Give me an overview of {it}.",
     ],
     &[
-        "What's the subject matter of {it}?",
-        "Which topic is {it} written about?",
-        "what is {it} on",
-        "Tell me in a word what {it} covers.",
+        "What's the main subject of {it}?",
+        "What is {it} talking about?",
+        "Which theme runs through {it}?",
+        "in a word, what's {it} about",
     ],
 ];
 
@@ -563,16 +563,15 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Are you a robot?",
     ],
     &[
-        "/quit",
-        "/info",
-        "What's the exchange rate today?",
-        "Can you drive me home?",
-        "Who will win the election?",
-        "Write a cover letter for me.",
-        "Where did you grow up?",
-        "Who printed {it}?",
-        "When was {it} uploaded?",
-        "How much is {it} worth?",
+        "/history",
+        "/about",
+        "What's the tallest building in the world?",
+        "Can you order me a pizza?",
+        "Remind me to call Sam.",
+        "Who invented chess?",
+        "Who edited {it}?",
+        "Where was {it} saved?",
+        "Is {it} for sale?",
     ],
 ];
 
@@ -673,7 +672,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
-            Style::Unlike => &["Hey there, ", "Pardon me, ", "One question: "],
+            Style::Unlike => &["Hi again, ", "Good day, ", "Hello friend, "],
             _ => &["Hi! ", "Hey, ", "OK, ", "Quick question: ", "Please: ", "Q: "],
         };
         q = format!("{}{q}", pick(greetings, rng));
