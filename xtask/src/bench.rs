@@ -84,35 +84,34 @@ struct Settings {
 
 /// Run this task.
 pub fn run(args: &[String]) -> Result<()> {
-    // `--help` anywhere (`bench lm --help`) prints the usage instead of
-    // failing on an unknown argument.
-    if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
+    // No bench, or `--help` anywhere (`bench lm --help`), prints the usage
+    // instead of failing on an unknown argument.
+    let Some(bench) = args.first().filter(|_| !args.iter().any(|a| a == "--help" || a == "-h")) else {
         println!("{USAGE}");
         return Ok(());
-    }
-    match args.first().map(String::as_str) {
-        Some("lm") => lm(&args[1..]),
-        Some("document") => crate::bench_document::run(&args[1..]),
-        Some("vision") => crate::bench_vision::run(&args[1..]),
-        Some("audio") => crate::bench_audio::run(&args[1..]),
-        Some("train") if args.iter().any(|a| a == "--qlora") => crate::bench_qlora::run(&args[1..]),
-        Some("train") => crate::bench_train::run(&args[1..]),
-        Some("qlora-child") => crate::bench_qlora::child(&args[1..]),
-        Some("serve") => crate::bench_serve::run(&args[1..]),
-        Some("decode-rows") => crate::bench_decode_rows::run(&args[1..]),
-        Some("moe") => crate::bench_moe::run(&args[1..]),
-        Some("vlm") => crate::bench_vlm::run(&args[1..]),
+    };
+    match bench.as_str() {
+        "lm" => lm(&args[1..]),
+        "document" => crate::bench_document::run(&args[1..]),
+        "vision" => crate::bench_vision::run(&args[1..]),
+        "audio" => crate::bench_audio::run(&args[1..]),
+        "train" if args.iter().any(|a| a == "--qlora") => crate::bench_qlora::run(&args[1..]),
+        "train" => crate::bench_train::run(&args[1..]),
+        "qlora-child" => crate::bench_qlora::child(&args[1..]),
+        "serve" => crate::bench_serve::run(&args[1..]),
+        "decode-rows" => crate::bench_decode_rows::run(&args[1..]),
+        "moe" => crate::bench_moe::run(&args[1..]),
+        "vlm" => crate::bench_vlm::run(&args[1..]),
         // Children spawned by `lm`, in the release build.
-        Some("lm-child") => child(&args[1..]),
-        Some("membw-child") => membw_child(&args[1..]),
-        Some("lm-parts") => parts(&args[1..]),
-        Some("busy-child") => crate::bench_contended::busy_child(),
-        Some("contended-child") => crate::bench_contended::child(&args[1..]),
-        Some(other) => {
+        "lm-child" => child(&args[1..]),
+        "membw-child" => membw_child(&args[1..]),
+        "lm-parts" => parts(&args[1..]),
+        "busy-child" => crate::bench_contended::busy_child(),
+        "contended-child" => crate::bench_contended::child(&args[1..]),
+        other => {
             eprintln!("unknown bench `{other}`\n\n{USAGE}");
             std::process::exit(2);
         }
-        None => Ok(()),
     }
 }
 

@@ -62,20 +62,74 @@ pub(crate) enum ItemKind {
     Document,
 }
 
-const DETERMINERS: &[&str] = &["the", "this", "my", "that", "the attached", "the uploaded", "the following", "our"];
+const DETERMINERS: &[&str] = &[
+    "the",
+    "this",
+    "my",
+    "that",
+    "the attached",
+    "the uploaded",
+    "the following",
+    "our",
+];
 const IMAGE_WORDS: &[&str] = &[
-    "image", "picture", "photo", "graphic", "drawing", "illustration", "snapshot",
-    "figure", "visual", "screenshot", "sketch", "artwork", "frame", "render", "photograph",
-    "image file", "diagram", "canvas", "jpg",
+    "image",
+    "picture",
+    "photo",
+    "graphic",
+    "drawing",
+    "illustration",
+    "snapshot",
+    "figure",
+    "visual",
+    "screenshot",
+    "sketch",
+    "artwork",
+    "frame",
+    "render",
+    "photograph",
+    "image file",
+    "diagram",
+    "canvas",
+    "jpg",
 ];
 const AUDIO_WORDS: &[&str] = &[
-    "clip", "recording", "audio", "sound", "audio clip", "track", "sample", "snippet",
-    "sound file", "audio file", "wav", "soundbite", "noise", "signal", "audio recording",
-    "sound recording", "tape",
+    "clip",
+    "recording",
+    "audio",
+    "sound",
+    "audio clip",
+    "track",
+    "sample",
+    "snippet",
+    "sound file",
+    "audio file",
+    "wav",
+    "soundbite",
+    "noise",
+    "signal",
+    "audio recording",
+    "sound recording",
+    "tape",
 ];
 const DOCUMENT_WORDS: &[&str] = &[
-    "document", "file", "text", "page", "article", "note", "report", "paper", "essay",
-    "passage", "doc", "story", "writing", "text file", "piece", "post", "letter",
+    "document",
+    "file",
+    "text",
+    "page",
+    "article",
+    "note",
+    "report",
+    "paper",
+    "essay",
+    "passage",
+    "doc",
+    "story",
+    "writing",
+    "text file",
+    "piece",
+    "post",
+    "letter",
 ];
 
 /// A noun phrase for an item of `kind` ("the uploaded sketch").
@@ -90,66 +144,184 @@ fn noun(kind: ItemKind, rng: &mut Rng) -> String {
 
 /// Ways to ask for something, before what is asked for ("Could you tell me").
 const OPENINGS: &[&str] = &[
-    "", "", "", "Can you tell me", "Could you tell me", "Tell me", "I'd like to know",
-    "I want to know", "Please tell me", "Do you know", "Let me know", "Identify", "State",
+    "",
+    "",
+    "",
+    "Can you tell me",
+    "Could you tell me",
+    "Tell me",
+    "I'd like to know",
+    "I want to know",
+    "Please tell me",
+    "Do you know",
+    "Let me know",
+    "Identify",
+    "State",
     "Say",
 ];
 
 /// Ways to ask for a description, each followed by an item's noun phrase.
 const DESCRIBE_REQUESTS: &[&str] = &[
-    "Describe", "Summarise", "Summarize", "Sum up", "Outline", "Explain", "Characterise",
-    "Recap", "Review", "Caption", "Interpret", "Go through", "Talk me through",
-    "Give me a description of", "Give me a summary of", "Give me a short description of",
-    "Write a description of", "Write a caption for", "Provide a description of",
-    "Provide a summary of", "I'd like a description of", "Can I get a description of",
-    "Could you give me a quick summary of", "Give a brief account of",
-    "Give me a rundown of", "Share a quick overview of", "Offer a short description of",
+    "Describe",
+    "Summarise",
+    "Summarize",
+    "Sum up",
+    "Outline",
+    "Explain",
+    "Characterise",
+    "Recap",
+    "Review",
+    "Caption",
+    "Interpret",
+    "Go through",
+    "Talk me through",
+    "Give me a description of",
+    "Give me a summary of",
+    "Give me a short description of",
+    "Write a description of",
+    "Write a caption for",
+    "Provide a description of",
+    "Provide a summary of",
+    "I'd like a description of",
+    "Can I get a description of",
+    "Could you give me a quick summary of",
+    "Give a brief account of",
+    "Give me a rundown of",
+    "Share a quick overview of",
+    "Offer a short description of",
 ];
 const DESCRIBE_QUESTIONS: &[&str] = &[
-    "What is in {it}", "What's in {it}", "What does {it} show", "What does {it} contain",
-    "What do we have in {it}", "What is going on in {it}", "What can be found in {it}",
-    "What appears in {it}", "What is {it} of", "What's on {it}", "What does {it} have",
-    "What is inside {it}", "What is there in {it}", "What does {it} feature",
-    "What is {it} showing", "What is {it} like",
+    "What is in {it}",
+    "What's in {it}",
+    "What does {it} show",
+    "What does {it} contain",
+    "What do we have in {it}",
+    "What is going on in {it}",
+    "What can be found in {it}",
+    "What appears in {it}",
+    "What is {it} of",
+    "What's on {it}",
+    "What does {it} have",
+    "What is inside {it}",
+    "What is there in {it}",
+    "What does {it} feature",
+    "What is {it} showing",
+    "What is {it} like",
 ];
 const DESCRIBE_ENDINGS: &[&str] = &[
-    "", "", "", " briefly", " for me", " in a sentence", " in a few words", " quickly",
-    " in short", " please",
+    "",
+    "",
+    "",
+    " briefly",
+    " for me",
+    " in a sentence",
+    " in a few words",
+    " quickly",
+    " in short",
+    " please",
 ];
 
 const SHAPE_WORDS: &[&str] = &[
-    "shape", "form", "figure", "geometric shape", "outline", "kind of shape", "type of shape",
-    "geometric figure", "sort of shape",
+    "shape",
+    "form",
+    "figure",
+    "geometric shape",
+    "outline",
+    "kind of shape",
+    "type of shape",
+    "geometric figure",
+    "sort of shape",
 ];
 const SHAPE_VERBS: &[&str] = &[
-    "is in", "appears in", "is drawn in", "is shown in", "can be seen in", "do you see in",
-    "do you spot in", "is pictured in", "is depicted in", "does the object in",
-    "is visible in", "shows up in",
+    "is in",
+    "appears in",
+    "is drawn in",
+    "is shown in",
+    "can be seen in",
+    "do you see in",
+    "do you spot in",
+    "is pictured in",
+    "is depicted in",
+    "does the object in",
+    "is visible in",
+    "shows up in",
 ];
 
 const COLOUR_WORDS: &[&str] = &["colour", "color", "hue", "shade", "paint colour", "tint"];
-const THING_WORDS: &[&str] = &["shape", "object", "figure", "thing", "drawing", "item", "form"];
+const THING_WORDS: &[&str] = &[
+    "shape", "object", "figure", "thing", "drawing", "item", "form",
+];
 
-const BEEP_WORDS: &[&str] = &["beeps", "tones", "pips", "bleeps", "sounds", "signals", "blips", "beep sounds"];
+const BEEP_WORDS: &[&str] = &[
+    "beeps",
+    "tones",
+    "pips",
+    "bleeps",
+    "sounds",
+    "signals",
+    "blips",
+    "beep sounds",
+];
 const HEAR_VERBS: &[&str] = &[
-    "are there in", "can you hear in", "do you hear in", "play in", "occur in", "sound in",
-    "are in", "can be heard in", "do you count in", "come up in",
+    "are there in",
+    "can you hear in",
+    "do you hear in",
+    "play in",
+    "occur in",
+    "sound in",
+    "are in",
+    "can be heard in",
+    "do you count in",
+    "come up in",
 ];
 
 const PITCH_PAIRS: &[&str] = &[
-    "high or low", "low or high", "high-pitched or low-pitched", "high pitched or low pitched",
-    "deep or high", "high or deep",
+    "high or low",
+    "low or high",
+    "high-pitched or low-pitched",
+    "high pitched or low pitched",
+    "deep or high",
+    "high or deep",
 ];
 const PITCH_SUBJECTS: &[&str] = &[
-    "the beeps in", "the tones in", "the sounds in", "the pitch of", "the beeping in",
-    "the pips in", "the noise in",
+    "the beeps in",
+    "the tones in",
+    "the sounds in",
+    "the pitch of",
+    "the beeping in",
+    "the pips in",
+    "the noise in",
 ];
 
-const TOPIC_WORDS: &[&str] = &["topic", "subject", "theme", "main topic", "subject matter", "focus", "field", "area"];
-const TOPIC_VERBS: &[&str] = &["cover", "discuss", "deal with", "address", "treat", "talk about", "concern", "focus on"];
+const TOPIC_WORDS: &[&str] = &[
+    "topic",
+    "subject",
+    "theme",
+    "main topic",
+    "subject matter",
+    "focus",
+    "field",
+    "area",
+];
+const TOPIC_VERBS: &[&str] = &[
+    "cover",
+    "discuss",
+    "deal with",
+    "address",
+    "treat",
+    "talk about",
+    "concern",
+    "focus on",
+];
 const ABOUT_WORDS: &[&str] = &[
-    "about", "mainly about", "mostly about", "concerned with", "focused on", "discussing",
-    "on about", "all about",
+    "about",
+    "mainly about",
+    "mostly about",
+    "concerned with",
+    "focused on",
+    "discussing",
+    "on about",
+    "all about",
 ];
 
 /// The end of a question: a question mark, most of the time.
@@ -165,17 +337,34 @@ pub fn question(asked: Asked, rng: &mut Rng) -> String {
         Asked::Shape => match rng.range(0, 3) {
             0 => {
                 let verb = pick(SHAPE_VERBS, rng);
-                let have = if verb.starts_with("does") { " have" } else { "" };
-                format!("{} {} {verb} {it}{have}?", pick(&["What", "Which"], rng), pick(SHAPE_WORDS, rng))
+                let have = if verb.starts_with("does") {
+                    " have"
+                } else {
+                    ""
+                };
+                format!(
+                    "{} {} {verb} {it}{have}?",
+                    pick(&["What", "Which"], rng),
+                    pick(SHAPE_WORDS, rng)
+                )
             }
-            1 => format!("{} the {} in {it}", opening_or(rng, "Name"), pick(SHAPE_WORDS, rng)) + ask_end(rng),
+            1 => {
+                format!(
+                    "{} the {} in {it}",
+                    opening_or(rng, "Name"),
+                    pick(SHAPE_WORDS, rng)
+                ) + ask_end(rng)
+            }
             2 => {
                 let mut options = ["a circle", "a square", "a triangle"];
                 for i in (1..3).rev() {
                     let j = rng.range(0, i);
                     options.swap(i, j);
                 }
-                format!("Is {it} showing {}, {} or {}?", options[0], options[1], options[2])
+                format!(
+                    "Is {it} showing {}, {} or {}?",
+                    options[0], options[1], options[2]
+                )
             }
             _ => format!("What {} is {it}?", pick(SHAPE_WORDS, rng)),
         },
@@ -187,26 +376,81 @@ pub fn question(asked: Asked, rng: &mut Rng) -> String {
                 pick(THING_WORDS, rng),
                 ask_end(rng)
             ),
-            1 => format!("{} the {} of the {} in {it}", opening_or(rng, "Name"), pick(COLOUR_WORDS, rng), pick(THING_WORDS, rng)) + ask_end(rng),
-            _ => format!("What {} does {it} use{}", pick(COLOUR_WORDS, rng), ask_end(rng)),
+            1 => {
+                format!(
+                    "{} the {} of the {} in {it}",
+                    opening_or(rng, "Name"),
+                    pick(COLOUR_WORDS, rng),
+                    pick(THING_WORDS, rng)
+                ) + ask_end(rng)
+            }
+            _ => format!(
+                "What {} does {it} use{}",
+                pick(COLOUR_WORDS, rng),
+                ask_end(rng)
+            ),
         },
         Asked::Count => match rng.range(0, 2) {
-            0 => format!("How many {} {} {it}{}", pick(BEEP_WORDS, rng), pick(HEAR_VERBS, rng), ask_end(rng)),
-            1 => format!("{} the {} in {it}", pick(&["Count", "Please count", "Count up", "Tally"], rng), pick(BEEP_WORDS, rng)) + pick(&[".", "", " for me."], rng),
-            _ => format!("What is the {} of {} in {it}{}", pick(&["number", "count", "total", "total number"], rng), pick(BEEP_WORDS, rng), ask_end(rng)),
+            0 => format!(
+                "How many {} {} {it}{}",
+                pick(BEEP_WORDS, rng),
+                pick(HEAR_VERBS, rng),
+                ask_end(rng)
+            ),
+            1 => {
+                format!(
+                    "{} the {} in {it}",
+                    pick(&["Count", "Please count", "Count up", "Tally"], rng),
+                    pick(BEEP_WORDS, rng)
+                ) + pick(&[".", "", " for me."], rng)
+            }
+            _ => format!(
+                "What is the {} of {} in {it}{}",
+                pick(&["number", "count", "total", "total number"], rng),
+                pick(BEEP_WORDS, rng),
+                ask_end(rng)
+            ),
         },
         Asked::Pitch => match rng.range(0, 1) {
             0 => {
                 let subject = pick(PITCH_SUBJECTS, rng);
-                let verb = if subject.contains("s in") { "Are" } else { "Is" };
-                format!("{verb} {subject} {it} {}{}", pick(PITCH_PAIRS, rng), ask_end(rng))
+                let verb = if subject.contains("s in") {
+                    "Are"
+                } else {
+                    "Is"
+                };
+                format!(
+                    "{verb} {subject} {it} {}{}",
+                    pick(PITCH_PAIRS, rng),
+                    ask_end(rng)
+                )
             }
-            _ => format!("{} {it}: {}{}", pick(&["Pitch of", "The pitch in", "How do the beeps sound in"], rng), pick(PITCH_PAIRS, rng), ask_end(rng)),
+            _ => format!(
+                "{} {it}: {}{}",
+                pick(
+                    &["Pitch of", "The pitch in", "How do the beeps sound in"],
+                    rng
+                ),
+                pick(PITCH_PAIRS, rng),
+                ask_end(rng)
+            ),
         },
         Asked::Topic => match rng.range(0, 2) {
             0 => format!("What is {it} {}{}", pick(ABOUT_WORDS, rng), ask_end(rng)),
-            1 => format!("{} {} does {it} {}{}", pick(&["What", "Which"], rng), pick(TOPIC_WORDS, rng), pick(TOPIC_VERBS, rng), ask_end(rng)),
-            _ => format!("{} the {} of {it}", opening_or(rng, "Give me"), pick(TOPIC_WORDS, rng)) + ask_end(rng),
+            1 => format!(
+                "{} {} does {it} {}{}",
+                pick(&["What", "Which"], rng),
+                pick(TOPIC_WORDS, rng),
+                pick(TOPIC_VERBS, rng),
+                ask_end(rng)
+            ),
+            _ => {
+                format!(
+                    "{} the {} of {it}",
+                    opening_or(rng, "Give me"),
+                    pick(TOPIC_WORDS, rng)
+                ) + ask_end(rng)
+            }
         },
     };
     capitalise(&text)
@@ -222,7 +466,11 @@ fn opening_or(rng: &mut Rng, plain: &str) -> String {
 
 fn describe(it: &str, rng: &mut Rng) -> String {
     if rng.range(0, 1) == 0 {
-        format!("{} {it}{}", pick(DESCRIBE_REQUESTS, rng), pick(DESCRIBE_ENDINGS, rng)) + pick(&[".", "", "?"], rng)
+        format!(
+            "{} {it}{}",
+            pick(DESCRIBE_REQUESTS, rng),
+            pick(DESCRIBE_ENDINGS, rng)
+        ) + pick(&[".", "", "?"], rng)
     } else {
         pick(DESCRIBE_QUESTIONS, rng).replace("{it}", it) + ask_end(rng)
     }
@@ -246,7 +494,8 @@ mod tests {
                 for word in lower.split(|c: char| !c.is_alphanumeric()) {
                     // The shape question that lists all three names every shape
                     // (no answer in particular), as the pitch questions name both pitches.
-                    let listed = matches!(word, "circle" | "square" | "triangle") && lower.contains(" or a ")
+                    let listed = matches!(word, "circle" | "square" | "triangle")
+                        && lower.contains(" or a ")
                         || matches!(word, "high" | "low");
                     assert!(
                         listed || !crate::rows::GROUPS.iter().any(|g| g.contains(&word)),

@@ -575,7 +575,6 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
     ],
 ];
 
-
 fn lists(style: Style) -> usize {
     usize::from(style == Style::Unlike)
 }
@@ -596,7 +595,6 @@ fn templates(asked: Asked) -> [&'static [&'static str]; 2] {
         Asked::Topic => TOPIC,
     }
 }
-
 
 /// A question asking `asked` about the one item of its kind in `style`.
 fn ask(asked: Asked, style: Style, rng: &mut Rng) -> String {
@@ -1189,11 +1187,11 @@ pub(crate) fn make_row(
             };
             let mut messages = Vec::new();
             for (n, (kind, attach, must_name)) in turns.into_iter().enumerate() {
-                let question = |templates, rng: &mut Rng| {
+                let question = |asked, rng: &mut Rng| {
                     if must_name {
-                        named(templates, style, rng)
+                        named(asked, style, rng)
                     } else {
-                        ask(templates, style, rng)
+                        ask(asked, style, rng)
                     }
                 };
                 let (question, answer) = match kind {
