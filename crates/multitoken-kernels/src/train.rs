@@ -389,6 +389,12 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SiluMul;
 
+/// `silu(g) · u` for one element, as [`silu_mul`] computes it (the fused
+/// gate / up product of a decode step uses it too, so both give the same bits).
+pub fn silu_times(g: f32, u: f32) -> f32 {
+    g * sigmoid(g) * u
+}
+
 /// `1 / (1 + e^-x)`.
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -423,7 +429,7 @@ impl candle_core::CustomOp2 for SiluMul {
         let gate = &gs.as_slice::<f32>()?[gl.start_offset()..][..n];
         let up = &us.as_slice::<f32>()?[ul.start_offset()..][..n];
         let width = gl.dims().last().copied().unwrap_or(1);
-        let out = Self::map(gate, up, width, |g, u| g * sigmoid(g) * u);
+        let out = Self::map(gate, up, width, silu_times);
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 

@@ -239,6 +239,86 @@ impl Linear {
         each_row(x, |row| self.forward(row))
     }
 
+    /// The blocks of this layer when its product of `x` (`rows` rows) may run
+    /// together with others ([`Linear::products_together`]): a Q4_1 / Q8_0
+    /// weight through our kernels, no adapter, an input that tracks no
+    /// gradient, and a row count for which [`Linear::forward`] (`batched`
+    /// false) or [`Linear::forward_rows`] (true) takes that kernel.
+    fn blocks_for_together<'a>(&'a self, x: &Tensor, rows: usize, batched: bool) -> Option<(Format, &'a QTensor)> {
+        let rows_fit = rows > 0 && (batched || rows < DEQUANTIZE_FROM_ROWS);
+        if self.lora.is_some() || x.track_op() || !rows_fit || x.dims().last() != Some(&self.in_dim) {
+            return None;
+        }
+        match &self.weight {
+            LinearWeight::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(qt) => own_kernel_format(qt, x).map(|format| (format, qt.as_ref())),
+                _ => None,
+            },
+            LinearWeight::Dense(_) | LinearWeight::Bf16(_) => None,
+        }
+    }
+
+    /// `layers`' products of one `x` in one call to the kernels' pool (a decode
+    /// step's q / k / v), each exactly what its own [`Linear::forward`]
+    /// (`batched`: [`Linear::forward_rows`]) gives; `None` when any of them
+    /// would take another path, and the caller runs them one by one.
+    pub(crate) fn products_together(layers: &[&Linear], x: &Tensor, batched: bool) -> Result<Option<Vec<Tensor>>> {
+        let _profile = crate::profile::scope(crate::profile::Part::Matmul);
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let Some(parts) = layers.iter().map(|l| l.blocks_for_together(x, rows, batched)).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        let data = layers.iter().zip(&parts).map(|(l, (format, qt))| l.own_blocks(*format, qt)).collect::<Result<Vec<_>>>()?;
+        let weights: Vec<multitoken_kernels::quantized::Weights> = layers
+            .iter()
+            .zip(parts.iter().zip(&data))
+            .map(|(l, ((format, _), blocks))| multitoken_kernels::quantized::Weights { format: *format, blocks, out_dim: l.out_dim })
+            .collect();
+        let in_dim = dims.last().copied().unwrap_or(0);
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut outs: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; rows * l.out_dim]).collect();
+        let mut ys: Vec<&mut [f32]> = outs.iter_mut().map(|y| &mut y[..]).collect();
+        multitoken_kernels::quantized::matmul_many(&weights, in_dim, &xs, rows, &mut ys);
+        let mut tensors = Vec::with_capacity(layers.len());
+        for (l, y) in layers.iter().zip(outs) {
+            let mut out_dims = dims.clone();
+            if let Some(last) = out_dims.last_mut() {
+                *last = l.out_dim;
+            }
+            tensors.push(l.add_bias_and_lora(Tensor::from_vec(y, out_dims, x.device())?, x)?);
+        }
+        Ok(Some(tensors))
+    }
+
+    /// `silu(gate(x)) · up(x)` in one call to the kernels' pool (a decode
+    /// step's gated MLP), exactly what the two [`Linear::forward`] (`batched`:
+    /// [`Linear::forward_rows`]) products and
+    /// [`multitoken_kernels::train::silu_mul`] give; `None` when either layer
+    /// would take another path or has a bias.
+    pub(crate) fn silu_gated_together(gate: &Linear, up: &Linear, x: &Tensor, batched: bool) -> Result<Option<Tensor>> {
+        let _profile = crate::profile::scope(crate::profile::Part::Matmul);
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let (Some((gf, gq)), Some((uf, uq))) = (gate.blocks_for_together(x, rows, batched), up.blocks_for_together(x, rows, batched)) else {
+            return Ok(None);
+        };
+        if gate.bias.is_some() || up.bias.is_some() || gate.out_dim != up.out_dim {
+            return Ok(None);
+        }
+        let (gd, ud) = (gate.own_blocks(gf, gq)?, up.own_blocks(uf, uq)?);
+        use multitoken_kernels::quantized::Weights;
+        let (gw, uw) = (Weights { format: gf, blocks: &gd, out_dim: gate.out_dim }, Weights { format: uf, blocks: &ud, out_dim: up.out_dim });
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut y = vec![0f32; rows * gate.out_dim];
+        multitoken_kernels::quantized::matmul_gated(gw, uw, gate.in_dim, &xs, rows, multitoken_kernels::train::silu_times, &mut y);
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = gate.out_dim;
+        }
+        Ok(Some(Tensor::from_vec(y, out_dims, x.device())?))
+    }
+
     /// `y + b + lora(x)` for the base product `y` of `x`.
     fn add_bias_and_lora(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
         let y = match &self.bias {

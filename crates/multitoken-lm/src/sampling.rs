@@ -199,7 +199,34 @@ pub fn apply_repetition_penalty(logits: &mut [f32], previous: &[u32], penalty: f
 }
 
 /// Index of the largest logit (the first on ties; NaN never wins unless all are NaN).
+///
+/// Two passes that the compiler vectorises (the largest value over sixteen
+/// independent lanes, then the first index holding it) instead of one branchy
+/// scalar pass: a greedy decode step of a 49,152-word vocabulary spent ~0.2 ms
+/// (about 2% of SmolLM2-135M's step) in the scalar loop.
 pub fn argmax(logits: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            // `l > m` is false for NaN, so NaN never becomes the maximum.
+            *m = if l > *m { l } else { *m };
+        }
+    }
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    if max > f32::NEG_INFINITY {
+        if let Some(i) = logits.iter().position(|&l| l == max) {
+            return i as u32;
+        }
+    }
+    // Every logit is -inf or NaN: the first that is not NaN, as the scalar rule gives.
+    argmax_scalar(logits)
+}
+
+/// [`argmax`] by one scalar pass.
+fn argmax_scalar(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     let mut best_value = f32::NEG_INFINITY;
     let mut found = false;
@@ -294,6 +321,34 @@ mod tests {
             let mut row = logits.to_vec();
             assert_eq!(sampler.sample(&mut row, previous).unwrap(), *expected, "logits {logits:?} previous {previous:?}");
         }
+    }
+
+    /// The vectorised argmax picks what the scalar pass picks: ties (the first
+    /// wins), NaN, infinities, signed zeros, rows of every length around a lane.
+    #[test]
+    fn argmax_is_the_scalar_rule() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        let specials = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 1.0, -1.0];
+        for len in [1usize, 2, 15, 16, 17, 31, 33, 100, 49_152] {
+            for round in 0..40 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match next() % 10 {
+                        // Rounds ≥ 20 are mostly specials, so that all-NaN and
+                        // all -inf rows (and ties among them) occur.
+                        0..=3 if round < 20 => (next() % 8) as f32 - 4.0,
+                        0..=6 if round < 20 => (next() as f32 / 1e6).sin(),
+                        _ => specials[next() as usize % if round % 3 == 0 { 2 } else { specials.len() }],
+                    })
+                    .collect();
+                assert_eq!(argmax(&row), argmax_scalar(&row), "len {len} round {round}: {row:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN; 20]), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY]), 1);
     }
 
     #[test]

@@ -51,9 +51,8 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(x)?, nh)?;
-        let k = heads(self.k_proj.forward(x)?, nkv)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (q, k, v) = self.project(x, false)?;
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?;
         let k = rope.apply(&k, cos, sin)?;
@@ -111,6 +110,19 @@ impl Attention {
 }
 
 impl Attention {
+    /// The q / k / v projections of `x`, through [`Linear::forward`]
+    /// (`batched`: [`Linear::forward_rows`]); when all three can, in one
+    /// kernel call ([`Linear::products_together`]), which gives the same values.
+    fn project(&self, x: &Tensor, batched: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Some(mut qkv) = Linear::products_together(&[&self.q_proj, &self.k_proj, &self.v_proj], x, batched)? {
+            if let (Some(v), Some(k), Some(q)) = (qkv.pop(), qkv.pop(), qkv.pop()) {
+                return Ok((q, k, v));
+            }
+        }
+        let product = |l: &Linear| if batched { l.forward_rows(x) } else { l.forward(x) };
+        Ok((product(&self.q_proj)?, product(&self.k_proj)?, product(&self.v_proj)?))
+    }
+
     /// [`Attention::forward`] for one new position of each of several
     /// sequences with caches of their own (a batched decode step, no mask):
     /// `x` `[b, 1, hidden]`, `cos_sin` per-row tables `[b, 1, rot / 2]`,
@@ -140,9 +152,8 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward_rows(x)?, nh)?;
-        let k = heads(self.k_proj.forward_rows(x)?, nkv)?;
-        let v = heads(self.v_proj.forward_rows(x)?, nkv)?;
+        let (q, k, v) = self.project(x, true)?;
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?;
         let k = rope.apply(&k, cos, sin)?;

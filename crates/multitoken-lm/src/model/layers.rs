@@ -48,7 +48,7 @@ pub enum Mlp {
 impl Mlp {
     /// Apply to `[batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, Linear::forward, |ff, x| ff.forward(x))
+        self.apply(x, false, |ff, x| ff.forward(x))
     }
 
     /// [`Mlp::forward`] for `[rows, 1, hidden]`, one position of each of several
@@ -56,19 +56,28 @@ impl Mlp {
     /// [`Linear::forward_rows`]; the activations are element-wise, so each
     /// row's values are its values alone); a custom feed-forward runs row by row.
     pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, Linear::forward_rows, |ff, x| crate::linear::each_row(x, |row| ff.forward(row)))
+        self.apply(x, true, |ff, x| crate::linear::each_row(x, |row| ff.forward(row)))
     }
 
-    /// The MLP with `product` for its linear layers and `custom` for a custom
-    /// feed-forward: what [`Mlp::forward`] and [`Mlp::forward_rows`] share.
+    /// The MLP with [`Linear::forward`] (`batched`: [`Linear::forward_rows`])
+    /// for its linear layers and `custom` for a custom feed-forward: what
+    /// [`Mlp::forward`] and [`Mlp::forward_rows`] share.
     fn apply(
         &self,
         x: &Tensor,
-        product: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
+        batched: bool,
         custom: impl Fn(&dyn FeedForward, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        let product = |l: &Linear, x: &Tensor| if batched { l.forward_rows(x) } else { l.forward(x) };
         match self {
             Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
+                if *act == Activation::Silu {
+                    // A decode step's quantized gate and up: both products and
+                    // silu · up in one kernel call, the same values as below.
+                    if let Some(gated) = Linear::silu_gated_together(gate_proj, up_proj, x, batched)? {
+                        return product(down_proj, &gated);
+                    }
+                }
                 let gate = product(gate_proj, x)?;
                 let up = product(up_proj, x)?;
                 // One op each way for silu(gate) · up: in training candle's
