@@ -80,6 +80,12 @@ struct Settings {
     busy_cpu: Option<usize>,
     /// `--llama-cpp`: llama.cpp (npm's node-llama-cpp) on the same files in the same run.
     llama_cpp: bool,
+    /// `--rounds N`: every engine and mode N times, one after another in turn, so
+    /// that a host whose speed drifts over minutes slows each of them alike;
+    /// the table gives medians and each ratio its per-round median and range.
+    rounds: usize,
+    /// `--modes a,b`: only these of our modes (default: all).
+    modes: Option<Vec<String>>,
 }
 
 /// Run this task.
@@ -121,7 +127,8 @@ const USAGE: &str = "\
 usage: cargo xtask bench <bench> [options]   (the release build; `--no-build` reuses it)
 
   lm          [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]
-              [--llama-cpp] [--contended [--busy-cpu N]]
+              [--llama-cpp] [--rounds N] [--modes f32,bf16,q4_1,q8_0,q4_1-i8,q8_0-i8,q4_1-bf16,q8_0-bf16]
+              [--contended [--busy-cpu N]]
   lm-parts    GGUF [f32]   (each linear of the GGUF, its kernel alone)
   decode-rows [--rows 1,4,16,64] [--prompt N] [--steps N] [--mode M] [--threads N]
   serve       [--threads N] [--clients 1,4,16,64] [--tokens N] [--lone-requests N] [--quantized]
@@ -147,6 +154,8 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
         contended: false,
         busy_cpu: None,
         llama_cpp: false,
+        rounds: 1,
+        modes: None,
     };
     // `--contended` has its own defaults (the issue's 2 threads, shorter runs, more rounds),
     // which explicit flags override.
@@ -173,6 +182,15 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
             "--contended" => {}
             "--llama-cpp" => s.llama_cpp = true,
             "--busy-cpu" => s.busy_cpu = Some(number("--busy-cpu")?),
+            "--rounds" => s.rounds = number("--rounds")?.max(1),
+            "--modes" => {
+                let list = it.next().context("--modes needs a comma-separated list")?;
+                let modes: Vec<String> = list.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+                if let Some(bad) = modes.iter().find(|m| !OUR_MODES.contains(&m.as_str())) {
+                    bail!("--modes: unknown mode `{bad}` (one of {})", OUR_MODES.join(", "));
+                }
+                s.modes = Some(modes);
+            }
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -219,40 +237,39 @@ fn lm(args: &[String]) -> Result<()> {
     if !gguf_q8.is_file() {
         requantize_gguf(&gguf, &gguf_q8, candle_core::quantized::GgmlDType::Q8_0)?;
     }
-    let mut results = Vec::new();
     // `-i8`: the same files with `--int8-activations` (8-bit activations, as
     // llama.cpp computes; opt-in, not the exact default).
-    for (mode, file) in [
-        ("f32", &gguf),
-        ("bf16", &gguf),
-        ("q4_1", &gguf),
-        ("q8_0", &gguf_q8),
-        ("q4_1-i8", &gguf),
-        ("q8_0-i8", &gguf_q8),
-        ("q4_1-bf16", &gguf),
-        ("q8_0-bf16", &gguf_q8),
-    ] {
-        eprintln!("ours, {mode} ...");
-        let mut cmd = Command::new(&exe);
-        cmd.args(["bench", "lm-child", "--mode", mode, "--gguf"]).arg(file).arg("--prompt-ids").arg(&prompt_file);
-        cmd.args(["--decode", &s.decode.to_string(), "--repeat", &s.repeat.to_string()]);
-        common(&mut cmd);
-        results.push(last_json_line(&mut cmd)?);
-    }
-    if s.llama_cpp {
-        let module = node_llama_cpp(&target)?;
-        for file in [&gguf, &gguf_q8] {
-            eprintln!("llama.cpp, {} ...", file.display());
-            let mut cmd = Command::new("node");
-            cmd.arg(root.join("xtask").join("bench").join("llama_cpp.mjs")).arg("--gguf").arg(file).arg("--prompt-ids").arg(&prompt_file);
-            cmd.arg("--module").arg(&module);
-            cmd.args(["--decode", &s.decode.to_string(), "--threads", &threads, "--repeat", &s.repeat.to_string()]);
+    let wanted = |mode: &str| s.modes.as_ref().is_none_or(|m| m.iter().any(|w| w == mode));
+    let mut rounds: Vec<Vec<Value>> = Vec::new();
+    let module = if s.llama_cpp { Some(node_llama_cpp(&target)?) } else { None };
+    for round in 0..s.rounds {
+        let mut results = Vec::new();
+        let label = if s.rounds > 1 { format!(" (round {} of {})", round + 1, s.rounds) } else { String::new() };
+        for mode in OUR_MODES.iter().copied().filter(|m| wanted(m)) {
+            let file = if mode.starts_with("q8_0") { &gguf_q8 } else { &gguf };
+            eprintln!("ours, {mode}{label} ...");
+            let mut cmd = Command::new(&exe);
+            cmd.args(["bench", "lm-child", "--mode", mode, "--gguf"]).arg(file).arg("--prompt-ids").arg(&prompt_file);
+            cmd.args(["--decode", &s.decode.to_string(), "--repeat", &s.repeat.to_string()]);
             common(&mut cmd);
-            let mut v = last_json_line(&mut cmd)?;
-            v["weight_bytes_per_token"] = json!(weight_bytes_per_token(file, false)?);
-            results.push(v);
+            results.push(last_json_line(&mut cmd)?);
         }
+        if let Some(module) = &module {
+            for file in [&gguf, &gguf_q8] {
+                eprintln!("llama.cpp, {}{label} ...", file.display());
+                let mut cmd = Command::new("node");
+                cmd.arg(root.join("xtask").join("bench").join("llama_cpp.mjs")).arg("--gguf").arg(file).arg("--prompt-ids").arg(&prompt_file);
+                cmd.arg("--module").arg(module);
+                cmd.args(["--decode", &s.decode.to_string(), "--threads", &threads, "--repeat", &s.repeat.to_string()]);
+                common(&mut cmd);
+                let mut v = last_json_line(&mut cmd)?;
+                v["weight_bytes_per_token"] = json!(weight_bytes_per_token(file, false)?);
+                results.push(v);
+            }
+        }
+        rounds.push(results);
     }
+    let results = median_of_rounds(&rounds);
     let reference = if s.python {
         eprintln!("transformers, f32 ...");
         let mut cmd = Command::new(python());
@@ -264,8 +281,38 @@ fn lm(args: &[String]) -> Result<()> {
         None
     };
     let kv = kv_bytes_per_token(&gguf, s.prefill + s.decode / 2)?;
-    report(&s, &bw, kv, &results, reference.as_ref());
+    report(&s, &bw, kv, &results, &rounds, reference.as_ref());
     Ok(())
+}
+
+/// Our modes, in the order they run.
+const OUR_MODES: [&str; 8] = ["f32", "bf16", "q4_1", "q8_0", "q4_1-i8", "q8_0-i8", "q4_1-bf16", "q8_0-bf16"];
+
+/// The median of a list (NaN for none).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Each engine's result with its speeds replaced by their medians over the
+/// rounds (the first round's record otherwise: load, memory, logits checks).
+fn median_of_rounds(rounds: &[Vec<Value>]) -> Vec<Value> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut v = v.clone();
+            for key in ["prefill_tok_s", "decode_tok_s", "load_s"] {
+                v[key] = json!(median(rounds.iter().filter_map(|r| r.get(i)).map(|r| f(r, key)).collect()));
+            }
+            v
+        })
+        .collect()
 }
 
 /// Bytes of f32 keys and values one decode step reads at a context of
@@ -383,12 +430,16 @@ fn f(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
-fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], reference: Option<&Value>) {
+fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], rounds: &[Vec<Value>], reference: Option<&Value>) {
     let gbs = f(bw, "read_gb_s");
     println!();
     println!(
-        "SmolLM2-135M-Instruct, CPU, {} threads, prefill {} tokens, decode {} tokens (best of {})",
-        s.threads, s.prefill, s.decode, s.repeat
+        "SmolLM2-135M-Instruct, CPU, {} threads, prefill {} tokens, decode {} tokens (best of {}{})",
+        s.threads,
+        s.prefill,
+        s.decode,
+        s.repeat,
+        if s.rounds > 1 { format!(" in each of {} rounds; medians over the rounds", s.rounds) } else { String::new() }
     );
     println!("memory bandwidth (multi-threaded read): {gbs:.1} GB/s; single thread {:.1} GB/s", f(bw, "read_gb_s_1t"));
     println!();
@@ -457,17 +508,37 @@ fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], reference: Op
     }
     for q in ["q4_1", "q8_0"] {
         for ours_mode in [q.to_string(), format!("{q}-i8"), format!("{q}-bf16")] {
-            if let (Some(o), Some(l)) = (by_impl(&format!("ours {ours_mode}")), by_impl(&format!("llama.cpp {q}"))) {
-                println!(
-                    "ours {ours_mode} / llama.cpp {q}: decode {:.2}x (goal >= 1.0), prefill {:.2}x (goal >= 0.8); llama.cpp {}",
-                    f(o, "decode_tok_s") / f(l, "decode_tok_s"),
-                    f(o, "prefill_tok_s") / f(l, "prefill_tok_s"),
-                    l.get("version").and_then(Value::as_str).unwrap_or("?")
-                );
+            let (ours_name, llama_name) = (format!("ours {ours_mode}"), format!("llama.cpp {q}"));
+            let Some(l) = by_impl(&llama_name) else { continue };
+            if by_impl(&ours_name).is_none() {
+                continue;
             }
+            // Ratios within each round (the two engines measured minutes apart at
+            // most), then their median and range.
+            let ratios = |key: &str| -> Vec<f64> {
+                rounds
+                    .iter()
+                    .filter_map(|r| {
+                        let find = |name: &str| r.iter().find(|v| v.get("impl").and_then(Value::as_str) == Some(name));
+                        Some(f(find(&ours_name)?, key) / f(find(&llama_name)?, key))
+                    })
+                    .collect()
+            };
+            let show = |values: Vec<f64>| {
+                let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+                let n = values.len();
+                let mid = median(values);
+                if n > 1 { format!("{mid:.2}x [{lo:.2}-{hi:.2} over {n} rounds]") } else { format!("{mid:.2}x") }
+            };
+            println!(
+                "ours {ours_mode} / llama.cpp {q}: decode {} (goal >= 1.0), prefill {} (goal >= 0.8); llama.cpp {}",
+                show(ratios("decode_tok_s")),
+                show(ratios("prefill_tok_s")),
+                l.get("version").and_then(Value::as_str).unwrap_or("?")
+            );
         }
     }
-    let all = json!({"threads": s.threads, "membw": bw, "kv_bytes_per_token": kv_bytes, "ours": ours, "transformers": reference});
+    let all = json!({"threads": s.threads, "membw": bw, "kv_bytes_per_token": kv_bytes, "ours": ours, "rounds": rounds, "transformers": reference});
     println!();
     println!("{all}");
 }
