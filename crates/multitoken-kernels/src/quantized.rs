@@ -395,19 +395,40 @@ macro_rules! in_groups {
         while r0 < rows {
             let n = (rows - r0).min(4);
             let out = &mut dst[r0..r0 + n];
+            super::in_groups!(@one $group, $format, n, $w, $in_dim, $x, $sums, r0, out);
+            r0 += n;
+        }
+    }};
+    // Groups of eight rows where there are eight (the AVX-512 body, whose 32
+    // registers hold eight rows' accumulators; a batched decode step of 16
+    // sequences unpacks each block twice instead of four times), else of up to four.
+    (wide $group:ident, $format:expr, $w:expr, $in_dim:expr, $x:expr, $sums:expr, $dst:expr) => {{
+        let dst: &mut [f32] = $dst;
+        let rows = dst.len();
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = if rows - r0 >= 8 { 8 } else { (rows - r0).min(4) };
+            let out = &mut dst[r0..r0 + n];
             match ($format, n) {
-                (Format::Q4_1, 1) => $group::<true, 1>($w, $in_dim, $x, $sums, r0, out),
-                (Format::Q4_1, 2) => $group::<true, 2>($w, $in_dim, $x, $sums, r0, out),
-                (Format::Q4_1, 3) => $group::<true, 3>($w, $in_dim, $x, $sums, r0, out),
-                (Format::Q4_1, _) => $group::<true, 4>($w, $in_dim, $x, $sums, r0, out),
-                (Format::Q8_0, 1) => $group::<false, 1>($w, $in_dim, $x, $sums, r0, out),
-                (Format::Q8_0, 2) => $group::<false, 2>($w, $in_dim, $x, $sums, r0, out),
-                (Format::Q8_0, 3) => $group::<false, 3>($w, $in_dim, $x, $sums, r0, out),
-                (Format::Q8_0, _) => $group::<false, 4>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q4_1, 8) => $group::<true, 8>($w, $in_dim, $x, $sums, r0, out),
+                (Format::Q8_0, 8) => $group::<false, 8>($w, $in_dim, $x, $sums, r0, out),
+                _ => super::in_groups!(@one $group, $format, n, $w, $in_dim, $x, $sums, r0, out),
             }
             r0 += n;
         }
     }};
+    (@one $group:ident, $format:expr, $n:expr, $w:expr, $in_dim:expr, $x:expr, $sums:expr, $r0:expr, $out:expr) => {
+        match ($format, $n) {
+            (Format::Q4_1, 1) => $group::<true, 1>($w, $in_dim, $x, $sums, $r0, $out),
+            (Format::Q4_1, 2) => $group::<true, 2>($w, $in_dim, $x, $sums, $r0, $out),
+            (Format::Q4_1, 3) => $group::<true, 3>($w, $in_dim, $x, $sums, $r0, $out),
+            (Format::Q4_1, _) => $group::<true, 4>($w, $in_dim, $x, $sums, $r0, $out),
+            (Format::Q8_0, 1) => $group::<false, 1>($w, $in_dim, $x, $sums, $r0, $out),
+            (Format::Q8_0, 2) => $group::<false, 2>($w, $in_dim, $x, $sums, $r0, $out),
+            (Format::Q8_0, 3) => $group::<false, 3>($w, $in_dim, $x, $sums, $r0, $out),
+            (Format::Q8_0, _) => $group::<false, 4>($w, $in_dim, $x, $sums, $r0, $out),
+        }
+    };
 }
 #[cfg(target_arch = "x86_64")]
 use in_groups;
@@ -453,7 +474,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,f16c")]
     pub(super) unsafe fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
         // SAFETY: forwarded from this function's contract.
-        unsafe { super::in_groups!(group, format, w, in_dim, x, sums, dst) };
+        unsafe { super::in_groups!(wide group, format, w, in_dim, x, sums, dst) };
     }
 
     /// Rows `r0..r0 + N` of `x` against one weight row. Block `b` goes to
@@ -1070,6 +1091,31 @@ mod tests {
                             .sum();
                         assert!((g - e).abs() <= bound * 1.001 + 1e-4 * (1.0 + e.abs()), "{case} ({r}, {o}): {g} vs exact {e}, bound {bound}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Each row of a many-row product is bit for bit that row's product alone
+    /// (the batched decode step's contract), whatever group of rows the SIMD
+    /// body puts it in (groups of eight, four and fewer).
+    #[test]
+    fn rows_together_are_each_row_alone() {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let format = Format::of_ggml(dtype).unwrap();
+            let (out_dim, in_dim) = (40, 608);
+            let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), &Device::Cpu).unwrap();
+            let blocks = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
+            let rows = 17;
+            let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (rows, in_dim), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for n in [2usize, 5, 8, 9, 12, 16, 17] {
+                let mut together = vec![0f32; n * out_dim];
+                matmul(format, &blocks, out_dim, in_dim, &xs[..n * in_dim], n, &mut together);
+                for r in 0..n {
+                    let mut alone = vec![0f32; out_dim];
+                    matmul(format, &blocks, out_dim, in_dim, &xs[r * in_dim..(r + 1) * in_dim], 1, &mut alone);
+                    let same = alone.iter().zip(&together[r * out_dim..]).all(|(a, t)| a.to_bits() == t.to_bits());
+                    assert!(same, "{format:?}: row {r} of {n}");
                 }
             }
         }
