@@ -200,7 +200,7 @@ impl Linear {
     /// output is bit for bit what `forward` gives that row alone (`[1, 1, in]`).
     ///
     /// `forward` picks its kernel by row count (a GEMM from 16 rows, a
-    /// dequantized GEMM for quantized weights), and a GEMM sums in another
+    /// dequantized GEMM for quantized weights from 32), and a GEMM sums in another
     /// order than the matrix-vector product a lone decode step runs. Here a
     /// dense f32 weight goes through [`multitoken_kernels::lm::linear_each_row`]
     /// and a Q4_1 / Q8_0 weight through our quantized kernel for any row count
@@ -440,5 +440,12 @@ fn own_kernel_format(qt: &QTensor, x: &Tensor) -> Option<Format> {
 /// From this many rows on, a dense product goes through multitoken-kernels.
 const KERNEL_FROM_ROWS: usize = 16;
 
-/// From this many rows on, a quantized weight is dequantized for the matmul.
-const DEQUANTIZE_FROM_ROWS: usize = 16;
+/// From this many rows on, a quantized weight is dequantized for the matmul;
+/// below, our block kernel reads it in place. Dequantizing SmolLM2-135M's
+/// Q4_1 linears costs ~100 ms whatever the row count, while the block kernel
+/// (eight rows per unpacked block) grows with the rows: `generate --raw
+/// --profile` prefills, alternating runs (2026-12-06), in place vs
+/// dequantized: 20 tokens 64-75 ms vs 124-126, 32 tokens 105-143 vs 131-143,
+/// 44 tokens 186-187 vs 168-176, 120 tokens 478-495 vs 245. Short prompts (a
+/// chat turn, a served request) are prefilled in place.
+const DEQUANTIZE_FROM_ROWS: usize = 32;
