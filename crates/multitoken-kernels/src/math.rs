@@ -653,6 +653,34 @@ mod tests {
     /// The grouped decode attention against a plain softmax attention per
     /// query head (f64), with strided cache rows and a group of three.
     #[test]
+    fn a_group_is_its_heads_alone_bit_for_bit() {
+        // Decode steps run a key/value head's query heads as one group; a head's
+        // output must not depend on the group it ran in (nor on the sub-groups
+        // the AVX-512 body splits it into).
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.8;
+        for hd in [32usize, 64, 128, 48] {
+            for group in [1usize, 2, 3, 4, 5, 7, 9] {
+                let (len, step, base) = (29, 2 * hd, hd);
+                let keys: Vec<f32> = (0..base + len * step).map(value).collect();
+                let values: Vec<f32> = (0..base + len * step).map(|i| value(i + 11)).collect();
+                let queries: Vec<f32> = (0..group * hd).map(|i| value(i + 5)).collect();
+                let head = CachedHead { keys: &keys, values: &values, base, step, len };
+                let mut scores = vec![0f32; group * len];
+                let mut together = vec![0f32; group * hd];
+                attend_group(&queries, head, 0.125, &mut scores, &mut together);
+                for g in 0..group {
+                    let mut alone = vec![0f32; hd];
+                    let mut scores = vec![0f32; len];
+                    let head = CachedHead { keys: &keys, values: &values, base, step, len };
+                    attend_group(&queries[g * hd..(g + 1) * hd], head, 0.125, &mut scores, &mut alone);
+                    let same = alone.iter().zip(&together[g * hd..]).all(|(a, t)| a.to_bits() == t.to_bits());
+                    assert!(same, "head dim {hd}, group {group}, head {g}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn attend_group_matches_plain_attention() {
         let (group, hd, len, step, base) = (3, 64, 37, 3 * 64, 64);
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.8;
