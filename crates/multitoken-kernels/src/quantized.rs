@@ -97,8 +97,10 @@ pub struct Weights<'a> {
 /// for every matrix, and `ys.len() == weights.len()`.
 pub fn matmul_many(weights: &[Weights], in_dim: usize, x: &[f32], rows: usize, ys: &mut [&mut [f32]]) {
     if int8_activations() && !KEEP_EXACT.with(Cell::get) {
+        // The activations rounded once for every matrix.
+        let act = int8::Rows::quantize(x, in_dim);
         for (w, y) in weights.iter().zip(ys.iter_mut()) {
-            int8::matmul(w.format, w.blocks, w.out_dim, in_dim, x, rows, y);
+            int8::matmul(w.format, w.blocks, w.out_dim, &act, rows, y);
         }
         return;
     }
@@ -126,9 +128,10 @@ pub fn matmul_gated(
 ) {
     let out_dim = gate.out_dim;
     if int8_activations() && !KEEP_EXACT.with(Cell::get) {
+        let act = int8::Rows::quantize(x, in_dim);
         let mut g = vec![0f32; rows * out_dim];
-        int8::matmul(gate.format, gate.blocks, out_dim, in_dim, x, rows, &mut g);
-        int8::matmul(up.format, up.blocks, out_dim, in_dim, x, rows, y);
+        int8::matmul(gate.format, gate.blocks, out_dim, &act, rows, &mut g);
+        int8::matmul(up.format, up.blocks, out_dim, &act, rows, y);
         for (u, g) in y.iter_mut().zip(g) {
             *u = combine(g, *u);
         }
@@ -805,24 +808,21 @@ mod int8 {
         }
     }
 
-    /// [`super::matmul`] in the 8-bit-activation mode.
-    pub(super) fn matmul(format: Format, blocks: &[u8], out_dim: usize, in_dim: usize, x: &[f32], rows: usize, y: &mut [f32]) {
+    /// [`super::matmul`] in the 8-bit-activation mode, with the activations
+    /// already rounded (once per input, however many matrices it meets).
+    pub(super) fn matmul(format: Format, blocks: &[u8], out_dim: usize, act: &Rows, rows: usize, y: &mut [f32]) {
+        let in_dim = act.in_dim;
         let per_row = in_dim / BLOCK * format.block_bytes();
-        let act = Rows::quantize(x, in_dim);
         let mut by_out = vec![0f32; out_dim * rows];
         let work = |first_out: usize, chunk: &mut [f32]| {
             for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
                 let o = first_out + k;
                 super::prefetch_ahead(blocks, o, per_row);
-                dot_rows(format, &blocks[o * per_row..(o + 1) * per_row], &act, dst);
+                dot_rows(format, &blocks[o * per_row..(o + 1) * per_row], act, dst);
             }
         };
         crate::pool::fill_items(&mut by_out, rows, out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
-        for (o, vals) in by_out.chunks_exact(rows).enumerate() {
-            for (r, v) in vals.iter().enumerate() {
-                y[r * out_dim + o] = *v;
-            }
-        }
+        super::by_output_into(&by_out, rows, out_dim, y);
     }
 
     /// One weight row against every activation row.
@@ -1060,8 +1060,8 @@ mod tests {
                 let mut exact = vec![0f32; rows * out_dim];
                 matmul(format, &data, out_dim, in_dim, &xs, rows, &mut exact);
                 let mut got = vec![0f32; rows * out_dim];
-                int8::matmul(format, &data, out_dim, in_dim, &xs, rows, &mut got);
                 let act = int8::Rows::quantize(&xs, in_dim);
+                int8::matmul(format, &data, out_dim, &act, rows, &mut got);
                 let per_row = in_dim / BLOCK * format.block_bytes();
                 let deq = dequantize(format, &data, out_dim, in_dim);
                 let case = format!("{format:?} {out_dim}x{in_dim} rows {rows}");
