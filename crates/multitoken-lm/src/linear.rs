@@ -117,7 +117,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let rows: usize = leading_rows(&dims);
         if let (Some(lora), LinearWeight::Dense(w)) = (&self.lora, &self.weight) {
             // A LoRA adapter being trained: one op that keeps only its output
             // for the backward pass (the composite kept six activations).
@@ -125,10 +125,7 @@ impl Linear {
                 let flat = x.reshape((rows, self.in_dim))?;
                 let mask = lora.dropout_mask(rows * self.in_dim)?;
                 let y = multitoken_kernels::train::lora_linear(&flat, w, self.bias.as_ref(), &lora.a, &lora.b, lora.scale, mask)?;
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = self.out_dim;
-                }
+                let out_dims = with_last_dim(&dims, self.out_dim);
                 return Ok(y.reshape(out_dims)?);
             }
         }
@@ -141,10 +138,7 @@ impl Linear {
                 let flat = x.reshape((rows, self.in_dim))?;
                 let mask = lora.dropout_mask(rows * self.in_dim)?;
                 let y = crate::quantize::qlora_linear(&flat, q, self.bias.as_ref(), &lora.a, &lora.b, lora.scale, mask)?;
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = self.out_dim;
-                }
+                let out_dims = with_last_dim(&dims, self.out_dim);
                 return Ok(y.reshape(out_dims)?);
             }
             // Under autograd without an adapter here (a quantized head, a frozen
@@ -153,10 +147,7 @@ impl Linear {
             if x.track_op() && blocks && x.device().is_cpu() && x.dtype() == DType::F32 {
                 let flat = x.reshape((rows, self.in_dim))?;
                 let y = crate::quantize::quantized_base(&flat, q, self.in_dim, self.out_dim)?;
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = self.out_dim;
-                }
+                let out_dims = with_last_dim(&dims, self.out_dim);
                 return self.add_bias_and_lora(y.reshape(out_dims)?, x);
             }
         }
@@ -210,12 +201,9 @@ impl Linear {
     pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let rows: usize = leading_rows(&dims);
         if self.lora.is_none() && !x.track_op() && rows > 0 {
-            let mut out_dims = dims.clone();
-            if let Some(last) = out_dims.last_mut() {
-                *last = self.out_dim;
-            }
+            let out_dims = with_last_dim(&dims, self.out_dim);
             match &self.weight {
                 LinearWeight::Dense(w) => {
                     if let Some(y) = multitoken_kernels::lm::linear_each_row(&x.reshape((rows, self.in_dim))?, w)? {
@@ -237,6 +225,16 @@ impl Linear {
             }
         }
         each_row(x, |row| self.forward(row))
+    }
+
+    /// [`Linear::forward`], or [`Linear::forward_rows`] when `batched` (a batched
+    /// decode step): what the model's layers pick between.
+    pub(crate) fn forward_as(&self, x: &Tensor, batched: bool) -> Result<Tensor> {
+        if batched {
+            self.forward_rows(x)
+        } else {
+            self.forward(x)
+        }
     }
 
     /// The blocks of this layer when its product of `x` (`rows` rows) may run
@@ -265,7 +263,7 @@ impl Linear {
     pub(crate) fn products_together(layers: &[&Linear], x: &Tensor, batched: bool) -> Result<Option<Vec<Tensor>>> {
         let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let rows: usize = leading_rows(&dims);
         let Some(parts) = layers.iter().map(|l| l.blocks_for_together(x, rows, batched)).collect::<Option<Vec<_>>>() else {
             return Ok(None);
         };
@@ -282,10 +280,7 @@ impl Linear {
         multitoken_kernels::quantized::matmul_many(&weights, in_dim, &xs, rows, &mut ys);
         let mut tensors = Vec::with_capacity(layers.len());
         for (l, y) in layers.iter().zip(outs) {
-            let mut out_dims = dims.clone();
-            if let Some(last) = out_dims.last_mut() {
-                *last = l.out_dim;
-            }
+            let out_dims = with_last_dim(&dims, l.out_dim);
             tensors.push(l.add_bias_and_lora(Tensor::from_vec(y, out_dims, x.device())?, x)?);
         }
         Ok(Some(tensors))
@@ -299,7 +294,7 @@ impl Linear {
     pub(crate) fn silu_gated_together(gate: &Linear, up: &Linear, x: &Tensor, batched: bool) -> Result<Option<Tensor>> {
         let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let rows: usize = leading_rows(&dims);
         let (Some((gf, gq)), Some((uf, uq))) = (gate.blocks_for_together(x, rows, batched), up.blocks_for_together(x, rows, batched)) else {
             return Ok(None);
         };
@@ -312,10 +307,7 @@ impl Linear {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut y = vec![0f32; rows * gate.out_dim];
         multitoken_kernels::quantized::matmul_gated(gw, uw, gate.in_dim, &xs, rows, multitoken_kernels::train::silu_times, &mut y);
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = gate.out_dim;
-        }
+        let out_dims = with_last_dim(&dims, gate.out_dim);
         Ok(Some(Tensor::from_vec(y, out_dims, x.device())?))
     }
 
@@ -360,10 +352,7 @@ impl Linear {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut y = vec![0f32; rows * self.out_dim];
         multitoken_kernels::quantized::matmul(format, &data, self.out_dim, self.in_dim, &xs, rows, &mut y);
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.out_dim;
-        }
+        let out_dims = with_last_dim(dims, self.out_dim);
         Ok(Tensor::from_vec(y, out_dims, x.device())?)
     }
 
@@ -390,10 +379,7 @@ impl Linear {
             Some(y) => y,
             None => flat.matmul(&w.to_tensor(x.device())?.to_dtype(x.dtype())?.t()?)?,
         };
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.out_dim;
-        }
+        let out_dims = with_last_dim(dims, self.out_dim);
         Ok(y.reshape(out_dims)?)
     }
 
@@ -413,10 +399,7 @@ impl Linear {
                 None => x.matmul(&w.t()?)?,
             }
         };
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.out_dim;
-        }
+        let out_dims = with_last_dim(dims, self.out_dim);
         Ok(y.reshape(out_dims)?)
     }
 }
@@ -435,6 +418,20 @@ fn own_kernel_format(qt: &QTensor, x: &Tensor) -> Option<Format> {
     let format = Format::of_ggml(qt.dtype())?;
     let fits = x.device().is_cpu() && x.dtype() == DType::F32 && x.dims().last().is_some_and(|d| d % multitoken_kernels::quantized::BLOCK == 0);
     fits.then_some(format)
+}
+
+/// Rows of an `[..., in]` input: the product of every dimension but the last.
+fn leading_rows(dims: &[usize]) -> usize {
+    dims[..dims.len().saturating_sub(1)].iter().product()
+}
+
+/// `dims` with the last dimension replaced by `last` (an output's shape).
+fn with_last_dim(dims: &[usize], last: usize) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if let Some(d) = out.last_mut() {
+        *d = last;
+    }
+    out
 }
 
 /// From this many rows on, a dense product goes through multitoken-kernels.

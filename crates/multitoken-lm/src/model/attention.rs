@@ -119,8 +119,7 @@ impl Attention {
                 return Ok((q, k, v));
             }
         }
-        let product = |l: &Linear| if batched { l.forward_rows(x) } else { l.forward(x) };
-        Ok((product(&self.q_proj)?, product(&self.k_proj)?, product(&self.v_proj)?))
+        Ok((self.q_proj.forward_as(x, batched)?, self.k_proj.forward_as(x, batched)?, self.v_proj.forward_as(x, batched)?))
     }
 
     /// [`Attention::forward`] for one new position of each of several

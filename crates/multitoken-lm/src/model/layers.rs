@@ -68,7 +68,7 @@ impl Mlp {
         batched: bool,
         custom: impl Fn(&dyn FeedForward, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let product = |l: &Linear, x: &Tensor| if batched { l.forward_rows(x) } else { l.forward(x) };
+        let product = |l: &Linear, x: &Tensor| l.forward_as(x, batched);
         match self {
             Mlp::Gated { gate_proj, up_proj, down_proj, act } => {
                 if *act == Activation::Silu {
