@@ -288,14 +288,9 @@ fn lm(args: &[String]) -> Result<()> {
 /// Our modes, in the order they run.
 const OUR_MODES: [&str; 8] = ["f32", "bf16", "q4_1", "q8_0", "q4_1-i8", "q8_0-i8", "q4_1-bf16", "q8_0-bf16"];
 
-/// The median of a list (NaN for none).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
+/// The median of a list (NaN for none), as the other benches take it.
+fn median(values: Vec<f64>) -> f64 {
+    crate::bench_vision::best_median(&values).1
 }
 
 /// Each engine's result with its speeds replaced by their medians over the
