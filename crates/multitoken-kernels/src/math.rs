@@ -318,8 +318,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     out
 }
 
-/// What [`attend_group`] reads: `len` cached positions of one key/value head,
-/// from `base` in `keys` / `values`, `step` floats apart.
+/// What a decode step's attention reads for one key/value head: `len` cached
+/// positions from `base` in `keys` / `values`, `step` floats apart.
 #[derive(Debug, Clone, Copy)]
 pub struct CachedHead<'a> {
     /// The key buffer.
@@ -334,12 +334,82 @@ pub struct CachedHead<'a> {
     pub len: usize,
 }
 
+/// One query group of a decode step: the query heads that share one
+/// key/value head (`group × head_dim` floats, one sequence's one position)
+/// and that head's cache.
+#[derive(Debug, Clone, Copy)]
+pub struct QueryGroup<'a> {
+    /// The group's query heads, one after another.
+    pub queries: &'a [f32],
+    /// The keys and values they attend to.
+    pub head: CachedHead<'a>,
+}
+
+/// Cached positions per work item of [`attend_groups`]. A constant, not a
+/// share of the threads: a head's output depends only on its own keys, so a
+/// sequence decoded alone or in a batch, on one thread or many, gives the same
+/// bits.
+pub const KEYS_PER_PART: usize = 64;
+
+/// Floats one part leaves in [`attend_groups`]' scratch: the group's
+/// unnormalised outputs, then each head's score maximum and exponent sum.
+fn part_len(group: usize, hd: usize) -> usize {
+    group * (hd + 2)
+}
+
+/// A decode step's attention (one new query per sequence, no mask) for every
+/// query group in `groups`, each `group` heads of `hd` floats: `out` receives
+/// the groups' outputs one after another (`groups.len() × group × hd`).
+///
+/// Flash-decoding's split: each group's keys are cut into parts of
+/// [`KEYS_PER_PART`] positions, the parts run on the pool (a part reads its
+/// keys and values once for every head of its group, from L1 after the first),
+/// and each group's parts are merged with the softmax rescaling. Splitting by
+/// keys rather than by head keeps both threads busy whatever the head count
+/// (SmolLM2's 3 key/value heads would split 2:1 over 2 threads), and grouping
+/// the heads reads the cache once per key/value head instead of once per
+/// query head: at a 640-token context that cache is most of the bytes the
+/// attention moves.
+pub fn attend_groups(groups: &[QueryGroup<'_>], group: usize, hd: usize, scale: f32, out: &mut [f32]) {
+    let width = group * hd;
+    out.fill(0.0);
+    if width == 0 || out.len() < groups.len() * width {
+        return;
+    }
+    // (group index, first key, keys) of every part, each group's parts together.
+    let parts: Vec<(usize, usize, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| (0..g.head.len.div_ceil(KEYS_PER_PART)).map(move |p| (i, p * KEYS_PER_PART, KEYS_PER_PART.min(g.head.len - p * KEYS_PER_PART))))
+        .collect();
+    let item = part_len(group, hd);
+    let mut scratch = vec![0f32; parts.len() * item];
+    let work: usize = groups.iter().map(|g| g.head.len).sum::<usize>() * width;
+    crate::pool::fill_items(&mut scratch, item, work >= 1 << 15, |first, items| {
+        let mut scores = vec![0f32; group * KEYS_PER_PART];
+        for (k, dst) in items.chunks_exact_mut(item).enumerate() {
+            let (i, start, len) = parts[first + k];
+            let QueryGroup { queries, head } = groups[i];
+            let part = CachedHead { base: head.base + start * head.step, len, ..head };
+            let (outs, stats) = dst.split_at_mut(width);
+            attend_group_part(&queries[..width.min(queries.len())], part, scale, &mut scores[..group * len], outs, stats);
+        }
+    });
+    let mut at = 0;
+    for (i, dst) in out.chunks_exact_mut(width).take(groups.len()).enumerate() {
+        let n = groups[i].head.len.div_ceil(KEYS_PER_PART);
+        merge_group_parts(&scratch[at * item..(at + n) * item], group, hd, dst);
+        at += n;
+    }
+}
+
 #[inline(always)]
-fn attend_group_generic(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend_group_part_generic(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) {
     let CachedHead { keys, values, base, step, len } = head;
-    let group = scores.len() / len.max(1);
-    if group == 0 || len == 0 {
-        out.fill(0.0);
+    let group = stats.len() / 2;
+    out.fill(0.0);
+    if group == 0 || len == 0 || scores.len() < group * len {
+        stats.fill(0.0);
         return;
     }
     let hd = out.len() / group;
@@ -350,14 +420,11 @@ fn attend_group_generic(queries: &[f32], head: CachedHead<'_>, scale: f32, score
             scores[g * len + j] = dot_generic(&queries[g * hd..(g + 1) * hd], key) * scale;
         }
     }
-    for row in scores.chunks_exact_mut(len) {
-        let sum = exp_row(row);
-        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-        for p in row.iter_mut() {
-            *p *= inv;
-        }
+    for (g, row) in scores.chunks_exact_mut(len).take(group).enumerate() {
+        let max = max_of(row);
+        stats[2 * g] = max;
+        stats[2 * g + 1] = exp_row(row);
     }
-    out.fill(0.0);
     for j in 0..len {
         let value = &values[base + j * step..base + j * step + hd];
         for g in 0..group {
@@ -370,13 +437,52 @@ fn attend_group_generic(queries: &[f32], head: CachedHead<'_>, scale: f32, score
 }
 
 multiversion! {
-    /// One decode step's attention for the query heads that share one
-    /// key/value head (grouped-query attention), no mask: `queries` holds the
-    /// group's heads (`group × head_dim`, `group = out.len() / head_dim`),
-    /// `scores` room for `group × head.len` values, `out` the group's outputs.
-    /// Each cached key and value row is read once for the whole group; every
-    /// output is computed in a fixed order, whatever the thread or the batch.
-    pub fn attend_group(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32]) => attend_group_generic, avx512: avx512::attend_group
+    /// One part of [`attend_groups`]: the query heads of one group (`queries`,
+    /// `group × head_dim`, `group = stats.len() / 2`) against `head.len`
+    /// positions, `scores` room for `group × head.len` values. For each head
+    /// `g` it leaves `Σ_j e^(s_j - m) v_j` in `out[g]` (not yet divided),
+    /// the score maximum `m` in `stats[2g]` and `Σ_j e^(s_j - m)` in
+    /// `stats[2g + 1]`. A head's results do not depend on the heads beside it.
+    pub fn attend_group_part(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) => attend_group_part_generic, avx512: avx512::attend_group_part
+}
+
+#[inline(always)]
+fn merge_group_parts_generic(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) {
+    let item = part_len(group, hd);
+    if item == 0 {
+        return;
+    }
+    for (g, dst) in out.chunks_exact_mut(hd).take(group).enumerate() {
+        dst.fill(0.0);
+        let stat = |p: &[f32], k: usize| p[group * hd + 2 * g + k];
+        let max = parts.chunks_exact(item).map(|p| stat(p, 0)).fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0f32;
+        for p in parts.chunks_exact(item) {
+            let sum = stat(p, 1);
+            if sum == 0.0 {
+                // No key in this part (or none with any weight): nothing to add.
+                continue;
+            }
+            let weight = exp(stat(p, 0) - max);
+            total = weight.mul_add(sum, total);
+            for (o, x) in dst.iter_mut().zip(&p[g * hd..(g + 1) * hd]) {
+                *o = weight.mul_add(*x, *o);
+            }
+        }
+        let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+        for o in dst.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// Joins the parts of one group left by [`attend_group_part`] (one after
+    /// another in `parts`, each [`part_len`] floats) into the group's softmax
+    /// attention, `out` `group × hd`: each part's sums and outputs are scaled
+    /// by `e^(m_part - m)` for the largest maximum `m`, then divided by the
+    /// total. No parts give zeros.
+    fn merge_group_parts(parts: &[f32], group: usize, hd: usize, out: &mut [f32]) => merge_group_parts_generic
 }
 
 multiversion! {
@@ -395,19 +501,23 @@ pub(crate) mod avx512 {
 
     use super::CachedHead;
 
-    /// [`super::attend_group`] with each query head and its output held in
-    /// registers (head dims 32, 64, 128; others take the portable form): a
+    /// [`super::attend_group_part`] with each query head and its output held
+    /// in registers (head dims 32, 64, 128; others take the portable form): a
     /// key row's dot product is one FMA chain and a tree reduction, where the
-    /// portable form's sixteen-lane sum ends in fifteen dependent adds, and a
-    /// value row is added into accumulators that never leave the registers.
+    /// portable form's sixteen-lane sum ends in fifteen dependent adds, and
+    /// value rows are added into two sets of accumulators (even and odd keys)
+    /// that never leave the registers, so the adds do not wait on each other.
+    /// The heads run one after another over the part's rows, which stay in L1.
     ///
     /// # Safety
     /// AVX-512F.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(crate) unsafe fn attend_group(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    pub(crate) unsafe fn attend_group_part(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) {
         let CachedHead { keys, values, base, step, len } = head;
-        let group = scores.len().checked_div(len).unwrap_or(0);
+        let group = stats.len() / 2;
         let fits = group > 0
+            && len > 0
+            && scores.len() >= len
             && out.len().is_multiple_of(group)
             && queries.len() >= out.len()
             && base + (len - 1) * step + out.len() / group <= keys.len().min(values.len());
@@ -415,45 +525,64 @@ pub(crate) mod avx512 {
         // SAFETY: AVX-512F; `fits` checked every row read lies inside the buffers.
         unsafe {
             match hd {
-                32 => heads::<2>(queries, head, scale, scores, out, group),
-                64 => heads::<4>(queries, head, scale, scores, out, group),
-                128 => heads::<8>(queries, head, scale, scores, out, group),
-                _ => super::attend_group_generic(queries, head, scale, scores, out),
+                32 => part_heads::<2>(queries, head, scale, scores, out, stats),
+                64 => part_heads::<4>(queries, head, scale, scores, out, stats),
+                128 => part_heads::<8>(queries, head, scale, scores, out, stats),
+                _ => super::attend_group_part_generic(queries, head, scale, scores, out, stats),
             }
         }
     }
 
-    /// [`attend_group`] for a head dim of `16 V`.
+    /// [`attend_group_part`] for a head dim of `16 V`.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn heads<const V: usize>(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32], group: usize) {
+    unsafe fn part_heads<const V: usize>(queries: &[f32], head: CachedHead<'_>, scale: f32, scores: &mut [f32], out: &mut [f32], stats: &mut [f32]) {
         let CachedHead { keys, values, base, step, len } = head;
         let hd = 16 * V;
-        for g in 0..group {
+        let row = &mut scores[..len];
+        for g in 0..stats.len() / 2 {
             // SAFETY (block): the caller checked that every row read lies inside
             // `keys` / `values`, and `queries` / `out` hold `group` heads.
             unsafe {
                 let q: [__m512; V] = std::array::from_fn(|c| _mm512_loadu_ps(queries.as_ptr().add(g * hd + c * 16)));
-                let row = &mut scores[g * len..(g + 1) * len];
                 for (j, score) in row.iter_mut().enumerate() {
                     let k = keys.as_ptr().add(base + j * step);
+                    if g == 0 {
+                        // The value rows are read after the scores: ask for them
+                        // now, while the first head's dot products run (about a
+                        // tenth off a long-context step's attention).
+                        let v = values.as_ptr().add(base + j * step);
+                        for c in 0..V {
+                            _mm_prefetch::<_MM_HINT_T0>(v.add(c * 16) as *const i8);
+                        }
+                    }
                     let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
                     for (c, qc) in q.iter().enumerate().skip(1) {
                         acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.add(c * 16)), acc);
                     }
                     *score = _mm512_reduce_add_ps(acc) * scale;
                 }
-                let sum = super::exp_row(row);
-                let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                let mut o = [_mm512_setzero_ps(); V];
-                for (j, p) in row.iter().enumerate() {
-                    let p = _mm512_set1_ps(p * inv);
-                    let v = values.as_ptr().add(base + j * step);
-                    for (c, oc) in o.iter_mut().enumerate() {
-                        *oc = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(c * 16)), *oc);
+                stats[2 * g] = super::max_of(row);
+                stats[2 * g + 1] = super::exp_row(row);
+                let mut even = [_mm512_setzero_ps(); V];
+                let mut odd = [_mm512_setzero_ps(); V];
+                let mut pairs = row.chunks_exact(2);
+                for (i, p) in (&mut pairs).enumerate() {
+                    let v = values.as_ptr().add(base + 2 * i * step);
+                    let (p0, p1) = (_mm512_set1_ps(p[0]), _mm512_set1_ps(p[1]));
+                    for c in 0..V {
+                        even[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v.add(c * 16)), even[c]);
+                        odd[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v.add(step + c * 16)), odd[c]);
                     }
                 }
-                for (c, oc) in o.iter().enumerate() {
-                    _mm512_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), *oc);
+                if let [p] = pairs.remainder() {
+                    let v = values.as_ptr().add(base + (len - 1) * step);
+                    let p = _mm512_set1_ps(*p);
+                    for (c, e) in even.iter_mut().enumerate() {
+                        *e = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(c * 16)), *e);
+                    }
+                }
+                for c in 0..V {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(g * hd + c * 16), _mm512_add_ps(even[c], odd[c]));
                 }
             }
         }
@@ -650,61 +779,119 @@ mod tests {
             .collect()
     }
 
-    /// The grouped decode attention against a plain softmax attention per
-    /// query head (f64), with strided cache rows and a group of three.
+    /// Keys, values and queries for the decode-attention tests: `len` cached
+    /// rows `step` floats apart from `base`, and `group` query heads.
+    fn cache(hd: usize, group: usize, len: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, usize, usize) {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.8;
+        let (step, base) = (2 * hd, hd);
+        let keys: Vec<f32> = (0..base + len * step).map(value).collect();
+        let values: Vec<f32> = (0..base + len * step).map(|i| value(i + 11)).collect();
+        let queries: Vec<f32> = (0..group * hd).map(|i| value(i + 5)).collect();
+        (keys, values, queries, step, base)
+    }
+
     #[test]
     fn a_group_is_its_heads_alone_bit_for_bit() {
         // Decode steps run a key/value head's query heads as one group; a head's
-        // output must not depend on the group it ran in (nor on the sub-groups
-        // the AVX-512 body splits it into).
-        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.8;
+        // output must not depend on the group it ran in. Lengths below, at and
+        // over one part, and over several.
         for hd in [32usize, 64, 128, 48] {
             for group in [1usize, 2, 3, 4, 5, 7, 9] {
-                let (len, step, base) = (29, 2 * hd, hd);
-                let keys: Vec<f32> = (0..base + len * step).map(value).collect();
-                let values: Vec<f32> = (0..base + len * step).map(|i| value(i + 11)).collect();
-                let queries: Vec<f32> = (0..group * hd).map(|i| value(i + 5)).collect();
-                let head = CachedHead { keys: &keys, values: &values, base, step, len };
-                let mut scores = vec![0f32; group * len];
-                let mut together = vec![0f32; group * hd];
-                attend_group(&queries, head, 0.125, &mut scores, &mut together);
-                for g in 0..group {
-                    let mut alone = vec![0f32; hd];
-                    let mut scores = vec![0f32; len];
+                for len in [29, KEYS_PER_PART, 3 * KEYS_PER_PART + 7] {
+                    let (keys, values, queries, step, base) = cache(hd, group, len);
                     let head = CachedHead { keys: &keys, values: &values, base, step, len };
-                    attend_group(&queries[g * hd..(g + 1) * hd], head, 0.125, &mut scores, &mut alone);
-                    let same = alone.iter().zip(&together[g * hd..]).all(|(a, t)| a.to_bits() == t.to_bits());
-                    assert!(same, "head dim {hd}, group {group}, head {g}");
+                    let mut together = vec![0f32; group * hd];
+                    attend_groups(&[QueryGroup { queries: &queries, head }], group, hd, 0.125, &mut together);
+                    for g in 0..group {
+                        let mut alone = vec![0f32; hd];
+                        let one = QueryGroup { queries: &queries[g * hd..(g + 1) * hd], head };
+                        attend_groups(&[one], 1, hd, 0.125, &mut alone);
+                        let same = alone.iter().zip(&together[g * hd..]).all(|(a, t)| a.to_bits() == t.to_bits());
+                        assert!(same, "head dim {hd}, group {group}, {len} keys, head {g}");
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn attend_group_matches_plain_attention() {
-        let (group, hd, len, step, base) = (3, 64, 37, 3 * 64, 64);
-        let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.8;
-        let keys: Vec<f32> = (0..base + len * step).map(value).collect();
-        let values: Vec<f32> = (0..base + len * step).map(|i| value(i + 11)).collect();
-        let queries: Vec<f32> = (0..group * hd).map(|i| value(i + 5)).collect();
-        let scale = 0.125;
-        let mut scores = vec![0f32; group * len];
-        let mut out = vec![0f32; group * hd];
-        let head = CachedHead { keys: &keys, values: &values, base, step, len };
-        attend_group(&queries, head, scale, &mut scores, &mut out);
-        for g in 0..group {
+    fn groups_in_one_call_are_each_group_alone_bit_for_bit() {
+        // A batched decode step attends every sequence's groups in one call,
+        // with caches of their own lengths; each must equal its lone step.
+        let (hd, group) = (64, 3);
+        let lens = [1usize, 70, 5, 300, 64, 129];
+        let caches: Vec<_> = lens.iter().map(|&len| (cache(hd, group, len), len)).collect();
+        let groups: Vec<QueryGroup<'_>> = caches
+            .iter()
+            .map(|((keys, values, queries, step, base), len)| QueryGroup {
+                queries,
+                head: CachedHead { keys, values, base: *base, step: *step, len: *len },
+            })
+            .collect();
+        let mut together = vec![0f32; groups.len() * group * hd];
+        attend_groups(&groups, group, hd, 0.125, &mut together);
+        for (i, g) in groups.iter().enumerate() {
+            let mut alone = vec![0f32; group * hd];
+            attend_groups(std::slice::from_ref(g), group, hd, 0.125, &mut alone);
+            let same = alone.iter().zip(&together[i * group * hd..]).all(|(a, t)| a.to_bits() == t.to_bits());
+            assert!(same, "group {i} ({} keys)", g.head.len);
+        }
+    }
+
+    /// Plain softmax attention per query head, in f64.
+    fn plain_attention(queries: &[f32], head: CachedHead<'_>, hd: usize, scale: f64) -> Vec<f64> {
+        let CachedHead { keys, values, base, step, len } = head;
+        let mut out = Vec::new();
+        for q in queries.chunks_exact(hd) {
             let s: Vec<f64> = (0..len)
-                .map(|j| (0..hd).map(|d| f64::from(queries[g * hd + d]) * f64::from(keys[base + j * step + d])).sum::<f64>() * scale as f64)
+                .map(|j| (0..hd).map(|d| f64::from(q[d]) * f64::from(keys[base + j * step + d])).sum::<f64>() * scale)
                 .collect();
             let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
             let sum: f64 = e.iter().sum();
-            for d in 0..hd {
-                let want: f64 = (0..len).map(|j| e[j] / sum * f64::from(values[base + j * step + d])).sum();
-                let got = f64::from(out[g * hd + d]);
-                assert!((got - want).abs() < 1e-5, "head {g} dim {d}: {got} vs {want}");
+            out.extend((0..hd).map(|d| (0..len).map(|j| e[j] / sum * f64::from(values[base + j * step + d])).sum::<f64>()));
+        }
+        out
+    }
+
+    #[test]
+    fn attend_groups_matches_plain_attention() {
+        // Both bodies (the dispatched one and the portable one, merged the same
+        // way), one part and several, a head dim the AVX-512 body declines.
+        let scale = 0.125;
+        for (hd, len) in [(64, 37), (64, 3 * KEYS_PER_PART + 5), (128, 200), (48, 90)] {
+            let group = 3;
+            let (keys, values, queries, step, base) = cache(hd, group, len);
+            let head = CachedHead { keys: &keys, values: &values, base, step, len };
+            let want = plain_attention(&queries, head, hd, scale as f64);
+            let mut out = vec![0f32; group * hd];
+            attend_groups(&[QueryGroup { queries: &queries, head }], group, hd, scale, &mut out);
+            let item = part_len(group, hd);
+            let mut parts = vec![0f32; len.div_ceil(KEYS_PER_PART) * item];
+            for (p, dst) in parts.chunks_exact_mut(item).enumerate() {
+                let start = p * KEYS_PER_PART;
+                let part = CachedHead { base: base + start * step, len: KEYS_PER_PART.min(len - start), ..head };
+                let mut scores = vec![0f32; group * part.len];
+                let (outs, stats) = dst.split_at_mut(group * hd);
+                attend_group_part_generic(&queries, part, scale, &mut scores, outs, stats);
+            }
+            let mut portable = vec![0f32; group * hd];
+            merge_group_parts_generic(&parts, group, hd, &mut portable);
+            for (name, got) in [("dispatched", &out), ("portable", &portable)] {
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((f64::from(*g) - w).abs() < 1e-5, "{name}, head dim {hd}, {len} keys, [{i}]: {g} vs {w}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn attention_over_no_cached_keys_is_zeros() {
+        let (keys, values, queries, step, base) = cache(64, 2, 0);
+        let head = CachedHead { keys: &keys, values: &values, base, step, len: 0 };
+        let mut out = vec![1f32; 2 * 64];
+        attend_groups(&[QueryGroup { queries: &queries, head }], 2, 64, 0.125, &mut out);
+        assert!(out.iter().all(|&x| x == 0.0));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! sequence axis, so one batched matmul covers them.
 
 use candle_core::{DType, Device, Tensor};
-use multitoken_kernels::math::{attend_group, CachedHead};
+use multitoken_kernels::math::{attend_groups, CachedHead, QueryGroup};
 
 use crate::linear::Linear;
 use crate::model::rope::RotaryEmbedding;
@@ -128,8 +128,8 @@ impl Attention {
     /// `caches[i]` / `seen[i]` sequence `i`'s buffers and length. Each row's
     /// output is bit for bit what `forward` gives it alone: the products go
     /// through [`Linear::forward_rows`], keys and values are appended to each
-    /// sequence's own buffers, and the attention is [`attend_group`] per (sequence,
-    /// head) as in the one-sequence decode step.
+    /// sequence's own buffers, and the attention is [`attend_groups`] over
+    /// every (sequence, key/value head) as in the one-sequence decode step.
     pub(crate) fn forward_rows(
         &self,
         x: &Tensor,
@@ -199,82 +199,48 @@ fn general_decode(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, hd: usize) -
 ///
 /// The general path costs eight tensor ops per layer (scale, transpose, two
 /// matmuls, softmax, reshapes), each a few microseconds of dispatch and
-/// allocation for little work; this reads the cache buffers in place. `None`
-/// when it does not apply (not f32 on the CPU, or an unusual layout): the
-/// caller then takes the general path.
+/// allocation for little work; this reads the cache buffers in place through
+/// [`attend_groups`]. `None` when it does not apply (not f32 on the CPU, or an
+/// unusual layout): the caller then takes the general path.
 fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Result<Option<Tensor>> {
-    use candle_core::Storage;
-    let (b, nh, _, hd) = q.dims4()?;
-    let kv_len = k.dim(2)?;
-    if q.dtype() != DType::F32 || !q.device().is_cpu() {
-        return Ok(None);
-    }
-    let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*k_storage, &*v_storage) else { return Ok(None) };
-    let (ks, vs) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-    let (k_stride, v_stride) = (k_layout.stride(), v_layout.stride());
-    if k_stride.len() != 4 || k_stride[3] != 1 || v_stride != k_stride || k_layout.start_offset() != v_layout.start_offset() {
-        return Ok(None);
-    }
-    let (offset, stride) = (k_layout.start_offset(), [k_stride[0], k_stride[1], k_stride[2]]);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; b * nh * hd];
-    let parallel = b * nh * kv_len * hd >= 1 << 15;
-    // One item per (sequence, query head): SmolLM2's 3 key/value heads would
-    // split unevenly over 2 threads, and a head's result does not depend on
-    // the heads computed beside it.
-    multitoken_kernels::pool::fill_items(&mut out, hd, parallel, |first, items| {
-        let mut scores = vec![0f32; kv_len];
-        for (i, dst) in items.chunks_exact_mut(hd).enumerate() {
-            let (bi, h) = ((first + i) / nh, (first + i) % nh);
-            let head = CachedHead { keys: ks, values: vs, base: offset + bi * stride[0] + (h / n_rep) * stride[1], step: stride[2], len: kv_len };
-            let q0 = (bi * nh + h) * hd;
-            attend_group(&qs[q0..q0 + hd], head, scale, &mut scores, dst);
-        }
-    });
-    Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))
+    let b = k.dim(0)?;
+    let kv: Vec<(Tensor, Tensor)> = (0..b).map(|i| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?))).collect::<Result<_>>()?;
+    ragged_decode_attention(q, &kv, n_rep)
 }
 
 /// The decode step's attention for several sequences with caches of their own
 /// lengths (no padding, no copies): `q` `[b, heads, 1, head_dim]`, `kv[i]` the
 /// `[1, kv_heads, len_i, head_dim]` keys and values of sequence `i` (views into
-/// its cache buffers). Returns `[b, 1, heads * head_dim]`, each (sequence,
-/// head) computed by [`attend_group`] as [`decode_attention`] computes it alone.
-/// `None` when it does not apply (not f32 on the CPU, an unusual layout).
+/// its cache buffers). Returns `[b, 1, heads * head_dim]`. Every (sequence,
+/// key/value head) is one [`QueryGroup`] of its `n_rep` query heads, and
+/// [`attend_groups`] gives each group what it gives that group alone, so a
+/// sequence in a batch gets the bits it gets by itself. `None` when it does
+/// not apply (not f32 on the CPU, an unusual layout).
 pub(crate) fn ragged_decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], n_rep: usize) -> Result<Option<Tensor>> {
     use candle_core::Storage;
     let (b, nh, _, hd) = q.dims4()?;
-    if q.dtype() != DType::F32 || !q.device().is_cpu() || kv.len() != b {
+    if q.dtype() != DType::F32 || !q.device().is_cpu() || kv.len() != b || n_rep == 0 || nh % n_rep != 0 {
         return Ok(None);
     }
     let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let guards: Vec<_> = kv.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
-    // Per sequence: key and value slices, first offset, strides, length.
-    let mut rows = Vec::with_capacity(b);
-    for ((k, _), ((ks, kl), (vs, vl))) in kv.iter().zip(&guards) {
+    let nkv = nh / n_rep;
+    let mut groups = Vec::with_capacity(b * nkv);
+    for (bi, ((k, _), ((ks, kl), (vs, vl)))) in kv.iter().zip(&guards).enumerate() {
         let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&**ks, &**vs) else { return Ok(None) };
         let (k_stride, v_stride) = (kl.stride(), vl.stride());
-        if k.dtype() != DType::F32 || k_stride.len() != 4 || k_stride[3] != 1 || v_stride != k_stride || kl.start_offset() != vl.start_offset() || k.dim(3)? != hd {
+        if k.dtype() != DType::F32 || k_stride.len() != 4 || k_stride[3] != 1 || v_stride != k_stride || kl.start_offset() != vl.start_offset() || k.dim(3)? != hd || k.dim(1)? != nkv {
             return Ok(None);
         }
-        rows.push((kc.as_slice::<f32>()?, vc.as_slice::<f32>()?, kl.start_offset(), [k_stride[1], k_stride[2]], k.dim(2)?));
-    }
-    let scale = 1.0 / (hd as f32).sqrt();
-    let work: usize = rows.iter().map(|r| r.4).sum::<usize>() * nh * hd;
-    let mut out = vec![0f32; b * nh * hd];
-    multitoken_kernels::pool::fill_items(&mut out, hd, work >= 1 << 15, |first, items| {
-        let mut scores = Vec::new();
-        for (i, dst) in items.chunks_exact_mut(hd).enumerate() {
-            let (bi, h) = ((first + i) / nh, (first + i) % nh);
-            let (ks, vs, offset, stride, len) = rows[bi];
-            scores.resize(len, 0.0);
-            let head = CachedHead { keys: ks, values: vs, base: offset + (h / n_rep) * stride[0], step: stride[1], len };
-            let q0 = (bi * nh + h) * hd;
-            attend_group(&qs[q0..q0 + hd], head, scale, &mut scores, dst);
+        let (keys, values, len) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?, k.dim(2)?);
+        for kvh in 0..nkv {
+            let q0 = (bi * nh + kvh * n_rep) * hd;
+            let head = CachedHead { keys, values, base: kl.start_offset() + kvh * k_stride[1], step: k_stride[2], len };
+            groups.push(QueryGroup { queries: &qs[q0..q0 + n_rep * hd], head });
         }
-    });
+    }
+    let mut out = vec![0f32; b * nh * hd];
+    attend_groups(&groups, n_rep, hd, 1.0 / (hd as f32).sqrt(), &mut out);
     Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))
 }
 
