@@ -523,9 +523,8 @@ mod avx512 {
     }
 
     /// Rows `r0..r0 + N` of `x` against one weight row. Block `b` goes to
-    /// accumulator `b % CHAINS` (Q4_1's `m · Σx` terms, sixteen blocks at a
-    /// time, to one more), so a block need not wait for the previous block's
-    /// FMA: one thread, a
+    /// accumulator `b % CHAINS` (Q4_1's `m · Σx` terms to a scalar chain per
+    /// row), so a block need not wait for the previous block's FMA: one thread, a
     /// 1536 × 576 row each, 1 / 2 / 4 chains gave Q4_1 2.25 / 2.10 / 2.15 ns per
     /// block and Q8_0 1.72 / 1.57 / 1.61 (the AVX2 body: 2.12 and 1.81), on the
     /// dev VM's host of that day; on 2026-12-06's slower host the same row took
@@ -568,6 +567,16 @@ mod avx512 {
     }
 
     /// [`group`] for `W` weight rows at once, each with accumulators of its own.
+    ///
+    /// Each block converts its own scales as it goes (Q4_1's `m · Σx` in a
+    /// scalar chain per row). Gathering sixteen blocks' scales at once was
+    /// faster with the weights in cache (one thread, 1536 × 576: 2.36-2.41
+    /// against 2.58-2.59 ns per block) but slower streamed from memory, where
+    /// a decode step reads them: 600 MB of 1536 × 576 Q4_1 matrices, in the
+    /// same process, 2.81-3.85 against 2.71-2.95 ns per block on one thread and
+    /// 1.57-2.22 against 1.61-1.92 on two; SmolLM2 Q4_1 decode, 6 alternating
+    /// pairs, matmul time per token 0.95-0.99 of the gathering kernel's
+    /// (2026-12-06). A gather waits for all sixteen of its loads.
     #[target_feature(enable = "avx512f,f16c")]
     unsafe fn group_of<const Q4: bool, const N: usize, const W: usize>(
         ws: [&[u8]; W],
@@ -580,81 +589,32 @@ mod avx512 {
         let nb = in_dim / BLOCK;
         let bytes = if Q4 { 20 } else { 34 };
         let mut acc = [[[_mm512_setzero_ps(); N]; CHAINS]; W];
-        if !Q4 {
-            // Q8_0 converts each block's scale as it goes: gathering them cost
-            // more than it saved here (one thread, 1536 × 576 in cache: 3.2-3.5
-            // ns per block against 2.3-2.4).
-            let mut b = 0;
-            while b < nb {
-                for c in 0..CHAINS {
-                    if b + c < nb {
-                        for (w, acc) in ws.iter().zip(acc.iter_mut()) {
-                            // SAFETY: block `b + c < nb` lies within `w`; `x` holds
-                            // rows `r0..r0 + N` of `in_dim` values.
-                            unsafe {
-                                let d = super::f16_pair(w.as_ptr().add((b + c) * bytes)).0;
-                                block::<Q4, N>(w, in_dim, x, r0, b + c, d, &mut acc[c]);
+        let mut mterm = [[0f32; N]; W];
+        let mut b = 0;
+        while b < nb {
+            for c in 0..CHAINS {
+                if b + c < nb {
+                    for ((w, acc), mterm) in ws.iter().zip(acc.iter_mut()).zip(mterm.iter_mut()) {
+                        // SAFETY: block `b + c < nb` lies within `w`; `x` holds
+                        // rows `r0..r0 + N` of `in_dim` values and (Q4_1) `sums`
+                        // their `nb` block sums each.
+                        unsafe {
+                            let (d, m) = super::f16_pair(w.as_ptr().add((b + c) * bytes));
+                            block::<Q4, N>(w, in_dim, x, r0, b + c, d, &mut acc[c]);
+                            if Q4 {
+                                for (k, t) in mterm.iter_mut().enumerate() {
+                                    *t = m.mul_add(*sums.get_unchecked((r0 + k) * nb + b + c), *t);
+                                }
                             }
                         }
                     }
                 }
-                b += CHAINS;
             }
-            for (acc, out) in acc.iter().zip(outs) {
-                for (k, out) in out.iter_mut().enumerate().take(N) {
-                    *out = chains_sum(acc, k);
-                }
-            }
-            return;
-        }
-        let mut mterm = [[_mm512_setzero_ps(); N]; W];
-        // Each block's scale `d` as f32, for the blocks of the current segment.
-        let mut scales = [[0f32; SEGMENT]; W];
-        let offsets = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(bytes as i32),
-        );
-        let mut first = 0;
-        while first < nb {
-            let n = (nb - first).min(SEGMENT);
-            let lanes: __mmask16 = if n == SEGMENT { 0xFFFF } else { (1u16 << n) - 1 };
-            // SAFETY: the caller guarantees blocks `0..nb` of each `w` and rows
-            // `r0..r0 + N` of `x` (and, Q4_1, of `sums`) exist; the gather and
-            // the masked loads touch only blocks `first..first + n`.
-            unsafe {
-                // The segment's scales in one gather of each block's first four
-                // bytes (`d` then `m`), both halves converted from f16 sixteen
-                // at a time, and `m · Σx` added for sixteen blocks at once.
-                // Before, each block converted its own scales and added its
-                // `m · Σx` as a scalar: one thread, 1536 × 576 in cache, 2.85-2.99
-                // ns per block then, 2.64-2.79 now (without the `m` term at all
-                // it was 2.25).
-                for ((w, scales), mterm) in ws.iter().zip(scales.iter_mut()).zip(mterm.iter_mut()) {
-                    let words = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), lanes, offsets, w.as_ptr().add(first * bytes) as *const i32);
-                    _mm512_storeu_ps(scales.as_mut_ptr(), _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words)));
-                    let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(words)));
-                    for (k, mterm) in mterm.iter_mut().enumerate() {
-                        let s = _mm512_maskz_loadu_ps(lanes, sums.as_ptr().add((r0 + k) * nb + first));
-                        *mterm = _mm512_fmadd_ps(m, s, *mterm);
-                    }
-                }
-                let mut i = 0;
-                while i < n {
-                    for c in 0..CHAINS {
-                        if i + c < n {
-                            for ((w, acc), scales) in ws.iter().zip(acc.iter_mut()).zip(&scales) {
-                                block::<Q4, N>(w, in_dim, x, r0, first + i + c, scales[i + c], &mut acc[c]);
-                            }
-                        }
-                    }
-                    i += CHAINS;
-                }
-            }
-            first += n;
+            b += CHAINS;
         }
         for ((acc, mterm), out) in acc.iter().zip(&mterm).zip(outs) {
             for (k, out) in out.iter_mut().enumerate().take(N) {
-                *out = chains_sum(acc, k) + _mm512_reduce_add_ps(mterm[k]);
+                *out = chains_sum(acc, k) + mterm[k];
             }
         }
     }
@@ -668,9 +628,6 @@ mod avx512 {
 
     /// Independent accumulation chains per row in [`group`].
     const CHAINS: usize = 2;
-
-    /// Blocks whose scales [`group`] gathers at once (one 512-bit vector of them).
-    const SEGMENT: usize = 16;
 
     /// Block `b` of the weight row, whose scale is `d`, against rows
     /// `r0..r0 + N`, added to `acc` (Q4_1's `m` term is added by [`group`]).
