@@ -189,14 +189,14 @@ fn exact_by_output(
             let per_row = in_dim / BLOCK * w.format.block_bytes();
             let local = o - start;
             prefetch_ahead(w.blocks, local, per_row);
-            if rows == 1 && local + 1 < w.out_dim && k + 1 < chunk.len() {
+            if rows <= PAIRED_ROWS && local + 1 < w.out_dim && (k + 2) * rows <= chunk.len() {
                 // A decode step's next two outputs of this matrix, together
                 // (see `dot_rows_together`).
                 prefetch_ahead(w.blocks, local + 1, per_row);
-                let (a, b) = chunk[k..k + 2].split_at_mut(1);
+                let (a, b) = chunk[k * rows..(k + 2) * rows].split_at_mut(rows);
                 let pair = &w.blocks[local * per_row..(local + 2) * per_row];
                 let (w0, w1) = pair.split_at(per_row);
-                dot_rows_together(w.format, [w0, w1], in_dim, x, &sums, [&mut a[0], &mut b[0]]);
+                dot_rows_together(w.format, [w0, w1], in_dim, x, &sums, [a, b]);
                 k += 2;
                 continue;
             }
@@ -218,13 +218,13 @@ fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize
         let mut g = vec![0f32; rows];
         for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
             let o = first_out + k;
-            if rows == 1 && gate.format == up.format {
+            if rows <= PAIRED_ROWS && gate.format == up.format {
                 // A decode step's gate and up rows, together.
                 let per_row = in_dim / BLOCK * gate.format.block_bytes();
                 prefetch_ahead(gate.blocks, o, per_row);
                 prefetch_ahead(up.blocks, o, per_row);
                 let (w0, w1) = (&gate.blocks[o * per_row..(o + 1) * per_row], &up.blocks[o * per_row..(o + 1) * per_row]);
-                dot_rows_together(gate.format, [w0, w1], in_dim, x, &sums, [&mut g[0], &mut dst[0]]);
+                dot_rows_together(gate.format, [w0, w1], in_dim, x, &sums, [&mut g[..], &mut dst[..]]);
             } else {
                 for (w, out) in [(&gate, &mut g[..]), (&up, &mut dst[..])] {
                     let per_row = in_dim / BLOCK * w.format.block_bytes();
@@ -369,26 +369,36 @@ fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], ds
     dot_rows_scalar(format, w, in_dim, x, sums, dst);
 }
 
-/// `W` weight rows of one format against one input row: `*outs[i] = ws[i] · x`,
-/// each the bits [`dot_rows`] gives that row alone. The AVX-512 body
+/// `W` weight rows of one format against the input rows: `outs[i] = ws[i] · x`
+/// (one value per input row, at most [`PAIRED_ROWS`] of them for the AVX-512
+/// body), each the bits [`dot_rows`] gives that weight row alone. The AVX-512 body
 /// interleaves the rows (see `avx512::dot_rows_together`). A decode step takes
-/// its outputs two at a time: one thread, SmolLM2's shapes, 2026-12-06, in the
-/// same process, Q4_1 1536 × 576 1.63-1.65 → 1.27-1.30 ns per block streamed
-/// from memory at two threads (1.86-2.51 → 1.41-1.87 in cache), 576 × 1536
+/// its outputs two at a time: SmolLM2's shapes, 2026-12-06, in the same
+/// process, Q4_1 1536 × 576 1.63-1.65 → 1.27-1.30 ns per block at two threads
+/// over 32 MB of matrices (1.86-2.51 → 1.41-1.87 over one), 576 × 1536
 /// 1.22-1.28 → 1.09-1.16; Q8_0 1536 × 576 2.05-2.49 → 1.67-1.99, 576 × 1536
 /// unchanged. Four rows at once was slower than two streamed.
-fn dot_rows_together<const W: usize>(format: Format, ws: [&[u8]; W], in_dim: usize, x: &[f32], sums: &[f32], outs: [&mut f32; W]) {
+fn dot_rows_together<const W: usize>(format: Format, ws: [&[u8]; W], in_dim: usize, x: &[f32], sums: &[f32], outs: [&mut [f32]; W]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx512f() {
+    if has_avx512f() && outs[0].len() <= PAIRED_ROWS && outs.iter().all(|o| o.len() == outs[0].len()) {
         // SAFETY: AVX-512F checked (F16C comes with it); the rows hold
-        // `in_dim / 32` blocks of `format`, `x` one row, `sums` its block sums.
+        // `in_dim / 32` blocks of `format`, `x` the input rows, `sums` their block sums.
         unsafe { avx512::dot_rows_together(format, ws, in_dim, x, sums, outs) };
         return;
     }
     for (w, out) in ws.iter().zip(outs) {
-        dot_rows(format, w, in_dim, x, sums, std::slice::from_mut(out));
+        dot_rows(format, w, in_dim, x, sums, out);
     }
 }
+
+/// Input rows up to which a product takes its weight rows two at a time (the
+/// AVX-512 body's registers hold two weight rows' accumulators for up to four
+/// input rows). A batched decode step of two or four sequences, 1536 × 576
+/// Q4_1 streamed from memory at two threads, same process (2026-12-06): two
+/// rows 4.51-4.84 → 4.23-4.32 ns per block, four 6.59-7.02 → 6.12-6.48 (in
+/// cache four rows were 2% slower, two 5-12% faster).
+const PAIRED_ROWS: usize = 4;
+
 /// The portable version of [`dot_rows`].
 fn dot_rows_scalar(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
     let nb = in_dim / BLOCK;
@@ -555,13 +565,18 @@ mod avx512 {
     /// AVX-512F and F16C; each of `ws` holds `in_dim / 32` blocks of `format`,
     /// `x` at least `in_dim` values and (Q4_1) `sums` their block sums.
     #[target_feature(enable = "avx512f,f16c")]
-    pub(super) unsafe fn dot_rows_together<const W: usize>(format: Format, ws: [&[u8]; W], in_dim: usize, x: &[f32], sums: &[f32], outs: [&mut f32; W]) {
-        let outs = outs.map(std::slice::from_mut);
+    pub(super) unsafe fn dot_rows_together<const W: usize>(format: Format, ws: [&[u8]; W], in_dim: usize, x: &[f32], sums: &[f32], outs: [&mut [f32]; W]) {
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            match format {
-                Format::Q4_1 => group_of::<true, 1, W>(ws, in_dim, x, sums, 0, outs),
-                Format::Q8_0 => group_of::<false, 1, W>(ws, in_dim, x, sums, 0, outs),
+            match (format, outs[0].len()) {
+                (Format::Q4_1, 1) => group_of::<true, 1, W>(ws, in_dim, x, sums, 0, outs),
+                (Format::Q4_1, 2) => group_of::<true, 2, W>(ws, in_dim, x, sums, 0, outs),
+                (Format::Q4_1, 3) => group_of::<true, 3, W>(ws, in_dim, x, sums, 0, outs),
+                (Format::Q4_1, _) => group_of::<true, 4, W>(ws, in_dim, x, sums, 0, outs),
+                (Format::Q8_0, 1) => group_of::<false, 1, W>(ws, in_dim, x, sums, 0, outs),
+                (Format::Q8_0, 2) => group_of::<false, 2, W>(ws, in_dim, x, sums, 0, outs),
+                (Format::Q8_0, 3) => group_of::<false, 3, W>(ws, in_dim, x, sums, 0, outs),
+                (Format::Q8_0, _) => group_of::<false, 4, W>(ws, in_dim, x, sums, 0, outs),
             }
         }
     }
@@ -1153,7 +1168,7 @@ mod tests {
             let blocks = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
             let rows = 17;
             let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (rows, in_dim), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            for n in [2usize, 5, 8, 9, 12, 16, 17] {
+            for n in [2usize, 3, 4, 5, 8, 9, 12, 16, 17] {
                 let mut together = vec![0f32; n * out_dim];
                 matmul(format, &blocks, out_dim, in_dim, &xs[..n * in_dim], n, &mut together);
                 for r in 0..n {
