@@ -157,12 +157,19 @@ fn exp_sum(xs: &mut [f32], shift: f32) -> f32 {
 /// key masked) becomes zeros with a sum of 0, not NaN.
 #[inline(always)]
 fn exp_row(row: &mut [f32]) -> f32 {
+    max_and_exp_row(row).1
+}
+
+/// [`exp_row`], also returning the row's maximum (first), which a split
+/// attention needs to rescale its parts.
+#[inline(always)]
+fn max_and_exp_row(row: &mut [f32]) -> (f32, f32) {
     let max = max_of(row);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
-        return 0.0;
+        return (max, 0.0);
     }
-    exp_sum(row, max)
+    (max, exp_sum(row, max))
 }
 
 #[inline(always)]
@@ -420,10 +427,8 @@ fn attend_group_part_generic(queries: &[f32], head: CachedHead<'_>, scale: f32, 
             scores[g * len + j] = dot_generic(&queries[g * hd..(g + 1) * hd], key) * scale;
         }
     }
-    for (g, row) in scores.chunks_exact_mut(len).take(group).enumerate() {
-        let max = max_of(row);
-        stats[2 * g] = max;
-        stats[2 * g + 1] = exp_row(row);
+    for (row, stat) in scores.chunks_exact_mut(len).zip(stats.chunks_exact_mut(2)) {
+        (stat[0], stat[1]) = max_and_exp_row(row);
     }
     for j in 0..len {
         let value = &values[base + j * step..base + j * step + hd];
@@ -594,8 +599,7 @@ pub(crate) mod avx512 {
             }
             for h in 0..W {
                 let row = std::slice::from_raw_parts_mut(rows.add(h * len), len);
-                stats[2 * (g0 + h)] = super::max_of(row);
-                stats[2 * (g0 + h) + 1] = super::exp_row(row);
+                (stats[2 * (g0 + h)], stats[2 * (g0 + h) + 1]) = super::max_and_exp_row(row);
             }
             let mut even = [[_mm512_setzero_ps(); V]; W];
             let mut odd = [[_mm512_setzero_ps(); V]; W];

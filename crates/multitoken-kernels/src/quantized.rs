@@ -645,7 +645,7 @@ mod avx512 {
     const CHAINS: usize = 2;
 
     /// Block `b` of the weight row, whose scale is `d`, against rows
-    /// `r0..r0 + N`, added to `acc` (Q4_1's `m` term is added by [`group`]).
+    /// `r0..r0 + N`, added to `acc` (Q4_1's `m` term is added by [`group_of`]).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block<const Q4: bool, const N: usize>(
