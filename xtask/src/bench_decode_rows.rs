@@ -62,8 +62,8 @@ pub fn run(args: &[String]) -> Result<()> {
         candle_core::utils::get_num_threads()
     );
     println!(
-        "{:>5} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10}",
-        "rows", "ms/step", "tok/s", "vs 1", "matmul", "attention", "norms", "rope", "act", "embed", "pick", "overhead", "join step"
+        "{:>5} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10}",
+        "rows", "ms/step", "tok/s", "vs 1", "matmul", "head", "attention", "norms", "rope", "act", "embed", "pick", "overhead", "join step"
     );
     let mut single = None;
     for &rows in &rows_list {
@@ -103,9 +103,10 @@ pub fn run(args: &[String]) -> Result<()> {
         let base = *single.get_or_insert(tok_s);
         let covered: f64 = Part::ALL.iter().map(|&p| parts.seconds(p)).sum::<f64>() + pick_s;
         println!(
-            "{rows:>5} {step_ms:>9.2} {tok_s:>9.1} {:>7.2}x {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9.2} {:>9.2} {join_ms:>10.1}",
+            "{rows:>5} {step_ms:>9.2} {tok_s:>9.1} {:>7.2}x {:>8.2} {:>7.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9.2} {:>9.2} {join_ms:>10.1}",
             tok_s / base,
             per_step(parts.seconds(Part::Matmul)),
+            per_step(parts.seconds(Part::Head)),
             per_step(parts.seconds(Part::Attention)),
             per_step(parts.seconds(Part::Norm)),
             per_step(parts.seconds(Part::Rope)),

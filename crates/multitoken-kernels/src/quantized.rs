@@ -154,13 +154,39 @@ fn by_output_into(by_out: &[f32], rows: usize, out_dim: usize, y: &mut [f32]) {
     }
 }
 
-/// Per-block sums of `x`'s rows, which Q4_1's `m` term needs (empty when no
-/// matrix is Q4_1).
-fn block_sums(weights: &[Weights], x: &[f32]) -> Vec<f32> {
-    if weights.iter().any(|w| w.format == Format::Q4_1) {
-        x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
-    } else {
-        Vec::new()
+/// The input rows of the exact products as the kernels read them: the rows,
+/// their per-block sums (Q4_1's `m` term) and, where the AVX-512 body runs, the
+/// rows with each block's values in the order of that body's Q4_1 lanes.
+struct Input<'a> {
+    x: &'a [f32],
+    /// Per-block sums of each row (empty when no matrix is Q4_1).
+    sums: Vec<f32>,
+    /// `x` in the AVX-512 Q4_1 body's lane order (`avx512::q4_lanes`; empty
+    /// when no matrix is Q4_1 or that body does not run).
+    q4_lanes: Vec<f32>,
+}
+
+impl<'a> Input<'a> {
+    /// `x`'s rows prepared for products with matrices of `formats`.
+    fn new(formats: impl IntoIterator<Item = Format>, x: &'a [f32]) -> Self {
+        if !formats.into_iter().any(|f| f == Format::Q4_1) {
+            return Input { x, sums: Vec::new(), q4_lanes: Vec::new() };
+        }
+        let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        #[cfg(target_arch = "x86_64")]
+        let q4_lanes = if has_avx512f() { avx512::q4_lanes(x) } else { Vec::new() };
+        #[cfg(not(target_arch = "x86_64"))]
+        let q4_lanes = Vec::new();
+        Input { x, sums, q4_lanes }
+    }
+
+    /// The rows as the AVX-512 body of `format` reads them.
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_rows(&self, format: Format) -> &[f32] {
+        match format {
+            Format::Q4_1 => &self.q4_lanes,
+            Format::Q8_0 => self.x,
+        }
     }
 }
 
@@ -172,7 +198,7 @@ fn exact_by_output(
     x: &[f32],
     rows: usize,
 ) -> Vec<f32> {
-    let sums = block_sums(weights, x);
+    let input = Input::new(weights.iter().map(|w| w.format), x);
     let total: usize = weights.iter().map(|w| w.out_dim).sum();
     let mut by_out = vec![0f32; total * rows];
     let work = |first_out: usize, chunk: &mut [f32]| {
@@ -196,11 +222,11 @@ fn exact_by_output(
                 let (a, b) = chunk[k * rows..(k + 2) * rows].split_at_mut(rows);
                 let pair = &w.blocks[local * per_row..(local + 2) * per_row];
                 let (w0, w1) = pair.split_at(per_row);
-                dot_rows_together(w.format, [w0, w1], in_dim, x, &sums, [a, b]);
+                dot_rows_together(w.format, [w0, w1], in_dim, &input, [a, b]);
                 k += 2;
                 continue;
             }
-            dot_rows(w.format, &w.blocks[local * per_row..(local + 1) * per_row], in_dim, x, &sums, &mut chunk[k * rows..(k + 1) * rows]);
+            dot_rows(w.format, &w.blocks[local * per_row..(local + 1) * per_row], in_dim, &input, &mut chunk[k * rows..(k + 1) * rows]);
             k += 1;
         }
     };
@@ -211,7 +237,7 @@ fn exact_by_output(
 /// [`matmul_gated`]'s exact products, combined, laid out `[out, rows]`: item
 /// `o` is gate row `o` and up row `o`, so one thread has both values.
 fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize, combine: &(impl Fn(f32, f32) -> f32 + Sync)) -> Vec<f32> {
-    let sums = block_sums(&[gate, up], x);
+    let input = Input::new([gate.format, up.format], x);
     let out_dim = gate.out_dim;
     let mut by_out = vec![0f32; out_dim * rows];
     let work = |first_out: usize, chunk: &mut [f32]| {
@@ -224,12 +250,12 @@ fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize
                 prefetch_ahead(gate.blocks, o, per_row);
                 prefetch_ahead(up.blocks, o, per_row);
                 let (w0, w1) = (&gate.blocks[o * per_row..(o + 1) * per_row], &up.blocks[o * per_row..(o + 1) * per_row]);
-                dot_rows_together(gate.format, [w0, w1], in_dim, x, &sums, [&mut g[..], &mut dst[..]]);
+                dot_rows_together(gate.format, [w0, w1], in_dim, &input, [&mut g[..], &mut dst[..]]);
             } else {
                 for (w, out) in [(&gate, &mut g[..]), (&up, &mut dst[..])] {
                     let per_row = in_dim / BLOCK * w.format.block_bytes();
                     prefetch_ahead(w.blocks, o, per_row);
-                    dot_rows(w.format, &w.blocks[o * per_row..(o + 1) * per_row], in_dim, x, &sums, out);
+                    dot_rows(w.format, &w.blocks[o * per_row..(o + 1) * per_row], in_dim, &input, out);
                 }
             }
             for (u, &g) in dst.iter_mut().zip(&g) {
@@ -349,13 +375,14 @@ pub(crate) fn dequantize_row(format: Format, row: &[u8], dst: &mut [f32]) {
 }
 
 /// One weight row against every input row: `dst[r] = w · x[r]`.
-fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], dst: &mut [f32]) {
+fn dot_rows(format: Format, w: &[u8], in_dim: usize, input: &Input, dst: &mut [f32]) {
+    let (x, sums) = (input.x, &input.sums[..]);
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx512f() {
             // SAFETY: the CPU supports AVX-512F (checked above); the slices are as
-            // for the AVX2 body below.
-            unsafe { avx512::dot_rows(format, w, in_dim, x, sums, dst) };
+            // for the AVX2 body below, Q4_1's rows in that body's lane order.
+            unsafe { avx512::dot_rows(format, w, in_dim, input.avx512_rows(format), sums, dst) };
             return;
         }
         if has_avx2_fma() {
@@ -378,16 +405,17 @@ fn dot_rows(format: Format, w: &[u8], in_dim: usize, x: &[f32], sums: &[f32], ds
 /// over 32 MB of matrices (1.86-2.51 → 1.41-1.87 over one), 576 × 1536
 /// 1.22-1.28 → 1.09-1.16; Q8_0 1536 × 576 2.05-2.49 → 1.67-1.99, 576 × 1536
 /// unchanged. Four rows at once was slower than two streamed.
-fn dot_rows_together<const W: usize>(format: Format, ws: [&[u8]; W], in_dim: usize, x: &[f32], sums: &[f32], outs: [&mut [f32]; W]) {
+fn dot_rows_together<const W: usize>(format: Format, ws: [&[u8]; W], in_dim: usize, input: &Input, outs: [&mut [f32]; W]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512f() && outs[0].len() <= PAIRED_ROWS && outs.iter().all(|o| o.len() == outs[0].len()) {
         // SAFETY: AVX-512F checked (F16C comes with it); the rows hold
-        // `in_dim / 32` blocks of `format`, `x` the input rows, `sums` their block sums.
-        unsafe { avx512::dot_rows_together(format, ws, in_dim, x, sums, outs) };
+        // `in_dim / 32` blocks of `format`, the input rows are in the body's
+        // order, `sums` their block sums.
+        unsafe { avx512::dot_rows_together(format, ws, in_dim, input.avx512_rows(format), &input.sums, outs) };
         return;
     }
     for (w, out) in ws.iter().zip(outs) {
-        dot_rows(format, w, in_dim, x, sums, out);
+        dot_rows(format, w, in_dim, input, out);
     }
 }
 
@@ -539,8 +567,8 @@ mod avx512 {
     /// block and Q8_0 1.72 / 1.57 / 1.61 (the AVX2 body: 2.12 and 1.81), on the
     /// dev VM's host of that day; on 2026-12-06's slower host the same row took
     /// 3.0-3.7 ns (Q4_1) and 1.9-3.4 (Q8_0), swinging within minutes. Q4_1's
-    /// limit is the unpacking (nibbles widened to 32 bits and looked up), whose
-    /// 512-bit shuffles run on one port: wider vectors do not make it faster.
+    /// limit is the unpacking (the nibbles looked up in a table), whose 512-bit
+    /// shuffles run on one port: wider vectors do not make it faster.
     #[target_feature(enable = "avx512f,f16c")]
     unsafe fn group<const Q4: bool, const N: usize>(
         w: &[u8],
@@ -661,34 +689,57 @@ mod avx512 {
         // SAFETY: the caller guarantees block `b` and rows `r0..r0 + N` exist.
         unsafe {
             let blk = w.as_ptr().add(b * bytes);
-            let (e0, e1) = if Q4 {
-                // Each byte widened once to its own 32-bit lane; weights 0..16 are
-                // the low nibbles, 16..32 the high ones.
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
-                // The nibbles' f32 values looked up rather than masked and
-                // converted: `vpermps` reads only the low four bits of each
-                // lane (so the low nibble needs no mask) and runs on the port
-                // the conversions do not. The same values, bit for bit; in the
-                // same process (`Q4_1` 576-wide layers, 10 alternating rounds,
-                // 2026-12-06) 2-4% less time at one and at two threads,
-                // in cache and streamed.
-                let values = _mm512_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0);
-                let lo = _mm512_permutexvar_ps(bytes, values);
-                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), values);
-                (lo, hi)
+            let dv = _mm512_set1_ps(d);
+            if Q4 {
+                // The block's sixteen bytes in each 128-bit lane; a per-lane
+                // shift then brings lane `j`'s low nibble (`lo`) or high nibble
+                // (`hi`) of byte `4 (j % 4) + j / 4` to its low four bits, which
+                // are all `vpermps` reads: the weights `d · q` are looked up in a
+                // table scaled once per block. No widening shuffle (the load
+                // broadcasts), two lookups, and a row's share is two FMAs, so
+                // rows sharing the block (a batched step) cost two FMAs each, not
+                // three. The activations come in the same lane order ([`q4_lanes`]).
+                // Against the widening unpack with an unscaled table (2026-12-06,
+                // the same process, 1536 × 576 and 576 × 1536 Q4_1 streamed from
+                // 600 MB at two threads): 1-4% less time per block; SmolLM2 Q4_1
+                // decode, 8 alternating pairs, matmul time 0.97 of before
+                // (median, against the unchanged Q8_0 head's time), same ids.
+                let q = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(4) as *const __m128i));
+                let table = _mm512_mul_ps(_mm512_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0), dv);
+                let shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+                let lo = _mm512_permutexvar_ps(_mm512_srlv_epi32(q, shift_lo), table);
+                let hi = _mm512_permutexvar_ps(_mm512_srlv_epi32(q, _mm512_add_epi32(shift_lo, _mm512_set1_epi32(4))), table);
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let xp = x.as_ptr().add((r0 + k) * in_dim + b * BLOCK);
+                    *acc = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), *acc));
+                }
             } else {
                 let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
                 let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
-                (_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)))
-            };
-            let dv = _mm512_set1_ps(d);
-            for (k, acc) in acc.iter_mut().enumerate() {
-                let xp = x.as_ptr().add((r0 + k) * in_dim + b * BLOCK);
-                let s = _mm512_mul_ps(e0, _mm512_loadu_ps(xp));
-                let s = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xp.add(16)), s);
-                *acc = _mm512_fmadd_ps(dv, s, *acc);
+                let (e0, e1) = (_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let xp = x.as_ptr().add((r0 + k) * in_dim + b * BLOCK);
+                    let s = _mm512_mul_ps(e0, _mm512_loadu_ps(xp));
+                    let s = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xp.add(16)), s);
+                    *acc = _mm512_fmadd_ps(dv, s, *acc);
+                }
             }
         }
+    }
+
+    /// Input rows (`in_dim`-wide, whole blocks) with each block's 32 values in
+    /// the order of [`block`]'s Q4_1 lanes: lane `j < 16` holds weight
+    /// `4 (j % 4) + j / 4`, lane `16 + j` weight `16 + 4 (j % 4) + j / 4`.
+    /// Made once per product, shared by every weight row.
+    pub(super) fn q4_lanes(x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for (src, dst) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
+            for j in 0..16 {
+                dst[j] = src[4 * (j % 4) + j / 4];
+                dst[16 + j] = src[16 + 4 * (j % 4) + j / 4];
+            }
+        }
+        out
     }
 }
 
@@ -1249,11 +1300,11 @@ mod tests {
                 };
                 let (gate, up) = (quantize(1.0), quantize(0.5));
                 let x: Vec<f32> = Tensor::randn(0f32, 1.0, (1, in_dim), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+                let input = Input::new([format], &x);
                 let per_row = in_dim / BLOCK * format.block_bytes();
                 let alone = |blocks: &[u8], o: usize| {
                     let mut y = [0f32];
-                    dot_rows(format, &blocks[o * per_row..(o + 1) * per_row], in_dim, &x, &sums, &mut y);
+                    dot_rows(format, &blocks[o * per_row..(o + 1) * per_row], in_dim, &input, &mut y);
                     y[0]
                 };
                 let mut y = vec![0f32; out_dim];

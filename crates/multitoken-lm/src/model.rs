@@ -349,7 +349,10 @@ impl CausalLm {
         };
         // The head stays exact in the 8-bit-activation mode (see quantized::exact).
         let normed = self.norm.forward(&x)?;
-        let out = multitoken_kernels::quantized::exact(|| self.lm_head.forward(&normed))?;
+        let out = {
+            let _profile = crate::profile::scope(crate::profile::Part::Head);
+            multitoken_kernels::quantized::exact(|| self.lm_head.forward(&normed))?
+        };
         Ok(match logits {
             LogitsSelection::All | LogitsSelection::Tail(_) => out,
             LogitsSelection::Last => out.squeeze(1)?,
@@ -414,7 +417,10 @@ impl CausalLm {
             cache.seen += 1;
         }
         let normed = self.norm.forward(&x)?;
-        let out = multitoken_kernels::quantized::exact(|| self.lm_head.forward_rows(&normed))?;
+        let out = {
+            let _profile = crate::profile::scope(crate::profile::Part::Head);
+            multitoken_kernels::quantized::exact(|| self.lm_head.forward_rows(&normed))?
+        };
         Ok(Some(out.squeeze(1)?))
     }
 

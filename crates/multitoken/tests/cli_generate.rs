@@ -125,7 +125,7 @@ fn profile_tables_the_phases_and_keeps_the_ids() -> TestResult {
     assert_eq!(last_json_line(&profiled)?["token_ids"], last_json_line(&plain)?["token_ids"]);
     let stderr = String::from_utf8(profiled.stderr)?;
     assert!(stderr.contains("prefill: ") && stderr.contains("decode: 5 tokens in"), "{stderr}");
-    for part in ["matmul", "attention", "norms", "rope", "activation", "sampling", "overhead", "total"] {
+    for part in ["matmul", "head", "attention", "norms", "rope", "activation", "sampling", "overhead", "total"] {
         assert!(stderr.lines().any(|l| l.starts_with(part)), "no `{part}` row: {stderr}");
     }
     // A decode step of the phi-2 fixture: one embedding lookup and one sampling each.
@@ -133,7 +133,7 @@ fn profile_tables_the_phases_and_keeps_the_ids() -> TestResult {
         let decode = stderr.split("decode: ").nth(1)?;
         decode.lines().find(|l| l.starts_with(part))?.split_whitespace().last()?.parse().ok()
     };
-    assert_eq!((calls("embedding"), calls("sampling")), (Some(1.0), Some(1.0)), "{stderr}");
+    assert_eq!((calls("embedding"), calls("sampling"), calls("head")), (Some(1.0), Some(1.0), Some(1.0)), "{stderr}");
     assert!(!String::from_utf8(plain.stderr)?.contains("µs/token"));
     Ok(())
 }
