@@ -52,7 +52,7 @@ fn parse(args: &[String]) -> Result<Options> {
                     .split(',')
                     .map(|c| c.trim().parse::<usize>().context("--clients takes counts like 1,4,16,64"))
                     .collect::<Result<_>>()?;
-                if options.clients.iter().any(|&c| c == 0) {
+                if options.clients.contains(&0) {
                     bail!("--clients: a round needs at least one client");
                 }
             }
