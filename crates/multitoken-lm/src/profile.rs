@@ -82,10 +82,8 @@ static NANOS: [AtomicU64; PARTS] = [const { AtomicU64::new(0) }; PARTS];
 static CALLS: [AtomicU64; PARTS] = [const { AtomicU64::new(0) }; PARTS];
 
 thread_local! {
-    /// Open scopes on this thread: their part, start, time spent in children, and
-    /// whether the scope is counted as a call (not when it was folded into its
-    /// parent's part).
-    static STACK: RefCell<Vec<(Part, Instant, Duration, bool)>> = const { RefCell::new(Vec::new()) };
+    /// Open scopes on this thread: their part, start, and time spent in children.
+    static STACK: RefCell<Vec<(Part, Instant, Duration)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Turns the counters on (and clears them).
@@ -112,9 +110,10 @@ pub fn reset() {
 pub struct Scope(());
 
 /// Opens a scope of `part`; `None` (free) when profiling is off. A
-/// [`Part::Matmul`] scope opened inside a [`Part::Head`] one counts as head
-/// time: the head is a linear layer, and its own scope must not take the
-/// time away from the part that names it.
+/// [`Part::Matmul`] scope opened directly inside a [`Part::Head`] one is not
+/// timed on its own (`None`), so its time stays the head's: the head is a
+/// linear layer, and that layer's own scope must not take the time away from
+/// the part that names it.
 #[must_use = "the scope is timed until the guard is dropped"]
 pub fn scope(part: Part) -> Option<Scope> {
     if !enabled() {
@@ -122,24 +121,23 @@ pub fn scope(part: Part) -> Option<Scope> {
     }
     STACK.with(|s| {
         let mut stack = s.borrow_mut();
-        let (part, counted) = match (part, stack.last()) {
-            (Part::Matmul, Some((Part::Head, ..))) => (Part::Head, false),
-            _ => (part, true),
-        };
-        stack.push((part, Instant::now(), Duration::ZERO, counted));
-    });
-    Some(Scope(()))
+        let folded = part == Part::Matmul && matches!(stack.last(), Some((Part::Head, ..)));
+        (!folded).then(|| {
+            stack.push((part, Instant::now(), Duration::ZERO));
+            Scope(())
+        })
+    })
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
         STACK.with(|s| {
             let mut stack = s.borrow_mut();
-            if let Some((part, start, children, counted)) = stack.pop() {
+            if let Some((part, start, children)) = stack.pop() {
                 let elapsed = start.elapsed();
                 let own = elapsed.saturating_sub(children);
                 NANOS[part.index()].fetch_add(own.as_nanos() as u64, Ordering::Relaxed);
-                CALLS[part.index()].fetch_add(u64::from(counted), Ordering::Relaxed);
+                CALLS[part.index()].fetch_add(1, Ordering::Relaxed);
                 if let Some(parent) = stack.last_mut() {
                     parent.2 += elapsed;
                 }
