@@ -141,6 +141,30 @@ pub trait LanguageModel: Send + Sync {
         }
     }
 
+    /// Whether [`LanguageModel::forward_ragged`] runs for this model. The
+    /// default is `false`: a server then prefills each prompt whole and alone
+    /// and decodes through [`LanguageModel::decode_step`].
+    fn runs_ragged(&self) -> bool {
+        false
+    }
+
+    /// One forward over the next positions of several sequences, each with a
+    /// cache of its own (continuous batching with chunked prefill):
+    /// `embeds` `[n, 1, hidden]` holds `counts[s]` consecutive rows for
+    /// `caches[s]` (one new token of a decoding sequence, or a prompt or a
+    /// chunk of one; plain positions, no padding), and each cache is extended
+    /// by its count. Returns the logits `[m, vocab]` of the last row of each
+    /// sequence whose `logits[s]` is set, in order.
+    ///
+    /// An implementation computes every row as it would alone, so that a
+    /// sequence gets the same bits whatever shares the step and however its
+    /// prompt is split into chunks. The default refuses (see
+    /// [`LanguageModel::runs_ragged`]).
+    fn forward_ragged(&self, embeds: &Tensor, counts: &[usize], caches: &mut [&mut KvCache], logits: &[bool]) -> Result<Tensor> {
+        let _ = (embeds, counts, caches, logits);
+        Err(crate::Error::msg("this language model has no ragged forward (runs_ragged is false)"))
+    }
+
     /// One decode step of several independent sequences, each with a cache
     /// of its own (batch of one, any length): `embeds` `[n, 1, hidden]` holds
     /// each sequence's new position, `caches[i]` is sequence `i`'s cache and

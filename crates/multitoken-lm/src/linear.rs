@@ -73,6 +73,11 @@ impl Linear {
         &self.weight
     }
 
+    /// Whether the weight is a plain tensor (not quantized blocks, not bf16).
+    pub fn is_dense(&self) -> bool {
+        matches!(self.weight, LinearWeight::Dense(_))
+    }
+
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()

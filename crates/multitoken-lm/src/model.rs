@@ -408,10 +408,11 @@ impl CausalLm {
         let positions = Positions::PerRow(Tensor::from_vec(positions, (b, 1), &self.device)?);
         let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
         let seen: Vec<usize> = caches.iter().map(|c| c.seen).collect();
+        let counts = vec![1; b];
         let mut x = if embeds.dtype() == self.dtype { embeds.clone() } else { embeds.to_dtype(self.dtype)? };
         for (l, layer) in self.layers.iter().enumerate() {
             let mut layer_caches: Vec<&mut Option<(Tensor, Tensor)>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            x = layer.forward_rows(&x, &self.rotary, &cos_sin, &mut layer_caches, &seen)?;
+            x = layer.forward_rows(&x, &self.rotary, &cos_sin, &mut layer_caches, &seen, &counts)?;
         }
         for cache in caches.iter_mut() {
             cache.seen += 1;
@@ -422,6 +423,127 @@ impl CausalLm {
             multitoken_kernels::quantized::exact(|| self.lm_head.forward_rows(&normed))?
         };
         Ok(Some(out.squeeze(1)?))
+    }
+
+    /// Whether [`CausalLm::forward_ragged`] is this model's way to serve:
+    /// f32 activations on the CPU, plain rotary positions (not M-RoPE) and
+    /// dense f32 decoder linears. Quantized and bf16 weights run a prompt's
+    /// rows fastest through a dequantized GEMM or AMX tiles, which sum in
+    /// another order than their one-row kernels; through the one-row kernels
+    /// a Q4_1 prompt cost about twice as much (measured with `bench serve`),
+    /// so those models keep whole-prompt prefills. ([`CausalLm::forward_ragged`]
+    /// itself runs them, exactly.)
+    pub fn runs_ragged(&self) -> bool {
+        let dense = |a: &Attention| [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().all(|l| l.is_dense());
+        self.dtype == DType::F32
+            && self.device.is_cpu()
+            && !self.rotary.is_multimodal()
+            && self.layers.iter().all(|l| dense(&l.self_attn) && l.mlp.linears().iter().all(|m| m.is_dense()))
+    }
+
+    /// [`CausalLm::runs_ragged`] without the weights' condition: the ragged
+    /// step computes right here.
+    fn can_run_ragged(&self) -> bool {
+        self.dtype == DType::F32 && self.device.is_cpu() && !self.rotary.is_multimodal()
+    }
+
+    /// One forward over the next positions of several sequences, each with a
+    /// cache of its own: `embeds` `[n, 1, hidden]` holds `counts[s]`
+    /// consecutive rows for `caches[s]` (a decode step's one new token, or a
+    /// prompt or a chunk of one), each cache extended by its count. Returns
+    /// the logits `[m, vocab]` of the last row of each sequence `s` with
+    /// `logits[s]`, in order (`m` of them; `[0, vocab]` when none).
+    ///
+    /// Every row is computed as a lone decode step at its position computes
+    /// it: products through [`Linear::forward_rows`] (one dot product per
+    /// output in a fixed order), keys and values appended to the sequence's
+    /// own buffers, attention of each row over the keys up to its position.
+    /// So a sequence gets the same bits whether its prompt runs whole or in
+    /// chunks and whatever else shares the step (continuous batching with
+    /// chunked prefill, [`LanguageModel::forward_ragged`]). A decode row's
+    /// bits equal [`CausalLm::decode_rows`]'; a prompt's differ from a
+    /// [`CausalLm::forward`] prefill (a GEMM and the causal kernel) by float
+    /// rounding only.
+    pub fn forward_ragged(&self, embeds: &Tensor, counts: &[usize], caches: &mut [&mut KvCache], logits: &[bool]) -> Result<Tensor> {
+        let (n, t, h) = embeds.dims3()?;
+        let bad = |m: String| Err(Error::Msg(format!("a ragged step {m}")));
+        if !self.can_run_ragged() {
+            return bad("needs f32 activations on the CPU and plain rotary positions".into());
+        }
+        if t != 1 || h != self.cfg.hidden_size || counts.len() != caches.len() || logits.len() != caches.len() {
+            return bad(format!(
+                "takes [rows, 1, {}] embeddings and one count and logits flag per cache; got {:?}, {} counts, {} flags, {} caches",
+                self.cfg.hidden_size,
+                embeds.dims(),
+                counts.len(),
+                logits.len(),
+                caches.len()
+            ));
+        }
+        if counts.contains(&0) || counts.iter().sum::<usize>() != n {
+            return bad(format!("got {n} rows for counts {counts:?} (each at least 1)"));
+        }
+        let mut positions = Vec::with_capacity(n);
+        for (cache, &c) in caches.iter().zip(counts) {
+            let seen = cache.seen;
+            if seen + c > self.cfg.max_position_embeddings {
+                return bad(format!(
+                    "would take a sequence ({seen} cached + {c} new) past the model's context of {} positions",
+                    self.cfg.max_position_embeddings
+                ));
+            }
+            let layers_fit = cache.layers.len() == self.layers.len()
+                && cache.layers.iter().all(|l| match l {
+                    Some((k, _)) => seen > 0 && k.dim(0).is_ok_and(|d| d == 1),
+                    None => seen == 0,
+                });
+            let shift = match cache.position_shift.as_deref() {
+                None => 0,
+                Some([s]) => *s,
+                Some(_) => return bad("takes one sequence per cache".into()),
+            };
+            if !layers_fit || cache.attention_mask.is_some() {
+                return bad("takes caches of one sequence with no padding mask".into());
+            }
+            // The decode step's arithmetic: the position as f32, plus the
+            // shift as f32 when the cache keeps one.
+            for j in 0..c {
+                let plain = (seen + j) as f32;
+                positions.push(if cache.position_shift.is_some() { plain + shift as f32 } else { plain });
+            }
+        }
+        let positions = Positions::PerRow(Tensor::from_vec(positions, (n, 1), &self.device)?);
+        let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
+        let seen: Vec<usize> = caches.iter().map(|c| c.seen).collect();
+        let mut x = if embeds.dtype() == self.dtype { embeds.clone() } else { embeds.to_dtype(self.dtype)? };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut Option<(Tensor, Tensor)>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = layer.forward_rows(&x, &self.rotary, &cos_sin, &mut layer_caches, &seen, counts)?;
+        }
+        for (cache, &c) in caches.iter_mut().zip(counts) {
+            cache.seen += c;
+        }
+        // Only the rows whose logits are wanted go through the head (a
+        // prompt chunk that does not end its prompt needs none).
+        let mut last = 0u32;
+        let mut wanted = Vec::new();
+        for (&c, &want) in counts.iter().zip(logits) {
+            last += c as u32;
+            if want {
+                wanted.push(last - 1);
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        let m = wanted.len();
+        let x = x.index_select(&Tensor::from_vec(wanted, m, &self.device)?, 0)?;
+        let normed = self.norm.forward(&x)?;
+        let out = {
+            let _profile = crate::profile::scope(crate::profile::Part::Head);
+            multitoken_kernels::quantized::exact(|| self.lm_head.forward_rows(&normed))?
+        };
+        Ok(out.squeeze(1)?)
     }
 
     /// The positions of the new tokens once explicit M-RoPE positions and the
@@ -635,6 +757,8 @@ impl DecoderLayer {
 impl DecoderLayer {
     /// [`DecoderLayer::forward`] for one position of each of several sequences
     /// with caches of their own; see [`CausalLm::decode_rows`].
+    /// `counts[s]` consecutive rows of `x` are sequence `s`'s next positions
+    /// ([`Attention::forward_rows`]).
     fn forward_rows(
         &self,
         x: &Tensor,
@@ -642,11 +766,12 @@ impl DecoderLayer {
         cos_sin: &(Tensor, Tensor),
         caches: &mut [&mut Option<(Tensor, Tensor)>],
         seen: &[usize],
+        counts: &[usize],
     ) -> Result<Tensor> {
         // Norms and residual adds work row by row (and element by element), so
         // each row's values are its values alone.
         let normed = self.input_layernorm.forward(x)?;
-        let attn = self.self_attn.forward_rows(&normed, rope, cos_sin, caches, seen)?;
+        let attn = self.self_attn.forward_rows(&normed, rope, cos_sin, caches, seen, counts, self.sliding_window)?;
         match &self.post_attention_layernorm {
             None => residual_add(&residual_add(x, &attn)?, &self.mlp.forward_rows(&normed)?),
             Some(post) => {
@@ -783,6 +908,14 @@ impl LanguageModel for CausalLm {
         positions: Option<&Tensor>,
     ) -> multitoken_core::Result<Tensor> {
         Ok(self.forward_at(embeds, attention_mask, cache, logits, positions)?)
+    }
+
+    fn runs_ragged(&self) -> bool {
+        CausalLm::runs_ragged(self)
+    }
+
+    fn forward_ragged(&self, embeds: &Tensor, counts: &[usize], caches: &mut [&mut KvCache], logits: &[bool]) -> multitoken_core::Result<Tensor> {
+        Ok(CausalLm::forward_ragged(self, embeds, counts, caches, logits)?)
     }
 }
 

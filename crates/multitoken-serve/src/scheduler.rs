@@ -1,16 +1,25 @@
-//! Continuous batching: one thread owns the LM and decodes every running
+//! Continuous batching: one thread owns the LM and runs every running
 //! sequence in one forward per step.
 //!
-//! A new request is prefilled on its own (batch of one, its own [`KvCache`]) as
-//! soon as a slot is free, then joins the running batch with that cache: the
-//! batch is ragged, each sequence attending over its own length, so nothing is
-//! padded or copied when a sequence joins or leaves
-//! ([`LanguageModel::decode_step`], whose rows equal one-at-a-time decoding
-//! bit for bit). Between two decode steps at most [`PREFILL_TOKENS_PER_STEP`]
-//! prompt positions are prefilled (at least one prompt), so a burst of new
-//! requests does not stall the running streams for all of its prefills. A
-//! finished sequence, or one whose client went away, leaves at the end of its
-//! step with its cache.
+//! Where the model runs ragged steps ([`LanguageModel::runs_ragged`]: our
+//! decoder LMs in f32 on the CPU), a step is one forward over every decoding
+//! sequence's next token *and* chunks of the prompts waiting to start
+//! (chunked prefill, [`LanguageModel::forward_ragged`]): beside decoding
+//! sequences at most [`PREFILL_ROWS_BESIDE_DECODING`] prompt positions join a
+//! step, shortest remaining prompt first, so a burst of new requests neither
+//! stalls the running streams nor waits behind one long prompt, and several
+//! new prompts share one forward. Every row of a ragged step is computed as it
+//! would be alone, so a request gets the same tokens whatever runs beside it
+//! and however its prompt is split. Each sequence keeps its own [`KvCache`]
+//! (the batch is ragged, nothing is padded or copied when a sequence joins or
+//! leaves; its prompt's keys go straight into a growable buffer).
+//!
+//! Other models (M-RoPE, other dtypes, models outside this workspace) take
+//! the whole-prompt path: a new request is prefilled alone, at most
+//! [`PREFILL_TOKENS_PER_STEP`] prompt positions between two decode steps (at
+//! least one prompt), then joins [`LanguageModel::decode_step`], whose rows
+//! equal one-at-a-time decoding bit for bit. A finished sequence, or one whose
+//! client went away, leaves at the end of its step with its cache.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,6 +98,7 @@ impl Scheduler {
     ) -> Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel();
         let worker = Worker {
+            ragged: model.runs_ragged(),
             model,
             tokenizer,
             metrics: metrics.clone(),
@@ -144,6 +154,19 @@ struct Row {
     /// This sequence's own KV cache: the batch is ragged, never padded or
     /// copied into a shared tensor.
     cache: KvCache,
+    /// The prompt positions still to run through ragged steps; `None` once
+    /// the prompt is in the cache (the row is decoding).
+    prompt: Option<PendingPrompt>,
+    /// When the request was queued (time to first token).
+    queued: Instant,
+}
+
+/// A prompt being prefilled in chunks.
+struct PendingPrompt {
+    /// `[1, t, hidden]`, items spliced in.
+    embeds: Tensor,
+    /// Positions already in the cache.
+    done: usize,
 }
 
 /// What happened to a row after a token.
@@ -157,8 +180,20 @@ enum Outcome {
 /// steps instead of holding every running stream while all of them prefill.
 const PREFILL_TOKENS_PER_STEP: usize = 256;
 
+/// Prompt positions a ragged step takes beside decoding sequences: each adds
+/// about what a decoding row costs, so this bounds how much a burst of new
+/// prompts slows the running streams' steps, while new prompts still share
+/// their forwards.
+const PREFILL_ROWS_BESIDE_DECODING: usize = 64;
+
+/// Prompt positions a ragged step takes when nothing is decoding (a long
+/// prompt runs in chunks of this many).
+const PREFILL_ROWS_ALONE: usize = 512;
+
 struct Worker {
     model: Arc<dyn LanguageModel>,
+    /// The model runs ragged steps (chunked prefill beside decoding).
+    ragged: bool,
     tokenizer: tokenizers::Tokenizer,
     metrics: Arc<Metrics>,
     max_batch: usize,
@@ -186,26 +221,36 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            // Admit in arrival order within the step's prefill budget.
+            // Admit in arrival order: into ragged steps as free slots allow
+            // (their prompts run in the steps' chunks), else prefilled whole
+            // within the step's prefill budget.
             let mut budget = PREFILL_TOKENS_PER_STEP;
             let mut admitted = 0;
             while rows.len() < self.max_batch {
                 let Some((job, _)) = waiting.front() else { break };
+                let ragged = self.ragged && job.positions.is_none();
                 let len = job.embeds.dim(1).unwrap_or(0);
-                if admitted > 0 && len > budget {
+                if !ragged && admitted > 0 && len > budget {
                     break;
                 }
-                budget = budget.saturating_sub(len);
-                admitted += 1;
+                if !ragged {
+                    budget = budget.saturating_sub(len);
+                    admitted += 1;
+                }
                 if let Some((job, queued)) = waiting.pop_front() {
-                    self.admit(job, queued, &mut rows);
+                    if ragged {
+                        self.enqueue(job, queued, &mut rows);
+                    } else {
+                        self.admit(job, queued, &mut rows);
+                    }
                 }
             }
             self.metrics.set_running(rows.len());
             if rows.is_empty() {
                 continue;
             }
-            if let Err(e) = self.step(&mut rows) {
+            let stepped = if self.ragged { self.step_ragged(&mut rows) } else { self.step(&mut rows) };
+            if let Err(e) = stepped {
                 for row in rows.drain(..) {
                     let _ = row.events.send(Event::Error(format!("decoding failed: {e}")));
                 }
@@ -254,6 +299,8 @@ impl Worker {
             generated: Vec::new(),
             prompt_len,
             cache: KvCache::new(self.model.num_layers()),
+            prompt: None,
+            queued: Instant::now(),
         };
         self.metrics.add_prompt_tokens(prompt_len);
         if row.params.max_new_tokens == 0 {
@@ -273,6 +320,174 @@ impl Worker {
             Outcome::Running => Some(row),
             Outcome::Finished => None,
         })
+    }
+
+    /// Takes a job into the batch with its prompt still to run (ragged
+    /// steps); it gets its first token from the step that runs the prompt's
+    /// last chunk.
+    fn enqueue(&self, job: Job, queued: Instant, rows: &mut Vec<Row>) {
+        self.metrics.add_queued(-1);
+        if job.events.is_closed() {
+            self.metrics.add_disconnect();
+            return;
+        }
+        let prompt_len = job.embeds.dim(1).unwrap_or(0);
+        let max_context = self.model.max_context();
+        if prompt_len == 0 || prompt_len >= max_context {
+            let _ = job.events.send(Event::Error(
+                Error::bad_request(format!("the prompt has {prompt_len} tokens; the model's context holds {max_context}")).to_string(),
+            ));
+            return;
+        }
+        let sampler = match Sampler::new(job.params.sampling.clone()) {
+            Ok(sampler) => sampler,
+            Err(e) => {
+                let _ = job.events.send(Event::Error(Error::from(e).to_string()));
+                return;
+            }
+        };
+        let mut row = Row {
+            sampler,
+            detok: Detokenizer::new(job.params.stop_strings.clone()),
+            params: job.params,
+            events: job.events,
+            deadline: job.deadline,
+            seen: job.prompt_ids,
+            generated: Vec::new(),
+            prompt_len,
+            cache: KvCache::new(self.model.num_layers()),
+            prompt: Some(PendingPrompt { embeds: job.embeds, done: 0 }),
+            queued,
+        };
+        self.metrics.add_prompt_tokens(prompt_len);
+        if row.params.max_new_tokens == 0 {
+            self.metrics.record_first_token(queued.elapsed());
+            self.finish(&mut row, FinishReason::Length);
+            return;
+        }
+        rows.push(row);
+    }
+
+    /// One ragged forward: every decoding row's next token and chunks of the
+    /// waiting prompts (shortest remaining first, at most
+    /// [`PREFILL_ROWS_BESIDE_DECODING`] positions beside decoding rows); then
+    /// a token for every decoding row and every prompt that ended.
+    fn step_ragged(&self, rows: &mut Vec<Row>) -> Result<()> {
+        // A prompt whose client left or whose time is up goes before running.
+        let now = Instant::now();
+        rows.retain_mut(|row| {
+            if row.prompt.is_none() {
+                return true;
+            }
+            if row.events.is_closed() {
+                self.metrics.add_disconnect();
+                return false;
+            }
+            if now >= row.deadline {
+                self.metrics.record_first_token(row.queued.elapsed());
+                self.finish(row, FinishReason::Length);
+                return false;
+            }
+            true
+        });
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let decoding = rows.iter().filter(|r| r.prompt.is_none()).count();
+        let mut budget = if decoding == 0 { PREFILL_ROWS_ALONE } else { PREFILL_ROWS_BESIDE_DECODING };
+        let mut counts: Vec<usize> = rows.iter().map(|r| usize::from(r.prompt.is_none())).collect();
+        let remaining = |r: &Row| r.prompt.as_ref().map_or(0, |p| r.prompt_len - p.done);
+        let mut waiting: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].prompt.is_some()).collect();
+        waiting.sort_by_key(|&i| remaining(&rows[i]));
+        for i in waiting {
+            if budget == 0 {
+                break;
+            }
+            let take = remaining(&rows[i]).min(budget);
+            counts[i] = take;
+            budget -= take;
+        }
+
+        // The step's rows, sequence by sequence in row order.
+        let last: Vec<u32> = rows
+            .iter()
+            .filter(|r| r.prompt.is_none())
+            .map(|r| r.generated.last().copied().unwrap_or(0))
+            .collect();
+        let decode_embeds = if last.is_empty() {
+            None
+        } else {
+            let n = last.len();
+            Some(self.model.embed_tokens(&Tensor::from_vec(last, (n, 1), self.model.device())?)?)
+        };
+        let hidden = self.model.hidden_size();
+        let mut pieces = Vec::new();
+        let mut decode_index = 0;
+        let mut wants = Vec::new();
+        for (row, &c) in rows.iter().zip(&counts) {
+            if c == 0 {
+                continue;
+            }
+            match (&row.prompt, &decode_embeds) {
+                (Some(p), _) => {
+                    pieces.push(p.embeds.narrow(1, p.done, c)?.reshape((c, 1, hidden))?);
+                    wants.push(p.done + c == row.prompt_len);
+                }
+                (None, Some(d)) => {
+                    pieces.push(d.narrow(0, decode_index, 1)?);
+                    decode_index += 1;
+                    wants.push(true);
+                }
+                (None, None) => return Err(Error::Internal("a decoding row without its token".into())),
+            }
+        }
+        let embeds = Tensor::cat(&pieces, 0)?;
+        let step_counts: Vec<usize> = counts.iter().copied().filter(|&c| c > 0).collect();
+        let logits = {
+            let mut caches: Vec<&mut KvCache> =
+                rows.iter_mut().zip(&counts).filter(|(_, &c)| c > 0).map(|(r, _)| &mut r.cache).collect();
+            self.model.forward_ragged(&embeds, &step_counts, &mut caches, &wants)?
+        };
+        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+
+        // Prompts advance; rows with logits draw a token.
+        let mut takes_token = vec![false; rows.len()];
+        for ((row, &c), takes) in rows.iter_mut().zip(&counts).zip(takes_token.iter_mut()) {
+            if c == 0 {
+                continue;
+            }
+            *takes = match &mut row.prompt {
+                Some(p) => {
+                    p.done += c;
+                    p.done == row.prompt_len
+                }
+                None => true,
+            };
+        }
+        let draws = sample_rows(
+            rows.iter_mut()
+                .zip(&takes_token)
+                .filter(|(_, &t)| t)
+                .zip(logits)
+                .map(|((row, _), logits)| SampleRow { sampler: &mut row.sampler, logits, previous: &row.seen })
+                .collect(),
+        );
+        let mut draws = draws.into_iter();
+        let mut outcomes = Vec::with_capacity(rows.len());
+        for (row, &takes) in rows.iter_mut().zip(&takes_token) {
+            if !takes {
+                outcomes.push(Outcome::Running);
+                continue;
+            }
+            let token = draws.next().ok_or_else(|| Error::Internal("a ragged step returned too few logits".into()))??;
+            if row.prompt.take().is_some() {
+                self.metrics.record_first_token(row.queued.elapsed());
+            }
+            outcomes.push(self.accept(row, token)?);
+        }
+        let mut outcomes = outcomes.into_iter();
+        rows.retain(|_| matches!(outcomes.next(), Some(Outcome::Running)));
+        Ok(())
     }
 
     /// One decode forward for every row (each with its own cache); finished

@@ -56,7 +56,7 @@ impl Attention {
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?;
         let k = rope.apply(&k, cos, sin)?;
-        let (k, v) = append_to_cache(cache, k, v, seen)?;
+        let (k, v) = append_to_cache(cache, k, v, seen, false)?;
         let kv_len = k.dim(2)?;
         let n_rep = nh / nkv;
         if t == 1 && mask.is_none() {
@@ -122,14 +122,20 @@ impl Attention {
         Ok((self.q_proj.forward_as(x, batched)?, self.k_proj.forward_as(x, batched)?, self.v_proj.forward_as(x, batched)?))
     }
 
-    /// [`Attention::forward`] for one new position of each of several
-    /// sequences with caches of their own (a batched decode step, no mask):
-    /// `x` `[b, 1, hidden]`, `cos_sin` per-row tables `[b, 1, rot / 2]`,
-    /// `caches[i]` / `seen[i]` sequence `i`'s buffers and length. Each row's
-    /// output is bit for bit what `forward` gives it alone: the products go
-    /// through [`Linear::forward_rows`], keys and values are appended to each
-    /// sequence's own buffers, and the attention is [`attend_groups`] over
-    /// every (sequence, key/value head) as in the one-sequence decode step.
+    /// [`Attention::forward`] for new positions of several sequences with
+    /// caches of their own (no mask), every row computed as a lone decode
+    /// step at its position computes it: `x` `[n, 1, hidden]` holds
+    /// `counts[s]` consecutive rows for sequence `s` (its next positions, in
+    /// order), `cos_sin` per-row tables `[n, 1, rot / 2]`, `caches[s]` /
+    /// `seen[s]` sequence `s`'s buffers and length. The products go through
+    /// [`Linear::forward_rows`], keys and values are appended to each
+    /// sequence's own buffers, and each row attends over the keys up to its
+    /// own position through [`attend_groups`] (within `window` positions when
+    /// the layer has a sliding window). With every count 1 this is the batched
+    /// decode step, bit for bit what `forward` gives each row alone; with
+    /// larger counts it is a prefill (or a chunk of one) whose rows get the
+    /// same bits however the prompt is split and whatever runs beside it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_rows(
         &self,
         x: &Tensor,
@@ -137,44 +143,74 @@ impl Attention {
         cos_sin: &(Tensor, Tensor),
         caches: &mut [&mut Option<(Tensor, Tensor)>],
         seen: &[usize],
+        counts: &[usize],
+        window: Option<usize>,
     ) -> Result<Tensor> {
         // The projections and rope inside are timed as their own parts.
         let _profile = crate::profile::scope(crate::profile::Part::Attention);
-        let (b, t, _) = x.dims3()?;
+        let (n, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        if t != 1 || caches.len() != b || seen.len() != b {
+        if t != 1 || caches.len() != counts.len() || seen.len() != counts.len() || counts.iter().sum::<usize>() != n || counts.contains(&0) {
             return Err(crate::Error::Msg(format!(
-                "a batched decode step takes one position per sequence: {b} rows of {t}, {} caches",
+                "a ragged step takes one position per row and at least one row per sequence: {n} rows of {t}, {} caches, counts {counts:?}",
                 caches.len()
             )));
         }
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        let heads = |y: Tensor, h: usize| -> Result<Tensor> {
+            Ok(y.reshape((n, t, h, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let (q, k, v) = self.project(x, true)?;
         let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?;
         let k = rope.apply(&k, cos, sin)?;
-        let mut kv = Vec::with_capacity(b);
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let (ki, vi) = (k.narrow(0, i, 1)?.contiguous()?, v.narrow(0, i, 1)?.contiguous()?);
-            kv.push(append_to_cache(cache, ki, vi, seen[i])?);
+        let mut kv = Vec::with_capacity(caches.len());
+        let mut spans = Vec::with_capacity(n);
+        let mut row = 0;
+        for (s, cache) in caches.iter_mut().enumerate() {
+            let c = counts[s];
+            // [c, kv_heads, 1, hd] -> [1, kv_heads, c, hd]: the sequence's new positions.
+            let (ks, vs) = if c == 1 {
+                (k.narrow(0, row, 1)?.contiguous()?, v.narrow(0, row, 1)?.contiguous()?)
+            } else {
+                (k.narrow(0, row, c)?.transpose(0, 2)?.contiguous()?, v.narrow(0, row, c)?.transpose(0, 2)?.contiguous()?)
+            };
+            // A sequence's first positions go straight into a growable
+            // buffer (`buffered`), so its next step appends instead of
+            // moving the prompt's keys and values into one.
+            kv.push(append_to_cache(cache, ks, vs, seen[s], c > 1 || seen[s] == 0)?);
+            for j in 0..c {
+                let end = seen[s] + j + 1;
+                let first = window.map_or(0, |w| end.saturating_sub(w));
+                spans.push(RowSpan { sequence: s, first, end });
+            }
+            row += c;
         }
         let n_rep = nh / nkv;
-        let out = match ragged_decode_attention(&q, &kv, n_rep)? {
+        let out = match rows_attention(&q, &kv, &spans, n_rep)? {
             Some(out) => out,
             None => {
-                // Other dtypes and devices: each sequence through the general path.
-                let mut outs = Vec::with_capacity(b);
-                for (i, (ki, vi)) in kv.iter().enumerate() {
-                    outs.push(general_decode(&q.narrow(0, i, 1)?, ki, vi, n_rep, hd)?);
+                // Other dtypes and devices: each row through the general path.
+                let mut outs = Vec::with_capacity(n);
+                for (i, span) in spans.iter().enumerate() {
+                    let (ki, vi) = &kv[span.sequence];
+                    let len = span.end - span.first;
+                    outs.push(general_decode(&q.narrow(0, i, 1)?, &ki.narrow(2, span.first, len)?, &vi.narrow(2, span.first, len)?, n_rep, hd)?);
                 }
                 Tensor::cat(&outs, 0)?
             }
         };
         self.o_proj.forward_rows(&out)
     }
+}
+
+/// The keys one query row of a ragged step sees: positions `first..end` of
+/// sequence `sequence`'s cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowSpan {
+    pub(crate) sequence: usize,
+    pub(crate) first: usize,
+    pub(crate) end: usize,
 }
 
 /// The general path's attention for one query position of one sequence with
@@ -203,45 +239,54 @@ fn general_decode(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, hd: usize) -
 /// [`attend_groups`]. `None` when it does not apply (not f32 on the CPU, or an
 /// unusual layout): the caller then takes the general path.
 fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize) -> Result<Option<Tensor>> {
-    let b = k.dim(0)?;
+    let (b, len) = (k.dim(0)?, k.dim(2)?);
     let kv: Vec<(Tensor, Tensor)> = (0..b).map(|i| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?))).collect::<Result<_>>()?;
-    ragged_decode_attention(q, &kv, n_rep)
+    let spans: Vec<RowSpan> = (0..b).map(|sequence| RowSpan { sequence, first: 0, end: len }).collect();
+    rows_attention(q, &kv, &spans, n_rep)
 }
 
-/// The decode step's attention for several sequences with caches of their own
-/// lengths (no padding, no copies): `q` `[b, heads, 1, head_dim]`, `kv[i]` the
-/// `[1, kv_heads, len_i, head_dim]` keys and values of sequence `i` (views into
-/// its cache buffers). Returns `[b, 1, heads * head_dim]`. Every (sequence,
-/// key/value head) is one [`QueryGroup`] of its `n_rep` query heads, and
-/// [`attend_groups`] gives each group what it gives that group alone, so a
-/// sequence in a batch gets the bits it gets by itself. `None` when it does
-/// not apply (not f32 on the CPU, an unusual layout).
-pub(crate) fn ragged_decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], n_rep: usize) -> Result<Option<Tensor>> {
+/// The attention of query rows over the caches of several sequences (no
+/// padding, no copies): `q` `[n, heads, 1, head_dim]`, `kv[s]` the
+/// `[1, kv_heads, len_s, head_dim]` keys and values of sequence `s` (views
+/// into its cache buffers), `spans[i]` the sequence and positions row `i`
+/// sees. Returns `[n, 1, heads * head_dim]`. Every (row, key/value head) is
+/// one [`QueryGroup`] of its `n_rep` query heads, and [`attend_groups`] gives
+/// each group what it gives that group alone, so a row in a batch gets the
+/// bits it gets by itself. `None` when it does not apply (not f32 on the
+/// CPU, an unusual layout).
+pub(crate) fn rows_attention(q: &Tensor, kv: &[(Tensor, Tensor)], spans: &[RowSpan], n_rep: usize) -> Result<Option<Tensor>> {
     use candle_core::Storage;
-    let (b, nh, _, hd) = q.dims4()?;
-    if q.dtype() != DType::F32 || !q.device().is_cpu() || kv.len() != b || n_rep == 0 || nh % n_rep != 0 {
+    let (n, nh, _, hd) = q.dims4()?;
+    if q.dtype() != DType::F32 || !q.device().is_cpu() || spans.len() != n || n_rep == 0 || nh % n_rep != 0 {
         return Ok(None);
     }
     let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let guards: Vec<_> = kv.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
     let nkv = nh / n_rep;
-    let mut groups = Vec::with_capacity(b * nkv);
-    for (bi, ((k, _), ((ks, kl), (vs, vl)))) in kv.iter().zip(&guards).enumerate() {
+    let mut heads = Vec::with_capacity(kv.len());
+    for ((k, _), ((ks, kl), (vs, vl))) in kv.iter().zip(&guards) {
         let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&**ks, &**vs) else { return Ok(None) };
         let (k_stride, v_stride) = (kl.stride(), vl.stride());
         if k.dtype() != DType::F32 || k_stride.len() != 4 || k_stride[3] != 1 || v_stride != k_stride || kl.start_offset() != vl.start_offset() || k.dim(3)? != hd || k.dim(1)? != nkv {
             return Ok(None);
         }
-        let (keys, values, len) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?, k.dim(2)?);
+        heads.push((kc.as_slice::<f32>()?, vc.as_slice::<f32>()?, kl.start_offset(), k_stride[1], k_stride[2], k.dim(2)?));
+    }
+    let mut groups = Vec::with_capacity(n * nkv);
+    for (i, span) in spans.iter().enumerate() {
+        let Some(&(keys, values, start, head_stride, step, len)) = heads.get(span.sequence) else { return Ok(None) };
+        if span.first >= span.end || span.end > len {
+            return Ok(None);
+        }
         for kvh in 0..nkv {
-            let q0 = (bi * nh + kvh * n_rep) * hd;
-            let head = CachedHead { keys, values, base: kl.start_offset() + kvh * k_stride[1], step: k_stride[2], len };
+            let q0 = (i * nh + kvh * n_rep) * hd;
+            let head = CachedHead { keys, values, base: start + kvh * head_stride + span.first * step, step, len: span.end - span.first };
             groups.push(QueryGroup { queries: &qs[q0..q0 + n_rep * hd], head });
         }
     }
-    let mut out = vec![0f32; b * nh * hd];
+    let mut out = vec![0f32; n * nh * hd];
     attend_groups(&groups, n_rep, hd, 1.0 / (hd as f32).sqrt(), &mut out);
-    Ok(Some(Tensor::from_vec(out, (b, 1, nh * hd), q.device())?))
+    Ok(Some(Tensor::from_vec(out, (n, 1, nh * hd), q.device())?))
 }
 
 /// Writes the new keys/values into the layer's buffers and returns views of
@@ -252,16 +297,18 @@ pub(crate) fn ragged_decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], n_rep
 /// was about a third of the bytes a quantized decode step reads. On a fresh
 /// cache the new keys/values themselves are returned and kept, not buffer
 /// views: `slice_set` is not tracked by autograd, and training runs on fresh
-/// caches.
+/// caches. `buffered`: a fresh cache gets a buffer too (a ragged step, which
+/// never trains).
 fn append_to_cache(
     cache: &mut Option<(Tensor, Tensor)>,
     k: Tensor,
     v: Tensor,
     seen: usize,
+    buffered: bool,
 ) -> Result<(Tensor, Tensor)> {
     let (b, heads, t, head_dim) = k.dims4()?;
     let total = seen + t;
-    if seen == 0 {
+    if seen == 0 && !buffered {
         // A first call (a prefill, a training forward) keeps its own keys and
         // values as the cache: no buffer is zeroed and filled here, and the
         // first decode step, which needs room, copies them into one. Training

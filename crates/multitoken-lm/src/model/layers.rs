@@ -46,6 +46,15 @@ pub enum Mlp {
 }
 
 impl Mlp {
+    /// Its linear layers (none for a custom feed-forward).
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Mlp::Gated { gate_proj, up_proj, down_proj, .. } => vec![gate_proj, up_proj, down_proj],
+            Mlp::Plain { fc1, fc2, .. } => vec![fc1, fc2],
+            Mlp::Custom(_) => Vec::new(),
+        }
+    }
+
     /// Apply to `[batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.apply(x, false, |ff, x| ff.forward(x))
