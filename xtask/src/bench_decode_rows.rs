@@ -15,6 +15,12 @@
 //! each part's ms per step, and the first step after the prefills ("join
 //! step", timed apart: it moves every sequence's prompt keys and values into a
 //! growable buffer, the cost of sequences joining a running batch).
+//!
+//! A second table prices a prompt position both ways the server can run it:
+//! the `R` prompts prefilled alone (`forward_embeds`: a GEMM from 16 rows, the
+//! causal kernel) and the same prompts through `LanguageModel::forward_ragged`
+//! in steps of at most 64 positions (the scheduler's chunked prefill, whose
+//! rows run the one-row kernels).
 
 use std::time::Instant;
 
@@ -66,12 +72,14 @@ pub fn run(args: &[String]) -> Result<()> {
         "rows", "ms/step", "tok/s", "vs 1", "matmul", "head", "attention", "norms", "rope", "act", "embed", "pick", "overhead", "join step"
     );
     let mut single = None;
+    let mut prompt_costs = Vec::new();
     for &rows in &rows_list {
         // Each sequence its own prompt (shifted ids) and cache, prefilled alone.
         let mut caches: Vec<KvCache> = Vec::with_capacity(rows);
         let mut last: Vec<u32> = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let ids: Vec<u32> = crate::bench::prompt_ids(prompt + r).split_off(r);
+        let prompts: Vec<Vec<u32>> = (0..rows).map(|r| crate::bench::prompt_ids(prompt + r).split_off(r)).collect();
+        let alone = Instant::now();
+        for ids in &prompts {
             let input = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
             let embeds = lm.embed_tokens(&input)?;
             let mut cache = KvCache::new(lm.num_layers());
@@ -79,6 +87,9 @@ pub fn run(args: &[String]) -> Result<()> {
             last.push(argmax(&logits.flatten_all()?.to_vec1::<f32>()?));
             caches.push(cache);
         }
+        let alone_s = alone.elapsed().as_secs_f64();
+        let ragged_s = ragged_prefill(lm, &prompts, 64, &device)?;
+        prompt_costs.push((rows, alone_s, ragged_s));
         // The first step after the prefills moves each sequence's prompt keys and
         // values into a growable buffer (once per sequence): timed apart, as
         // the cost of a sequence joining the batch.
@@ -116,7 +127,43 @@ pub fn run(args: &[String]) -> Result<()> {
             per_step((wall - covered).max(0.0)),
         );
     }
+    println!("\nprompt positions: ms per position, {prompt}-token prompts");
+    println!("{:>5} {:>14} {:>18} {:>8}", "rows", "alone (GEMM)", "ragged (64/step)", "ratio");
+    for (rows, alone_s, ragged_s) in prompt_costs {
+        let per = |s: f64| s * 1e3 / (rows * prompt) as f64;
+        println!("{rows:>5} {:>14.3} {:>18.3} {:>7.2}x", per(alone_s), per(ragged_s), ragged_s / alone_s);
+    }
     Ok(())
+}
+
+/// Seconds to run `prompts` through ragged steps of at most `budget` prompt
+/// positions (each on a fresh cache, in order, the last chunk asking for logits).
+fn ragged_prefill(lm: &dyn LanguageModel, prompts: &[Vec<u32>], budget: usize, device: &Device) -> Result<f64> {
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(lm.num_layers())).collect();
+    let mut done = vec![0usize; prompts.len()];
+    let start = Instant::now();
+    while done.iter().zip(prompts).any(|(d, p)| *d < p.len()) {
+        let mut left = budget;
+        let (mut ids, mut counts, mut wants, mut members) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, p) in prompts.iter().enumerate() {
+            let c = (p.len() - done[i]).min(left);
+            if c == 0 {
+                continue;
+            }
+            ids.extend_from_slice(&p[done[i]..done[i] + c]);
+            counts.push(c);
+            wants.push(done[i] + c == p.len());
+            members.push(i);
+            done[i] += c;
+            left -= c;
+        }
+        let n = ids.len();
+        let embeds = lm.embed_tokens(&Tensor::from_vec(ids, (n, 1), device)?)?;
+        let mut refs: Vec<&mut KvCache> =
+            caches.iter_mut().enumerate().filter(|(i, _)| members.contains(i)).map(|(_, c)| c).collect();
+        lm.forward_ragged(&embeds, &counts, &mut refs, &wants)?;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// One decode step's logits `[rows, vocab]` for the tokens `last`.

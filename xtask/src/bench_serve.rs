@@ -108,6 +108,8 @@ fn load(options: &Options) -> Result<MultimodalModel> {
 struct Answer {
     /// Completion tokens (`usage`).
     tokens: usize,
+    /// Prompt positions (the chat template's included).
+    prompt_tokens: usize,
     /// Time from sending the request to the first piece of text.
     first: Duration,
     /// Gaps between successive pieces of text.
@@ -134,7 +136,7 @@ fn ask(url: &str, prompt: &str, tokens: usize) -> Result<Answer> {
         bail!("status {status}: {text}");
     }
     let reader = std::io::BufReader::new(response.body_mut().as_reader());
-    let (mut first, mut last, mut gaps, mut count) = (None, None::<Instant>, Vec::new(), None);
+    let (mut first, mut last, mut gaps, mut count, mut prompt_tokens) = (None, None::<Instant>, Vec::new(), None, 0);
     for line in reader.lines() {
         let line = line?;
         let Some(data) = line.strip_prefix("data: ") else { continue };
@@ -144,6 +146,7 @@ fn ask(url: &str, prompt: &str, tokens: usize) -> Result<Answer> {
         let json: serde_json::Value = serde_json::from_str(data)?;
         if let Some(n) = json["usage"]["completion_tokens"].as_u64() {
             count = Some(n as usize);
+            prompt_tokens = json["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
         }
         let text = json["choices"][0]["delta"]["content"].as_str().unwrap_or("");
         if !text.is_empty() {
@@ -157,6 +160,7 @@ fn ask(url: &str, prompt: &str, tokens: usize) -> Result<Answer> {
     }
     Ok(Answer {
         tokens: count.context("no usage in the stream")?,
+        prompt_tokens,
         first: first.context("no text in the stream")?,
         gaps,
     })
@@ -166,6 +170,7 @@ fn ask(url: &str, prompt: &str, tokens: usize) -> Result<Answer> {
 struct Round {
     clients: usize,
     tokens: usize,
+    prompt_tokens: usize,
     wall: Duration,
     firsts: Vec<Duration>,
     gaps: Vec<Duration>,
@@ -194,10 +199,11 @@ fn round(url: &str, prompts: &[String], clients: usize, per_client: usize, token
             std::thread::spawn(move || mine.iter().map(|p| ask(&url, p, tokens)).collect::<Result<Vec<_>>>())
         })
         .collect();
-    let mut round = Round { clients, tokens: 0, wall: Duration::ZERO, firsts: Vec::new(), gaps: Vec::new() };
+    let mut round = Round { clients, tokens: 0, prompt_tokens: 0, wall: Duration::ZERO, firsts: Vec::new(), gaps: Vec::new() };
     for handle in handles {
         for answer in handle.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?? {
             round.tokens += answer.tokens;
+            round.prompt_tokens += answer.prompt_tokens;
             round.firsts.push(answer.first);
             round.gaps.extend(answer.gaps);
         }
@@ -284,15 +290,16 @@ pub fn run(args: &[String]) -> Result<()> {
         },
         options.tokens
     );
-    println!("| clients | requests | tokens | wall s | tokens/s | x one client | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| clients | requests | prompt tokens | tokens | wall s | tokens/s | x one client | TTFT p50 ms | TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let lone = rounds.iter().find(|r| r.clients == 1).map(Round::tok_s);
     for r in &rounds {
         let ratio = lone.map_or_else(|| "-".to_string(), |l| format!("{:.2}", r.tok_s() / l));
         println!(
-            "| {} | {} | {} | {:.2} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {} | {:.2} | {:.1} | {ratio} | {:.0} | {:.0} | {:.1} | {:.1} |",
             r.clients,
             r.firsts.len(),
+            r.prompt_tokens,
             r.tokens,
             r.wall.as_secs_f64(),
             r.tok_s(),

@@ -73,9 +73,9 @@ impl Linear {
         &self.weight
     }
 
-    /// Whether the weight is a plain tensor (not quantized blocks, not bf16).
-    pub fn is_dense(&self) -> bool {
-        matches!(self.weight, LinearWeight::Dense(_))
+    /// Whether the weight is kept in bf16 ([`LinearWeight::Bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.weight, LinearWeight::Bf16(_))
     }
 
     /// The bias, if any.

@@ -426,19 +426,21 @@ impl CausalLm {
     }
 
     /// Whether [`CausalLm::forward_ragged`] is this model's way to serve:
-    /// f32 activations on the CPU, plain rotary positions (not M-RoPE) and
-    /// dense f32 decoder linears. Quantized and bf16 weights run a prompt's
-    /// rows fastest through a dequantized GEMM or AMX tiles, which sum in
-    /// another order than their one-row kernels; through the one-row kernels
-    /// a Q4_1 prompt cost about twice as much (measured with `bench serve`),
-    /// so those models keep whole-prompt prefills. ([`CausalLm::forward_ragged`]
-    /// itself runs them, exactly.)
+    /// f32 activations on the CPU, plain rotary positions (not M-RoPE) and no
+    /// bf16 decoder linears. A bf16 prompt runs on AMX tiles, which sum in
+    /// another order than the one-row bf16 kernel and are much faster than
+    /// it, so `--dtype bf16` keeps whole-prompt prefills. Quantized weights
+    /// take ragged steps: a Q4_1 prompt position through the one-row kernel
+    /// costs 1.15-1.31× the dequantized GEMM's (`bench decode-rows`,
+    /// 2026-12-06), which the joins it saves and the shared forwards repay
+    /// (`bench serve --quantized`: the same tokens/s, inter-token p99 a
+    /// quarter). ([`CausalLm::forward_ragged`] itself runs bf16 too, exactly.)
     pub fn runs_ragged(&self) -> bool {
-        let dense = |a: &Attention| [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().all(|l| l.is_dense());
+        let no_bf16 = |a: &Attention| [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().all(|l| !l.is_bf16());
         self.dtype == DType::F32
             && self.device.is_cpu()
             && !self.rotary.is_multimodal()
-            && self.layers.iter().all(|l| dense(&l.self_attn) && l.mlp.linears().iter().all(|m| m.is_dense()))
+            && self.layers.iter().all(|l| no_bf16(&l.self_attn) && l.mlp.linears().iter().all(|m| !m.is_bf16()))
     }
 
     /// [`CausalLm::runs_ragged`] without the weights' condition: the ragged

@@ -2,7 +2,7 @@
 //! sequence in one forward per step.
 //!
 //! Where the model runs ragged steps ([`LanguageModel::runs_ragged`]: our
-//! decoder LMs in f32 on the CPU), a step is one forward over every decoding
+//! decoder LMs on the CPU with f32 or quantized linears), a step is one forward over every decoding
 //! sequence's next token *and* chunks of the prompts waiting to start
 //! (chunked prefill, [`LanguageModel::forward_ragged`]): beside decoding
 //! sequences at most [`PREFILL_ROWS_BESIDE_DECODING`] prompt positions join a
@@ -14,7 +14,8 @@
 //! (the batch is ragged, nothing is padded or copied when a sequence joins or
 //! leaves; its prompt's keys go straight into a growable buffer).
 //!
-//! Other models (M-RoPE, other dtypes, models outside this workspace) take
+//! Other models (bf16 linears, M-RoPE, other dtypes, models outside this
+//! workspace) take
 //! the whole-prompt path: a new request is prefilled alone, at most
 //! [`PREFILL_TOKENS_PER_STEP`] prompt positions between two decode steps (at
 //! least one prompt), then joins [`LanguageModel::decode_step`], whose rows
