@@ -6,7 +6,8 @@
 //! sequence's next token *and* chunks of the prompts waiting to start
 //! (chunked prefill, [`LanguageModel::forward_ragged`]): beside decoding
 //! sequences at most [`PREFILL_ROWS_BESIDE_DECODING`] prompt positions join a
-//! step, shortest remaining prompt first, so a burst of new requests neither
+//! step (half of them for the prompt waiting longest, the rest shortest
+//! remaining prompt first), so a burst of new requests neither
 //! stalls the running streams nor waits behind one long prompt, and several
 //! new prompts share one forward. Every row of a ragged step is computed as it
 //! would be alone, so a request gets the same tokens whatever runs beside it
@@ -191,6 +192,29 @@ const PREFILL_ROWS_BESIDE_DECODING: usize = 64;
 /// prompt runs in chunks of this many).
 const PREFILL_ROWS_ALONE: usize = 512;
 
+/// How many positions of each waiting prompt a ragged step runs, given each
+/// row's `(prompt positions still to run, when it was queued)` (0 for a
+/// decoding row) and the step's `budget`: the prompt waiting longest gets up
+/// to half the budget first, so a long prompt moves on while short ones keep
+/// arriving; then the shortest remaining prompts first (the lowest mean time
+/// to first token); then the oldest again with what is left.
+fn allot(prompts: &[(usize, Instant)], mut budget: usize) -> Vec<usize> {
+    let mut counts = vec![0; prompts.len()];
+    let mut waiting: Vec<usize> = (0..prompts.len()).filter(|&i| prompts[i].0 > 0).collect();
+    if let Some(oldest) = waiting.iter().copied().min_by_key(|&i| prompts[i].1) {
+        let take = prompts[oldest].0.min((budget / 2).max(1)).min(budget);
+        counts[oldest] = take;
+        budget -= take;
+    }
+    waiting.sort_by_key(|&i| prompts[i].0);
+    for &i in &waiting {
+        let take = (prompts[i].0 - counts[i]).min(budget);
+        counts[i] += take;
+        budget -= take;
+    }
+    counts
+}
+
 struct Worker {
     model: Arc<dyn LanguageModel>,
     /// The model runs ragged steps (chunked prefill beside decoding).
@@ -370,8 +394,9 @@ impl Worker {
     }
 
     /// One ragged forward: every decoding row's next token and chunks of the
-    /// waiting prompts (shortest remaining first, at most
-    /// [`PREFILL_ROWS_BESIDE_DECODING`] positions beside decoding rows); then
+    /// waiting prompts (at most [`PREFILL_ROWS_BESIDE_DECODING`] positions
+    /// beside decoding rows: up to half for the oldest prompt, the rest
+    /// shortest remaining first); then
     /// a token for every decoding row and every prompt that ended.
     fn step_ragged(&self, rows: &mut Vec<Row>) -> Result<()> {
         // A prompt whose client left or whose time is up goes before running.
@@ -395,19 +420,11 @@ impl Worker {
             return Ok(());
         }
         let decoding = rows.iter().filter(|r| r.prompt.is_none()).count();
-        let mut budget = if decoding == 0 { PREFILL_ROWS_ALONE } else { PREFILL_ROWS_BESIDE_DECODING };
-        let mut counts: Vec<usize> = rows.iter().map(|r| usize::from(r.prompt.is_none())).collect();
-        let remaining = |r: &Row| r.prompt.as_ref().map_or(0, |p| r.prompt_len - p.done);
-        let mut waiting: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].prompt.is_some()).collect();
-        waiting.sort_by_key(|&i| remaining(&rows[i]));
-        for i in waiting {
-            if budget == 0 {
-                break;
-            }
-            let take = remaining(&rows[i]).min(budget);
-            counts[i] = take;
-            budget -= take;
-        }
+        let budget = if decoding == 0 { PREFILL_ROWS_ALONE } else { PREFILL_ROWS_BESIDE_DECODING };
+        let prompts: Vec<(usize, Instant)> =
+            rows.iter().map(|r| (r.prompt.as_ref().map_or(0, |p| r.prompt_len - p.done), r.queued)).collect();
+        let chunks = allot(&prompts, budget);
+        let counts: Vec<usize> = rows.iter().zip(&chunks).map(|(r, &c)| if r.prompt.is_none() { 1 } else { c }).collect();
 
         // The step's rows, sequence by sequence in row order.
         let last: Vec<u32> = rows
@@ -559,5 +576,31 @@ impl Worker {
             completion_tokens: row.generated.len(),
         }));
         Outcome::Finished
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allot;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_oldest_prompt_moves_on_and_short_ones_go_first() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // A long prompt queued first, three short ones after it, a decoding row.
+        let rows = [(1000, at(0)), (10, at(5)), (0, at(1)), (30, at(3)), (5, at(9))];
+        assert_eq!(allot(&rows, 64), vec![32, 10, 0, 17, 5]);
+        // With room for everything short, the long one takes the rest.
+        assert_eq!(allot(&rows, 200), vec![155, 10, 0, 30, 5]);
+        // A budget of one goes to the oldest; nothing is ever over a prompt's
+        // remaining positions or over the budget.
+        assert_eq!(allot(&rows, 1), vec![1, 0, 0, 0, 0]);
+        for budget in [0, 1, 2, 7, 64, 512, 5000] {
+            let counts = allot(&rows, budget);
+            assert!(counts.iter().sum::<usize>() <= budget);
+            assert!(counts.iter().zip(&rows).all(|(c, (left, _))| c <= left));
+        }
+        assert_eq!(allot(&[(0, at(0)), (0, at(1))], 64), vec![0, 0]);
     }
 }
