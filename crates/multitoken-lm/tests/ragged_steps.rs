@@ -8,40 +8,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{argmax, fixture, prompt};
 use multitoken_core::{KvCache, LanguageModel, LogitsSelection};
 use multitoken_lm::loader::{load_model, LoadOptions};
 use multitoken_lm::quantize::Quantization;
 
-fn fixture(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lm").join(family)
-}
-
 fn options(dtype: DType, quantize: Option<Quantization>) -> LoadOptions {
     LoadOptions { dtype, device: Device::Cpu, quantize, quantize_towers: None }
-}
-
-/// Deterministic prompt ids below `vocab`.
-fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// One sequence being run: its prompt, how far it got, its greedy tokens and

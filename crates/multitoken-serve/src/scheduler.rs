@@ -292,7 +292,7 @@ impl Worker {
             return;
         }
         let events = job.events.clone();
-        match self.prefill(job) {
+        match self.prefill(job, queued) {
             Ok(Some(row)) => {
                 self.metrics.record_first_token(queued.elapsed());
                 rows.push(row);
@@ -304,8 +304,9 @@ impl Worker {
         }
     }
 
-    /// The prompt's forward and first token; `None` when the sequence already ended.
-    fn prefill(&self, job: Job) -> Result<Option<Row>> {
+    /// A row for `job` (its prompt checked against the context, its sampler
+    /// made), and the job's prompt embeddings and explicit positions.
+    fn row_for(&self, job: Job, queued: Instant) -> Result<(Row, Tensor, Option<Tensor>)> {
         let (_, prompt_len, _) = job.embeds.dims3()?;
         let max_context = self.model.max_context();
         if prompt_len == 0 || prompt_len >= max_context {
@@ -313,9 +314,8 @@ impl Worker {
                 "the prompt has {prompt_len} tokens; the model's context holds {max_context}"
             )));
         }
-        let sampler = Sampler::new(job.params.sampling.clone())?;
-        let mut row = Row {
-            sampler,
+        let row = Row {
+            sampler: Sampler::new(job.params.sampling.clone())?,
             detok: Detokenizer::new(job.params.stop_strings.clone()),
             params: job.params,
             events: job.events,
@@ -325,20 +325,21 @@ impl Worker {
             prompt_len,
             cache: KvCache::new(self.model.num_layers()),
             prompt: None,
-            queued: Instant::now(),
+            queued,
         };
+        Ok((row, job.embeds, job.positions))
+    }
+
+    /// The prompt's forward and first token; `None` when the sequence already ended.
+    fn prefill(&self, job: Job, queued: Instant) -> Result<Option<Row>> {
+        let (mut row, embeds, positions) = self.row_for(job, queued)?;
+        let prompt_len = row.prompt_len;
         self.metrics.add_prompt_tokens(prompt_len);
         if row.params.max_new_tokens == 0 {
             self.finish(&mut row, FinishReason::Length);
             return Ok(None);
         }
-        let logits = self.model.forward_embeds_at(
-            &job.embeds,
-            None,
-            &mut row.cache,
-            LogitsSelection::Last,
-            job.positions.as_ref(),
-        )?;
+        let logits = self.model.forward_embeds_at(&embeds, None, &mut row.cache, LogitsSelection::Last, positions.as_ref())?;
         let mut logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let token = row.sampler.sample(&mut logits, &row.seen)?;
         Ok(match self.accept(&mut row, token)? {
@@ -356,34 +357,18 @@ impl Worker {
             self.metrics.add_disconnect();
             return;
         }
-        let prompt_len = job.embeds.dim(1).unwrap_or(0);
-        let max_context = self.model.max_context();
-        if prompt_len == 0 || prompt_len >= max_context {
-            let _ = job.events.send(Event::Error(
-                Error::bad_request(format!("the prompt has {prompt_len} tokens; the model's context holds {max_context}")).to_string(),
-            ));
-            return;
-        }
-        let sampler = match Sampler::new(job.params.sampling.clone()) {
-            Ok(sampler) => sampler,
+        let events = job.events.clone();
+        let mut row = match self.row_for(job, queued) {
+            Ok((mut row, embeds, _)) => {
+                row.prompt = Some(PendingPrompt { embeds, done: 0 });
+                row
+            }
             Err(e) => {
-                let _ = job.events.send(Event::Error(Error::from(e).to_string()));
+                let _ = events.send(Event::Error(e.to_string()));
                 return;
             }
         };
-        let mut row = Row {
-            sampler,
-            detok: Detokenizer::new(job.params.stop_strings.clone()),
-            params: job.params,
-            events: job.events,
-            deadline: job.deadline,
-            seen: job.prompt_ids,
-            generated: Vec::new(),
-            prompt_len,
-            cache: KvCache::new(self.model.num_layers()),
-            prompt: Some(PendingPrompt { embeds: job.embeds, done: 0 }),
-            queued,
-        };
+        let prompt_len = row.prompt_len;
         self.metrics.add_prompt_tokens(prompt_len);
         if row.params.max_new_tokens == 0 {
             self.metrics.record_first_token(queued.elapsed());
