@@ -205,9 +205,8 @@ fn exact_by_output(
     let mut by_out = vec![0f32; total * rows];
     let work = |first_out: usize, chunk: &mut [f32]| {
         if rows >= TILED_FROM_ROWS {
-            // Tiles of weight rows against groups of input rows (see
-            // `TILED_FROM_ROWS`).
-            let outs = chunk.len() / rows;
+            // The weight row of global output `o`: its matrix found by a walk
+            // over the (few) matrices.
             let weight_row = |o: usize| {
                 let (mut p, mut start) = (0, 0);
                 while o >= start + weights[p].out_dim {
@@ -218,16 +217,10 @@ fn exact_by_output(
                 let per_row = in_dim / BLOCK * w.format.block_bytes();
                 (w.format, &w.blocks[(o - start) * per_row..(o - start + 1) * per_row])
             };
-            for t0 in (0..outs).step_by(OUTPUT_TILE) {
-                let tile: Vec<(Format, &[u8])> = (t0..(t0 + OUTPUT_TILE).min(outs)).map(|k| weight_row(first_out + k)).collect();
-                for r0 in (0..rows).step_by(ROW_GROUP) {
-                    let n = (rows - r0).min(ROW_GROUP);
-                    for (i, &(format, w)) in tile.iter().enumerate() {
-                        let k = t0 + i;
-                        dot_rows_from(format, w, in_dim, &input, r0, &mut chunk[k * rows + r0..k * rows + r0 + n]);
-                    }
-                }
-            }
+            in_tiles(chunk.len() / rows, rows, |k, r0, n| {
+                let (format, w) = weight_row(first_out + k);
+                dot_rows_from(format, w, in_dim, &input, r0, &mut chunk[k * rows + r0..k * rows + r0 + n]);
+            });
             return;
         }
         // The matrix holding output `first_out`, and its first global output.
@@ -269,30 +262,17 @@ fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize
     let out_dim = gate.out_dim;
     let mut by_out = vec![0f32; out_dim * rows];
     let work = |first_out: usize, chunk: &mut [f32]| {
-        let per_row = |w: &Weights| in_dim / BLOCK * w.format.block_bytes();
         if rows >= TILED_FROM_ROWS {
-            // Tiles of gate / up rows against groups of input rows (see
-            // `TILED_FROM_ROWS`); the gate's values wait in `g`.
-            let outs = chunk.len() / rows;
-            let mut g = vec![0f32; OUTPUT_TILE * rows];
-            for t0 in (0..outs).step_by(OUTPUT_TILE) {
-                let t1 = (t0 + OUTPUT_TILE).min(outs);
-                for r0 in (0..rows).step_by(ROW_GROUP) {
-                    let n = (rows - r0).min(ROW_GROUP);
-                    for k in t0..t1 {
-                        let o = first_out + k;
-                        let (pg, pu) = (per_row(&gate), per_row(&up));
-                        let gk = &mut g[(k - t0) * rows + r0..(k - t0) * rows + r0 + n];
-                        dot_rows_from(gate.format, &gate.blocks[o * pg..(o + 1) * pg], in_dim, &input, r0, gk);
-                        let uk = &mut chunk[k * rows + r0..k * rows + r0 + n];
-                        dot_rows_from(up.format, &up.blocks[o * pu..(o + 1) * pu], in_dim, &input, r0, uk);
-                    }
-                }
-                for k in t0..t1 {
-                    for (u, &gv) in chunk[k * rows..(k + 1) * rows].iter_mut().zip(&g[(k - t0) * rows..(k - t0 + 1) * rows]) {
-                        *u = combine(gv, *u);
-                    }
-                }
+            // The gate's values wait in `g` until every tile is done.
+            let (pg, pu) = (in_dim / BLOCK * gate.format.block_bytes(), in_dim / BLOCK * up.format.block_bytes());
+            let mut g = vec![0f32; chunk.len()];
+            in_tiles(chunk.len() / rows, rows, |k, r0, n| {
+                let (o, at) = (first_out + k, k * rows + r0..k * rows + r0 + n);
+                dot_rows_from(gate.format, &gate.blocks[o * pg..(o + 1) * pg], in_dim, &input, r0, &mut g[at.clone()]);
+                dot_rows_from(up.format, &up.blocks[o * pu..(o + 1) * pu], in_dim, &input, r0, &mut chunk[at]);
+            });
+            for (u, &gv) in chunk.iter_mut().zip(&g) {
+                *u = combine(gv, *u);
             }
             return;
         }
@@ -334,6 +314,21 @@ fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize
 /// Each value is the bits it has without tiles (every row keeps its own
 /// accumulators).
 const TILED_FROM_ROWS: usize = 16;
+
+/// The order of a tiled product of `outs` outputs and `rows` input rows (see
+/// [`TILED_FROM_ROWS`]): for each tile of [`OUTPUT_TILE`] outputs and each
+/// group of up to [`ROW_GROUP`] input rows `r0..r0 + n`, `f(k, r0, n)` for
+/// every output `k` of the tile.
+fn in_tiles(outs: usize, rows: usize, mut f: impl FnMut(usize, usize, usize)) {
+    for t0 in (0..outs).step_by(OUTPUT_TILE) {
+        for r0 in (0..rows).step_by(ROW_GROUP) {
+            let n = (rows - r0).min(ROW_GROUP);
+            for k in t0..(t0 + OUTPUT_TILE).min(outs) {
+                f(k, r0, n);
+            }
+        }
+    }
+}
 
 /// Weight rows per tile (see [`TILED_FROM_ROWS`]).
 const OUTPUT_TILE: usize = 16;
@@ -494,7 +489,7 @@ fn dot_rows_together<const W: usize>(format: Format, ws: [&[u8]; W], in_dim: usi
     if has_avx512f() && outs[0].len() <= PAIRED_ROWS && outs.iter().all(|o| o.len() == outs[0].len()) {
         // SAFETY: AVX-512F checked (F16C comes with it); the rows hold
         // `in_dim / 32` blocks of `format`, the input rows are in the body's
-        // order, `sums` their block sums.
+        // order.
         unsafe { avx512::dot_rows_together(format, ws, in_dim, input.avx512_rows(format), outs) };
         return;
     }
@@ -721,8 +716,7 @@ mod avx512 {
                 if b + c < nb {
                     for (w, acc) in ws.iter().zip(acc.iter_mut()) {
                         // SAFETY: block `b + c < nb` lies within `w`; `x` holds
-                        // rows `r0..r0 + N` of `in_dim` values and (Q4_1) `sums`
-                        // their `nb` block sums each.
+                        // rows `r0..r0 + N` of `in_dim` values.
                         unsafe {
                             let (d, m) = super::f16_pair(w.as_ptr().add((b + c) * bytes));
                             block::<Q4, N>(w, in_dim, x, r0, b + c, d, m, &mut acc[c]);

@@ -378,51 +378,81 @@ impl CausalLm {
                 caches.len()
             )));
         }
-        let mut positions = Vec::with_capacity(b);
-        for cache in caches.iter() {
+        // A sliding window that bites runs the masked path alone, and an empty
+        // cache a prefill: this step would not give their bits.
+        let fits = |c: &KvCache| {
+            c.seen > 0 && self.takes_rows(c) && !self.layers.iter().any(|l| l.sliding_window.is_some_and(|w| c.seen + 1 > w))
+        };
+        if !caches.iter().all(|c| fits(c)) {
+            return Ok(None);
+        }
+        Ok(Some(self.run_rows(embeds, &vec![1; b], caches, None)?))
+    }
+
+    /// Whether `cache` can be extended by the rows of one step with per-row
+    /// positions ([`CausalLm::decode_rows`], [`CausalLm::forward_ragged`]): one
+    /// sequence (layers of batch one, at most one position shift), no padding
+    /// mask, and its layers filled exactly when positions are cached.
+    fn takes_rows(&self, cache: &KvCache) -> bool {
+        let seen = cache.seen;
+        cache.layers.len() == self.layers.len()
+            && cache.layers.iter().all(|l| match l {
+                Some((k, _)) => seen > 0 && k.dim(0).is_ok_and(|d| d == 1),
+                None => seen == 0,
+            })
+            && cache.attention_mask.is_none()
+            && cache.position_shift.as_ref().is_none_or(|s| s.len() == 1)
+    }
+
+    /// The forward [`CausalLm::decode_rows`] and [`CausalLm::forward_ragged`]
+    /// share once their caches are checked ([`CausalLm::takes_rows`]):
+    /// `counts[s]` rows of `embeds` at the positions after `caches[s]`'s (as
+    /// f32, plus the cache's shift as f32 when it keeps one: the one-sequence
+    /// decode step's arithmetic), through every layer's
+    /// [`DecoderLayer::forward_rows`], each cache extended by its count; then
+    /// the head over the rows `heads` lists (every row when `None`), `[m, vocab]`.
+    fn run_rows(&self, embeds: &Tensor, counts: &[usize], caches: &mut [&mut KvCache], heads: Option<Vec<u32>>) -> Result<Tensor> {
+        let n = embeds.dim(0)?;
+        let mut positions = Vec::with_capacity(n);
+        for (cache, &c) in caches.iter().zip(counts) {
             let seen = cache.seen;
-            if seen + 1 > self.cfg.max_position_embeddings {
+            if seen + c > self.cfg.max_position_embeddings {
                 return Err(Error::Msg(format!(
-                    "the sequence ({seen} cached + 1 new) is longer than the model's context of {} positions",
+                    "the sequence ({seen} cached + {c} new) is longer than the model's context of {} positions",
                     self.cfg.max_position_embeddings
                 )));
             }
-            let one_row = cache.layers.len() == self.layers.len()
-                && cache.layers.iter().all(|l| matches!(l, Some((k, _)) if k.dim(0).is_ok_and(|d| d == 1)));
-            let window_bites = self.layers.iter().any(|l| l.sliding_window.is_some_and(|w| seen + 1 > w));
-            let shift = match cache.position_shift.as_deref() {
-                None => Some(0),
-                Some([s]) => Some(*s),
-                Some(_) => None,
-            };
-            match shift {
-                Some(shift) if one_row && seen > 0 && cache.attention_mask.is_none() && !window_bites => {
-                    // The one-sequence path's arithmetic: `seen` as f32, plus
-                    // the shift as f32 when the cache keeps one.
-                    let plain = seen as f32;
-                    positions.push(if cache.position_shift.is_some() { plain + shift as f32 } else { plain });
-                }
-                _ => return Ok(None),
+            let shift = cache.position_shift.as_deref().and_then(|s| s.first().copied());
+            for j in 0..c {
+                let plain = (seen + j) as f32;
+                positions.push(shift.map_or(plain, |s| plain + s as f32));
             }
         }
-        let positions = Positions::PerRow(Tensor::from_vec(positions, (b, 1), &self.device)?);
+        let positions = Positions::PerRow(Tensor::from_vec(positions, (n, 1), &self.device)?);
         let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
         let seen: Vec<usize> = caches.iter().map(|c| c.seen).collect();
-        let counts = vec![1; b];
         let mut x = if embeds.dtype() == self.dtype { embeds.clone() } else { embeds.to_dtype(self.dtype)? };
         for (l, layer) in self.layers.iter().enumerate() {
             let mut layer_caches: Vec<&mut Option<(Tensor, Tensor)>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            x = layer.forward_rows(&x, &self.rotary, &cos_sin, &mut layer_caches, &seen, &counts)?;
+            x = layer.forward_rows(&x, &self.rotary, &cos_sin, &mut layer_caches, &seen, counts)?;
         }
-        for cache in caches.iter_mut() {
-            cache.seen += 1;
+        for (cache, &c) in caches.iter_mut().zip(counts) {
+            cache.seen += c;
         }
+        let x = match heads {
+            None => x,
+            Some(rows) if rows.is_empty() => return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?),
+            Some(rows) => {
+                let m = rows.len();
+                x.index_select(&Tensor::from_vec(rows, m, &self.device)?, 0)?
+            }
+        };
         let normed = self.norm.forward(&x)?;
         let out = {
             let _profile = crate::profile::scope(crate::profile::Part::Head);
             multitoken_kernels::quantized::exact(|| self.lm_head.forward_rows(&normed))?
         };
-        Ok(Some(out.squeeze(1)?))
+        Ok(out.squeeze(1)?)
     }
 
     /// Whether [`CausalLm::forward_ragged`] is this model's way to serve:
@@ -437,10 +467,7 @@ impl CausalLm {
     /// quarter). ([`CausalLm::forward_ragged`] itself runs bf16 too, exactly.)
     pub fn runs_ragged(&self) -> bool {
         let no_bf16 = |a: &Attention| [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().all(|l| !l.is_bf16());
-        self.dtype == DType::F32
-            && self.device.is_cpu()
-            && !self.rotary.is_multimodal()
-            && self.layers.iter().all(|l| no_bf16(&l.self_attn) && l.mlp.linears().iter().all(|m| !m.is_bf16()))
+        self.can_run_ragged() && self.layers.iter().all(|l| no_bf16(&l.self_attn) && l.mlp.linears().iter().all(|m| !m.is_bf16()))
     }
 
     /// [`CausalLm::runs_ragged`] without the weights' condition: the ragged
@@ -485,67 +512,20 @@ impl CausalLm {
         if counts.contains(&0) || counts.iter().sum::<usize>() != n {
             return bad(format!("got {n} rows for counts {counts:?} (each at least 1)"));
         }
-        let mut positions = Vec::with_capacity(n);
-        for (cache, &c) in caches.iter().zip(counts) {
-            let seen = cache.seen;
-            if seen + c > self.cfg.max_position_embeddings {
-                return bad(format!(
-                    "would take a sequence ({seen} cached + {c} new) past the model's context of {} positions",
-                    self.cfg.max_position_embeddings
-                ));
-            }
-            let layers_fit = cache.layers.len() == self.layers.len()
-                && cache.layers.iter().all(|l| match l {
-                    Some((k, _)) => seen > 0 && k.dim(0).is_ok_and(|d| d == 1),
-                    None => seen == 0,
-                });
-            let shift = match cache.position_shift.as_deref() {
-                None => 0,
-                Some([s]) => *s,
-                Some(_) => return bad("takes one sequence per cache".into()),
-            };
-            if !layers_fit || cache.attention_mask.is_some() {
-                return bad("takes caches of one sequence with no padding mask".into());
-            }
-            // The decode step's arithmetic: the position as f32, plus the
-            // shift as f32 when the cache keeps one.
-            for j in 0..c {
-                let plain = (seen + j) as f32;
-                positions.push(if cache.position_shift.is_some() { plain + shift as f32 } else { plain });
-            }
+        if !caches.iter().all(|c| self.takes_rows(c)) {
+            return bad("takes caches of one sequence each, with no padding mask".into());
         }
-        let positions = Positions::PerRow(Tensor::from_vec(positions, (n, 1), &self.device)?);
-        let cos_sin = self.rotary.cos_sin(&positions, self.dtype)?;
-        let seen: Vec<usize> = caches.iter().map(|c| c.seen).collect();
-        let mut x = if embeds.dtype() == self.dtype { embeds.clone() } else { embeds.to_dtype(self.dtype)? };
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut layer_caches: Vec<&mut Option<(Tensor, Tensor)>> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            x = layer.forward_rows(&x, &self.rotary, &cos_sin, &mut layer_caches, &seen, counts)?;
-        }
-        for (cache, &c) in caches.iter_mut().zip(counts) {
-            cache.seen += c;
-        }
-        // Only the rows whose logits are wanted go through the head (a
-        // prompt chunk that does not end its prompt needs none).
+        // Only the last row of each sequence whose logits are wanted goes
+        // through the head (a prompt chunk that does not end its prompt needs none).
         let mut last = 0u32;
-        let mut wanted = Vec::new();
+        let mut heads = Vec::new();
         for (&c, &want) in counts.iter().zip(logits) {
             last += c as u32;
             if want {
-                wanted.push(last - 1);
+                heads.push(last - 1);
             }
         }
-        if wanted.is_empty() {
-            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
-        }
-        let m = wanted.len();
-        let x = x.index_select(&Tensor::from_vec(wanted, m, &self.device)?, 0)?;
-        let normed = self.norm.forward(&x)?;
-        let out = {
-            let _profile = crate::profile::scope(crate::profile::Part::Head);
-            multitoken_kernels::quantized::exact(|| self.lm_head.forward_rows(&normed))?
-        };
-        Ok(out.squeeze(1)?)
+        self.run_rows(embeds, counts, caches, Some(heads))
     }
 
     /// The positions of the new tokens once explicit M-RoPE positions and the

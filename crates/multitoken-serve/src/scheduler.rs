@@ -286,22 +286,56 @@ impl Worker {
 
     /// Prefills a job alone, takes its first token, and joins it to the batch.
     fn admit(&self, job: Job, queued: Instant, rows: &mut Vec<Row>) {
+        let Some((mut row, embeds, positions)) = self.take(job, queued) else { return };
+        match self.prefill(&mut row, &embeds, positions.as_ref()) {
+            Ok(outcome) => {
+                self.metrics.record_first_token(queued.elapsed());
+                if matches!(outcome, Outcome::Running) {
+                    rows.push(row);
+                }
+            }
+            Err(e) => {
+                let _ = row.events.send(Event::Error(e.to_string()));
+            }
+        }
+    }
+
+    /// Takes a job into the batch with its prompt still to run (ragged
+    /// steps); it gets its first token from the step that runs the prompt's
+    /// last chunk.
+    fn enqueue(&self, job: Job, queued: Instant, rows: &mut Vec<Row>) {
+        if let Some((mut row, embeds, _)) = self.take(job, queued) {
+            row.prompt = Some(PendingPrompt { embeds, done: 0 });
+            rows.push(row);
+        }
+    }
+
+    /// Takes `job` off the queue: its row (prompt checked against the
+    /// context, sampler made, prompt tokens counted) with the job's prompt
+    /// embeddings and explicit positions. `None` when nothing is left to run:
+    /// the client is gone, the job is bad (the client hears why), or it wants
+    /// no tokens (it ends here).
+    fn take(&self, job: Job, queued: Instant) -> Option<(Row, Tensor, Option<Tensor>)> {
         self.metrics.add_queued(-1);
         if job.events.is_closed() {
             self.metrics.add_disconnect();
-            return;
+            return None;
         }
         let events = job.events.clone();
-        match self.prefill(job, queued) {
-            Ok(Some(row)) => {
-                self.metrics.record_first_token(queued.elapsed());
-                rows.push(row);
-            }
-            Ok(None) => self.metrics.record_first_token(queued.elapsed()),
+        let (mut row, embeds, positions) = match self.row_for(job, queued) {
+            Ok(parts) => parts,
             Err(e) => {
                 let _ = events.send(Event::Error(e.to_string()));
+                return None;
             }
+        };
+        self.metrics.add_prompt_tokens(row.prompt_len);
+        if row.params.max_new_tokens == 0 {
+            self.metrics.record_first_token(queued.elapsed());
+            self.finish(&mut row, FinishReason::Length);
+            return None;
         }
+        Some((row, embeds, positions))
     }
 
     /// A row for `job` (its prompt checked against the context, its sampler
@@ -330,52 +364,12 @@ impl Worker {
         Ok((row, job.embeds, job.positions))
     }
 
-    /// The prompt's forward and first token; `None` when the sequence already ended.
-    fn prefill(&self, job: Job, queued: Instant) -> Result<Option<Row>> {
-        let (mut row, embeds, positions) = self.row_for(job, queued)?;
-        let prompt_len = row.prompt_len;
-        self.metrics.add_prompt_tokens(prompt_len);
-        if row.params.max_new_tokens == 0 {
-            self.finish(&mut row, FinishReason::Length);
-            return Ok(None);
-        }
-        let logits = self.model.forward_embeds_at(&embeds, None, &mut row.cache, LogitsSelection::Last, positions.as_ref())?;
+    /// The whole prompt's forward and the first token.
+    fn prefill(&self, row: &mut Row, embeds: &Tensor, positions: Option<&Tensor>) -> Result<Outcome> {
+        let logits = self.model.forward_embeds_at(embeds, None, &mut row.cache, LogitsSelection::Last, positions)?;
         let mut logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let token = row.sampler.sample(&mut logits, &row.seen)?;
-        Ok(match self.accept(&mut row, token)? {
-            Outcome::Running => Some(row),
-            Outcome::Finished => None,
-        })
-    }
-
-    /// Takes a job into the batch with its prompt still to run (ragged
-    /// steps); it gets its first token from the step that runs the prompt's
-    /// last chunk.
-    fn enqueue(&self, job: Job, queued: Instant, rows: &mut Vec<Row>) {
-        self.metrics.add_queued(-1);
-        if job.events.is_closed() {
-            self.metrics.add_disconnect();
-            return;
-        }
-        let events = job.events.clone();
-        let mut row = match self.row_for(job, queued) {
-            Ok((mut row, embeds, _)) => {
-                row.prompt = Some(PendingPrompt { embeds, done: 0 });
-                row
-            }
-            Err(e) => {
-                let _ = events.send(Event::Error(e.to_string()));
-                return;
-            }
-        };
-        let prompt_len = row.prompt_len;
-        self.metrics.add_prompt_tokens(prompt_len);
-        if row.params.max_new_tokens == 0 {
-            self.metrics.record_first_token(queued.elapsed());
-            self.finish(&mut row, FinishReason::Length);
-            return;
-        }
-        rows.push(row);
+        self.accept(row, token)
     }
 
     /// One ragged forward: every decoding row's next token and chunks of the

@@ -170,15 +170,11 @@ impl Attention {
         for (s, cache) in caches.iter_mut().enumerate() {
             let c = counts[s];
             // [c, kv_heads, 1, hd] -> [1, kv_heads, c, hd]: the sequence's new positions.
-            let (ks, vs) = if c == 1 {
-                (k.narrow(0, row, 1)?.contiguous()?, v.narrow(0, row, 1)?.contiguous()?)
-            } else {
-                (k.narrow(0, row, c)?.transpose(0, 2)?.contiguous()?, v.narrow(0, row, c)?.transpose(0, 2)?.contiguous()?)
-            };
+            let (ks, vs) = (k.narrow(0, row, c)?.transpose(0, 2)?.contiguous()?, v.narrow(0, row, c)?.transpose(0, 2)?.contiguous()?);
             // A sequence's first positions go straight into a growable
             // buffer (`buffered`), so its next step appends instead of
             // moving the prompt's keys and values into one.
-            kv.push(append_to_cache(cache, ks, vs, seen[s], c > 1 || seen[s] == 0)?);
+            kv.push(append_to_cache(cache, ks, vs, seen[s], true)?);
             for j in 0..c {
                 let end = seen[s] + j + 1;
                 let first = window.map_or(0, |w| end.saturating_sub(w));
