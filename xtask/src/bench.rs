@@ -86,6 +86,12 @@ struct Settings {
     rounds: usize,
     /// `--modes a,b`: only these of our modes (default: all).
     modes: Option<Vec<String>>,
+    /// `--llama-cpp-threads a,b`: llama.cpp's thread counts (default: `--threads`).
+    /// On a VM whose two cores answer each other slowly, llama.cpp's per-op
+    /// barriers made its 2-thread decode slower than its 1-thread one (Zen 5 dev
+    /// VM, 2026-12-07: 53 against ~100 tokens/s), so a fair anchor also shows
+    /// its best count; each extra count is a row `llama.cpp q4_1 @N threads`.
+    llama_cpp_threads: Option<Vec<usize>>,
 }
 
 /// Run this task.
@@ -127,7 +133,7 @@ const USAGE: &str = "\
 usage: cargo xtask bench <bench> [options]   (the release build; `--no-build` reuses it)
 
   lm          [--threads N] [--prefill N] [--decode N] [--repeat N] [--no-build] [--no-python]
-              [--llama-cpp] [--rounds N] [--modes f32,bf16,q4_1,q8_0,q4_1-i8,q8_0-i8,q4_1-bf16,q8_0-bf16]
+              [--llama-cpp [--llama-cpp-threads 1,2]] [--rounds N] [--modes f32,bf16,q4_1,q8_0,q4_1-i8,q8_0-i8,q4_1-bf16,q8_0-bf16]
               [--contended [--busy-cpu N]]
   lm-parts    GGUF [f32]   (each linear of the GGUF, its kernel alone)
   decode-rows [--rows 1,4,16,64] [--prompt N] [--steps N] [--mode M] [--threads N]
@@ -156,6 +162,7 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
         llama_cpp: false,
         rounds: 1,
         modes: None,
+        llama_cpp_threads: None,
     };
     // `--contended` has its own defaults (the issue's 2 threads, shorter runs, more rounds),
     // which explicit flags override.
@@ -181,6 +188,15 @@ fn parse_settings(args: &[String]) -> Result<Settings> {
             "--no-python" => s.python = false,
             "--contended" => {}
             "--llama-cpp" => s.llama_cpp = true,
+            "--llama-cpp-threads" => {
+                let list = it.next().context("--llama-cpp-threads needs a comma-separated list")?;
+                let counts = list
+                    .split(',')
+                    .map(|t| t.trim().parse::<usize>().ok().filter(|&t| t > 0).with_context(|| format!("--llama-cpp-threads: `{t}` is not a thread count")))
+                    .collect::<Result<Vec<_>>>()?;
+                s.llama_cpp = true;
+                s.llama_cpp_threads = Some(counts);
+            }
             "--busy-cpu" => s.busy_cpu = Some(number("--busy-cpu")?),
             "--rounds" => s.rounds = number("--rounds")?.max(1),
             "--modes" => {
@@ -242,6 +258,7 @@ fn lm(args: &[String]) -> Result<()> {
     let wanted = |mode: &str| s.modes.as_ref().is_none_or(|m| m.iter().any(|w| w == mode));
     let mut rounds: Vec<Vec<Value>> = Vec::new();
     let module = if s.llama_cpp { Some(node_llama_cpp(&target)?) } else { None };
+    let llama_threads = s.llama_cpp_threads.clone().unwrap_or_else(|| vec![s.threads]);
     for round in 0..s.rounds {
         let mut results = Vec::new();
         let label = if s.rounds > 1 { format!(" (round {} of {})", round + 1, s.rounds) } else { String::new() };
@@ -256,15 +273,19 @@ fn lm(args: &[String]) -> Result<()> {
         }
         if let Some(module) = &module {
             for file in [&gguf, &gguf_q8] {
-                eprintln!("llama.cpp, {}{label} ...", file.display());
-                let mut cmd = Command::new("node");
-                cmd.arg(root.join("xtask").join("bench").join("llama_cpp.mjs")).arg("--gguf").arg(file).arg("--prompt-ids").arg(&prompt_file);
-                cmd.arg("--module").arg(module);
-                cmd.args(["--decode", &s.decode.to_string(), "--threads", &threads, "--repeat", &s.repeat.to_string()]);
-                common(&mut cmd);
-                let mut v = last_json_line(&mut cmd)?;
-                v["weight_bytes_per_token"] = json!(weight_bytes_per_token(file, false)?);
-                results.push(v);
+                for &t in &llama_threads {
+                    eprintln!("llama.cpp, {}, {t} threads{label} ...", file.display());
+                    let mut cmd = Command::new("node");
+                    cmd.arg(root.join("xtask").join("bench").join("llama_cpp.mjs")).arg("--gguf").arg(file).arg("--prompt-ids").arg(&prompt_file);
+                    cmd.arg("--module").arg(module);
+                    cmd.args(["--decode", &s.decode.to_string(), "--threads", &t.to_string(), "--repeat", &s.repeat.to_string()]);
+                    common(&mut cmd);
+                    let mut v = last_json_line(&mut cmd)?;
+                    v["weight_bytes_per_token"] = json!(weight_bytes_per_token(file, false)?);
+                    let name = format!("{}{}", v.get("impl").and_then(Value::as_str).unwrap_or("llama.cpp"), llama_suffix(t, s.threads));
+                    v["impl"] = json!(name);
+                    results.push(v);
+                }
             }
         }
         rounds.push(results);
@@ -283,6 +304,15 @@ fn lm(args: &[String]) -> Result<()> {
     let kv = kv_bytes_per_token(&gguf, s.prefill + s.decode / 2)?;
     report(&s, &bw, kv, &results, &rounds, reference.as_ref());
     Ok(())
+}
+
+/// What a llama.cpp row's name adds for a thread count other than `--threads`.
+fn llama_suffix(threads: usize, ours: usize) -> String {
+    if threads == ours {
+        String::new()
+    } else {
+        format!(" @{threads} thread{}", if threads == 1 { "" } else { "s" })
+    }
 }
 
 /// Our modes, in the order they run.
@@ -501,9 +531,10 @@ fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], rounds: &[Vec
             );
         }
     }
+    let llama_threads = s.llama_cpp_threads.clone().unwrap_or_else(|| vec![s.threads]);
     for q in ["q4_1", "q8_0"] {
-        for ours_mode in [q.to_string(), format!("{q}-i8"), format!("{q}-bf16")] {
-            let (ours_name, llama_name) = (format!("ours {ours_mode}"), format!("llama.cpp {q}"));
+        for (ours_mode, t) in [q.to_string(), format!("{q}-i8"), format!("{q}-bf16")].into_iter().flat_map(|m| llama_threads.iter().map(move |&t| (m.clone(), t))) {
+            let (ours_name, llama_name) = (format!("ours {ours_mode}"), format!("llama.cpp {q}{}", llama_suffix(t, s.threads)));
             let Some(l) = by_impl(&llama_name) else { continue };
             if by_impl(&ours_name).is_none() {
                 continue;
@@ -526,7 +557,7 @@ fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], rounds: &[Vec
                 if n > 1 { format!("{mid:.2}x [{lo:.2}-{hi:.2} over {n} rounds]") } else { format!("{mid:.2}x") }
             };
             println!(
-                "ours {ours_mode} / llama.cpp {q}: decode {} (goal >= 1.0), prefill {} (goal >= 0.8); llama.cpp {}",
+                "ours {ours_mode} / {llama_name}: decode {} (goal >= 1.0), prefill {} (goal >= 0.8); llama.cpp {}",
                 show(ratios("decode_tok_s")),
                 show(ratios("prefill_tok_s")),
                 l.get("version").and_then(Value::as_str).unwrap_or("?")
