@@ -243,11 +243,17 @@ fn lm(args: &[String]) -> Result<()> {
         cmd.env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads).env("MKL_NUM_THREADS", &threads);
     };
 
-    eprintln!("measuring memory bandwidth ({} threads) ...", s.threads);
-    let mut cmd = Command::new(&exe);
-    cmd.args(["bench", "membw-child", "--threads", &threads]);
-    common(&mut cmd);
-    let bw = last_json_line(&mut cmd)?;
+    // The bandwidth is measured again in every round: the VM's memory speed
+    // drifts over minutes (one probe read 39, 46 and 69 GB/s within half an
+    // hour on 2026-12-07), so each round's decode is set against its own.
+    let measure_bw = || -> Result<Value> {
+        eprintln!("measuring memory bandwidth ({} threads) ...", s.threads);
+        let mut cmd = Command::new(&exe);
+        cmd.args(["bench", "membw-child", "--threads", &threads]);
+        common(&mut cmd);
+        last_json_line(&mut cmd)
+    };
+    let mut round_bw: Vec<Value> = Vec::new();
 
     let gguf_q8 = target.join(GGUF.replace("Q4_1", "Q8_0"));
     if !gguf_q8.is_file() {
@@ -262,6 +268,7 @@ fn lm(args: &[String]) -> Result<()> {
     for round in 0..s.rounds {
         let mut results = Vec::new();
         let label = if s.rounds > 1 { format!(" (round {} of {})", round + 1, s.rounds) } else { String::new() };
+        round_bw.push(measure_bw()?);
         for mode in OUR_MODES.iter().copied().filter(|m| wanted(m)) {
             let file = if mode.starts_with("q8_0") { &gguf_q8 } else { &gguf };
             eprintln!("ours, {mode}{label} ...");
@@ -302,7 +309,13 @@ fn lm(args: &[String]) -> Result<()> {
         None
     };
     let kv = kv_bytes_per_token(&gguf, s.prefill + s.decode / 2)?;
-    report(&s, &bw, kv, &results, &rounds, reference.as_ref());
+    // The table's bandwidth: each key's median over the rounds.
+    let mut bw = round_bw.first().cloned().unwrap_or(Value::Null);
+    for key in ["read_gb_s", "read_gb_s_1t"] {
+        bw[key] = json!(median(round_bw.iter().map(|b| f(b, key)).collect()));
+    }
+    let per_round_gbs: Vec<f64> = round_bw.iter().map(|b| f(b, "read_gb_s")).collect();
+    report(&s, &bw, &per_round_gbs, kv, &results, &rounds, reference.as_ref());
     Ok(())
 }
 
@@ -455,7 +468,7 @@ fn f(v: &Value, key: &str) -> f64 {
     v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
-fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], rounds: &[Vec<Value>], reference: Option<&Value>) {
+fn report(s: &Settings, bw: &Value, round_gbs: &[f64], kv_bytes: f64, ours: &[Value], rounds: &[Vec<Value>], reference: Option<&Value>) {
     let gbs = f(bw, "read_gb_s");
     println!();
     println!(
@@ -467,6 +480,10 @@ fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], rounds: &[Vec
         if s.rounds > 1 { format!(" in each of {} rounds; medians over the rounds", s.rounds) } else { String::new() }
     );
     println!("memory bandwidth (multi-threaded read): {gbs:.1} GB/s; single thread {:.1} GB/s", f(bw, "read_gb_s_1t"));
+    if round_gbs.len() > 1 {
+        let (lo, hi) = round_gbs.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        println!("(medians of a probe in each round, multi-threaded {lo:.1}-{hi:.1} GB/s; each round's decode is set against its own probe)");
+    }
     println!();
     println!(
         "(roofline: decode x weight bytes per token / bandwidth; +KV adds the {:.1} MB of f32 keys and values a step reads at the mean decode context)",
@@ -484,8 +501,18 @@ fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], rounds: &[Vec
     for (name, v) in rows {
         let bytes = v.get("weight_bytes_per_token").and_then(Value::as_f64).or_else(|| ours.first().map(|o| f(o, "weight_bytes_per_token")));
         let decode = f(v, "decode_tok_s");
-        let roofline = bytes.map(|b| decode * b / (gbs * 1e9)).unwrap_or(f64::NAN);
-        let with_kv = bytes.map(|b| decode * (b + kv_bytes) / (gbs * 1e9)).unwrap_or(f64::NAN);
+        // Each round's decode over that round's bandwidth, the median of those
+        // (one probe when there is one round, or for the Python reference).
+        let share = |extra: f64| -> f64 {
+            let Some(b) = bytes else { return f64::NAN };
+            let per_round: Vec<f64> = rounds
+                .iter()
+                .zip(round_gbs)
+                .filter_map(|(r, &g)| r.iter().find(|x| x.get("impl") == v.get("impl")).map(|x| f(x, "decode_tok_s") * (b + extra) / (g * 1e9)))
+                .collect();
+            if per_round.len() > 1 { median(per_round) } else { decode * (b + extra) / (gbs * 1e9) }
+        };
+        let (roofline, with_kv) = (share(0.0), share(kv_bytes));
         let vs = tf_decode.map(|t| format!("{:.2}x", decode / t)).unwrap_or_default();
         println!(
             "{:<14} {:>10.1} {:>10.1} {:>9.2} {:>10.1} {:>8.0}% {:>8.0}% {:>8.0}MB {:>9}",
@@ -564,7 +591,7 @@ fn report(s: &Settings, bw: &Value, kv_bytes: f64, ours: &[Value], rounds: &[Vec
             );
         }
     }
-    let all = json!({"threads": s.threads, "membw": bw, "kv_bytes_per_token": kv_bytes, "ours": ours, "rounds": rounds, "transformers": reference});
+    let all = json!({"threads": s.threads, "membw": bw, "membw_rounds": round_gbs, "kv_bytes_per_token": kv_bytes, "ours": ours, "rounds": rounds, "transformers": reference});
     println!();
     println!("{all}");
 }
