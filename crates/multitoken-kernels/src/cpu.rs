@@ -21,7 +21,7 @@ mod causal;
 mod gemv;
 
 pub use causal::{causal_attention, causal_fast, CausalShape, Strided4};
-pub use gemv::gemv;
+pub use gemv::{gemv, gemv_many};
 
 /// The activation a linear layer applies to its output while it is still in cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

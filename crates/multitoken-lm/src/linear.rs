@@ -271,6 +271,13 @@ impl Linear {
         let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
         let rows: usize = leading_rows(&dims);
+        if let Some(ys) = Self::dense_together(layers, x, rows, batched)? {
+            let mut tensors = Vec::with_capacity(layers.len());
+            for (l, y) in layers.iter().zip(ys) {
+                tensors.push(l.add_bias_and_lora(y.reshape(with_last_dim(&dims, l.out_dim))?, x)?);
+            }
+            return Ok(Some(tensors));
+        }
         let Some(parts) = layers.iter().map(|l| l.blocks_for_together(x, rows, batched)).collect::<Option<Vec<_>>>() else {
             return Ok(None);
         };
@@ -293,15 +300,49 @@ impl Linear {
         Ok(Some(tensors))
     }
 
+    /// Dense f32 `layers`' products of `x` in one pool call
+    /// ([`multitoken_kernels::lm::linear_each_row_many`]), without bias: where
+    /// each layer's own product would be the one-row kernel's (no adapter, an
+    /// untracked input, fewer rows than the GEMM takes, or `batched`), so each
+    /// value is the bits that product gives. `None` otherwise.
+    fn dense_together(layers: &[&Linear], x: &Tensor, rows: usize, batched: bool) -> Result<Option<Vec<Tensor>>> {
+        let rows_fit = rows > 0 && (batched || (rows < KERNEL_FROM_ROWS && rows <= multitoken_kernels::lm::GEMV_MAX_ROWS));
+        if !rows_fit || x.track_op() || layers.is_empty() {
+            return Ok(None);
+        }
+        let in_dim = layers[0].in_dim;
+        let mut weights = Vec::with_capacity(layers.len());
+        for l in layers {
+            match &l.weight {
+                LinearWeight::Dense(w) if l.lora.is_none() && l.in_dim == in_dim && x.dims().last() == Some(&in_dim) => weights.push(w),
+                _ => return Ok(None),
+            }
+        }
+        Ok(multitoken_kernels::lm::linear_each_row_many(&x.reshape((rows, in_dim))?, &weights)?)
+    }
+
     /// `silu(gate(x)) · up(x)` in one call to the kernels' pool (a decode
     /// step's gated MLP), exactly what the two [`Linear::forward`] (`batched`:
     /// [`Linear::forward_rows`]) products and
     /// [`multitoken_kernels::train::silu_mul`] give; `None` when either layer
     /// would take another path or has a bias.
     pub(crate) fn silu_gated_together(gate: &Linear, up: &Linear, x: &Tensor, batched: bool) -> Result<Option<Tensor>> {
-        let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let dims = x.dims().to_vec();
         let rows: usize = leading_rows(&dims);
+        // Dense f32: both products in one pool call, then the same silu · up
+        // as the products one by one get.
+        if gate.bias.is_none() && up.bias.is_none() && gate.out_dim == up.out_dim {
+            let products = {
+                let _profile = crate::profile::scope(crate::profile::Part::Matmul);
+                Self::dense_together(&[gate, up], x, rows, batched)?
+            };
+            if let Some([g, u]) = products.map(<[Tensor; 2]>::try_from).and_then(std::result::Result::ok) {
+                let _profile = crate::profile::scope(crate::profile::Part::Activation);
+                let out_dims = with_last_dim(&dims, gate.out_dim);
+                return Ok(Some(multitoken_kernels::train::silu_mul(&g, &u)?.reshape(out_dims)?));
+            }
+        }
+        let _profile = crate::profile::scope(crate::profile::Part::Matmul);
         let (Some((gf, gq)), Some((uf, uq))) = (gate.blocks_for_together(x, rows, batched), up.blocks_for_together(x, rows, batched)) else {
             return Ok(None);
         };

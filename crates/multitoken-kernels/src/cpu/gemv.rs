@@ -51,6 +51,56 @@ pub fn gemv(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [Ma
     });
 }
 
+/// Several products of one `x` in one call on the pool: `outs[p] = x ws[p]^T`
+/// (`[rows, ns[p]]` each), each bit for bit what [`gemv`] gives it alone. A
+/// decode step's q / k / v (or gate / up) this way is one hand-off to the pool
+/// instead of three, and each thread streams one run of consecutive weight
+/// blocks across the matrices. Every matrix is split at the same four-row
+/// blocks as [`gemv`] splits it, so each output takes the same operations.
+///
+/// # Panics
+/// When an operand is too short (a caller's bug, not input).
+pub fn gemv_many(x: &[f32], rows: usize, k: usize, ws: &[(&[f32], usize)], outs: &mut [&mut [MaybeUninit<f32>]]) {
+    assert!(ws.len() == outs.len() && x.len() >= rows * k, "gemv_many: operands do not fit");
+    for ((w, n), out) in ws.iter().zip(outs.iter()) {
+        assert!(w.len() >= n * k && out.len() >= rows * n, "gemv_many: operands too short");
+    }
+    if rows == 0 {
+        return;
+    }
+    if k == 0 {
+        for ((_, n), out) in ws.iter().zip(outs.iter_mut()) {
+            out[..rows * n].fill(MaybeUninit::new(0.0));
+        }
+        return;
+    }
+    // The weight blocks of every matrix in order: (matrix, first row).
+    let blocks: Vec<(usize, usize)> = ws.iter().enumerate().flat_map(|(p, (_, n))| (0..n.div_ceil(W_BLOCK)).map(move |b| (p, b * W_BLOCK))).collect();
+    let weights: usize = ws.iter().map(|(_, n)| n * k).sum();
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let units = if weights < PARALLEL_FROM { 1 } else { threads.min(blocks.len()) };
+    let per_unit = blocks.len().div_ceil(units.max(1));
+    let out_ptrs: Vec<SharedOut> = outs.iter_mut().map(|o| crate::Shared(o.as_mut_ptr().cast::<f32>())).collect();
+    for_each_unit(units, |unit| {
+        let run = &blocks[(unit * per_unit).min(blocks.len())..((unit + 1) * per_unit).min(blocks.len())];
+        // Consecutive blocks of one matrix go to one gemv_columns call.
+        let mut i = 0;
+        while i < run.len() {
+            let (p, j0) = run[i];
+            let mut last = i;
+            while last + 1 < run.len() && run[last + 1].0 == p {
+                last += 1;
+            }
+            let (w, n) = ws[p];
+            let j1 = (run[last].1 + W_BLOCK).min(n);
+            // SAFETY: rows j0..j1 of matrix p belong to this unit only; the
+            // operands were checked above.
+            unsafe { gemv_columns(x, rows, k, w, n, j0, j1, out_ptrs[p]) };
+            i = last + 1;
+        }
+    });
+}
+
 /// Columns `j0..j1` of [`gemv`]'s output.
 ///
 /// # Safety
@@ -318,6 +368,28 @@ mod tests {
                     all[r * n..(r + 1) * n].iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "rows {rows} k {k} n {n}: row {r} differs from the row alone"
                 );
+            }
+        }
+    }
+
+    /// Several products in one call are each, bit for bit, the product alone:
+    /// the same four-row blocks, so the same operations (widths with every
+    /// tail, sizes on both sides of the parallel threshold, one and several
+    /// rows).
+    #[test]
+    fn gemv_many_is_each_product_alone() {
+        for (rows, k, ns) in [(1, 576, vec![576, 192, 192]), (3, 577, vec![1, 5, 130, 7]), (1, 64, vec![3]), (2, 1536, vec![99, 1003]), (15, 33, vec![4, 8])] {
+            let x = values(rows * k, 7);
+            let ws: Vec<Vec<f32>> = ns.iter().enumerate().map(|(p, &n)| values(n * k, 20 + p as u64)).collect();
+            let pairs: Vec<(&[f32], usize)> = ws.iter().zip(&ns).map(|(w, &n)| (&w[..], n)).collect();
+            let mut outs: Vec<Vec<MaybeUninit<f32>>> = ns.iter().map(|&n| crate::output_buffer(rows * n)).collect();
+            let mut refs: Vec<&mut [MaybeUninit<f32>]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            gemv_many(&x, rows, k, &pairs, &mut refs);
+            for ((out, w), &n) in outs.into_iter().zip(&ws).zip(&ns) {
+                // SAFETY: gemv_many writes every element.
+                let got = unsafe { crate::assume_init(out) };
+                let alone = run(&x, rows, k, w, n);
+                assert!(got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()), "rows {rows} k {k} n {n} of {ns:?}");
             }
         }
     }
