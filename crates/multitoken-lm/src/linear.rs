@@ -306,7 +306,9 @@ impl Linear {
     /// untracked input, fewer rows than the GEMM takes, or `batched`), so each
     /// value is the bits that product gives. `None` otherwise.
     fn dense_together(layers: &[&Linear], x: &Tensor, rows: usize, batched: bool) -> Result<Option<Vec<Tensor>>> {
-        let rows_fit = rows > 0 && (batched || (rows < KERNEL_FROM_ROWS && rows <= multitoken_kernels::lm::GEMV_MAX_ROWS));
+        // `forward`'s one-row kernel: below the GEMM's rows and within gemv's.
+        let one_row_kernel = rows < KERNEL_FROM_ROWS.min(multitoken_kernels::lm::GEMV_MAX_ROWS + 1);
+        let rows_fit = rows > 0 && (batched || one_row_kernel);
         if !rows_fit || x.track_op() || layers.is_empty() {
             return Ok(None);
         }
