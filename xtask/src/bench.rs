@@ -94,6 +94,13 @@ struct Settings {
     llama_cpp_threads: Option<Vec<usize>>,
 }
 
+impl Settings {
+    /// The thread counts llama.cpp runs at (`--llama-cpp-threads`, else `--threads`).
+    fn llama_threads(&self) -> Vec<usize> {
+        self.llama_cpp_threads.clone().unwrap_or_else(|| vec![self.threads])
+    }
+}
+
 /// Run this task.
 pub fn run(args: &[String]) -> Result<()> {
     // No bench, or `--help` anywhere (`bench lm --help`), prints the usage
@@ -264,7 +271,7 @@ fn lm(args: &[String]) -> Result<()> {
     let wanted = |mode: &str| s.modes.as_ref().is_none_or(|m| m.iter().any(|w| w == mode));
     let mut rounds: Vec<Vec<Value>> = Vec::new();
     let module = if s.llama_cpp { Some(node_llama_cpp(&target)?) } else { None };
-    let llama_threads = s.llama_cpp_threads.clone().unwrap_or_else(|| vec![s.threads]);
+    let llama_threads = s.llama_threads();
     for round in 0..s.rounds {
         let mut results = Vec::new();
         let label = if s.rounds > 1 { format!(" (round {} of {})", round + 1, s.rounds) } else { String::new() };
@@ -558,7 +565,7 @@ fn report(s: &Settings, bw: &Value, round_gbs: &[f64], kv_bytes: f64, ours: &[Va
             );
         }
     }
-    let llama_threads = s.llama_cpp_threads.clone().unwrap_or_else(|| vec![s.threads]);
+    let llama_threads = s.llama_threads();
     for q in ["q4_1", "q8_0"] {
         for (ours_mode, t) in [q.to_string(), format!("{q}-i8"), format!("{q}-bf16")].into_iter().flat_map(|m| llama_threads.iter().map(move |&t| (m.clone(), t))) {
             let (ours_name, llama_name) = (format!("ours {ours_mode}"), format!("llama.cpp {q}{}", llama_suffix(t, s.threads)));

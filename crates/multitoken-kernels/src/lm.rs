@@ -33,24 +33,7 @@ pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// rows is multiplied by every `x` row while it is in L1. `None` when the fast
 /// path does not apply (a non-contiguous weight, or see the module docs).
 pub fn linear_each_row(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (rows, k) = x.dims2()?;
-    let (n, wk) = w.dims2()?;
-    if wk != k {
-        candle_core::bail!("linear_rows: x {:?} and weight {:?} do not fit together", x.dims(), w.dims());
-    }
-    if !w.is_contiguous() || !fast_path(&[x, w]) {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let mut out = output_buffer(rows * n);
-    {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        cpu::gemv(cpu_data(&xs, xl)?, rows, k, cpu_data(&ws, wl)?, n, &mut out);
-    }
-    // SAFETY: gemv writes every element of its output.
-    let out = unsafe { assume_init(out) };
-    Ok(Some(Tensor::from_vec(out, (rows, n), x.device())?))
+    Ok(linear_each_row_many(x, &[w])?.and_then(|ys| ys.into_iter().next()))
 }
 
 /// Several [`linear_each_row`] products of one `x` (`[rows, k]`) in one call on
@@ -68,7 +51,7 @@ pub fn linear_each_row_many(x: &Tensor, ws: &[&Tensor]) -> Result<Option<Vec<Ten
     for w in ws {
         let (n, wk) = w.dims2()?;
         if wk != k {
-            candle_core::bail!("linear_each_row_many: x {:?} and weight {:?} do not fit together", x.dims(), w.dims());
+            candle_core::bail!("linear_rows: x {:?} and weight {:?} do not fit together", x.dims(), w.dims());
         }
         if !w.is_contiguous() || !fast_path(&[x, w]) {
             return Ok(None);

@@ -309,16 +309,19 @@ impl Linear {
         // `forward`'s one-row kernel: below the GEMM's rows and within gemv's.
         let one_row_kernel = rows < KERNEL_FROM_ROWS.min(multitoken_kernels::lm::GEMV_MAX_ROWS + 1);
         let rows_fit = rows > 0 && (batched || one_row_kernel);
-        if !rows_fit || x.track_op() || layers.is_empty() {
+        let Some(&in_dim) = x.dims().last() else { return Ok(None) };
+        if !rows_fit || x.track_op() {
             return Ok(None);
         }
-        let in_dim = layers[0].in_dim;
         let mut weights = Vec::with_capacity(layers.len());
         for l in layers {
             match &l.weight {
-                LinearWeight::Dense(w) if l.lora.is_none() && l.in_dim == in_dim && x.dims().last() == Some(&in_dim) => weights.push(w),
+                LinearWeight::Dense(w) if l.lora.is_none() && l.in_dim == in_dim => weights.push(w),
                 _ => return Ok(None),
             }
+        }
+        if weights.is_empty() {
+            return Ok(None);
         }
         Ok(multitoken_kernels::lm::linear_each_row_many(&x.reshape((rows, in_dim))?, &weights)?)
     }

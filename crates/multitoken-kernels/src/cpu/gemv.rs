@@ -27,43 +27,26 @@ const PARALLEL_FROM: usize = 1 << 15;
 /// `x` is `[rows, k]` and `w` `[n, k]`, both row-major and dense. Every element
 /// of `out` is written, so it may start uninitialised.
 pub fn gemv(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, out: &mut [MaybeUninit<f32>]) {
-    assert!(x.len() >= rows * k && w.len() >= n * k && out.len() >= rows * n, "gemv: operands too short");
-    if rows == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out[..rows * n].fill(MaybeUninit::new(0.0));
-        return;
-    }
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let units = if n * k < PARALLEL_FROM { 1 } else { threads.min(n.div_ceil(W_BLOCK)) };
-    // Chunks of whole W blocks, so that only the last one has a ragged end.
-    let chunk = n.div_ceil(units).next_multiple_of(W_BLOCK);
-    let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
-    for_each_unit(units, |unit| {
-        let (j0, j1) = (unit * chunk, ((unit + 1) * chunk).min(n));
-        if j0 >= j1 {
-            return;
-        }
-        // SAFETY: columns j0..j1 of every output row belong to this unit only;
-        // the slices cover the operands checked above.
-        unsafe { gemv_columns(x, rows, k, w, n, j0, j1, out_ptr) };
-    });
+    gemv_many(x, rows, k, &[(w, n)], &mut [out]);
 }
 
 /// Several products of one `x` in one call on the pool: `outs[p] = x ws[p]^T`
-/// (`[rows, ns[p]]` each), each bit for bit what [`gemv`] gives it alone. A
-/// decode step's q / k / v (or gate / up) this way is one hand-off to the pool
-/// instead of three, and each thread streams one run of consecutive weight
-/// blocks across the matrices. Every matrix is split at the same four-row
-/// blocks as [`gemv`] splits it, so each output takes the same operations.
+/// (`[rows, n_p]` for `ws[p] = (w_p, n_p)`), each bit for bit what [`gemv`]
+/// gives it alone. A decode step's q / k / v (or gate / up) this way is one
+/// hand-off to the pool instead of three, and each thread streams one run of
+/// consecutive weight blocks across the matrices.
+///
+/// The matrices' four-row blocks, in order, are split into one contiguous run
+/// per thread, so only a matrix's last block can be ragged and every output
+/// takes the same operations whichever run holds it ([`gemv`] is this with
+/// one matrix).
 ///
 /// # Panics
 /// When an operand is too short (a caller's bug, not input).
 pub fn gemv_many(x: &[f32], rows: usize, k: usize, ws: &[(&[f32], usize)], outs: &mut [&mut [MaybeUninit<f32>]]) {
-    assert!(ws.len() == outs.len() && x.len() >= rows * k, "gemv_many: operands do not fit");
+    assert!(ws.len() == outs.len() && x.len() >= rows * k, "gemv: operands do not fit");
     for ((w, n), out) in ws.iter().zip(outs.iter()) {
-        assert!(w.len() >= n * k && out.len() >= rows * n, "gemv_many: operands too short");
+        assert!(w.len() >= n * k && out.len() >= rows * n, "gemv: operands too short");
     }
     if rows == 0 {
         return;
@@ -74,29 +57,25 @@ pub fn gemv_many(x: &[f32], rows: usize, k: usize, ws: &[(&[f32], usize)], outs:
         }
         return;
     }
-    // The weight blocks of every matrix in order: (matrix, first row).
-    let blocks: Vec<(usize, usize)> = ws.iter().enumerate().flat_map(|(p, (_, n))| (0..n.div_ceil(W_BLOCK)).map(move |b| (p, b * W_BLOCK))).collect();
+    let blocks: usize = ws.iter().map(|(_, n)| n.div_ceil(W_BLOCK)).sum();
     let weights: usize = ws.iter().map(|(_, n)| n * k).sum();
     let threads = candle_core::utils::get_num_threads().max(1);
-    let units = if weights < PARALLEL_FROM { 1 } else { threads.min(blocks.len()) };
-    let per_unit = blocks.len().div_ceil(units.max(1));
+    let units = if weights < PARALLEL_FROM { 1 } else { threads.min(blocks).max(1) };
+    let per_unit = blocks.div_ceil(units);
     let out_ptrs: Vec<SharedOut> = outs.iter_mut().map(|o| crate::Shared(o.as_mut_ptr().cast::<f32>())).collect();
     for_each_unit(units, |unit| {
-        let run = &blocks[(unit * per_unit).min(blocks.len())..((unit + 1) * per_unit).min(blocks.len())];
-        // Consecutive blocks of one matrix go to one gemv_columns call.
-        let mut i = 0;
-        while i < run.len() {
-            let (p, j0) = run[i];
-            let mut last = i;
-            while last + 1 < run.len() && run[last + 1].0 == p {
-                last += 1;
+        let (start, end) = (unit * per_unit, ((unit + 1) * per_unit).min(blocks));
+        // Each matrix's share of the run `start..end` of global block indices.
+        let mut first = 0;
+        for (&(w, n), &out) in ws.iter().zip(&out_ptrs) {
+            let count = n.div_ceil(W_BLOCK);
+            let (lo, hi) = (start.max(first), end.min(first + count));
+            if lo < hi {
+                // SAFETY: rows (lo - first) * 4 .. of this matrix belong to this
+                // unit only; the operands were checked above.
+                unsafe { gemv_columns(x, rows, k, w, n, (lo - first) * W_BLOCK, ((hi - first) * W_BLOCK).min(n), out) };
             }
-            let (w, n) = ws[p];
-            let j1 = (run[last].1 + W_BLOCK).min(n);
-            // SAFETY: rows j0..j1 of matrix p belong to this unit only; the
-            // operands were checked above.
-            unsafe { gemv_columns(x, rows, k, w, n, j0, j1, out_ptrs[p]) };
-            i = last + 1;
+            first += count;
         }
     });
 }
