@@ -113,8 +113,10 @@ pub fn matmul_many(weights: &[Weights], in_dim: usize, x: &[f32], rows: usize, y
 }
 
 /// A gated MLP's two products and its activation in one call on the pool:
-/// `y[r, o] = combine(x W_gate[o], x W_up[o])` (`combine` is e.g. silu(g) · u),
-/// each product bit for bit what [`matmul`] gives it. Saves a decode step two
+/// `y[r, o] = f(x W_gate[o], x W_up[o])` for an element-wise `f` (e.g. silu(g) ·
+/// u), each product bit for bit what [`matmul`] gives it. `combine(gates, ups)`
+/// applies `f` to slices of both laid out alike, leaving its results in `ups`;
+/// it must treat each element alone, as the slices it gets are of any length. Saves a decode step two
 /// of its three calls per MLP (the products and the activation's own pass).
 /// Sizes as for [`matmul`], `gate.out_dim == up.out_dim`, `y.len() == rows * gate.out_dim`.
 pub fn matmul_gated(
@@ -123,7 +125,7 @@ pub fn matmul_gated(
     in_dim: usize,
     x: &[f32],
     rows: usize,
-    combine: impl Fn(f32, f32) -> f32 + Sync,
+    combine: impl Fn(&[f32], &mut [f32]) + Sync,
     y: &mut [f32],
 ) {
     let out_dim = gate.out_dim;
@@ -132,9 +134,7 @@ pub fn matmul_gated(
         let mut g = vec![0f32; rows * out_dim];
         int8::matmul(gate.format, gate.blocks, out_dim, &act, rows, &mut g);
         int8::matmul(up.format, up.blocks, out_dim, &act, rows, y);
-        for (u, g) in y.iter_mut().zip(g) {
-            *u = combine(g, *u);
-        }
+        combine(&g, y);
         return;
     }
     let by_out = exact_gated(gate, up, in_dim, x, rows, &combine);
@@ -257,7 +257,7 @@ fn exact_by_output(
 
 /// [`matmul_gated`]'s exact products, combined, laid out `[out, rows]`: item
 /// `o` is gate row `o` and up row `o`, so one thread has both values.
-fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize, combine: &(impl Fn(f32, f32) -> f32 + Sync)) -> Vec<f32> {
+fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize, combine: &(impl Fn(&[f32], &mut [f32]) + Sync)) -> Vec<f32> {
     let input = Input::new([gate.format, up.format], x);
     let out_dim = gate.out_dim;
     let mut by_out = vec![0f32; out_dim * rows];
@@ -271,13 +271,13 @@ fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize
                 dot_rows_from(gate.format, &gate.blocks[o * pg..(o + 1) * pg], in_dim, &input, r0, &mut g[at.clone()]);
                 dot_rows_from(up.format, &up.blocks[o * pu..(o + 1) * pu], in_dim, &input, r0, &mut chunk[at]);
             });
-            for (u, &gv) in chunk.iter_mut().zip(&g) {
-                *u = combine(gv, *u);
-            }
+            combine(&g, chunk);
             return;
         }
-        let mut g = vec![0f32; rows];
-        for (k, dst) in chunk.chunks_exact_mut(rows).enumerate() {
+        // The gate's values wait in `g` and are combined once for the whole
+        // chunk (one call of a vectorised combine, not one per output).
+        let mut gs = vec![0f32; chunk.len()];
+        for (k, (dst, g)) in chunk.chunks_exact_mut(rows).zip(gs.chunks_exact_mut(rows)).enumerate() {
             let o = first_out + k;
             if rows <= PAIRED_ROWS && gate.format == up.format {
                 // A decode step's gate and up rows, together.
@@ -293,10 +293,8 @@ fn exact_gated(gate: Weights, up: Weights, in_dim: usize, x: &[f32], rows: usize
                     dot_rows(w.format, &w.blocks[o * per_row..(o + 1) * per_row], in_dim, &input, out);
                 }
             }
-            for (u, &g) in dst.iter_mut().zip(&g) {
-                *u = combine(g, *u);
-            }
         }
+        combine(&gs, chunk);
     };
     crate::pool::fill_items(&mut by_out, rows, 2 * out_dim * in_dim >= PARALLEL_FROM_WEIGHTS, work);
     by_out
@@ -1389,10 +1387,11 @@ mod tests {
                 matmul(format, &gate, out_dim, in_dim, &x, 1, &mut y);
                 let mut gated = vec![0f32; out_dim];
                 let weights = |blocks| Weights { format, blocks, out_dim };
-                matmul_gated(weights(&gate), weights(&up), in_dim, &x, 1, |g, u| g * 2.0 + u, &mut gated);
+                let twice_plus = |g: &[f32], u: &mut [f32]| u.iter_mut().zip(g).for_each(|(u, &g)| *u += g * 2.0);
+                matmul_gated(weights(&gate), weights(&up), in_dim, &x, 1, twice_plus, &mut gated);
                 for o in 0..out_dim {
                     assert_eq!(y[o].to_bits(), alone(&gate, o).to_bits(), "{format:?} {out_dim}x{in_dim}: row {o}");
-                    let want = alone(&gate, o) * 2.0 + alone(&up, o);
+                    let want = alone(&up, o) + alone(&gate, o) * 2.0;
                     assert_eq!(gated[o].to_bits(), want.to_bits(), "{format:?} {out_dim}x{in_dim}: gated row {o}");
                 }
             }
@@ -1432,10 +1431,12 @@ mod tests {
             let (gate, up) = (weights[0], Weights { format: Format::Q8_0, blocks: &quantize(576, in_dim, GgmlDType::Q8_0), out_dim: 576 });
             let mut u = vec![0f32; rows * 576];
             matmul(up.format, up.blocks, 576, in_dim, &xs, rows, &mut u);
-            let combine = |g: f32, u: f32| g / (1.0 + (-g).exp()) * u;
-            let want: Vec<f32> = alone[0].iter().zip(&u).map(|(&g, &u)| combine(g, u)).collect();
+            // The whole of both products combined at once, against the
+            // kernel's combine of each unit's chunk.
+            let mut want = u.clone();
+            crate::math::silu_times_in_place(&alone[0], &mut want);
             let mut got = vec![f32::NAN; rows * 576];
-            matmul_gated(gate, up, in_dim, &xs, rows, combine, &mut got);
+            matmul_gated(gate, up, in_dim, &xs, rows, crate::math::silu_times_in_place, &mut got);
             assert!(want.iter().zip(&got).all(|(w, g)| w.to_bits() == g.to_bits()), "gated, in {in_dim}, rows {rows}");
         }
     }

@@ -389,18 +389,31 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SiluMul;
 
-/// `silu(g) · u` for one element, as [`silu_mul`] computes it (the fused
-/// gate / up product of a decode step uses it too, so both give the same bits).
-pub fn silu_times(g: f32, u: f32) -> f32 {
-    g * sigmoid(g) * u
-}
-
 /// `1 / (1 + e^-x)`.
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
 impl SiluMul {
+    /// The forward values, `silu(gate) · up` by rows through
+    /// [`math::silu_times_in_place`].
+    fn forward(gate: &[f32], up: &[f32], width: usize) -> Vec<f32> {
+        let rows = gate.len() / width.max(1);
+        let mut out = output_buffer(gate.len());
+        cpu::for_each_row(rows, width, ROWS_PER_UNIT, &mut out, |r, dst| {
+            let (g, u) = (&gate[r * width..][..width], &up[r * width..][..width]);
+            for (o, &uv) in dst.iter_mut().zip(u) {
+                o.write(uv);
+            }
+            // SAFETY: every element of `dst` was written just above, and
+            // `MaybeUninit<f32>` has `f32`'s layout.
+            let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            math::silu_times_in_place(g, dst);
+        });
+        // SAFETY: cpu::for_each_row wrote every row.
+        unsafe { assume_init(out) }
+    }
+
     /// `f(gate, up)` elementwise over rows of the last axis, in parallel.
     fn map(gate: &[f32], up: &[f32], width: usize, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
         let rows = gate.len() / width.max(1);
@@ -429,7 +442,7 @@ impl candle_core::CustomOp2 for SiluMul {
         let gate = &gs.as_slice::<f32>()?[gl.start_offset()..][..n];
         let up = &us.as_slice::<f32>()?[ul.start_offset()..][..n];
         let width = gl.dims().last().copied().unwrap_or(1);
-        let out = Self::map(gate, up, width, silu_times);
+        let out = Self::forward(gate, up, width);
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 

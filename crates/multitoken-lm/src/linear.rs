@@ -359,7 +359,7 @@ impl Linear {
         let (gw, uw) = (Weights { format: gf, blocks: &gd, out_dim: gate.out_dim }, Weights { format: uf, blocks: &ud, out_dim: up.out_dim });
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut y = vec![0f32; rows * gate.out_dim];
-        multitoken_kernels::quantized::matmul_gated(gw, uw, gate.in_dim, &xs, rows, multitoken_kernels::train::silu_times, &mut y);
+        multitoken_kernels::quantized::matmul_gated(gw, uw, gate.in_dim, &xs, rows, multitoken_kernels::math::silu_times_in_place, &mut y);
         let out_dims = with_last_dim(&dims, gate.out_dim);
         Ok(Some(Tensor::from_vec(y, out_dims, x.device())?))
     }
