@@ -17,10 +17,12 @@ use crate::math;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
 mod causal;
 mod gemv;
 
-pub use causal::{causal_attention, causal_fast, CausalShape, Strided4};
+pub use causal::{causal_attention, causal_attention_bf16, causal_bf16_fast, causal_fast, CausalShape, Strided4};
 pub use gemv::{gemv, gemv_many};
 
 /// The activation a linear layer applies to its output while it is still in cache.

@@ -116,7 +116,10 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
 /// no padding or window. Returns `[b, t, heads * head_dim]`, heads side by
 /// side, or `None` when the fast path does not apply: no AVX-512, a head width
 /// that is not a multiple of 16 (see [`cpu::causal_fast`]), or see the module docs.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+///
+/// `bf16`: run the two products in bf16 ([`cpu::causal_attention_bf16`],
+/// `--dtype bf16`) where the CPU has AVX-512 BF16; elsewhere f32.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bf16: bool) -> Result<Option<Tensor>> {
     let (b, heads, t, head_dim) = q.dims4()?;
     let (kb, kv_heads, keys, kd) = k.dims4()?;
     if kb != b || kd != head_dim || v.dims() != k.dims() || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || keys < t {
@@ -145,14 +148,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         let (vs, vl) = v.storage_and_layout();
         let strides = |l: &candle_core::Layout| [l.stride()[0], l.stride()[1], l.stride()[2]];
         let operand = |data, l| cpu::Strided4 { data, strides: strides(l) };
-        cpu::causal_attention(
-            operand(cpu_data(&qs, ql)?, ql),
-            operand(cpu_data(&ks, kl)?, kl),
-            operand(cpu_data(&vs, vl)?, vl),
-            cpu::CausalShape { batch: b, heads, kv_heads, queries: t, keys, head_dim },
-            scale as f32,
-            &mut out,
-        );
+        let (q, k, v) = (operand(cpu_data(&qs, ql)?, ql), operand(cpu_data(&ks, kl)?, kl), operand(cpu_data(&vs, vl)?, vl));
+        let shape = cpu::CausalShape { batch: b, heads, kv_heads, queries: t, keys, head_dim };
+        if !(bf16 && cpu::causal_attention_bf16(q, k, v, shape, scale as f32, &mut out)) {
+            cpu::causal_attention(q, k, v, shape, scale as f32, &mut out);
+        }
     }
     // SAFETY: causal_attention writes every element of its output.
     let out = unsafe { assume_init(out) };
@@ -207,7 +207,7 @@ mod tests {
         let k = random(&[b, kvh, 80, hd], 2).narrow(2, 0, seen + t).unwrap();
         let v = random(&[b, kvh, 80, hd], 3).narrow(2, 0, seen + t).unwrap();
         let scale = 0.125;
-        let Some(got) = causal_attention(&q, &k, &v, scale).unwrap() else {
+        let Some(got) = causal_attention(&q, &k, &v, scale, false).unwrap() else {
             assert!(!cpu::causal_fast(hd));
             return;
         };
@@ -216,7 +216,7 @@ mod tests {
             .flat_map(|i| (0..seen + t).map(move |j| if j <= seen + i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, seen + t), q.device()).unwrap();
-        let qg = (q * scale).unwrap().reshape((b, kvh, n_rep * t, hd)).unwrap();
+        let qg = (&q * scale).unwrap().reshape((b, kvh, n_rep * t, hd)).unwrap();
         let scores = qg.matmul(&k.t().unwrap()).unwrap().reshape((b, kvh, n_rep, t, seen + t)).unwrap();
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap().reshape((b, kvh, n_rep * t, seen + t)).unwrap()).unwrap();
         let want = probs
@@ -229,5 +229,14 @@ mod tests {
             .reshape((b, t, heads * hd))
             .unwrap();
         assert!(max_diff(&got, &want) < 1e-5);
+        // In bf16 where the CPU has it: within bf16's rounding, and not the
+        // f32 result (so it did run in bf16).
+        let bf16 = causal_attention(&q, &k, &v, scale, true).unwrap().expect("the f32 path applies, so this does");
+        let diff = max_diff(&bf16, &want);
+        if cpu::causal_bf16_fast(hd) {
+            assert!(diff < 1e-2 && diff > 1e-5, "bf16: max diff {diff}");
+        } else {
+            assert!(diff < 1e-5, "f32 in place of bf16: max diff {diff}");
+        }
     }
 }

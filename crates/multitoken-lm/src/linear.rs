@@ -59,6 +59,13 @@ impl Linear {
         Self { weight: LinearWeight::Bf16(Arc::new(weight)), bias, in_dim, out_dim, lora: None, bf16_products: false }
     }
 
+    /// Whether this layer's prefill products run in bf16 (`--dtype bf16` on
+    /// the CPU: a bf16 weight, or a quantized one with
+    /// [`Linear::with_bf16_products`]); the attention beside it follows.
+    pub fn computes_in_bf16(&self) -> bool {
+        self.bf16_products || matches!(self.weight, LinearWeight::Bf16(_))
+    }
+
     /// Lets a quantized weight's products of many rows (a prefill) run in
     /// bf16 (AMX, or AVX-512 BF16's GEMM), its blocks dequantized to bf16 for
     /// each product, instead of the exact dequantize-to-f32 GEMM (`--dtype

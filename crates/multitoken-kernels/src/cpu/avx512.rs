@@ -34,13 +34,13 @@ use crate::math;
 /// Keys per packed panel: four zmm vectors.
 pub(super) const PANEL: usize = 64;
 /// Query rows per register tile.
-const TILE_ROWS: usize = 6;
+pub(super) const TILE_ROWS: usize = 6;
 /// Query rows per unit: a multiple of [`TILE_ROWS`]. 48 rows of 1500 keys is
 /// 288 KiB of scores, which stays in L2 beside the head's packed K and its V
 /// (384 KiB each).
 pub(super) const QUERY_BLOCK: usize = 48;
 /// Keys per chunk of the ·V product: 128 rows of V at width 64 is 32 KiB, inside L1.
-const KEY_CHUNK: usize = 128;
+pub(super) const KEY_CHUNK: usize = 128;
 
 /// One pool thread's buffers, kept between calls so that no call faults in
 /// fresh pages.

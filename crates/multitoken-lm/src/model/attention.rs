@@ -71,7 +71,9 @@ impl Attention {
             // against only the keys they see, without the [n_rep * t, kv] score
             // tensor (half of it masked) and its three passes (issue 19). `None`
             // for tracked tensors (training), other dtypes and devices.
-            if let Some(out) = multitoken_kernels::lm::causal_attention(&q, &k, &v, scale)? {
+            // `--dtype bf16` runs its products in bf16 here too.
+            let bf16 = self.q_proj.computes_in_bf16();
+            if let Some(out) = multitoken_kernels::lm::causal_attention(&q, &k, &v, scale, bf16)? {
                 return self.o_proj.forward(&out);
             }
         }
