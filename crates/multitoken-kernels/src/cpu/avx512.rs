@@ -323,100 +323,164 @@ pub(super) unsafe fn values_block(
         for (inv, &sum) in inv.iter_mut().zip(sums) {
             *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         }
-        // Key chunks outside, row tiles inside, so that a chunk of V stays in L1
-        // while every row tile reads it; the partial sums wait in `out`.
-        let mut k0 = 0;
-        while k0 < keys {
-            let chunk = (keys - k0).min(KEY_CHUNK);
-            let (first, last) = (k0 == 0, k0 + chunk == keys);
-            let mut r = 0;
-            while r < rows {
-                let tile = (rows - r).min(TILE_ROWS);
-                let mut c = 0;
-                while c < head_dim {
-                    let vectors = ((head_dim - c) / 16).min(4);
-                    let args = ValuesTile {
+        for_each_values_tile(probs, stride, keys, &inv[..rows], v, head_dim, out, out_stride, KEY_CHUNK, |tile, vectors, args| match (tile, vectors) {
+            (6, 4) => values_tile::<6, 4>(args),
+            (6, 3) => values_tile::<6, 3>(args),
+            (6, 2) => values_tile::<6, 2>(args),
+            (6, _) => values_tile::<6, 1>(args),
+            (5, 4) => values_tile::<5, 4>(args),
+            (5, 3) => values_tile::<5, 3>(args),
+            (5, 2) => values_tile::<5, 2>(args),
+            (5, _) => values_tile::<5, 1>(args),
+            (4, 4) => values_tile::<4, 4>(args),
+            (4, 3) => values_tile::<4, 3>(args),
+            (4, 2) => values_tile::<4, 2>(args),
+            (4, _) => values_tile::<4, 1>(args),
+            (3, 4) => values_tile::<3, 4>(args),
+            (3, 3) => values_tile::<3, 3>(args),
+            (3, 2) => values_tile::<3, 2>(args),
+            (3, _) => values_tile::<3, 1>(args),
+            (2, 4) => values_tile::<2, 4>(args),
+            (2, 3) => values_tile::<2, 3>(args),
+            (2, 2) => values_tile::<2, 2>(args),
+            (2, _) => values_tile::<2, 1>(args),
+            (_, 4) => values_tile::<1, 4>(args),
+            (_, 3) => values_tile::<1, 3>(args),
+            (_, 2) => values_tile::<1, 2>(args),
+            (_, _) => values_tile::<1, 1>(args),
+        });
+    }
+}
+
+/// The ·V product's walk over its tiles: chunks of `chunk` keys (or key
+/// pairs) outside, [`TILE_ROWS`]-row tiles inside, so that a chunk of V stays
+/// in L1 while every row tile reads it (the partial sums wait in `out`), and
+/// up to four vectors of output columns per tile. `tile(rows, vectors, t)`
+/// runs one; `probs` rows are `stride` elements apart, `v` rows `head_dim`,
+/// and `inv` holds each row's reciprocal sum.
+///
+/// # Safety
+/// The operands hold `inv.len()` rows of `keys` probabilities, `keys` rows of
+/// V and `inv.len()` output rows of `head_dim` floats, `out_stride` apart.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(super) unsafe fn for_each_values_tile<T>(
+    probs: &[T],
+    stride: usize,
+    keys: usize,
+    inv: &[f32],
+    v: &[T],
+    head_dim: usize,
+    out: *mut f32,
+    out_stride: usize,
+    chunk: usize,
+    tile: impl Fn(usize, usize, ValuesTile<T>),
+) {
+    let rows = inv.len();
+    let mut k0 = 0;
+    while k0 < keys {
+        let len = (keys - k0).min(chunk);
+        let (first, last) = (k0 == 0, k0 + len == keys);
+        let mut r = 0;
+        while r < rows {
+            let n = (rows - r).min(TILE_ROWS);
+            let mut c = 0;
+            while c < head_dim {
+                let vectors = ((head_dim - c) / 16).min(4);
+                // SAFETY: every pointer stays inside its operand (the contract).
+                let t = unsafe {
+                    ValuesTile {
                         probs: probs.as_ptr().add(r * stride + k0),
                         stride,
-                        keys: chunk,
+                        keys: len,
                         v: v.as_ptr().add(k0 * head_dim + c),
                         v_stride: head_dim,
                         out: out.add(r * out_stride + c),
                         out_stride,
                         first,
-                        inv: if last {
-                            Some(inv.as_ptr().add(r))
-                        } else {
-                            None
-                        },
-                    };
-                    match (tile, vectors) {
-                        (6, 4) => values_tile::<6, 4>(args),
-                        (6, 3) => values_tile::<6, 3>(args),
-                        (6, 2) => values_tile::<6, 2>(args),
-                        (6, _) => values_tile::<6, 1>(args),
-                        (5, 4) => values_tile::<5, 4>(args),
-                        (5, 3) => values_tile::<5, 3>(args),
-                        (5, 2) => values_tile::<5, 2>(args),
-                        (5, _) => values_tile::<5, 1>(args),
-                        (4, 4) => values_tile::<4, 4>(args),
-                        (4, 3) => values_tile::<4, 3>(args),
-                        (4, 2) => values_tile::<4, 2>(args),
-                        (4, _) => values_tile::<4, 1>(args),
-                        (3, 4) => values_tile::<3, 4>(args),
-                        (3, 3) => values_tile::<3, 3>(args),
-                        (3, 2) => values_tile::<3, 2>(args),
-                        (3, _) => values_tile::<3, 1>(args),
-                        (2, 4) => values_tile::<2, 4>(args),
-                        (2, 3) => values_tile::<2, 3>(args),
-                        (2, 2) => values_tile::<2, 2>(args),
-                        (2, _) => values_tile::<2, 1>(args),
-                        (_, 4) => values_tile::<1, 4>(args),
-                        (_, 3) => values_tile::<1, 3>(args),
-                        (_, 2) => values_tile::<1, 2>(args),
-                        (_, _) => values_tile::<1, 1>(args),
+                        inv: if last { Some(inv.as_ptr().add(r)) } else { None },
                     }
-                    c += 16 * vectors;
-                }
-                r += tile;
+                };
+                tile(n, vectors, t);
+                c += 16 * vectors;
             }
-            k0 += chunk;
+            r += n;
         }
+        k0 += len;
     }
 }
 
-/// The operands of one ·V tile, each pointer at the tile's first element.
+/// The operands of one ·V tile, each pointer at the tile's first element:
+/// `T` is `f32` here and a pair of bf16 (`u32`) in `avx512_bf16`, where
+/// `keys` counts key pairs and the strides are in pairs.
 #[derive(Clone, Copy)]
-struct ValuesTile {
+pub(super) struct ValuesTile<T> {
     /// Probabilities, rows `stride` apart.
-    probs: *const f32,
-    stride: usize,
-    /// Keys in this chunk.
-    keys: usize,
+    pub(super) probs: *const T,
+    pub(super) stride: usize,
+    /// Keys (or key pairs) in this chunk.
+    pub(super) keys: usize,
     /// V, rows `v_stride` apart.
-    v: *const f32,
-    v_stride: usize,
+    pub(super) v: *const T,
+    pub(super) v_stride: usize,
     /// The output, rows `out_stride` apart: written on the first chunk, added to after.
-    out: *mut f32,
-    out_stride: usize,
-    first: bool,
+    pub(super) out: *mut f32,
+    pub(super) out_stride: usize,
+    pub(super) first: bool,
     /// On the last chunk, the rows' reciprocal sums to scale the result by.
-    inv: Option<*const f32>,
+    pub(super) inv: Option<*const f32>,
+}
+
+impl<T> ValuesTile<T> {
+    /// The tile's accumulators at the start of its chunk: zeros on the
+    /// first chunk, else the partial sums waiting in `out`.
+    ///
+    /// # Safety
+    /// AVX-512F; `out` holds `R` rows of `C` vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn start<const R: usize, const C: usize>(&self) -> [[__m512; C]; R] {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        if !self.first {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: the caller's contract.
+                    *a = unsafe { _mm512_loadu_ps(self.out.add(i * self.out_stride + 16 * j)) };
+                }
+            }
+        }
+        acc
+    }
+
+    /// Stores the accumulators to `out`, scaled by each row's reciprocal sum
+    /// on the last chunk.
+    ///
+    /// # Safety
+    /// As [`ValuesTile::start`], and `inv` holds `R` values when present.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn finish<const R: usize, const C: usize>(&self, acc: &[[__m512; C]; R]) {
+        for (i, acc) in acc.iter().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe {
+                let scale = _mm512_set1_ps(match self.inv {
+                    Some(inv) => *inv.add(i),
+                    None => 1.0,
+                });
+                for (j, &a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(self.out.add(i * self.out_stride + 16 * j), _mm512_mul_ps(a, scale));
+                }
+            }
+        }
+    }
 }
 
 /// One `R` rows × `C` vectors tile of the ·V product over one chunk of keys.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn values_tile<const R: usize, const C: usize>(t: ValuesTile) {
+unsafe fn values_tile<const R: usize, const C: usize>(t: ValuesTile<f32>) {
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        if !t.first {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(t.out.add(i * t.out_stride + 16 * j));
-                }
-            }
-        }
+        let mut acc = t.start::<R, C>();
         for key in 0..t.keys {
             let row = t.v.add(key * t.v_stride);
             let mut vs = [_mm512_setzero_ps(); C];
@@ -430,17 +494,6 @@ unsafe fn values_tile<const R: usize, const C: usize>(t: ValuesTile) {
                 }
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            let scale = _mm512_set1_ps(match t.inv {
-                Some(inv) => *inv.add(i),
-                None => 1.0,
-            });
-            for (j, &a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(
-                    t.out.add(i * t.out_stride + 16 * j),
-                    _mm512_mul_ps(a, scale),
-                );
-            }
-        }
+        t.finish(&acc);
     }
 }

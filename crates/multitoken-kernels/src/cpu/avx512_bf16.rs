@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::{KEY_CHUNK, PANEL, QUERY_BLOCK, TILE_ROWS};
+use super::avx512::{for_each_values_tile, ValuesTile, KEY_CHUNK, PANEL, QUERY_BLOCK, TILE_ROWS};
 use super::Rows;
 use crate::bf16::bf16_bits;
 
@@ -177,85 +177,35 @@ pub(super) unsafe fn round_probs(probs: &[f32], stride: usize, keys: usize, rows
 pub(super) unsafe fn values_block(probs: &[u32], stride: usize, keys: usize, inv: &[f32], v: &[u32], head_dim: usize, out: *mut f32, out_stride: usize) {
     let (rows, pairs, half_stride) = (inv.len(), keys.div_ceil(2), stride / 2);
     debug_assert!(rows <= QUERY_BLOCK && probs.len() >= rows * half_stride && v.len() >= pairs * head_dim);
-    let chunk_pairs = KEY_CHUNK / 2;
-    // SAFETY: the bounds above, checked by the caller.
+    // SAFETY: the bounds above, checked by the caller; chunks of pairs
+    // cover the f32 path's key chunks.
     unsafe {
-        let mut k0 = 0;
-        while k0 < pairs {
-            let chunk = (pairs - k0).min(chunk_pairs);
-            let (first, last) = (k0 == 0, k0 + chunk == pairs);
-            let mut r = 0;
-            while r < rows {
-                let tile = (rows - r).min(TILE_ROWS);
-                let mut c = 0;
-                while c < head_dim {
-                    let vectors = ((head_dim - c) / 16).min(4);
-                    let t = Tile {
-                        probs: probs.as_ptr().add(r * half_stride + k0),
-                        stride: half_stride,
-                        pairs: chunk,
-                        v: v.as_ptr().add(k0 * head_dim + c),
-                        v_stride: head_dim,
-                        out: out.add(r * out_stride + c),
-                        out_stride,
-                        first,
-                        inv: if last { Some(inv.as_ptr().add(r)) } else { None },
-                    };
-                    macro_rules! dispatch {
-                        ($($r:literal),*) => {
-                            match (tile, vectors) {
-                                $(($r, 4) => values_tile::<$r, 4>(t), ($r, 3) => values_tile::<$r, 3>(t), ($r, 2) => values_tile::<$r, 2>(t), ($r, _) => values_tile::<$r, 1>(t),)*
-                                (_, 4) => values_tile::<1, 4>(t),
-                                (_, 3) => values_tile::<1, 3>(t),
-                                (_, 2) => values_tile::<1, 2>(t),
-                                (_, _) => values_tile::<1, 1>(t),
-                            }
-                        };
+        for_each_values_tile(probs, half_stride, pairs, inv, v, head_dim, out, out_stride, KEY_CHUNK / 2, |tile, vectors, t| {
+            macro_rules! dispatch {
+                ($($r:literal),*) => {
+                    match (tile, vectors) {
+                        $(($r, 4) => values_tile::<$r, 4>(t), ($r, 3) => values_tile::<$r, 3>(t), ($r, 2) => values_tile::<$r, 2>(t), ($r, _) => values_tile::<$r, 1>(t),)*
+                        (_, 4) => values_tile::<1, 4>(t),
+                        (_, 3) => values_tile::<1, 3>(t),
+                        (_, 2) => values_tile::<1, 2>(t),
+                        (_, _) => values_tile::<1, 1>(t),
                     }
-                    dispatch!(6, 5, 4, 3, 2);
-                    c += 16 * vectors;
-                }
-                r += tile;
+                };
             }
-            k0 += chunk;
-        }
+            dispatch!(6, 5, 4, 3, 2)
+        });
     }
 }
 
-/// The operands of one ·V tile, each pointer at the tile's first element.
-#[derive(Clone, Copy)]
-struct Tile {
-    /// Probability pairs, rows `stride` pairs apart.
-    probs: *const u32,
-    stride: usize,
-    /// Key pairs in this chunk.
-    pairs: usize,
-    /// V pairs, rows (key pairs) `v_stride` apart.
-    v: *const u32,
-    v_stride: usize,
-    /// The output, rows `out_stride` apart: written on the first chunk, added to after.
-    out: *mut f32,
-    out_stride: usize,
-    first: bool,
-    /// On the last chunk, the rows' reciprocal sums to scale the result by.
-    inv: Option<*const f32>,
-}
-
-/// One `R` rows × `C` vectors tile of the ·V product over one chunk of key pairs.
+/// One `R` rows × `C` vectors tile of the ·V product over one chunk of key
+/// pairs (`t.keys` pairs).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn values_tile<const R: usize, const C: usize>(t: Tile) {
+unsafe fn values_tile<const R: usize, const C: usize>(t: ValuesTile<u32>) {
     // SAFETY: forwarded from `values_block`.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        if !t.first {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(t.out.add(i * t.out_stride + 16 * j));
-                }
-            }
-        }
-        for kp in 0..t.pairs {
+        let mut acc = t.start::<R, C>();
+        for kp in 0..t.keys {
             let row = t.v.add(kp * t.v_stride);
             let vs: [__m512bh; C] = std::array::from_fn(|j| as_bh(_mm512_loadu_si512(row.add(16 * j).cast())));
             for (i, acc) in acc.iter_mut().enumerate() {
@@ -265,14 +215,6 @@ unsafe fn values_tile<const R: usize, const C: usize>(t: Tile) {
                 }
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            let scale = _mm512_set1_ps(match t.inv {
-                Some(inv) => *inv.add(i),
-                None => 1.0,
-            });
-            for (j, &a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(t.out.add(i * t.out_stride + 16 * j), _mm512_mul_ps(a, scale));
-            }
-        }
+        t.finish(&acc);
     }
 }

@@ -198,10 +198,47 @@ mod tiles {
     /// same head of another call.
     static CALLS: AtomicU64 = AtomicU64::new(0);
 
-    /// [`causal_attention_bf16`]'s units: those of [`attention`] with the
-    /// products of `avx512_bf16`; the caller checked [`causal_bf16_fast`].
-    pub(super) fn attention_bf16(q: Strided4, k: Strided4, v: Strided4, shape: CausalShape, scale: f32, out: &mut [MaybeUninit<f32>]) {
-        use super::super::avx512_bf16 as bf;
+    /// One unit of the tiles' loop: query rows `r0..r0 + rows` of head `h`
+    /// of batch `b`, which see at most `visible` keys, their score block
+    /// `rows` rows of `padded` (= `panels` × [`PANEL`]), and `out_rows`,
+    /// where its output rows start (`width` floats apart).
+    struct Block {
+        b: usize,
+        h: usize,
+        r0: usize,
+        rows: usize,
+        seen: usize,
+        visible: usize,
+        panels: usize,
+        padded: usize,
+        out_rows: *mut f32,
+        width: usize,
+    }
+
+    impl Block {
+        /// Sets the scores of keys past each row's position to `-inf` (query
+        /// `r0 + i` sees keys `0..=seen + r0 + i`).
+        fn mask(&self, scores: &mut [f32]) {
+            for (i, row) in scores.chunks_exact_mut(self.padded).enumerate() {
+                row[self.seen + self.r0 + i + 1..self.visible].fill(f32::NEG_INFINITY);
+            }
+        }
+    }
+
+    /// Runs `run` for every (batch, query head, [`QUERY_BLOCK`] queries)
+    /// unit on the pool, in that order: the query heads of one key head are
+    /// consecutive, so a thread packs each key head (with `pack`, given the
+    /// head's K and V as the head 0 of `Rows` operands, and the batch) about
+    /// once. `run`
+    /// gets the thread's scratch with `scores` at least the block's size.
+    fn for_each_block(
+        k: Strided4,
+        v: Strided4,
+        shape: CausalShape,
+        out: &mut [MaybeUninit<f32>],
+        pack: impl Fn(&mut Scratch, Rows, Rows, usize) + Sync,
+        run: impl Fn(&mut Scratch, &Block) + Sync,
+    ) {
         let CausalShape { batch, heads, kv_heads, queries, keys, head_dim } = shape;
         let (n_rep, width, seen) = (heads / kv_heads, heads * head_dim, keys - queries);
         let blocks = queries.div_ceil(QUERY_BLOCK);
@@ -211,45 +248,53 @@ mod tiles {
             let (b, h, block) = (unit / (heads * blocks), unit / blocks % heads, unit % blocks);
             let kvh = h / n_rep;
             let (r0, r1) = (block * QUERY_BLOCK, ((block + 1) * QUERY_BLOCK).min(queries));
-            let rows = r1 - r0;
+            // The keys the block's last query sees; the ones before it see fewer.
             let visible = seen + r1;
             let panels = visible.div_ceil(PANEL);
-            let padded = panels * PANEL;
+            let out_rows = out_ptr.at((b * queries + r0) * width + h * head_dim);
+            let block = Block { b, h, r0, rows: r1 - r0, seen, visible, panels, padded: panels * PANEL, out_rows, width };
             SCRATCH.with_borrow_mut(|scratch| {
                 if scratch.head != Some((call, b, kvh)) {
                     scratch.head = Some((call, b, kvh));
-                    let (kr, vr) = (head_rows(k, kvh), head_rows(v, kvh));
-                    bf::pack_head(&mut scratch.keys_bf16, &mut scratch.values_bf16, kr, vr, (b, 0), keys, head_dim, scale);
+                    pack(scratch, head_rows(k, kvh), head_rows(v, kvh), b);
                 }
-                let Scratch { keys_bf16: packed, values_bf16: values, queries_bf16: qs, probs_bf16: probs, scores, .. } = scratch;
-                if scores.len() < rows * padded {
-                    scores.resize(rows * padded, 0.0);
+                if scratch.scores.len() < block.rows * block.padded {
+                    scratch.scores.resize(block.rows * block.padded, 0.0);
                 }
-                if probs.len() < rows * padded / 2 {
-                    probs.resize(rows * padded / 2, 0);
-                }
-                let scores = &mut scores[..rows * padded];
-                bf::pack_queries(&q.data[q.at(b, h, r0)..], q.strides[2], rows, head_dim, qs);
-                let mut sums = [0f32; QUERY_BLOCK];
-                // SAFETY: the CPU has AVX-512 F and BF16 (`causal_bf16_fast`);
-                // `qs` holds the block's rows, the packed K and V every key (of
-                // which `visible` are read), `scores` and `probs` `rows` rows of
-                // `padded`, and out rows r0..r1 of head h belong to this unit only.
-                unsafe {
-                    bf::scores_block(qs, rows, packed, head_dim, panels, scores);
-                    for (i, row) in scores.chunks_exact_mut(padded).enumerate() {
-                        row[seen + r0 + i + 1..visible].fill(f32::NEG_INFINITY);
-                    }
-                    exp_block(scores, padded, visible, &mut sums[..rows]);
-                    bf::round_probs(scores, padded, visible, rows, probs);
-                    let mut inv = [0f32; QUERY_BLOCK];
-                    for (inv, &sum) in inv.iter_mut().zip(&sums[..rows]) {
-                        *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                    }
-                    let out_rows = out_ptr.at((b * queries + r0) * width + h * head_dim);
-                    bf::values_block(probs, padded, visible, &inv[..rows], values, head_dim, out_rows, width);
-                }
+                run(scratch, &block);
             });
+        });
+    }
+
+    /// [`causal_attention_bf16`] on the bf16 tiles of `avx512_bf16`; the
+    /// caller checked [`causal_bf16_fast`].
+    pub(super) fn attention_bf16(q: Strided4, k: Strided4, v: Strided4, shape: CausalShape, scale: f32, out: &mut [MaybeUninit<f32>]) {
+        use super::super::avx512_bf16 as bf;
+        let (keys, head_dim) = (shape.keys, shape.head_dim);
+        let pack = |s: &mut Scratch, kr: Rows, vr: Rows, b| bf::pack_head(&mut s.keys_bf16, &mut s.values_bf16, kr, vr, (b, 0), keys, head_dim, scale);
+        for_each_block(k, v, shape, out, pack, |scratch, blk| {
+            let Block { b, h, r0, rows, visible, panels, padded, out_rows, width, .. } = *blk;
+            let Scratch { keys_bf16: packed, values_bf16: values, queries_bf16: qs, probs_bf16: probs, scores, .. } = scratch;
+            if probs.len() < rows * padded / 2 {
+                probs.resize(rows * padded / 2, 0);
+            }
+            let scores = &mut scores[..rows * padded];
+            bf::pack_queries(&q.data[q.at(b, h, r0)..], q.strides[2], rows, head_dim, qs);
+            let (mut sums, mut inv) = ([0f32; QUERY_BLOCK], [0f32; QUERY_BLOCK]);
+            // SAFETY: the CPU has AVX-512 F and BF16 (`causal_bf16_fast`);
+            // `qs` holds the block's rows, the packed K and V every key (of
+            // which `visible` are read), `scores` and `probs` `rows` rows of
+            // `padded`, and the block's output rows belong to this unit only.
+            unsafe {
+                bf::scores_block(qs, rows, packed, head_dim, panels, scores);
+                blk.mask(scores);
+                exp_block(scores, padded, visible, &mut sums[..rows]);
+                bf::round_probs(scores, padded, visible, rows, probs);
+                for (inv, &sum) in inv.iter_mut().zip(&sums[..rows]) {
+                    *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                }
+                bf::values_block(probs, padded, visible, &inv[..rows], values, head_dim, out_rows, width);
+            }
         });
     }
 
@@ -260,50 +305,23 @@ mod tiles {
 
     /// [`causal_attention`] on the AVX-512 tiles; the caller checked [`causal_fast`].
     pub(super) fn attention(q: Strided4, k: Strided4, v: Strided4, shape: CausalShape, scale: f32, out: &mut [MaybeUninit<f32>]) {
-        let CausalShape { batch, heads, kv_heads, queries, keys, head_dim } = shape;
-        let (n_rep, width, seen) = (heads / kv_heads, heads * head_dim, keys - queries);
-        let blocks = queries.div_ceil(QUERY_BLOCK);
-        let call = CALLS.fetch_add(1, Ordering::Relaxed);
-        let out_ptr = crate::Shared(out.as_mut_ptr().cast::<f32>());
-        // Units in (batch, query head, block) order: the query heads of one key
-        // head are consecutive, so a thread packs each key head about once.
-        for_each_unit(batch * heads * blocks, |unit| {
-            let (b, h, block) = (unit / (heads * blocks), unit / blocks % heads, unit % blocks);
-            let kvh = h / n_rep;
-            let (r0, r1) = (block * QUERY_BLOCK, ((block + 1) * QUERY_BLOCK).min(queries));
-            let rows = r1 - r0;
-            // The keys the block's last query sees; the ones before it see fewer.
-            let visible = seen + r1;
-            let panels = visible.div_ceil(PANEL);
-            let padded = panels * PANEL;
-            SCRATCH.with_borrow_mut(|scratch| {
-                if scratch.head != Some((call, b, kvh)) {
-                    scratch.head = Some((call, b, kvh));
-                    // `pack_head` reads head 0 of `Rows` operands that start at this key head.
-                    let (kr, vr) = (head_rows(k, kvh), head_rows(v, kvh));
-                    pack_head(&mut scratch.keys, &mut scratch.values, kr, vr, (b, 0), keys, head_dim, scale);
-                }
-                let Scratch { keys: packed, values, scores, .. } = scratch;
-                if scores.len() < rows * padded {
-                    scores.resize(rows * padded, 0.0);
-                }
-                let scores = &mut scores[..rows * padded];
-                let mut sums = [0f32; QUERY_BLOCK];
-                // SAFETY: the CPU has AVX-512F (`causal_fast`); the query rows
-                // r0..r1 of head h lie in `q` at stride strides[2], the packed K
-                // and V hold every key (of which `visible` are read), and out
-                // rows r0..r1 of head h belong to this unit only.
-                unsafe {
-                    scores_block(&q.data[q.at(b, h, r0)..], q.strides[2], rows, packed, head_dim, panels, None, scores);
-                    for (i, row) in scores.chunks_exact_mut(padded).enumerate() {
-                        // Query r0 + i sees keys 0..=seen + r0 + i.
-                        row[seen + r0 + i + 1..visible].fill(f32::NEG_INFINITY);
-                    }
-                    exp_block(scores, padded, visible, &mut sums[..rows]);
-                    let out_rows = out_ptr.at((b * queries + r0) * width + h * head_dim);
-                    values_block(scores, padded, visible, &sums[..rows], values, head_dim, out_rows, width);
-                }
-            });
+        let (keys, head_dim) = (shape.keys, shape.head_dim);
+        let pack = |s: &mut Scratch, kr: Rows, vr: Rows, b| pack_head(&mut s.keys, &mut s.values, kr, vr, (b, 0), keys, head_dim, scale);
+        for_each_block(k, v, shape, out, pack, |scratch, blk| {
+            let Block { b, h, r0, rows, visible, panels, padded, out_rows, width, .. } = *blk;
+            let Scratch { keys: packed, values, scores, .. } = scratch;
+            let scores = &mut scores[..rows * padded];
+            let mut sums = [0f32; QUERY_BLOCK];
+            // SAFETY: the CPU has AVX-512F (`causal_fast`); the query rows
+            // r0..r1 of head h lie in `q` at stride strides[2], the packed K
+            // and V hold every key (of which `visible` are read), and the
+            // block's output rows belong to this unit only.
+            unsafe {
+                scores_block(&q.data[q.at(b, h, r0)..], q.strides[2], rows, packed, head_dim, panels, None, scores);
+                blk.mask(scores);
+                exp_block(scores, padded, visible, &mut sums[..rows]);
+                values_block(scores, padded, visible, &sums[..rows], values, head_dim, out_rows, width);
+            }
         });
     }
 }
