@@ -336,15 +336,23 @@ impl Rope {
                     let t = r % seq;
                     let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
                     let row = &x[r * dim..][..dim];
-                    for i in 0..half {
-                        let (ci, si) = (c[i], sign * s[i]);
-                        let (a, b, ia, ib) = if self.interleaved {
-                            (row[2 * i], row[2 * i + 1], 2 * i, 2 * i + 1)
-                        } else {
-                            (row[i], row[i + half], i, i + half)
-                        };
-                        dst[ia].write(a * ci - b * si);
-                        dst[ib].write(b * ci + a * si);
+                    // The two layouts as separate branch-free loops over
+                    // slices, which LLVM vectorises (the same operations in
+                    // the same order as one element at a time).
+                    if self.interleaved {
+                        for (((d, two), &ci), &si) in dst.chunks_exact_mut(2).zip(row.chunks_exact(2)).zip(c).zip(s) {
+                            let (a, b, si) = (two[0], two[1], sign * si);
+                            d[0].write(a * ci - b * si);
+                            d[1].write(b * ci + a * si);
+                        }
+                    } else {
+                        let (lo, hi) = row[..2 * half].split_at(half);
+                        let (dlo, dhi) = dst[..2 * half].split_at_mut(half);
+                        for ((((dl, dh), &a), &b), (&ci, &si)) in dlo.iter_mut().zip(dhi.iter_mut()).zip(lo).zip(hi).zip(c.iter().zip(s)) {
+                            let si = sign * si;
+                            dl.write(a * ci - b * si);
+                            dh.write(b * ci + a * si);
+                        }
                     }
                 });
                 Ok(())

@@ -287,8 +287,10 @@ mod tests {
         }
         let h = snapshot().since(&before_head);
         ENABLED.store(false, Ordering::Relaxed);
-        // No other test opens a head scope: all 20 ms are the head's, in one call.
-        assert!(h.seconds(Part::Head) >= 0.02 && h.calls(Part::Head) == 1, "{h:?}");
+        // All 20 ms are the head's (lower bounds: another test of this binary
+        // that runs a model forward meanwhile opens head scopes too, which
+        // made an exact call count fail now and then).
+        assert!(h.seconds(Part::Head) >= 0.02 && h.calls(Part::Head) >= 1, "{h:?}");
         assert!(scope(Part::Norm).is_none());
         // Lower bounds only: other tests of this binary may time scopes meanwhile.
         assert!(d.seconds(Part::Attention) >= 0.005 && d.seconds(Part::Matmul) >= 0.01);

@@ -124,13 +124,17 @@ impl RotaryEmbedding {
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         // candle's fused kernels have no backward pass: training (a tracked
         // input) takes ours, which reads `[seq, dim / 2]` tables.
-        let differentiable = x.track_op() && cos.rank() == 2;
+        // Inference on the CPU takes ours too: candle's walks each element by
+        // index on rayon's threads, ours is a vectorised loop on the kernels'
+        // pool (the same operations, so the same values).
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let ours = (x.track_op() || cpu_f32) && cos.rank() == 2;
         if x.track_op() && cos.rank() == 3 && self.style == RopeStyle::Half {
             // Per-row tables (M-RoPE positions) in training: plain tensor ops,
             // `x * cos + rotate_half(x) * sin`, which all have a backward pass.
             return rotate_half_per_row(x, cos, sin);
         }
-        Ok(match (self.style, differentiable) {
+        Ok(match (self.style, ours) {
             (RopeStyle::Half, false) => candle_nn::rotary_emb::rope(x, cos, sin)?,
             (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
             // One op each way on the CPU (candle's `rope_slow` otherwise).
