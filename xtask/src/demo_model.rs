@@ -7,7 +7,7 @@
 //! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
 //! cargo xtask demo-model tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
 //! cargo xtask demo-model double-resolution --out DIR
-//! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N]
+//! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N] [--totals-only]
 //! cargo xtask demo-model samples  [--out DIR]
 //! ```
 //!
@@ -62,6 +62,9 @@ struct Args {
     /// Tower pretraining peak learning rate; the default when `None` (a
     /// lower one suits `tower` on an already trained tower).
     tower_lr: Option<f64>,
+    /// `eval`: print the per-task totals only, not each wrong answer (a
+    /// blind test set stays blind).
+    totals_only: bool,
 }
 
 fn root() -> PathBuf {
@@ -85,9 +88,14 @@ fn parse(args: &[String]) -> Result<Args> {
         style: Style::Classic,
         tower_steps: None,
         tower_lr: None,
+        totals_only: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--totals-only" {
+            parsed.totals_only = true;
+            continue;
+        }
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--data" => parsed.data = PathBuf::from(value()?),
@@ -122,7 +130,7 @@ usage: cargo xtask demo-model <command> [options]
   skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
   tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
   double-resolution --out DIR
-  eval     [--model DIR] [--dataset FILE] [--limit N]
+  eval     [--model DIR] [--dataset FILE] [--limit N] [--totals-only]
   samples  [--out DIR]
 
 S is classic, varied or unlike; details in xtask/src/demo_model.rs.";
@@ -165,7 +173,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 .dataset
                 .clone()
                 .unwrap_or_else(|| args.data.join("heldout.jsonl"));
-            let report = eval::evaluate(&args.model, &dataset, args.limit, true)?;
+            let report = eval::evaluate(&args.model, &dataset, args.limit, !args.totals_only)?;
             eval::print(&report);
             Ok(())
         }

@@ -47,11 +47,11 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
         "the visual",
     ],
     &[
-        "this png file",
-        "the image I just sent",
-        "the shot above",
-        "this little drawing",
-        "the pic I attached",
+        "the jpeg from my phone",
+        "this doodle",
+        "the still image I shared",
+        "this thumbnail",
+        "the scanned picture",
     ],
 ];
 
@@ -78,11 +78,11 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
         "the signal",
     ],
     &[
-        "the audio I just sent",
-        "this mp3 file",
-        "the clip above",
-        "this short recording",
-        "the sound I attached",
+        "this voice memo",
+        "the m4a audio I sent",
+        "the little jingle",
+        "this sound message",
+        "the ringtone",
     ],
 ];
 
@@ -107,11 +107,11 @@ pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
         "this story",
     ],
     &[
-        "the text I pasted",
-        "this pdf file",
-        "the page above",
-        "this short document",
-        "the doc I attached",
+        "this write-up",
+        "the blurb",
+        "the memo text I pasted",
+        "this excerpt",
+        "the handout document",
     ],
 ];
 
@@ -185,11 +185,11 @@ pub const SHAPE: [&[&str]; 2] = [
         "Name the shape.",
     ],
     &[
-        "Which shape do you recognise in {it}?",
-        "What geometric form appears in {it}?",
-        "Could you say what shape is in {it}?",
-        "is the thing in {it} round, square or triangular",
-        "Shape in {it}, please?",
+        "Is the shape in {it} round, or does it have corners?",
+        "I can't make out the shape in {it}. What is it?",
+        "What shape would you say {it} holds?",
+        "Out of circle, square and triangle, which one is {it}?",
+        "So what's the shape in {it}?",
     ],
 ];
 
@@ -230,11 +230,11 @@ pub const COLOUR: [&[&str]; 2] = [
         "Which color is it?",
     ],
     &[
-        "What colour would you call the shape in {it}?",
-        "Which colour is the shape in {it} painted?",
-        "tell me what colour {it} shows",
-        "Is the shape in {it} red, blue, green or yellow?",
-        "What's the colour of the object in {it}?",
+        "I can't tell the colour of the shape in {it}. Which is it?",
+        "What colour would you say {it} is mostly?",
+        "Out of red, blue, green and yellow, which colour is {it}?",
+        "Which colour dominates {it}?",
+        "What's the main colour you notice in {it}?",
     ],
 ];
 
@@ -283,11 +283,11 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Give me a caption for {it}.",
     ],
     &[
-        "What do you make of {it}?",
-        "Describe for me what {it} shows.",
-        "How would you sum up {it}?",
-        "what's pictured in {it}",
-        "Give a one-line description of {it}.",
+        "What am I looking at in {it}?",
+        "Fill me in on {it}.",
+        "What's the story with {it}?",
+        "Put {it} into words for me.",
+        "Give me the short version of what {it} shows.",
     ],
 ];
 
@@ -334,10 +334,10 @@ pub const COMPARE: [&[&str]; 2] = [
         "Which of the images contains {thing}?",
     ],
     &[
-        "In which of the two images do you see {thing}?",
-        "Which picture, the first or the second, has {thing}?",
-        "Tell me which image has {thing} in it.",
-        "{thing} is in which image?",
+        "Out of the two images, which one features {thing}?",
+        "Picture number one or picture number two: which has {thing}?",
+        "Which of my two uploads has {thing}?",
+        "In which picture would I find {thing}?",
     ],
 ];
 
@@ -372,10 +372,10 @@ pub const COUNT: [&[&str]; 2] = [
         "How many beeps sound in {it}?",
     ],
     &[
-        "How many beeps do you count in {it}?",
-        "How many beeps does {it} play?",
-        "count the beeps you hear in {it}",
-        "Tell me the number of beeps in {it}.",
+        "How many beeps go off in {it}?",
+        "I lost count of the beeps in {it}. How many were there?",
+        "What's the beep total in {it}?",
+        "How many beeps in total does {it} make?",
     ],
 ];
 
@@ -406,10 +406,10 @@ pub const PITCH: [&[&str]; 2] = [
         "What pitch is it?",
     ],
     &[
-        "Do the beeps in {it} sound high or low to you?",
-        "What's the pitch like in {it}, high or low?",
-        "high beeps or low beeps in {it}?",
-        "Would you describe the tone of {it} as high or low?",
+        "Would you call the beeps in {it} high or low?",
+        "Do the beeps in {it} go high or stay low?",
+        "On a scale of high to low, where are the beeps in {it}?",
+        "Is {it} a high beep or a low beep?",
     ],
 ];
 
@@ -448,10 +448,10 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "What does {it} have in it?",
     ],
     &[
-        "What do you make of {it}?",
-        "Describe for me what {it} contains.",
-        "what's going on in {it}",
-        "Can you describe the beeps in {it}?",
+        "What am I hearing in {it}?",
+        "Fill me in on {it}.",
+        "What's the story with {it}?",
+        "Put {it} into words for me.",
     ],
 ];
 
@@ -492,10 +492,10 @@ pub const TOPIC: [&[&str]; 2] = [
         "Give me an overview of {it}.",
     ],
     &[
-        "What's the main subject of {it}?",
-        "What is {it} talking about?",
-        "Which theme runs through {it}?",
-        "in a word, what's {it} about",
+        "What's the main idea of {it}?",
+        "Under which heading would you file {it}?",
+        "In one word, what does {it} cover?",
+        "What's {it} getting at?",
     ],
 ];
 
@@ -563,15 +563,15 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Are you a robot?",
     ],
     &[
-        "/history",
-        "/about",
-        "What's the tallest building in the world?",
-        "Can you order me a pizza?",
-        "Remind me to call Sam.",
-        "Who invented chess?",
-        "Who edited {it}?",
-        "Where was {it} saved?",
-        "Is {it} for sale?",
+        "/status",
+        "/version",
+        "How far away is the moon?",
+        "Book me a table for two.",
+        "Wake me up at six tomorrow.",
+        "Which team won the league last season?",
+        "When was {it} created?",
+        "How big is {it} in megabytes?",
+        "Can you email {it} to my boss?",
     ],
 ];
 
@@ -670,7 +670,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
-            Style::Unlike => &["Hi again, ", "Good day, ", "Hello friend, "],
+            Style::Unlike => &["Hiya, ", "Yo, ", "Excuse me, "],
             _ => &["Hi! ", "Hey, ", "OK, ", "Quick question: ", "Please: ", "Q: "],
         };
         q = format!("{}{q}", pick(greetings, rng));
