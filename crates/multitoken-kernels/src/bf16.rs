@@ -62,6 +62,13 @@ pub fn bf16_bits(x: f32) -> u16 {
     (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
+/// `lo` and `hi` rounded to bf16 in one `u32`, `lo` in the low half: the
+/// pair `vdpbf16ps` multiplies with the other operand's pair.
+#[inline(always)]
+pub(crate) fn bf16_pair(lo: f32, hi: f32) -> u32 {
+    u32::from(bf16_bits(lo)) | u32::from(bf16_bits(hi)) << 16
+}
+
 /// The f32 value of bf16 bits (exact).
 #[inline(always)]
 fn bf16_value(bits: u16) -> f32 {
@@ -345,10 +352,10 @@ fn round_pairs(x: &[f32], rows: usize, k: usize, k_pad: usize) -> Vec<u32> {
 
 /// [`round_pairs`] of the rows of `x` into `dst` (`per_row` pairs a row, the
 /// padding already zero).
-fn round_pairs_into(x: &[f32], k: usize, per_row: usize, dst: &mut [u32]) {
+pub(crate) fn round_pairs_into(x: &[f32], k: usize, per_row: usize, dst: &mut [u32]) {
     for (src, dst) in x.chunks_exact(k.max(1)).zip(dst.chunks_exact_mut(per_row)) {
         for (d, two) in dst.iter_mut().zip(src.chunks_exact(2)) {
-            *d = u32::from(bf16_bits(two[0])) | u32::from(bf16_bits(two[1])) << 16;
+            *d = bf16_pair(two[0], two[1]);
         }
         if k % 2 == 1 {
             dst[k / 2] = u32::from(bf16_bits(src[k - 1]));
@@ -446,14 +453,14 @@ fn linear_impl(x: &Tensor, w: &Bf16Matrix, each_row: bool) -> Result<Option<Tens
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::BLOCK_COLS;
 
     /// 32 bf16 lanes from 512 bits (a reinterpretation: the types differ only in name).
     #[inline(always)]
-    fn as_bh(v: __m512i) -> __m512bh {
+    pub(crate) fn as_bh(v: __m512i) -> __m512bh {
         // SAFETY: both are 64-byte plain vectors; every bit pattern is valid.
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }

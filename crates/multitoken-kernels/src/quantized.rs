@@ -116,8 +116,9 @@ pub fn matmul_many(weights: &[Weights], in_dim: usize, x: &[f32], rows: usize, y
 /// `y[r, o] = f(x W_gate[o], x W_up[o])` for an element-wise `f` (e.g. silu(g) ·
 /// u), each product bit for bit what [`matmul`] gives it. `combine(gates, ups)`
 /// applies `f` to slices of both laid out alike, leaving its results in `ups`;
-/// it must treat each element alone, as the slices it gets are of any length. Saves a decode step two
-/// of its three calls per MLP (the products and the activation's own pass).
+/// it must treat each element alone, as the slices it gets are of any length.
+/// Saves a decode step two of its three calls per MLP (the products and the
+/// activation's own pass).
 /// Sizes as for [`matmul`], `gate.out_dim == up.out_dim`, `y.len() == rows * gate.out_dim`.
 pub fn matmul_gated(
     gate: Weights,

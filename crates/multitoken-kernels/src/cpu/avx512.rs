@@ -319,10 +319,7 @@ pub(super) unsafe fn values_block(
     unsafe {
         let rows = sums.len();
         debug_assert!(probs.len() >= rows * stride && v.len() >= keys * head_dim);
-        let mut inv = [0f32; QUERY_BLOCK];
-        for (inv, &sum) in inv.iter_mut().zip(sums) {
-            *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-        }
+        let inv = reciprocal_sums(sums);
         for_each_values_tile(probs, stride, keys, &inv[..rows], v, head_dim, out, out_stride, KEY_CHUNK, |tile, vectors, args| match (tile, vectors) {
             (6, 4) => values_tile::<6, 4>(args),
             (6, 3) => values_tile::<6, 3>(args),
@@ -350,6 +347,16 @@ pub(super) unsafe fn values_block(
             (_, _) => values_tile::<1, 1>(args),
         });
     }
+}
+
+/// Each row's `1 / sum`, and 0 for a row whose sum is 0 (every key masked):
+/// what the ·V tiles scale their rows by.
+pub(super) fn reciprocal_sums(sums: &[f32]) -> [f32; QUERY_BLOCK] {
+    let mut inv = [0f32; QUERY_BLOCK];
+    for (inv, &sum) in inv.iter_mut().zip(sums) {
+        *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+    }
+    inv
 }
 
 /// The ·V product's walk over its tiles: chunks of `chunk` keys (or key

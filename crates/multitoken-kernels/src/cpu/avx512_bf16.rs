@@ -16,18 +16,15 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::{for_each_values_tile, ValuesTile, KEY_CHUNK, PANEL, QUERY_BLOCK, TILE_ROWS};
+use super::avx512::{for_each_values_tile, reciprocal_sums, ValuesTile, KEY_CHUNK, PANEL, QUERY_BLOCK, TILE_ROWS};
 use super::Rows;
-use crate::bf16::bf16_bits;
+use crate::bf16::avx512::as_bh;
+use crate::bf16::{bf16_pair as pair, round_pairs_into};
 
 /// Whether this CPU and head width can take the bf16 tiles: AVX-512 F and
 /// BF16, and a head width the f32 tiles take (a multiple of 16).
 pub(super) fn applies(head_dim: usize) -> bool {
     super::avx512::applies(head_dim) && std::arch::is_x86_feature_detected!("avx512bf16")
-}
-
-fn pair(lo: f32, hi: f32) -> u32 {
-    u32::from(bf16_bits(lo)) | u32::from(bf16_bits(hi)) << 16
 }
 
 /// Packs key head `h` of batch `b` in the layouts above: K scaled into panels
@@ -64,16 +61,12 @@ pub(super) fn pack_head(packed: &mut Vec<u32>, values: &mut Vec<u32>, k: Rows, v
 
 /// `rows` query rows of `head_dim` floats, `stride` apart, into pairs along d.
 pub(super) fn pack_queries(q: &[f32], stride: usize, rows: usize, head_dim: usize, out: &mut Vec<u32>) {
+    let half = head_dim / 2;
     out.clear();
-    for r in 0..rows {
-        out.extend(q[r * stride..][..head_dim].chunks_exact(2).map(|two| pair(two[0], two[1])));
+    out.resize(rows * half, 0);
+    for (r, dst) in out.chunks_exact_mut(half.max(1)).enumerate() {
+        round_pairs_into(&q[r * stride..][..head_dim], head_dim, half, dst);
     }
-}
-
-#[inline(always)]
-fn as_bh(v: __m512i) -> __m512bh {
-    // SAFETY: both are 64-byte plain vectors; every bit pattern is valid.
-    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
 }
 
 /// `scores[i, key] = q[i] · k_scaled[key]` for the `rows` query rows in
@@ -165,22 +158,23 @@ pub(super) unsafe fn round_probs(probs: &[f32], stride: usize, keys: usize, rows
     }
 }
 
-/// `out[i, ..head_dim] = Σ_key p[i, key] v[key] · inv[i]` for every row of
+/// `out[i, ..head_dim] = Σ_key p[i, key] v[key] / sums[i]` for every row of
 /// `probs` (pairs, `stride / 2` a row) over its first `keys` keys, `v` in
-/// pairs along keys.
+/// pairs along keys; rows whose sum is 0 come out as zeros.
 ///
 /// # Safety
 /// AVX-512 F and BF16; the operands hold what they say, `out` rows
 /// `out_stride` apart hold `head_dim` floats each and belong to the caller.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub(super) unsafe fn values_block(probs: &[u32], stride: usize, keys: usize, inv: &[f32], v: &[u32], head_dim: usize, out: *mut f32, out_stride: usize) {
-    let (rows, pairs, half_stride) = (inv.len(), keys.div_ceil(2), stride / 2);
+pub(super) unsafe fn values_block(probs: &[u32], stride: usize, keys: usize, sums: &[f32], v: &[u32], head_dim: usize, out: *mut f32, out_stride: usize) {
+    let (rows, pairs, half_stride) = (sums.len(), keys.div_ceil(2), stride / 2);
+    let inv = reciprocal_sums(sums);
     debug_assert!(rows <= QUERY_BLOCK && probs.len() >= rows * half_stride && v.len() >= pairs * head_dim);
     // SAFETY: the bounds above, checked by the caller; chunks of pairs
     // cover the f32 path's key chunks.
     unsafe {
-        for_each_values_tile(probs, half_stride, pairs, inv, v, head_dim, out, out_stride, KEY_CHUNK / 2, |tile, vectors, t| {
+        for_each_values_tile(probs, half_stride, pairs, &inv[..rows], v, head_dim, out, out_stride, KEY_CHUNK / 2, |tile, vectors, t| {
             macro_rules! dispatch {
                 ($($r:literal),*) => {
                     match (tile, vectors) {

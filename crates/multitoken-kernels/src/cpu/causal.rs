@@ -49,6 +49,20 @@ pub struct CausalShape {
     pub head_dim: usize,
 }
 
+impl CausalShape {
+    /// Panics unless the heads group evenly over the key heads, the queries
+    /// are the last of the keys and an output of `out_len` holds the result
+    /// (a caller's bug, not input).
+    fn check(&self, out_len: usize, name: &str) {
+        let CausalShape { batch, heads, kv_heads, queries, keys, head_dim } = *self;
+        assert!(
+            kv_heads > 0 && heads.is_multiple_of(kv_heads) && keys >= queries,
+            "{name}: {heads} heads over {kv_heads} key heads, {queries} queries over {keys} keys"
+        );
+        assert!(out_len >= batch * queries * heads * head_dim, "{name}: output too short");
+    }
+}
+
 /// Whether [`causal_attention`] runs its fast tiles for this head width (on
 /// other CPUs or widths it runs a plain loop, correct but slower than a GEMM:
 /// a caller with a faster path should keep it then).
@@ -71,12 +85,8 @@ pub fn causal_fast(head_dim: usize) -> bool {
 /// `[batch, queries, heads * head_dim]` (dense). Every element of `out` is
 /// written, so it may start uninitialised.
 pub fn causal_attention(q: Strided4, k: Strided4, v: Strided4, shape: CausalShape, scale: f32, out: &mut [MaybeUninit<f32>]) {
-    let CausalShape { batch, heads, kv_heads, queries, keys, head_dim } = shape;
-    assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads) && keys >= queries,
-        "causal_attention: {heads} heads over {kv_heads} key heads, {queries} queries over {keys} keys"
-    );
-    assert!(out.len() >= batch * queries * heads * head_dim, "causal_attention: output too short");
+    let CausalShape { batch, heads, queries, head_dim, .. } = shape;
+    shape.check(out.len(), "causal_attention");
     if batch == 0 || queries == 0 || heads == 0 || head_dim == 0 {
         return;
     }
@@ -108,12 +118,8 @@ pub fn causal_bf16_fast(head_dim: usize) -> bool {
 /// `false`, writing nothing, where [`causal_bf16_fast`] says no; the caller
 /// then takes the f32 path.
 pub fn causal_attention_bf16(q: Strided4, k: Strided4, v: Strided4, shape: CausalShape, scale: f32, out: &mut [MaybeUninit<f32>]) -> bool {
-    let CausalShape { batch, heads, kv_heads, queries, keys, head_dim } = shape;
-    assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads) && keys >= queries,
-        "causal_attention_bf16: {heads} heads over {kv_heads} key heads, {queries} queries over {keys} keys"
-    );
-    assert!(out.len() >= batch * queries * heads * head_dim, "causal_attention_bf16: output too short");
+    let CausalShape { batch, heads, queries, head_dim, .. } = shape;
+    shape.check(out.len(), "causal_attention_bf16");
     if !causal_bf16_fast(head_dim) {
         return false;
     }
@@ -229,8 +235,8 @@ mod tiles {
     /// unit on the pool, in that order: the query heads of one key head are
     /// consecutive, so a thread packs each key head (with `pack`, given the
     /// head's K and V as the head 0 of `Rows` operands, and the batch) about
-    /// once. `run`
-    /// gets the thread's scratch with `scores` at least the block's size.
+    /// once. `run` gets the thread's scratch with `scores` at least the
+    /// block's size.
     fn for_each_block(
         k: Strided4,
         v: Strided4,
@@ -280,7 +286,7 @@ mod tiles {
             }
             let scores = &mut scores[..rows * padded];
             bf::pack_queries(&q.data[q.at(b, h, r0)..], q.strides[2], rows, head_dim, qs);
-            let (mut sums, mut inv) = ([0f32; QUERY_BLOCK], [0f32; QUERY_BLOCK]);
+            let mut sums = [0f32; QUERY_BLOCK];
             // SAFETY: the CPU has AVX-512 F and BF16 (`causal_bf16_fast`);
             // `qs` holds the block's rows, the packed K and V every key (of
             // which `visible` are read), `scores` and `probs` `rows` rows of
@@ -290,10 +296,7 @@ mod tiles {
                 blk.mask(scores);
                 exp_block(scores, padded, visible, &mut sums[..rows]);
                 bf::round_probs(scores, padded, visible, rows, probs);
-                for (inv, &sum) in inv.iter_mut().zip(&sums[..rows]) {
-                    *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                }
-                bf::values_block(probs, padded, visible, &inv[..rows], values, head_dim, out_rows, width);
+                bf::values_block(probs, padded, visible, &sums[..rows], values, head_dim, out_rows, width);
             }
         });
     }
@@ -403,9 +406,6 @@ mod tests {
                 let got = unsafe { crate::assume_init(out) };
                 let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(diff < tolerance, "{name} case {seed}: max diff {diff}");
-                if std::env::var_os("SHOW_DIFF").is_some() {
-                    eprintln!("{name} case {seed}: max diff {diff}");
-                }
             }
         }
     }
