@@ -7,6 +7,7 @@
 //! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
 //! cargo xtask demo-model tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
 //! cargo xtask demo-model double-resolution --out DIR
+//! cargo xtask demo-model pretrained-lm --gguf FILE [--vocab N] [--model FROM] [--out DIR] [--seed N]
 //! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N] [--totals-only]
 //! cargo xtask demo-model samples  [--out DIR]
 //! ```
@@ -24,6 +25,9 @@
 //! model directory with seeded random weights (tiny llama LM, CLIP tower,
 //! Whisper, sentence-transformers BERT, projectors, `multitoken.json`); `eval`
 //! answers held-out questions greedily and reports accuracy per task;
+//! `pretrained-lm` writes a skeleton whose LM takes a GGUF's vocabulary, cut to
+//! `--vocab` pieces, and its embeddings projected to the LM's width (encoders
+//! copied from `--model`; see `pretrained`);
 //! `samples` writes the README's example inputs (default `examples/shapes`).
 //! Defaults: data in `target/demo-data`, skeleton in `target/demo-model/init`,
 //! eval of `examples/demo-model` on `target/demo-data/heldout.jsonl`.
@@ -32,6 +36,7 @@ mod build;
 mod eval;
 mod random;
 mod skeleton;
+mod pretrained;
 mod tokenizer;
 mod tower;
 
@@ -65,6 +70,10 @@ struct Args {
     /// `eval`: print the per-task totals only, not each wrong answer (a
     /// blind test set stays blind).
     totals_only: bool,
+    /// `pretrained-lm`: the GGUF whose vocabulary and embeddings the LM takes.
+    gguf: Option<PathBuf>,
+    /// `pretrained-lm`: the LM's vocabulary size.
+    vocab: usize,
 }
 
 fn root() -> PathBuf {
@@ -89,6 +98,8 @@ fn parse(args: &[String]) -> Result<Args> {
         tower_steps: None,
         tower_lr: None,
         totals_only: false,
+        gguf: None,
+        vocab: 16384,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -106,6 +117,8 @@ fn parse(args: &[String]) -> Result<Args> {
             "--train" => parsed.train = value()?.parse().context("--train")?,
             "--heldout" => parsed.heldout = value()?.parse().context("--heldout")?,
             "--limit" => parsed.limit = value()?.parse().context("--limit")?,
+            "--gguf" => parsed.gguf = Some(PathBuf::from(value()?)),
+            "--vocab" => parsed.vocab = value()?.parse().context("--vocab")?,
             "--tower-steps" => parsed.tower_steps = Some(value()?.parse().context("--tower-steps")?),
             "--tower-lr" => parsed.tower_lr = Some(value()?.parse().context("--tower-lr")?),
             "--style" => {
@@ -130,6 +143,7 @@ usage: cargo xtask demo-model <command> [options]
   skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
   tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
   double-resolution --out DIR
+  pretrained-lm --gguf FILE [--vocab N] [--model FROM] [--out DIR] [--seed N]
   eval     [--model DIR] [--dataset FILE] [--limit N] [--totals-only]
   samples  [--out DIR]
 
@@ -167,6 +181,11 @@ pub fn run(args: &[String]) -> Result<()> {
         "skeleton" => {
             let texts = training_text(&args.data.join("train.jsonl"))?;
             skeleton::write(&args.out, &texts, args.seed, skeleton::tower_for(args.style))
+        }
+        // A skeleton whose LM takes a GGUF's vocabulary and embeddings (see `pretrained`).
+        "pretrained-lm" => {
+            let gguf = args.gguf.as_deref().context("pretrained-lm needs --gguf FILE")?;
+            pretrained::write(gguf, args.vocab, &args.model, &args.out, args.seed)
         }
         "eval" => {
             let dataset = args

@@ -80,6 +80,10 @@ pub struct TrainArgs {
     /// LoRA target modules, comma-separated (default: every decoder linear).
     #[arg(long, alias = "lora_target_modules", value_delimiter = ',')]
     pub lora_target_modules: Option<Vec<String>>,
+    /// `--stage full`: LM parameters kept as loaded, comma-separated transformers
+    /// names or name prefixes (`model.embed_tokens`) [default: none].
+    #[arg(long, alias = "freeze_lm", value_delimiter = ',')]
+    pub freeze_lm: Option<Vec<String>>,
     /// Also train the modality encoders: `true` (all), or builder names
     /// (`vision_clip,audio_whisper`); an encoder directory without weights starts random
     /// [default: none].
@@ -224,6 +228,7 @@ impl TrainArgs {
         set!(lora_alpha);
         set!(lora_dropout);
         set!(lora_target_modules);
+        set!(freeze_lm);
         set!(num_train_epochs);
         set!(per_device_train_batch_size);
         set!(gradient_accumulation_steps);

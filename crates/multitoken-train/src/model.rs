@@ -221,6 +221,8 @@ pub struct TrainableModel {
     /// The frozen towers' block format (`--quantize-towers`): part of the
     /// feature cache's key, since quantized towers give other features.
     quantize_towers: Option<TowerQuantization>,
+    /// LM variables kept as loaded ([`TrainableModel::freeze_lm`]).
+    frozen_lm: Vec<String>,
 }
 
 impl TrainableModel {
@@ -439,7 +441,40 @@ impl TrainableModel {
             features: Default::default(),
             weights,
             quantize_towers,
+            frozen_lm: Vec::new(),
         })
+    }
+
+    /// Keeps the LM variables named by `names` (transformers names, or prefixes
+    /// ending before a `.`: `model.embed_tokens`, `model.layers.0`) as loaded:
+    /// they leave [`TrainableModel::params`], and are saved unchanged. A name
+    /// that matches no variable is an error (a typo would otherwise train it).
+    pub fn freeze_lm(&mut self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let Some(map) = &self.lm_vars else {
+            return Err(Error::Config("freeze_lm: the LM is not being trained (it needs --stage full)".into()));
+        };
+        let all: Vec<String> = named(map, "").into_iter().map(|p| p.name).collect();
+        let mut frozen = Vec::new();
+        for name in names {
+            let matches: Vec<&String> = all
+                .iter()
+                .filter(|v| *v == name || v.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with('.')))
+                .collect();
+            if matches.is_empty() {
+                return Err(Error::Config(format!(
+                    "freeze_lm: `{name}` names no LM parameter (they are named as in transformers, e.g. `{}`)",
+                    all.first().map(String::as_str).unwrap_or("model.embed_tokens.weight")
+                )));
+            }
+            frozen.extend(matches.into_iter().cloned());
+        }
+        frozen.sort();
+        frozen.dedup();
+        self.frozen_lm = frozen;
+        Ok(())
     }
 
     /// The trainable parameters, named `projectors/…`, `lm/…`, `encoder{i}/…`, sorted.
@@ -449,7 +484,8 @@ impl TrainableModel {
             out.extend(named(&self.projectors, "projectors/"));
         }
         if let Some(map) = &self.lm_vars {
-            out.extend(named(map, "lm/"));
+            let frozen = |p: &Param| self.frozen_lm.iter().any(|k| p.name.strip_prefix("lm/") == Some(k.as_str()));
+            out.extend(named(map, "lm/").into_iter().filter(|p| !frozen(p)));
         }
         if let Some(map) = &self.lora_vars {
             out.extend(named(map, "lora/"));

@@ -265,6 +265,9 @@ impl RunIdentity {
         // Only when set, so that the identities of earlier runs do not change:
         // adapters trained over one quantization resume only over the same one.
         let mut settings = settings;
+        if let (false, serde_json::Value::Object(map)) = (cfg.freeze_lm.is_empty(), &mut settings) {
+            map.insert("freeze_lm".into(), serde_json::json!(cfg.freeze_lm));
+        }
         for (key, value) in [("quantize", &cfg.quantize), ("quantize_towers", &cfg.quantize_towers)] {
             if let (Some(q), serde_json::Value::Object(map)) = (value, &mut settings) {
                 map.insert(key.into(), serde_json::Value::String(q.to_ascii_lowercase()));

@@ -50,6 +50,11 @@ pub struct TrainConfig {
     pub lora_dropout: f32,
     /// LoRA target module suffixes (empty = every decoder linear).
     pub lora_target_modules: Vec<String>,
+    /// `--stage full`: LM parameters that stay as loaded, by transformers name or
+    /// name prefix (`model.embed_tokens`): e.g. pretrained embeddings kept fixed so
+    /// that words the data never shows keep their neighbours.
+    #[serde(default)]
+    pub freeze_lm: Vec<String>,
     /// Epochs (ignored when `max_steps` is set).
     pub num_train_epochs: f64,
     /// Optimizer steps; overrides epochs.
@@ -139,6 +144,7 @@ impl TrainConfig {
             lora_alpha: 16.0,
             lora_dropout: 0.05,
             lora_target_modules: Vec::new(),
+            freeze_lm: Vec::new(),
             num_train_epochs: 1.0,
             max_steps: None,
             per_device_train_batch_size: 4,
@@ -264,7 +270,8 @@ pub fn train_until(cfg: &TrainConfig, stop: &AtomicBool, logged: Option<&SyncSen
         .map(multitoken_lm::loader::parse_tower_quantization)
         .transpose()
         .map_err(|e| Error::Config(format!("quantize_towers: {e}")))?;
-    let model = TrainableModel::load_quantized(&cfg.model, parts, &device, cfg.seed, quantize, quantize_towers)?;
+    let mut model = TrainableModel::load_quantized(&cfg.model, parts, &device, cfg.seed, quantize, quantize_towers)?;
+    model.freeze_lm(&cfg.freeze_lm)?;
     crate::run::check_not_lm(cfg, &model.lm_path)?;
     let identity = RunIdentity::of(cfg, &model.lm_path)?;
     let rows = crate::data::read_jsonl_for(&cfg.dataset, &model.mm)?;
@@ -510,6 +517,9 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
     }
     if cfg.gradient_checkpointing && cfg.stage != Stage::Lora {
         return bad("gradient_checkpointing applies to --stage lora (the decoder's layers are recomputed for its adapters)");
+    }
+    if !cfg.freeze_lm.is_empty() && cfg.stage != Stage::Full {
+        return bad("freeze_lm applies to --stage full (only full fine-tuning trains the LM's own parameters)");
     }
     if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
         return bad("learning_rate must be a positive number");

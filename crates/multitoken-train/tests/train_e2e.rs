@@ -106,6 +106,45 @@ fn full_finetuning_with_encoder_trains_everything() -> TestResult {
     Ok(())
 }
 
+/// `freeze_lm` keeps the named LM parameters (a prefix here) bit for bit
+/// while the rest of the LM trains; a name that matches nothing, or freezing
+/// outside full fine-tuning, is refused before any step.
+#[test]
+fn freeze_lm_keeps_the_named_parameters_and_trains_the_rest() -> TestResult {
+    let root = temp("freeze-lm")?;
+    let mut cfg = config(&root, Stage::Full, 4)?;
+    cfg.learning_rate = 3e-3;
+    cfg.freeze_lm = vec!["model.embed_tokens".into(), "model.layers.0.mlp.up_proj.weight".into()];
+    train(&cfg)?;
+    let device = candle_core::Device::Cpu;
+    let lm = |dir: &Path| candle_core::safetensors::load(dir.join("model.safetensors"), &device);
+    let config_text = std::fs::read_to_string(model_dir(&root)?.join("multitoken.json"))?;
+    let multimodal: serde_json::Value = serde_json::from_str(&config_text)?;
+    let base = multimodal["base_model"].as_str().ok_or("no base_model")?;
+    let base = model_dir(&root)?.join(base);
+    let (before, after) = (lm(&base)?, lm(&cfg.output_dir.join("lm"))?);
+    let max_diff = |name: &str| -> Result<f32, Box<dyn std::error::Error>> {
+        let (Some(b), Some(a)) = (before.get(name), after.get(name)) else {
+            return Err(format!("`{name}` missing").into());
+        };
+        Ok((b - a)?.abs()?.max_all()?.to_scalar::<f32>()?)
+    };
+    assert_eq!(max_diff("model.embed_tokens.weight")?, 0.0, "the frozen embeddings changed");
+    assert_eq!(max_diff("model.layers.0.mlp.up_proj.weight")?, 0.0, "the frozen projection changed");
+    assert!(max_diff("model.layers.0.mlp.down_proj.weight")? > 0.0, "the rest of the LM did not train");
+    assert!(max_diff("model.layers.0.self_attn.q_proj.weight")? > 0.0, "the rest of the LM did not train");
+
+    let mut typo = config(&temp("freeze-lm-typo")?, Stage::Full, 1)?;
+    typo.freeze_lm = vec!["model.embed_token".into()];
+    let message = train(&typo).err().ok_or("a misspelt name was accepted")?.to_string();
+    assert!(message.contains("model.embed_token") && message.contains("names no LM parameter"), "{message}");
+    let mut projectors = config(&temp("freeze-lm-stage")?, Stage::Projectors, 1)?;
+    projectors.freeze_lm = vec!["model.embed_tokens".into()];
+    let message = train(&projectors).err().ok_or("freeze_lm without --stage full was accepted")?.to_string();
+    assert!(message.contains("--stage full"), "{message}");
+    Ok(())
+}
+
 /// Trains `steps` steps uninterrupted, and again with a checkpoint at step 3
 /// from which a second run resumes: the two loss curves must be identical.
 fn check_resume(name: &str, stage: Stage, train_encoders: bool) -> TestResult {

@@ -86,9 +86,9 @@ pub fn write(dir: &Path, texts: &[String], seed: u64, tower: Tower) -> Result<()
             .with_context(|| format!("creating {}", dir.join(sub).display()))?;
     }
     let lm_vocab = write_lm(&dir.join("lm"), texts, seed)?;
-    let vision = write_vision(&dir.join("vision"), seed, tower)?;
-    let audio = write_audio(&dir.join("audio"), seed)?;
-    let document = write_document(&dir.join("document"), texts, seed)?;
+    write_vision(&dir.join("vision"), seed, tower)?;
+    write_audio(&dir.join("audio"), seed)?;
+    write_document(&dir.join("document"), texts, seed)?;
     let modalities = json!([
         {"builder": "vision_clip", "config": {"tower": "vision", "vision_feature_layer": -1, "spatial_pool_stride": tower.pool}, "projector": "mlp2x_gelu"},
         {"builder": "audio_whisper", "config": {"model_path": "audio", "features": "encoder_pooled", "token_width": AUDIO_TOKENS, "projector_depth": 2, "max_seconds": 30.0}, "projector": "mlp2x_gelu"},
@@ -99,26 +99,29 @@ pub fn write(dir: &Path, texts: &[String], seed: u64, tower: Tower) -> Result<()
         &dir.join("multitoken.json"),
         &json!({"base_model": "lm", "modalities": modalities}),
     )?;
-    // Projectors: feature width -> LM width.
+    let parameters = write_projectors(dir, seed)?;
+    println!(
+        "demo model skeleton in {} (LM vocab {lm_vocab}, {} projector parameters)",
+        dir.display(),
+        parameters
+    );
+    Ok(())
+}
+
+/// Seeded random projectors from each encoder's feature width to the LM's
+/// width, written to `dir/projectors.safetensors`; returns their parameter count.
+pub fn write_projectors(dir: &Path, seed: u64) -> Result<usize> {
     let (vb, backend) = RandomInit::var_builder(seed ^ 0x5052_4f4a);
     let specs = [
-        (
-            "vision_clip_lmm_projector",
-            ProjectorSpec::MlpGelu { depth: 2 },
-            vision,
-        ),
-        (
-            "audio_whisper_lmm_projector",
-            ProjectorSpec::MlpGelu { depth: 2 },
-            audio,
-        ),
+        ("vision_clip_lmm_projector", ProjectorSpec::MlpGelu { depth: 2 }, CLIP_HIDDEN),
+        ("audio_whisper_lmm_projector", ProjectorSpec::MlpGelu { depth: 2 }, WHISPER_D),
         (
             "document_minilm_lmm_projector",
             ProjectorSpec::VectorMlp {
                 num_layers: 2,
                 num_tokens: DOC_TOKENS,
             },
-            document,
+            BERT_HIDDEN,
         ),
     ];
     for (prefix, spec, feature_dim) in specs {
@@ -126,16 +129,19 @@ pub fn write(dir: &Path, texts: &[String], seed: u64, tower: Tower) -> Result<()
             .with_context(|| format!("projector {prefix}"))?;
     }
     backend.save(&dir.join("projectors.safetensors"))?;
-    println!(
-        "demo model skeleton in {} (LM vocab {lm_vocab}, {} projector parameters)",
-        dir.display(),
-        backend.parameters()
-    );
-    Ok(())
+    Ok(backend.parameters())
 }
 
 fn write_lm(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
     let vocab = tokenizer::train_lm(texts, LM_VOCAB, &dir.join("tokenizer.json"))?;
+    write_lm_weights(dir, vocab, seed, None)?;
+    Ok(vocab)
+}
+
+/// The LM's config files and seeded random weights, for a tokenizer of
+/// `vocab` entries already in `dir` (ours specials at ids 0..7); `embeddings`
+/// `[rows, LM_HIDDEN]` replace the random embedding table when given.
+pub fn write_lm_weights(dir: &Path, vocab: usize, seed: u64, embeddings: Option<Tensor>) -> Result<()> {
     // The embedding table is a multiple of 64 rows (ids past the tokenizer's are never produced).
     let rows = vocab.div_ceil(64) * 64;
     let id = |t: &str| {
@@ -175,7 +181,9 @@ fn write_lm(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
         tensors.insert(name, t);
         Ok(())
     };
-    put("model.embed_tokens.weight".into(), &[rows, LM_HIDDEN])?;
+    if embeddings.is_none() {
+        put("model.embed_tokens.weight".into(), &[rows, LM_HIDDEN])?;
+    }
     put("model.norm.weight".into(), &[LM_HIDDEN])?;
     for i in 0..LM_LAYERS {
         let p = format!("model.layers.{i}");
@@ -200,10 +208,15 @@ fn write_lm(dir: &Path, texts: &[String], seed: u64) -> Result<usize> {
         put(format!("{p}.input_layernorm.weight"), &[LM_HIDDEN])?;
         put(format!("{p}.post_attention_layernorm.weight"), &[LM_HIDDEN])?;
     }
+    if let Some(table) = embeddings {
+        if table.dims() != [rows, LM_HIDDEN] {
+            anyhow::bail!("embeddings of shape {:?}, the LM needs [{rows}, {LM_HIDDEN}]", table.dims());
+        }
+        tensors.insert("model.embed_tokens.weight".into(), table);
+    }
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(vocab)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub(crate) fn write_vision(dir: &Path, seed: u64, tower: Tower) -> Result<usize> {
