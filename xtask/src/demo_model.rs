@@ -34,9 +34,9 @@
 
 mod build;
 mod eval;
+mod pretrained;
 mod random;
 mod skeleton;
-mod pretrained;
 mod tokenizer;
 mod tower;
 

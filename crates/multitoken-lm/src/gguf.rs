@@ -233,6 +233,11 @@ impl GgufSource {
         }
     }
 
+    /// The file's tokenizer, as [`tokenizer_from_gguf`] builds it from the metadata.
+    pub fn tokenizer(&self) -> Result<GgufTokenizer> {
+        tokenizer_from_gguf(&self.path, &self.content)
+    }
+
     /// The block type a tensor (by its transformers name) is stored in, if the
     /// file has it.
     pub fn stored_type(&self, name: &str) -> Option<GgmlDType> {

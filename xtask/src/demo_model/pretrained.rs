@@ -19,8 +19,10 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::gguf_file::Content;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use multitoken_lm::gguf::{GgufSource, GgufWeights};
+use multitoken_lm::loader::LoadOptions;
+use multitoken_lm::WeightSource;
 use serde_json::Value;
 
 use super::skeleton;
@@ -37,15 +39,16 @@ pub fn write(gguf: &Path, vocab: usize, from: &Path, out: &Path, seed: u64) -> R
     if !vocab.is_multiple_of(64) || vocab < 512 {
         bail!("--vocab {vocab}: give a multiple of 64, at least 512");
     }
+    // The project's reader: it refuses a malformed header with an error, never a panic.
+    let source = GgufSource::open(gguf, &LoadOptions::default(), GgufWeights::Dequantized)?;
+    let config = source.config()?;
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("lm")).with_context(|| format!("creating {}", out.display()))?;
-    let mut file = std::fs::File::open(gguf).with_context(|| format!("opening {}", gguf.display()))?;
-    let content = Content::read(&mut file).map_err(|e| anyhow!("{}: {e}", gguf.display()))?;
-    let source = multitoken_lm::gguf::tokenizer_from_gguf(gguf, &content)?;
     let json: Value = serde_json::from_str(
         &source
+            .tokenizer()?
             .tokenizer
             .to_string(false)
             .map_err(|e| anyhow!("serialising the GGUF tokenizer: {e}"))?,
@@ -61,12 +64,8 @@ pub fn write(gguf: &Path, vocab: usize, from: &Path, out: &Path, seed: u64) -> R
         bail!("the cut tokenizer does not round-trip {probe:?}: {ids:?}");
     }
 
-    let table = content
-        .tensor(&mut file, "token_embd.weight", &Device::Cpu)
-        .map_err(|e| anyhow!("{}: token_embd.weight: {e}", gguf.display()))?
-        .dequantize(&Device::Cpu)?
-        .to_dtype(DType::F32)?;
-    let embeddings = project(&table, &kept, &source.tokens, vocab, seed)?;
+    let table = source.tensor("model.embed_tokens.weight", &[config.vocab_size, config.hidden_size])?;
+    let embeddings = project(&table, &kept, vocab, seed)?;
     skeleton::write_lm_weights(&out.join("lm"), vocab, seed, Some(embeddings))?;
 
     for sub in ["vision", "audio", "document"] {
@@ -170,11 +169,11 @@ fn cut_tokenizer(mut json: Value, vocab: usize) -> Result<(Value, Vec<Option<u32
 /// modality tokens) are zero for `<pad>` and seeded random otherwise (a
 /// modality token's row is replaced by the item's features before the LM
 /// reads it).
-fn project(table: &Tensor, kept: &[Option<u32>], tokens: &[String], vocab: usize, seed: u64) -> Result<Tensor> {
+fn project(table: &Tensor, kept: &[Option<u32>], vocab: usize, seed: u64) -> Result<Tensor> {
     let (rows, width) = table.dims2()?;
     let hidden = skeleton::LM_HIDDEN;
-    if kept.iter().flatten().any(|&id| id as usize >= rows) || tokens.len() != rows {
-        bail!("token_embd.weight has {rows} rows for {} tokens", tokens.len());
+    if let Some(id) = kept.iter().flatten().find(|&&id| id as usize >= rows) {
+        bail!("the embedding table has {rows} rows, the tokenizer's piece {id} has none");
     }
     let source: Vec<Vec<f32>> = table.to_vec2()?;
     let ordinary: Vec<usize> = kept.iter().skip(LM_SPECIAL.len()).flatten().map(|&i| i as usize).collect();
@@ -216,7 +215,7 @@ fn project(table: &Tensor, kept: &[Option<u32>], tokens: &[String], vocab: usize
     for (row, token) in LM_SPECIAL.iter().enumerate() {
         if kept[row].is_none() && *token != "<pad>" {
             for k in 0..hidden {
-                out[row * hidden + k] = (f64::from(random[row][k]) * EMBEDDING_RMS / 0.02) as f32;
+                out[row * hidden + k] = (f64::from(random[row][k]) * EMBEDDING_RMS / super::random::INIT_STD) as f32;
             }
         }
     }

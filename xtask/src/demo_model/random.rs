@@ -57,6 +57,9 @@ impl RandomInit {
     }
 }
 
+/// Standard deviation of [`init_tensor`]'s normal draws (transformers' `initializer_range`).
+pub const INIT_STD: f64 = 0.02;
+
 /// A tensor of `shape` for parameter `name`.
 pub fn init_tensor(seed: u64, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
     let n: usize = shape.iter().product();
@@ -75,7 +78,7 @@ pub fn init_tensor(seed: u64, name: &str, shape: &[usize]) -> candle_core::Resul
                 // Box-Muller.
                 let u1 = rng.unit().max(1e-12);
                 let u2 = rng.unit();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02) as f32
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * INIT_STD) as f32
             })
             .collect()
     };
