@@ -3,7 +3,7 @@
 # examples/shapes, and off-topic requests beside them, which want the honest reply.
 # Judged by the words of the answer. Usage: python asks.py [BINARY] [MODEL]
 import re, sys
-from common import ask
+from common import ask, claim
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 S = "../../examples/shapes/"
@@ -33,7 +33,7 @@ GROUPS = {"shape": {"circle", "square", "triangle"}, "colour": {"red", "green", 
           "count": {"one", "two", "three", "four"}, "pitch": {"high", "low"},
           "topic": {"cooking", "football", "weather", "space", "music", "gardening"}}
 def right(text, facts, asked):
-    words = set(re.findall(r"[a-z]+", text.lower().replace("color", "colour")))
+    words = set(re.findall(r"[a-z]+", claim(text).lower().replace("color", "colour")))
     return all(set(facts[g]) <= words and not (GROUPS[g] - set(facts[g])) & words for g in asked)
 score = {"image": [0, 0], "audio": [0, 0], "document": [0, 0], "off-topic": [0, 0]}; bad = []
 for kind, items, qs, flag in [("image", IMAGES, IMAGE_QS, "images"), ("audio", AUDIOS, AUDIO_QS, "audios"),

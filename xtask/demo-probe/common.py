@@ -1,6 +1,6 @@
 # Shared by the demo-model probe scripts (see examples/demo-model/README.md): the
 # shapes and colours, Pillow drawing, and one greedy answer from `multitoken generate`.
-import json, random, subprocess
+import json, random, re, subprocess
 from PIL import Image, ImageDraw
 
 COL = {"red": [(220,20,30),(255,0,0),(180,30,40)], "green": [(0,160,0),(40,200,60),(20,120,40)],
@@ -48,3 +48,7 @@ def ask(binary, model, prompt, images=(), audios=(), documents=(), max_new_token
     out = subprocess.run(cmd, capture_output=True, text=True)
     try: return json.loads(out.stdout.strip().splitlines()[-1])["text"]
     except Exception: return "ERR " + out.stderr[-300:]
+def claim(text):
+    """The answer without a yes/no chain's echo ("A triangle. A circle? No." -> "A
+    triangle."): the echo restates what was asked before the verdict, it names no fact."""
+    return re.sub(r"[^.?!]*\?\s*(yes|no)[.!]?\s*$", "", text, flags=re.I).strip() or text

@@ -797,7 +797,7 @@ impl TrainableModel {
         let mut config = self.config.clone();
         if let Some(map) = &self.lm_vars {
             let lm_dir = out.join("lm");
-            copy_non_weights(&self.lm_path, &lm_dir)?;
+            copy_non_weights(&self.lm_path, &lm_dir, false)?;
             save_varmap(map, &lm_dir.join("model.safetensors"))?;
             config.base_model = Some("lm".into());
         } else {
@@ -829,7 +829,7 @@ impl TrainableModel {
                 Some(map) => {
                     let name = format!("encoder-{i}");
                     let dir = out.join(&name);
-                    copy_non_weights(&source_dir, &dir)?;
+                    copy_non_weights(&source_dir, &dir, true)?;
                     save_varmap(map, &dir.join(&weights.weights_file))?;
                     name
                 }
@@ -1155,8 +1155,10 @@ fn absolute(path: &Path) -> PathBuf {
         .unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Copies the files of `from` (not subdirectories, not `*.safetensors` / index files) into `to`.
-fn copy_non_weights(from: &Path, to: &Path) -> Result<()> {
+/// Copies the files of `from` (not `*.safetensors` / index files, not GGUF)
+/// into `to`, and with `subdirectories` those of its folders too (an
+/// encoder's: not an LM's, whose folders are other formats of its weights).
+fn copy_non_weights(from: &Path, to: &Path, subdirectories: bool) -> Result<()> {
     std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
     if !from.is_dir() {
         return Ok(());
@@ -1168,6 +1170,16 @@ fn copy_non_weights(from: &Path, to: &Path) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // A sentence-transformers encoder keeps its pooling settings in
+        // `1_Pooling/config.json`, which loading it needs (hidden folders and
+        // links are not the encoder's).
+        let is_link = path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink());
+        if subdirectories && path.is_dir() && !is_link && !name.starts_with('.') {
+            copy_non_weights(&path, &to.join(&name), true)?;
+            continue;
+        }
         if !path.is_file()
             || name.ends_with(".safetensors")
             || name.ends_with(".safetensors.index.json")
@@ -1369,6 +1381,28 @@ mod tests {
 
     fn check(text: &str, expect: Result<EncoderChoice, ()>) {
         assert_eq!(text.parse::<EncoderChoice>().map_err(|_| ()), expect, "{text:?}");
+    }
+
+    /// A trained encoder's folder keeps the source's settings in subfolders
+    /// (sentence-transformers' `1_Pooling/config.json`, without which the
+    /// saved document encoder did not load) but not its weights.
+    #[test]
+    fn an_encoder_copy_keeps_subfolders_and_leaves_weights() {
+        let root = std::env::temp_dir().join(format!("mt-copy-{}", std::process::id()));
+        let (from, to) = (root.join("from"), root.join("to"));
+        std::fs::create_dir_all(from.join("1_Pooling")).unwrap();
+        std::fs::write(from.join("config.json"), "{}").unwrap();
+        std::fs::write(from.join("model.safetensors"), "w").unwrap();
+        std::fs::write(from.join("1_Pooling/config.json"), "{}").unwrap();
+        std::fs::write(from.join("1_Pooling/extra.safetensors"), "w").unwrap();
+        super::copy_non_weights(&from, &to, true).unwrap();
+        assert!(to.join("config.json").is_file() && to.join("1_Pooling/config.json").is_file());
+        assert!(!to.join("model.safetensors").exists());
+        assert!(!to.join("1_Pooling/extra.safetensors").exists());
+        let lm = root.join("lm");
+        super::copy_non_weights(&from, &lm, false).unwrap();
+        assert!(lm.join("config.json").is_file() && !lm.join("1_Pooling").exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

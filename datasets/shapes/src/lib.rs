@@ -31,9 +31,11 @@
 pub mod audio;
 pub mod benchmarks;
 pub mod built;
+mod checks;
 pub mod documents;
 pub mod images;
 pub mod rows;
+mod templates;
 pub mod varied;
 
 use std::path::{Path, PathBuf};

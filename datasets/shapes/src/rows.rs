@@ -392,15 +392,15 @@ pub(crate) fn compare_pair(by_shape: bool, rng: &mut Rng) -> ((Shape, Colour), (
 /// What a two-image row asks for ("a triangle", "a red shape") and its
 /// checked answer, for images `a` and `b` with the target in the second when
 /// `target_second`.
-    // The answer checks each image before its verdict. The tiny demo
-    // LM cannot match a question's word against image features
-    // directly (measured: at chance with 36 positions per image and
-    // with one pooled position), nor against its own two descriptions
-    // at the end (descriptions right, verdict at chance), nor with a
-    // bare yes/no after each description (65%). Here each check
-    // repeats what is asked right before its yes or no, so the
-    // comparison is between neighbouring words, and the verdict names
-    // the image whose check said yes.
+// The answer checks each image before its verdict. The tiny demo
+// LM cannot match a question's word against image features
+// directly (measured: at chance with 36 positions per image and
+// with one pooled position), nor against its own two descriptions
+// at the end (descriptions right, verdict at chance), nor with a
+// bare yes/no after each description (65%). Here each check
+// repeats what is asked right before its yes or no, so the
+// comparison is between neighbouring words, and the verdict names
+// the image whose check said yes.
 pub(crate) fn compare_answer(
     a: (Shape, Colour),
     b: (Shape, Colour),
@@ -415,7 +415,11 @@ pub(crate) fn compare_answer(
     };
     let which = if target_second { "second" } else { "first" };
     let check = |(shape, colour): (Shape, Colour)| {
-        let fits = if by_shape { shape == target.0 } else { colour == target.1 };
+        let fits = if by_shape {
+            shape == target.0
+        } else {
+            colour == target.1
+        };
         format!(
             "a {} {}. {}? {}",
             colour.name(),
@@ -642,19 +646,34 @@ fn words(text: &str) -> Vec<String> {
 /// reference's. Groups the
 /// reference does not use are not judged. A reference that is the honest
 /// reply [`UNSURE`] matches an answer that says it can't tell and names none
-/// of the groups' words; any other reference naming nothing is never matched.
+/// of the groups' words; a reference that ends on "Yes" or "No" (a yes/no
+/// question's) needs an answer ending on the same verdict; any other
+/// reference naming nothing is never matched.
 pub fn judge(reference: &str, generated: &str) -> bool {
     if words(reference) == words(UNSURE) {
         let generated = words(generated);
-        let says_unsure = generated.windows(2).any(|w| {
-            (w[0] == "t" || w[0] == "cannot") && w[1] == "tell"
-        });
+        let says_unsure = generated
+            .windows(2)
+            .any(|w| (w[0] == "t" || w[0] == "cannot") && w[1] == "tell");
         let names_something = generated
             .iter()
             .any(|w| GROUPS.iter().any(|group| group.contains(&w.as_str())));
         return says_unsure && !names_something;
     }
     let reference = words(reference);
+    let generated = words(generated);
+    // A yes/no answer ("A square. A circle? No.", or the bare "Yes" after the
+    // short-answer instruction) must end on the same verdict; what it names
+    // before is judged as any answer is.
+    let verdict = |text: &[String]| text.last().filter(|w| *w == "yes" || *w == "no").cloned();
+    if let Some(want) = verdict(&reference) {
+        if verdict(&generated) != Some(want) {
+            return false;
+        }
+        if reference.len() == 1 {
+            return true;
+        }
+    }
     let used: Vec<&[&str]> = GROUPS
         .iter()
         .copied()
@@ -667,5 +686,5 @@ pub fn judge(reference: &str, generated: &str) -> bool {
             .collect()
     };
     let want = named(&reference);
-    !want.is_empty() && named(&words(generated)) == want
+    !want.is_empty() && named(&generated) == want
 }
