@@ -1,16 +1,9 @@
 # Held-out probe of the demo model (see examples/demo-model/README.md): numpy-made
 # beeps at four gaps, asked to count them and name their pitch.
-import numpy as np, wave, random
-from common import ask
+import random
+from common import ask, write_beeps
 random.seed(5)
 BIN="../../target/bench/release/multitoken"; MODEL="../../examples/demo-model"
-def write(path, count, freq, beep, gap, rate=16000, amp=0.5, lead=0.3):
-    n = int((lead + count*beep + (count-1)*gap + 0.3) * rate); x = np.zeros(n)
-    for k in range(count):
-        s = int((lead + k*(beep+gap))*rate); t = np.arange(int(beep*rate))/rate
-        x[s:s+len(t)] = amp*np.sin(2*np.pi*freq*t)
-    with wave.open(path, "wb") as w:
-        w.setnchannels(1); w.setsampwidth(2); w.setframerate(rate); w.writeframes((x*32767).astype(np.int16).tobytes())
 WORDS = {1:"one",2:"two",3:"three",4:"four"}
 res = {}
 for gap in [1.2, 0.8, 0.5, 0.3]:
@@ -18,7 +11,7 @@ for gap in [1.2, 0.8, 0.5, 0.3]:
     for count in [1,2,3,4]:
         for pitch, f in [("low", 300), ("high", 1500), ("low", 350), ("high", 1000)]:
             rate = random.choice([16000, 22050, 44100])
-            p = f"aud_{gap}_{count}_{f}.wav"; write(p, count, f, 0.25, gap, rate)
+            p = f"aud_{gap}_{count}_{f}.wav"; write_beeps(p, count, f, 0.25, gap, rate)
             text = ask(BIN, MODEL, "How many beeps are there?", audios=[p], max_new_tokens=20).lower()
             ok += WORDS[count] in text; tot += 1
             text2 = ask(BIN, MODEL, "Are the beeps high or low?", audios=[p], max_new_tokens=20).lower()

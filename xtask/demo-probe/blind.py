@@ -7,10 +7,10 @@
 # Not blind since phase 4: phase 3's misses on it were read, and the generator then got
 # templates of the same kinds (exact copies of these questions were kept out).
 # Usage: python blind.py [BINARY] [MODEL] [--misses]
-import io, os, random, re, sys, wave
+import io, os, random, re, sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from common import COL, SHAPES, background, ask, claim
+from common import COL, SHAPES, background, ask, claim, write_beeps
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 random.seed(606); np.random.seed(606); os.makedirs("b6", exist_ok=True)
@@ -65,12 +65,7 @@ def shape_image(path, shape, colour, style):
 def beeps(path, count, freq):
     rate = random.choice([8000, 16000, 24000, 48000]); beep = random.uniform(0.15, 0.35); gap = random.uniform(0.25, 0.7)
     lead = random.uniform(0.1, 0.6); amp = random.uniform(0.2, 0.8)
-    n = int((lead + count * beep + (count - 1) * gap + 0.4) * rate); x = np.zeros(n)
-    for k in range(count):
-        s = int((lead + k * (beep + gap)) * rate); t = np.arange(int(beep * rate)) / rate
-        x[s:s + len(t)] = amp * np.sin(2 * np.pi * freq * t)
-    with wave.open(path, "wb") as f:
-        f.setnchannels(1); f.setsampwidth(2); f.setframerate(rate); f.writeframes((x * 32767).astype(np.int16).tobytes())
+    write_beeps(path, count, freq, beep, gap, rate, amp, lead, tail=0.4)
 
 DOCS = {"cooking": "Start by warming the oil in a heavy pan, then soften the onions before the garlic goes in. Season the sauce, let it simmer, and taste it before you serve dinner.",
         "football": "The striker scored twice before half time, and the goalkeeper saved a late penalty. The fans sang all through the match as the team climbed the league table.",

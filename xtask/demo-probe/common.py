@@ -1,6 +1,7 @@
 # Shared by the demo-model probe scripts (see examples/demo-model/README.md): the
 # shapes and colours, Pillow drawing, and one greedy answer from `multitoken generate`.
-import json, random, re, subprocess
+import json, random, re, subprocess, wave
+import numpy as np
 from PIL import Image, ImageDraw
 
 COL = {"red": [(220,20,30),(255,0,0),(180,30,40)], "green": [(0,160,0),(40,200,60),(20,120,40)],
@@ -52,3 +53,11 @@ def claim(text):
     """The answer without a yes/no chain's echo ("A triangle. A circle? No." -> "A
     triangle."): the echo restates what was asked before the verdict, it names no fact."""
     return re.sub(r"[^.?!]*\?\s*(yes|no)[.!]?\s*$", "", text, flags=re.I).strip() or text
+def write_beeps(path, count, freq, beep, gap, rate=16000, amp=0.5, lead=0.3, tail=0.3):
+    """A mono 16-bit WAV of `count` sine beeps of `beep` seconds, `gap` seconds apart."""
+    n = int((lead + count * beep + (count - 1) * gap + tail) * rate); x = np.zeros(n)
+    for k in range(count):
+        s = int((lead + k * (beep + gap)) * rate); t = np.arange(int(beep * rate)) / rate
+        x[s:s + len(t)] = amp * np.sin(2 * np.pi * freq * t)
+    with wave.open(path, "wb") as f:
+        f.setnchannels(1); f.setsampwidth(2); f.setframerate(rate); f.writeframes((x * 32767).astype(np.int16).tobytes())
