@@ -7,6 +7,7 @@
 //! Like the rest of the crate, the same seed gives the same bytes.
 
 use crate::images::{png_bytes, render, Colour, Shape, ShapeSpec};
+use crate::rows::{pick, pick_other};
 use crate::{Error, Result, Rng};
 
 /// Index offset of the k-th circular copy (VLMEvalKit: `index % 1e6` groups them).
@@ -41,10 +42,6 @@ fn image_base64(shape: Shape, colour: Colour, rng: &mut Rng) -> Result<String> {
         message,
     })?;
     Ok(base64(&png))
-}
-
-fn pick<T: Copy>(items: &[T], rng: &mut Rng) -> T {
-    items[rng.range(0, items.len() - 1)]
 }
 
 fn shuffle<T>(items: &mut [T], rng: &mut Rng) {
@@ -175,26 +172,8 @@ pub fn pope_tsv(seed: u64, questions: usize) -> Result<String> {
         let by_shape = (i / 2) % 2 == 0;
         let (asked_shape, asked_colour) = match (present, by_shape) {
             (true, _) => (shape, colour),
-            (false, true) => (
-                pick(
-                    &Shape::ALL
-                        .into_iter()
-                        .filter(|s| *s != shape)
-                        .collect::<Vec<_>>(),
-                    &mut rng,
-                ),
-                colour,
-            ),
-            (false, false) => (
-                shape,
-                pick(
-                    &Colour::ALL
-                        .into_iter()
-                        .filter(|c| *c != colour)
-                        .collect::<Vec<_>>(),
-                    &mut rng,
-                ),
-            ),
+            (false, true) => (pick_other(&Shape::ALL, shape, &mut rng), colour),
+            (false, false) => (shape, pick_other(&Colour::ALL, colour, &mut rng)),
         };
         out.push_str(&format!(
             "{}\tIs there a {} {} in the image?\t{}\t{}\t{image}\n",

@@ -21,7 +21,7 @@ use crate::audio::{count_word, Pitch};
 use crate::built::{Asked, ItemKind as Kind};
 use crate::documents::Topic;
 use crate::images::{Colour, Shape};
-use crate::rows::{capitalise, pick};
+use crate::rows::{capitalise, pick, pick_other};
 use crate::varied::{AUDIO_NOUNS, DOCUMENT_NOUNS, IMAGE_NOUNS};
 use crate::Rng;
 
@@ -152,10 +152,35 @@ pub(crate) enum Truth {
     Document(Topic),
 }
 
-/// Another value of `all` than `right`.
-fn other<T: Copy + PartialEq>(all: &[T], right: T, rng: &mut Rng) -> T {
-    let others: Vec<T> = all.iter().copied().filter(|v| *v != right).collect();
-    pick(&others, rng)
+/// The beep counts a clip can have.
+const COUNTS: [usize; 4] = [1, 2, 3, 4];
+
+/// The value a question names: the item's own when `yes`, else another.
+fn named<T: Copy + PartialEq>(yes: bool, all: &[T], right: T, rng: &mut Rng) -> T {
+    if yes {
+        right
+    } else {
+        pick_other(all, right, rng)
+    }
+}
+
+/// The two values a question names about a two-fact item (a shape and its
+/// colour, a count and its pitch): the item's own when `yes`, else one or
+/// both of them wrong.
+fn named_pair<A: Copy + PartialEq, B: Copy + PartialEq>(
+    yes: bool,
+    (all_a, a): (&[A], A),
+    (all_b, b): (&[B], B),
+    rng: &mut Rng,
+) -> (A, B) {
+    if yes {
+        return (a, b);
+    }
+    match rng.range(0, 2) {
+        0 => (pick_other(all_a, a, rng), b),
+        1 => (a, pick_other(all_b, b, rng)),
+        _ => (pick_other(all_a, a, rng), pick_other(all_b, b, rng)),
+    }
 }
 
 fn beeps(count: usize) -> String {
@@ -185,90 +210,42 @@ pub(crate) fn question(
     rng: &mut Rng,
 ) -> (String, String) {
     let yes = rng.range(0, 1) == 0;
-    // `x` is the value named in the question; `echo` the same value as the
-    // answer names it ("A circle", "Round", "Three beeps").
-    let (templates, x, echo): (&[&str], String, String) = match (asked, truth) {
+    // `x` is the value named in the question ("a circle", "round", "three
+    // beeps"); the answer repeats it, capitalised, before the verdict.
+    let (templates, x): (&[&str], String) = match (asked, truth) {
         (Asked::Shape, Truth::Image(shape, _)) => {
-            let x = if yes {
-                shape
-            } else {
-                other(&Shape::ALL, shape, rng)
-            };
+            let x = named(yes, &Shape::ALL, shape, rng);
             if rng.range(0, 3) == 0 {
-                (
-                    SHAPE_ADJECTIVE,
-                    adjective(x).to_string(),
-                    capitalise(adjective(x)),
-                )
+                (SHAPE_ADJECTIVE, adjective(x).to_string())
             } else {
-                (SHAPE, format!("a {}", x.name()), format!("A {}", x.name()))
+                (SHAPE, format!("a {}", x.name()))
             }
         }
-        (Asked::Colour, Truth::Image(_, colour)) => {
-            let x = if yes {
-                colour
-            } else {
-                other(&Colour::ALL, colour, rng)
-            };
-            (COLOUR, x.name().to_string(), capitalise(x.name()))
-        }
+        (Asked::Colour, Truth::Image(_, colour)) => (
+            COLOUR,
+            named(yes, &Colour::ALL, colour, rng).name().to_string(),
+        ),
         (_, Truth::Image(shape, colour)) => {
-            let (s, c) = if yes {
-                (shape, colour)
-            } else {
-                match rng.range(0, 2) {
-                    0 => (other(&Shape::ALL, shape, rng), colour),
-                    1 => (shape, other(&Colour::ALL, colour, rng)),
-                    _ => (
-                        other(&Shape::ALL, shape, rng),
-                        other(&Colour::ALL, colour, rng),
-                    ),
-                }
-            };
-            let x = format!("a {} {}", c.name(), s.name());
-            (DESCRIBE_IMAGE, x.clone(), capitalise(&x))
+            let (s, c) = named_pair(yes, (&Shape::ALL, shape), (&Colour::ALL, colour), rng);
+            (DESCRIBE_IMAGE, format!("a {} {}", c.name(), s.name()))
         }
-        (Asked::Count, Truth::Audio(count, _)) => {
-            let x = if yes {
-                count
-            } else {
-                other(&[1, 2, 3, 4], count, rng)
-            };
-            (COUNT, beeps(x), capitalise(&beeps(x)))
-        }
-        (Asked::Pitch, Truth::Audio(_, pitch)) => {
-            let x = if yes {
-                pitch
-            } else {
-                other(&Pitch::ALL, pitch, rng)
-            };
-            (PITCH, x.name().to_string(), capitalise(x.name()))
-        }
+        (Asked::Count, Truth::Audio(count, _)) => (COUNT, beeps(named(yes, &COUNTS, count, rng))),
+        (Asked::Pitch, Truth::Audio(_, pitch)) => (
+            PITCH,
+            named(yes, &Pitch::ALL, pitch, rng).name().to_string(),
+        ),
         (_, Truth::Audio(count, pitch)) => {
-            let (n, p) = if yes {
-                (count, pitch)
-            } else {
-                match rng.range(0, 2) {
-                    0 => (other(&[1, 2, 3, 4], count, rng), pitch),
-                    1 => (count, other(&Pitch::ALL, pitch, rng)),
-                    _ => (
-                        other(&[1, 2, 3, 4], count, rng),
-                        other(&Pitch::ALL, pitch, rng),
-                    ),
-                }
-            };
+            let (n, p) = named_pair(yes, (&COUNTS, count), (&Pitch::ALL, pitch), rng);
             let plural = if n == 1 { "beep" } else { "beeps" };
-            let x = format!("{} {} {plural}", count_word(n, false), p.name());
-            (DESCRIBE_AUDIO, x.clone(), capitalise(&x))
+            (
+                DESCRIBE_AUDIO,
+                format!("{} {} {plural}", count_word(n, false), p.name()),
+            )
         }
-        (_, Truth::Document(topic)) => {
-            let x = if yes {
-                topic
-            } else {
-                other(&Topic::ALL, topic, rng)
-            };
-            (TOPIC, x.name().to_string(), capitalise(x.name()))
-        }
+        (_, Truth::Document(topic)) => (
+            TOPIC,
+            named(yes, &Topic::ALL, topic, rng).name().to_string(),
+        ),
     };
     let nouns = match asked.kind() {
         Kind::Image => IMAGE_NOUNS[0],
@@ -285,7 +262,7 @@ pub(crate) fn question(
     if rng.range(0, 3) == 0 {
         (format!("{question}\n{SHORT_ANSWER}"), verdict.to_string())
     } else {
-        (question, format!("{answer} {echo}? {verdict}."))
+        (question, format!("{answer} {}? {verdict}.", capitalise(&x)))
     }
 }
 

@@ -376,14 +376,12 @@ fn write_image(dir: &Path, relative: &str, spec: &ShapeSpec, rng: &mut Rng) -> R
 pub(crate) fn compare_pair(by_shape: bool, rng: &mut Rng) -> ((Shape, Colour), (Shape, Colour)) {
     if by_shape {
         let first = pick(&Shape::ALL, rng);
-        let others: Vec<Shape> = Shape::ALL.into_iter().filter(|s| *s != first).collect();
-        let second = pick(&others, rng);
+        let second = pick_other(&Shape::ALL, first, rng);
         let colours = (pick(&Colour::ALL, rng), pick(&Colour::ALL, rng));
         ((first, colours.0), (second, colours.1))
     } else {
         let first = pick(&Colour::ALL, rng);
-        let others: Vec<Colour> = Colour::ALL.into_iter().filter(|c| *c != first).collect();
-        let second = pick(&others, rng);
+        let second = pick_other(&Colour::ALL, first, rng);
         let shapes = (pick(&Shape::ALL, rng), pick(&Shape::ALL, rng));
         ((shapes.0, first), (shapes.1, second))
     }
@@ -438,6 +436,12 @@ pub(crate) fn compare_answer(
 
 pub(crate) fn pick<T: Copy>(items: &[T], rng: &mut Rng) -> T {
     items[rng.range(0, items.len() - 1)]
+}
+
+/// A value of `items` other than `not`, drawn as [`pick`] draws.
+pub(crate) fn pick_other<T: Copy + PartialEq>(items: &[T], not: T, rng: &mut Rng) -> T {
+    let others: Vec<T> = items.iter().copied().filter(|v| *v != not).collect();
+    pick(&others, rng)
 }
 
 pub(crate) fn capitalise(text: &str) -> String {

@@ -21,11 +21,11 @@ use crate::rows::{
 };
 use crate::{Error, Result, Rng};
 
-pub use crate::templates::{
-    AUDIO_NOUNS, COLOUR, COMPARE, COUNT, DESCRIBE_AUDIO, DESCRIBE_IMAGE, DOCUMENT_NOUNS, IMAGE_NOUNS,
-    NEUTRAL_NOUNS, PITCH, SHAPE, TOPIC, UNANSWERABLE,
-};
 use crate::templates::KIND_WORDS;
+pub use crate::templates::{
+    AUDIO_NOUNS, COLOUR, COMPARE, COUNT, DESCRIBE_AUDIO, DESCRIBE_IMAGE, DOCUMENT_NOUNS,
+    IMAGE_NOUNS, NEUTRAL_NOUNS, PITCH, SHAPE, TOPIC, UNANSWERABLE,
+};
 
 fn lists(style: Style) -> usize {
     usize::from(style == Style::Unlike)
