@@ -30,11 +30,11 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
         "the visual",
     ],
     &[
-        "the jpeg from my phone",
-        "this doodle",
-        "the still image I shared",
-        "this thumbnail",
-        "the scanned picture",
+        "the png I attached",
+        "this little graphic",
+        "the drawing I made",
+        "this icon",
+        "the snapshot I uploaded",
     ],
 ];
 
@@ -61,11 +61,11 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
         "the signal",
     ],
     &[
-        "this voice memo",
-        "the m4a audio I sent",
-        "the little jingle",
-        "this sound message",
-        "the ringtone",
+        "this sound bite I recorded",
+        "the mp3",
+        "the alert sound",
+        "this snippet of audio",
+        "the tone sequence",
     ],
 ];
 
@@ -90,11 +90,11 @@ pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
         "this story",
     ],
     &[
-        "this write-up",
-        "the blurb",
-        "the memo text I pasted",
-        "this excerpt",
-        "the handout document",
+        "this paragraph",
+        "the notes I copied",
+        "the .txt I saved",
+        "the paragraphs below",
+        "the article snippet",
     ],
 ];
 
@@ -191,11 +191,11 @@ pub const SHAPE: [&[&str]; 2] = [
         "Which shape was drawn?",
     ],
     &[
-        "Is the shape in {it} round, or does it have corners?",
-        "I can't make out the shape in {it}. What is it?",
-        "What shape would you say {it} holds?",
-        "Out of circle, square and triangle, which one is {it}?",
-        "So what's the shape in {it}?",
+        "I need the shape in {it} for my notes. Which one?",
+        "Geometrically speaking, what is {it}?",
+        "What form has been drawn in {it}, roughly?",
+        "Corners or curves? Tell me the shape in {it}.",
+        "If you had to name the shape in {it}, what would it be?",
     ],
 ];
 
@@ -252,11 +252,11 @@ pub const COLOUR: [&[&str]; 2] = [
         "What colour is the drawing?",
     ],
     &[
-        "I can't tell the colour of the shape in {it}. Which is it?",
-        "What colour would you say {it} is mostly?",
-        "Out of red, blue, green and yellow, which colour is {it}?",
-        "Which colour dominates {it}?",
-        "What's the main colour you notice in {it}?",
+        "I'm colourblind. What colour is in {it}?",
+        "If you had to name the colour in {it}, what would it be?",
+        "Which crayon would I need to draw {it}?",
+        "Tell me the hue the shape in {it} is filled with.",
+        "What shade of paint fills {it}?",
     ],
 ];
 
@@ -321,11 +321,11 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "What exactly is in {it}?",
     ],
     &[
-        "What am I looking at in {it}?",
-        "Fill me in on {it}.",
-        "What's the story with {it}?",
-        "Put {it} into words for me.",
-        "Give me the short version of what {it} shows.",
+        "I can't open {it}. What's in it?",
+        "Help me understand {it}.",
+        "If you had to caption {it}, what would you write?",
+        "Sum up {it} in a few words for me.",
+        "Quickly, what's {it} all about?",
     ],
 ];
 
@@ -372,10 +372,10 @@ pub const COMPARE: [&[&str]; 2] = [
         "Which of the images contains {thing}?",
     ],
     &[
-        "Out of the two images, which one features {thing}?",
-        "Picture number one or picture number two: which has {thing}?",
-        "Which of my two uploads has {thing}?",
-        "In which picture would I find {thing}?",
+        "Of the two uploads, where would I spot {thing}?",
+        "Only one of these holds {thing}. Is it number one or number two?",
+        "Tell me where {thing} turns up, picture one or picture two.",
+        "Which of my attachments includes {thing}?",
     ],
 ];
 
@@ -419,10 +419,10 @@ pub const COUNT: [&[&str]; 2] = [
         "How many?",
     ],
     &[
-        "How many beeps go off in {it}?",
-        "I lost count of the beeps in {it}. How many were there?",
-        "What's the beep total in {it}?",
-        "How many beeps in total does {it} make?",
+        "I missed the start of {it}. How many beeps did it make?",
+        "If you tally the beeps in {it}, what do you get?",
+        "Count them for me: how many beeps are there in {it}?",
+        "How often does {it} go beep?",
     ],
 ];
 
@@ -463,10 +463,10 @@ pub const PITCH: [&[&str]; 2] = [
         "How high is the pitch of {it}?",
     ],
     &[
-        "Would you call the beeps in {it} high or low?",
-        "Do the beeps in {it} go high or stay low?",
-        "On a scale of high to low, where are the beeps in {it}?",
-        "Is {it} a high beep or a low beep?",
+        "Tell me whether {it} beeps in a high or a low register.",
+        "Would a singer call {it} high or low?",
+        "If you had to place the beeps in {it}, high or low?",
+        "Squeaky or deep: how do the beeps in {it} sound?",
     ],
 ];
 
@@ -523,10 +523,10 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "Describe what's in {it}.",
     ],
     &[
-        "What am I hearing in {it}?",
-        "Fill me in on {it}.",
-        "What's the story with {it}?",
-        "Put {it} into words for me.",
+        "I can't play {it}. What's in it?",
+        "Help me understand {it}.",
+        "If you had to caption {it}, what would you write?",
+        "Quickly, what's {it} all about?",
     ],
 ];
 
@@ -581,10 +581,10 @@ pub const TOPIC: [&[&str]; 2] = [
         "Any idea what {it} is about?",
     ],
     &[
-        "What's the main idea of {it}?",
-        "Under which heading would you file {it}?",
-        "In one word, what does {it} cover?",
-        "What's {it} getting at?",
+        "I haven't read {it}. What's it about, in a word?",
+        "If you had to tag {it} with one subject, which?",
+        "Help me sort {it}: which subject does it belong to?",
+        "Quickly, what's {it} all about?",
     ],
 ];
 
@@ -677,14 +677,14 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Save {it} to my desktop.",
     ],
     &[
-        "/status",
-        "/version",
-        "How far away is the moon?",
-        "Book me a table for two.",
-        "Wake me up at six tomorrow.",
-        "Which team won the league last season?",
-        "When was {it} created?",
-        "How big is {it} in megabytes?",
-        "Can you email {it} to my boss?",
+        "/reset",
+        "/about",
+        "What's the capital of Peru?",
+        "Set a timer for ten minutes.",
+        "Translate 'good morning' into German.",
+        "Who painted the Mona Lisa?",
+        "Who is the author of {it}?",
+        "What is the file name of {it}?",
+        "Please forward {it} to my sister.",
     ],
 ];

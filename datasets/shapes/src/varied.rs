@@ -129,7 +129,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
-            Style::Unlike => &["Hiya, ", "Yo, ", "Excuse me, "],
+            Style::Unlike => &["Hello there, ", "Good morning, ", "Hi there! "],
             _ => &[
                 "Hi! ",
                 "Hey, ",
@@ -877,7 +877,7 @@ pub(crate) fn make_row(
     Ok(row)
 }
 
-/// Half the varied style's clips space their beeps 0.3-1.0 s apart instead of
+/// Half the varied and unlike styles' clips space their beeps 0.3-1.0 s apart instead of
 /// the classic 1.0-1.6 s: clips people make themselves ("beep-beep-beep") are
 /// that quick, and the demo model, which read one audio position per second,
 /// heard three such beeps as two (`xtask/demo-probe/blind.py`).
@@ -892,7 +892,7 @@ fn write_audio(
     rng: &mut Rng,
 ) -> Result<()> {
     let mut spec = BeepSpec::random(count, pitch, rng);
-    if style == Style::Varied && rng.range(0, 1) == 0 {
+    if style != Style::Classic && rng.range(0, 1) == 0 {
         spec.gap = rng.range_f(QUICK_GAPS.0, QUICK_GAPS.1);
     }
     write(
