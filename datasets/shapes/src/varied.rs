@@ -109,8 +109,23 @@ fn ask_as(asked: Asked, style: Style, named: bool, rng: &mut Rng) -> String {
             .collect()
     };
     let template = pick(&templates, rng);
-    let noun = pick(&nouns, rng);
-    surface(&fill(template, noun), style, rng)
+    let noun = if by_words {
+        pick(&nouns, rng).to_string()
+    } else {
+        item_noun(asked.kind(), &nouns, style, rng)
+    };
+    surface(&fill(template, &noun), style, rng)
+}
+
+/// A noun phrase for an item of `kind` from `listed` (the style's list), or
+/// in a third of the varied style's questions one built from parts
+/// ([`built::noun`]: modifiers, tails, file names).
+fn item_noun(kind: Kind, listed: &[&str], style: Style, rng: &mut Rng) -> String {
+    if style == Style::Varied && rng.range(0, 2) == 0 {
+        built::noun(kind, rng)
+    } else {
+        pick(listed, rng).to_string()
+    }
 }
 
 /// How people actually type: sometimes lower case, sometimes without the
@@ -451,7 +466,7 @@ const VAGUE_WORDS: &[&str] = &[
 ];
 
 /// A made-up word of two or three consonant-vowel syllables ("tomibe").
-fn pseudo_word(rng: &mut Rng) -> String {
+pub(crate) fn pseudo_word(rng: &mut Rng) -> String {
     const CONSONANTS: &[u8] = b"bdfgklmnprstvz";
     const VOWELS: &[u8] = b"aeiou";
     loop {
@@ -713,7 +728,10 @@ pub(crate) fn make_row(
                     )?;
                     row.images.push(image_path);
                     {
-                        let question = fill(template, pick(IMAGE_NOUNS[lists(style)], rng));
+                        let question = fill(
+                            template,
+                            &item_noun(Kind::Image, IMAGE_NOUNS[lists(style)], style, rng),
+                        );
                         let question = surface(&question, style, rng);
                         with_tokens(&["<image>"], &question, rng)
                     }
@@ -729,7 +747,10 @@ pub(crate) fn make_row(
                     )?;
                     row.speech_audios.push(audio_path);
                     {
-                        let question = fill(template, pick(AUDIO_NOUNS[lists(style)], rng));
+                        let question = fill(
+                            template,
+                            &item_noun(Kind::Audio, AUDIO_NOUNS[lists(style)], style, rng),
+                        );
                         let question = surface(&question, style, rng);
                         with_tokens(&["<speech>"], &question, rng)
                     }
@@ -742,7 +763,10 @@ pub(crate) fn make_row(
                     )?;
                     row.documents.push(document_path);
                     {
-                        let question = fill(template, pick(DOCUMENT_NOUNS[lists(style)], rng));
+                        let question = fill(
+                            template,
+                            &item_noun(Kind::Document, DOCUMENT_NOUNS[lists(style)], style, rng),
+                        );
                         let question = surface(&question, style, rng);
                         with_tokens(&["<document>"], &question, rng)
                     }
