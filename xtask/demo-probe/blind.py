@@ -10,7 +10,7 @@
 import io, os, random, re, sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from common import COL, SHAPES, background, ask, claim, write_beeps
+from common import COL, SHAPES, TOPICS, background, ask, honest, right, write_beeps
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 random.seed(606); np.random.seed(606); os.makedirs("b6", exist_ok=True)
@@ -74,12 +74,7 @@ DOCS = {"cooking": "Start by warming the oil in a heavy pan, then soften the oni
         "music": "The orchestra tuned up before the concert. The violin carried the melody, the drums kept the rhythm, and the singer closed the album's final song with a long note.",
         "gardening": "Dig the soil over in spring and plant the seeds in rows. Water the seedlings often, pull the weeds, and the tomatoes and roses will flower by summer."}
 WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-GROUPS = {"shape": {"circle", "square", "triangle"}, "colour": {"red", "green", "blue", "yellow"},
-          "count": {"one", "two", "three", "four"}, "pitch": {"high", "low"},
-          "topic": set(DOCS)}
-def right(text, facts):
-    words = set(re.findall(r"[a-z]+", claim(text).lower().replace("color", "colour")))
-    return all(set(v) <= words and not (GROUPS[g] - set(v)) & words for g, v in facts.items())
+assert set(DOCS) == set(TOPICS)
 
 rows = []
 styles = ["plain", "outlined", "noisy", "blurred", "jpeg"]
@@ -109,8 +104,8 @@ for i, q in enumerate(OFF_Q):
 score = {}; bad = []
 for kind, q, its, facts in rows:
     text = ask(BIN, MODEL, q, **its)
-    lower = text.lower(); words = set(re.findall(r"[a-z]+", lower))
-    if facts is None: ok = ("can't tell" in lower or "cannot tell" in lower) and not words & set().union(*GROUPS.values())
+    lower = text.lower()
+    if facts is None: ok = honest(text)
     elif "order" in facts:
         # The demo model reasons aloud ("First image: ... So the second image shows ..."):
         # the last ordinal it names is its answer.
