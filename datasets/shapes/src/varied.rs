@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use crate::audio::{self, BeepSpec, Pitch};
+use crate::audio::{self, BeepSpec, Pitch, Timbre};
 use crate::built::{self, Asked, ItemKind as Kind};
 use crate::checks::{self, Truth};
 use crate::documents::{self, Topic};
@@ -919,11 +919,54 @@ fn write_audio(
     if style != Style::Classic && rng.range(0, 1) == 0 {
         spec.gap = rng.range_f(QUICK_GAPS.0, QUICK_GAPS.1);
     }
-    write(
-        dir,
-        path,
-        &audio::wav_bytes(&audio::render(&spec), audio::SAMPLE_RATE),
-    )
+    let timbre = if style == Style::Varied && rng.range(0, 1) == 0 {
+        vary_clip(&mut spec, rng)
+    } else {
+        Timbre::PLAIN
+    };
+    let samples = audio::render_with(&spec, &timbre, rng);
+    write(dir, path, &audio::wav_bytes(&samples, audio::SAMPLE_RATE))
+}
+
+/// Half the varied style's clips (never the unlike style's): wider pitch
+/// bands (low 180-480 Hz, high 1,000-2,400 Hz, against the classic 250-400 and
+/// 1,200-1,800), beeps 0.08-0.6 s long after up to 1.2 s of silence, quiet
+/// clips, and a [`Timbre`]: buzzer, triangle or chime waveforms, slow fades,
+/// background hiss and mains hum. The demo model, trained on clean sine
+/// beeps, miscounted beeps in recordings with hiss or a buzzer's tone.
+fn vary_clip(spec: &mut BeepSpec, rng: &mut Rng) -> Timbre {
+    if rng.range(0, 2) == 0 {
+        spec.frequency = match spec.pitch {
+            Pitch::Low => rng.range_f(180.0, 480.0),
+            Pitch::High => rng.range_f(1000.0, 2400.0),
+        };
+    }
+    if rng.range(0, 2) == 0 {
+        spec.beep = rng.range_f(0.08, 0.6);
+        spec.lead = rng.range_f(0.1, 1.2);
+    }
+    if rng.range(0, 3) == 0 {
+        spec.amplitude = rng.range_f(0.08, 0.3);
+    }
+    Timbre {
+        wave: pick(&audio::Wave::ALL, rng),
+        fade: if rng.range(0, 2) == 0 {
+            rng.range_f(0.1, 0.45)
+        } else {
+            0.0
+        },
+        // Never louder than a third of the beeps: the count must stay audible.
+        hiss: if rng.range(0, 1) == 0 {
+            rng.range_f(0.003, 0.06).min(spec.amplitude / 3.0)
+        } else {
+            0.0
+        },
+        hum: if rng.range(0, 3) == 0 {
+            rng.range_f(0.01, 0.05)
+        } else {
+            0.0
+        },
+    }
 }
 
 fn audio_question(task: Task, count: usize, pitch: Pitch) -> (Asked, String) {
