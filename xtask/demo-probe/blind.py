@@ -7,10 +7,10 @@
 # Not blind since phase 4: phase 3's misses on it were read, and the generator then got
 # templates of the same kinds (exact copies of these questions were kept out).
 # Usage: python blind.py [BINARY] [MODEL] [--misses]
-import io, os, random, re, sys
+import io, os, random, sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from common import COL, SHAPES, TOPICS, background, ask, honest, right, write_beeps
+from common import COL, SHAPES, TOPICS, background, score_rows, write_beeps
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 random.seed(606); np.random.seed(606); os.makedirs("b6", exist_ok=True)
@@ -101,19 +101,4 @@ items = [r[2] for r in rows if r[0] in ("image", "audio", "document")]
 for i, q in enumerate(OFF_Q):
     rows.append(("off-topic", q, items[(i * 7) % len(items)], None))
 
-score = {}; bad = []
-for kind, q, its, facts in rows:
-    text = ask(BIN, MODEL, q, **its)
-    lower = text.lower()
-    if facts is None: ok = honest(text)
-    elif "order" in facts:
-        # The demo model reasons aloud ("First image: ... So the second image shows ..."):
-        # the last ordinal it names is its answer.
-        said = re.findall(r"\b(first|second)\b", lower); ok = bool(said) and said[-1] == facts["order"][0]
-    else: ok = right(text, facts)
-    s = score.setdefault(kind, [0, 0]); s[0] += ok; s[1] += 1
-    if not ok: bad.append((kind, list(its.values())[0], q, facts, text))
-for k, (ok, n) in score.items(): print(f"{k}: {ok}/{n}")
-print("total", sum(v[0] for v in score.values()), "/", sum(v[1] for v in score.values()))
-if "--misses" in sys.argv:
-    for b in bad: print("  wrong:", *b)
+score_rows(BIN, MODEL, rows, "--misses" in sys.argv)

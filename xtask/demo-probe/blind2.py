@@ -11,7 +11,7 @@
 import math, os, random, re, sys, wave
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from common import SHAPES, TOPICS, ask, honest, right
+from common import SHAPES, TOPICS, score_rows
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 random.seed(707); np.random.seed(707); os.makedirs("b7", exist_ok=True)
@@ -148,17 +148,4 @@ items = [r[2] for r in rows if r[0].startswith(("image", "audio"))]
 for i, q in enumerate(OFF_Q):
     rows.append(("off-topic", q, items[(i * 7) % len(items)], None))
 
-score = {}; bad = []
-for kind, q, its, facts in rows:
-    text = ask(BIN, MODEL, q, **its)
-    lower = text.lower()
-    if facts is None: ok = honest(text)
-    elif "order" in facts:
-        said = re.findall(r"\b(first|second)\b", lower); ok = bool(said) and said[-1] == facts["order"][0]
-    else: ok = right(text, facts)
-    s = score.setdefault(kind, [0, 0]); s[0] += ok; s[1] += 1
-    if not ok: bad.append((kind, list(its.values())[0], q, facts, text))
-for k, (ok, n) in score.items(): print(f"{k}: {ok}/{n}")
-print("total", sum(v[0] for v in score.values()), "/", sum(v[1] for v in score.values()))
-if "--misses" in sys.argv:
-    for b in bad: print("  wrong:", *b)
+score_rows(BIN, MODEL, rows, "--misses" in sys.argv)

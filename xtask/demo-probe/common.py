@@ -74,3 +74,21 @@ def honest(text):
     """Whether `text` is the honest reply and names no fact."""
     lower = text.lower(); words = set(re.findall(r"[a-z]+", lower))
     return ("can't tell" in lower or "cannot tell" in lower) and not words & set().union(*GROUPS.values())
+def score_rows(binary, model, rows, show_misses):
+    """Ask each row (kind, question, items, facts) and print totals per kind: facts None
+    wants the honest reply, {"order": [...]} the image a two-image answer ends on (the
+    demo model reasons aloud, "First image: ... So the second image shows ...", so the
+    last ordinal it names is its answer), anything else `right`."""
+    score = {}; bad = []
+    for kind, q, its, facts in rows:
+        text = ask(binary, model, q, **its)
+        if facts is None: ok = honest(text)
+        elif "order" in facts:
+            said = re.findall(r"\b(first|second)\b", text.lower()); ok = bool(said) and said[-1] == facts["order"][0]
+        else: ok = right(text, facts)
+        s = score.setdefault(kind, [0, 0]); s[0] += ok; s[1] += 1
+        if not ok: bad.append((kind, list(its.values())[0], q, facts, text))
+    for k, (ok, n) in score.items(): print(f"{k}: {ok}/{n}")
+    print("total", sum(v[0] for v in score.values()), "/", sum(v[1] for v in score.values()))
+    if show_misses:
+        for b in bad: print("  wrong:", *b)
