@@ -128,7 +128,9 @@ impl Wave {
             }
             Wave::Triangle => 1.0 - 4.0 * (x - 0.5).abs(),
             Wave::Rich => {
-                ((tau * phase).sin() + 0.5 * (2.0 * tau * phase).sin() + 0.3 * (3.0 * tau * phase).sin())
+                ((tau * phase).sin()
+                    + 0.5 * (2.0 * tau * phase).sin()
+                    + 0.3 * (3.0 * tau * phase).sin())
                     / 1.5
             }
         }
@@ -241,7 +243,10 @@ mod tests {
 
     fn rms(samples: &[f32], at: f64, width: f64) -> f64 {
         let rate = f64::from(SAMPLE_RATE);
-        let (from, to) = (((at - width) * rate) as usize, ((at + width) * rate) as usize);
+        let (from, to) = (
+            ((at - width) * rate) as usize,
+            ((at + width) * rate) as usize,
+        );
         let window = &samples[from..to];
         (window.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / window.len() as f64).sqrt()
     }
@@ -271,7 +276,10 @@ mod tests {
             for k in 0..3 {
                 let beep = rms(&samples, 0.4 + 0.15 + k as f64 * 0.8, 0.05);
                 let quiet = rms(&samples, 0.4 + 0.3 + 0.25 + k as f64 * 0.8, 0.05);
-                assert!(beep > 3.0 * quiet, "{wave:?} beep {k}: {beep} against {quiet}");
+                assert!(
+                    beep > 3.0 * quiet,
+                    "{wave:?} beep {k}: {beep} against {quiet}"
+                );
             }
         }
     }
@@ -282,7 +290,10 @@ mod tests {
     fn a_plain_clip_is_a_clean_sine() {
         let spec = BeepSpec::random(2, Pitch::Low, &mut Rng::new(3));
         let samples = render(&spec);
-        assert_eq!(samples, render_with(&spec, &Timbre::PLAIN, &mut Rng::new(99)));
+        assert_eq!(
+            samples,
+            render_with(&spec, &Timbre::PLAIN, &mut Rng::new(99))
+        );
         let rate = f64::from(SAMPLE_RATE);
         let start = (spec.lead * rate).round() as usize;
         let mid = start + (spec.beep / 2.0 * rate) as usize;

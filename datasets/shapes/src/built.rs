@@ -180,7 +180,11 @@ pub(crate) fn noun(kind: ItemKind, rng: &mut Rng) -> String {
         ItemKind::Document => (DOCUMENT_WORDS, DOCUMENT_EXTENSIONS),
     };
     if rng.range(0, 9) == 0 {
-        let name = format!("{}.{}", crate::varied::pseudo_word(rng), pick(extensions, rng));
+        let name = format!(
+            "{}.{}",
+            crate::varied::pseudo_word(rng),
+            pick(extensions, rng)
+        );
         return match rng.range(0, 2) {
             0 => name,
             1 => format!("the file {name}"),

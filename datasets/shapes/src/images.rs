@@ -215,16 +215,16 @@ impl ShapeSpec {
         // demo model: people's drawings are turned further, and the probe
         // `blind2.py` turns shapes up to 25 degrees); the unlike style keeps
         // its draws.
-        let wide = if style == Style::Varied { 2.0 } else { 1.0 };
+        let max_tilt = |others: f64| if style == Style::Varied { 0.4 } else { others };
         let (tilt, stretch, apex) = match shape {
             Shape::Circle => (0.0, rng.range_f(0.92, 1.08), 0.0),
             Shape::Square => (
-                rng.range_f(-0.2 * wide, 0.2 * wide),
+                rng.range_f(-max_tilt(0.2), max_tilt(0.2)),
                 rng.range_f(0.93, 1.07),
                 0.0,
             ),
             Shape::Triangle => (
-                rng.range_f(-0.25 * wide.min(1.6), 0.25 * wide.min(1.6)),
+                rng.range_f(-max_tilt(0.25), max_tilt(0.25)),
                 rng.range_f(0.8, 1.25),
                 rng.range_f(-0.5, 0.5),
             ),
