@@ -1,11 +1,10 @@
 # Held-out probe of the demo model (see examples/demo-model/README.md): numpy-made
 # beeps at four gaps, asked to count them and name their pitch. Usage: python audio.py [BINARY] [MODEL]
 import random, sys
-from common import ask, write_beeps
+from common import WORDS, ask, write_beeps
 random.seed(5)
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
-WORDS = {1:"one",2:"two",3:"three",4:"four"}
 res = {}
 for gap in [1.2, 0.8, 0.5, 0.3]:
     ok = 0; tot = 0

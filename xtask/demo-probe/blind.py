@@ -10,7 +10,7 @@
 import io, os, random, sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from common import COL, SHAPES, TOPICS, background, score_rows, write_beeps
+from common import COL, SHAPES, TOPICS, WORDS, background, score_rows, write_beeps
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 random.seed(606); np.random.seed(606); os.makedirs("b6", exist_ok=True)
@@ -73,7 +73,6 @@ DOCS = {"cooking": "Start by warming the oil in a heavy pan, then soften the oni
         "space": "The telescope captured light from a distant galaxy. Astronauts on the station watched the rocket launch while the planet turned slowly beneath their orbit.",
         "music": "The orchestra tuned up before the concert. The violin carried the melody, the drums kept the rhythm, and the singer closed the album's final song with a long note.",
         "gardening": "Dig the soil over in spring and plant the seeds in rows. Water the seedlings often, pull the weeds, and the tomatoes and roses will flower by summer."}
-WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 assert set(DOCS) == set(TOPICS)
 
 rows = []

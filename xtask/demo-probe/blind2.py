@@ -11,7 +11,7 @@
 import math, os, random, re, sys, wave
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from common import SHAPES, TOPICS, score_rows
+from common import SHAPES, TOPICS, WORDS, score_rows
 BIN = sys.argv[1] if len(sys.argv) > 1 else "../../target/bench/release/multitoken"
 MODEL = sys.argv[2] if len(sys.argv) > 2 else "../../examples/demo-model"
 random.seed(707); np.random.seed(707); os.makedirs("b7", exist_ok=True)
@@ -113,7 +113,6 @@ DOCS = {"cooking": ["Recipe: lemon pasta. Boil the pasta in salted water. Meanwh
         "gardening": ["This weekend: prune the apple tree, mulch the flower beds and sow carrots and lettuce in the vegetable patch. Remember to compost the grass cuttings.",
                       "Our allotment is thriving. The beans climb their canes, the pumpkins are swelling, and the bees visit the lavender along the path every afternoon."]}
 assert set(DOCS) == set(TOPICS)
-WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 rows = []
 styles = ["rotated", "shadow", "framed", "watermark", "blobs", "alpha"]

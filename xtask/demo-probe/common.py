@@ -63,7 +63,8 @@ def write_beeps(path, count, freq, beep, gap, rate=16000, amp=0.5, lead=0.3, tai
         f.setnchannels(1); f.setsampwidth(2); f.setframerate(rate); f.writeframes((x * 32767).astype(np.int16).tobytes())
 
 TOPICS = ["cooking", "football", "weather", "space", "music", "gardening"]
-GROUPS = {"shape": set(SHAPES), "colour": set(COL), "count": {"one", "two", "three", "four"},
+WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}  # a beep count as the answers say it
+GROUPS = {"shape": set(SHAPES), "colour": set(COL), "count": set(WORDS.values()),
           "pitch": {"high", "low"}, "topic": set(TOPICS)}
 def right(text, facts):
     """Whether `text` names every fact in `facts` ({"shape": ["circle"], ...}) and no other
