@@ -928,11 +928,12 @@ fn write_audio(
     write(dir, path, &audio::wav_bytes(&samples, audio::SAMPLE_RATE))
 }
 
-/// Half the varied style's clips (never the unlike style's): wider pitch
-/// bands (low 180-480 Hz, high 1,000-2,400 Hz, against the classic 250-400 and
-/// 1,200-1,800), beeps 0.08-0.6 s long after up to 1.2 s of silence, quiet
-/// clips, and a [`Timbre`]: buzzer, triangle or chime waveforms, slow fades,
-/// background hiss and mains hum. The demo model, trained on clean sine
+/// Half the varied style's clips (never the unlike style's) come through
+/// here: a third get wider pitch bands (low 180-480 Hz, high 1,000-2,400 Hz,
+/// against the classic 250-400 and 1,200-1,800), a third beeps 0.08-0.6 s long
+/// after up to 1.2 s of silence, a quarter a quiet level, and all a
+/// [`Timbre`]: any waveform, slow fades (a third), background hiss (half),
+/// mains hum (a quarter). The demo model, trained on clean sine
 /// beeps, miscounted beeps in recordings with hiss or a buzzer's tone.
 fn vary_clip(spec: &mut BeepSpec, rng: &mut Rng) -> Timbre {
     if rng.range(0, 2) == 0 {
