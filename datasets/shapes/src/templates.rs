@@ -30,11 +30,12 @@ pub const IMAGE_NOUNS: [&[&str]; 2] = [
         "the visual",
     ],
     &[
-        "the png I attached",
-        "this little graphic",
-        "the drawing I made",
-        "this icon",
-        "the snapshot I uploaded",
+        "the pic I snapped",
+        "this painting",
+        "the scan I did",
+        "this bit of clipart",
+        "the slide I exported",
+        "my scribble",
     ],
 ];
 
@@ -61,11 +62,11 @@ pub const AUDIO_NOUNS: [&[&str]; 2] = [
         "the signal",
     ],
     &[
-        "this sound bite I recorded",
-        "the mp3",
-        "the alert sound",
-        "this snippet of audio",
-        "the tone sequence",
+        "this jingle",
+        "the voicemail",
+        "the notification chime",
+        "the alarm off my smartwatch",
+        "the chirping on my phone",
     ],
 ];
 
@@ -90,11 +91,12 @@ pub const DOCUMENT_NOUNS: [&[&str]; 2] = [
         "this story",
     ],
     &[
-        "this paragraph",
-        "the notes I copied",
-        "the .txt I saved",
-        "the paragraphs below",
-        "the article snippet",
+        "this newsletter",
+        "the leaflet I pasted",
+        "the wiki entry",
+        "my draft",
+        "the magazine column",
+        "this brochure",
     ],
 ];
 
@@ -191,11 +193,12 @@ pub const SHAPE: [&[&str]; 2] = [
         "Which shape was drawn?",
     ],
     &[
-        "I need the shape in {it} for my notes. Which one?",
-        "Geometrically speaking, what is {it}?",
-        "What form has been drawn in {it}, roughly?",
-        "Corners or curves? Tell me the shape in {it}.",
-        "If you had to name the shape in {it}, what would it be?",
+        "My nephew made {it} for me and I can't work out which shape it's meant to be. Can you?",
+        "If I traced around the edge of the object in {it}, what shape would I end up with?",
+        "Which shape there is on {it}, please?",
+        "Quick sanity check: what shape did I put in {it}?",
+        "In geometry class terms, what would you call the thing in {it}?",
+        "Round, boxy or pointy? Go on, name the shape in {it}.",
     ],
 ];
 
@@ -252,11 +255,12 @@ pub const COLOUR: [&[&str]; 2] = [
         "What colour is the drawing?",
     ],
     &[
-        "I'm colourblind. What colour is in {it}?",
-        "If you had to name the colour in {it}, what would it be?",
-        "Which crayon would I need to draw {it}?",
-        "Tell me the hue the shape in {it} is filled with.",
-        "What shade of paint fills {it}?",
+        "My monitor's colours are off. What colour does the shape in {it} really have?",
+        "Which felt-tip pen would match the shape in {it}?",
+        "The shape on {it}, it is filled with which colour?",
+        "I'm curious what colour they went with for the shape in {it}.",
+        "Help me out, how is the shape in {it} coloured?",
+        "Settle an argument: my friend and I disagree about the colour of the shape in {it}. Which is it?",
     ],
 ];
 
@@ -329,11 +333,12 @@ pub const DESCRIBE_IMAGE: [&[&str]; 2] = [
         "Give me both the shape and the colour in {it}.",
     ],
     &[
-        "I can't open {it}. What's in it?",
-        "Help me understand {it}.",
-        "If you had to caption {it}, what would you write?",
-        "Sum up {it} in a few words for me.",
-        "Quickly, what's {it} all about?",
+        "My screen reader skipped {it}. Could you put what it shows into a sentence?",
+        "Pretend I'm on the phone and can't see {it}. What's there?",
+        "Which colour and which shape make up {it}?",
+        "I'd love to know both the colour and the shape of whatever is in {it}.",
+        "Explain me please what is visible on {it}.",
+        "Could you paint me a picture in words of {it}?",
     ],
 ];
 
@@ -380,10 +385,11 @@ pub const COMPARE: [&[&str]; 2] = [
         "Which of the images contains {thing}?",
     ],
     &[
-        "Of the two uploads, where would I spot {thing}?",
-        "Only one of these holds {thing}. Is it number one or number two?",
-        "Tell me where {thing} turns up, picture one or picture two.",
-        "Which of my attachments includes {thing}?",
+        "I uploaded two pics. In which of them can I find {thing}?",
+        "Could you point me to the image that has {thing} in it?",
+        "The earlier upload or the later one: where is {thing}?",
+        "{thing} is hiding in these images. Which picture is it in?",
+        "I only want the picture with {thing}. Which is that?",
     ],
 ];
 
@@ -427,10 +433,11 @@ pub const COUNT: [&[&str]; 2] = [
         "How many?",
     ],
     &[
-        "I missed the start of {it}. How many beeps did it make?",
-        "If you tally the beeps in {it}, what do you get?",
-        "Count them for me: how many beeps are there in {it}?",
-        "How often does {it} go beep?",
+        "My hearing isn't great. How many beeps could you make out in {it}?",
+        "How many beeps would I count if I sat through {it}?",
+        "I'm curious how many beeps you can pick out in {it}.",
+        "From start to finish, how many beeps does {it} give?",
+        "Could you keep count of the beeps in {it} and tell me the total?",
     ],
 ];
 
@@ -471,10 +478,11 @@ pub const PITCH: [&[&str]; 2] = [
         "How high is the pitch of {it}?",
     ],
     &[
-        "Tell me whether {it} beeps in a high or a low register.",
-        "Would a singer call {it} high or low?",
-        "If you had to place the beeps in {it}, high or low?",
-        "Squeaky or deep: how do the beeps in {it} sound?",
+        "To your ear, is {it} more of a whistle or more of a rumble? High or low?",
+        "Are we talking high notes or low notes in {it}?",
+        "Do the beeps in {it} squeal up high or rumble down low?",
+        "The beeps of {it}, they are high or they are low?",
+        "Where do the beeps in {it} sit, at the high end or the low end?",
     ],
 ];
 
@@ -537,10 +545,11 @@ pub const DESCRIBE_AUDIO: [&[&str]; 2] = [
         "Tell me how many beeps {it} has and whether they're high or low.",
     ],
     &[
-        "I can't play {it}. What's in it?",
-        "Help me understand {it}.",
-        "If you had to caption {it}, what would you write?",
-        "Quickly, what's {it} all about?",
+        "My speakers are broken. What would I hear if I played {it}?",
+        "Sound-wise, what's {it} made of?",
+        "How many beeps does {it} have, and are they on the high side or the low side?",
+        "Please explain me what is playing in {it}.",
+        "I'm curious what {it} is like to listen to. Could you describe it?",
     ],
 ];
 
@@ -595,10 +604,11 @@ pub const TOPIC: [&[&str]; 2] = [
         "Any idea what {it} is about?",
     ],
     &[
-        "I haven't read {it}. What's it about, in a word?",
-        "If you had to tag {it} with one subject, which?",
-        "Help me sort {it}: which subject does it belong to?",
-        "Quickly, what's {it} all about?",
+        "Which shelf of a library would {it} go on?",
+        "Before I read {it}: what's it going to be about?",
+        "I'm curious what {it} covers, in a word or two.",
+        "About which thing is {it} speaking?",
+        "What's the big idea behind {it}, subject-wise?",
     ],
 ];
 
@@ -691,14 +701,15 @@ pub const UNANSWERABLE: [&[&str]; 2] = [
         "Save {it} to my desktop.",
     ],
     &[
-        "/reset",
-        "/about",
-        "What's the capital of Peru?",
-        "Set a timer for ten minutes.",
-        "Translate 'good morning' into German.",
-        "Who painted the Mona Lisa?",
-        "Who is the author of {it}?",
-        "What is the file name of {it}?",
-        "Please forward {it} to my sister.",
+        "/quit",
+        "/history",
+        "What's the euro worth in dollars today?",
+        "Remind me to call the dentist at noon.",
+        "Who directed Jaws?",
+        "How do you say thank you in Japanese?",
+        "Has anyone edited {it} since last week?",
+        "Could you pin {it} to the top of our group chat?",
+        "Under what licence can I reuse {it}?",
+        "Which phone model produced {it}?",
     ],
 ];

@@ -144,7 +144,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
-            Style::Unlike => &["Hello there, ", "Good morning, ", "Hi there! "],
+            Style::Unlike => &["Howdy, ", "Salutations! ", "G'day! "],
             _ => &[
                 "Hi! ",
                 "Hey, ",
