@@ -85,12 +85,9 @@ fn ask_as(asked: Asked, style: Style, named: bool, rng: &mut Rng) -> String {
             .iter()
             .copied()
             .filter(|t| {
-                !named
-                    || if by_words {
-                        identifies_kind(t)
-                    } else {
-                        t.contains("{it}")
-                    }
+                // A template without `{it}` may say "this" itself ("What
+                // topic is this?"), which names no item either.
+                !named || t.contains("{it}") && (!by_words || identifies_kind(t))
             })
             .collect()
     };
@@ -152,6 +149,16 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
                 "Quick question: ",
                 "Please: ",
                 "Q: ",
+                "Hello! ",
+                "Hiya, ",
+                "Hey there! ",
+                "Good evening, ",
+                "Greetings. ",
+                "Yo, ",
+                "Hi, ",
+                "Morning! ",
+                "Dear assistant, ",
+                "Hello again. ",
             ],
         };
         q = format!("{}{q}", pick(greetings, rng));
@@ -184,6 +191,11 @@ const PADDING_BEFORE: &[&str] = &[
     "Hello, ",
     "Right, ",
     "Okay so ",
+    "Just curious, ",
+    "And another thing. ",
+    "Sorry to bother you, ",
+    "Another question: ",
+    "Help please. ",
 ];
 
 /// ... and after it.
@@ -195,6 +207,11 @@ const PADDING_AFTER: &[&str] = &[
     " Cheers.",
     " if you can",
     " :)",
+    " Thanks in advance.",
+    " Much appreciated.",
+    " No rush.",
+    " Ta.",
+    " Quick answer is fine.",
 ];
 
 /// One slip of the keyboard in a word of four or more letters (never its
@@ -356,6 +373,45 @@ const CHORES: &[&str] = &[
     "lower my rent",
 ];
 
+/// What a user might ask done to an item ([`off_topic`]), which the model
+/// cannot do: the honest reply, not a description.
+const ITEM_CHORES: &[&str] = &[
+    "forward",
+    "email",
+    "print",
+    "delete",
+    "rename",
+    "upload",
+    "compress",
+    "back up",
+    "share",
+    "post",
+    "save",
+    "resize",
+    "crop",
+    "convert",
+    "encrypt",
+    "archive",
+    "translate",
+    "tweet",
+    "frame",
+    "sell",
+];
+const ITEM_CHORE_ENDS: &[&str] = &[
+    ".",
+    " to my sister.",
+    " to my boss.",
+    " for me.",
+    " to the cloud.",
+    " on my blog.",
+    " to my desktop.",
+    " as a PDF.",
+    " by tomorrow.",
+    " to my team?",
+    " to grandma?",
+    " now, please.",
+];
+
 /// An off-topic request built from parts (varied style, a quarter of the
 /// unanswerable rows): the honest reply is then learnt for requests in
 /// general, not only for the [`UNANSWERABLE`] templates, and for imperatives
@@ -364,7 +420,16 @@ const CHORES: &[&str] = &[
 /// `built`, it taught that any unfamiliar words beside an item are off-topic:
 /// image descriptions fell from 25 to 16 of 40 on the unlike v2 set.)
 fn off_topic(rng: &mut Rng) -> String {
-    match rng.range(0, 3) {
+    match rng.range(0, 4) {
+        // Something done to the item rather than asked about it ("Forward
+        // {it} to my brother."): phase 9 described the image or named the
+        // topic for these (unlike v6).
+        4 => capitalise(&format!(
+            "{}{} {{it}}{}",
+            pick(&["", "", "Please ", "Can you ", "Could you "], rng),
+            pick(ITEM_CHORES, rng),
+            pick(ITEM_CHORE_ENDS, rng)
+        )),
         0 => format!(
             "{} {}.",
             pick(REQUEST_VERBS, rng),
