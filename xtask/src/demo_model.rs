@@ -15,6 +15,10 @@
 //! `build` runs the whole recipe (data, skeleton, `multitoken train --config
 //! xtask/demo-model.toml`, packaging into `--model`, default
 //! `examples/demo-model`, held-out eval into its README);
+//! `package` packages one training run (`--out`) into `--model` as a
+//! self-contained directory (trained encoders named `vision/`, `audio/`,
+//! `document/`) and evaluates it on `--data`'s held-out split, writing no
+//! README or recipe (a hand-run phase is not the recipe's);
 //! `data` writes the synthetic dataset (`multitoken-datasets`, rows per task;
 //! `--style varied` for the varied phrasings and images, `--style unlike` for
 //! the test set that shares none of them: see `multitoken_datasets::Style`);

@@ -106,7 +106,7 @@ pub fn run(args: &Args) -> Result<()> {
             bail!("multitoken train (phase {}) failed ({status})", phase + 1);
         }
         model = work.join(format!("phase-{}", phase + 1));
-        package(&trained, &model, args.style)?;
+        package(&trained, &model, &[])?;
     }
     let train_secs = train_started.elapsed().as_secs_f64();
     let report = package_and_evaluate(&trained, args, Some(train_secs))?;
@@ -120,19 +120,28 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// [`package`]s the run in `run` into `args.model`, evaluates it on the
-/// held-out split and writes its README (`train_secs`: the training time, when
-/// this process measured it).
+/// [`package`]s the run in `run` into `args.model` and evaluates it on the
+/// held-out split. After a whole `build` (`train_secs`: the training time,
+/// measured by this process), the package also gets the recipe's phase
+/// configs and a README with the figures; a single run packaged by hand
+/// (`demo-model package`) gets neither, since its phases are not the recipe's
+/// (the embedded model keeps its own hand-written README and `train-N.toml`).
 pub fn package_and_evaluate(
     run: &Path,
     args: &Args,
     train_secs: Option<f64>,
 ) -> Result<eval::Report> {
-    package(run, &args.model, args.style)?;
+    let recipes = match train_secs {
+        Some(_) => recipes(args.style).to_vec(),
+        None => Vec::new(),
+    };
+    package(run, &args.model, &recipes)?;
     let heldout = args.data.join("heldout.jsonl");
     let report = eval::evaluate(&args.model, &heldout, args.limit, false)?;
     eval::print(&report);
-    write_readme(&args.model, &report, train_secs)?;
+    if let Some(secs) = train_secs {
+        write_readme(&args.model, &report, secs)?;
+    }
     Ok(report)
 }
 
@@ -146,10 +155,12 @@ const KEEP: [&str; 5] = [
 ];
 
 /// Copies the trained model in `run` into `out` as a self-contained directory:
-/// trained parts (`lm/`, `encoder-*/`) as they are, and every frozen encoder
-/// the config points at with an absolute path copied in under its own name, so
-/// the directory can be committed and moved.
-pub fn package(run: &Path, out: &Path, style: Style) -> Result<()> {
+/// the LM (`lm/`) as it is, each trained encoder (`encoder-N/`) under the name
+/// of its modality (`vision/`, `audio/`, `document/`: the first word of its
+/// builder), every frozen encoder the config points at with an absolute path
+/// copied in under its own name, so the directory can be committed and moved,
+/// and `recipes` as `train-1.toml`, `train-2.toml`...
+pub fn package(run: &Path, out: &Path, recipes: &[PathBuf]) -> Result<()> {
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
     }
@@ -163,7 +174,7 @@ pub fn package(run: &Path, out: &Path, style: Style) -> Result<()> {
     for entry in std::fs::read_dir(run).with_context(|| format!("reading {}", run.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if path.is_dir() && (name == "lm" || name.starts_with("encoder-")) {
+        if path.is_dir() && name == "lm" {
             copy_dir(&path, &out.join(name))?;
         }
     }
@@ -179,6 +190,12 @@ pub fn package(run: &Path, out: &Path, style: Style) -> Result<()> {
     }
     if let Some(modalities) = config.get_mut("modalities").and_then(|m| m.as_array_mut()) {
         for modality in modalities {
+            let kind = modality
+                .get("builder")
+                .and_then(|b| b.as_str())
+                .and_then(|b| b.split('_').next())
+                .unwrap_or("encoder")
+                .to_string();
             let Some(settings) = modality.get_mut("config").and_then(|c| c.as_object_mut()) else {
                 continue;
             };
@@ -186,6 +203,19 @@ pub fn package(run: &Path, out: &Path, style: Style) -> Result<()> {
                 let Some(path) = value.as_str().map(PathBuf::from) else {
                     continue;
                 };
+                // An encoder trained in this run: `encoder-N` in the run.
+                let in_run = run.join(&path);
+                let trained = path.is_relative()
+                    && path.to_str().is_some_and(|p| p.starts_with("encoder-"))
+                    && in_run.is_dir();
+                if trained {
+                    if out.join(&kind).exists() {
+                        bail!("two encoders of the run would be packaged as {kind}/");
+                    }
+                    copy_dir(&in_run, &out.join(&kind))?;
+                    *value = serde_json::Value::String(kind.clone());
+                    continue;
+                }
                 if !(path.is_absolute() && path.is_dir()) {
                     continue;
                 }
@@ -201,7 +231,7 @@ pub fn package(run: &Path, out: &Path, style: Style) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(&config)? + "\n";
     std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
-    for (phase, recipe) in recipes(style).iter().enumerate() {
+    for (phase, recipe) in recipes.iter().enumerate() {
         copy(recipe, &out.join(format!("train-{}.toml", phase + 1)))?;
     }
     Ok(())
@@ -229,7 +259,7 @@ pub(super) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// `README.md` of the packaged model: what it is, how it was made, how well it does.
-fn write_readme(out: &Path, report: &eval::Report, train_secs: Option<f64>) -> Result<()> {
+fn write_readme(out: &Path, report: &eval::Report, train_secs: f64) -> Result<()> {
     let mut rows = String::new();
     for (task, (correct, total)) in &report.by_task {
         rows.push_str(&format!("| {task} | {correct}/{total} |\n"));
@@ -246,9 +276,7 @@ fn write_readme(out: &Path, report: &eval::Report, train_secs: Option<f64>) -> R
          {}Loss curve: `loss.png`, every 10th step: `metrics.jsonl`.\n\n\
          Held-out accuracy (greedy answers judged by `multitoken_datasets::judge`):\n\
          **{:.1}%**\n\n| task | correct |\n|---|---|\n{rows}",
-        train_secs
-            .map(|s| format!("Training took {s:.0} s on this machine's CPU. "))
-            .unwrap_or_default(),
+        format!("Training took {train_secs:.0} s on this machine's CPU. "),
         100.0 * report.accuracy()
     );
     let path = out.join("README.md");
