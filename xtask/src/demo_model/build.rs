@@ -273,10 +273,10 @@ fn write_readme(out: &Path, report: &eval::Report, train_secs: f64) -> Result<()
          (`lm/`, tokenizer trained with `tokenizers`), a CLIP-arch vision tower, a\n\
          Whisper-arch audio encoder and a BERT sentence encoder, with their projectors.\n\
          It is the default model of `multitoken chat`, `generate` and `serve`.\n\n\
-         {}Loss curve: `loss.png`, every 10th step: `metrics.jsonl`.\n\n\
+         Training took {train_secs:.0} s on this machine's CPU. Loss curve: `loss.png`,\n\
+         every 10th step: `metrics.jsonl`.\n\n\
          Held-out accuracy (greedy answers judged by `multitoken_datasets::judge`):\n\
          **{:.1}%**\n\n| task | correct |\n|---|---|\n{rows}",
-        format!("Training took {train_secs:.0} s on this machine's CPU. "),
         100.0 * report.accuracy()
     );
     let path = out.join("README.md");
