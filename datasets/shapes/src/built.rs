@@ -258,6 +258,14 @@ const OPENINGS: &[&str] = &[
     "Identify",
     "State",
     "Say",
+    "Would you mind telling me",
+    "Do you happen to know",
+    "I'd love to know",
+    "Mind telling me",
+    "Could you let me know",
+    "Can you work out",
+    "Help me find",
+    "I need",
 ];
 
 /// Ways to ask for a description, each followed by an item's noun phrase.
@@ -642,6 +650,14 @@ const LEADS: &[&str] = &[
     "Simple question: ",
     "Straight answer please: ",
     "Real quick, ",
+    "My friend sent me this. ",
+    "This is for a school project. ",
+    "I'm testing you. ",
+    "I have a bet with my brother. ",
+    "My screen is broken. ",
+    "I can't check it myself right now. ",
+    "Settle an argument: ",
+    "Okay, next question. ",
 ];
 
 /// An opening from [`OPENINGS`], or `plain` where it drew none.

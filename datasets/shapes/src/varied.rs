@@ -412,6 +412,26 @@ const ITEM_CHORE_ENDS: &[&str] = &[
     " now, please.",
 ];
 
+/// How an item came to be ([`off_topic`]: "When was {it} recorded?").
+const ITEM_MADE: &[&str] = &[
+    "made", "recorded", "taken", "sent", "drawn", "edited", "uploaded", "shared", "saved",
+    "created", "written", "posted", "scanned", "exported",
+];
+/// Facts about an item's file that it does not show ([`off_topic`]).
+const ITEM_FACTS: &[&str] = &[
+    "What's the file size of",
+    "What resolution is",
+    "What format is",
+    "Who owns the rights to",
+    "What date is on",
+    "Which device made",
+    "Who is the author of",
+    "What's the file name of",
+    "How old is",
+    "Which program opened",
+    "What licence covers",
+];
+
 /// An off-topic request built from parts (varied style, a quarter of the
 /// unanswerable rows): the honest reply is then learnt for requests in
 /// general, not only for the [`UNANSWERABLE`] templates, and for imperatives
@@ -420,7 +440,16 @@ const ITEM_CHORE_ENDS: &[&str] = &[
 /// `built`, it taught that any unfamiliar words beside an item are off-topic:
 /// image descriptions fell from 25 to 16 of 40 on the unlike v2 set.)
 fn off_topic(rng: &mut Rng) -> String {
-    match rng.range(0, 4) {
+    match rng.range(0, 5) {
+        // What no item here tells: who made it, when, its file's facts.
+        5 => match rng.range(0, 1) {
+            0 => format!(
+                "{} was {{it}} {}?",
+                pick(&["When", "Where", "Why", "How"], rng),
+                pick(ITEM_MADE, rng)
+            ),
+            _ => format!("{} {{it}}?", pick(ITEM_FACTS, rng)),
+        },
         // Something done to the item rather than asked about it ("Forward
         // {it} to my brother."): phase 9 described the image or named the
         // topic for these (unlike v6).
