@@ -7,6 +7,7 @@
 //! cargo xtask demo-model skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
 //! cargo xtask demo-model tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
 //! cargo xtask demo-model double-resolution --out DIR
+//! cargo xtask demo-model grow-lm  --out DIR --layers N [--seed N]
 //! cargo xtask demo-model pretrained-lm --gguf FILE [--vocab N] [--model FROM] [--out DIR] [--seed N]
 //! cargo xtask demo-model eval     [--model DIR] [--dataset FILE] [--limit N] [--totals-only]
 //! cargo xtask demo-model samples  [--out DIR]
@@ -32,12 +33,16 @@
 //! `pretrained-lm` writes a skeleton whose LM takes a GGUF's vocabulary, cut to
 //! `--vocab` pieces, and its embeddings projected to the LM's width (encoders
 //! copied from `--model`; see `pretrained`);
+//! `grow-lm` appends `--layers` minus the current depth of layers to the LM in
+//! `--out` that change no answer until trained (zero output projections; see
+//! `grow`);
 //! `samples` writes the README's example inputs (default `examples/shapes`).
 //! Defaults: data in `target/demo-data`, skeleton in `target/demo-model/init`,
 //! eval of `examples/demo-model` on `target/demo-data/heldout.jsonl`.
 
 mod build;
 mod eval;
+mod grow;
 mod pretrained;
 mod random;
 mod skeleton;
@@ -78,6 +83,8 @@ struct Args {
     gguf: Option<PathBuf>,
     /// `pretrained-lm`: the LM's vocabulary size.
     vocab: usize,
+    /// `grow-lm`: the LM's depth after growing.
+    layers: usize,
 }
 
 fn root() -> PathBuf {
@@ -104,6 +111,7 @@ fn parse(args: &[String]) -> Result<Args> {
         totals_only: false,
         gguf: None,
         vocab: 16384,
+        layers: 0,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -123,6 +131,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--limit" => parsed.limit = value()?.parse().context("--limit")?,
             "--gguf" => parsed.gguf = Some(PathBuf::from(value()?)),
             "--vocab" => parsed.vocab = value()?.parse().context("--vocab")?,
+            "--layers" => parsed.layers = value()?.parse().context("--layers")?,
             "--tower-steps" => parsed.tower_steps = Some(value()?.parse().context("--tower-steps")?),
             "--tower-lr" => parsed.tower_lr = Some(value()?.parse().context("--tower-lr")?),
             "--style" => {
@@ -147,6 +156,7 @@ usage: cargo xtask demo-model <command> [options]
   skeleton [--data DIR] [--out DIR] [--seed N] [--style S]
   tower    [--out DIR] [--style S] [--tower-steps N] [--tower-lr F]
   double-resolution --out DIR
+  grow-lm  --out DIR --layers N [--seed N]
   pretrained-lm --gguf FILE [--vocab N] [--model FROM] [--out DIR] [--seed N]
   eval     [--model DIR] [--dataset FILE] [--limit N] [--totals-only]
   samples  [--out DIR]
@@ -180,6 +190,8 @@ pub fn run(args: &[String]) -> Result<()> {
             )
             .map(|_| ())
         }
+        // Appends layers to the LM in --out that change no answer (see `grow`).
+        "grow-lm" => grow::grow_lm(&args.out.join("lm"), args.layers, args.seed),
         // Doubles the resolution of the tower in --out (see `tower::double_resolution`).
         "double-resolution" => tower::double_resolution(&args.out.join("vision")),
         "skeleton" => {
