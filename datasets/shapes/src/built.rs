@@ -10,7 +10,7 @@
 //! whatever around it. None of them names an answer (a test checks), and no
 //! built question is an unlike-style question (another test checks).
 
-use crate::rows::{capitalise, pick};
+use crate::rows::{capitalise, lower_first, pick};
 use crate::Rng;
 
 /// What a question asks about its one item.
@@ -625,12 +625,11 @@ pub fn question(asked: Asked, rng: &mut Rng) -> String {
     // reader keys on the request, not on the first words.
     if rng.range(0, 7) == 0 {
         let lead = pick(LEADS, rng);
-        let text = capitalise(&text);
-        if lead.ends_with(", ") {
-            let mut chars = text.chars();
-            let first = chars.next().map(|c| c.to_ascii_lowercase());
-            return format!("{lead}{}{}", first.unwrap_or(' '), chars.as_str());
-        }
+        let text = if lead.ends_with(", ") {
+            lower_first(&text)
+        } else {
+            capitalise(&text)
+        };
         return format!("{lead}{text}");
     }
     capitalise(&text)

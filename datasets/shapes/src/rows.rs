@@ -452,6 +452,16 @@ pub(crate) fn capitalise(text: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `text` with its first letter in lower case (as people type after a comma,
+/// or without bothering).
+pub(crate) fn lower_first(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_ascii_lowercase().to_string() + chars.as_str())
+        .unwrap_or_default()
+}
+
 pub(crate) fn user_assistant(question: String, answer: String) -> Vec<Message> {
     vec![
         Message {

@@ -16,8 +16,8 @@ use crate::checks::{self, Truth};
 use crate::documents::{self, Topic};
 use crate::images::{self, Colour, Shape, ShapeSpec};
 use crate::rows::{
-    capitalise, compare_answer, compare_pair, pick, user_assistant, write, Message, Row, Split,
-    Style, Task, UNSURE,
+    capitalise, compare_answer, compare_pair, lower_first, pick, user_assistant, write, Message,
+    Row, Split, Style, Task, UNSURE,
 };
 use crate::{Error, Result, Rng};
 
@@ -133,11 +133,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
         q = q.trim_end_matches(['?', '.', '!']).to_string();
     }
     if rng.range(0, 4) == 0 {
-        let mut chars = q.chars();
-        q = chars
-            .next()
-            .map(|c| c.to_ascii_lowercase().to_string() + chars.as_str())
-            .unwrap_or_default();
+        q = lower_first(&q);
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
