@@ -150,15 +150,7 @@ fn write_random_model(dir: &Path, layers: usize) -> Result<()> {
     );
     for l in 0..layers {
         let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", [h, h]),
-            ("self_attn.k_proj.weight", [kv, h]),
-            ("self_attn.v_proj.weight", [kv, h]),
-            ("self_attn.o_proj.weight", [h, h]),
-            ("mlp.gate_proj.weight", [i, h]),
-            ("mlp.up_proj.weight", [i, h]),
-            ("mlp.down_proj.weight", [h, i]),
-        ] {
+        for (name, shape) in crate::demo_model::grow::llama_layer_matrices(h, i, kv) {
             t.insert(format!("{p}.{name}"), randn(&shape, 0.02)?);
         }
         t.insert(

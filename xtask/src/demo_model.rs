@@ -42,7 +42,7 @@
 
 mod build;
 mod eval;
-mod grow;
+pub(crate) mod grow;
 mod pretrained;
 mod random;
 mod skeleton;

@@ -17,6 +17,25 @@ use candle_core::{DType, Device, Tensor};
 
 use super::random::init_tensor;
 
+/// The weight matrices of one llama decoder layer and their shapes (`[out,
+/// in]`), named as transformers saves them under `model.layers.N.`
+/// (`kv_width`: key/value heads × head width).
+pub(crate) fn llama_layer_matrices(
+    hidden: usize,
+    inner: usize,
+    kv_width: usize,
+) -> [(&'static str, [usize; 2]); 7] {
+    [
+        ("self_attn.q_proj.weight", [hidden, hidden]),
+        ("self_attn.k_proj.weight", [kv_width, hidden]),
+        ("self_attn.v_proj.weight", [kv_width, hidden]),
+        ("self_attn.o_proj.weight", [hidden, hidden]),
+        ("mlp.gate_proj.weight", [inner, hidden]),
+        ("mlp.up_proj.weight", [inner, hidden]),
+        ("mlp.down_proj.weight", [hidden, inner]),
+    ]
+}
+
 /// Grows the LM in `lm_dir` (`config.json`, `model.safetensors`) in place to
 /// `layers` layers, new weights drawn from `seed`.
 pub fn grow_lm(lm_dir: &Path, layers: usize, seed: u64) -> Result<()> {
@@ -66,16 +85,7 @@ pub fn grow_lm(lm_dir: &Path, layers: usize, seed: u64) -> Result<()> {
     }
     for layer in old..layers {
         let prefix = format!("model.layers.{layer}.");
-        let shapes: [(&str, [usize; 2]); 7] = [
-            ("self_attn.q_proj.weight", [hidden, hidden]),
-            ("self_attn.k_proj.weight", [kv_width, hidden]),
-            ("self_attn.v_proj.weight", [kv_width, hidden]),
-            ("self_attn.o_proj.weight", [hidden, hidden]),
-            ("mlp.gate_proj.weight", [inner, hidden]),
-            ("mlp.up_proj.weight", [inner, hidden]),
-            ("mlp.down_proj.weight", [hidden, inner]),
-        ];
-        for (name, shape) in shapes {
+        for (name, shape) in llama_layer_matrices(hidden, inner, kv_width) {
             let full = format!("{prefix}{name}");
             let tensor =
                 if name.starts_with("self_attn.o_proj") || name.starts_with("mlp.down_proj") {
