@@ -58,6 +58,12 @@ pub fn grow_lm(lm_dir: &Path, layers: usize, seed: u64) -> Result<()> {
     let kv_heads = config["num_key_value_heads"]
         .as_u64()
         .map_or(heads, |n| n as usize);
+    if old == 0 {
+        bail!(
+            "{}: num_hidden_layers is 0, no LM to grow",
+            config_path.display()
+        );
+    }
     if layers <= old {
         bail!(
             "the LM in {} already has {old} layers (asked for {layers})",
@@ -143,6 +149,19 @@ mod tests {
         assert!(
             grow_lm(&dir, 3, 1).is_err(),
             "growing to the same depth must fail"
+        );
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty)?;
+        std::fs::write(
+            empty.join("config.json"),
+            serde_json::json!({"hidden_size": 8, "intermediate_size": 16,
+                "num_attention_heads": 2, "num_hidden_layers": 0})
+            .to_string(),
+        )?;
+        let error = grow_lm(&empty, 2, 1).expect_err("a config with no layers must be refused");
+        assert!(
+            error.to_string().contains("num_hidden_layers is 0"),
+            "{error}"
         );
         let grown = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
         for (name, tensor) in &old {
