@@ -183,7 +183,7 @@ fn check_layout(name: &str, samples: usize, sample_rate: u32, channels: usize, c
         reason,
     };
     check_rate_channels(name, sample_rate, channels, config)?;
-    if samples % channels != 0 {
+    if !samples.is_multiple_of(channels) {
         return Err(format(format!(
             "{samples} samples are not a whole number of {channels}-channel frames"
         )));

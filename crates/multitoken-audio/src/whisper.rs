@@ -90,7 +90,7 @@ impl WhisperConfig {
             ("encoder", config.encoder_attention_heads),
             ("decoder", config.decoder_attention_heads),
         ] {
-            if heads == 0 || config.d_model % heads != 0 {
+            if heads == 0 || !config.d_model.is_multiple_of(heads) {
                 return Err(Error::Config(format!(
                     "{}: d_model {} is not divisible by {heads} {name} heads",
                     path.display(),

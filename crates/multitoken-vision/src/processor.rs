@@ -50,7 +50,9 @@ pub struct ImageProcessorConfig {
 
 /// OpenAI CLIP's normalization mean.
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// OpenAI CLIP's normalization std.
+/// OpenAI CLIP's normalization std. Written as published (transformers'
+/// `OPENAI_CLIP_STD`), one digit past what an f32 holds.
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 impl Default for ImageProcessorConfig {

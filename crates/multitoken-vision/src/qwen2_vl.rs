@@ -301,7 +301,9 @@ impl Qwen2VisionConfig {
                 self.head_dim()
             ));
         }
-        if !self.is_qwen2_5() && !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) {
+        // Qwen2.5-VL sizes its MLP by `intermediate_size`; only Qwen2-VL reads the ratio.
+        let ratio_is_positive = self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0;
+        if !(self.is_qwen2_5() || ratio_is_positive) {
             return bad(format!("mlp_ratio must be a positive number, got {}", self.mlp_ratio));
         }
         if self.mlp_dim() == 0 {

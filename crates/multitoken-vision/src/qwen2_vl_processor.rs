@@ -34,10 +34,8 @@ use crate::processor::{parse_triple, read_json};
 use crate::resample::{resize_window_rows, ResampleFilter, Window};
 use crate::{Error, Result};
 
-/// transformers' `OPENAI_CLIP_MEAN` (Qwen2-VL's default).
-pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// transformers' `OPENAI_CLIP_STD` (Qwen2-VL's default).
-pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+/// transformers' `OPENAI_CLIP_MEAN` and `OPENAI_CLIP_STD`: Qwen2-VL's defaults.
+pub use crate::processor::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 
 /// The largest aspect ratio `smart_resize` accepts.
 const MAX_ASPECT_RATIO: f64 = 200.0;
@@ -245,7 +243,7 @@ impl Qwen2VlProcessorConfig {
         }
         let factor = self.factor();
         if !self.do_resize {
-            if height % factor != 0 || width % factor != 0 {
+            if !height.is_multiple_of(factor) || !width.is_multiple_of(factor) {
                 return Err(Error::config(
                     "image",
                     format!(
