@@ -5,8 +5,8 @@
 //! shapes anywhere, a little tilted or stretched, in a wider range of shades,
 //! on backgrounds that are plain, tinted, noisy, checkered, blotchy,
 //! vignetted, ruled, mid-grey, graded, dark, speckled or striped (varied) or,
-//! unlike style only and never in training, ringed, split in two colours,
-//! dotted or a dark grainy wash.
+//! unlike style only and never in training (unlike v8), a sunburst of rays,
+//! veined marble or slate, thin random scratches or crumpled paper.
 
 use image::{Rgb, RgbImage};
 
@@ -329,16 +329,21 @@ enum Background {
     /// Varied only: stripes of two shades, this many pixels wide, at this
     /// angle (`[cos, sin]` of the stripes' normal).
     Stripes([f64; 3], [f64; 3], u32, [f64; 2]),
-    /// Unlike only: concentric rings of two light shades around a point
-    /// (fractions of width and height), this many pixels apart.
-    Rings([f64; 3], [f64; 3], u32, [f64; 2]),
-    /// Unlike only: two flat colours split by a diagonal line.
-    Split([f64; 3], [f64; 3]),
-    /// Unlike only: a light colour with a regular grid of small darker dots,
-    /// this many pixels apart.
-    Dots([f64; 3], [f64; 3], u32),
-    /// Unlike only: a dark-to-mid horizontal wash with fine grain.
-    Wash([f64; 3], [f64; 3]),
+    /// Unlike only: a sunburst of wedges alternating two light shades
+    /// around a point (fractions of width and height, maybe off the image),
+    /// this many rays, turned by this angle (radians).
+    Sunburst([f64; 3], [f64; 3], u32, [f64; 2], f64),
+    /// Unlike only: marble (or slate): a base colour with thin wavy veins of
+    /// the second colour, `[frequency, cos, sin, turbulence]` of the veins,
+    /// the noise's cell size in pixels, and its seed.
+    Marble([f64; 3], [f64; 3], [f64; 4], f64, u64),
+    /// Unlike only: a light colour with the first this-many of these thin
+    /// random scratches (`[x0, y0, x1, y1]`, whole pixels) in the second colour.
+    Scratches([f64; 3], [f64; 3], [[i16; 4]; SCRATCHES], usize),
+    /// Unlike only: crumpled paper: a light colour darkened by up to this
+    /// much along soft creases (ridged noise of this cell size and seed),
+    /// with fine grain.
+    Crumpled([f64; 3], f64, f64, u64),
 }
 
 fn light(rng: &mut Rng) -> [f64; 3] {
@@ -354,24 +359,65 @@ fn pastel(rng: &mut Rng, strength: f64) -> [f64; 3] {
 }
 
 impl Background {
-    fn random(style: Style, rng: &mut Rng) -> Self {
+    /// A background for a `style` image of `width` by `height` pixels.
+    fn random(style: Style, (width, height): (f64, f64), rng: &mut Rng) -> Self {
         match style {
+            // Unlike v8's four families (v7's rings, diagonal splits, dot
+            // grids and dark washes are gone): each unlike to every varied kind.
             Style::Unlike => match rng.range(0, 3) {
-                0 => Background::Rings(
-                    pastel(rng, 0.25),
-                    light(rng),
-                    rng.range(4, 14) as u32,
-                    [rng.unit(), rng.unit()],
-                ),
-                1 => Background::Split(pastel(rng, 0.35), pastel(rng, 0.35)),
+                0 => {
+                    let rays = 2 * rng.range(5, 14) as u32;
+                    let centre = [rng.range_f(-0.1, 1.1), rng.range_f(-0.1, 1.1)];
+                    let turn = rng.range_f(0.0, std::f64::consts::TAU);
+                    Background::Sunburst(pastel(rng, 0.22), light(rng), rays, centre, turn)
+                }
+                1 => {
+                    let angle = rng.range_f(0.0, std::f64::consts::PI);
+                    let veins = [
+                        std::f64::consts::TAU / rng.range_f(45.0, 120.0),
+                        angle.cos(),
+                        angle.sin(),
+                        rng.range_f(3.0, 6.0),
+                    ];
+                    let cell = rng.range_f(20.0, 60.0);
+                    let seed = rng.next_u64();
+                    if rng.range(0, 2) == 0 {
+                        // Dark slate with pale grey veins.
+                        let grey = rng.range_f(45.0, 80.0);
+                        let base = [0, 1, 2].map(|_| grey + rng.range_f(-8.0, 8.0));
+                        let vein = [rng.range_f(120.0, 160.0); 3];
+                        Background::Marble(base, vein, veins, cell, seed)
+                    } else {
+                        let vein = rng.range_f(150.0, 195.0);
+                        let vein = [0, 1, 2].map(|_| vein + rng.range_f(-10.0, 10.0));
+                        Background::Marble(light(rng), vein, veins, cell, seed)
+                    }
+                }
                 2 => {
+                    let (w, h) = (width, height);
+                    let count = rng.range(4, SCRATCHES);
+                    let mut lines = [[0i16; 4]; SCRATCHES];
+                    for line in &mut lines[..count] {
+                        let (x, y) = (rng.range_f(0.0, w), rng.range_f(0.0, h));
+                        let angle = rng.range_f(0.0, std::f64::consts::PI);
+                        let half = w.max(h) * rng.range_f(0.15, 0.5);
+                        let (dx, dy) = (angle.cos() * half, angle.sin() * half);
+                        *line = [x - dx, y - dy, x + dx, y + dy].map(|v| v.round() as i16);
+                    }
                     let base = pastel(rng, 0.2);
-                    Background::Dots(base, base.map(|v| v * 0.6), rng.range(7, 16) as u32)
+                    let darker = rng.range_f(0.65, 0.82);
+                    Background::Scratches(base, base.map(|v| v * darker), lines, count)
                 }
                 _ => {
-                    let dark = rng.range_f(15.0, 60.0);
-                    let mid = rng.range_f(110.0, 170.0);
-                    Background::Wash([dark; 3], [0, 1, 2].map(|_| mid + rng.range_f(-20.0, 20.0)))
+                    let warm = rng.range_f(0.0, 12.0);
+                    let base = light(rng);
+                    let paper = [base[0], base[1] - warm * 0.4, base[2] - warm];
+                    Background::Crumpled(
+                        paper,
+                        rng.range_f(25.0, 55.0),
+                        rng.range_f(25.0, 70.0),
+                        rng.next_u64(),
+                    )
                 }
             },
             // Thirteen kinds (plain twice as often) of flat colours, textures, tones and
@@ -496,42 +542,91 @@ impl Background {
                     b
                 }
             }
-            Background::Rings(a, b, every, [fx, fy]) => {
+            Background::Sunburst(a, b, rays, [fx, fy], turn) => {
                 let (cx, cy) = (fx * f64::from(width), fy * f64::from(height));
-                let r = (f64::from(x) - cx).hypot(f64::from(y) - cy);
-                if ((r / f64::from(every.max(1))) as u64).is_multiple_of(2) {
+                let angle = (f64::from(y) + 0.5 - cy).atan2(f64::from(x) + 0.5 - cx) + turn;
+                let ray = angle.rem_euclid(std::f64::consts::TAU) / std::f64::consts::TAU;
+                if ((ray * f64::from(rays.max(2))) as u64).is_multiple_of(2) {
                     a
                 } else {
                     b
                 }
             }
-            Background::Split(a, b) => {
-                // The diagonal from the top-right to the bottom-left corner.
-                let t = f64::from(x) / f64::from(width.max(1))
-                    + f64::from(y) / f64::from(height.max(1));
-                if t < 1.0 {
-                    a
-                } else {
-                    b
-                }
+            Background::Marble(base, vein, [frequency, nx, ny, turbulence], cell, seed) => {
+                let (x, y) = (f64::from(x), f64::from(y));
+                let swirl = fractal_noise(x / cell, y / cell, seed) * 2.0 - 1.0;
+                let wave = ((x * nx + y * ny) * frequency + turbulence * swirl).sin();
+                // Near 1 only where the sine crosses zero: thin veins.
+                let t = (1.0 - wave.abs()).powi(8);
+                let grain = rng.range_f(-2.0, 2.0);
+                [0, 1, 2].map(|i| base[i] * (1.0 - t) + vein[i] * t + grain)
             }
-            Background::Dots(base, dot, every) => {
-                let every = every.max(4);
-                let (u, v) = (x % every, y % every);
-                let centre = every / 2;
-                if u.abs_diff(centre) + v.abs_diff(centre) <= 1 {
-                    dot
-                } else {
-                    base
-                }
+            Background::Scratches(base, line, lines, count) => {
+                let (px, py) = (f64::from(x) + 0.5, f64::from(y) + 0.5);
+                let near = lines[..count.min(SCRATCHES)]
+                    .iter()
+                    .map(|&line| {
+                        let [x0, y0, x1, y1] = line.map(f64::from);
+                        segment_distance((px, py), (x0, y0), (x1, y1))
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                // About a pixel wide, anti-aliased.
+                let t = (1.2 - near).clamp(0.0, 1.0);
+                [0, 1, 2].map(|i| base[i] * (1.0 - t) + line[i] * t)
             }
-            Background::Wash(left, right) => {
-                let t = f64::from(x) / f64::from(width.max(2) - 1);
-                let grain = rng.range_f(-6.0, 6.0);
-                [0, 1, 2].map(|i| left[i] * (1.0 - t) + right[i] * t + grain)
+            Background::Crumpled(paper, depth, cell, seed) => {
+                let (x, y) = (f64::from(x) / cell, f64::from(y) / cell);
+                // Ridged noise: 1 on a crease, falling off to either side.
+                let crease = |x: f64, y: f64, seed: u64| {
+                    (1.0 - (2.0 * value_noise(x, y, seed) - 1.0).abs()).powi(3)
+                };
+                let folds = 0.65 * crease(x, y, seed)
+                    + 0.35 * crease(2.1 * x + 5.3, 2.1 * y + 1.7, seed ^ 0x5bd1_e995);
+                let grain = rng.range_f(-3.0, 3.0);
+                paper.map(|v| v - depth * folds + grain)
             }
         }
     }
+}
+
+/// How many scratches a [`Background::Scratches`] holds at most.
+const SCRATCHES: usize = 12;
+
+/// Distance from `p` to the segment from `a` to `b`.
+fn segment_distance(p: (f64, f64), a: (f64, f64), b: (f64, f64)) -> f64 {
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    let length2 = (dx * dx + dy * dy).max(1e-9);
+    let t = (((p.0 - a.0) * dx + (p.1 - a.1) * dy) / length2).clamp(0.0, 1.0);
+    (p.0 - a.0 - t * dx).hypot(p.1 - a.1 - t * dy)
+}
+
+/// A hash of a lattice point to `[0, 1)` (SplitMix64's finaliser).
+fn lattice(ix: i64, iy: i64, seed: u64) -> f64 {
+    let mut z = seed
+        ^ (ix as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (iy as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Smooth value noise in `[0, 1]` with one lattice cell per unit.
+fn value_noise(x: f64, y: f64, seed: u64) -> f64 {
+    let (fx, fy) = (x.floor(), y.floor());
+    let (ix, iy) = (fx as i64, fy as i64);
+    let smooth = |t: f64| t * t * (3.0 - 2.0 * t);
+    let (u, v) = (smooth(x - fx), smooth(y - fy));
+    let top = lattice(ix, iy, seed) * (1.0 - u) + lattice(ix + 1, iy, seed) * u;
+    let bottom = lattice(ix, iy + 1, seed) * (1.0 - u) + lattice(ix + 1, iy + 1, seed) * u;
+    top * (1.0 - v) + bottom * v
+}
+
+/// Three octaves of [`value_noise`], in `[0, 1]`.
+fn fractal_noise(x: f64, y: f64, seed: u64) -> f64 {
+    (4.0 * value_noise(x, y, seed)
+        + 2.0 * value_noise(2.0 * x, 2.0 * y, seed.rotate_left(17))
+        + value_noise(4.0 * x, 4.0 * y, seed.rotate_left(34)))
+        / 7.0
 }
 
 /// Renders `spec` in `style` (2x2 supersampled edges); the classic style is
@@ -540,7 +635,8 @@ pub fn render_styled(spec: &ShapeSpec, style: Style, rng: &mut Rng) -> RgbImage 
     if style == Style::Classic {
         return render(spec, rng);
     }
-    let background = Background::random(style, rng);
+    let size = (f64::from(spec.size), f64::from(spec.height()));
+    let background = Background::random(style, size, rng);
     // A fifth of the varied images dim their whole background to 20-60% of
     // its light (a dark checkerboard, dark stripes, a dark gradient): phase 9
     // of the demo model misnamed small shapes on dark, textured or graded

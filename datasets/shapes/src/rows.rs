@@ -58,9 +58,9 @@ pub enum Style {
     /// classic rows. For training.
     Varied,
     /// A test style sharing no phrasing, item noun or background with
-    /// `Varied` or `Classic` (ringed, two-colour split, dotted and dark grainy
-    /// wash backgrounds), for measuring how a model trained on `Varied`
-    /// generalises.
+    /// `Varied` or `Classic` (sunburst, marble or slate, scratched and
+    /// crumpled-paper backgrounds), for measuring how a model trained on
+    /// `Varied` generalises.
     Unlike,
 }
 
