@@ -10,7 +10,7 @@
 
 use image::{Rgb, RgbImage};
 
-use crate::{Rng, Style};
+use crate::{mix64, unit_f64, Rng, Style};
 
 /// The shapes drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -600,14 +600,12 @@ fn segment_distance(p: (f64, f64), a: (f64, f64), b: (f64, f64)) -> f64 {
     (p.0 - a.0 - t * dx).hypot(p.1 - a.1 - t * dy)
 }
 
-/// A hash of a lattice point to `[0, 1)` (SplitMix64's finaliser).
+/// A hash of a lattice point to `[0, 1)` (SplitMix64's finaliser, as [`Rng`] uses).
 fn lattice(ix: i64, iy: i64, seed: u64) -> f64 {
-    let mut z = seed
+    let z = seed
         ^ (ix as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (iy as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    unit_f64(mix64(z))
 }
 
 /// Smooth value noise in `[0, 1]` with one lattice cell per unit.
