@@ -18,7 +18,7 @@ mod audio_document;
 pub use audio_document::{COUNT, DESCRIBE_AUDIO, PITCH, TOPIC, UNANSWERABLE};
 
 /// Noun phrases for an image, per style. In the varied lists the first two
-/// ("this", "it") name no kind: [`named`] leaves them out where several items
+/// ("this", "it") name no kind: `varied::named` leaves them out where several items
 /// are in play.
 pub const IMAGE_NOUNS: [&[&str]; 2] = [
     &[
