@@ -47,20 +47,21 @@ pub enum Style {
     /// square images with one shape on a plain light background.
     #[default]
     Classic,
-    /// Several dozen phrasings per task (many naming the item: "the picture",
+    /// Hundreds of phrasings per task (many naming the item: "the picture",
     /// "the clip", "the document"...), images of aspect 1:4 to 4:1 with small
     /// to large shapes anywhere, a little tilted or stretched, in many shades,
-    /// on thirteen kinds of background (plain, tinted, noisy, checkered,
-    /// blotchy, vignetted, ruled, mid-grey, graded, dark, speckled, striped),
+    /// on seventeen kinds of background (plain, tinted, noisy, checkered,
+    /// blotchy, vignetted, ruled, mid-grey, graded, dark, speckled, striped,
+    /// cloudy, camouflaged, newsprint, bokeh),
     /// plus the [`Task::Unanswerable`] and [`Task::MultiTurn`] tasks (chats
     /// that switch items or attach several at once, and pick an item by its
     /// noun or by what is asked). A quarter of the classic tasks' rows are
     /// classic rows. For training.
     Varied,
     /// A test style sharing no phrasing, item noun or background with
-    /// `Varied` or `Classic` (sunburst, marble or slate, scratched and
-    /// crumpled-paper backgrounds), for measuring how a model trained on
-    /// `Varied` generalises.
+    /// `Varied` or `Classic` (since v9: woven tartan, hexagonal tiles,
+    /// herringbone parquet and pencil-hatching backgrounds), for measuring how
+    /// a model trained on `Varied` generalises.
     Unlike,
 }
 

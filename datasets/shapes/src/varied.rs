@@ -137,7 +137,7 @@ fn surface(question: &str, style: Style, rng: &mut Rng) -> String {
     }
     if rng.range(0, 7) == 0 && !q.starts_with('/') {
         let greetings: &[&str] = match style {
-            Style::Unlike => &["Sup, ", "Ahoy! ", "Good afternoon! "],
+            Style::Unlike => &["Howdy! ", "Salutations, ", "G'day, "],
             _ => &[
                 "Hi! ",
                 "Hey, ",

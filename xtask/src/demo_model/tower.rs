@@ -113,7 +113,7 @@ enum Draw {
 }
 
 /// Share of the varied examples that pretraining draws on flat dark grey
-/// instead of the varied style's own mix (where it is 1 in 14). At the varied
+/// instead of the varied style's own mix (where it is 1 in 18). At the varied
 /// mix alone the tower named Pillow-drawn shapes on dark grey right 75% of the
 /// time (94% elsewhere).
 const DARK_SHARE: f64 = 0.2;
