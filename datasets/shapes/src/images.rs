@@ -859,8 +859,7 @@ fn lattice(ix: i64, iy: i64, seed: u64) -> f64 {
 fn value_noise(x: f64, y: f64, seed: u64) -> f64 {
     let (fx, fy) = (x.floor(), y.floor());
     let (ix, iy) = (fx as i64, fy as i64);
-    let smooth = |t: f64| t * t * (3.0 - 2.0 * t);
-    let (u, v) = (smooth(x - fx), smooth(y - fy));
+    let (u, v) = (smoothstep(x - fx), smoothstep(y - fy));
     let top = lattice(ix, iy, seed) * (1.0 - u) + lattice(ix + 1, iy, seed) * u;
     let bottom = lattice(ix, iy + 1, seed) * (1.0 - u) + lattice(ix + 1, iy + 1, seed) * u;
     top * (1.0 - v) + bottom * v
